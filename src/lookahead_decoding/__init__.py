@@ -1,0 +1,20 @@
+"""Lookahead decoding: exact, draft-free parallel decoding for HF decoder-only models."""
+
+from .config import LookaheadConfig
+from .decoding import GenerationStats, LookaheadOutput, generate
+from .drafting import CandidateSource, NGramPoolSource
+from .model_adapter import UnsupportedModelError
+from .models import default_model_path, load_default_model, load_model
+
+__all__ = [
+    "CandidateSource",
+    "GenerationStats",
+    "LookaheadConfig",
+    "LookaheadOutput",
+    "NGramPoolSource",
+    "UnsupportedModelError",
+    "default_model_path",
+    "generate",
+    "load_default_model",
+    "load_model",
+]

@@ -1,0 +1,53 @@
+"""User-facing knobs of lookahead decoding, validated once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"LookaheadConfig.{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"LookaheadConfig.{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class LookaheadConfig:
+    """Shape of the lookahead step.
+
+    window (W): columns of the Jacobi window, i.e. how many future positions are guessed in parallel.
+    ngram (N): n-gram size; the window keeps N-1 levels and every candidate has N-1 tokens, so one step
+        commits at most N tokens.
+    guesses (G): n-grams kept per key token in the pool, and candidates verified per step.
+    pool_from_prompt: seed the pool with the prompt's n-grams (and keep adding those of the output).
+
+    Defaults suit small models on launch-bound hardware, where extra tokens per step cost almost nothing.
+    """
+
+    window: int = 7
+    ngram: int = 5
+    guesses: int = 7
+    pool_from_prompt: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("window", self.window, 1)
+        _check_int("ngram", self.ngram, 2)
+        _check_int("guesses", self.guesses, 0)
+        if not isinstance(self.pool_from_prompt, bool):
+            raise TypeError(f"LookaheadConfig.pool_from_prompt must be a bool, got {self.pool_from_prompt!r}")
+
+    @property
+    def levels(self) -> int:
+        """Rows of the Jacobi window (N-1)."""
+        return self.ngram - 1
+
+    @property
+    def candidate_length(self) -> int:
+        """Tokens in one verified candidate (N-1)."""
+        return self.ngram - 1
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Input length of one fused decode step: (N-1)·W lookahead tokens + G·(N-1) candidate tokens."""
+        return self.levels * self.window + self.guesses * self.candidate_length

@@ -1,0 +1,103 @@
+"""Calling any HF decoder-only model through its public forward: explicit positions, a 4D additive mask,
+the cache passed under whichever name this transformers version uses, logits only for the rows we need."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import DynamicCache
+
+# Attention backends that honour an arbitrary 4D mask; flash-attention kernels only know causal/padding masks.
+MASKABLE_ATTENTION = ("eager", "sdpa", "flex_attention")
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot run lookahead decoding (not a decoder-only LM, or no custom-mask attention)."""
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model's position scheme allows, if its config says."""
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class ModelAdapter:
+    """Everything the decoding loop needs to know about one model."""
+
+    def __init__(self, model) -> None:
+        config = getattr(model, "config", None)
+        name = type(model).__name__
+        if config is None or not callable(getattr(model, "forward", None)):
+            raise UnsupportedModelError(f"{name} is not a transformers model (it has no config/forward)")
+        if getattr(config, "is_encoder_decoder", False):
+            raise UnsupportedModelError(f"{name} is an encoder-decoder model; lookahead decoding needs a decoder-only causal LM")
+        if model.get_output_embeddings() is None:
+            raise UnsupportedModelError(f"{name} has no language-modeling head; load it with AutoModelForCausalLM")
+        params = inspect.signature(model.forward).parameters
+        if "position_ids" not in params or "attention_mask" not in params:
+            raise UnsupportedModelError(f"{name}.forward takes no explicit position_ids/attention_mask, which lookahead decoding needs")
+        attention = getattr(config, "_attn_implementation", None) or "eager"
+        if attention not in MASKABLE_ATTENTION:
+            raise UnsupportedModelError(
+                f"{name} uses attn_implementation={attention!r}, which cannot take the custom 4D attention mask of "
+                f"lookahead decoding; load the model with attn_implementation='sdpa' or 'eager'"
+            )
+        self.model = model
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.keeps_logits = "logits_to_keep" in params
+        self.context_length = context_length(config)
+        text_config = config.get_text_config(decoder=True)
+        layer_types = getattr(text_config, "layer_types", None)
+        window = getattr(text_config, "sliding_window", None)
+        if layer_types is not None:
+            # Per-layer-type masks (Gemma 2/3, Qwen 2/3): the model picks one per layer from a dict.
+            self.sliding_window = window if "sliding_attention" in layer_types else None
+            self.mask_per_layer_type = self.sliding_window is not None
+        else:
+            # Mistral, Phi-3: when set, the window applies to every layer.
+            use_sliding = getattr(text_config, "use_sliding_window", True)
+            self.sliding_window = window if use_sliding else None
+            self.mask_per_layer_type = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def new_cache(self) -> DynamicCache:
+        # Full-length layers everywhere (no config): sliding windows are applied by our mask instead, so that
+        # rolled-back tokens can always be cropped away.
+        return DynamicCache()
+
+    def attention_mask(self, allowed: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor):
+        """Additive [1, 1, Q, K] mask(s) from a boolean `allowed` over absolute query/key positions."""
+        minimum = torch.finfo(self.dtype).min
+        full = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, minimum)
+        if self.sliding_window is None:
+            return full[None, None]
+        in_window = (query_pos[:, None] - key_pos[None, :]) < self.sliding_window
+        sliding = full.masked_fill(~in_window, minimum)
+        if self.mask_per_layer_type:
+            return {"full_attention": full[None, None], "sliding_attention": sliding[None, None]}
+        return sliding[None, None]
+
+    def forward(self, input_ids, position_ids, attention_mask, cache, logit_rows=None) -> torch.Tensor:
+        """Logits [rows, vocab] for `logit_rows` of a batch-1 input (all rows when None)."""
+        kwargs = {self.cache_kwarg: cache, "use_cache": True}
+        if logit_rows is not None and self.keeps_logits:
+            kwargs["logits_to_keep"] = logit_rows
+        out = self.model(
+            input_ids=input_ids[None], position_ids=position_ids[None], attention_mask=attention_mask, **kwargs
+        )
+        logits = out.logits[0]
+        if logit_rows is not None and not self.keeps_logits:
+            logits = logits[logit_rows]
+        return logits

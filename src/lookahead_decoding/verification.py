@@ -1,0 +1,32 @@
+"""Greedy verification of the candidate block, vectorised on the device."""
+
+from __future__ import annotations
+
+import torch
+
+
+def verify_greedy(
+    next_token: torch.Tensor, candidates: torch.Tensor, candidate_preds: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Pick the candidate whose longest prefix the model itself would have produced.
+
+    next_token: [] the model's argmax after the current token (always committed).
+    candidates: [G, K] candidate tokens for positions t+1..t+K.
+    candidate_preds: [G, K] the model's argmax after each candidate token.
+    valid: [G] False for padding rows.
+
+    Returns one int64 tensor [2 + K + 1]: (accepted draft tokens m, winning candidate, committed tokens
+    padded to K+1). The committed tokens are next_token followed by the model's predictions along the
+    winner: m+1 tokens, so K+1 (= N) when a candidate matches fully. Packing them lets the caller fetch
+    everything with one host sync.
+    """
+    guesses, length = candidates.shape
+    if guesses == 0:
+        committed = torch.cat([next_token.view(1), next_token.new_zeros(length)])
+        return torch.cat([next_token.new_zeros(2), committed])
+    expected = torch.cat([next_token.view(1, 1).expand(guesses, 1), candidate_preds[:, :-1]], dim=1)
+    matches = (candidates == expected) & valid[:, None]
+    accepted = matches.long().cumprod(dim=1).sum(dim=1)
+    best = torch.argmax(accepted)  # first maximum: the best-ranked candidate wins ties
+    committed = torch.cat([next_token.view(1), candidate_preds[best]])
+    return torch.cat([accepted[best].view(1), best.view(1), committed])
