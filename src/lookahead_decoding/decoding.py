@@ -19,7 +19,7 @@ from .kv_cache import commit_candidate_kv
 from .layout import StepLayout
 from .model_adapter import ModelAdapter
 from .ngram_pool import NGramPool
-from .verification import verify_greedy
+from .verification import GreedyVerifier, Verifier
 from .window import JacobiWindow
 
 
@@ -136,6 +136,7 @@ def decode(
     source: CandidateSource | None = None,
     seed: int = 0,
     stream_prompt: bool = True,
+    verifier: Verifier | None = None,
 ) -> LookaheadOutput:
     """Greedy lookahead decoding. `stream_prompt=False` when the caller already sent the prompt (HF generate)."""
     adapter = ModelAdapter(model)
@@ -158,6 +159,7 @@ def decode(
     size, k = layout.size, config.candidate_length
     last_position = (adapter.context_length or 2**62) - 1
     candidate_start = layout.lookahead_size
+    verifier = verifier if verifier is not None else GreedyVerifier()
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -179,14 +181,15 @@ def decode(
             mask = adapter.attention_mask(allowed, positions, key_positions)
 
             logits = adapter.forward(step_ids, positions, mask, cache, layout.logit_rows)
-            preds = logits.argmax(dim=-1)
-            next_token, new_level = preds[0], preds[1 : 1 + config.window]
+            # The lookahead branch always refines by argmax; only verification depends on the decoding mode.
+            new_level = logits[1 : 1 + config.window].argmax(dim=-1)
             candidates = step_ids[candidate_start:].view(config.guesses, k)
+            candidate_logits = logits[1 + config.window :].view(config.guesses, k, -1)
             valid = torch.arange(config.guesses, device=device) < len(proposals)
-            result = verify_greedy(next_token, candidates, preds[1 + config.window :].view(config.guesses, k), valid)
+            result = verifier(logits[0], candidates, candidate_logits, valid, history)
 
-            accepted, best, *committed = result.tolist()  # the step's one host sync
-            new_level = new_level.tolist()
+            accepted, best, *rest = torch.cat([result, new_level]).tolist()  # the step's one host sync
+            committed, new_level = rest[: k + 1], rest[k + 1 :]
             winner_rows = torch.arange(k, device=device) + candidate_start + best * k
             commit_candidate_kv(cache, size, winner_rows, accepted)
             for key, continuation in window.advance(current, new_level):

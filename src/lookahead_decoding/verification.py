@@ -1,8 +1,34 @@
-"""Greedy verification of the candidate block, vectorised on the device."""
+"""Verification: which candidate tokens the model itself would have produced.
+
+A verifier gets the logits of the current token and of every candidate token and returns one packed int64
+tensor (accepted draft tokens m, winning candidate, committed tokens padded to K+1), so the loop fetches the
+outcome with a single host sync. Greedy verification lives here; sampling verification in `sampling.py`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import torch
+
+
+class Verifier(Protocol):
+    def __call__(
+        self,
+        next_logits: torch.Tensor,  # [V] logits after the current token
+        candidates: torch.Tensor,  # [G, K] candidate tokens for positions t+1..t+K
+        candidate_logits: torch.Tensor,  # [G, K, V] logits after each candidate token
+        valid: torch.Tensor,  # [G] False for padding rows
+        history: Sequence[int],  # committed tokens, the current token last
+    ) -> torch.Tensor: ...
+
+
+class GreedyVerifier:
+    """Exact greedy verification: argmax everywhere, longest matching prefix wins."""
+
+    def __call__(self, next_logits, candidates, candidate_logits, valid, history) -> torch.Tensor:
+        return verify_greedy(next_logits.argmax(-1), candidates, candidate_logits.argmax(-1), valid)
 
 
 def verify_greedy(
