@@ -184,7 +184,7 @@ def decode(
             # The lookahead branch always refines by argmax; only verification depends on the decoding mode.
             new_level = logits[1 : 1 + config.window].argmax(dim=-1)
             candidates = step_ids[candidate_start:].view(config.guesses, k)
-            candidate_logits = logits[1 + config.window :].view(config.guesses, k, -1)
+            candidate_logits = logits[1 + config.window :].view(config.guesses, k, logits.shape[-1])
             valid = torch.arange(config.guesses, device=device) < len(proposals)
             result = verifier(logits[0], candidates, candidate_logits, valid, history)
 
