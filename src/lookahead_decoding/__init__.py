@@ -3,6 +3,7 @@
 from .config import LookaheadConfig
 from .decoding import GenerationStats, LookaheadOutput, generate
 from .drafting import CandidateSource, NGramPoolSource
+from .hf_integration import lookahead_generate
 from .model_adapter import UnsupportedModelError
 from .models import default_model_path, load_default_model, load_model
 
@@ -17,4 +18,5 @@ __all__ = [
     "generate",
     "load_default_model",
     "load_model",
+    "lookahead_generate",
 ]

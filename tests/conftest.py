@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny randomly initialised decoder-only models of every supported architecture."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import transformers
+
+torch.set_num_threads(1)  # tiny models on 2 cores: intra-op threads only add contention
+
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+
+# Architecture name -> (config class, model class, config kwargs). Sliding windows are kept short so that
+# the exactness tests cross them.
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", COMMON),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {**COMMON, "sliding_window": 24}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", COMMON),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**COMMON, "head_dim": 8}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**COMMON, "head_dim": 8, "sliding_window": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {**COMMON, "num_key_value_heads": 4}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                                            num_hidden_layers=2, num_attention_heads=4,
+                                                            max_position_embeddings=256)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(arch: str, seed: int = 0, attn_implementation: str | None = None):
+    config_cls, model_cls, kwargs = ARCHITECTURES[arch]
+    attn_implementation = attn_implementation or ("eager" if arch == "gemma2" else "sdpa")
+    config = getattr(transformers, config_cls)(**kwargs, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)._from_config(config, attn_implementation=attn_implementation).eval()
+    # No EOS and no pad token: HF would otherwise mask prompt tokens equal to the pad id.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    model.generation_config.bos_token_id = None
+    return model
+
+
+def greedy_reference(model, input_ids, max_new_tokens, **kwargs):
+    return model.generate(input_ids, do_sample=False, max_new_tokens=max_new_tokens, **kwargs)
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
