@@ -1,0 +1,146 @@
+"""The `lookahead generate` command, on a tiny random Llama with the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import lookahead_decoding as ld
+from lookahead_decoding.cli import main
+
+torch.set_num_threads(1)
+
+CONTEXT = 512
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """A folder with the SmolLM2 tokenizer and a 2-layer random Llama of context 512."""
+    gguf = ld.default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=CONTEXT,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["generate", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_json_compare_reports_identical_outputs_and_consistent_stats(tiny_model, capsys):
+    code, out, err = run(capsys, "The sea is", "--model", tiny_model, "--max-new-tokens", "20", "--compare", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["identical"] is True
+    assert result["prompt"] == "The sea is"
+    assert result["config"] == {"window": 7, "ngram": 5, "guesses": 7}
+    stats = result["stats"]
+    assert 1 <= stats["new_tokens"] <= 20
+    assert result["greedy"]["new_tokens"] == result["lookahead"]["new_tokens"] == stats["new_tokens"]
+    # The prefill commits the first token; every later token comes from a step counted in the histogram.
+    histogram = {int(k): v for k, v in stats["accepted_histogram"].items()}
+    assert sum(histogram.values()) == stats["steps"]
+    assert sum(k * v for k, v in histogram.items()) + 1 == stats["new_tokens"]
+    assert all(1 <= k <= 5 for k in histogram)
+    speeds = result["lookahead"]["tokens_per_second"], result["greedy"]["tokens_per_second"]
+    assert result["speedup"] == pytest.approx(speeds[0] / speeds[1])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    assert result["text"] and len(tokenizer(result["text"]).input_ids) > 0
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+def test_streamed_text_is_the_final_text(tiny_model, capsys, chat):
+    args = ["Once upon a time", "--model", tiny_model, "--max-new-tokens", "24", "--window", "3", "--ngram", "3"]
+    args += ["--chat"] if chat else []
+    code, out, err = run(capsys, *args, "--json")
+    assert code == 0, err
+    text = json.loads(out)["text"]
+    assert text.strip()
+
+    code, out, err = run(capsys, *args, "--compare")
+    assert code == 0, err
+    # TextStreamer ends the stream with a newline, and a blank line separates the statistics.
+    streamed, _, report = out.partition("\n\n-- lookahead decoding: window 3, ngram 3, guesses 7\n")
+    assert streamed == text
+    assert out.count(text) == 1  # the greedy run of --compare decodes silently
+    assert "tokens/step" in report and "tokens committed per step" in report
+    assert "identical        yes, token for token" in report
+
+
+def test_chat_wraps_the_prompt_in_the_template(tiny_model, capsys):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    results = {}
+    for chat in (False, True):
+        code, out, err = run(capsys, "Hi there", "--model", tiny_model, "--max-new-tokens", "6", "--json", *(["--chat"] * chat))
+        assert code == 0, err
+        results[chat] = json.loads(out)
+    assert results[False]["prompt_tokens"] == len(tokenizer("Hi there").input_ids)
+    templated = tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], add_generation_prompt=True)
+    templated = templated["input_ids"] if hasattr(templated, "keys") else templated
+    assert results[True]["prompt_tokens"] == len(templated) > results[False]["prompt_tokens"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["", "--model", "{model}"], "prompt is empty"),
+        (["   ", "--model", "{model}"], "prompt is empty"),
+        (["hi", "--model", "{model}", "--window", "0"], "window must be >= 1"),
+        (["hi", "--model", "{model}", "--ngram", "1"], "ngram must be >= 2"),
+        (["hi", "--model", "{model}", "--guesses", "-1"], "guesses must be >= 0"),
+        (["hi", "--model", "{missing}"], "does not exist"),
+        (["word " * 600, "--model", "{model}"], f"exceeds the model's context length of {CONTEXT}"),
+        (["hi", "--model", "{model}", "--max-new-tokens", "600", "--compare"], f"context length of {CONTEXT}"),
+    ],
+    ids=["empty", "blank", "window0", "ngram1", "guesses-1", "missing-model", "long-prompt", "long-output"],
+)
+def test_bad_input_is_one_line_on_stderr_and_exit_2(tiny_model, tmp_path, capsys, argv, message):
+    argv = [a.format(model=tiny_model, missing=tmp_path / "no-such-model") for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert err.startswith("lookahead: error: ") and err.endswith("\n") and err.count("\n") == 1
+    assert message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag, value", [("--max-new-tokens", "0"), ("--window", "two"), ("--dtype", "int8")])
+def test_argparse_rejects_malformed_options_with_exit_2(capsys, flag, value):
+    code, out, err = run(capsys, "hi", flag, value)
+    assert code == 2
+    assert out == ""
+    assert flag in err and "Traceback" not in err
+
+
+def test_no_command_is_a_usage_error(capsys):
+    assert main([]) == 2
+    assert "generate" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_default_model_matches_greedy(capsys):
+    code = main(["generate", "--chat", "--compare", "--max-new-tokens", "24", "--json", "Write a haiku about the sea."])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    assert result["identical"] is True
+    assert result["stats"]["new_tokens"] == result["greedy"]["new_tokens"] > 0
+    assert result["text"].strip()
