@@ -1,0 +1,134 @@
+"""`lookahead bench`: the benchmark's command line (also `python -m lookahead_decoding.bench`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .data import DATASETS
+from .methods import METHODS
+from .report import bench_table, plot_bench, plot_sweep, sweep_table, write_json
+from .runner import bench, sweep
+
+DEFAULT_METHODS = "greedy,pld,lookahead"
+DEFAULT_SWEEP_WINDOW = "3,5,7,10,15"
+DEFAULT_SWEEP_NGRAM = "3,4,5,6"
+EXIT_USAGE = 2
+
+DESCRIPTION = """\
+Benchmark greedy decoding methods on MT-Bench, HumanEval or GSM8K prompts: every method runs on every prompt,
+interleaved prompt by prompt on one loaded model, after a warm-up. Reports tokens/s, tokens per step (new tokens
+per forward pass after the prefill), speedup over HF greedy and how often the output equals greedy's token for
+token. --sweep instead compares lookahead configurations (W, N, G) with greedy."""
+
+
+def int_list(text: str) -> list[int]:
+    """'3,5,7' -> [3, 5, 7]."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def config_list(text: str) -> list[tuple[int, int, int]]:
+    """'3:4:3,7:5:7' -> [(3, 4, 3), (7, 5, 7)] as (W, N, G)."""
+    configs = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            window, ngram, guesses = (int(v) for v in part.split(":"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected W:N:G triples separated by commas, got {part!r}") from None
+        configs.append((window, ngram, guesses))
+    if not configs:
+        raise argparse.ArgumentTypeError("expected at least one W:N:G triple")
+    return configs
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import add_model_arguments, positive_int
+
+    data = parser.add_argument_group("prompts")
+    data.add_argument("--dataset", required=True, choices=list(DATASETS), help="which prompts (one dataset a run)")
+    data.add_argument(
+        "--data-file",
+        metavar="PATH",
+        help="local file in the upstream format (question.jsonl, HumanEval.jsonl.gz, test.jsonl); "
+        "default: download through the `datasets` library",
+    )
+    data.add_argument("--limit", type=positive_int, metavar="K", help="first K prompts only (default: all)")
+
+    run = parser.add_argument_group("run")
+    add_model_arguments(run)
+    run.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="M", help="default: 256")
+    run.add_argument("--seed", type=int, default=0, help="seeds python's and torch's generators (default: 0)")
+    run.add_argument("--threads", type=positive_int, metavar="T", help="torch.set_num_threads(T) (default: torch's)")
+    run.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma-separated, from: {', '.join(METHODS)} (default: {DEFAULT_METHODS}); greedy, the reference, "
+        "always runs",
+    )
+    run.add_argument("--window", type=int, metavar="W", help="lookahead window (default: the library's)")
+    run.add_argument("--ngram", type=int, metavar="N", help="lookahead n-gram size (default: the library's)")
+    run.add_argument("--guesses", type=int, metavar="G", help="lookahead candidates per step (default: the library's)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", metavar="PATH", help="write the results as JSON")
+    output.add_argument("--plot", metavar="PATH", help="write a PNG: speedup per method (per configuration with "
+                        "--sweep) and lookahead's tokens committed per step")
+
+    grid = parser.add_argument_group("sweep")
+    grid.add_argument("--sweep", action="store_true", help="compare lookahead configurations with greedy instead")
+    grid.add_argument("--sweep-window", type=int_list, default=int_list(DEFAULT_SWEEP_WINDOW), metavar="W,...",
+                      help=f"default: {DEFAULT_SWEEP_WINDOW}")
+    grid.add_argument("--sweep-ngram", type=int_list, default=int_list(DEFAULT_SWEEP_NGRAM), metavar="N,...",
+                      help=f"default: {DEFAULT_SWEEP_NGRAM}")
+    grid.add_argument("--sweep-guesses", type=int_list, metavar="G,...",
+                      help="a third axis of the grid (default: G = W for every configuration)")
+    grid.add_argument("--sweep-configs", type=config_list, metavar="W:N:G,...",
+                      help="an explicit list of configurations instead of the grid")
+
+
+def run_command(args: argparse.Namespace, model=None, tokenizer=None) -> int:
+    """The `bench` handler: run, print the markdown table, write --out and --plot. `model`/`tokenizer` reuse a
+    loaded model instead of loading --model."""
+    from ..cli import CommandError
+
+    try:
+        result = (sweep if args.sweep else bench)(args, model, tokenizer)
+    except ImportError as err:  # the optional `datasets` package
+        raise CommandError(str(err)) from err
+    print(sweep_table(result) if args.sweep else bench_table(result))
+    if args.out:
+        write_json(result, args.out)
+        print(f"\nresults: {args.out}")
+    if args.plot:
+        (plot_sweep if args.sweep else plot_bench)(result, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds the `bench` subcommand to the `lookahead` command line."""
+    parser = subparsers.add_parser(
+        "bench", help="benchmark greedy, prompt lookup and lookahead decoding on public prompts",
+        description=DESCRIPTION,
+    )
+    add_bench_arguments(parser)
+    parser.set_defaults(func=run_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, model=None, tokenizer=None) -> int:
+    """`lookahead bench ARGS` in-process; pass `model`/`tokenizer` to reuse a loaded model."""
+    from ..cli import build_parser, main as lookahead_main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if model is None:
+        return lookahead_main(["bench", *argv])
+    args = build_parser().parse_args(["bench", *argv])
+    return args.func(args, model, tokenizer)

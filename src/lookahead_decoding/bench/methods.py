@@ -1,0 +1,125 @@
+"""The decoding methods the benchmark compares, in an open registry.
+
+A method is `fn(model, input_ids, max_new_tokens, args) -> (sequences, steps)` or `(sequences, steps, extra)`:
+`sequences` [1, prompt_len + new_tokens] as `model.generate` returns them, `steps` the forward passes after the
+prefill, `extra` a dict of additional per-row fields for the JSON (for example a histogram). `args` is the parsed
+command line (an argparse Namespace). Adding one:
+
+    @register_method("my-method")
+    def my_method(model, input_ids, max_new_tokens, args):
+        with count_forwards(model) as calls:
+            sequences = ...
+        return sequences, calls.steps
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+
+from ..config import LookaheadConfig
+from ..decoding import generate
+
+Method = Callable[..., tuple]
+METHODS: dict[str, Method] = {}
+REFERENCE = "greedy"  # every other method is compared with this one
+PLD_TOKENS = 10
+
+
+def register_method(name: str) -> Callable[[Method], Method]:
+    """Decorator adding `fn` to METHODS under `name` (later registrations replace earlier ones)."""
+
+    def add(fn: Method) -> Method:
+        METHODS[name] = fn
+        return fn
+
+    return add
+
+
+class ForwardCounter:
+    """Counts calls of a module's forward; `steps` is the count less the first call (the prefill)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, module, inputs) -> None:
+        self.calls += 1
+
+    @property
+    def steps(self) -> int:
+        return max(self.calls - 1, 0)
+
+
+@contextmanager
+def count_forwards(model):
+    """Counts the model's forward calls (a forward pre-hook) while the block runs."""
+    counter = ForwardCounter()
+    handle = model.register_forward_pre_hook(counter)
+    try:
+        yield counter
+    finally:
+        handle.remove()
+
+
+def hf_generate(model, input_ids, max_new_tokens: int, **kwargs) -> tuple[torch.Tensor, int]:
+    """Greedy `model.generate` with the extra kwargs; steps counted by the forward hook."""
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = model.generation_config.eos_token_id
+    with count_forwards(model) as counter:
+        sequences = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            **kwargs,
+        )
+    return sequences, counter.steps
+
+
+@register_method("greedy")
+def greedy(model, input_ids, max_new_tokens, args):
+    return hf_generate(model, input_ids, max_new_tokens)
+
+
+@register_method("pld")
+def prompt_lookup(model, input_ids, max_new_tokens, args):
+    return hf_generate(model, input_ids, max_new_tokens, prompt_lookup_num_tokens=PLD_TOKENS)
+
+
+def lookahead_config(args) -> LookaheadConfig:
+    """LookaheadConfig from args.window/ngram/guesses; the library default for any that is None or absent."""
+    given = {name: getattr(args, name, None) for name in ("window", "ngram", "guesses")}
+    return LookaheadConfig(**{name: value for name, value in given.items() if value is not None})
+
+
+def lookahead_with(config: LookaheadConfig) -> Method:
+    """Our lookahead decoding with a fixed configuration (the sweep makes one per grid point)."""
+
+    def run(model, input_ids, max_new_tokens, args):
+        out = generate(model, input_ids, max_new_tokens, config=config)
+        histogram = {str(k): v for k, v in sorted(out.stats.accepted_histogram.items())}
+        return out.sequences, out.stats.steps, {"accepted_histogram": histogram}
+
+    return run
+
+
+@register_method("lookahead")
+def lookahead(model, input_ids, max_new_tokens, args):
+    return lookahead_with(lookahead_config(args))(model, input_ids, max_new_tokens, args)
+
+
+def parse_methods(text: str) -> list[str]:
+    """Method names from a comma-separated list; unknown or repeated names are an error."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ValueError("--methods is empty")
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(METHODS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--methods names a method twice: {text}")
+    return names

@@ -1,0 +1,123 @@
+"""Presenting results: markdown tables on stdout, the JSON document, and the plots (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+COLUMNS = ("n", "new tokens", "seconds", "tokens/s", "tokens/step", "speedup vs greedy", "identical to greedy")
+
+
+def _cells(entry: dict) -> list[str]:
+    speedup = entry["speedup_vs_greedy"]
+    return [
+        str(entry["n"]),
+        str(entry["new_tokens"]),
+        f"{entry['seconds']:.2f}",
+        f"{entry['tokens_per_second']:.2f}",
+        f"{entry['tokens_per_step']:.2f}",
+        "n/a" if speedup is None else f"{speedup:.2f}x",
+        f"{entry['identical_to_greedy']:.0%}",
+    ]
+
+
+def _table(header: list[str], lines: list[list[str]]) -> str:
+    rows = [header, ["---"] * len(header), *lines]
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def bench_table(result: dict) -> str:
+    """One markdown table per dataset, a line per method."""
+    parts = []
+    for dataset, summary in result["summary"].items():
+        lines = [[method, *_cells(entry)] for method, entry in summary.items()]
+        parts.append(f"### {dataset}\n\n" + _table(["method", *COLUMNS], lines))
+    return "\n\n".join(parts)
+
+
+def sweep_table(result: dict) -> str:
+    """The sweep's configurations, best first, under greedy's line."""
+    (dataset, summary), = result["summary"].items()
+    lines = [["greedy", "", "", "", *_cells(summary["greedy"])]]
+    lines += [["lookahead", str(e["window"]), str(e["ngram"]), str(e["guesses"]), *_cells(e)] for e in result["sweep"]]
+    return f"### {dataset}: sweep\n\n" + _table(["method", "W", "N", "G", *COLUMNS], lines)
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def committed_histogram(rows, method: str = "lookahead") -> Counter:
+    """{tokens committed in one step: steps} summed over a method's rows."""
+    total: Counter = Counter()
+    for row in rows:
+        if row["method"] == method:
+            total.update({int(k): v for k, v in row.get("accepted_histogram", {}).items()})
+    return total
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _speedup_bars(axis, labels: list[str], entries: list[dict], title: str) -> None:
+    speedups = [entry["speedup_vs_greedy"] or 0.0 for entry in entries]
+    bars = axis.barh(labels, speedups, color="tab:blue")
+    axis.axvline(1.0, color="grey", linestyle="--", linewidth=1)
+    for bar, entry in zip(bars, entries):
+        axis.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                  f" {entry['speedup_vs_greedy'] or 0:.2f}x, {entry['tokens_per_step']:.2f} tok/step", va="center")
+    axis.invert_yaxis()
+    axis.set_xlabel("speedup vs greedy (tokens/s ratio)")
+    axis.set_xlim(0, max(speedups + [1.0]) * 1.6)
+    axis.set_title(title)
+
+
+def _subtitle(result: dict) -> str:
+    env = result["environment"]
+    return f"{Path(env['model']).name}, {env['dtype']}, {env['device_name']} ({env['threads']} threads)"
+
+
+def plot_bench(result: dict, path: str | Path) -> None:
+    """Speedup of each method and the lookahead histogram of tokens committed per step."""
+    plt = _pyplot()
+    (dataset, summary), = result["summary"].items()
+    histogram = committed_histogram(result["rows"])
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    _speedup_bars(left, list(summary), list(summary.values()), f"{dataset}: speedup vs greedy")
+    if histogram:
+        values = sorted(histogram)
+        right.bar(values, [histogram[v] for v in values], color="tab:orange")
+        right.set_xticks(values)
+        right.set_title("lookahead: tokens committed per step")
+    else:
+        right.text(0.5, 0.5, "no lookahead run", ha="center", va="center")
+        right.set_title("lookahead")
+    right.set_xlabel("tokens committed in one step")
+    right.set_ylabel("steps")
+    figure.suptitle(_subtitle(result), fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_sweep(result: dict, path: str | Path) -> None:
+    """Speedup of every configuration of the sweep, best first."""
+    plt = _pyplot()
+    (dataset, _), = result["summary"].items()
+    entries = result["sweep"]
+    labels = [f"W={e['window']} N={e['ngram']} G={e['guesses']}" for e in entries]
+    figure, axis = plt.subplots(figsize=(9, 1.2 + 0.35 * len(entries)))
+    _speedup_bars(axis, labels, entries, f"{dataset}: lookahead configurations vs greedy")
+    figure.suptitle(_subtitle(result), fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,327 @@
+"""`lookahead bench`: data loaders, the method registry, summaries, and small end-to-end runs (a tiny random
+Llama with the real tokenizer; the real SmolLM2-135M for the `slow` ones)."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import lookahead_decoding as ld
+from lookahead_decoding.bench import (
+    METHODS,
+    count_forwards,
+    hf_generate,
+    load_file,
+    load_hub,
+    load_prompts,
+    lookahead_with,
+    main,
+    register_method,
+    summarize,
+)
+from lookahead_decoding.bench.cli import config_list, int_list
+from lookahead_decoding.bench.methods import parse_methods
+
+torch.set_num_threads(1)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+FILES = {"mtbench": "question.jsonl", "humaneval": "HumanEval.jsonl.gz", "gsm8k": "test.jsonl"}
+SUMMARY_KEYS = {"n", "new_tokens", "seconds", "tokens_per_second", "tokens_per_step", "speedup_vs_greedy",
+                "identical_to_greedy"}
+ROW_KEYS = {"dataset", "prompt_index", "method", "new_tokens", "seconds", "steps", "identical_to_greedy"}
+
+
+def write_jsonl(path: Path, lines: list[str], compress: bool = False) -> Path:
+    data = ("\n".join(lines) + "\n").encode()
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@pytest.mark.parametrize("dataset", sorted(FILES))
+def test_shared_files_load(dataset):
+    prompts = load_prompts(dataset, SHARED_DATA / FILES[dataset], limit=3)
+    assert [p.index for p in prompts] == [0, 1, 2]
+    assert all(p.dataset == dataset and p.text.strip() for p in prompts)
+    assert all(p.chat == (dataset != "humaneval") for p in prompts)
+
+
+def test_shared_file_contents():
+    (mt,) = load_file("mtbench", SHARED_DATA / FILES["mtbench"], limit=1)
+    assert mt.text.startswith("Compose an engaging travel blog post about a recent trip to Hawaii")
+    (he,) = load_file("humaneval", SHARED_DATA / FILES["humaneval"], limit=1)
+    assert he.text.startswith("from typing import List") and "def has_close_elements" in he.text
+    (gsm,) = load_file("gsm8k", SHARED_DATA / FILES["gsm8k"], limit=1)
+    assert gsm.text.startswith("Janet")
+    assert len(load_file("humaneval", SHARED_DATA / FILES["humaneval"])) == 164
+
+
+def test_tiny_files_of_every_format(tmp_path):
+    mt = write_jsonl(tmp_path / "question.jsonl", [
+        json.dumps({"question_id": 1, "category": "writing", "turns": ["first turn", "second turn"]}),
+        "",
+        json.dumps({"question_id": 2, "category": "math", "turns": ["again"], "reference": ["x"]}),
+    ])
+    assert [p.text for p in load_file("mtbench", mt)] == ["first turn", "again"]
+    he = write_jsonl(tmp_path / "HumanEval.jsonl.gz", [json.dumps({"task_id": "t/0", "prompt": "def f():\n"})], True)
+    assert [(p.text, p.chat) for p in load_file("humaneval", he)] == [("def f():\n", False)]
+    # Gzip is recognised by content, not by name.
+    plain = write_jsonl(tmp_path / "humaneval.jsonl", [json.dumps({"prompt": "def g():\n"})])
+    assert load_file("humaneval", plain)[0].text == "def g():\n"
+    gsm = write_jsonl(tmp_path / "test.jsonl", [json.dumps({"question": f"q{i}", "answer": "#### 1"}) for i in range(5)])
+    assert [p.text for p in load_file("gsm8k", gsm, limit=2)] == ["q0", "q1"]
+
+
+def test_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        load_file("gsm8k", missing)
+
+
+@pytest.mark.parametrize(
+    "dataset, bad_line, message",
+    [
+        ("gsm8k", "{not json", "line 3: not valid JSON"),
+        ("gsm8k", json.dumps({"answer": "#### 3"}), "line 3: missing field 'question'"),
+        ("gsm8k", json.dumps({"question": 7}), "line 3: field 'question' must be a non-empty string"),
+        ("gsm8k", json.dumps(["question"]), "line 3: expected a JSON object"),
+        ("mtbench", json.dumps({"question_id": 3}), "line 3: missing field 'turns'"),
+        ("mtbench", json.dumps({"turns": "just text"}), "line 3: field 'turns' must be a list"),
+        ("humaneval", json.dumps({"task_id": "x"}), "line 3: missing field 'prompt'"),
+    ],
+)
+def test_malformed_line_names_file_and_line(tmp_path, dataset, bad_line, message):
+    good = {"gsm8k": {"question": "q"}, "mtbench": {"turns": ["t"]}, "humaneval": {"prompt": "p"}}[dataset]
+    path = write_jsonl(tmp_path / "data.jsonl", [json.dumps(good), json.dumps(good), bad_line],
+                       compress=dataset == "humaneval")
+    with pytest.raises(ValueError) as info:
+        load_file(dataset, path)
+    assert str(info.value).startswith(f"{path} {message}")
+
+
+def test_limit_stops_before_a_later_bad_line_and_empty_file_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "test.jsonl", [json.dumps({"question": "q"}), "{broken"])
+    assert len(load_file("gsm8k", path, limit=1)) == 1
+    empty = write_jsonl(tmp_path / "empty.jsonl", [""])
+    with pytest.raises(ValueError, match="no prompts"):
+        load_file("gsm8k", empty)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_file("squad", path)
+
+
+def test_truncated_gzip_names_the_file(tmp_path):
+    data = gzip.compress(b"".join(json.dumps({"prompt": f"p{i}"}).encode() + b"\n" for i in range(200)))
+    path = tmp_path / "HumanEval.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"{path} line .*: cannot decompress"):
+        load_file("humaneval", path)
+
+
+def test_hub_without_datasets_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    with pytest.raises(ImportError, match="'datasets' package, which is not installed"):
+        load_hub("gsm8k", limit=2)
+
+
+def test_hub_names_splits_and_fields(monkeypatch):
+    calls = []
+    records = {"openai/gsm8k": [{"question": "q0"}, {"question": "q1"}],
+               "openai/openai_humaneval": [{"prompt": "def f():"}],
+               "HuggingFaceH4/mt_bench_prompts": [{"prompt": ["turn 1", "turn 2"]}, {"category": "x"}]}
+
+    def load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        return records[name]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert [p.text for p in load_prompts("gsm8k", limit=2)] == ["q0", "q1"]
+    assert [p.text for p in load_prompts("humaneval")] == ["def f():"]
+    assert load_prompts("mtbench", limit=1)[0].text == "turn 1"
+    assert calls == [("openai/gsm8k", "main", "test[:2]"), ("openai/openai_humaneval", None, "test"),
+                     ("HuggingFaceH4/mt_bench_prompts", None, "train[:1]")]
+    with pytest.raises(ValueError, match="record 1: missing field 'prompt'"):
+        load_prompts("mtbench")
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def test_cli_input_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "test.jsonl", [json.dumps({"question": "q"}), json.dumps({"q": 1})])
+    cases = [
+        (["--data-file", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
+        (["--data-file", str(bad)], f"{bad} line 2: missing field 'question'"),
+        (["--data-file", str(bad), "--methods", "greedy,magic"], "unknown method(s) magic"),
+        (["--data-file", str(bad), "--window", "0"], "window must be >= 1"),
+    ]
+    for extra, message in cases:
+        assert main(["--dataset", "gsm8k", *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_cli_without_datasets_exits_2(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    assert main(["--dataset", "mtbench"]) == 2
+    assert "'datasets' package" in capsys.readouterr().err
+
+
+def test_list_arguments():
+    assert int_list("3,5, 7") == [3, 5, 7]
+    assert config_list("3:4:3, 7:5:7") == [(3, 4, 3), (7, 5, 7)]
+    for parse, text in ((int_list, "3,x"), (config_list, "3:4"), (config_list, "")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+
+
+# ------------------------------------------------------------------------------------------------ methods, summary
+
+
+def test_registry_is_open():
+    assert list(METHODS)[:3] == ["greedy", "pld", "lookahead"]
+
+    @register_method("test-echo")
+    def echo(model, input_ids, max_new_tokens, args):
+        return input_ids, 0
+
+    try:
+        assert parse_methods("greedy, test-echo") == ["greedy", "test-echo"]
+    finally:
+        del METHODS["test-echo"]
+    with pytest.raises(ValueError, match="twice"):
+        parse_methods("pld,pld")
+
+
+def test_summary_figures():
+    def row(method, index, new_tokens, seconds, steps, same=True):
+        return {"dataset": "d", "prompt_index": index, "method": method, "new_tokens": new_tokens,
+                "seconds": seconds, "steps": steps, "identical_to_greedy": same}
+
+    rows = [row("greedy", 0, 10, 2.0, 9), row("fast", 0, 10, 1.0, 4),
+            row("greedy", 1, 30, 2.0, 29), row("fast", 1, 30, 4.0, 10, same=False)]
+    summary = summarize(rows)
+    assert summary["greedy"] == {"n": 2, "new_tokens": 40, "seconds": 4.0, "tokens_per_second": 10.0,
+                                 "tokens_per_step": 40 / 38, "speedup_vs_greedy": 1.0, "identical_to_greedy": 1.0}
+    assert summary["fast"]["tokens_per_step"] == 40 / 14
+    assert summary["fast"]["speedup_vs_greedy"] == pytest.approx(8.0 / 10.0)
+    assert summary["fast"]["identical_to_greedy"] == 0.5
+
+
+# ------------------------------------------------------------------------------------------------ tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 2-layer random Llama over the real SmolLM2 tokenizer: the whole pipeline in a few seconds."""
+    gguf = ld.default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id = None
+    return model, tokenizer
+
+
+def test_forward_hook_counts_steps(tiny):
+    model, _ = tiny
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
+    sequences, steps = hf_generate(model, ids, 12)
+    assert sequences.shape[1] - ids.shape[1] == 12 and steps == 11  # one forward per token after the prefill
+    with count_forwards(model) as counter:
+        out = ld.generate(model, ids, 12)
+    assert counter.steps == out.stats.steps
+    _, steps, extra = lookahead_with(ld.LookaheadConfig(3, 3, 3))(model, ids, 12, None)
+    assert sum(extra["accepted_histogram"].values()) == steps
+
+
+def check_result(result: dict, dataset: str, methods: list[str], n: int) -> None:
+    assert set(result) >= {"environment", "config", "summary", "rows"}
+    assert {"device", "device_name", "torch", "transformers", "dtype", "model", "python", "threads"} <= set(result["environment"])
+    summary = result["summary"][dataset]
+    assert list(summary) == methods
+    assert len(result["rows"]) == n * len(methods)
+    for method, entry in summary.items():
+        assert set(entry) == SUMMARY_KEYS and entry["n"] == n
+        rows = [row for row in result["rows"] if row["method"] == method]
+        assert entry["new_tokens"] == sum(row["new_tokens"] for row in rows)
+        assert entry["seconds"] == pytest.approx(sum(row["seconds"] for row in rows))
+        assert entry["tokens_per_step"] == pytest.approx(entry["new_tokens"] / sum(row["steps"] for row in rows))
+        assert entry["tokens_per_second"] == pytest.approx(entry["new_tokens"] / entry["seconds"])
+        assert entry["identical_to_greedy"] == sum(row["identical_to_greedy"] for row in rows) / n
+        greedy = summary["greedy"]
+        assert entry["speedup_vs_greedy"] == pytest.approx(entry["tokens_per_second"] / greedy["tokens_per_second"])
+    for row in result["rows"]:
+        assert ROW_KEYS <= set(row) and row["dataset"] == dataset
+        assert row["tokens_per_step"] == pytest.approx(row["new_tokens"] / row["steps"])
+        if row["method"] == "greedy":
+            assert row["steps"] == row["new_tokens"] - 1
+    assert summary["greedy"]["speedup_vs_greedy"] == 1.0
+    assert summary["greedy"]["identical_to_greedy"] == 1.0
+
+
+def test_tiny_bench_end_to_end(tiny, tmp_path, capsys):
+    model, tokenizer = tiny
+    out, plot = tmp_path / "r.json", tmp_path / "r.png"
+    argv = ["--dataset", "gsm8k", "--data-file", str(SHARED_DATA / FILES["gsm8k"]), "--limit", "2",
+            "--max-new-tokens", "12", "--methods", "lookahead,pld", "--window", "3", "--ngram", "3", "--guesses", "3",
+            "--out", str(out), "--plot", str(plot)]
+    assert main(argv, model=model, tokenizer=tokenizer) == 0
+    result = json.loads(out.read_text())
+    check_result(result, "gsm8k", ["greedy", "lookahead", "pld"], 2)
+    assert result["summary"]["gsm8k"]["lookahead"]["identical_to_greedy"] == 1.0
+    assert result["config"]["lookahead_config"] == {"window": 3, "ngram": 3, "guesses": 3}
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    table = capsys.readouterr().out
+    assert "| greedy | 2 | 24 |" in table and "| lookahead |" in table
+
+
+def test_tiny_sweep(tiny, tmp_path, capsys):
+    model, tokenizer = tiny
+    out, plot = tmp_path / "s.json", tmp_path / "s.png"
+    argv = ["--dataset", "mtbench", "--data-file", str(SHARED_DATA / FILES["mtbench"]), "--limit", "1",
+            "--max-new-tokens", "8", "--sweep", "--sweep-window", "2,3", "--sweep-ngram", "3",
+            "--out", str(out), "--plot", str(plot)]
+    assert main(argv, model=model, tokenizer=tokenizer) == 0
+    result = json.loads(out.read_text())
+    assert sorted((e["window"], e["ngram"], e["guesses"]) for e in result["sweep"]) == [(2, 3, 2), (3, 3, 3)]
+    speedups = [e["speedup_vs_greedy"] for e in result["sweep"]]
+    assert speedups == sorted(speedups, reverse=True)
+    assert all(e["identical_to_greedy"] == 1.0 and set(e) >= SUMMARY_KEYS for e in result["sweep"])
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert "| lookahead | 3 | 3 | 3 |" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ real model
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return ld.load_default_model("cpu", torch.float32)
+
+
+@pytest.mark.slow
+def test_real_model_bench(smollm, tmp_path):
+    model, tokenizer = smollm
+    out = tmp_path / "tmp.json"
+    argv = ["--dataset", "humaneval", "--data-file", str(SHARED_DATA / FILES["humaneval"]), "--limit", "2",
+            "--max-new-tokens", "16", "--methods", "greedy,pld,lookahead", "--out", str(out)]
+    assert main(argv, model=model, tokenizer=tokenizer) == 0
+    result = json.loads(out.read_text())
+    check_result(result, "humaneval", ["greedy", "pld", "lookahead"], 2)
+    summary = result["summary"]["humaneval"]
+    assert summary["lookahead"]["identical_to_greedy"] == 1.0  # fp32
+    assert result["environment"]["dtype"] == "float32"
+    lookahead_rows = [row for row in result["rows"] if row["method"] == "lookahead"]
+    assert all(sum(row["accepted_histogram"].values()) == row["steps"] for row in lookahead_rows)
