@@ -1,0 +1,92 @@
+"""Greedy lookahead decoding equals `model.generate(do_sample=False)` token for token, on every architecture."""
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, VOCAB, greedy_reference, tiny_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lookahead_decoding as ld
+from lookahead_decoding.drafting import CandidateSource
+
+
+@st.composite
+def prompts(draw):
+    length = draw(st.integers(1, 20))
+    if draw(st.booleans()):
+        return draw(st.lists(st.integers(0, VOCAB - 1), min_size=length, max_size=length))
+    # Repetitive prompts make the model's output repetitive too, so long candidates get accepted.
+    motif = draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=4))
+    return (motif * 20)[:length]
+
+
+@settings(max_examples=240, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    arch=st.sampled_from(sorted(ARCHITECTURES)),
+    window=st.integers(1, 8),
+    ngram=st.integers(2, 6),
+    guesses=st.integers(0, 8),
+    prompt=prompts(),
+    max_new_tokens=st.integers(1, 40),
+    eos_index=st.one_of(st.none(), st.integers(0, 39)),
+)
+def test_equals_greedy(arch, window, ngram, guesses, prompt, max_new_tokens, eos_index):
+    model = tiny_model(arch)
+    input_ids = torch.tensor([prompt])
+    eos = None
+    if eos_index is not None and eos_index < max_new_tokens:
+        # An EOS id taken from greedy's own output, so generation stops mid-way (often inside an accepted block).
+        eos = int(greedy_reference(model, input_ids, max_new_tokens)[0, len(prompt) + eos_index])
+    expected = greedy_reference(model, input_ids, max_new_tokens, eos_token_id=eos)
+    out = ld.generate(model, input_ids, max_new_tokens, ld.LookaheadConfig(window, ngram, guesses), eos_token_id=eos)
+    assert out.sequences.tolist() == expected.tolist()
+    assert out.stats.new_tokens == expected.shape[1] - len(prompt)
+    assert sum(out.stats.accepted_histogram.values()) == out.stats.steps
+    assert sum(k * v for k, v in out.stats.accepted_histogram.items()) + 1 == out.stats.new_tokens
+    assert max(out.stats.accepted_histogram, default=1) <= ngram
+
+
+class OracleSource(CandidateSource):
+    """Proposes the true greedy continuation, so every candidate is accepted in full."""
+
+    def __init__(self, reference: Sequence[int], length: int) -> None:
+        self.reference, self.length = list(reference), length
+
+    def begin(self, prompt):
+        pass
+
+    def propose(self, history, limit):
+        guess = self.reference[len(history) : len(history) + self.length]
+        return [tuple(guess + [0] * (self.length - len(guess)))][:limit]
+
+    def observe(self, history, num_new):
+        pass
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("ngram", [2, 3, 5])
+def test_full_acceptance_commits_n_tokens_and_keeps_the_cache_right(arch, ngram):
+    model = tiny_model(arch)
+    input_ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(ngram))
+    max_new_tokens = 4 * ngram + 1  # the prefill's token, then exactly four full steps of N tokens
+    expected = greedy_reference(model, input_ids, max_new_tokens)
+    config = ld.LookaheadConfig(window=3, ngram=ngram, guesses=2)
+    out = ld.decoding.decode(model, input_ids, max_new_tokens, config, source=OracleSource(expected[0].tolist(), ngram - 1))
+    assert out.sequences.tolist() == expected.tolist()
+    assert dict(out.stats.accepted_histogram) == {ngram: 4}
+
+
+def test_hf_generate_reaches_lookahead(llama):
+    input_ids = torch.randint(0, VOCAB, (1, 11), generator=torch.Generator().manual_seed(3))
+    expected = greedy_reference(llama, input_ids, 30)
+    calls = []
+    hook = llama.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        out = llama.generate(input_ids, do_sample=False, max_new_tokens=30, custom_generate=ld.lookahead_generate,
+                             lookahead_config=ld.LookaheadConfig(4, 3, 2))
+    finally:
+        hook.remove()
+    assert out.tolist() == expected.tolist()
+    assert calls[1:] and set(calls[1:]) == {ld.LookaheadConfig(4, 3, 2).tokens_per_step}  # fused steps, not plain ones

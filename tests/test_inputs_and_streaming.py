@@ -1,0 +1,139 @@
+"""Stopping, streaming and bad input on tiny models."""
+
+import pytest
+import torch
+import transformers
+from conftest import VOCAB, greedy_reference, tiny_model
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+import lookahead_decoding as ld
+
+
+class StopOnToken(StoppingCriteria):
+    def __init__(self, token):
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
+
+
+class Collector(BaseStreamer):
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.flatten().tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def repetitive_prompt():
+    return torch.tensor([[5, 17, 42, 8] * 4])
+
+
+def test_stopping_criteria_cut_inside_an_accepted_block(llama):
+    input_ids = repetitive_prompt()
+    free = greedy_reference(llama, input_ids, 40)
+    stop_token = int(free[0, input_ids.shape[1] + 17])
+    expected = greedy_reference(llama, input_ids, 40, stopping_criteria=StoppingCriteriaList([StopOnToken(stop_token)]))
+    out = ld.generate(llama, input_ids, 40, ld.LookaheadConfig(4, 5, 4),
+                      stopping_criteria=StoppingCriteriaList([StopOnToken(stop_token)]))
+    assert out.sequences.tolist() == expected.tolist()
+    assert out.sequences.shape[1] < free.shape[1]
+    assert max(out.stats.accepted_histogram) > 1  # the stop landed in a run of multi-token steps
+
+
+def test_streamer_gets_prompt_then_every_token_in_order(llama):
+    input_ids = repetitive_prompt()
+    streamer = Collector()
+    out = ld.generate(llama, input_ids, 30, ld.LookaheadConfig(4, 4, 4), streamer=streamer)
+    assert streamer.chunks[0] == input_ids[0].tolist()
+    streamed = [token for chunk in streamer.chunks[1:] for token in chunk]
+    assert streamed == out.sequences[0, input_ids.shape[1]:].tolist()
+    assert streamer.ended
+    assert out.stats.steps < 29  # several tokens per step, still streamed one by one
+
+
+def test_stats_are_consistent(llama):
+    out = ld.generate(llama, repetitive_prompt(), 33, ld.LookaheadConfig(3, 4, 3))
+    stats = out.stats
+    assert stats.new_tokens == 33
+    assert stats.steps == sum(stats.accepted_histogram.values())
+    assert stats.tokens_per_step == pytest.approx(33 / stats.steps)
+    assert stats.seconds > 0 and stats.tokens_per_second == pytest.approx(33 / stats.seconds)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"window": 0}, ValueError, "LookaheadConfig.window must be >= 1, got 0"),
+        ({"ngram": 1}, ValueError, "LookaheadConfig.ngram must be >= 2, got 1"),
+        ({"guesses": -1}, ValueError, "LookaheadConfig.guesses must be >= 0, got -1"),
+        ({"window": 2.5}, TypeError, "LookaheadConfig.window must be an integer, got 2.5 (float)"),
+        ({"ngram": "5"}, TypeError, "LookaheadConfig.ngram must be an integer, got '5' (str)"),
+        ({"guesses": True}, TypeError, "LookaheadConfig.guesses must be an integer, got True (bool)"),
+    ],
+)
+def test_bad_config(kwargs, error, message):
+    with pytest.raises(error) as info:
+        ld.LookaheadConfig(**kwargs)
+    assert str(info.value) == message
+
+
+def test_empty_prompt(llama):
+    with pytest.raises(ValueError, match="^the prompt is empty: input_ids has no tokens$"):
+        ld.generate(llama, torch.zeros(1, 0, dtype=torch.long), 5)
+
+
+def test_too_long(llama):
+    with pytest.raises(ValueError) as info:
+        ld.generate(llama, torch.zeros(1, 200, dtype=torch.long), 57)
+    assert str(info.value) == (
+        "prompt (200 tokens) + max_new_tokens (57) = 257 tokens exceeds the model's context length of 256"
+    )
+
+
+def test_batch_of_two(llama):
+    with pytest.raises(ValueError, match="^lookahead decoding supports batch size 1 only, got a batch of 2$"):
+        ld.generate(llama, torch.zeros(2, 4, dtype=torch.long), 5)
+
+
+def test_token_outside_vocabulary(llama):
+    with pytest.raises(ValueError, match=r"outside the model's vocabulary \[0, 96\)"):
+        ld.generate(llama, torch.tensor([[1, VOCAB]]), 5)
+
+
+def test_encoder_decoder_model_is_rejected():
+    config = transformers.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    model = transformers.T5ForConditionalGeneration(config)
+    with pytest.raises(ld.UnsupportedModelError, match="T5ForConditionalGeneration is an encoder-decoder model"):
+        ld.generate(model, torch.tensor([[1, 2]]), 5)
+
+
+def test_model_without_lm_head_is_rejected(llama):
+    with pytest.raises(ld.UnsupportedModelError, match="LlamaModel has no language-modeling head"):
+        ld.generate(llama.model, torch.tensor([[1, 2]]), 5)
+
+
+def test_attention_without_custom_masks_is_rejected():
+    model = tiny_model("llama", seed=1)
+    model.config._attn_implementation_internal = "flash_attention_2"
+    try:
+        with pytest.raises(ld.UnsupportedModelError, match="attn_implementation='flash_attention_2'"):
+            ld.generate(model, torch.tensor([[1, 2]]), 5)
+    finally:
+        model.config._attn_implementation_internal = "sdpa"
+
+
+def test_missing_model_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model path does not exist: .*nowhere"):
+        ld.load_model(tmp_path / "nowhere")
+
+
+def test_broken_gguf(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ValueError, match="could not load a causal LM from .*broken.gguf"):
+        ld.load_model(broken)
