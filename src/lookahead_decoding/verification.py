@@ -53,6 +53,7 @@ def verify_greedy(
     expected = torch.cat([next_token.view(1, 1).expand(guesses, 1), candidate_preds[:, :-1]], dim=1)
     matches = (candidates == expected) & valid[:, None]
     accepted = matches.long().cumprod(dim=1).sum(dim=1)
-    best = torch.argmax(accepted)  # first maximum: the best-ranked candidate wins ties
-    committed = torch.cat([next_token.view(1), candidate_preds[best]])
-    return torch.cat([accepted[best].view(1), best.view(1), committed])
+    best = torch.argmax(accepted).view(1)  # first maximum: the best-ranked candidate wins ties
+    # index_select, not [best]: indexing by a device scalar would sync with the host (and break graph capture).
+    committed = torch.cat([next_token.view(1), candidate_preds.index_select(0, best)[0]])
+    return torch.cat([accepted.index_select(0, best), best, committed])
