@@ -6,6 +6,7 @@ from .drafting import CandidateSource, NGramPoolSource
 from .hf_integration import lookahead_generate
 from .model_adapter import UnsupportedModelError
 from .models import default_model_path, load_default_model, load_model
+from .sampling import ProcessedGreedyVerifier, SamplingVerifier
 
 __all__ = [
     "CandidateSource",
@@ -13,6 +14,8 @@ __all__ = [
     "LookaheadConfig",
     "LookaheadOutput",
     "NGramPoolSource",
+    "ProcessedGreedyVerifier",
+    "SamplingVerifier",
     "UnsupportedModelError",
     "default_model_path",
     "generate",

@@ -15,11 +15,12 @@ import torch
 
 from .config import LookaheadConfig
 from .drafting import CandidateSource, NGramPoolSource
-from .kv_cache import commit_candidate_kv
 from .layout import StepLayout
 from .model_adapter import ModelAdapter
 from .ngram_pool import NGramPool
-from .verification import GreedyVerifier, Verifier
+from .sampling import make_verifier
+from .step import EagerStep, StepRunner
+from .verification import Verifier
 from .window import JacobiWindow
 
 
@@ -137,8 +138,13 @@ def decode(
     seed: int = 0,
     stream_prompt: bool = True,
     verifier: Verifier | None = None,
+    runner: StepRunner | None = None,
 ) -> LookaheadOutput:
-    """Greedy lookahead decoding. `stream_prompt=False` when the caller already sent the prompt (HF generate)."""
+    """Lookahead decoding; greedy unless `verifier` says otherwise (see `sampling.make_verifier`).
+
+    `stream_prompt=False` when the caller already sent the prompt (HF generate). `runner` runs the fused
+    step (default: `EagerStep` with `verifier`); `engine.StaticStep` is the fixed-shape, graph-ready one.
+    """
     adapter = ModelAdapter(model)
     _check_inputs(adapter, input_ids, max_new_tokens, config)
     if streamer is not None and stream_prompt:
@@ -149,49 +155,29 @@ def decode(
     stats = GenerationStats()
     emitter = _Emitter(history, max_new_tokens, _eos_set(model, eos_token_id), stopping_criteria, streamer, device)
 
-    layout = StepLayout.build(config, device)
+    runner = runner if runner is not None else EagerStep(adapter, StepLayout.build(config, device), verifier)
+    if runner.layout.config != config:
+        raise ValueError(f"the step runner was built for {runner.layout.config}, not {config}")
     window = JacobiWindow(config.window, config.levels, random.Random(seed))
     pool = NGramPool(config.candidate_length, config.guesses)
     source = source if source is not None else NGramPoolSource(pool, from_text=config.pool_from_prompt)
     window.begin(prompt)
     source.begin(prompt)
-    cache = adapter.new_cache()
-    size, k = layout.size, config.candidate_length
-    last_position = (adapter.context_length or 2**62) - 1
-    candidate_start = layout.lookahead_size
-    verifier = verifier if verifier is not None else GreedyVerifier()
+    k = config.candidate_length
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
         if not emitter.done:
-            positions = torch.arange(len(prompt), device=device)
-            logits = adapter.forward(input_ids[0].to(device), positions, None, cache, logit_rows=1)
-            emitter.emit([int(logits[-1].argmax())])
+            emitter.emit([runner.prefill(input_ids[0].to(device), history)])
         while not emitter.done:
-            t = len(history) - 1  # position of the current (last committed, not yet cached) token
             current = history[-1]
             proposals = source.propose(history, config.guesses)
             padding = [proposals[0] if proposals else (current,) * k] * (config.guesses - len(proposals))
-            step_ids = torch.tensor(layout.input_ids(current, window.tokens(), proposals + padding), device=device)
-            positions = (layout.position_offsets + t).clamp_(max=last_position)
-            key_positions = torch.cat([torch.arange(t, device=device), positions])
-            allowed = torch.cat([layout.allowed.new_ones(size, t), layout.allowed], dim=1)
-            mask = adapter.attention_mask(allowed, positions, key_positions)
-
-            logits = adapter.forward(step_ids, positions, mask, cache, layout.logit_rows)
-            # The lookahead branch always refines by argmax; only verification depends on the decoding mode.
-            new_level = logits[1 : 1 + config.window].argmax(dim=-1)
-            candidates = step_ids[candidate_start:].view(config.guesses, k)
-            candidate_logits = logits[1 + config.window :].view(config.guesses, k, logits.shape[-1])
-            valid = torch.arange(config.guesses, device=device) < len(proposals)
-            result = verifier(logits[0], candidates, candidate_logits, valid, history)
-
-            accepted, best, *rest = torch.cat([result, new_level]).tolist()  # the step's one host sync
+            step_ids = runner.layout.input_ids(current, window.tokens(), proposals + padding)
+            accepted, _, *rest = runner.step(step_ids, len(proposals), history)
             committed, new_level = rest[: k + 1], rest[k + 1 :]
-            winner_rows = torch.arange(k, device=device) + candidate_start + best * k
-            commit_candidate_kv(cache, size, winner_rows, accepted)
             for key, continuation in window.advance(current, new_level):
                 pool.add(key, continuation)
             num_new = emitter.emit(committed[: accepted + 1])
@@ -215,7 +201,23 @@ def generate(
     streamer=None,
     stopping_criteria=None,
     eos_token_id: int | Sequence[int] | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    logits_processor=None,
+    generator: torch.Generator | None = None,
 ) -> LookaheadOutput:
-    """Greedy lookahead decoding: the same tokens as `model.generate(do_sample=False)`, in fewer forward passes."""
+    """Lookahead decoding with the output distribution of `model.generate`, in fewer forward passes.
+
+    do_sample=False (the default) is greedy: the same tokens as `model.generate(do_sample=False)`, with
+    `logits_processor` applied before each argmax. do_sample=True samples from the processed logits warped by
+    temperature (> 0), top_k (None or 0: off) and top_p (1: off); every committed token has exactly the
+    distribution `model.generate(do_sample=True)` gives it. Randomness comes from `generator` (a
+    torch.Generator on the model's device), or from torch's global RNG when it is None.
+    """
     config = config if config is not None else LookaheadConfig()
-    return decode(model, input_ids, max_new_tokens, config, streamer, stopping_criteria, eos_token_id)
+    verifier = make_verifier(model.device, do_sample, temperature, top_k, top_p, logits_processor, generator)
+    return decode(
+        model, input_ids, max_new_tokens, config, streamer, stopping_criteria, eos_token_id, verifier=verifier
+    )

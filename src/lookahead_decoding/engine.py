@@ -27,7 +27,11 @@ AUTOREGRESSIVE = LookaheadConfig(window=1, ngram=2, guesses=0, pool_from_prompt=
 class StaticStep:
     """A `StepRunner` for greedy decoding of sequences up to `max_length` tokens (prompt + new tokens)."""
 
-    def __init__(self, model, config: LookaheadConfig, max_length: int, cuda_graph: bool | None = None) -> None:
+    def __init__(
+        self, model, config: LookaheadConfig, max_length: int, cuda_graph: bool | None = None, compile: bool = False
+    ) -> None:
+        """cuda_graph: capture the step as a CUDA graph (default: on CUDA devices). compile: fuse the step's
+        kernels with torch.compile first (slow to start; worth it for long runs)."""
         adapter = ModelAdapter(model)
         if adapter.sliding_window is not None:
             raise UnsupportedModelError(
@@ -50,6 +54,7 @@ class StaticStep:
         self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outcome: torch.Tensor | None = None
+        self.run_step = torch.compile(self._device_step, dynamic=False) if compile else self._device_step
 
     def prefill(self, prompt: torch.Tensor, history: Sequence[int]) -> int:
         if prompt.numel() >= self.max_length:
@@ -70,7 +75,7 @@ class StaticStep:
         if self.graph is not None:
             self.graph.replay()
             return self.outcome.tolist()
-        return self._device_step().tolist()
+        return self.run_step().tolist()
 
     def _cached_length(self) -> torch.Tensor:
         return self.cache.layers[0].cumulative_length
@@ -99,8 +104,9 @@ class StaticStep:
         source = start + layout.lookahead_size + winner * k + offsets
         target = start + 1 + offsets
         for layer in self.cache.layers:
-            layer.keys.index_copy_(2, target, layer.keys.index_select(2, source))
-            layer.values.index_copy_(2, target, layer.values.index_select(2, source))
+            if guesses > 0:
+                layer.keys.index_copy_(2, target, layer.keys.index_select(2, source))
+                layer.values.index_copy_(2, target, layer.values.index_select(2, source))
             layer.cumulative_length.copy_(start + 1 + accepted)
         return torch.cat([result, preds[1 : 1 + config.window]])
 
@@ -115,11 +121,11 @@ class StaticStep:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):
-                self._device_step()
+            for _ in range(3):
+                self.run_step()
                 restore()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.outcome = self._device_step()
+            self.outcome = self.run_step()
         restore()

@@ -20,7 +20,9 @@ from contextlib import contextmanager
 import torch
 
 from ..config import LookaheadConfig
-from ..decoding import generate
+from ..decoding import decode, generate
+from ..engine import AUTOREGRESSIVE, StaticStep
+from ..model_adapter import ModelAdapter
 
 Method = Callable[..., tuple]
 METHODS: dict[str, Method] = {}
@@ -96,20 +98,61 @@ def lookahead_config(args) -> LookaheadConfig:
     return LookaheadConfig(**{name: value for name, value in given.items() if value is not None})
 
 
+def histogram(stats) -> dict[str, int]:
+    return {str(k): v for k, v in sorted(stats.accepted_histogram.items())}
+
+
+@register_method("hf-compiled")
+def hf_compiled(model, input_ids, max_new_tokens, args):
+    """HF's fastest greedy setting: static cache, which `generate` compiles on GPUs by itself."""
+    return hf_generate(model, input_ids, max_new_tokens, cache_implementation="static")
+
+
+ENGINE_LENGTH_STEP = 512  # engines are built per 512-token bucket of prompt + new tokens and reused
+_engines: dict[tuple, StaticStep] = {}
+
+
+def static_engine(model, config: LookaheadConfig, length: int, args) -> StaticStep:
+    """The (cached) fixed-shape engine for `config` that fits `length` tokens; captured once, replayed after."""
+    max_length = -(-length // ENGINE_LENGTH_STEP) * ENGINE_LENGTH_STEP
+    compile_step = bool(getattr(args, "compile", False))
+    key = (id(model), config, max_length, compile_step)
+    if key not in _engines:
+        _engines[key] = StaticStep(model, config, max_length, compile=compile_step)
+    return _engines[key]
+
+
 def lookahead_with(config: LookaheadConfig) -> Method:
-    """Our lookahead decoding with a fixed configuration (the sweep makes one per grid point)."""
+    """Greedy decoding on the static engine with `config`; the dynamic-cache path where the engine cannot run."""
 
     def run(model, input_ids, max_new_tokens, args):
-        out = generate(model, input_ids, max_new_tokens, config=config)
-        histogram = {str(k): v for k, v in sorted(out.stats.accepted_histogram.items())}
-        return out.sequences, out.stats.steps, {"accepted_histogram": histogram}
+        if ModelAdapter(model).sliding_window is not None:
+            out = generate(model, input_ids, max_new_tokens, config=config)
+        else:
+            engine = static_engine(model, config, input_ids.shape[1] + max_new_tokens, args)
+            out = decode(model, input_ids, max_new_tokens, config, runner=engine)
+        return out.sequences, out.stats.steps, {"accepted_histogram": histogram(out.stats)}
 
     return run
 
 
+@register_method("ar-graph")
+def autoregressive_graph(model, input_ids, max_new_tokens, args):
+    """Plain one-token-per-step greedy decoding on the same engine as lookahead (CUDA graphs on GPU)."""
+    return lookahead_with(AUTOREGRESSIVE)(model, input_ids, max_new_tokens, args)
+
+
 @register_method("lookahead")
 def lookahead(model, input_ids, max_new_tokens, args):
+    """Our lookahead decoding, on the fast engine."""
     return lookahead_with(lookahead_config(args))(model, input_ids, max_new_tokens, args)
+
+
+@register_method("lookahead-eager")
+def lookahead_eager(model, input_ids, max_new_tokens, args):
+    """Lookahead decoding through `lookahead_decoding.generate` (dynamic cache, no graphs)."""
+    out = generate(model, input_ids, max_new_tokens, config=lookahead_config(args))
+    return out.sequences, out.stats.steps, {"accepted_histogram": histogram(out.stats)}
 
 
 def parse_methods(text: str) -> list[str]:

@@ -1,0 +1,185 @@
+"""Lossless sampling for lookahead decoding, and greedy decoding under logits processors.
+
+Drafts are one-hot: the lookahead branch refines its window by argmax, so a candidate is a bare token
+sequence. For one-hot drafts, multi-candidate speculative sampling (algorithm.md, section 1.6) is exact: at
+each verified position the committed token is distributed exactly as the warped target distribution P.
+
+Every verified position is processed with its true prefix (the committed history plus the tokens accepted so
+far in this step), so logits processors that look at the sequence, such as a repetition penalty, see exactly
+what `model.generate` would show them. Candidates that survive to position j agree on all earlier tokens, so
+they share one prefix and one distribution: each position needs a single row of processed logits, and each
+committed token's distribution is computed once, in order, as in `model.generate`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from .verification import GreedyVerifier, Verifier
+
+
+class PathVerifier:
+    """Verifies candidates position by position along the accepted path.
+
+    At position j (draft token j, absolute position t+1+j) the verifier gets the processed scores for the
+    shared prefix and the distinct j-th tokens of the surviving candidates, in candidate order; `choose`
+    returns the committed token and whether it is one of those drafts. On acceptance only the candidates
+    that carry the token survive and the next position's logits are the first survivor's. After a fully
+    accepted candidate, the bonus token is chosen from the logits after its last token (no drafts left).
+    """
+
+    def __init__(self, logits_processor: LogitsProcessorList | None = None) -> None:
+        self.processors = LogitsProcessorList(logits_processor or [])
+
+    def choose(self, scores: torch.Tensor, drafts: list[int]) -> tuple[int, bool]:
+        """(committed token, whether it is one of `drafts`) given processed scores [V]."""
+        raise NotImplementedError
+
+    def scores(self, prefix: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Processed float32 scores [V] for the position after `prefix` [1, L]."""
+        scores = logits.to(torch.float32, copy=True)[None]
+        return self.processors(prefix, scores)[0] if self.processors else scores[0]
+
+    def __call__(self, next_logits, candidates, candidate_logits, valid, history) -> torch.Tensor:
+        length = candidates.shape[1]
+        rows = candidates.tolist()
+        alive = [i for i, ok in enumerate(valid.tolist()) if ok]
+        winner = alive[0] if alive else 0
+        prefix = torch.tensor([list(history)], dtype=torch.long, device=next_logits.device)
+        logits, committed = next_logits, []
+        for j in range(length + 1):
+            drafts = list(dict.fromkeys(rows[i][j] for i in alive)) if j < length else []
+            token, accepted = self.choose(self.scores(prefix, logits), drafts)
+            committed.append(token)
+            if not accepted:
+                break
+            alive = [i for i in alive if rows[i][j] == token]
+            winner = alive[0]
+            prefix = torch.cat([prefix, prefix.new_tensor([[token]])], dim=1)
+            logits = candidate_logits[winner, j]
+        accepted_drafts = len(committed) - 1
+        committed += [0] * (length + 1 - len(committed))
+        return torch.tensor([accepted_drafts, winner, *committed], dtype=torch.long, device=next_logits.device)
+
+
+class ProcessedGreedyVerifier(PathVerifier):
+    """Exact greedy verification when logits processors apply: processors, then argmax, at every position."""
+
+    def choose(self, scores, drafts):
+        token = int(scores.argmax())
+        return token, token in drafts
+
+
+class SamplingVerifier(PathVerifier):
+    """Multi-candidate speculative sampling with one-hot drafts.
+
+    P is the warped distribution: logits processors, then temperature, top-k and top-p, in the order HF
+    `generate` applies them. The distinct draft tokens are tried in candidate order: token x is accepted with
+    probability P(x) / (mass of P not yet rejected), i.e. P(x) after the rejected tokens were zeroed and P
+    renormalised. If all are rejected, the token is drawn from the residual. All randomness comes from
+    `generator`, so a seeded generator reproduces a run.
+    """
+
+    def __init__(
+        self,
+        generator: torch.Generator,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        logits_processor: LogitsProcessorList | None = None,
+    ) -> None:
+        super().__init__(sampling_processors(logits_processor, temperature, top_k, top_p))
+        self.generator = generator
+
+    def acceptance(self, probs: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
+        """Acceptance probability of each draft given its probability and the unrejected mass before it."""
+        return (probs / remaining.clamp_min(torch.finfo(probs.dtype).tiny)).clamp_(max=1.0)
+
+    def choose(self, scores, drafts):
+        probs = torch.softmax(scores, dim=-1)
+        if drafts:
+            index = torch.tensor(drafts, device=probs.device)
+            draft_probs = probs[index]
+            remaining = 1.0 - (draft_probs.cumsum(0) - draft_probs)
+            coins = torch.rand(len(drafts), generator=self.generator, device=probs.device)
+            hits = (coins < self.acceptance(draft_probs, remaining)).tolist()
+            if True in hits:
+                return drafts[hits.index(True)], True
+            residual = probs.index_fill(0, index, 0.0)
+            # All mass on rejected drafts can only happen through rounding; then P itself is the residual.
+            probs = residual if bool(residual.sum() > 0) else probs
+        return int(torch.multinomial(probs, 1, generator=self.generator)), False
+
+
+def sampling_processors(logits_processor, temperature: float, top_k: int | None, top_p: float) -> LogitsProcessorList:
+    """The user's processors followed by the warpers, as HF `generate` orders them for sampling."""
+    processors = LogitsProcessorList(logits_processor or [])
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(float(temperature)))
+    if top_k:
+        processors.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=float(top_p), min_tokens_to_keep=1))
+    return processors
+
+
+def check_sampling_args(do_sample, temperature, top_k, top_p, logits_processor, generator, device) -> None:
+    """ValueError naming the argument for anything `make_verifier` cannot use."""
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+    real = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if not real or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(
+            f"temperature must be a finite number > 0, got {temperature!r}; for greedy decoding use do_sample=False"
+        )
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be None or an integer >= 0 (0 or None disables it), got {top_k!r}")
+    real = isinstance(top_p, (int, float)) and not isinstance(top_p, bool)
+    if not real or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1] (1 disables it), got {top_p!r}")
+    if logits_processor is not None:
+        if not isinstance(logits_processor, Sequence) or not all(callable(p) for p in logits_processor):
+            raise ValueError("logits_processor must be a LogitsProcessorList or a list of logits processors")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != torch.device(device).type:
+            raise ValueError(f"generator is on {generator.device} but the model is on {device}; create it there")
+
+
+def make_verifier(
+    device,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    logits_processor=None,
+    generator: torch.Generator | None = None,
+) -> Verifier:
+    """The verifier for these generation arguments (validated).
+
+    do_sample=False is greedy: the fast `GreedyVerifier`, or `ProcessedGreedyVerifier` when logits processors
+    are given. Sampling arguments are then ignored, with a warning, as HF `generate` does. With
+    do_sample=True and no generator, one is seeded from torch's global RNG, so `torch.manual_seed` makes
+    runs reproducible.
+    """
+    check_sampling_args(do_sample, temperature, top_k, top_p, logits_processor, generator, device)
+    if not do_sample:
+        ignored = [
+            name
+            for name, value, default in (("temperature", temperature, 1.0), ("top_k", top_k or None, None),
+                                         ("top_p", top_p, 1.0), ("generator", generator, None))
+            if value != default
+        ]
+        if ignored:
+            warnings.warn(f"do_sample=False decodes greedily; ignoring {', '.join(ignored)}", UserWarning, stacklevel=3)
+        return ProcessedGreedyVerifier(logits_processor) if logits_processor else GreedyVerifier()
+    if generator is None:
+        seed = int(torch.randint(0, 2**62, (1,)))
+        generator = torch.Generator(device=device).manual_seed(seed)
+    return SamplingVerifier(generator, temperature, top_k, top_p, logits_processor)

@@ -1,0 +1,51 @@
+"""The fixed-shape static-cache step (run eagerly on CPU) gives exactly greedy's tokens."""
+
+import pytest
+import torch
+from conftest import VOCAB, greedy_reference, tiny_model
+
+import lookahead_decoding as ld
+from lookahead_decoding.decoding import decode
+from lookahead_decoding.engine import AUTOREGRESSIVE, StaticStep
+
+CONFIGS = [AUTOREGRESSIVE, ld.LookaheadConfig(1, 3, 2), ld.LookaheadConfig(3, 3, 3), ld.LookaheadConfig(5, 5, 5),
+           ld.LookaheadConfig(4, 6, 0), ld.LookaheadConfig(2, 2, 8)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_static_engine_equals_greedy(arch, config):
+    model = tiny_model(arch)
+    engine = StaticStep(model, config, max_length=64)
+    for seed in range(3):  # one engine, reused across prompts like the benchmark does
+        generator = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(0, VOCAB, (1, 6), generator=generator)
+        if seed == 1:
+            prompt = prompt[:, :3].repeat(1, 4)  # repetitive: long acceptances
+        expected = greedy_reference(model, prompt, 64 - prompt.shape[1])
+        out = decode(model, prompt, 64 - prompt.shape[1], config, runner=engine)
+        assert out.sequences.tolist() == expected.tolist()
+
+
+def test_autoregressive_engine_takes_one_token_per_step(llama):
+    out = decode(llama, torch.tensor([[3, 1, 4, 1, 5]]), 20, AUTOREGRESSIVE, runner=StaticStep(llama, AUTOREGRESSIVE, 32))
+    assert out.stats.steps == 19 and dict(out.stats.accepted_histogram) == {1: 19}
+
+
+def test_engine_rejects_sliding_window_models():
+    with pytest.raises(ld.UnsupportedModelError, match="MistralForCausalLM uses sliding-window attention"):
+        StaticStep(tiny_model("mistral"), AUTOREGRESSIVE, 32)
+
+
+def test_engine_rejects_what_does_not_fit(llama):
+    with pytest.raises(ValueError, match="max_length 300 exceeds the model's context length of 256"):
+        StaticStep(llama, AUTOREGRESSIVE, 300)
+    engine = StaticStep(llama, AUTOREGRESSIVE, 16)
+    with pytest.raises(ValueError, match="generation ran past this engine's max_length 16"):
+        decode(llama, torch.tensor([[1, 2, 3]]), 20, AUTOREGRESSIVE, runner=engine)
+
+
+def test_runner_must_match_the_config(llama):
+    engine = StaticStep(llama, AUTOREGRESSIVE, 16)
+    with pytest.raises(ValueError, match="the step runner was built for"):
+        decode(llama, torch.tensor([[1, 2, 3]]), 5, ld.LookaheadConfig(), runner=engine)
