@@ -69,9 +69,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--methods",
         default=DEFAULT_METHODS,
-        help=f"comma-separated, from: {', '.join(METHODS)} (default: {DEFAULT_METHODS}); greedy, the reference, "
+        help=f"comma-separated, from: {', '.join(METHODS)} (default: {DEFAULT_METHODS}); the --reference method "
         "always runs",
     )
+    run.add_argument("--reference", default="greedy", choices=["greedy", "ar-graph"],
+                     help="the greedy method every other is compared with (*_vs_greedy fields); ar-graph is the "
+                     "same greedy decoding on the fast engine, for long runs (default: greedy, HF generate)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the fast engine's step before capturing it (ar-graph, lookahead)")
     run.add_argument("--window", type=int, metavar="W", help="lookahead window (default: the library's)")
     run.add_argument("--ngram", type=int, metavar="N", help="lookahead n-gram size (default: the library's)")
     run.add_argument("--guesses", type=int, metavar="G", help="lookahead candidates per step (default: the library's)")

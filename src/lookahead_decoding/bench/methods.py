@@ -26,7 +26,6 @@ from ..model_adapter import ModelAdapter
 
 Method = Callable[..., tuple]
 METHODS: dict[str, Method] = {}
-REFERENCE = "greedy"  # every other method is compared with this one
 PLD_TOKENS = 10
 
 
