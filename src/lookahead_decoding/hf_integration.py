@@ -13,6 +13,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .config import LookaheadConfig
 from .decoding import decode
+from .sampling import ProcessedGreedyVerifier, SamplingVerifier, seeded_generator
 
 
 def lookahead_generate(
@@ -26,12 +27,15 @@ def lookahead_generate(
     lookahead_config: LookaheadConfig | None = None,
     **model_kwargs,
 ):
-    """Decoding loop for `model.generate(custom_generate=lookahead_generate)`; greedy only for now."""
-    if generation_config.do_sample or len(logits_processor) > 0:
-        raise ValueError(
-            "lookahead_generate supports greedy decoding without logits processors only "
-            f"(got do_sample={generation_config.do_sample}, {len(logits_processor)} logits processors)"
-        )
+    """Decoding loop for `model.generate(custom_generate=lookahead_generate)`: greedy or sampling.
+
+    `logits_processor` is transformers' own list (with the temperature/top-k/top-p warpers when sampling), applied
+    at every verified position; sampling draws from a generator seeded by torch's global RNG.
+    """
+    if generation_config.do_sample:
+        verifier = SamplingVerifier(seeded_generator(model.device), logits_processor=logits_processor)
+    else:
+        verifier = ProcessedGreedyVerifier(logits_processor) if len(logits_processor) > 0 else None
     if model_kwargs.get("attention_mask") is not None and not bool(model_kwargs["attention_mask"].all()):
         raise ValueError("lookahead decoding does not support padded inputs (the attention mask has zeros)")
     config = lookahead_config if lookahead_config is not None else LookaheadConfig()
@@ -45,6 +49,7 @@ def lookahead_generate(
         stopping_criteria=stopping_criteria,
         eos_token_id=generation_config.eos_token_id,
         stream_prompt=False,  # transformers already streamed it
+        verifier=verifier,
     )
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=out.sequences)

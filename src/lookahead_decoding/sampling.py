@@ -14,6 +14,7 @@ committed token's distribution is computed once, in order, as in `model.generate
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -122,33 +123,41 @@ def sampling_processors(logits_processor, temperature: float, top_k: int | None,
     if temperature != 1.0:
         processors.append(TemperatureLogitsWarper(float(temperature)))
     if top_k:
-        processors.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+        processors.append(TopKLogitsWarper(top_k=int(top_k), min_tokens_to_keep=1))
     if top_p < 1.0:
         processors.append(TopPLogitsWarper(top_p=float(top_p), min_tokens_to_keep=1))
     return processors
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_sampling_args(do_sample, temperature, top_k, top_p, logits_processor, generator, device) -> None:
-    """ValueError naming the argument for anything `make_verifier` cannot use."""
+    """ValueError naming the argument for anything `make_verifier` cannot use.
+
+    The sampling arguments (temperature, top_k, top_p, generator) are only checked when do_sample is True.
+    """
     if not isinstance(do_sample, bool):
         raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
-    real = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-    if not real or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(
-            f"temperature must be a finite number > 0, got {temperature!r}; for greedy decoding use do_sample=False"
-        )
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-        raise ValueError(f"top_k must be None or an integer >= 0 (0 or None disables it), got {top_k!r}")
-    real = isinstance(top_p, (int, float)) and not isinstance(top_p, bool)
-    if not real or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be a number in (0, 1] (1 disables it), got {top_p!r}")
     if logits_processor is not None:
         if not isinstance(logits_processor, Sequence) or not all(callable(p) for p in logits_processor):
             raise ValueError("logits_processor must be a LogitsProcessorList or a list of logits processors")
+    if not do_sample:
+        return
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(
+            f"temperature must be a finite number > 0, got {temperature!r}; for greedy decoding use do_sample=False"
+        )
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
+        raise ValueError(f"top_k must be None or an integer >= 0 (0 or None disables it), got {top_k!r}")
+    if not _is_real(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1] (1 disables it), got {top_p!r}")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator.device.type != torch.device(device).type:
+        device = torch.device(device)
+        if generator.device.type != device.type or (device.index is not None and generator.device.index != device.index):
             raise ValueError(f"generator is on {generator.device} but the model is on {device}; create it there")
 
 
@@ -172,14 +181,17 @@ def make_verifier(
     if not do_sample:
         ignored = [
             name
-            for name, value, default in (("temperature", temperature, 1.0), ("top_k", top_k or None, None),
-                                         ("top_p", top_p, 1.0), ("generator", generator, None))
-            if value != default
+            for name, unused in (("temperature", temperature != 1.0), ("top_k", bool(top_k)),
+                                 ("top_p", top_p != 1.0), ("generator", generator is not None))
+            if unused
         ]
         if ignored:
             warnings.warn(f"do_sample=False decodes greedily; ignoring {', '.join(ignored)}", UserWarning, stacklevel=3)
         return ProcessedGreedyVerifier(logits_processor) if logits_processor else GreedyVerifier()
-    if generator is None:
-        seed = int(torch.randint(0, 2**62, (1,)))
-        generator = torch.Generator(device=device).manual_seed(seed)
+    generator = generator if generator is not None else seeded_generator(device)
     return SamplingVerifier(generator, temperature, top_k, top_p, logits_processor)
+
+
+def seeded_generator(device) -> torch.Generator:
+    """A generator on `device` seeded from torch's global RNG, so that `torch.manual_seed` fixes its draws."""
+    return torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,))))
