@@ -37,9 +37,10 @@ def bench_table(result: dict) -> str:
 
 
 def sweep_table(result: dict) -> str:
-    """The sweep's configurations, best first, under greedy's line."""
+    """The sweep's configurations, best first, under the reference's line."""
     (dataset, summary), = result["summary"].items()
-    lines = [["greedy", "", "", "", *_cells(summary["greedy"])]]
+    reference = next(iter(summary))  # the reference runs first
+    lines = [[reference, "", "", "", *_cells(summary[reference])]]
     lines += [["lookahead", str(e["window"]), str(e["ngram"]), str(e["guesses"]), *_cells(e)] for e in result["sweep"]]
     return f"### {dataset}: sweep\n\n" + _table(["method", "W", "N", "G", *COLUMNS], lines)
 
