@@ -116,6 +116,9 @@ _engines: dict[tuple, StaticStep] = {}
 def static_engine(model, config: LookaheadConfig, length: int, args) -> StaticStep:
     """The (cached) fixed-shape engine for `config` that fits `length` tokens; captured once, replayed after."""
     max_length = -(-length // ENGINE_LENGTH_STEP) * ENGINE_LENGTH_STEP
+    context = ModelAdapter(model).context_length
+    if context is not None:
+        max_length = min(max_length, context)
     compile_step = bool(getattr(args, "compile", False))
     key = (id(model), config, max_length, compile_step)
     if key not in _engines:
