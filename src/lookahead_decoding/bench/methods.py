@@ -14,6 +14,7 @@ command line (an argparse Namespace). Adding one:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -22,7 +23,9 @@ import torch
 from ..config import LookaheadConfig
 from ..decoding import decode, generate
 from ..engine import AUTOREGRESSIVE, StaticStep
+from ..layout import StepLayout
 from ..model_adapter import ModelAdapter
+from ..step import EagerStep
 
 Method = Callable[..., tuple]
 METHODS: dict[str, Method] = {}
@@ -126,16 +129,40 @@ def static_engine(model, config: LookaheadConfig, length: int, args) -> StaticSt
     return _engines[key]
 
 
+class TimedRunner:
+    """A StepRunner wrapper adding up the seconds spent in the model: the prefill and every fused step (forward,
+    verification, KV commit and the host sync that ends it). The rest of a run is host-side work: drafting,
+    window, pool and stopping checks."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self.layout, self.model_seconds = runner, runner.layout, 0.0
+
+    def _timed(self, call, *args):
+        start = time.perf_counter()
+        result = call(*args)
+        self.model_seconds += time.perf_counter() - start
+        return result
+
+    def prefill(self, prompt, history):
+        return self._timed(self.runner.prefill, prompt, history)
+
+    def step(self, step_ids, num_candidates, history):
+        return self._timed(self.runner.step, step_ids, num_candidates, history)
+
+
 def lookahead_with(config: LookaheadConfig) -> Method:
-    """Greedy decoding on the static engine with `config`; the dynamic-cache path where the engine cannot run."""
+    """Greedy decoding on the static engine with `config`; the dynamic-cache path where the engine cannot run.
+    Rows also get `model_seconds`, the time spent in the model (see TimedRunner)."""
 
     def run(model, input_ids, max_new_tokens, args):
-        if ModelAdapter(model).sliding_window is not None:
-            out = generate(model, input_ids, max_new_tokens, config=config)
+        adapter = ModelAdapter(model)
+        if adapter.sliding_window is not None:
+            runner = TimedRunner(EagerStep(adapter, StepLayout.build(config, adapter.device)))
         else:
-            engine = static_engine(model, config, input_ids.shape[1] + max_new_tokens, args)
-            out = decode(model, input_ids, max_new_tokens, config, runner=engine)
-        return out.sequences, out.stats.steps, {"accepted_histogram": histogram(out.stats)}
+            runner = TimedRunner(static_engine(model, config, input_ids.shape[1] + max_new_tokens, args))
+        out = decode(model, input_ids, max_new_tokens, config, runner=runner)
+        return out.sequences, out.stats.steps, {"accepted_histogram": histogram(out.stats),
+                                                "model_seconds": runner.model_seconds}
 
     return run
 
