@@ -49,3 +49,13 @@ def test_runner_must_match_the_config(llama):
     engine = StaticStep(llama, AUTOREGRESSIVE, 16)
     with pytest.raises(ValueError, match="the step runner was built for"):
         decode(llama, torch.tensor([[1, 2, 3]]), 5, ld.LookaheadConfig(), runner=engine)
+
+
+def test_generate_takes_a_prebuilt_engine(llama):
+    config = ld.LookaheadConfig(3, 4, 3)
+    engine = ld.StaticStep(llama, config, max_length=48)
+    prompt = torch.tensor([[7, 8, 9, 7, 8, 9, 7]])
+    out = ld.generate(llama, prompt, 30, config, runner=engine)
+    assert out.sequences.tolist() == greedy_reference(llama, prompt, 30).tolist()
+    with pytest.raises(ValueError, match="runner= decodes greedily"):
+        ld.generate(llama, prompt, 30, config, runner=engine, do_sample=True)

@@ -3,6 +3,7 @@
 from .config import LookaheadConfig
 from .decoding import GenerationStats, LookaheadOutput, generate
 from .drafting import CandidateSource, NGramPoolSource
+from .engine import StaticStep
 from .hf_integration import lookahead_generate
 from .model_adapter import UnsupportedModelError
 from .models import default_model_path, load_default_model, load_model
@@ -16,6 +17,7 @@ __all__ = [
     "NGramPoolSource",
     "ProcessedGreedyVerifier",
     "SamplingVerifier",
+    "StaticStep",
     "UnsupportedModelError",
     "default_model_path",
     "generate",

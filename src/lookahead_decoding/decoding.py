@@ -207,6 +207,7 @@ def generate(
     top_p: float = 1.0,
     logits_processor=None,
     generator: torch.Generator | None = None,
+    runner: StepRunner | None = None,
 ) -> LookaheadOutput:
     """Lookahead decoding with the output distribution of `model.generate`, in fewer forward passes.
 
@@ -215,9 +216,15 @@ def generate(
     temperature (> 0), top_k (None or 0: off) and top_p (1: off); every committed token has exactly the
     distribution `model.generate(do_sample=True)` gives it. Randomness comes from `generator` (a
     torch.Generator on the model's device), or from torch's global RNG when it is None.
+
+    runner: a prebuilt step runner, e.g. `StaticStep` (static cache, CUDA graphs), reused across calls; it
+    decodes greedily, so it cannot be combined with sampling or logits processors.
     """
     config = config if config is not None else LookaheadConfig()
     verifier = make_verifier(model.device, do_sample, temperature, top_k, top_p, logits_processor, generator)
+    if runner is not None and (do_sample or logits_processor):
+        raise ValueError("runner= decodes greedily: it cannot be combined with do_sample or logits_processor")
     return decode(
-        model, input_ids, max_new_tokens, config, streamer, stopping_criteria, eos_token_id, verifier=verifier
+        model, input_ids, max_new_tokens, config, streamer, stopping_criteria, eos_token_id, verifier=verifier,
+        runner=runner,
     )
