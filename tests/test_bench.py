@@ -188,7 +188,7 @@ def test_list_arguments():
 
 
 def test_registry_is_open():
-    assert list(METHODS)[:3] == ["greedy", "pld", "lookahead"]
+    assert {"greedy", "pld", "hf-compiled", "ar-graph", "lookahead", "lookahead-eager"} <= set(METHODS)
 
     @register_method("test-echo")
     def echo(model, input_ids, max_new_tokens, args):
@@ -316,12 +316,14 @@ def test_real_model_bench(smollm, tmp_path):
     model, tokenizer = smollm
     out = tmp_path / "tmp.json"
     argv = ["--dataset", "humaneval", "--data-file", str(SHARED_DATA / FILES["humaneval"]), "--limit", "2",
-            "--max-new-tokens", "16", "--methods", "greedy,pld,lookahead", "--out", str(out)]
+            "--max-new-tokens", "16", "--methods", "greedy,pld,ar-graph,lookahead", "--out", str(out)]
     assert main(argv, model=model, tokenizer=tokenizer) == 0
     result = json.loads(out.read_text())
-    check_result(result, "humaneval", ["greedy", "pld", "lookahead"], 2)
+    check_result(result, "humaneval", ["greedy", "pld", "ar-graph", "lookahead"], 2)
     summary = result["summary"]["humaneval"]
-    assert summary["lookahead"]["identical_to_greedy"] == 1.0  # fp32
+    assert summary["ar-graph"]["identical_to_greedy"] == 1.0  # fp32: the static engine, run eagerly on CPU
+    assert summary["lookahead"]["identical_to_greedy"] == 1.0
+    assert summary["ar-graph"]["tokens_per_step"] == pytest.approx(16 / 15)  # one token per step after the prefill
     assert result["environment"]["dtype"] == "float32"
     lookahead_rows = [row for row in result["rows"] if row["method"] == "lookahead"]
     assert all(sum(row["accepted_histogram"].values()) == row["steps"] for row in lookahead_rows)
