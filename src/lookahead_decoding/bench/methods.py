@@ -110,15 +110,18 @@ def hf_compiled(model, input_ids, max_new_tokens, args):
     return hf_generate(model, input_ids, max_new_tokens, cache_implementation="static")
 
 
-# Engines are built per 2048-token bucket of prompt + new tokens and reused. Buckets are wide so one engine,
-# built (and compiled) during the warm-up, serves every prompt: a new one mid-run would be timed.
-ENGINE_LENGTH_STEP = 2048
+# Engines are built per bucket of prompt + new tokens and reused. On CUDA buckets are wide, so one engine,
+# captured (and compiled) during the warm-up, serves every prompt: building one mid-run would be timed. Elsewhere
+# an engine is cheap to build and every step attends over the whole static cache, so buckets are tight.
+ENGINE_LENGTH_STEP = {"cuda": 2048}
+DEFAULT_ENGINE_LENGTH_STEP = 128
 _engines: dict[tuple, StaticStep] = {}
 
 
 def static_engine(model, config: LookaheadConfig, length: int, args) -> StaticStep:
     """The (cached) fixed-shape engine for `config` that fits `length` tokens; captured once, replayed after."""
-    max_length = -(-length // ENGINE_LENGTH_STEP) * ENGINE_LENGTH_STEP
+    step = ENGINE_LENGTH_STEP.get(model.device.type, DEFAULT_ENGINE_LENGTH_STEP)
+    max_length = -(-length // step) * step
     context = ModelAdapter(model).context_length
     if context is not None:
         max_length = min(max_length, context)
