@@ -56,6 +56,8 @@ def environment(model, args) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
+        # 1, 5 and 15-minute load averages when the run ended: other work on the machine skews wall clock.
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
