@@ -303,6 +303,68 @@ def test_tiny_sweep(tiny, tmp_path, capsys):
     assert "| lookahead | 3 | 3 | 3 |" in capsys.readouterr().out
 
 
+def test_warm_up_builds_every_engine_the_run_needs(tiny, monkeypatch):
+    """Prompts in two engine buckets: both engines exist before the first timed run, none is built after."""
+    model, _ = tiny
+    methods_module = sys.modules["lookahead_decoding.bench.methods"]
+    monkeypatch.setattr(methods_module, "_engines", {})
+    built = []
+    timed_runs = []
+    real_static_step = methods_module.StaticStep
+
+    def recording_static_step(model, config, max_length, **kwargs):
+        built.append((max_length, len(timed_runs)))
+        return real_static_step(model, config, max_length, **kwargs)
+
+    monkeypatch.setattr(methods_module, "StaticStep", recording_static_step)
+    from lookahead_decoding.bench.runner import Encoded, measure
+    from lookahead_decoding.bench.data import Prompt
+
+    inputs = [Encoded(Prompt("d", i, "x", False), torch.tensor([[5, 6, 7] * n])) for i, n in enumerate((2, 60, 3))]
+    args = argparse.Namespace(max_new_tokens=12, compile=False)
+
+    def counting(method):
+        def run(model, input_ids, max_new_tokens, args):
+            if max_new_tokens == args.max_new_tokens:
+                timed_runs.append(input_ids.shape[1])
+            return method(model, input_ids, max_new_tokens, args)
+        return run
+
+    measure(model, inputs, {"greedy": counting(METHODS["greedy"]), "ar-graph": counting(METHODS["ar-graph"])}, 12, args)
+    assert sorted(length for length, _ in built) == [128, 256]  # 6 + 12 and 180 + 12 tokens, CPU buckets of 128
+    assert all(runs_before == 0 for _, runs_before in built)
+    assert len(timed_runs) == 6
+
+
+def test_tiny_profile(tiny, tmp_path, capsys):
+    model, tokenizer = tiny
+    out = tmp_path / "p.json"
+    argv = ["--dataset", "humaneval", "--data-file", str(SHARED_DATA / FILES["humaneval"]), "--max-new-tokens", "24",
+            "--profile", "--profile-steps", "4", "--window", "3", "--ngram", "3", "--guesses", "2", "--out", str(out)]
+    assert main(argv, model=model, tokenizer=tokenizer) == 0
+    result = json.loads(out.read_text())
+    assert result["profile"]["dataset"] == "humaneval" and result["profile"]["prompt_index"] == 0
+    entries = result["profile"]["methods"]
+    assert list(entries) == ["ar-graph", "lookahead"]
+    assert entries["ar-graph"]["step_tokens"] == 1 and entries["lookahead"]["step_tokens"] == 3 * 2 + 2 * 2
+    for entry in entries.values():
+        assert entry["profiled_steps"] == 4 and entry["timer"] == "cpu" and entry["kernels_per_step"] is None
+        assert entry["microseconds_per_step"] == pytest.approx(sum(entry["by_kind"].values()))
+        assert entry["by_kind"]["matmul (projections, MLP, LM head)"] > 0
+        assert entry["by_kind"]["attention"] > 0
+    table = capsys.readouterr().out
+    assert "| tokens in the step | 1 | 10 |" in table and "| total cpu time (µs) |" in table
+
+
+def test_profile_errors(tiny, capsys):
+    model, tokenizer = tiny
+    base = ["--dataset", "humaneval", "--data-file", str(SHARED_DATA / FILES["humaneval"]), "--profile"]
+    assert main([*base, "--plot", "x.png"]) == 2
+    assert "--profile cannot be combined with --sweep or --plot" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="the generation ended after 2 steps, before the profiled steps"):
+        main([*base, "--max-new-tokens", "3"], model=model, tokenizer=tokenizer)
+
+
 # ------------------------------------------------------------------------------------------------ real model
 
 

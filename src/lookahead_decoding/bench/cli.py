@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from .data import DATASETS
 from .methods import METHODS
-from .report import bench_table, plot_bench, plot_sweep, sweep_table, write_json
+from .profile import run_profile
+from .report import bench_table, plot_bench, plot_sweep, profile_table, sweep_table, write_json
 from .runner import bench, sweep
 
 DEFAULT_METHODS = "greedy,pld,lookahead"
@@ -20,7 +21,8 @@ DESCRIPTION = """\
 Benchmark greedy decoding methods on MT-Bench, HumanEval or GSM8K prompts: every method runs on every prompt,
 interleaved prompt by prompt on one loaded model, after a warm-up. Reports tokens/s, tokens per step (new tokens
 per forward pass after the prefill), speedup over HF greedy and how often the output equals greedy's token for
-token. --sweep instead compares lookahead configurations (W, N, G) with greedy."""
+token. --sweep instead compares lookahead configurations (W, N, G) with greedy; --profile shows where the
+time of one decode step goes (plain decoding and lookahead, on the first prompt)."""
 
 
 def int_list(text: str) -> list[int]:
@@ -97,17 +99,32 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--sweep-configs", type=config_list, metavar="W:N:G,...",
                       help="an explicit list of configurations instead of the grid")
 
+    profiling = parser.add_argument_group("profile")
+    profiling.add_argument("--profile", action="store_true",
+                           help="instead of benchmarking, profile the fused step of plain decoding and of lookahead "
+                           "on the first prompt: time per step by kind of work (torch.profiler)")
+    profiling.add_argument("--profile-steps", type=positive_int, default=32, metavar="S",
+                           help="decode steps profiled, after a short warm-up (default: 32)")
+
 
 def run_command(args: argparse.Namespace, model=None, tokenizer=None) -> int:
     """The `bench` handler: run, print the markdown table, write --out and --plot. `model`/`tokenizer` reuse a
     loaded model instead of loading --model."""
     from ..cli import CommandError
 
+    if args.profile and (args.sweep or args.plot):
+        raise CommandError("--profile cannot be combined with --sweep or --plot")
     try:
-        result = (sweep if args.sweep else bench)(args, model, tokenizer)
+        if args.profile:
+            result = run_profile(args, model, tokenizer)
+        else:
+            result = (sweep if args.sweep else bench)(args, model, tokenizer)
     except ImportError as err:  # the optional `datasets` package
         raise CommandError(str(err)) from err
-    print(sweep_table(result) if args.sweep else bench_table(result))
+    if args.profile:
+        print(profile_table(result))
+    else:
+        print(sweep_table(result) if args.sweep else bench_table(result))
     if args.out:
         write_json(result, args.out)
         print(f"\nresults: {args.out}")

@@ -110,21 +110,26 @@ def hf_compiled(model, input_ids, max_new_tokens, args):
     return hf_generate(model, input_ids, max_new_tokens, cache_implementation="static")
 
 
-# Engines are built per bucket of prompt + new tokens and reused. On CUDA buckets are wide, so one engine,
-# captured (and compiled) during the warm-up, serves every prompt: building one mid-run would be timed. Elsewhere
-# an engine is cheap to build and every step attends over the whole static cache, so buckets are tight.
-ENGINE_LENGTH_STEP = {"cuda": 2048}
+# Engines are built per bucket of prompt + new tokens and reused; the warm-up builds (captures, compiles) one per
+# bucket the run needs, so none is built inside a timed run. Every step attends over the whole static cache, so
+# buckets are tight on CPU; on CUDA, where building one costs a compilation, one bucket serves every prompt of
+# the bundled datasets at 256 new tokens.
+ENGINE_LENGTH_STEP = {"cuda": 1024}
 DEFAULT_ENGINE_LENGTH_STEP = 128
 _engines: dict[tuple, StaticStep] = {}
 
 
-def static_engine(model, config: LookaheadConfig, length: int, args) -> StaticStep:
-    """The (cached) fixed-shape engine for `config` that fits `length` tokens; captured once, replayed after."""
+def engine_length(model, length: int) -> int:
+    """The engine size (max_length) that serves sequences of `length` tokens: `length` rounded up to a bucket."""
     step = ENGINE_LENGTH_STEP.get(model.device.type, DEFAULT_ENGINE_LENGTH_STEP)
     max_length = -(-length // step) * step
     context = ModelAdapter(model).context_length
-    if context is not None:
-        max_length = min(max_length, context)
+    return max_length if context is None else min(max_length, context)
+
+
+def static_engine(model, config: LookaheadConfig, length: int, args) -> StaticStep:
+    """The (cached) fixed-shape engine for `config` that fits `length` tokens; captured once, replayed after."""
+    max_length = engine_length(model, length)
     compile_step = bool(getattr(args, "compile", False))
     key = (id(model), config, max_length, compile_step)
     if key not in _engines:
@@ -162,7 +167,9 @@ def lookahead_with(config: LookaheadConfig) -> Method:
         if adapter.sliding_window is not None:
             runner = TimedRunner(EagerStep(adapter, StepLayout.build(config, adapter.device)))
         else:
-            runner = TimedRunner(static_engine(model, config, input_ids.shape[1] + max_new_tokens, args))
+            # Sized for the run's --max-new-tokens, so that the short warm-up builds the engine the run uses.
+            new_tokens = max(max_new_tokens, getattr(args, "max_new_tokens", 0))
+            runner = TimedRunner(static_engine(model, config, input_ids.shape[1] + new_tokens, args))
         out = decode(model, input_ids, max_new_tokens, config, runner=runner)
         return out.sequences, out.stats.steps, {"accepted_histogram": histogram(out.stats),
                                                 "model_seconds": runner.model_seconds}

@@ -45,6 +45,22 @@ def sweep_table(result: dict) -> str:
     return f"### {dataset}: sweep\n\n" + _table(["method", "W", "N", "G", *COLUMNS], lines)
 
 
+def profile_table(result: dict) -> str:
+    """Microseconds per step by kind of work, a column per profiled method."""
+    entries = result["profile"]["methods"]
+    labels = list(entries)
+    kinds = list(dict.fromkeys(kind for entry in entries.values() for kind in entry["by_kind"]))
+    header = ["per step", *labels]
+    lines = [["tokens in the step", *(str(entries[m]["step_tokens"]) for m in labels)],
+             ["KV cache slots", *(str(entries[m]["cache_slots"]) for m in labels)]]
+    if all(entries[m]["kernels_per_step"] is not None for m in labels):
+        lines.append(["kernels", *(f"{entries[m]['kernels_per_step']:.0f}" for m in labels)])
+    timer = entries[labels[0]]["timer"]
+    lines += [[f"{kind} (µs)", *(f"{entries[m]['by_kind'].get(kind, 0.0):.0f}" for m in labels)] for kind in kinds]
+    lines.append([f"total {timer} time (µs)", *(f"{entries[m]['microseconds_per_step']:.0f}" for m in labels)])
+    return f"### {result['profile']['dataset']}: step profile (eager, uncaptured)\n\n" + _table(header, lines)
+
+
 def write_json(result: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..config import LookaheadConfig
 from .data import Prompt, load_prompts
-from .methods import METHODS, Method, lookahead_config, lookahead_with, parse_methods
+from .methods import METHODS, Method, engine_length, lookahead_config, lookahead_with, parse_methods
 
 WARMUP_TOKENS = 8
 
@@ -106,13 +106,15 @@ def encode_all(tokenizer, prompts: Sequence[Prompt], device) -> list[Encoded]:
 def measure(
     model, inputs: Sequence[Encoded], methods: dict[str, Method], max_new_tokens: int, args, extra_fields=None
 ) -> list[dict]:
-    """One row per prompt and method. `methods` must start with the reference (greedy); a short run of every
-    method on the first prompt comes first, as warm-up. `extra_fields` maps a method label to fields added to
-    each of its rows."""
+    """One row per prompt and method. `methods` must start with the reference (greedy). A warm-up comes first:
+    a short run of every method on one prompt per engine size the run needs (see methods.engine_length).
+    `extra_fields` maps a method label to fields added to each of its rows."""
     extra_fields = extra_fields or {}
     warmup = min(WARMUP_TOKENS, max_new_tokens)
-    for method in tqdm(methods.values(), desc="warm-up", file=sys.stderr, leave=False):
-        method(model, inputs[0].input_ids, warmup, args)
+    per_engine = {engine_length(model, e.input_ids.shape[1] + max_new_tokens): e for e in reversed(inputs)}
+    warmups = [(method, encoded) for encoded in per_engine.values() for method in methods.values()]
+    for method, encoded in tqdm(warmups, desc="warm-up", file=sys.stderr, leave=False):
+        method(model, encoded.input_ids, warmup, args)
     rows = []
     bar = tqdm(total=len(inputs) * len(methods), desc=inputs[0].prompt.dataset, file=sys.stderr, unit="run")
     with bar:

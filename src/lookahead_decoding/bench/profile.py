@@ -1,0 +1,111 @@
+"""Where a fused step's time goes: device time per kind of work, for `ar-graph` and `lookahead` on one prompt.
+
+The step runs un-captured and uncompiled under torch.profiler, so every kernel is attributed to the aten op
+that launched it (a CUDA graph replays the same kernels; torch.compile fuses the elementwise ones). The
+profile covers `active` decode steps after the prefill and a few warm-up steps.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, schedule
+
+from ..config import LookaheadConfig
+from ..decoding import decode
+from ..engine import AUTOREGRESSIVE, StaticStep
+from .methods import engine_length, lookahead_config
+from .runner import encode_all, environment, prepare, run_config
+
+WARMUP_STEPS = 3
+
+# Kind of work -> parts of the names of the aten ops that do it; the first match wins, and ops matching none are
+# elementwise work (norms, rotary, activations, the mask, verification's comparisons).
+KINDS = {
+    "matmul (projections, MLP, LM head)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "attention": ("scaled_dot_product", "attention"),
+    "KV cache writes and commit (index copies)": ("aten::index",),
+    "tensor copies (K/V head expansion, casts)": ("aten::copy_", "aten::clone", "aten::contiguous"),
+    "argmax (verification, window update)": ("aten::argmax",),
+}
+OTHER = "elementwise and the rest"
+
+
+def kind_of(op_name: str) -> str:
+    for kind, patterns in KINDS.items():
+        if any(pattern in op_name for pattern in patterns):
+            return kind
+    return OTHER
+
+
+class ProfiledRunner:
+    """A StepRunner wrapper that advances the profiler's schedule after the prefill and every step."""
+
+    def __init__(self, runner, profiler) -> None:
+        self.runner, self.layout, self.profiler, self.steps = runner, runner.layout, profiler, 0
+
+    def prefill(self, prompt, history):
+        first = self.runner.prefill(prompt, history)
+        self.profiler.step()
+        return first
+
+    def step(self, step_ids, num_candidates, history):
+        outcome = self.runner.step(step_ids, num_candidates, history)
+        self.steps += 1
+        self.profiler.step()
+        return outcome
+
+
+def profile_config(model, input_ids: torch.Tensor, max_new_tokens: int, config: LookaheadConfig,
+                   engine_length: int, active: int) -> dict:
+    """Device (CPU on CPU) time per step by kind of work, over `active` steps of one greedy generation."""
+    on_cuda = model.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    engine = StaticStep(model, config, engine_length, cuda_graph=False)
+    # wait=1 skips the prefill; the schedule then records `active` steps after the warm-up.
+    with profile(activities=activities, schedule=schedule(wait=1, warmup=WARMUP_STEPS, active=active, repeat=1)) as prof:
+        runner = ProfiledRunner(engine, prof)
+        decode(model, input_ids, max_new_tokens, config, runner=runner)
+    profiled = min(active, runner.steps - WARMUP_STEPS)
+    if profiled <= 0:
+        raise ValueError(f"the generation ended after {runner.steps} steps, before the profiled steps; "
+                         "raise --max-new-tokens or use a longer prompt")
+    per_kind: dict[str, float] = defaultdict(float)
+    per_op: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        self_time = event.self_device_time_total if on_cuda else event.self_cpu_time_total
+        if self_time > 0 and event.key.startswith("aten::"):
+            per_kind[kind_of(event.key)] += self_time / profiled
+            per_op[event.key] += self_time / profiled
+    kernels = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA) / profiled if on_cuda else None
+    top_ops = sorted(per_op.items(), key=lambda item: -item[1])[:12]
+    return {
+        "window": config.window, "ngram": config.ngram, "guesses": config.guesses,
+        "step_tokens": engine.layout.size,
+        "cache_slots": engine.cache.max_cache_len,
+        "profiled_steps": profiled,
+        "timer": "device" if on_cuda else "cpu",
+        "microseconds_per_step": sum(per_kind.values()),
+        "kernels_per_step": kernels,
+        "by_kind": dict(sorted(per_kind.items(), key=lambda item: -item[1])),
+        "top_ops": dict(top_ops),
+    }
+
+
+def run_profile(args, model=None, tokenizer=None) -> dict:
+    """`--profile`: profile plain decoding (the ar-graph step) and lookahead on the dataset's first prompt."""
+    config = lookahead_config(args)
+    prompts, model, tokenizer = prepare(args, model, tokenizer)
+    encoded = encode_all(tokenizer, prompts[:1], model.device)[0]
+    length = engine_length(model, encoded.input_ids.shape[1] + args.max_new_tokens)
+    entries = {
+        label: profile_config(model, encoded.input_ids, args.max_new_tokens, cfg, length, args.profile_steps)
+        for label, cfg in (("ar-graph", AUTOREGRESSIVE), ("lookahead", config))
+    }
+    return {
+        "environment": environment(model, args),
+        "config": run_config(args),
+        "profile": {"dataset": args.dataset, "prompt_index": encoded.prompt.index, "methods": entries},
+    }
