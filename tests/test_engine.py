@@ -60,32 +60,3 @@ def test_generate_takes_a_prebuilt_engine(llama):
     with pytest.raises(ValueError, match="runner= decodes greedily"):
         ld.generate(llama, prompt, 30, config, runner=engine, do_sample=True)
 
-
-def test_slab_cache_layers_share_one_buffer_and_length(llama):
-    from lookahead_decoding.kv_cache import SlabCache
-
-    cache = SlabCache(llama.config, max_cache_len=8)
-    layers = llama.config.num_hidden_layers
-    keys = [torch.full((1, 2, 3, 4), float(i)) for i in range(layers)]
-    for i in range(layers):
-        out_keys, out_values = cache.update(keys[i], -keys[i], i)
-        assert out_keys.shape == (1, 2, 8, 4) and torch.equal(out_keys[:, :, :3], keys[i])
-        assert torch.equal(out_values[:, :, :3], -keys[i])
-    assert cache.get_seq_length() == 0  # layers do not advance the length; the engine sets it once
-    cache.set_length(3)
-    cache.move(torch.tensor([1, 2]), torch.tensor([5, 6]))  # every layer at once
-    for i, layer in enumerate(cache.layers):
-        assert layer.cumulative_length is cache.length
-        assert torch.equal(layer.keys[:, :, 5:7], keys[i][:, :, 1:3])
-        assert torch.equal(layer.values[:, :, 5:7], -keys[i][:, :, 1:3])
-    cache.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), 0)  # written at the length
-    assert torch.equal(cache.layers[0].keys[:, :, 3], torch.ones(1, 2, 4))
-
-
-def test_slab_cache_needs_one_shape_for_every_layer(llama):
-    from lookahead_decoding.kv_cache import SlabCache
-
-    cache = SlabCache(llama.config, max_cache_len=8)
-    cache.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), 0)
-    with pytest.raises(ld.UnsupportedModelError, match=r"layer 1 has keys \(1, 4, 3, 4\)"):
-        cache.update(torch.zeros(1, 4, 3, 4), torch.zeros(1, 4, 3, 4), 1)

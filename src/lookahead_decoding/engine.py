@@ -1,4 +1,4 @@
-"""The fast engine: the fused greedy step with fixed shapes over a preallocated static KV cache (`SlabCache`).
+"""The fast engine: the fused greedy step with fixed shapes over a preallocated static KV cache.
 
 Everything a step does — building the mask, the forward, verification and moving the winner's KV into place —
 is a device op on fixed-shape buffers, with the cache length kept as a device tensor. On CUDA the step is
@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from transformers import StaticCache
 
 from .config import LookaheadConfig
-from .kv_cache import SlabCache
 from .layout import StepLayout
 from .model_adapter import ModelAdapter, UnsupportedModelError
 from .verification import verify_greedy
@@ -46,7 +46,7 @@ class StaticStep:
         size = self.layout.size
         # The step's rows are appended after the last committed token, so the cache needs `size` spare slots.
         cache_length = max_length + size
-        self.cache = SlabCache(model.config, cache_length, device)
+        self.cache = StaticCache(config=model.config, max_cache_len=cache_length)
         self.key_index = torch.arange(cache_length, device=device)
         self.inputs = torch.zeros(size + 1, dtype=torch.long, device=device)  # step ids, then #candidates
         self.host_inputs = torch.zeros(size + 1, dtype=torch.long, pin_memory=device.type == "cuda")
@@ -62,7 +62,6 @@ class StaticStep:
         self.cache.reset()
         positions = torch.arange(prompt.numel(), device=prompt.device)
         logits = self.adapter.forward(prompt, positions, None, self.cache, logit_rows=1)
-        self.cache.set_length(prompt.numel())
         if self.use_graph and self.graph is None:
             self._capture()
         return int(logits[-1].argmax())
@@ -78,11 +77,14 @@ class StaticStep:
             return self.outcome.tolist()
         return self.run_step().tolist()
 
+    def _cached_length(self) -> torch.Tensor:
+        return self.cache.layers[0].cumulative_length
+
     def _device_step(self) -> torch.Tensor:
         layout, config = self.layout, self.layout.config
         size, guesses, k = layout.size, config.guesses, config.candidate_length
         step_ids, num_candidates = self.inputs[:size], self.inputs[size]
-        start = self.cache.length.clone()  # tokens cached before this step; the current token sits there
+        start = self._cached_length().clone()  # tokens cached before this step; the current token sits there
         positions = (layout.position_offsets + start).clamp(max=self.last_position)
         relative = self.key_index - start
         in_step = (relative >= 0) & (relative < size)
@@ -101,17 +103,20 @@ class StaticStep:
         offsets = torch.arange(k, device=preds.device)
         source = start + layout.lookahead_size + winner * k + offsets
         target = start + 1 + offsets
-        if guesses > 0:
-            self.cache.move(source, target)
-        self.cache.set_length(start + 1 + accepted)
+        for layer in self.cache.layers:
+            if guesses > 0:
+                layer.keys.index_copy_(2, target, layer.keys.index_select(2, source))
+                layer.values.index_copy_(2, target, layer.values.index_select(2, source))
+            layer.cumulative_length.copy_(start + 1 + accepted)
         return torch.cat([result, preds[1 : 1 + config.window]])
 
     def _capture(self) -> None:
         """Record the step as a CUDA graph; warm-up runs leave the cache as they found it."""
-        saved = self.cache.length.clone()
+        saved = self._cached_length().clone()
 
         def restore():
-            self.cache.set_length(saved)
+            for layer in self.cache.layers:
+                layer.cumulative_length.copy_(saved)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

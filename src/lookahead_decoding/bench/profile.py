@@ -84,7 +84,7 @@ def profile_config(model, input_ids: torch.Tensor, max_new_tokens: int, config: 
     return {
         "window": config.window, "ngram": config.ngram, "guesses": config.guesses,
         "step_tokens": engine.layout.size,
-        "cache_slots": engine.cache.max_cache_len,
+        "cache_slots": engine.cache.layers[0].max_cache_len,
         "profiled_steps": profiled,
         "timer": "device" if on_cuda else "cpu",
         "microseconds_per_step": sum(per_kind.values()),
