@@ -1,8 +1,9 @@
 """Where a fused step's time goes: device time per kind of work, for `ar-graph` and `lookahead` on one prompt.
 
-The step runs un-captured and uncompiled under torch.profiler, so every kernel is attributed to the aten op
-that launched it (a CUDA graph replays the same kernels; torch.compile fuses the elementwise ones). The
-profile covers `active` decode steps after the prefill and a few warm-up steps.
+The step runs un-captured under torch.profiler (a CUDA graph replays the same kernels). Uncompiled, every kernel
+is attributed to the aten op that launched it; with --compile most work runs in fused kernels that no aten op
+launches, so the kernels themselves are listed too (on CUDA). The profile covers `active` decode steps after the
+prefill and a few warm-up steps.
 """
 
 from __future__ import annotations
@@ -59,11 +60,11 @@ class ProfiledRunner:
 
 
 def profile_config(model, input_ids: torch.Tensor, max_new_tokens: int, config: LookaheadConfig,
-                   engine_length: int, active: int) -> dict:
+                   engine_length: int, active: int, compile: bool = False) -> dict:
     """Device (CPU on CPU) time per step by kind of work, over `active` steps of one greedy generation."""
     on_cuda = model.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    engine = StaticStep(model, config, engine_length, cuda_graph=False)
+    engine = StaticStep(model, config, engine_length, cuda_graph=False, compile=compile)
     # wait=1 skips the prefill; the schedule then records `active` steps after the warm-up.
     with profile(activities=activities, schedule=schedule(wait=1, warmup=WARMUP_STEPS, active=active, repeat=1)) as prof:
         runner = ProfiledRunner(engine, prof)
@@ -79,7 +80,14 @@ def profile_config(model, input_ids: torch.Tensor, max_new_tokens: int, config: 
         if self_time > 0 and event.key.startswith("aten::"):
             per_kind[kind_of(event.key)] += self_time / profiled
             per_op[event.key] += self_time / profiled
-    kernels = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA) / profiled if on_cuda else None
+    per_kernel: dict[str, float] = defaultdict(float)
+    kernel_count = 0
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            kernel_count += 1
+            per_kernel[event.name] += event.time_range.elapsed_us() / profiled
+    if on_cuda and compile:  # fused kernels have no aten op: their time is counted here only
+        per_kind = {"all kernels (compiled)": sum(per_kernel.values())}
     top_ops = sorted(per_op.items(), key=lambda item: -item[1])[:12]
     return {
         "window": config.window, "ngram": config.ngram, "guesses": config.guesses,
@@ -88,9 +96,11 @@ def profile_config(model, input_ids: torch.Tensor, max_new_tokens: int, config: 
         "profiled_steps": profiled,
         "timer": "device" if on_cuda else "cpu",
         "microseconds_per_step": sum(per_kind.values()),
-        "kernels_per_step": kernels,
+        "compiled": compile,
+        "kernels_per_step": kernel_count / profiled if on_cuda else None,
         "by_kind": dict(sorted(per_kind.items(), key=lambda item: -item[1])),
         "top_ops": dict(top_ops),
+        "top_kernels": dict(sorted(per_kernel.items(), key=lambda item: -item[1])[:20]),
     }
 
 
@@ -101,7 +111,8 @@ def run_profile(args, model=None, tokenizer=None) -> dict:
     encoded = encode_all(tokenizer, prompts[:1], model.device)[0]
     length = engine_length(model, encoded.input_ids.shape[1] + args.max_new_tokens)
     entries = {
-        label: profile_config(model, encoded.input_ids, args.max_new_tokens, cfg, length, args.profile_steps)
+        label: profile_config(model, encoded.input_ids, args.max_new_tokens, cfg, length, args.profile_steps,
+                              compile=bool(args.compile))
         for label, cfg in (("ar-graph", AUTOREGRESSIVE), ("lookahead", config))
     }
     return {
