@@ -178,8 +178,8 @@ def test_cli_without_datasets_exits_2(monkeypatch, capsys):
 
 def test_list_arguments():
     assert int_list("3,5, 7") == [3, 5, 7]
-    assert config_list("3:4:3, 7:5:7") == [(3, 4, 3), (7, 5, 7)]
-    for parse, text in ((int_list, "3,x"), (config_list, "3:4"), (config_list, "")):
+    assert config_list("3:4:3, 7:5:7:9") == [(3, 4, 3), (7, 5, 7, 9)]
+    for parse, text in ((int_list, "3,x"), (config_list, "3:4"), (config_list, "1:2:3:4:5"), (config_list, "")):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
 
@@ -281,7 +281,7 @@ def test_tiny_bench_end_to_end(tiny, tmp_path, capsys):
     result = json.loads(out.read_text())
     check_result(result, "gsm8k", ["greedy", "lookahead", "pld"], 2)
     assert result["summary"]["gsm8k"]["lookahead"]["identical_to_greedy"] == 1.0
-    assert result["config"]["lookahead_config"] == {"window": 3, "ngram": 3, "guesses": 3}
+    assert result["config"]["lookahead_config"] == {"window": 3, "ngram": 3, "guesses": 3, "candidate_length": 2}
     assert plot.read_bytes().startswith(b"\x89PNG")
     table = capsys.readouterr().out
     assert "| greedy | 2 | 24 |" in table and "| lookahead |" in table
@@ -300,7 +300,7 @@ def test_tiny_sweep(tiny, tmp_path, capsys):
     assert speedups == sorted(speedups, reverse=True)
     assert all(e["identical_to_greedy"] == 1.0 and set(e) >= SUMMARY_KEYS for e in result["sweep"])
     assert plot.read_bytes().startswith(b"\x89PNG")
-    assert "| lookahead | 3 | 3 | 3 |" in capsys.readouterr().out
+    assert "| lookahead | 3 | 3 | 3 | 2 |" in capsys.readouterr().out
 
 
 def test_warm_up_builds_every_engine_the_run_needs(tiny, monkeypatch):

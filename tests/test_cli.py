@@ -51,7 +51,7 @@ def test_json_compare_reports_identical_outputs_and_consistent_stats(tiny_model,
     result = json.loads(out)
     assert result["identical"] is True
     assert result["prompt"] == "The sea is"
-    assert result["config"] == {"window": 7, "ngram": 5, "guesses": 7}
+    assert result["config"] == {"window": 7, "ngram": 5, "guesses": 7, "candidate_length": 4}
     stats = result["stats"]
     assert 1 <= stats["new_tokens"] <= 20
     assert result["greedy"]["new_tokens"] == result["lookahead"]["new_tokens"] == stats["new_tokens"]
@@ -78,7 +78,7 @@ def test_streamed_text_is_the_final_text(tiny_model, capsys, chat):
     code, out, err = run(capsys, *args, "--compare")
     assert code == 0, err
     # TextStreamer ends the stream with a newline, and a blank line separates the statistics.
-    streamed, _, report = out.partition("\n\n-- lookahead decoding: window 3, ngram 3, guesses 7\n")
+    streamed, _, report = out.partition("\n\n-- lookahead decoding: window 3, ngram 3, guesses 7, candidate length 2\n")
     assert streamed == text
     assert out.count(text) == 1  # the greedy run of --compare decodes silently
     assert "tokens/step" in report and "tokens committed per step" in report
@@ -106,11 +106,13 @@ def test_chat_wraps_the_prompt_in_the_template(tiny_model, capsys):
         (["hi", "--model", "{model}", "--window", "0"], "window must be >= 1"),
         (["hi", "--model", "{model}", "--ngram", "1"], "ngram must be >= 2"),
         (["hi", "--model", "{model}", "--guesses", "-1"], "guesses must be >= 0"),
+        (["hi", "--model", "{model}", "--candidate-length", "0"], "candidate_length must be >= 1"),
         (["hi", "--model", "{missing}"], "does not exist"),
         (["word " * 600, "--model", "{model}"], f"exceeds the model's context length of {CONTEXT}"),
         (["hi", "--model", "{model}", "--max-new-tokens", "600", "--compare"], f"context length of {CONTEXT}"),
     ],
-    ids=["empty", "blank", "window0", "ngram1", "guesses-1", "missing-model", "long-prompt", "long-output"],
+    ids=["empty", "blank", "window0", "ngram1", "guesses-1", "candidates0", "missing-model", "long-prompt",
+         "long-output"],
 )
 def test_bad_input_is_one_line_on_stderr_and_exit_2(tiny_model, tmp_path, capsys, argv, message):
     argv = [a.format(model=tiny_model, missing=tmp_path / "no-such-model") for a in argv]

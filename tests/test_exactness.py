@@ -28,11 +28,12 @@ def prompts(draw):
     window=st.integers(1, 8),
     ngram=st.integers(2, 6),
     guesses=st.integers(0, 8),
+    candidate_length=st.one_of(st.none(), st.integers(1, 8)),
     prompt=prompts(),
     max_new_tokens=st.integers(1, 40),
     eos_index=st.one_of(st.none(), st.integers(0, 39)),
 )
-def test_equals_greedy(arch, window, ngram, guesses, prompt, max_new_tokens, eos_index):
+def test_equals_greedy(arch, window, ngram, guesses, candidate_length, prompt, max_new_tokens, eos_index):
     model = tiny_model(arch)
     input_ids = torch.tensor([prompt])
     eos = None
@@ -40,12 +41,13 @@ def test_equals_greedy(arch, window, ngram, guesses, prompt, max_new_tokens, eos
         # An EOS id taken from greedy's own output, so generation stops mid-way (often inside an accepted block).
         eos = int(greedy_reference(model, input_ids, max_new_tokens)[0, len(prompt) + eos_index])
     expected = greedy_reference(model, input_ids, max_new_tokens, eos_token_id=eos)
-    out = ld.generate(model, input_ids, max_new_tokens, ld.LookaheadConfig(window, ngram, guesses), eos_token_id=eos)
+    config = ld.LookaheadConfig(window, ngram, guesses, candidate_length=candidate_length)
+    out = ld.generate(model, input_ids, max_new_tokens, config, eos_token_id=eos)
     assert out.sequences.tolist() == expected.tolist()
     assert out.stats.new_tokens == expected.shape[1] - len(prompt)
     assert sum(out.stats.accepted_histogram.values()) == out.stats.steps
     assert sum(k * v for k, v in out.stats.accepted_histogram.items()) + 1 == out.stats.new_tokens
-    assert max(out.stats.accepted_histogram, default=1) <= ngram
+    assert max(out.stats.accepted_histogram, default=1) <= config.candidate_length + 1
 
 
 class OracleSource(CandidateSource):
@@ -66,16 +68,17 @@ class OracleSource(CandidateSource):
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-@pytest.mark.parametrize("ngram", [2, 3, 5])
-def test_full_acceptance_commits_n_tokens_and_keeps_the_cache_right(arch, ngram):
+@pytest.mark.parametrize("ngram, candidate_length", [(2, 1), (3, 2), (5, 4), (3, 6), (4, 1)])
+def test_full_acceptance_commits_k_plus_1_tokens_and_keeps_the_cache_right(arch, ngram, candidate_length):
     model = tiny_model(arch)
     input_ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(ngram))
-    max_new_tokens = 4 * ngram + 1  # the prefill's token, then exactly four full steps of N tokens
+    max_new_tokens = 4 * (candidate_length + 1) + 1  # the prefill's token, then exactly four full steps
     expected = greedy_reference(model, input_ids, max_new_tokens)
-    config = ld.LookaheadConfig(window=3, ngram=ngram, guesses=2)
-    out = ld.decoding.decode(model, input_ids, max_new_tokens, config, source=OracleSource(expected[0].tolist(), ngram - 1))
+    config = ld.LookaheadConfig(window=3, ngram=ngram, guesses=2, candidate_length=candidate_length)
+    source = OracleSource(expected[0].tolist(), candidate_length)
+    out = ld.decoding.decode(model, input_ids, max_new_tokens, config, source=source)
     assert out.sequences.tolist() == expected.tolist()
-    assert dict(out.stats.accepted_histogram) == {ngram: 4}
+    assert dict(out.stats.accepted_histogram) == {candidate_length + 1: 4}
 
 
 def test_hf_generate_reaches_lookahead(llama):

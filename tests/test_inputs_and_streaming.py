@@ -74,6 +74,8 @@ def test_stats_are_consistent(llama):
         ({"window": 2.5}, TypeError, "LookaheadConfig.window must be an integer, got 2.5 (float)"),
         ({"ngram": "5"}, TypeError, "LookaheadConfig.ngram must be an integer, got '5' (str)"),
         ({"guesses": True}, TypeError, "LookaheadConfig.guesses must be an integer, got True (bool)"),
+        ({"candidate_length": 0}, ValueError, "LookaheadConfig.candidate_length must be >= 1, got 0"),
+        ({"candidate_length": "3"}, TypeError, "LookaheadConfig.candidate_length must be an integer, got '3' (str)"),
     ],
 )
 def test_bad_config(kwargs, error, message):

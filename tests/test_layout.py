@@ -7,11 +7,11 @@ from lookahead_decoding import LookaheadConfig
 from lookahead_decoding.layout import StepLayout
 
 
-def brute_force(window, ngram, guesses):
+def brute_force(window, ngram, guesses, candidate_length):
     """Rows as (kind, a, b): ('la', level, column) or ('cand', k, j), in input order; then the mask by the rules."""
     rows = [("la", 0, c) for c in range(window)]
     rows += [("la", level, c) for level in range(1, ngram - 1) for c in range(window)]
-    rows += [("cand", k, j) for k in range(guesses) for j in range(ngram - 1)]
+    rows += [("cand", k, j) for k in range(guesses) for j in range(candidate_length)]
     positions = [(r[1] + r[2]) if r[0] == "la" else 1 + r[2] for r in rows]
     size = len(rows)
     mask = torch.zeros(size, size, dtype=torch.bool)
@@ -33,10 +33,14 @@ def brute_force(window, ngram, guesses):
 @pytest.mark.parametrize("window", [1, 2, 4, 7])
 @pytest.mark.parametrize("ngram", [2, 3, 4, 6])
 @pytest.mark.parametrize("guesses", [0, 1, 2, 5])
-def test_layout_matches_brute_force(window, ngram, guesses):
-    layout = StepLayout.build(LookaheadConfig(window, ngram, guesses))
-    positions, mask, logit_rows = brute_force(window, ngram, guesses)
-    assert layout.size == (ngram - 1) * (window + guesses)
+@pytest.mark.parametrize("candidate_length", [None, 1, 5])
+def test_layout_matches_brute_force(window, ngram, guesses, candidate_length):
+    config = LookaheadConfig(window, ngram, guesses, candidate_length=candidate_length)
+    layout = StepLayout.build(config)
+    k = ngram - 1 if candidate_length is None else candidate_length
+    positions, mask, logit_rows = brute_force(window, ngram, guesses, k)
+    assert config.candidate_length == k
+    assert layout.size == config.tokens_per_step == (ngram - 1) * window + guesses * k
     assert torch.equal(layout.position_offsets, positions)
     assert torch.equal(layout.allowed, mask)
     assert layout.logit_rows.tolist() == logit_rows
@@ -67,3 +71,13 @@ def test_mask_printed_in_algorithm_md():
     layout = StepLayout.build(LookaheadConfig(window=4, ngram=4, guesses=2))
     assert torch.equal(layout.allowed, expected)
     assert layout.position_offsets.tolist() == [0, 1, 2, 3, 1, 2, 3, 4, 2, 3, 4, 5, 1, 2, 3, 1, 2, 3]
+
+
+def test_pool_cuts_and_pads_continuations_to_the_candidate_length():
+    from lookahead_decoding.ngram_pool import NGramPool
+
+    pool = NGramPool(continuation_length=4, capacity=3)
+    pool.add(7, [1, 2])  # a window n-gram shorter than K: padded with its last token
+    pool.add(7, [1, 2, 3, 4, 5, 6])  # longer than K: cut
+    pool.add_ngrams([7, 9, 8, 7, 6])  # text n-grams are K + 1 tokens long
+    assert pool.lookup(7) == [(9, 8, 7, 6), (1, 2, 3, 4), (1, 2, 2, 2)]

@@ -120,6 +120,9 @@ def add_generate_command(commands) -> None:
         help=f"candidates verified per step, >= 0 (default: {defaults.guesses})",
     )
     parser.add_argument(
+        "--candidate-length", type=int, metavar="K", help="tokens per candidate, >= 1 (default: N-1)"
+    )
+    parser.add_argument(
         "--compare",
         action="store_true",
         help="also run plain greedy model.generate, timed the same way, and check the outputs are identical",
@@ -157,7 +160,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise CommandError("the prompt is empty")
     # Checked before the (slow) model load so that bad knobs fail at once.
-    config = LookaheadConfig(window=args.window, ngram=args.ngram, guesses=args.guesses)
+    config = LookaheadConfig(window=args.window, ngram=args.ngram, guesses=args.guesses,
+                             candidate_length=args.candidate_length)
     model, tokenizer = load_from_args(args)
     input_ids = encode_prompt(tokenizer, args.prompt, args.chat).to(model.device)
     prompt_len = input_ids.shape[1]
@@ -190,7 +194,8 @@ def run_generate(args: argparse.Namespace) -> int:
         "chat": args.chat,
         "prompt_tokens": prompt_len,
         "model": args.model or str(default_model_path()),
-        "config": {"window": config.window, "ngram": config.ngram, "guesses": config.guesses},
+        "config": {"window": config.window, "ngram": config.ngram, "guesses": config.guesses,
+                   "candidate_length": config.candidate_length},
         "max_new_tokens": args.max_new_tokens,
         "text": tokenizer.decode(new_ids, **decode_kwargs),
         "stats": out.stats.as_dict(),
@@ -231,7 +236,8 @@ def format_report(result: dict) -> str:
     stats = result["stats"]
     lines = [
         "",
-        "-- lookahead decoding: window {window}, ngram {ngram}, guesses {guesses}".format(**result["config"]),
+        "-- lookahead decoding: window {window}, ngram {ngram}, guesses {guesses}, candidate length "
+        "{candidate_length}".format(**result["config"]),
         f"new tokens       {stats['new_tokens']}",
         f"steps            {stats['steps']}  (forward passes after the prefill)",
         f"tokens/step      {stats['tokens_per_step']:.2f}",

@@ -17,10 +17,12 @@ class LookaheadConfig:
     """Shape of the lookahead step.
 
     window (W): columns of the Jacobi window, i.e. how many future positions are guessed in parallel.
-    ngram (N): n-gram size; the window keeps N-1 levels and every candidate has N-1 tokens, so one step
-        commits at most N tokens.
+    ngram (N): n-gram size; the window keeps N-1 levels, so its trajectories give N-grams.
     guesses (G): n-grams kept per key token in the pool, and candidates verified per step.
     pool_from_prompt: seed the pool with the prompt's n-grams (and keep adding those of the output).
+    candidate_length (K): tokens in one verified candidate, so one step commits at most K+1 tokens; default
+        N-1, as in the paper. A longer K lets text that repeats itself (code, the prompt) be copied in fewer
+        steps; the window's shorter n-grams are then padded, which costs only verification rows.
 
     Defaults suit small models on launch-bound hardware, where extra tokens per step cost almost nothing.
     """
@@ -29,6 +31,7 @@ class LookaheadConfig:
     ngram: int = 5
     guesses: int = 7
     pool_from_prompt: bool = True
+    candidate_length: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("window", self.window, 1)
@@ -36,6 +39,9 @@ class LookaheadConfig:
         _check_int("guesses", self.guesses, 0)
         if not isinstance(self.pool_from_prompt, bool):
             raise TypeError(f"LookaheadConfig.pool_from_prompt must be a bool, got {self.pool_from_prompt!r}")
+        if self.candidate_length is None:
+            object.__setattr__(self, "candidate_length", self.ngram - 1)  # frozen: resolved once, here
+        _check_int("candidate_length", self.candidate_length, 1)
 
     @property
     def levels(self) -> int:
@@ -43,11 +49,6 @@ class LookaheadConfig:
         return self.ngram - 1
 
     @property
-    def candidate_length(self) -> int:
-        """Tokens in one verified candidate (N-1)."""
-        return self.ngram - 1
-
-    @property
     def tokens_per_step(self) -> int:
-        """Input length of one fused decode step: (N-1)·W lookahead tokens + G·(N-1) candidate tokens."""
+        """Input length of one fused decode step: (N-1)·W lookahead tokens + G·K candidate tokens."""
         return self.levels * self.window + self.guesses * self.candidate_length

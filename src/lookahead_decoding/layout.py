@@ -5,7 +5,7 @@ One decode step feeds the model, in this order (W = window, N = ngram, G = guess
 * index 0: the current token (last committed token, position t);
 * level 0, columns 1..W-1 (positions t+1..t+W-1); the current token is level 0, column 0;
 * levels 1..N-2, columns 0..W-1 (level l, column c sits at position t+l+c);
-* G candidates of N-1 tokens each (candidate token j sits at position t+1+j).
+* G candidates of K tokens each (K = candidate_length, N-1 by default; candidate token j sits at position t+1+j).
 
 Mask rules (algorithm.md, section 1.4): level 0 is an ordinary causal row; a token at level l >= 1, column c
 sees level 0 up to column c and column c of levels 1..l; a candidate token sees the current token and the

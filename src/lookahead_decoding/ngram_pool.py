@@ -10,6 +10,8 @@ class NGramPool:
     """Maps a token to at most `capacity` continuations of `continuation_length` tokens, newest last.
 
     Re-inserting a continuation refreshes it; inserting into a full key evicts the least recently seen one.
+    A longer continuation is cut to length; a shorter one is padded by repeating its last token, a guess that
+    verification accepts only where it is right.
     """
 
     def __init__(self, continuation_length: int, capacity: int) -> None:
@@ -23,7 +25,8 @@ class NGramPool:
     def add(self, key: int, continuation: Sequence[int]) -> None:
         if self.capacity == 0:
             return
-        continuation = tuple(continuation)
+        continuation = tuple(continuation[: self.continuation_length])
+        continuation += continuation[-1:] * (self.continuation_length - len(continuation))
         entries = self._table.setdefault(key, OrderedDict())
         if continuation in entries:
             entries.move_to_end(continuation)

@@ -36,15 +36,17 @@ def int_list(text: str) -> list[int]:
     return values
 
 
-def config_list(text: str) -> list[tuple[int, int, int]]:
-    """'3:4:3,7:5:7' -> [(3, 4, 3), (7, 5, 7)] as (W, N, G)."""
+def config_list(text: str) -> list[tuple[int, ...]]:
+    """'3:4:3,7:5:7:8' -> [(3, 4, 3), (7, 5, 7, 8)] as (W, N, G) or (W, N, G, K)."""
     configs = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
-            window, ngram, guesses = (int(v) for v in part.split(":"))
+            values = tuple(int(v) for v in part.split(":"))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected W:N:G triples separated by commas, got {part!r}") from None
-        configs.append((window, ngram, guesses))
+            values = ()
+        if len(values) not in (3, 4):
+            raise argparse.ArgumentTypeError(f"expected W:N:G or W:N:G:K separated by commas, got {part!r}")
+        configs.append(values)
     if not configs:
         raise argparse.ArgumentTypeError("expected at least one W:N:G triple")
     return configs
@@ -82,6 +84,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--window", type=int, metavar="W", help="lookahead window (default: the library's)")
     run.add_argument("--ngram", type=int, metavar="N", help="lookahead n-gram size (default: the library's)")
     run.add_argument("--guesses", type=int, metavar="G", help="lookahead candidates per step (default: the library's)")
+    run.add_argument("--candidate-length", type=int, metavar="K",
+                     help="tokens per lookahead candidate (default: N-1); also the sweep's, where W:N:G gives none")
 
     output = parser.add_argument_group("output")
     output.add_argument("--out", metavar="PATH", help="write the results as JSON")
@@ -96,7 +100,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                       help=f"default: {DEFAULT_SWEEP_NGRAM}")
     grid.add_argument("--sweep-guesses", type=int_list, metavar="G,...",
                       help="a third axis of the grid (default: G = W for every configuration)")
-    grid.add_argument("--sweep-configs", type=config_list, metavar="W:N:G,...",
+    grid.add_argument("--sweep-configs", type=config_list, metavar="W:N:G[:K],...",
                       help="an explicit list of configurations instead of the grid")
 
     profiling = parser.add_argument_group("profile")

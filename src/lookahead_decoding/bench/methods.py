@@ -95,8 +95,9 @@ def prompt_lookup(model, input_ids, max_new_tokens, args):
 
 
 def lookahead_config(args) -> LookaheadConfig:
-    """LookaheadConfig from args.window/ngram/guesses; the library default for any that is None or absent."""
-    given = {name: getattr(args, name, None) for name in ("window", "ngram", "guesses")}
+    """LookaheadConfig from args.window/ngram/guesses/candidate_length; the library default for any that is None
+    or absent."""
+    given = {name: getattr(args, name, None) for name in ("window", "ngram", "guesses", "candidate_length")}
     return LookaheadConfig(**{name: value for name, value in given.items() if value is not None})
 
 

@@ -224,15 +224,17 @@ def bench(args, model=None, tokenizer=None) -> dict:
 
 
 def config_dict(config: LookaheadConfig) -> dict:
-    return {"window": config.window, "ngram": config.ngram, "guesses": config.guesses}
+    return {"window": config.window, "ngram": config.ngram, "guesses": config.guesses,
+            "candidate_length": config.candidate_length}
 
 
 def sweep_label(config: LookaheadConfig) -> str:
-    return f"lookahead W={config.window} N={config.ngram} G={config.guesses}"
+    return f"lookahead W={config.window} N={config.ngram} G={config.guesses} K={config.candidate_length}"
 
 
 def sweep_configs(args) -> list[LookaheadConfig]:
-    """The grid: --sweep-configs when given, else every (W, N, G) of the three lists (G = W when no list)."""
+    """The grid: --sweep-configs when given, else every (W, N, G) of the three lists (G = W when no list); K from
+    the entry, else --candidate-length, else N-1."""
     if args.sweep_configs:
         grid = args.sweep_configs
     elif args.sweep_guesses:
@@ -240,8 +242,9 @@ def sweep_configs(args) -> list[LookaheadConfig]:
     else:
         grid = ((w, n, w) for w, n in itertools.product(args.sweep_window, args.sweep_ngram))
     configs = []
-    for window, ngram, guesses in grid:
-        config = LookaheadConfig(window=window, ngram=ngram, guesses=guesses)
+    for window, ngram, guesses, *length in grid:
+        candidate_length = length[0] if length else getattr(args, "candidate_length", None)
+        config = LookaheadConfig(window=window, ngram=ngram, guesses=guesses, candidate_length=candidate_length)
         if config not in configs:
             configs.append(config)
     return configs
