@@ -48,9 +48,11 @@ class Case:
     top_k: int | None = None
     top_p: float = 1.0
     penalty: float | None = None  # repetition penalty, given as a logits processor
+    candidate_length: int | None = None  # K (default N-1); a longer K drafts padded n-grams
 
     def config(self) -> ld.LookaheadConfig:
-        return ld.LookaheadConfig(window=self.window, ngram=self.ngram, guesses=self.guesses)
+        return ld.LookaheadConfig(window=self.window, ngram=self.ngram, guesses=self.guesses,
+                                  candidate_length=self.candidate_length)
 
     def processors(self) -> LogitsProcessorList:
         return LogitsProcessorList([RepetitionPenaltyLogitsProcessor(self.penalty)] if self.penalty else [])
@@ -80,6 +82,7 @@ CASES = [
     Case(C, "random", ngram=3, window=3, guesses=3, temperature=1.2, top_p=0.9, penalty=1.3),
     Case(D, "cycle", ngram=3, window=1, guesses=0),
     Case(D, "cycle", ngram=3, window=3, guesses=3),
+    Case(A, "cycle", ngram=2, window=3, guesses=3, candidate_length=3),
     Case(D, "cycle", ngram=2, window=4, guesses=5, temperature=0.6, top_k=6),
     Case(E, "random", ngram=4, window=3, guesses=2, temperature=1.1, top_p=0.95),
     Case(E, "cycle", ngram=3, window=2, guesses=3, temperature=1.3, penalty=1.3),
@@ -288,11 +291,11 @@ def test_same_seed_same_output():
     assert sample(model, prompt, temperature=1.3).tolist() == first.tolist()
 
 
-@pytest.mark.parametrize("ngram", [2, 4])
-def test_tiny_temperature_is_greedy(ngram):
+@pytest.mark.parametrize("ngram, candidate_length", [(2, None), (4, None), (3, 6)])
+def test_tiny_temperature_is_greedy(ngram, candidate_length):
     model = tiny_model("llama")
     prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6] * 3])
-    config = ld.LookaheadConfig(window=4, ngram=ngram, guesses=4)
+    config = ld.LookaheadConfig(window=4, ngram=ngram, guesses=4, candidate_length=candidate_length)
     out = ld.generate(model, prompt, 40, config, do_sample=True, temperature=1e-4,
                       generator=torch.Generator().manual_seed(0))
     assert out.sequences.tolist() == greedy_reference(model, prompt, 40).tolist()
@@ -300,14 +303,14 @@ def test_tiny_temperature_is_greedy(ngram):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
-@pytest.mark.parametrize("ngram", [2, 3, 5])
-def test_greedy_with_logits_processors_equals_hf(arch, ngram):
+@pytest.mark.parametrize("ngram, candidate_length", [(2, None), (3, None), (5, None), (3, 6)])
+def test_greedy_with_logits_processors_equals_hf(arch, ngram, candidate_length):
     model = tiny_model(arch)
     prompt = torch.tensor([[5, 6, 7, 8] * 5])
     processors = [RepetitionPenaltyLogitsProcessor(1.3), NoRepeatNGramLogitsProcessor(4)]
     expected = greedy_reference(model, prompt, 40, logits_processor=LogitsProcessorList(processors))
-    out = ld.generate(model, prompt, 40, ld.LookaheadConfig(window=4, ngram=ngram, guesses=5),
-                      logits_processor=LogitsProcessorList(processors))
+    config = ld.LookaheadConfig(window=4, ngram=ngram, guesses=5, candidate_length=candidate_length)
+    out = ld.generate(model, prompt, 40, config, logits_processor=LogitsProcessorList(processors))
     assert out.sequences.tolist() == expected.tolist()
     assert expected.tolist() != greedy_reference(model, prompt, 40).tolist()  # the processors mattered
 
