@@ -363,6 +363,8 @@ def test_profile_errors(tiny, capsys):
     assert "--profile cannot be combined with --sweep or --plot" in capsys.readouterr().err
     with pytest.raises(ValueError, match="the generation ended after 2 steps, before the profiled steps"):
         main([*base, "--max-new-tokens", "3"], model=model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="--profile --compile needs a CUDA device"):
+        main([*base, "--compile"], model=model, tokenizer=tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------ real model

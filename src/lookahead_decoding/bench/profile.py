@@ -108,6 +108,9 @@ def run_profile(args, model=None, tokenizer=None) -> dict:
     """`--profile`: profile plain decoding (the ar-graph step) and lookahead on the dataset's first prompt."""
     config = lookahead_config(args)
     prompts, model, tokenizer = prepare(args, model, tokenizer)
+    if args.compile and model.device.type != "cuda":
+        # Compiled CPU code runs outside aten ops, so the breakdown by op would miss most of the time.
+        raise ValueError("--profile --compile needs a CUDA device (it lists the compiled step's GPU kernels)")
     encoded = encode_all(tokenizer, prompts[:1], model.device)[0]
     length = engine_length(model, encoded.input_ids.shape[1] + args.max_new_tokens)
     entries = {
