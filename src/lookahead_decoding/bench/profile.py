@@ -18,7 +18,7 @@ from ..config import LookaheadConfig
 from ..decoding import decode
 from ..engine import AUTOREGRESSIVE, StaticStep
 from .methods import engine_length, lookahead_config
-from .runner import encode_all, environment, prepare, run_config
+from .runner import config_dict, encode_all, environment, prepare, run_config
 
 WARMUP_STEPS = 3
 
@@ -73,12 +73,10 @@ def profile_config(model, input_ids: torch.Tensor, max_new_tokens: int, config: 
     if profiled <= 0:
         raise ValueError(f"the generation ended after {runner.steps} steps, before the profiled steps; "
                          "raise --max-new-tokens or use a longer prompt")
-    per_kind: dict[str, float] = defaultdict(float)
     per_op: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
         self_time = event.self_device_time_total if on_cuda else event.self_cpu_time_total
         if self_time > 0 and event.key.startswith("aten::"):
-            per_kind[kind_of(event.key)] += self_time / profiled
             per_op[event.key] += self_time / profiled
     per_kernel: dict[str, float] = defaultdict(float)
     kernel_count = 0
@@ -86,11 +84,15 @@ def profile_config(model, input_ids: torch.Tensor, max_new_tokens: int, config: 
         if event.device_type == DeviceType.CUDA:
             kernel_count += 1
             per_kernel[event.name] += event.time_range.elapsed_us() / profiled
-    if on_cuda and compile:  # fused kernels have no aten op: their time is counted here only
-        per_kind = {"all kernels (compiled)": sum(per_kernel.values())}
+    per_kind: dict[str, float] = defaultdict(float)
+    if compile:  # fused kernels have no aten op: only the kernels' own total is meaningful
+        per_kind["all kernels (compiled)"] = sum(per_kernel.values())
+    else:
+        for op, microseconds in per_op.items():
+            per_kind[kind_of(op)] += microseconds
     top_ops = sorted(per_op.items(), key=lambda item: -item[1])[:12]
     return {
-        "window": config.window, "ngram": config.ngram, "guesses": config.guesses,
+        **config_dict(config),
         "step_tokens": engine.layout.size,
         "cache_slots": engine.cache.layers[0].max_cache_len,
         "profiled_steps": profiled,

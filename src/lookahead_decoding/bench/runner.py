@@ -106,7 +106,7 @@ def encode_all(tokenizer, prompts: Sequence[Prompt], device) -> list[Encoded]:
 def measure(
     model, inputs: Sequence[Encoded], methods: dict[str, Method], max_new_tokens: int, args, extra_fields=None
 ) -> list[dict]:
-    """One row per prompt and method. `methods` must start with the reference (greedy). A warm-up comes first:
+    """One row per prompt and method. `methods` must start with the reference (--reference). A warm-up comes first:
     a short run of every method on one prompt per engine size the run needs (see methods.engine_length).
     `extra_fields` maps a method label to fields added to each of its rows."""
     extra_fields = extra_fields or {}
