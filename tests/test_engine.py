@@ -28,6 +28,24 @@ def test_static_engine_equals_greedy(arch, config):
         assert out.sequences.tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("prefill_chunk", [1, 4, 5])
+def test_prompts_longer_than_a_prefill_chunk(arch, prefill_chunk):
+    model = tiny_model(arch)
+    config = ld.LookaheadConfig(3, 3, 3)
+    engine = StaticStep(model, config, max_length=48, prefill_chunk=prefill_chunk)
+    for length in (1, 9, 20):  # one chunk or less, several with a partial last chunk, exact multiples of 4 and 5
+        prompt = torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(length))
+        out = decode(model, prompt, 48 - length, config, runner=engine)
+        assert out.sequences.tolist() == greedy_reference(model, prompt, 48 - length).tolist()
+
+
+@pytest.mark.parametrize("chunk", [0, -3, 2.5, True])
+def test_engine_rejects_a_bad_prefill_chunk(llama, chunk):
+    with pytest.raises(ValueError, match=f"prefill_chunk must be a positive integer, got {chunk!r}"):
+        StaticStep(llama, AUTOREGRESSIVE, 32, prefill_chunk=chunk)
+
+
 def test_autoregressive_engine_takes_one_token_per_step(llama):
     out = decode(llama, torch.tensor([[3, 1, 4, 1, 5]]), 20, AUTOREGRESSIVE, runner=StaticStep(llama, AUTOREGRESSIVE, 32))
     assert out.stats.steps == 19 and dict(out.stats.accepted_histogram) == {1: 19}
