@@ -352,7 +352,9 @@ def test_tiny_profile(tiny, tmp_path, capsys):
         assert entry["microseconds_per_step"] == pytest.approx(sum(entry["by_kind"].values()))
         assert entry["by_kind"]["matmul (projections, MLP, LM head)"] > 0
         assert entry["by_kind"]["attention"] > 0
+        assert entry["captured_step_ms"] > 0
     table = capsys.readouterr().out
+    assert "| captured step, back to back (ms) |" in table
     assert "| tokens in the step | 1 | 10 |" in table and "| total cpu time (µs) |" in table
 
 

@@ -3,11 +3,13 @@
 The step runs un-captured under torch.profiler (a CUDA graph replays the same kernels). Uncompiled, every kernel
 is attributed to the aten op that launched it; with --compile most work runs in fused kernels that no aten op
 launches, so the kernels themselves are listed too (on CUDA). The profile covers `active` decode steps after the
-prefill and a few warm-up steps.
+prefill and a few warm-up steps. Each entry also gives what the step costs as the engine runs it: the captured
+step (a CUDA graph on GPU, compiled with --compile; eager elsewhere) replayed back to back, host sync excluded.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import torch
@@ -21,6 +23,7 @@ from .methods import engine_length, lookahead_config
 from .runner import config_dict, encode_all, environment, prepare, run_config
 
 WARMUP_STEPS = 3
+TIMED_REPLAYS = 100
 
 # Kind of work -> parts of the names of the aten ops that do it; the first match wins, and ops matching none are
 # elementwise work (norms, rotary, activations, the mask, verification's comparisons).
@@ -106,6 +109,27 @@ def profile_config(model, input_ids: torch.Tensor, max_new_tokens: int, config: 
     }
 
 
+def time_captured_step(model, input_ids: torch.Tensor, config: LookaheadConfig, engine_length: int,
+                       compile: bool = False) -> float:
+    """Milliseconds per step of the engine's step as decoding runs it (captured on CUDA), replayed back to back
+    after the prompt's prefill. The step's inputs stay zeros with no candidates, so each replay commits one
+    token: the cost is the same for any inputs (fixed shapes)."""
+    engine = StaticStep(model, config, engine_length, compile=compile)
+    prompt = input_ids[0]
+    replays = min(TIMED_REPLAYS, engine_length - prompt.numel())
+    with torch.inference_mode():
+        engine.prefill(prompt, prompt.tolist())
+        engine.run_step()  # a first run outside the timing (compiles when not captured)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        start = time.perf_counter()
+        for _ in range(replays):
+            engine.run_step()
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+    return (time.perf_counter() - start) / replays * 1e3
+
+
 def run_profile(args, model=None, tokenizer=None) -> dict:
     """`--profile`: profile plain decoding (the ar-graph step) and lookahead on the dataset's first prompt."""
     config = lookahead_config(args)
@@ -115,11 +139,12 @@ def run_profile(args, model=None, tokenizer=None) -> dict:
         raise ValueError("--profile --compile needs a CUDA device (it lists the compiled step's GPU kernels)")
     encoded = encode_all(tokenizer, prompts[:1], model.device)[0]
     length = engine_length(model, encoded.input_ids.shape[1] + args.max_new_tokens)
-    entries = {
-        label: profile_config(model, encoded.input_ids, args.max_new_tokens, cfg, length, args.profile_steps,
-                              compile=bool(args.compile))
-        for label, cfg in (("ar-graph", AUTOREGRESSIVE), ("lookahead", config))
-    }
+    entries = {}
+    for label, cfg in (("ar-graph", AUTOREGRESSIVE), ("lookahead", config)):
+        entries[label] = profile_config(model, encoded.input_ids, args.max_new_tokens, cfg, length,
+                                        args.profile_steps, compile=bool(args.compile))
+        entries[label]["captured_step_ms"] = time_captured_step(model, encoded.input_ids, cfg, length,
+                                                                compile=bool(args.compile))
     return {
         "environment": environment(model, args),
         "config": run_config(args),

@@ -59,6 +59,7 @@ def profile_table(result: dict) -> str:
     timer = entries[labels[0]]["timer"]
     lines += [[f"{kind} (µs)", *(f"{entries[m]['by_kind'].get(kind, 0.0):.0f}" for m in labels)] for kind in kinds]
     lines.append([f"total {timer} time (µs)", *(f"{entries[m]['microseconds_per_step']:.0f}" for m in labels)])
+    lines.append(["captured step, back to back (ms)", *(f"{entries[m]['captured_step_ms']:.3f}" for m in labels)])
     mode = "compiled" if entries[labels[0]].get("compiled") else "eager"
     return f"### {result['profile']['dataset']}: step profile ({mode}, uncaptured)\n\n" + _table(header, lines)
 
