@@ -78,4 +78,3 @@ def test_generate_takes_a_prebuilt_engine(llama):
     assert out.sequences.tolist() == greedy_reference(llama, prompt, 30).tolist()
     with pytest.raises(ValueError, match="runner= decodes greedily"):
         ld.generate(llama, prompt, 30, config, runner=engine, do_sample=True)
-

@@ -16,11 +16,10 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from ..config import LookaheadConfig
 from ..decoding import decode
 from ..engine import AUTOREGRESSIVE, StaticStep
 from .methods import engine_length, lookahead_config
-from .runner import config_dict, encode_all, environment, prepare, run_config
+from .runner import config_dict, encode_all, environment, prepare, run_config, synchronize
 
 WARMUP_STEPS = 3
 TIMED_REPLAYS = 100
@@ -62,12 +61,13 @@ class ProfiledRunner:
         return outcome
 
 
-def profile_config(model, input_ids: torch.Tensor, max_new_tokens: int, config: LookaheadConfig,
-                   engine_length: int, active: int, compile: bool = False) -> dict:
-    """Device (CPU on CPU) time per step by kind of work, over `active` steps of one greedy generation."""
+def profile_config(model, input_ids: torch.Tensor, max_new_tokens: int, engine: StaticStep, active: int,
+                   compile: bool) -> dict:
+    """Device (CPU on CPU) time per step by kind of work, over `active` steps of one greedy generation by an
+    uncaptured `engine`."""
     on_cuda = model.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    engine = StaticStep(model, config, engine_length, cuda_graph=False, compile=compile)
+    config = engine.layout.config
     # wait=1 skips the prefill; the schedule then records `active` steps after the warm-up.
     with profile(activities=activities, schedule=schedule(wait=1, warmup=WARMUP_STEPS, active=active, repeat=1)) as prof:
         runner = ProfiledRunner(engine, prof)
@@ -109,24 +109,22 @@ def profile_config(model, input_ids: torch.Tensor, max_new_tokens: int, config: 
     }
 
 
-def time_captured_step(model, input_ids: torch.Tensor, config: LookaheadConfig, engine_length: int,
-                       compile: bool = False) -> float:
-    """Milliseconds per step of the engine's step as decoding runs it (captured on CUDA), replayed back to back
+def time_captured_step(engine: StaticStep, input_ids: torch.Tensor) -> float:
+    """Milliseconds per step of `engine`'s step as decoding runs it (captured on CUDA), replayed back to back
     after the prompt's prefill. The step's inputs stay zeros with no candidates, so each replay commits one
     token: the cost is the same for any inputs (fixed shapes)."""
-    engine = StaticStep(model, config, engine_length, compile=compile)
+    device = engine.adapter.device
+    engine.use_graph = device.type == "cuda"  # the next prefill captures the step (already compiled, if asked)
     prompt = input_ids[0]
-    replays = min(TIMED_REPLAYS, engine_length - prompt.numel())
+    replays = min(TIMED_REPLAYS, engine.max_length - prompt.numel())
     with torch.inference_mode():
         engine.prefill(prompt, prompt.tolist())
-        engine.run_step()  # a first run outside the timing (compiles when not captured)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
+        engine.run_step()  # a first run outside the timing
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(replays):
             engine.run_step()
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
+        synchronize(device)
     return (time.perf_counter() - start) / replays * 1e3
 
 
@@ -141,10 +139,11 @@ def run_profile(args, model=None, tokenizer=None) -> dict:
     length = engine_length(model, encoded.input_ids.shape[1] + args.max_new_tokens)
     entries = {}
     for label, cfg in (("ar-graph", AUTOREGRESSIVE), ("lookahead", config)):
-        entries[label] = profile_config(model, encoded.input_ids, args.max_new_tokens, cfg, length,
-                                        args.profile_steps, compile=bool(args.compile))
-        entries[label]["captured_step_ms"] = time_captured_step(model, encoded.input_ids, cfg, length,
-                                                                compile=bool(args.compile))
+        # One engine per method: profiled uncaptured first, then captured and timed (one compilation).
+        engine = StaticStep(model, cfg, length, cuda_graph=False, compile=bool(args.compile))
+        entries[label] = profile_config(model, encoded.input_ids, args.max_new_tokens, engine, args.profile_steps,
+                                        compile=bool(args.compile))
+        entries[label]["captured_step_ms"] = time_captured_step(engine, encoded.input_ids)
     return {
         "environment": environment(model, args),
         "config": run_config(args),
