@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -367,6 +368,71 @@ def test_profile_errors(tiny, capsys):
         main([*base, "--max-new-tokens", "3"], model=model, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="--profile --compile needs a CUDA device"):
         main([*base, "--compile"], model=model, tokenizer=tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------ output paths
+
+
+@pytest.mark.parametrize(
+    "option, path, message",
+    [
+        ("--out", "{tmp}", "--out {tmp}: is a folder, not a file"),
+        ("--out", "{tmp}/missing/r.json", "--out {tmp}/missing/r.json: the folder {tmp}/missing does not exist"),
+        ("--plot", "{tmp}/missing/r.png", "--plot {tmp}/missing/r.png: the folder {tmp}/missing does not exist"),
+        ("--plot", "{tmp}/r.txt", "--plot {tmp}/r.txt: unknown image format 'txt'; use one of "),
+        ("--out", "/sys/r.json", "--out /sys/r.json: cannot write there (Permission denied)"),
+    ],
+    ids=["folder", "missing-folder", "plot-missing-folder", "plot-format", "read-only"],
+)
+def test_unwritable_output_is_rejected_before_any_work(tmp_path, capsys, option, path, message):
+    if path.startswith("/sys") and not os.path.isdir("/sys"):
+        pytest.skip("needs Linux's sysfs, which refuses new files even to root")
+    # The data file is missing too: the output path is checked first, before the data is read.
+    argv = ["--dataset", "gsm8k", "--data-file", str(tmp_path / "missing.jsonl"), option, path.format(tmp=tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lookahead: error: " + message.format(tmp=tmp_path)) and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the probe left nothing behind
+
+
+def test_output_that_fails_at_the_end_goes_to_stdout(tiny, tmp_path, capsys):
+    """The output folder disappears during the run: the results come out on stdout instead of being lost."""
+    model, tokenizer = tiny
+    folder = tmp_path / "results"
+    folder.mkdir()
+
+    @register_method("test-remove-folder")
+    def remove_folder(model, input_ids, max_new_tokens, args):
+        if folder.exists():
+            folder.rmdir()
+        return hf_generate(model, input_ids, max_new_tokens)
+
+    argv = ["--dataset", "gsm8k", "--data-file", str(SHARED_DATA / FILES["gsm8k"]), "--limit", "1",
+            "--max-new-tokens", "4", "--methods", "test-remove-folder",
+            "--out", str(folder / "r.json"), "--plot", str(folder / "r.png")]
+    try:
+        assert main(argv, model=model, tokenizer=tokenizer) == 1
+    finally:
+        del METHODS["test-remove-folder"]
+    captured = capsys.readouterr()
+    # The rest of stderr is tqdm's progress bars.
+    assert [line for line in captured.err.splitlines() if line.startswith("lookahead:")] == [
+        f"lookahead: error: could not write --out {folder / 'r.json'} (No such file or directory)",
+        f"lookahead: error: could not write --plot {folder / 'r.png'} (No such file or directory)",
+    ]
+    table, _, document = captured.out.partition("\nresults (JSON):\n")
+    assert "| greedy | 1 | 4 |" in table
+    result = json.loads(document)
+    assert list(result["summary"]["gsm8k"]) == ["greedy", "test-remove-folder"]
+
+
+def test_chat_dataset_on_a_model_without_chat_template(tiny, monkeypatch):
+    model, tokenizer = tiny
+    monkeypatch.setattr(tokenizer, "chat_template", None)
+    argv = ["--dataset", "gsm8k", "--data-file", str(SHARED_DATA / FILES["gsm8k"]), "--limit", "1"]
+    with pytest.raises(ValueError, match=r"^the gsm8k prompts are chat turns and need a chat template, but this "
+                       r"model's tokenizer has none; use a chat model, or a dataset of plain-text prompts \(humaneval\)$"):
+        main(argv, model=model, tokenizer=tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------ real model

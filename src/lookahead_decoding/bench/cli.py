@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from ..cli.common import (
+    CommandError,
+    add_lookahead_arguments,
+    add_model_arguments,
+    check_writable,
+    positive_int,
+)
 from .data import DATASETS
-from .methods import METHODS
-from .profile import run_profile
-from .report import bench_table, plot_bench, plot_sweep, profile_table, sweep_table, write_json
-from .runner import bench, sweep
 
 DEFAULT_METHODS = "greedy,pld,lookahead"
+BENCH_EXTRA = ("tqdm", "matplotlib")  # what `pip install lookahead-decoding[bench]` adds
 DEFAULT_SWEEP_WINDOW = "3,5,7,10,15"
 DEFAULT_SWEEP_NGRAM = "3,4,5,6"
-EXIT_USAGE = 2
+EXIT_WRITE_FAILED = 1
 
 DESCRIPTION = """\
 Benchmark greedy decoding methods on MT-Bench, HumanEval or GSM8K prompts: every method runs on every prompt,
@@ -53,8 +59,6 @@ def config_list(text: str) -> list[tuple[int, ...]]:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import add_model_arguments, positive_int
-
     data = parser.add_argument_group("prompts")
     data.add_argument("--dataset", required=True, choices=list(DATASETS), help="which prompts (one dataset a run)")
     data.add_argument(
@@ -73,19 +77,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--methods",
         default=DEFAULT_METHODS,
-        help=f"comma-separated, from: {', '.join(METHODS)} (default: {DEFAULT_METHODS}); the --reference method "
-        "always runs",
+        # The registry's names would need torch imported for --help; an unknown name lists them.
+        help=f"comma-separated method names (default: {DEFAULT_METHODS}); an unknown name is an error that lists "
+        "the available ones; the --reference method always runs",
     )
     run.add_argument("--reference", default="greedy", choices=["greedy", "ar-graph"],
                      help="the greedy method every other is compared with (*_vs_greedy fields); ar-graph is the "
                      "same greedy decoding on the fast engine, for long runs (default: greedy, HF generate)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the fast engine's step before capturing it (ar-graph, lookahead)")
-    run.add_argument("--window", type=int, metavar="W", help="lookahead window (default: the library's)")
-    run.add_argument("--ngram", type=int, metavar="N", help="lookahead n-gram size (default: the library's)")
-    run.add_argument("--guesses", type=int, metavar="G", help="lookahead candidates per step (default: the library's)")
-    run.add_argument("--candidate-length", type=int, metavar="K",
-                     help="tokens per lookahead candidate (default: N-1); also the sweep's, where W:N:G gives none")
+    add_lookahead_arguments(run)
 
     output = parser.add_argument_group("output")
     output.add_argument("--out", metavar="PATH", help="write the results as JSON")
@@ -101,7 +102,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--sweep-guesses", type=int_list, metavar="G,...",
                       help="a third axis of the grid (default: G = W for every configuration)")
     grid.add_argument("--sweep-configs", type=config_list, metavar="W:N:G[:K],...",
-                      help="an explicit list of configurations instead of the grid")
+                      help="an explicit list of configurations instead of the grid; K defaults to "
+                      "--candidate-length, else N-1")
 
     profiling = parser.add_argument_group("profile")
     profiling.add_argument("--profile", action="store_true",
@@ -114,28 +116,78 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace, model=None, tokenizer=None) -> int:
     """The `bench` handler: run, print the markdown table, write --out and --plot. `model`/`tokenizer` reuse a
     loaded model instead of loading --model."""
-    from ..cli import CommandError
-
     if args.profile and (args.sweep or args.plot):
         raise CommandError("--profile cannot be combined with --sweep or --plot")
+    # Output paths are checked before any work: a run can take hours.
+    if args.out:
+        check_writable("--out", args.out)
+    if args.plot:
+        check_plot_path(args.plot)
     try:
+        from .profile import run_profile
+        from .runner import bench, sweep
+
         if args.profile:
             result = run_profile(args, model, tokenizer)
         else:
             result = (sweep if args.sweep else bench)(args, model, tokenizer)
-    except ImportError as err:  # the optional `datasets` package
-        raise CommandError(str(err)) from err
+    except ImportError as err:  # the optional `datasets` package, or the [bench] extra
+        raise CommandError(missing_package(err)) from err
+    from .report import bench_table, profile_table, sweep_table
+
     if args.profile:
         print(profile_table(result))
     else:
         print(sweep_table(result) if args.sweep else bench_table(result))
+    return 0 if write_outputs(result, args) else EXIT_WRITE_FAILED
+
+
+def missing_package(err: ImportError) -> str:
+    if err.name in BENCH_EXTRA:
+        return f"lookahead bench needs the {err.name!r} package: pip install 'lookahead-decoding[bench]'"
+    return str(err)
+
+
+def check_plot_path(path: str) -> None:
+    """--plot: writable, in a format matplotlib writes (the suffix picks it), and matplotlib installed."""
+    check_writable("--plot", path)
+    try:
+        from .report import plot_formats
+
+        formats = plot_formats()
+    except ImportError as err:
+        raise CommandError(f"--plot: {missing_package(err)}") from err
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise CommandError(f"--plot {path}: unknown image format {suffix or '(none)'!r}; use one of "
+                           f"{', '.join(sorted(formats))}")
+
+
+def write_outputs(result: dict, args: argparse.Namespace) -> bool:
+    """Writes --out and --plot; True when all went well. When a write still fails at the end, the results are not
+    lost: a line on stderr says so and, unless --out was written, the JSON goes to stdout."""
+    from .report import plot_bench, plot_sweep, write_json
+
+    saved = failed = False
     if args.out:
-        write_json(result, args.out)
-        print(f"\nresults: {args.out}")
+        try:
+            write_json(result, args.out)
+            print(f"\nresults: {args.out}")
+            saved = True
+        except OSError as err:
+            print(f"lookahead: error: could not write --out {args.out} ({err.strerror or err})", file=sys.stderr)
+            failed = True
     if args.plot:
-        (plot_sweep if args.sweep else plot_bench)(result, args.plot)
-        print(f"plot: {args.plot}")
-    return 0
+        try:
+            (plot_sweep if args.sweep else plot_bench)(result, args.plot)
+            print(f"plot: {args.plot}")
+        except OSError as err:
+            print(f"lookahead: error: could not write --plot {args.plot} ({err.strerror or err})", file=sys.stderr)
+            failed = True
+    if failed and not saved:
+        print("\nresults (JSON):")
+        print(json.dumps(result, indent=2))
+    return not failed
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:

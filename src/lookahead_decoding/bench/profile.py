@@ -16,10 +16,11 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
+from ..cli.common import config_dict
 from ..decoding import decode
 from ..engine import AUTOREGRESSIVE, StaticStep
 from .methods import engine_length, lookahead_config
-from .runner import config_dict, encode_all, environment, prepare, run_config, synchronize
+from .runner import encode_all, environment, prepare, run_config, synchronize
 
 WARMUP_STEPS = 3
 TIMED_REPLAYS = 100

@@ -65,9 +65,7 @@ def profile_table(result: dict) -> str:
 
 
 def write_json(result: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    Path(path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 def committed_histogram(rows, method: str = "lookahead") -> Counter:
@@ -86,6 +84,13 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def plot_formats() -> set[str]:
+    """The file suffixes the plots can be saved as (png, pdf, svg, ...): those of matplotlib's Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return set(FigureCanvasAgg.get_supported_filetypes())
 
 
 def _speedup_bars(axis, labels: list[str], entries: list[dict], title: str) -> None:

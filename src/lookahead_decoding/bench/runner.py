@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from ..cli.common import config_dict, encode_prompt, load_from_args
 from ..config import LookaheadConfig
 from .data import Prompt, load_prompts
 from .methods import METHODS, Method, engine_length, lookahead_config, lookahead_with, parse_methods
@@ -98,9 +99,13 @@ def tokens_per_step(new_tokens: int, steps: int) -> float:
 
 
 def encode_all(tokenizer, prompts: Sequence[Prompt], device) -> list[Encoded]:
-    from ..cli import encode_prompt
+    return [Encoded(p, encode_prompt(tokenizer, p.text, p.chat, no_template_message(p)).to(device)) for p in prompts]
 
-    return [Encoded(p, encode_prompt(tokenizer, p.text, p.chat).to(device)) for p in prompts]
+
+def no_template_message(prompt: Prompt) -> str:
+    """The error for a chat prompt and a tokenizer without a chat template: the dataset, not an option, asked."""
+    return (f"the {prompt.dataset} prompts are chat turns and need a chat template, but this model's tokenizer has "
+            "none; use a chat model, or a dataset of plain-text prompts (humaneval)")
 
 
 def measure(
@@ -200,8 +205,6 @@ def prepare(args, model=None, tokenizer=None):
     _seed(args.seed)
     prompts = load_prompts(args.dataset, args.data_file, args.limit)
     if model is None:
-        from ..cli import load_from_args
-
         model, tokenizer = load_from_args(args)
     return prompts, model, tokenizer
 
@@ -221,11 +224,6 @@ def bench(args, model=None, tokenizer=None) -> dict:
         "summary": {args.dataset: summarize(rows)},
         "rows": rows,
     }
-
-
-def config_dict(config: LookaheadConfig) -> dict:
-    return {"window": config.window, "ngram": config.ngram, "guesses": config.guesses,
-            "candidate_length": config.candidate_length}
 
 
 def sweep_label(config: LookaheadConfig) -> str:

@@ -1,0 +1,54 @@
+"""The `lookahead` command line.
+
+    lookahead generate "PROMPT" [--model PATH_OR_HUB_NAME] [--chat] [--compare] [--json] ...
+    lookahead bench --dataset NAME [--methods ...] [--out PATH] [--plot PATH] ...
+
+Every subcommand is added by one `add_*` function that creates its subparser and sets `func` (called with the
+parsed arguments, returns the exit code). Arguments are parsed before torch or transformers is imported, so
+`--help` and usage errors answer at once. Library errors (ValueError, TypeError, FileNotFoundError) become a
+one-line `lookahead: error: ...` on stderr and exit code 2; Ctrl-C exits with 130, at any point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .common import EXIT_USAGE
+from .generate import add_generate_command
+
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Imported here: bench's command line imports .common of this package.
+    from ..bench.cli import add_bench_parser
+
+    parser = argparse.ArgumentParser(
+        prog="lookahead", description="Exact lookahead decoding for Hugging Face decoder-only models."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_generate_command(commands)
+    add_bench_parser(commands)
+    return parser
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split()) or "unknown error"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # One try around everything, lazy imports and model loading included, so that Ctrl-C never shows a traceback.
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exit_:  # argparse has printed the usage error (or the help)
+            return exit_.code if isinstance(exit_.code, int) else 0
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"lookahead: error: {_one_line(str(err))}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # ends the line the terminal's ^C is on
+        return EXIT_INTERRUPTED

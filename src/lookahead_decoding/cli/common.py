@@ -1,0 +1,138 @@
+"""Command-line pieces shared by `lookahead generate` and `lookahead bench`.
+
+Nothing here imports torch or transformers at module level: `--help` and argument errors answer without them,
+and a command imports what it needs only once its arguments are parsed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+from pathlib import Path
+
+EXIT_USAGE = 2
+LOOKAHEAD_OPTIONS = ("window", "ngram", "guesses", "candidate_length")
+
+
+class CommandError(ValueError):
+    """A problem with the command's input, reported like a library ValueError."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def add_model_arguments(parser) -> None:
+    """--model/--device/--dtype, shared by every command that loads a model."""
+    parser.add_argument(
+        "--model",
+        metavar="PATH_OR_HUB_NAME",
+        help="local HF model folder, .gguf file or Hub name (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto (cuda if available)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="weights and activations; default float32 on every device, the safest for exact greedy equality",
+    )
+
+
+def add_lookahead_arguments(parser) -> None:
+    """--window/--ngram/--guesses/--candidate-length. Each defaults to None: the library decides."""
+    parser.add_argument("--window", type=int, metavar="W", help="Jacobi window columns (default: the library's)")
+    parser.add_argument("--ngram", type=int, metavar="N", help="n-gram size, >= 2 (default: the library's)")
+    parser.add_argument("--guesses", type=int, metavar="G",
+                        help="candidates verified per step, >= 0 (default: the library's)")
+    parser.add_argument("--candidate-length", type=int, metavar="K", help="tokens per candidate, >= 1 (default: N-1)")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The LookaheadConfig of the lookahead options given (library defaults for the others), or None when none was
+    given. Built, and so validated, before any model is loaded."""
+    given = {name: getattr(args, name, None) for name in LOOKAHEAD_OPTIONS}
+    given = {name: value for name, value in given.items() if value is not None}
+    if not given:
+        return None
+    from ..config import LookaheadConfig
+
+    return LookaheadConfig(**given)
+
+
+def config_dict(config) -> dict:
+    """A LookaheadConfig's shape as JSON."""
+    return {name: getattr(config, name) for name in LOOKAHEAD_OPTIONS}
+
+
+def check_text(text: str, what: str) -> None:
+    """Rejects text no tokenizer can take: bytes that are not UTF-8 reach Python's argv as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start:err.end]
+        raise CommandError(
+            f"{what} is not valid UTF-8 text: undecodable character {bad!r} at position {err.start} "
+            "(was it written in another encoding?)"
+        ) from None
+
+
+def check_writable(option: str, path: str) -> None:
+    """Rejects an output path that cannot be written, before any work is done. Creating the file (and removing it
+    again) is the one check that also holds for root, read-only mounts and special file systems."""
+    target = Path(path)
+    if target.is_dir():
+        raise CommandError(f"{option} {path}: is a folder, not a file")
+    if not target.parent.is_dir():
+        raise CommandError(f"{option} {path}: the folder {target.parent} does not exist")
+    existed = target.exists()
+    try:
+        with open(target, "a", encoding="utf-8"):
+            pass
+    except OSError as err:
+        raise CommandError(f"{option} {path}: cannot write there ({err.strerror or err})") from None
+    if not existed:
+        os.remove(target)
+
+
+def quiet_transformers() -> None:
+    """Errors only from transformers' logger and no transformers progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load_from_args(args: argparse.Namespace):
+    """(model, tokenizer) for --model/--device/--dtype, without the GGUF loader's progress bars."""
+    from .. import models
+
+    quiet_transformers()
+    # The GGUF de-quantisation bar is a plain tqdm on stderr that no transformers switch turns off. Loading
+    # errors come back as exceptions, so nothing of value is lost.
+    with contextlib.redirect_stderr(io.StringIO()):
+        if args.model is None:
+            return models.load_default_model(device=args.device, dtype=args.dtype)
+        return models.load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool, no_template: str = "--chat: this model's tokenizer has no chat template"):
+    """input_ids [1, prompt_len] for a plain prompt, or for one user turn through the chat template; `no_template`
+    is the error when the tokenizer has none."""
+    check_text(prompt, "the prompt")
+    if not chat:
+        return tokenizer(prompt, return_tensors="pt").input_ids
+    if not getattr(tokenizer, "chat_template", None):
+        raise CommandError(no_template)
+    encoded = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+    )
+    # transformers 5 returns a BatchEncoding here, earlier versions a bare tensor.
+    return encoded["input_ids"] if hasattr(encoded, "keys") else encoded
