@@ -31,18 +31,46 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda") from err
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available on this machine")
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or mps") from err
+    if resolved.type == "cpu":
+        return resolved
+    backend = getattr(torch, resolved.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if not (hasattr(backend, "is_available") and backend.is_available()):
+        raise ValueError(f"device {str(device)!r} was asked for but {resolved.type.upper()} is not available on this "
+                         "machine")
+    count = backend.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise ValueError(f"device {str(device)!r} was asked for but this machine has {count} {resolved.type.upper()} "
+                         f"device(s), numbered from 0")
     return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point type such as {', '.join(DTYPES)}, got {dtype}")
         return dtype
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_folder(folder: Path) -> None:
+    """A local folder must hold a config, weights and a tokenizer; transformers' own errors for a missing piece
+    blame something else (for an empty folder: a missing sentencepiece package)."""
+    names = {entry.name for entry in folder.iterdir()}
+    ggufs = sorted(name for name in names if name.endswith(".gguf"))
+    hint = f"; to load the GGUF file in it, pass {folder / ggufs[0]}" if ggufs else ""
+    if "config.json" not in names:
+        raise ValueError(f"{folder} holds no model: it has no config.json{hint}")
+    if not any(name.endswith(WEIGHT_SUFFIXES) for name in names):
+        raise ValueError(f"{folder} holds no model weights: it has no *.safetensors or *.bin file{hint}")
+    if not names.intersection(TOKENIZER_FILES):
+        raise ValueError(f"{folder} holds no tokenizer: it has none of {', '.join(TOKENIZER_FILES)}")
 
 
 def load_model(path: str | Path, device="cpu", dtype=torch.float32, attn_implementation: str = "sdpa"):
@@ -53,8 +81,12 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32, attn_impleme
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or a pathlib.Path, got {type(path).__name__}")
     path_str = str(path)
+    if not path_str.strip():
+        raise ValueError("the model path is empty; pass a model folder, a .gguf file or a Hub name")
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
     local = Path(path_str).expanduser()
     looks_local = local.exists() or path_str.startswith((".", "/", "~")) or path_str.endswith(".gguf")
     if looks_local and not local.exists():
@@ -64,8 +96,11 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32, attn_impleme
         if local.suffix != ".gguf":
             raise ValueError(f"model file {path_str} is not a .gguf file; pass a GGUF file or a model folder")
         source, kwargs["gguf_file"] = str(local.parent), local.name
+    elif local.is_dir():
+        check_model_folder(local)
+        source = str(local)
     else:
-        source = str(local) if local.exists() else path_str
+        source = path_str
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
