@@ -139,3 +139,34 @@ def test_broken_gguf(tmp_path):
     broken.write_bytes(b"GGUF" + b"\x00" * 64)
     with pytest.raises(ValueError, match="could not load a causal LM from .*broken.gguf"):
         ld.load_model(broken)
+
+
+@pytest.mark.parametrize(
+    "eos, error, message",
+    [
+        ("1205", TypeError, "eos_token_id must be an int, a list of ints or an integer tensor, got '1205' (str)"),
+        ([2, "3"], TypeError, "eos_token_id must be an int, a list of ints or an integer tensor, got [2, '3'] (list)"),
+        (2.0, TypeError, "eos_token_id must be an int, a list of ints or an integer tensor, got 2.0 (float)"),
+        (True, TypeError, "eos_token_id must be an int, a list of ints or an integer tensor, got True (bool)"),
+        (torch.tensor([2.0]), TypeError, "eos_token_id must be an int, a list of ints or an integer tensor, got "
+                                         "tensor([2.]) (Tensor)"),
+        (-1, ValueError, "eos_token_id must hold token ids >= 0, got -1"),
+    ],
+    ids=["str", "list-with-str", "float", "bool", "float-tensor", "negative"],
+)
+def test_bad_eos_token_id(llama, eos, error, message):
+    with pytest.raises(error) as info:
+        ld.generate(llama, repetitive_prompt(), 5, eos_token_id=eos)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("as_given", [int, lambda t: [t], lambda t: torch.tensor(t), lambda t: torch.tensor([t])],
+                         ids=["int", "list", "0-dim-tensor", "tensor"])
+def test_eos_token_id_forms_stop_where_greedy_stops(llama, as_given):
+    input_ids = repetitive_prompt()
+    free = greedy_reference(llama, input_ids, 30)
+    eos = int(free[0, input_ids.shape[1] + 12])
+    expected = greedy_reference(llama, input_ids, 30, eos_token_id=eos, pad_token_id=0)
+    out = ld.generate(llama, input_ids, 30, ld.LookaheadConfig(4, 4, 4), eos_token_id=as_given(eos))
+    assert out.sequences.tolist() == expected.tolist()
+    assert out.sequences.shape[1] < free.shape[1]

@@ -93,13 +93,21 @@ class _Emitter:
 
 
 def _eos_set(model, eos_token_id) -> set[int]:
+    """EOS ids from `eos_token_id` (an int, a sequence of ints or an integer tensor), else from the model's
+    generation config. Anything else is an error: a string such as "2" would never match a token."""
     if eos_token_id is None:
         eos_token_id = getattr(model.generation_config, "eos_token_id", None)
     if eos_token_id is None:
         return set()
-    if isinstance(eos_token_id, torch.Tensor):
-        eos_token_id = eos_token_id.tolist()
-    return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    given = eos_token_id.tolist() if isinstance(eos_token_id, torch.Tensor) else eos_token_id
+    ids = given if isinstance(given, (list, tuple, set, frozenset)) else [given]
+    # __index__: ints and numpy integers, but not floats, strings or nested lists (bool is excluded by hand).
+    if not all(hasattr(i, "__index__") and not isinstance(i, bool) for i in ids):
+        raise TypeError(f"eos_token_id must be an int, a list of ints or an integer tensor, got {eos_token_id!r} "
+                        f"({type(eos_token_id).__name__})")
+    if any(i < 0 for i in ids):
+        raise ValueError(f"eos_token_id must hold token ids >= 0, got {eos_token_id!r}")
+    return {i.__index__() for i in ids}
 
 
 def _check_inputs(adapter: ModelAdapter, input_ids, max_new_tokens, config) -> None:
