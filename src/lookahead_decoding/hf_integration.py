@@ -2,8 +2,13 @@
 
     model.generate(input_ids, custom_generate=lookahead_generate, lookahead_config=LookaheadConfig(...))
 
-transformers prepares the generation config, logits processors and stopping criteria (max length, EOS, stop
-strings) and streams the prompt, then hands the loop to this function.
+transformers prepares the generation config, logits processors and stopping criteria (max length, EOS, max time,
+the caller's `stopping_criteria`) and streams the prompt, then hands the loop to this function.
+
+What transformers (5.17-5.24) does not hand on to a `custom_generate` callable: `tokenizer` (it is popped from the
+arguments and dropped), `streamer` after the prompt, and `assistant_model`. Without the tokenizer, transformers cannot
+build its stop-string criterion, so `stop_strings` is taken here and refused with the way round it: a
+`StopStringCriteria` in `stopping_criteria`, which stops exactly where `stop_strings` would.
 """
 
 from __future__ import annotations
@@ -15,6 +20,39 @@ from .config import LookaheadConfig
 from .decoding import decode
 from .sampling import ProcessedGreedyVerifier, SamplingVerifier, seeded_generator
 
+# Generation options this loop cannot honour: name -> (the values that leave it off, what it asks for). Refused
+# rather than ignored, so that nobody gets greedy output while asking for something else.
+UNSUPPORTED_OPTIONS = {
+    "num_beams": ((None, 1), "beam search"),
+    "num_beam_groups": ((None, 1), "group beam search"),
+    "num_return_sequences": ((None, 1), "several sequences per prompt"),
+    "penalty_alpha": ((None, 0, 0.0), "contrastive search"),
+    "constraints": ((None,), "constrained beam search"),
+    "force_words_ids": ((None,), "constrained beam search"),
+    "prompt_lookup_num_tokens": ((None,), "assisted generation"),
+    "assistant_early_exit": ((None,), "assisted generation"),
+    "use_mtp": ((None, False), "assisted generation"),
+    "dola_layers": ((None,), "DoLa decoding"),
+    "output_scores": ((None, False), "per-step scores"),
+    "output_logits": ((None, False), "per-step logits"),
+    "output_attentions": ((None, False), "attention weights"),
+    "output_hidden_states": ((None, False), "hidden states"),
+}
+
+
+def check_generation_config(generation_config) -> None:
+    """ValueError naming every option set in `generation_config` that lookahead decoding cannot honour."""
+    refused = []
+    for name, (off, what) in UNSUPPORTED_OPTIONS.items():
+        value = getattr(generation_config, name, None)
+        if value not in off:
+            refused.append(f"{name}={value!r} ({what})")
+    if refused:
+        raise ValueError(
+            f"model.generate(custom_generate=lookahead_generate) does not support {', '.join(refused)}: lookahead "
+            "decoding returns one sequence per prompt, greedy or sampled, and no scores"
+        )
+
 
 def lookahead_generate(
     model,
@@ -25,13 +63,22 @@ def lookahead_generate(
     synced_gpus: bool = False,
     streamer=None,
     lookahead_config: LookaheadConfig | None = None,
+    stop_strings=None,
     **model_kwargs,
 ):
     """Decoding loop for `model.generate(custom_generate=lookahead_generate)`: greedy or sampling.
 
     `logits_processor` is transformers' own list (with the temperature/top-k/top-p warpers when sampling), applied
-    at every verified position; sampling draws from a generator seeded by torch's global RNG.
+    at every verified position; sampling draws from a generator seeded by torch's global RNG. With
+    `return_dict_in_generate=True` the result is a GenerateDecoderOnlyOutput holding `sequences` only.
     """
+    if stop_strings is not None:
+        raise ValueError(
+            "stop_strings: transformers does not pass `tokenizer` on to a custom_generate function, so the stop "
+            "strings cannot be matched; pass stopping_criteria=StoppingCriteriaList([StopStringCriteria(tokenizer, "
+            "stop_strings)]) instead, which stops at the same token"
+        )
+    check_generation_config(generation_config)
     if generation_config.do_sample:
         verifier = SamplingVerifier(seeded_generator(model.device), logits_processor=logits_processor)
     else:

@@ -1,0 +1,99 @@
+"""`model.generate(custom_generate=ld.lookahead_generate)`: stop strings, options it refuses, dict outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import greedy_reference, tiny_model
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, StoppingCriteriaList, StopStringCriteria
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+import lookahead_decoding as ld
+
+THROUGH = dict(custom_generate=ld.lookahead_generate, lookahead_config=ld.LookaheadConfig(4, 3, 4))
+
+
+def prompt():
+    return torch.tensor([[5, 6, 7, 8] * 4])
+
+
+@pytest.fixture(scope="module")
+def tokenized():
+    """A 2-layer random Llama over the real SmolLM2 tokenizer, so that stop strings span real tokens."""
+    gguf = ld.default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id = None
+    return model, tokenizer
+
+
+def test_stop_strings_through_stopping_criteria_stop_where_hf_stops(tokenized):
+    model, tokenizer = tokenized
+    input_ids = tokenizer("def add(a, b):\n    return a + b\n\ndef add(a, b):", return_tensors="pt").input_ids
+    start = input_ids.shape[1]
+    free = greedy_reference(model, input_ids, 40)
+    # A stop string that ends inside a token, well before the end: the last characters of token 20 and the first
+    # of token 21.
+    before, after = (tokenizer.decode(free[0, start + i]) for i in (20, 21))
+    text = tokenizer.decode(free[0, start:])
+    stop = before[-2:] + after[:1]
+    assert len(stop) == 3 and text.find(stop) >= len(tokenizer.decode(free[0, start:start + 18]))
+    expected = greedy_reference(model, input_ids, 40, stop_strings=[stop], tokenizer=tokenizer)
+    assert start < expected.shape[1] < free.shape[1]
+    criteria = StoppingCriteriaList([StopStringCriteria(tokenizer, [stop])])
+    out = model.generate(input_ids, do_sample=False, max_new_tokens=40, stopping_criteria=criteria, **THROUGH)
+    assert out.tolist() == expected.tolist()
+
+
+def test_stop_strings_argument_says_how_to_stop_on_strings(llama):
+    message = (r"^stop_strings: transformers does not pass `tokenizer` on to a custom_generate function, so the stop "
+               r"strings cannot be matched; pass stopping_criteria=StoppingCriteriaList\(\[StopStringCriteria\("
+               r"tokenizer, stop_strings\)\]\) instead, which stops at the same token$")
+    with pytest.raises(ValueError, match=message):
+        llama.generate(prompt(), max_new_tokens=5, stop_strings=["x"], tokenizer=object(), **THROUGH)
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (dict(num_beams=2), "num_beams=2 (beam search)"),
+        (dict(num_beams=2, num_beam_groups=2, diversity_penalty=0.5),
+         "num_beams=2 (beam search), num_beam_groups=2 (group beam search)"),
+        (dict(do_sample=True, num_return_sequences=2), "num_return_sequences=2 (several sequences per prompt)"),
+        (dict(penalty_alpha=0.6, top_k=4), "penalty_alpha=0.6 (contrastive search)"),
+        (dict(prompt_lookup_num_tokens=3), "prompt_lookup_num_tokens=3 (assisted generation)"),
+        (dict(dola_layers="low"), "dola_layers='low' (DoLa decoding)"),
+        (dict(return_dict_in_generate=True, output_scores=True), "output_scores=True (per-step scores)"),
+        (dict(return_dict_in_generate=True, output_logits=True, output_hidden_states=True),
+         "output_logits=True (per-step logits), output_hidden_states=True (hidden states)"),
+        (dict(return_dict_in_generate=True, output_attentions=True), "output_attentions=True (attention weights)"),
+    ],
+    ids=["beams", "beam-groups", "return-sequences", "contrastive", "prompt-lookup", "dola", "scores",
+         "logits-hidden", "attentions"],
+)
+def test_options_it_cannot_honour_are_refused_by_name(options, named):
+    model = tiny_model("llama", attn_implementation="eager")  # eager: output_attentions needs it
+    message = (f"model.generate(custom_generate=lookahead_generate) does not support {named}: lookahead decoding "
+               "returns one sequence per prompt, greedy or sampled, and no scores")
+    with pytest.raises(ValueError) as info:
+        model.generate(prompt(), max_new_tokens=5, **options, **THROUGH)
+    assert str(info.value) == message
+
+
+def test_return_dict_in_generate_holds_the_greedy_sequences(llama):
+    expected = greedy_reference(llama, prompt(), 20)
+    out = llama.generate(prompt(), do_sample=False, max_new_tokens=20, return_dict_in_generate=True, **THROUGH)
+    assert isinstance(out, GenerateDecoderOnlyOutput)
+    assert out.sequences.tolist() == expected.tolist()
+    assert out.scores is None and out.logits is None
+
+
+def test_neutral_values_of_those_options_are_accepted(llama):
+    expected = greedy_reference(llama, prompt(), 12)
+    out = llama.generate(prompt(), do_sample=False, max_new_tokens=12, num_beams=1, num_return_sequences=1,
+                         output_scores=False, **THROUGH)
+    assert out.tolist() == expected.tolist()
