@@ -95,3 +95,21 @@ def test_ctrl_c_during_the_lazy_imports_exits_130_quietly(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lookahead_decoding.decoding", InterruptedModule("lookahead_decoding.decoding"))
     assert main(["generate", "hi"]) == 130
     assert capsys.readouterr().err == "\n"
+
+
+def test_the_library_and_generate_do_not_import_matplotlib():
+    """matplotlib comes with the [bench] extra only."""
+    code = ("import sys, lookahead_decoding.cli.generate, lookahead_decoding.decoding, lookahead_decoding.engine, "
+            "lookahead_decoding.models, lookahead_decoding.hf_integration; print('matplotlib' in sys.modules)")
+    done = python("-c", code)
+    assert done.returncode == 0 and done.stdout == b"False\n", done.stderr.decode()
+
+
+def test_plot_without_matplotlib_names_the_extra(monkeypatch, capsys, tmp_path):
+    for module in ("matplotlib", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import` now fails as if it were not installed
+    assert main(["bench", "--dataset", "gsm8k", "--plot", str(tmp_path / "r.png")]) == 2
+    assert capsys.readouterr().err == (
+        "lookahead: error: --plot: lookahead bench needs the 'matplotlib' package: pip install "
+        "'lookahead-decoding[bench]'\n"
+    )

@@ -143,8 +143,9 @@ def run_command(args: argparse.Namespace, model=None, tokenizer=None) -> int:
 
 
 def missing_package(err: ImportError) -> str:
-    if err.name in BENCH_EXTRA:
-        return f"lookahead bench needs the {err.name!r} package: pip install 'lookahead-decoding[bench]'"
+    package = (err.name or "").partition(".")[0]
+    if package in BENCH_EXTRA:
+        return f"lookahead bench needs the {package!r} package: pip install 'lookahead-decoding[bench]'"
     return str(err)
 
 
