@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import lookahead_decoding as ld
+from lookahead_decoding import decoding
 from lookahead_decoding.cli import main
 
 torch.set_num_threads(1)
@@ -135,6 +136,30 @@ def test_argparse_rejects_malformed_options_with_exit_2(capsys, flag, value):
 def test_no_command_is_a_usage_error(capsys):
     assert main([]) == 2
     assert "generate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, passed",
+    [([], None), (["--guesses", "2"], ld.LookaheadConfig(guesses=2)),
+     (["--window", "3", "--ngram", "4", "--guesses", "2", "--candidate-length", "5"],
+      ld.LookaheadConfig(3, 4, 2, candidate_length=5))],
+    ids=["none", "one", "all"],
+)
+def test_shape_options_left_out_leave_the_choice_to_the_library(tiny_model, capsys, monkeypatch, options, passed):
+    """generate gets config=None without options; the report shows the configuration the output says it used."""
+    real_generate, configs = decoding.generate, []
+
+    def recording_generate(model, input_ids, max_new_tokens=128, config=None, **kwargs):
+        configs.append(config)
+        out = real_generate(model, input_ids, max_new_tokens, config, **kwargs)
+        out.config = ld.LookaheadConfig(2, 2, 1)  # as if the library had chosen this one
+        return out
+
+    monkeypatch.setattr(decoding, "generate", recording_generate)
+    code, out, err = run(capsys, "hi", "--model", tiny_model, "--max-new-tokens", "4", "--json", *options)
+    assert code == 0, err
+    assert configs == [passed]
+    assert json.loads(out)["config"] == {"window": 2, "ngram": 2, "guesses": 1, "candidate_length": 1}
 
 
 @pytest.mark.slow
