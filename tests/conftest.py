@@ -30,6 +30,14 @@ ARCHITECTURES = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def calibration_cache(tmp_path_factory):
+    """Calibrations of test models go to a throwaway cache, not the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOOKAHEAD_CACHE_DIR", str(tmp_path_factory.mktemp("calibration")))
+        yield
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_model(arch: str, seed: int = 0, attn_implementation: str | None = None):
     config_cls, model_cls, kwargs = ARCHITECTURES[arch]

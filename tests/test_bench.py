@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -240,6 +241,7 @@ def test_forward_hook_counts_steps(tiny):
     ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
     sequences, steps = hf_generate(model, ids, 12)
     assert sequences.shape[1] - ids.shape[1] == 12 and steps == 11  # one forward per token after the prefill
+    ld.generate(model, ids, 12)  # the first call calibrates the default shapes (forwards of its own)
     with count_forwards(model) as counter:
         out = ld.generate(model, ids, 12)
     assert counter.steps == out.stats.steps
@@ -307,17 +309,19 @@ def test_tiny_sweep(tiny, tmp_path, capsys):
 def test_warm_up_builds_every_engine_the_run_needs(tiny, monkeypatch):
     """Prompts in two engine buckets: both engines exist before the first timed run, none is built after."""
     model, _ = tiny
-    methods_module = sys.modules["lookahead_decoding.bench.methods"]
-    monkeypatch.setattr(methods_module, "_engines", {})
+    from lookahead_decoding import runners
+
+    monkeypatch.setattr(runners, "STATIC_ENGINE_DEVICES", ("cpu",))  # the engine buckets as on CUDA, sized for CPU
+    monkeypatch.setattr(runners, "_engines", weakref.WeakKeyDictionary())
     built = []
     timed_runs = []
-    real_static_step = methods_module.StaticStep
+    real_static_step = runners.StaticStep
 
     def recording_static_step(model, config, max_length, **kwargs):
         built.append((max_length, len(timed_runs)))
         return real_static_step(model, config, max_length, **kwargs)
 
-    monkeypatch.setattr(methods_module, "StaticStep", recording_static_step)
+    monkeypatch.setattr(runners, "StaticStep", recording_static_step)
     from lookahead_decoding.bench.runner import Encoded, measure
     from lookahead_decoding.bench.data import Prompt
 

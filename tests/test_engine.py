@@ -60,8 +60,26 @@ def test_engine_rejects_what_does_not_fit(llama):
     with pytest.raises(ValueError, match="max_length 300 exceeds the model's context length of 256"):
         StaticStep(llama, AUTOREGRESSIVE, 300)
     engine = StaticStep(llama, AUTOREGRESSIVE, 16)
-    with pytest.raises(ValueError, match="generation ran past this engine's max_length 16"):
+    # Checked before the first step: nothing is generated and then thrown away.
+    with pytest.raises(ValueError, match=r"prompt \(3 tokens\) \+ max_new_tokens \(20\) = 23 tokens does not fit "
+                       "this engine's max_length 16"):
         decode(llama, torch.tensor([[1, 2, 3]]), 20, AUTOREGRESSIVE, runner=engine)
+
+
+@pytest.mark.parametrize("max_length", [0, 1, -5, "64", 64.0, True])
+def test_engine_rejects_a_bad_max_length(llama, max_length):
+    with pytest.raises(ValueError, match=f"max_length must be an integer >= 2 \\(prompt \\+ new tokens\\), got "
+                       f"{max_length!r}"):
+        StaticStep(llama, AUTOREGRESSIVE, max_length)
+
+
+def test_an_engine_belongs_to_its_model(llama):
+    engine = StaticStep(llama, AUTOREGRESSIVE, 32)
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(ValueError, match="the step runner was built for another model"):
+        ld.generate(other, torch.tensor([[1, 2, 3]]), 5, AUTOREGRESSIVE, runner=engine)
+    with pytest.raises(ValueError, match="the step runner was built for another model"):  # other vocabulary too
+        ld.generate(tiny_model("gpt2"), torch.tensor([[1, 2, 3]]), 5, AUTOREGRESSIVE, runner=engine)
 
 
 def test_runner_must_match_the_config(llama):

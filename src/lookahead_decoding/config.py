@@ -49,6 +49,15 @@ class LookaheadConfig:
         return self.ngram - 1
 
     @property
+    def has_window(self) -> bool:
+        """Whether the step runs a Jacobi window; (1, 2, G) only verifies candidates."""
+        return self.levels * self.window > 1
+
+    @property
     def tokens_per_step(self) -> int:
         """Input length of one fused decode step: (N-1)·W lookahead tokens + G·K candidate tokens."""
         return self.levels * self.window + self.guesses * self.candidate_length
+
+
+# Plain one-token greedy decoding as a lookahead step: no window, no candidates.
+AUTOREGRESSIVE = LookaheadConfig(window=1, ngram=2, guesses=0, pool_from_prompt=False)

@@ -1,10 +1,12 @@
 """The decoding loop: one fused forward per step runs the lookahead branch and verifies pooled candidates.
 
-    prefill  ->  repeat: propose candidates | fused forward | verify | commit KV | advance window | emit tokens
+    prefill  ->  repeat: propose candidates | choose the step shape | fused forward, verify, commit KV |
+                         advance that shape's window | emit tokens
 """
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections import Counter
@@ -15,23 +17,29 @@ import torch
 
 from .config import LookaheadConfig
 from .drafting import CandidateSource, NGramPoolSource
-from .layout import StepLayout
 from .model_adapter import ModelAdapter
 from .ngram_pool import NGramPool
+from .runners import auto_plan, runner_for
 from .sampling import make_verifier
-from .step import EagerStep, StepRunner
-from .verification import Verifier
+from .shape_choice import ShapeChooser
+from .step import StepRunner
+from .tuning import StepPlan, shape_name, time_steps
+from .verification import GreedyVerifier, Verifier
 from .window import JacobiWindow
+
+AUTO = "auto"
 
 
 @dataclass
 class GenerationStats:
-    """steps: forward passes after the prefill; accepted_histogram: {tokens committed in a step: steps}."""
+    """steps: forward passes after the prefill; accepted_histogram: {tokens committed in a step: steps};
+    shape_steps: {step shape: steps of that shape}."""
 
     steps: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
     accepted_histogram: Counter = field(default_factory=Counter)
+    shape_steps: Counter = field(default_factory=Counter)
 
     @property
     def tokens_per_step(self) -> float:
@@ -50,6 +58,7 @@ class GenerationStats:
             "tokens_per_second": self.tokens_per_second,
             "seconds": self.seconds,
             "accepted_histogram": {str(k): v for k, v in sorted(self.accepted_histogram.items())},
+            "shape_steps": dict(self.shape_steps),
         }
 
 
@@ -57,6 +66,7 @@ class GenerationStats:
 class LookaheadOutput:
     sequences: torch.LongTensor  # [1, prompt_len + new_tokens]
     stats: GenerationStats
+    plan: StepPlan  # the step shapes this generation could use (one, for an explicit configuration)
 
 
 class _Emitter:
@@ -110,7 +120,7 @@ def _eos_set(model, eos_token_id) -> set[int]:
     return {i.__index__() for i in ids}
 
 
-def _check_inputs(adapter: ModelAdapter, input_ids, max_new_tokens, config) -> None:
+def _check_inputs(adapter: ModelAdapter, input_ids, max_new_tokens) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError("input_ids must be an integer torch.Tensor of shape [1, prompt_len]")
     if input_ids.dim() != 2:
@@ -121,8 +131,6 @@ def _check_inputs(adapter: ModelAdapter, input_ids, max_new_tokens, config) -> N
         raise ValueError("the prompt is empty: input_ids has no tokens")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if not isinstance(config, LookaheadConfig):
-        raise TypeError(f"config must be a LookaheadConfig, got {type(config).__name__}")
     total = input_ids.shape[1] + max_new_tokens
     if adapter.context_length is not None and total > adapter.context_length:
         raise ValueError(
@@ -134,11 +142,70 @@ def _check_inputs(adapter: ModelAdapter, input_ids, max_new_tokens, config) -> N
         raise ValueError(f"input_ids holds token ids outside the model's vocabulary [0, {vocab})")
 
 
+def resolve_plan(model, config, verifier: Verifier | None = None, runner: StepRunner | None = None) -> StepPlan:
+    """The step shapes for `config`: "auto" (or None) calibrates them for this device (see tuning.py), a
+    LookaheadConfig is the one fixed shape, a StepPlan is used as it is. With a prebuilt `runner`, "auto" means
+    the runner's own shapes."""
+    if isinstance(config, StepPlan):
+        return config
+    if isinstance(config, LookaheadConfig):
+        return StepPlan((config,), (1.0,))
+    if config is not None and config != AUTO:
+        raise TypeError(f'config must be a LookaheadConfig, "auto" or None, got {config!r}')
+    if runner is None:
+        return auto_plan(model, verifier)
+    shapes = tuple(layout.config for layout in runner.layouts)
+    if len(shapes) == 1:
+        return StepPlan(shapes, (1.0,))
+    vocab = runner.adapter.model.get_output_embeddings().weight.shape[0]
+    return StepPlan(shapes, tuple(time_steps(runner, vocab)))
+
+
+def check_step_fits(adapter: ModelAdapter, plan: StepPlan, prompt_len: int, max_new_tokens: int) -> None:
+    """Reject a step shape that cannot run, before any work: more rows than the model's context has room for
+    after the prompt, or (roughly) more memory than the device has free."""
+    context = adapter.context_length
+    free = available_memory(adapter.device)
+    for shape in plan.shapes:
+        rows = shape.tokens_per_step
+        if context is not None and prompt_len + rows > context:
+            raise ValueError(
+                f"a lookahead step of W={shape.window}, N={shape.ngram}, G={shape.guesses} has {rows} tokens, more "
+                f"than the model's context of {context} leaves after the {prompt_len}-token prompt; lower W, N or G"
+            )
+        needed = step_memory_bytes(adapter, rows, prompt_len + max_new_tokens + rows)
+        if free is not None and needed > free:
+            raise ValueError(
+                f"a lookahead step of W={shape.window}, N={shape.ngram}, G={shape.guesses} ({rows} tokens) needs "
+                f"about {needed / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on {adapter.device}; "
+                "lower W, N or G"
+            )
+
+
+def step_memory_bytes(adapter: ModelAdapter, rows: int, keys: int) -> int:
+    """A rough lower bound of one step's transient memory: the logits of every row (float32), the additive mask
+    and one layer's attention scores over all keys."""
+    config = adapter.model.config.get_text_config(decoder=True)
+    vocab = adapter.model.get_output_embeddings().weight.shape[0]
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    return 4 * rows * (vocab + keys * (1 + heads))
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on `device`, if known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def decode(
     model,
     input_ids: torch.LongTensor,
     max_new_tokens: int,
-    config: LookaheadConfig,
+    config: LookaheadConfig | StepPlan | str | None = AUTO,
     streamer=None,
     stopping_criteria=None,
     eos_token_id=None,
@@ -150,11 +217,28 @@ def decode(
 ) -> LookaheadOutput:
     """Lookahead decoding; greedy unless `verifier` says otherwise (see `sampling.make_verifier`).
 
-    `stream_prompt=False` when the caller already sent the prompt (HF generate). `runner` runs the fused
-    step (default: `EagerStep` with `verifier`); `engine.StaticStep` is the fixed-shape, graph-ready one.
+    `config` is resolved by `resolve_plan`. `stream_prompt=False` when the caller already sent the prompt (HF
+    generate). `runner` runs the fused steps (default: `runners.runner_for`, which reuses engines).
     """
     adapter = ModelAdapter(model)
-    _check_inputs(adapter, input_ids, max_new_tokens, config)
+    _check_inputs(adapter, input_ids, max_new_tokens)
+    if runner is not None and runner.adapter.model is not model:
+        raise ValueError(
+            f"the step runner was built for another model ({type(runner.adapter.model).__name__} at "
+            f"{id(runner.adapter.model):#x}); an engine belongs to the model it was built with"
+        )
+    plan = resolve_plan(model, config, verifier, runner)
+    check_step_fits(adapter, plan, input_ids.shape[1], max_new_tokens)
+    total = input_ids.shape[1] + max_new_tokens
+    if runner is None:
+        runner = runner_for(model, plan.shapes, total, verifier)
+    elif tuple(layout.config for layout in runner.layouts) != plan.shapes:
+        shapes = ", ".join(map(str, (layout.config for layout in runner.layouts)))
+        raise ValueError(f"the step runner was built for {shapes}, not {', '.join(map(str, plan.shapes))}")
+    max_length = getattr(runner, "max_length", None)
+    if max_length is not None and total > max_length:
+        raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens "
+                         f"does not fit this engine's max_length {max_length}")
     if streamer is not None and stream_prompt:
         streamer.put(input_ids.cpu())
     device = adapter.device
@@ -163,15 +247,19 @@ def decode(
     stats = GenerationStats()
     emitter = _Emitter(history, max_new_tokens, _eos_set(model, eos_token_id), stopping_criteria, streamer, device)
 
-    runner = runner if runner is not None else EagerStep(adapter, StepLayout.build(config, device), verifier)
-    if runner.layout.config != config:
-        raise ValueError(f"the step runner was built for {runner.layout.config}, not {config}")
-    window = JacobiWindow(config.window, config.levels, random.Random(seed))
-    pool = NGramPool(config.candidate_length, config.guesses)
-    source = source if source is not None else NGramPoolSource(pool, from_text=config.pool_from_prompt)
-    window.begin(prompt)
+    shapes = plan.shapes
+    verifying = [shape for shape in shapes if shape.guesses > 0]
+    candidate_length = verifying[0].candidate_length if verifying else 1
+    most_guesses = max(shape.guesses for shape in shapes)
+    if source is None:
+        from_text = any(shape.pool_from_prompt for shape in verifying)
+        source = NGramPoolSource(NGramPool(candidate_length, most_guesses), from_text=from_text)
+    rng = random.Random(seed)
+    windows = [JacobiWindow(shape.window, shape.levels, rng) if shape.has_window else None for shape in shapes]
+    chooser = ShapeChooser(shapes, plan.costs_ms)
+    for window in filter(None, windows):
+        window.begin(prompt)
     source.begin(prompt)
-    k = config.candidate_length
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -181,31 +269,38 @@ def decode(
             emitter.emit([runner.prefill(input_ids[0].to(device), history)])
         while not emitter.done:
             current = history[-1]
-            proposals = source.propose(history, config.guesses)
-            padding = [proposals[0] if proposals else (current,) * k] * (config.guesses - len(proposals))
-            step_ids = runner.layout.input_ids(current, window.tokens(), proposals + padding)
-            accepted, _, *rest = runner.step(step_ids, len(proposals), history)
-            committed, new_level = rest[: k + 1], rest[k + 1 :]
-            for key, continuation in window.advance(current, new_level):
-                pool.add(key, continuation)
-            num_new = emitter.emit(committed[: accepted + 1])
+            proposals = source.propose(history, most_guesses)
+            shape_index = chooser.choose(len(proposals))
+            shape, window = shapes[shape_index], windows[shape_index]
+            candidates = proposals[: shape.guesses]
+            padding = [candidates[0] if candidates else (current,) * shape.candidate_length]
+            step_ids = runner.layouts[shape_index].input_ids(
+                current, window.tokens() if window else [], candidates + padding * (shape.guesses - len(candidates))
+            )
+            outcome = runner.step(shape_index, step_ids, len(candidates), history)
+            credit = outcome.accepted if candidates and source.from_window(history, candidates[outcome.winner]) else 0
+            chooser.observe(shape_index, len(candidates), outcome.accepted, outcome.winner, credit)
+            if window:
+                source.observe_window(window.advance(current, outcome.new_level))
+            num_new = emitter.emit(outcome.committed)
             source.observe(history, num_new)
             stats.steps += 1
             stats.accepted_histogram[num_new] += 1
+            stats.shape_steps[shape_name(shape)] += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stats.seconds = time.perf_counter() - start
     stats.new_tokens = len(history) - len(prompt)
     if streamer is not None:
         streamer.end()
-    return LookaheadOutput(torch.tensor([history], dtype=torch.long, device=input_ids.device), stats)
+    return LookaheadOutput(torch.tensor([history], dtype=torch.long, device=input_ids.device), stats, plan)
 
 
 def generate(
     model,
     input_ids: torch.LongTensor,
     max_new_tokens: int = 128,
-    config: LookaheadConfig | None = None,
+    config: LookaheadConfig | StepPlan | str | None = AUTO,
     streamer=None,
     stopping_criteria=None,
     eos_token_id: int | Sequence[int] | None = None,
@@ -219,19 +314,25 @@ def generate(
 ) -> LookaheadOutput:
     """Lookahead decoding with the output distribution of `model.generate`, in fewer forward passes.
 
+    config: "auto" (the default, also None) uses step shapes calibrated for this device, model and dtype (cached
+    in the user's cache directory) and picks one before every step, plain one-token steps included; a
+    LookaheadConfig runs that one shape on every step.
+
     do_sample=False (the default) is greedy: the same tokens as `model.generate(do_sample=False)`, with
     `logits_processor` applied before each argmax. do_sample=True samples from the processed logits warped by
     temperature (> 0), top_k (None or 0: off) and top_p (1: off); every committed token has exactly the
     distribution `model.generate(do_sample=True)` gives it. Randomness comes from `generator` (a
     torch.Generator on the model's device), or from torch's global RNG when it is None.
 
-    runner: a prebuilt step runner, e.g. `StaticStep` (static cache, CUDA graphs), reused across calls; it
-    decodes greedily, so it cannot be combined with sampling or logits processors.
+    Greedy decoding runs on the static engine on CUDA (built once per model, shapes and length bucket, and
+    reused). runner: an expert override, a prebuilt step runner such as `StaticStep`; it decodes greedily, so
+    it cannot be combined with sampling or logits processors.
     """
-    config = config if config is not None else LookaheadConfig()
     verifier = make_verifier(model.device, do_sample, temperature, top_k, top_p, logits_processor, generator)
     if runner is not None and (do_sample or logits_processor):
         raise ValueError("runner= decodes greedily: it cannot be combined with do_sample or logits_processor")
+    if type(verifier) is GreedyVerifier:
+        verifier = None  # plain greedy: the runner's own (the static engine verifies on the device)
     return decode(
         model, input_ids, max_new_tokens, config, streamer, stopping_criteria, eos_token_id, verifier=verifier,
         runner=runner,

@@ -1,7 +1,8 @@
 """Candidate sources: where the guesses verified each step come from.
 
-A source proposes continuations of the committed history and is told what was committed. A new source is one
-subclass of `CandidateSource`; the decoding loop does not care where candidates come from.
+A source proposes continuations of the committed history, is told what was committed, and is handed the
+n-grams the lookahead window produces. A new source is one subclass of `CandidateSource`; the decoding loop
+does not care where candidates come from.
 """
 
 from __future__ import annotations
@@ -27,12 +28,20 @@ class CandidateSource(ABC):
     def observe(self, history: Sequence[int], num_new: int) -> None:
         """The last `num_new` tokens of `history` were just committed."""
 
+    def observe_window(self, ngrams: Sequence[tuple[int, tuple[int, ...]]]) -> None:
+        """The lookahead window finished these n-grams, as (first token, rest); ignored unless a source wants them."""
+
+    def from_window(self, history: Sequence[int], candidate: tuple[int, ...]) -> bool:
+        """Whether `candidate`, proposed after `history`, came from the window alone (credits the window in the
+        shape choice; False unless a source knows better)."""
+        return False
+
 
 class NGramPoolSource(CandidateSource):
     """Candidates looked up in an n-gram pool keyed by the last committed token.
 
-    The lookahead window feeds the pool with its Jacobi trajectories; with `from_text` the pool also holds the
-    n-grams of the prompt and of the committed output.
+    The pool holds the lookahead window's Jacobi trajectories and, with `from_text`, the n-grams of the prompt and
+    of the committed output.
     """
 
     def __init__(self, pool: NGramPool, from_text: bool = True) -> None:
@@ -51,3 +60,10 @@ class NGramPoolSource(CandidateSource):
             # Only n-grams that end in a new token; earlier ones are already in the pool.
             n = self.pool.continuation_length + 1
             self.pool.add_ngrams(history, start=max(0, len(history) - num_new - n + 1))
+
+    def observe_window(self, ngrams: Sequence[tuple[int, tuple[int, ...]]]) -> None:
+        for key, continuation in ngrams:
+            self.pool.add(key, continuation, from_window=True)
+
+    def from_window(self, history: Sequence[int], candidate: tuple[int, ...]) -> bool:
+        return self.pool.from_window(history[-1], candidate)

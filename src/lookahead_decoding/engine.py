@@ -12,21 +12,21 @@ the benchmarks), so lookahead can be compared against an equally optimised basel
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 from transformers import StaticCache
 
-from .config import LookaheadConfig
-from .layout import StepLayout
+from .config import AUTOREGRESSIVE, LookaheadConfig
 from .model_adapter import ModelAdapter, UnsupportedModelError
+from .step import StepOutcome, build_layouts
 from .verification import verify_greedy
 
-AUTOREGRESSIVE = LookaheadConfig(window=1, ngram=2, guesses=0, pool_from_prompt=False)
+__all__ = ["AUTOREGRESSIVE", "PREFILL_CHUNK", "StaticStep"]
 
-# Prompt tokens per prefill chunk. The prefill runs as fixed-shape chunks so that it, too, is one captured graph:
-# an eager forward of a new prompt length cost ~67 ms on the H200 (launches, and kernel selection per shape),
-# as much as 25 lookahead steps.
+# Prompt tokens per prefill chunk. The prefill runs as fixed-shape chunks so that it, too, is one captured graph
+# (an eager forward of each new prompt length pays launches and kernel selection; docs/benchmarks.md).
 PREFILL_CHUNK = 128
 
 
@@ -58,15 +58,24 @@ class Replayable:
         return self.output
 
 
+def check_max_length(max_length) -> None:
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an integer >= 2 (prompt + new tokens), got {max_length!r}")
+
+
 class StaticStep:
-    """A `StepRunner` for greedy decoding of sequences up to `max_length` tokens (prompt + new tokens)."""
+    """A `StepRunner` for greedy decoding of sequences up to `max_length` tokens (prompt + new tokens).
+
+    `shapes` is one `LookaheadConfig` or several: every shape gets its own fixed-shape step (and graph) over the
+    one static cache, and the decoding loop picks a shape per step.
+    """
 
     def __init__(
-        self, model, config: LookaheadConfig, max_length: int, cuda_graph: bool | None = None, compile: bool = False,
-        prefill_chunk: int = PREFILL_CHUNK,
+        self, model, shapes: LookaheadConfig | Sequence[LookaheadConfig], max_length: int,
+        cuda_graph: bool | None = None, compile: bool = False, prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
-        """cuda_graph: capture the step and the prefill as CUDA graphs (default: on CUDA devices). compile: fuse
-        the step's kernels with torch.compile first (slow to start; worth it for long runs). prefill_chunk:
+        """cuda_graph: capture the steps and the prefill as CUDA graphs (default: on CUDA devices). compile: fuse
+        each step's kernels with torch.compile first (slow to start; worth it for long runs). prefill_chunk:
         prompt tokens per prefill forward."""
         adapter = ModelAdapter(model)
         if adapter.sliding_window is not None:
@@ -74,28 +83,46 @@ class StaticStep:
                 f"{type(model).__name__} uses sliding-window attention, which the static engine does not support; "
                 "use lookahead_decoding.generate (dynamic cache) instead"
             )
+        check_max_length(max_length)
         if adapter.context_length is not None and max_length > adapter.context_length:
             raise ValueError(f"max_length {max_length} exceeds the model's context length of {adapter.context_length}")
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
         device = adapter.device
-        self.adapter, self.layout = adapter, StepLayout.build(config, device)
+        shapes = (shapes,) if isinstance(shapes, LookaheadConfig) else tuple(shapes)
+        self.adapter, self.layouts = adapter, build_layouts(shapes, device)
         self.max_length, self.prefill_chunk = max_length, prefill_chunk
-        size = self.layout.size
+        largest = max(layout.size for layout in self.layouts)
         # A step's rows, or a padded prefill chunk, are written after the last committed token: spare slots.
-        cache_length = max_length + max(size, prefill_chunk)
+        cache_length = max_length + max(largest, prefill_chunk)
         self.cache = StaticCache(config=model.config, max_cache_len=cache_length)
         self.key_index = torch.arange(cache_length, device=device)
-        self.inputs = torch.zeros(size + 1, dtype=torch.long, device=device)  # step ids, then #candidates
-        self.host_inputs = torch.zeros(size + 1, dtype=torch.long, pin_memory=device.type == "cuda")
+        # Per shape: step ids, then the number of real candidates.
+        self.inputs = [torch.zeros(layout.size + 1, dtype=torch.long, device=device) for layout in self.layouts]
+        self.host_inputs = [torch.zeros(layout.size + 1, dtype=torch.long, pin_memory=device.type == "cuda")
+                            for layout in self.layouts]
         self.chunk_inputs = torch.zeros(prefill_chunk + 1, dtype=torch.long, device=device)  # ids, then #real ids
         self.chunk_inputs[prefill_chunk] = 1  # so that capture's warm-up runs read the logits of a real row
         self.chunk_offsets = torch.arange(prefill_chunk, device=device)
         self.chunk_allowed = self.chunk_offsets[:, None] >= self.chunk_offsets[None, :]  # causal within the chunk
         self.last_position = (adapter.context_length or 2**62) - 1
         self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.run_step = Replayable(torch.compile(self._device_step, dynamic=False) if compile else self._device_step)
+        steps = [functools.partial(self._device_step, shape) for shape in range(len(self.layouts))]
+        self.run_step = [Replayable(torch.compile(fn, dynamic=False) if compile else fn) for fn in steps]
         self.run_prefill_chunk = Replayable(self._device_prefill_chunk)
+
+    @property
+    def captured(self) -> bool:
+        return self.run_prefill_chunk.graph is not None
+
+    def capture(self) -> None:
+        """Capture every step shape and the prefill as CUDA graphs now (otherwise the first prefill does it)."""
+        if self.adapter.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; this engine's model is on {self.adapter.device}")
+        self.use_graph = True
+        if not self.captured:
+            with torch.inference_mode():
+                self.prefill(torch.zeros(1, dtype=torch.long, device=self.adapter.device), [0])
 
     def prefill(self, prompt: torch.Tensor, history: Sequence[int]) -> int:
         length, chunk = prompt.numel(), self.prefill_chunk
@@ -107,17 +134,18 @@ class StaticStep:
             self.chunk_inputs[: ids.numel()].copy_(ids)
             self.chunk_inputs[chunk].fill_(ids.numel())
             first = self.run_prefill_chunk()
-        if self.use_graph and self.run_step.graph is None:
+        if self.use_graph and not self.captured:
             self._capture()  # only now: the cache allocates its buffers on first use
         return int(first)
 
-    def step(self, step_ids: list[int], num_candidates: int, history: Sequence[int]) -> list[int]:
+    def step(self, shape: int, step_ids: list[int], num_candidates: int, history: Sequence[int]) -> StepOutcome:
         if len(history) > self.max_length:  # the static cache has no room for the step's rows
             raise ValueError(f"generation ran past this engine's max_length {self.max_length}")
-        self.host_inputs[:-1] = torch.tensor(step_ids)
-        self.host_inputs[-1] = num_candidates
-        self.inputs.copy_(self.host_inputs, non_blocking=True)
-        return self.run_step().tolist()
+        host = self.host_inputs[shape]
+        host[:-1] = torch.tensor(step_ids)
+        host[-1] = num_candidates
+        self.inputs[shape].copy_(host, non_blocking=True)
+        return StepOutcome.from_host(self.run_step[shape]().tolist(), self.layouts[shape].config)
 
     def _cached_length(self) -> torch.Tensor:
         return self.cache.layers[0].cumulative_length
@@ -147,35 +175,35 @@ class StaticStep:
         self._set_cached_length(start + count)
         return logits[0].argmax()
 
-    def _device_step(self) -> torch.Tensor:
-        layout, config = self.layout, self.layout.config
+    def _device_step(self, shape: int) -> torch.Tensor:
+        layout = self.layouts[shape]
+        config = layout.config
         size, guesses, k = layout.size, config.guesses, config.candidate_length
-        step_ids, num_candidates = self.inputs[:size], self.inputs[size]
+        step_ids, num_candidates = self.inputs[shape][:size], self.inputs[shape][size]
         start = self._cached_length().clone()  # tokens cached before this step; the current token sits there
         positions = (layout.position_offsets + start).clamp(max=self.last_position)
         mask = self._attention_mask(start, positions, layout.allowed)
 
         logits = self.adapter.forward(step_ids, positions, mask, self.cache, layout.logit_rows)
         preds = logits.argmax(dim=-1)
-        candidates = step_ids[layout.lookahead_size :].view(guesses, k)
+        candidates = step_ids[layout.candidate_rows].view(guesses, k)
         valid = torch.arange(guesses, device=preds.device) < num_candidates
-        result = verify_greedy(preds[0], candidates, preds[1 + config.window :].view(guesses, k), valid)
+        result = verify_greedy(preds[0], candidates, preds[layout.candidate_logits].view(guesses, k), valid)
 
         # Keep the current token and the winner's accepted tokens: move the winner's KV right behind the
         # current token (all K rows, so the shape is fixed) and set the length to what was committed.
         accepted, winner = result[0], result[1]
-        offsets = torch.arange(k, device=preds.device)
-        source = start + layout.lookahead_size + winner * k + offsets
-        target = start + 1 + offsets
+        source = start + layout.candidate_token_rows(winner)
+        target = start + 1 + layout.candidate_offsets
         if guesses > 0:
             for layer in self.cache.layers:
                 layer.keys.index_copy_(2, target, layer.keys.index_select(2, source))
                 layer.values.index_copy_(2, target, layer.values.index_select(2, source))
         self._set_cached_length(start + 1 + accepted)
-        return torch.cat([result, preds[1 : 1 + config.window]])
+        return torch.cat([result, preds[layout.new_level_logits]])
 
     def _capture(self) -> None:
-        """Record the step and the prefill chunk as CUDA graphs; warm-up runs leave the cache as they found it."""
+        """Record the steps and the prefill chunk as CUDA graphs; warm-up runs leave the cache as they found it."""
         saved = self._cached_length().clone()
-        for replayable in (self.run_step, self.run_prefill_chunk):
+        for replayable in (*self.run_step, self.run_prefill_chunk):
             replayable.capture(lambda: self._set_cached_length(saved))

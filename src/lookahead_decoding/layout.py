@@ -32,6 +32,7 @@ class StepLayout:
     position_offsets: torch.Tensor  # [S] position of each input row relative to the current token
     allowed: torch.Tensor  # [S, S] bool, True where row q may attend to step row k
     logit_rows: torch.Tensor  # rows whose logits are used: current token, last level, candidates
+    candidate_offsets: torch.Tensor  # [K] 0..K-1
 
     @property
     def size(self) -> int:
@@ -43,8 +44,23 @@ class StepLayout:
         return self.config.levels * self.config.window
 
     @property
-    def last_level_start(self) -> int:
-        return (self.config.levels - 1) * self.config.window
+    def candidate_rows(self) -> slice:
+        """Input rows of the verification branch: G candidates of K tokens, one after the other."""
+        return slice(self.lookahead_size, self.size)
+
+    # Rows of the step's logits (see `logit_rows`): the current token's, then the last level's, then the candidates'.
+    @property
+    def new_level_logits(self) -> slice:
+        return slice(1, 1 + self.config.window)
+
+    @property
+    def candidate_logits(self) -> slice:
+        return slice(1 + self.config.window, None)
+
+    def candidate_token_rows(self, candidate) -> torch.Tensor:
+        """Input rows [K] of one candidate's tokens (`candidate` may be a device tensor)."""
+        k = self.config.candidate_length
+        return self.candidate_offsets + self.lookahead_size + candidate * k
 
     @classmethod
     def build(cls, config: LookaheadConfig, device: torch.device | str = "cpu") -> "StepLayout":
@@ -73,7 +89,8 @@ class StepLayout:
 
         last_level = torch.arange((levels - 1) * window, lookahead)
         logit_rows = torch.cat([torch.zeros(1, dtype=torch.long), last_level, lookahead + cand_row])
-        return cls(config, offsets.to(device), allowed.to(device), logit_rows.to(device))
+        return cls(config, offsets.to(device), allowed.to(device), logit_rows.to(device),
+                   torch.arange(cand_len, device=device))
 
     def input_ids(self, current: int, window_tokens: list[int], candidates: list[tuple[int, ...]]) -> list[int]:
         """Flatten one step's tokens in layout order; `candidates` must already be padded to G."""

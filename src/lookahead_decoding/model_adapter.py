@@ -4,6 +4,7 @@ the cache passed under whichever name this transformers version uses, logits onl
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 from transformers import DynamicCache
@@ -47,7 +48,8 @@ class ModelAdapter:
                 f"{name} uses attn_implementation={attention!r}, which cannot take the custom 4D attention mask of "
                 f"lookahead decoding; load the model with attn_implementation='sdpa' or 'eager'"
             )
-        self.model = model
+        # Weak, so that engines cached per model (runners.py) do not keep their model alive.
+        self._model = weakref.ref(model)
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.keeps_logits = "logits_to_keep" in params
         self.context_length = context_length(config)
@@ -63,6 +65,13 @@ class ModelAdapter:
             use_sliding = getattr(text_config, "use_sliding_window", True)
             self.sliding_window = window if use_sliding else None
             self.mask_per_layer_type = False
+
+    @property
+    def model(self):
+        model = self._model()
+        if model is None:
+            raise ValueError("the model this step runner was built for no longer exists")
+        return model
 
     @property
     def device(self) -> torch.device:

@@ -20,11 +20,11 @@ from contextlib import contextmanager
 
 import torch
 
-from ..config import LookaheadConfig
-from ..decoding import decode, generate
-from ..engine import AUTOREGRESSIVE, StaticStep
-from ..layout import StepLayout
+from ..cli.common import config_from_args
+from ..config import AUTOREGRESSIVE, LookaheadConfig
+from ..decoding import AUTO, decode, resolve_plan
 from ..model_adapter import ModelAdapter
+from ..runners import runner_for
 from ..step import EagerStep
 
 Method = Callable[..., tuple]
@@ -94,11 +94,9 @@ def prompt_lookup(model, input_ids, max_new_tokens, args):
     return hf_generate(model, input_ids, max_new_tokens, prompt_lookup_num_tokens=PLD_TOKENS)
 
 
-def lookahead_config(args) -> LookaheadConfig:
-    """LookaheadConfig from args.window/ngram/guesses/candidate_length; the library default for any that is None
-    or absent."""
-    given = {name: getattr(args, name, None) for name in ("window", "ngram", "guesses", "candidate_length")}
-    return LookaheadConfig(**{name: value for name, value in given.items() if value is not None})
+def lookahead_config(args) -> LookaheadConfig | str:
+    """The configuration of --window/--ngram/--guesses/--candidate-length, or "auto" when none is given."""
+    return config_from_args(args) or AUTO
 
 
 def histogram(stats) -> dict[str, int]:
@@ -111,40 +109,14 @@ def hf_compiled(model, input_ids, max_new_tokens, args):
     return hf_generate(model, input_ids, max_new_tokens, cache_implementation="static")
 
 
-# Engines are built per bucket of prompt + new tokens and reused; the warm-up builds (captures, compiles) one per
-# bucket the run needs, so none is built inside a timed run. Every step attends over the whole static cache, so
-# buckets are tight on CPU; on CUDA, where building one costs a compilation, one bucket serves every prompt of
-# the bundled datasets at 256 new tokens.
-ENGINE_LENGTH_STEP = {"cuda": 1024}
-DEFAULT_ENGINE_LENGTH_STEP = 128
-_engines: dict[tuple, StaticStep] = {}
-
-
-def engine_length(model, length: int) -> int:
-    """The engine size (max_length) that serves sequences of `length` tokens: `length` rounded up to a bucket."""
-    step = ENGINE_LENGTH_STEP.get(model.device.type, DEFAULT_ENGINE_LENGTH_STEP)
-    max_length = -(-length // step) * step
-    context = ModelAdapter(model).context_length
-    return max_length if context is None else min(max_length, context)
-
-
-def static_engine(model, config: LookaheadConfig, length: int, args) -> StaticStep:
-    """The (cached) fixed-shape engine for `config` that fits `length` tokens; captured once, replayed after."""
-    max_length = engine_length(model, length)
-    compile_step = bool(getattr(args, "compile", False))
-    key = (id(model), config, max_length, compile_step)
-    if key not in _engines:
-        _engines[key] = StaticStep(model, config, max_length, compile=compile_step)
-    return _engines[key]
-
-
 class TimedRunner:
     """A StepRunner wrapper adding up the seconds spent in the model: the prefill and every fused step (forward,
     verification, KV commit and the host sync that ends it). The rest of a run is host-side work: drafting,
-    window, pool and stopping checks."""
+    window, pool, shape choice and stopping checks."""
 
     def __init__(self, runner) -> None:
-        self.runner, self.layout, self.model_seconds = runner, runner.layout, 0.0
+        self.runner, self.layouts, self.adapter, self.model_seconds = runner, runner.layouts, runner.adapter, 0.0
+        self.max_length = getattr(runner, "max_length", None)
 
     def _timed(self, call, *args):
         start = time.perf_counter()
@@ -155,24 +127,23 @@ class TimedRunner:
     def prefill(self, prompt, history):
         return self._timed(self.runner.prefill, prompt, history)
 
-    def step(self, step_ids, num_candidates, history):
-        return self._timed(self.runner.step, step_ids, num_candidates, history)
+    def step(self, shape, step_ids, num_candidates, history):
+        return self._timed(self.runner.step, shape, step_ids, num_candidates, history)
 
 
-def lookahead_with(config: LookaheadConfig) -> Method:
-    """Greedy decoding on the static engine with `config`; the dynamic-cache path where the engine cannot run.
-    Rows also get `model_seconds`, the time spent in the model (see TimedRunner)."""
+def lookahead_with(config: LookaheadConfig | str) -> Method:
+    """Greedy decoding with `config` ("auto" included) on the runner the library picks (the static engine on CUDA,
+    reused across prompts). Rows also get `model_seconds`, the time spent in the model (see TimedRunner), and the
+    steps taken of each shape."""
 
     def run(model, input_ids, max_new_tokens, args):
-        adapter = ModelAdapter(model)
-        if adapter.sliding_window is not None:
-            runner = TimedRunner(EagerStep(adapter, StepLayout.build(config, adapter.device)))
-        else:
-            # Sized for the run's --max-new-tokens, so that the short warm-up builds the engine the run uses.
-            new_tokens = max(max_new_tokens, getattr(args, "max_new_tokens", 0))
-            runner = TimedRunner(static_engine(model, config, input_ids.shape[1] + new_tokens, args))
-        out = decode(model, input_ids, max_new_tokens, config, runner=runner)
+        plan = resolve_plan(model, config)
+        # Sized for the run's --max-new-tokens, so that the short warm-up builds the engine the run uses.
+        length = input_ids.shape[1] + max(max_new_tokens, getattr(args, "max_new_tokens", 0))
+        runner = TimedRunner(runner_for(model, plan.shapes, length, compile=bool(getattr(args, "compile", False))))
+        out = decode(model, input_ids, max_new_tokens, plan, runner=runner)
         return out.sequences, out.stats.steps, {"accepted_histogram": histogram(out.stats),
+                                                "shape_steps": dict(out.stats.shape_steps),
                                                 "model_seconds": runner.model_seconds}
 
     return run
@@ -186,14 +157,15 @@ def autoregressive_graph(model, input_ids, max_new_tokens, args):
 
 @register_method("lookahead")
 def lookahead(model, input_ids, max_new_tokens, args):
-    """Our lookahead decoding, on the fast engine."""
+    """Our lookahead decoding as `ld.generate` runs it: calibrated shapes chosen per step unless W/N/G are given."""
     return lookahead_with(lookahead_config(args))(model, input_ids, max_new_tokens, args)
 
 
 @register_method("lookahead-eager")
 def lookahead_eager(model, input_ids, max_new_tokens, args):
-    """Lookahead decoding through `lookahead_decoding.generate` (dynamic cache, no graphs)."""
-    out = generate(model, input_ids, max_new_tokens, config=lookahead_config(args))
+    """Lookahead decoding on the dynamic-cache runner (no static engine, no graphs)."""
+    plan = resolve_plan(model, lookahead_config(args))
+    out = decode(model, input_ids, max_new_tokens, plan, runner=EagerStep(ModelAdapter(model), plan.shapes))
     return out.sequences, out.stats.steps, {"accepted_histogram": histogram(out.stats)}
 
 

@@ -18,8 +18,11 @@ from torch.profiler import ProfilerActivity, profile, schedule
 
 from ..cli.common import config_dict
 from ..decoding import decode
-from ..engine import AUTOREGRESSIVE, StaticStep
-from .methods import engine_length, lookahead_config
+from ..config import AUTOREGRESSIVE, LookaheadConfig
+from ..decoding import resolve_plan
+from ..engine import StaticStep
+from ..runners import engine_length
+from .methods import lookahead_config
 from .runner import encode_all, environment, prepare, run_config, synchronize
 
 WARMUP_STEPS = 3
@@ -48,15 +51,15 @@ class ProfiledRunner:
     """A StepRunner wrapper that advances the profiler's schedule after the prefill and every step."""
 
     def __init__(self, runner, profiler) -> None:
-        self.runner, self.layout, self.profiler, self.steps = runner, runner.layout, profiler, 0
+        self.runner, self.layouts, self.adapter, self.profiler, self.steps = runner, runner.layouts, runner.adapter, profiler, 0
 
     def prefill(self, prompt, history):
         first = self.runner.prefill(prompt, history)
         self.profiler.step()
         return first
 
-    def step(self, step_ids, num_candidates, history):
-        outcome = self.runner.step(step_ids, num_candidates, history)
+    def step(self, shape, step_ids, num_candidates, history):
+        outcome = self.runner.step(shape, step_ids, num_candidates, history)
         self.steps += 1
         self.profiler.step()
         return outcome
@@ -68,7 +71,7 @@ def profile_config(model, input_ids: torch.Tensor, max_new_tokens: int, engine: 
     uncaptured `engine`."""
     on_cuda = model.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    config = engine.layout.config
+    config = engine.layouts[0].config
     # wait=1 skips the prefill; the schedule then records `active` steps after the warm-up.
     with profile(activities=activities, schedule=schedule(wait=1, warmup=WARMUP_STEPS, active=active, repeat=1)) as prof:
         runner = ProfiledRunner(engine, prof)
@@ -97,7 +100,7 @@ def profile_config(model, input_ids: torch.Tensor, max_new_tokens: int, engine: 
     top_ops = sorted(per_op.items(), key=lambda item: -item[1])[:12]
     return {
         **config_dict(config),
-        "step_tokens": engine.layout.size,
+        "step_tokens": engine.layouts[0].size,
         "cache_slots": engine.cache.layers[0].max_cache_len,
         "profiled_steps": profiled,
         "timer": "device" if on_cuda else "cpu",
@@ -115,24 +118,27 @@ def time_captured_step(engine: StaticStep, input_ids: torch.Tensor) -> float:
     after the prompt's prefill. The step's inputs stay zeros with no candidates, so each replay commits one
     token: the cost is the same for any inputs (fixed shapes)."""
     device = engine.adapter.device
-    engine.use_graph = device.type == "cuda"  # the next prefill captures the step (already compiled, if asked)
+    if device.type == "cuda":
+        engine.capture()  # already compiled, if asked
     prompt = input_ids[0]
     replays = min(TIMED_REPLAYS, engine.max_length - prompt.numel())
     with torch.inference_mode():
         engine.prefill(prompt, prompt.tolist())
-        engine.run_step()  # a first run outside the timing
+        engine.run_step[0]()  # a first run outside the timing
         synchronize(device)
         start = time.perf_counter()
         for _ in range(replays):
-            engine.run_step()
+            engine.run_step[0]()
         synchronize(device)
     return (time.perf_counter() - start) / replays * 1e3
 
 
 def run_profile(args, model=None, tokenizer=None) -> dict:
     """`--profile`: profile plain decoding (the ar-graph step) and lookahead on the dataset's first prompt."""
-    config = lookahead_config(args)
     prompts, model, tokenizer = prepare(args, model, tokenizer)
+    config = lookahead_config(args)
+    if not isinstance(config, LookaheadConfig):  # auto: the widest shape of the calibrated plan
+        config = resolve_plan(model, config).shapes[-1]
     if args.compile and model.device.type != "cuda":
         # Compiled CPU code runs outside aten ops, so the breakdown by op would miss most of the time.
         raise ValueError("--profile --compile needs a CUDA device (it lists the compiled step's GPU kernels)")

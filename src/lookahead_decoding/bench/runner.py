@@ -19,7 +19,8 @@ from tqdm import tqdm
 from ..cli.common import config_dict, encode_prompt, load_from_args
 from ..config import LookaheadConfig
 from .data import Prompt, load_prompts
-from .methods import METHODS, Method, engine_length, lookahead_config, lookahead_with, parse_methods
+from ..runners import engine_length
+from .methods import METHODS, Method, lookahead_config, lookahead_with, parse_methods
 
 WARMUP_TOKENS = 8
 
@@ -112,7 +113,7 @@ def measure(
     model, inputs: Sequence[Encoded], methods: dict[str, Method], max_new_tokens: int, args, extra_fields=None
 ) -> list[dict]:
     """One row per prompt and method. `methods` must start with the reference (--reference). A warm-up comes first:
-    a short run of every method on one prompt per engine size the run needs (see methods.engine_length).
+    a short run of every method on one prompt per engine size the run needs (see runners.engine_length).
     `extra_fields` maps a method label to fields added to each of its rows."""
     extra_fields = extra_fields or {}
     warmup = min(WARMUP_TOKENS, max_new_tokens)
@@ -219,7 +220,7 @@ def bench(args, model=None, tokenizer=None) -> dict:
     rows = measure(model, inputs, {name: METHODS[name] for name in names}, args.max_new_tokens, args)
     return {
         "environment": environment(model, args),
-        "config": {**run_config(args), "method_list": names, "lookahead_config": config_dict(config),
+        "config": {**run_config(args), "method_list": names, "lookahead_config": config if isinstance(config, str) else config_dict(config),
                    "warmup_tokens": WARMUP_TOKENS},
         "summary": {args.dataset: summarize(rows)},
         "rows": rows,

@@ -1,0 +1,90 @@
+"""Which step runner serves a generation, built once per model, step shapes and length bucket, and reused.
+
+The static engine (`engine.StaticStep`: preallocated cache, CUDA graphs) serves greedy decoding on CUDA. Elsewhere
+the dynamic-cache `step.EagerStep` does: sampling and logits processors need its verifiers, sliding-window models
+its cache, and on a CPU its attention over the tokens cached so far beats a static cache's attention over every
+slot (docs/benchmarks.md). Engines are cached weakly on the model: dropping the model frees them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+from .config import LookaheadConfig
+from .engine import StaticStep
+from .model_adapter import ModelAdapter
+from .step import EagerStep, StepRunner
+from .tuning import StepPlan, cached_plan, calibrate, calibration_key, store_plan
+from .verification import Verifier
+
+STATIC_ENGINE_DEVICES = ("cuda",)
+# Engines are sized to a bucket of prompt + new tokens. Every step attends over the whole static cache, so
+# buckets are tight where that costs (CPU); on CUDA, building an engine costs captures (and a compilation), so
+# one bucket serves most prompts.
+ENGINE_LENGTH_STEP = {"cuda": 1024}
+DEFAULT_ENGINE_LENGTH_STEP = 128
+
+_engines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(shapes, length, compile): engine}
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {calibration key: StepPlan}
+
+
+def uses_static_engine(model, verifier: Verifier | None = None) -> bool:
+    """Whether greedy decoding of `model` runs on the static engine: on CUDA, plain greedy verification, and no
+    sliding-window attention."""
+    adapter = ModelAdapter(model)
+    return verifier is None and adapter.device.type in STATIC_ENGINE_DEVICES and adapter.sliding_window is None
+
+
+def engine_length(model, length: int) -> int:
+    """The engine size (max_length) that serves sequences of `length` tokens: `length` rounded up to a bucket."""
+    step = ENGINE_LENGTH_STEP.get(model.device.type, DEFAULT_ENGINE_LENGTH_STEP)
+    max_length = -(-length // step) * step
+    context = ModelAdapter(model).context_length
+    return max_length if context is None else min(max_length, context)
+
+
+def static_engine(model, shapes: Sequence[LookaheadConfig], length: int, compile: bool = False) -> StaticStep:
+    """The cached static engine for `shapes` that fits `length` tokens; built (and captured) once."""
+    max_length = engine_length(model, length)
+    engines = _engines.setdefault(model, {})
+    key = (tuple(shapes), max_length, compile)
+    if key not in engines:
+        engines[key] = StaticStep(model, shapes, max_length, compile=compile)
+    return engines[key]
+
+
+def runner_for(model, shapes: Sequence[LookaheadConfig], length: int, verifier: Verifier | None = None,
+               compile: bool = False) -> StepRunner:
+    """The runner for a generation of up to `length` tokens with these step shapes."""
+    if uses_static_engine(model, verifier):
+        return static_engine(model, shapes, length, compile)
+    return EagerStep(ModelAdapter(model), shapes, verifier)
+
+
+def auto_plan(model, verifier: Verifier | None = None) -> StepPlan:
+    """The calibrated step plan for `model` on the runner kind it will use: from memory, from the cache file, or
+    measured now (and stored)."""
+    static = uses_static_engine(model, verifier)
+    key = calibration_key(model, "static" if static else "dynamic")
+    plans = _plans.setdefault(model, {})
+    if key not in plans:
+        plan = cached_plan(key)
+        if plan is None:
+            plan = calibrate_plan(model, static)
+            store_plan(key, plan)
+        plans[key] = plan
+    return plans[key]
+
+
+def calibrate_plan(model, static: bool) -> StepPlan:
+    """Measure the candidate shapes on the runner kind decoding uses (uncompiled; compiling scales every step
+    alike) and choose the plan."""
+    adapter = ModelAdapter(model)
+    vocab = adapter.model.get_output_embeddings().weight.shape[0]
+    if static:
+        length = engine_length(model, 1024)
+        make_runner = lambda shapes: StaticStep(model, shapes, length)  # noqa: E731
+    else:
+        make_runner = lambda shapes: EagerStep(adapter, shapes)  # noqa: E731
+    return calibrate(make_runner, vocab)

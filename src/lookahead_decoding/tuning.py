@@ -1,0 +1,188 @@
+"""config="auto": the step shapes for this device, model and dtype, chosen by measuring what each step costs.
+
+A plan holds the plain one-token step, a narrow step that only verifies a few candidates and a wide lookahead
+step (Jacobi window + candidates), cheapest first; `shape_choice.ShapeChooser` picks one of them before every
+step. Calibration times each candidate shape on the runner decoding will use, then keeps the wide shape with the
+most expected tokens per millisecond (the expected tokens grow with the step's rows, see `expected_tokens`) and
+the widest narrow step that costs little more than the plain one. Results are cached per model, device, dtype
+and library version in the user's cache directory; a missing, stale or unreadable cache file means "calibrate
+again", never an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import AUTOREGRESSIVE, LookaheadConfig
+
+CALIBRATION_VERSION = 1
+CACHE_FILE = "calibration.json"
+
+# Wide shapes tried, as (W, N, G): the paper's and the reference code's settings and wider ones (algorithm.md).
+WIDE_LADDER = ((3, 4, 3), (5, 4, 5), (7, 5, 7), (10, 5, 10), (15, 5, 15), (20, 7, 20))
+NARROW_GUESSES = (1, 2, 4, 8)
+# A narrow step may cost this much more than the cheapest one; it is meant to be nearly free.
+NARROW_COST_SLACK = 1.15
+# Expected tokens per lookahead step against its rows, 1 + 0.22·log2(1 + rows): a rough fit to the CPU and H200
+# sweeps of docs/benchmarks.md across datasets. It only ranks wide shapes; during decoding the shape choice
+# uses the acceptance it measures.
+TOKENS_PER_LOG2_ROW = 0.22
+CALIBRATION_PROMPT_TOKENS = 64
+WARMUP_STEPS, TIMED_STEPS = 2, 6
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The step shapes a generation may use, cheapest first, and what one step of each costs here (ms)."""
+
+    shapes: tuple[LookaheadConfig, ...]
+    costs_ms: tuple[float, ...]
+
+    def describe(self) -> str:
+        return ", ".join(f"{shape_name(s)} {c:.2f} ms" for s, c in zip(self.shapes, self.costs_ms))
+
+    def as_dict(self) -> dict:
+        return {"shapes": [shape_dict(s) for s in self.shapes], "costs_ms": list(self.costs_ms)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StepPlan":
+        shapes = tuple(LookaheadConfig(**shape) for shape in data["shapes"])
+        costs = tuple(float(c) for c in data["costs_ms"])
+        if not shapes or len(shapes) != len(costs) or not all(math.isfinite(c) and c > 0 for c in costs):
+            raise ValueError("malformed step plan")
+        return cls(shapes, costs)
+
+
+def shape_dict(config: LookaheadConfig) -> dict:
+    return {"window": config.window, "ngram": config.ngram, "guesses": config.guesses,
+            "candidate_length": config.candidate_length, "pool_from_prompt": config.pool_from_prompt}
+
+
+def shape_name(config: LookaheadConfig) -> str:
+    if config.guesses == 0 and not config.has_window:
+        return "plain"
+    if not config.has_window:
+        return f"verify G={config.guesses} K={config.candidate_length}"
+    return f"lookahead W={config.window} N={config.ngram} G={config.guesses} K={config.candidate_length}"
+
+
+def expected_tokens(config: LookaheadConfig) -> float:
+    return 1.0 + TOKENS_PER_LOG2_ROW * math.log2(1 + config.tokens_per_step)
+
+
+def verify_only(guesses: int, candidate_length: int) -> LookaheadConfig:
+    """A step that verifies `guesses` candidates and runs no window."""
+    return LookaheadConfig(window=1, ngram=2, guesses=guesses, candidate_length=candidate_length)
+
+
+# ------------------------------------------------------------------------------------------------- measuring
+
+
+def time_steps(runner, vocab_size: int) -> list[float]:
+    """Milliseconds per step of each of `runner`'s shapes, after a prefill of a fixed prompt; every step verifies
+    no candidate (the cost does not depend on the tokens) and is timed as decoding runs it, host sync included."""
+    device = runner.adapter.device
+    steps = WARMUP_STEPS + TIMED_STEPS
+    room = getattr(runner, "max_length", None)
+    length = CALIBRATION_PROMPT_TOKENS if room is None else max(1, min(CALIBRATION_PROMPT_TOKENS, room - steps - 1))
+    prompt = torch.arange(length, device=device) % vocab_size
+    costs = []
+    with torch.inference_mode():
+        for shape, layout in enumerate(runner.layouts):
+            history = prompt.tolist()
+            history.append(runner.prefill(prompt, history))
+            ids = [0] * layout.size
+            for i in range(steps):
+                if i == WARMUP_STEPS:
+                    start = time.perf_counter()
+                history.extend(runner.step(shape, ids, 0, history).committed)
+            costs.append((time.perf_counter() - start) / TIMED_STEPS * 1e3)
+    return costs
+
+
+def calibrate(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_size: int) -> StepPlan:
+    """Measure the candidate shapes on runners from `make_runner(shapes)` and choose the plan."""
+    wide = [LookaheadConfig(w, n, g) for w, n, g in WIDE_LADDER]
+    plain_cost = time_steps(make_runner([AUTOREGRESSIVE]), vocab_size)[0]
+    wide_costs = [time_steps(make_runner([shape]), vocab_size)[0] for shape in wide]
+    best = max(range(len(wide)), key=lambda i: expected_tokens(wide[i]) / wide_costs[i])
+    chosen_wide, wide_cost = wide[best], wide_costs[best]
+    k = chosen_wide.candidate_length
+    narrow = [verify_only(g, k) for g in NARROW_GUESSES]
+    narrow_costs = time_steps(make_runner(narrow), vocab_size)
+    affordable = [i for i, cost in enumerate(narrow_costs) if cost <= NARROW_COST_SLACK * min(narrow_costs)]
+    pick = affordable[-1]
+    shapes, costs = [AUTOREGRESSIVE], [plain_cost]
+    if narrow_costs[pick] < wide_cost:
+        shapes.append(narrow[pick])
+        costs.append(narrow_costs[pick])
+    shapes.append(chosen_wide)
+    costs.append(wide_cost)
+    return StepPlan(tuple(shapes), tuple(costs))
+
+
+# ------------------------------------------------------------------------------------------------- the cache
+
+
+def cache_path() -> Path:
+    """The calibration file: $LOOKAHEAD_CACHE_DIR, else the user's cache directory (platformdirs)."""
+    import platformdirs
+
+    directory = os.environ.get("LOOKAHEAD_CACHE_DIR") or platformdirs.user_cache_dir("lookahead-decoding")
+    return Path(directory) / CACHE_FILE
+
+
+def calibration_key(model, engine: str) -> str:
+    """What a plan depends on: the model (name and architecture), the device, the dtype, the engine, the versions."""
+    import transformers
+
+    device = model.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    architecture = hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+    parts = [getattr(model, "name_or_path", "") or type(model).__name__, architecture, device_name,
+             str(model.dtype), engine, f"torch {torch.__version__}", f"transformers {transformers.__version__}",
+             f"calibration {CALIBRATION_VERSION}"]
+    return " | ".join(parts)
+
+
+def read_cache(path: Path) -> dict:
+    """The cache file's entries; {} for a missing, unreadable or foreign file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != CALIBRATION_VERSION or not isinstance(data.get("plans"), dict):
+        return {}
+    return data["plans"]
+
+
+def cached_plan(key: str, path: Path | None = None) -> StepPlan | None:
+    entry = read_cache(path or cache_path()).get(key)
+    try:
+        return StepPlan.from_dict(entry) if isinstance(entry, dict) else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def store_plan(key: str, plan: StepPlan, path: Path | None = None) -> None:
+    """Add the plan to the cache file; a cache that cannot be written only costs a calibration next time."""
+    path = path or cache_path()
+    plans = read_cache(path)
+    plans[key] = plan.as_dict()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({"version": CALIBRATION_VERSION, "plans": plans}, indent=1), encoding="utf-8")
+        temporary.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+    except OSError as err:
+        warnings.warn(f"could not write the calibration cache {path}: {err}", RuntimeWarning, stacklevel=2)

@@ -1,0 +1,210 @@
+"""Adaptive step shapes: any schedule of shapes is exact, the choice follows costs and acceptance, and the
+calibrated plan is cached without ever crashing on a bad cache file."""
+
+import gc
+import json
+import random
+import weakref
+
+import pytest
+import torch
+from conftest import VOCAB, greedy_reference, tiny_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lookahead_decoding as ld
+from lookahead_decoding import decoding, runners, tuning
+from lookahead_decoding.config import AUTOREGRESSIVE
+from lookahead_decoding.engine import StaticStep
+from lookahead_decoding.model_adapter import ModelAdapter
+from lookahead_decoding.shape_choice import AcceptancePrior, ShapeChooser
+from lookahead_decoding.step import EagerStep
+from lookahead_decoding.tuning import StepPlan, verify_only
+
+K = 3
+SHAPES = (AUTOREGRESSIVE, verify_only(2, K), ld.LookaheadConfig(4, 4, 4), ld.LookaheadConfig(2, 3, 3, candidate_length=K))
+
+
+class RandomSchedule(ShapeChooser):
+    """Picks a random shape every step, whatever the statistics say."""
+
+    seed = 0
+
+    def choose(self, num_candidates):
+        if not hasattr(self, "rng"):
+            self.rng = random.Random(RandomSchedule.seed)
+        return self.rng.randrange(len(self.shapes))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    arch=st.sampled_from(["llama", "qwen3", "gpt2", "gpt_neox", "phi3", "mistral", "gemma2"]),
+    static=st.booleans(),
+    seed=st.integers(0, 10**6),
+    motif=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=5),
+    prompt_len=st.integers(1, 18),
+    max_new_tokens=st.integers(1, 40),
+)
+def test_a_random_schedule_of_shapes_equals_greedy(arch, static, seed, motif, prompt_len, max_new_tokens):
+    model = tiny_model(arch)
+    static = static and ModelAdapter(model).sliding_window is None  # the static engine has no sliding windows
+    prompt = torch.tensor([(motif * 20)[:prompt_len]])
+    runner = StaticStep(model, SHAPES, 64) if static else EagerStep(ModelAdapter(model), SHAPES)
+    RandomSchedule.seed = seed
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decoding, "ShapeChooser", RandomSchedule)
+        out = decoding.decode(model, prompt, max_new_tokens, StepPlan(SHAPES, (1.0,) * len(SHAPES)), runner=runner)
+    assert out.sequences.tolist() == greedy_reference(model, prompt, max_new_tokens).tolist()
+    assert sum(out.stats.shape_steps.values()) == out.stats.steps
+
+
+def chooser(**prior):
+    # plain 1 ms, verify-only 1.1 ms, wide lookahead 1.6 ms
+    return ShapeChooser(SHAPES[:3], (1.0, 1.1, 1.6), AcceptancePrior(**prior))
+
+
+def test_plain_steps_when_nothing_pays():
+    pick = chooser(accepted=0.0, window_yield=0.0)
+    assert pick.choose(num_candidates=0) == 0
+    assert pick.choose(num_candidates=5) == 0
+
+
+def test_the_window_runs_while_it_yields():
+    pick = chooser(accepted=0.0, window_yield=1.0)  # (1 + 1) / 1.6 beats 1 / 1
+    assert pick.choose(num_candidates=0) == 2
+    for _ in range(30):  # window steps whose n-grams never get accepted
+        pick.observe(2, num_candidates=0, accepted=0, winner=0, window_credit=0)
+    assert pick.window_yield < 0.1
+    assert pick.choose(num_candidates=0) == 0
+
+
+def test_cheap_verification_when_candidates_get_accepted():
+    pick = chooser(accepted=0.0, window_yield=0.0)
+    for _ in range(20):  # the wide step verified 4 candidates; the best-ranked one was accepted for 3 tokens
+        pick.observe(2, num_candidates=4, accepted=3, winner=0, window_credit=0)
+    assert pick.accepted[1] == pytest.approx(3, abs=0.5)  # the narrow step learnt it would have accepted as much
+    assert pick.choose(num_candidates=4) == 1  # (1 + 3) / 1.1 beats (1 + 3 + 0) / 1.6 and 1 / 1
+    assert pick.choose(num_candidates=0) == 0  # nothing to verify and a window that yields nothing
+
+
+def test_a_narrow_step_learns_nothing_from_a_winner_it_would_not_have_verified():
+    pick = chooser(accepted=0.0, window_yield=0.0)
+    for _ in range(20):
+        pick.observe(2, num_candidates=4, accepted=3, winner=3, window_credit=0)  # winner beyond the narrow G=2
+    assert pick.accepted[1] == pytest.approx(0)
+    assert pick.accepted[2] == pytest.approx(3, abs=0.5)
+
+
+def test_chooser_rejects_bad_costs():
+    with pytest.raises(ValueError, match="step costs must be positive"):
+        ShapeChooser(SHAPES[:2], (1.0, 0.0))
+    with pytest.raises(ValueError, match="one cost per shape"):
+        ShapeChooser(SHAPES[:2], (1.0,))
+
+
+# ---------------------------------------------------------------------------------------------- the default path
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """An empty calibration cache, in this process (plans kept in memory) and on disk."""
+    monkeypatch.setenv("LOOKAHEAD_CACHE_DIR", str(tmp_path))
+    runners._plans.clear()
+    return tmp_path
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral"])
+def test_default_generate_is_auto_and_exact(cache_dir, arch):
+    model = tiny_model(arch)
+    prompt = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5]])
+    out = ld.generate(model, prompt, 40)
+    assert out.sequences.tolist() == greedy_reference(model, prompt, 40).tolist()
+    assert out.plan.shapes[0] == AUTOREGRESSIVE and out.plan.shapes[-1].has_window
+    assert len(out.plan.costs_ms) == len(out.plan.shapes)
+    assert (cache_dir / tuning.CACHE_FILE).exists()
+
+
+def test_calibration_is_cached_and_reused(cache_dir, monkeypatch):
+    model = tiny_model("llama")
+    first = runners.auto_plan(model)
+    runners._plans.clear()  # a new process: only the file remains
+    monkeypatch.setattr(runners, "calibrate_plan", lambda *a: pytest.fail("calibrated again despite the cache"))
+    assert runners.auto_plan(model) == first
+
+
+@pytest.mark.parametrize("content", ["", "{not json", "[1, 2]", '{"version": 999, "plans": {}}',
+                                     '{"version": 1, "plans": {"KEY": {"shapes": [{"window": -1}], "costs_ms": [1]}}}',
+                                     '{"version": 1, "plans": {"KEY": {"shapes": [], "costs_ms": []}}}',
+                                     b"\xff\xfe binary"])
+def test_a_corrupt_stale_or_foreign_cache_file_means_calibrate_again(cache_dir, content):
+    model = tiny_model("llama")
+    key = tuning.calibration_key(model, "dynamic")
+    path = cache_dir / tuning.CACHE_FILE
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content.replace("KEY", key.replace('"', '\\"')))
+    plan = runners.auto_plan(model)
+    assert plan.shapes[0] == AUTOREGRESSIVE
+    stored = json.loads(path.read_text())  # rewritten with the fresh plan
+    assert StepPlan.from_dict(stored["plans"][key]) == plan
+
+
+def test_an_unwritable_cache_only_warns(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("LOOKAHEAD_CACHE_DIR", str(blocker / "cache"))
+    model = tiny_model("qwen2")
+    runners._plans.clear()
+    with pytest.warns(RuntimeWarning, match="could not write the calibration cache"):
+        plan = runners.auto_plan(model)
+    prompt = torch.tensor([[1, 2, 3]])
+    assert ld.generate(model, prompt, 10, plan).sequences.tolist() == greedy_reference(model, prompt, 10).tolist()
+
+
+def test_engines_are_reused_and_freed_with_their_model(cache_dir, monkeypatch):
+    monkeypatch.setattr(runners, "STATIC_ENGINE_DEVICES", ("cpu",))
+    model = tiny_model("llama", seed=7)  # a private model (other tests share the cached ones)
+    model = type(model)._from_config(model.config, attn_implementation="sdpa").eval()
+    config = ld.LookaheadConfig(3, 3, 3)
+    first = runners.runner_for(model, (config,), 40)
+    assert isinstance(first, StaticStep) and runners.runner_for(model, (config,), 50) is first  # same bucket
+    prompt = torch.tensor([[1, 2, 3, 1, 2]])
+    for _ in range(2):  # a reused engine starts each generation afresh
+        out = ld.generate(model, prompt, 30, config)
+        assert out.sequences.tolist() == greedy_reference(model, prompt, 30).tolist()
+    alive = weakref.ref(model)
+    del model, first, out
+    gc.collect()
+    assert alive() is None
+
+
+def test_explicit_config_runs_that_shape_only(cache_dir):
+    model = tiny_model("llama")
+    config = ld.LookaheadConfig(3, 4, 3)
+    out = ld.generate(model, torch.tensor([[3, 4, 3, 4, 3]]), 30, config)
+    assert out.plan == StepPlan((config,), (1.0,))
+    assert set(out.stats.shape_steps) == {"lookahead W=3 N=4 G=3 K=3"}
+
+
+def test_config_of_the_wrong_type(cache_dir):
+    with pytest.raises(TypeError, match='config must be a LookaheadConfig, "auto" or None, got'):
+        ld.generate(tiny_model("llama"), torch.tensor([[1, 2]]), 5, config=(7, 5, 7))
+
+
+# ---------------------------------------------------------------------------------------------- steps that cannot fit
+
+
+def test_a_step_longer_than_the_context_is_refused_before_any_work(cache_dir):
+    config = ld.LookaheadConfig(window=100, ngram=4, guesses=0)  # 300 rows, context 256
+    with pytest.raises(ValueError, match=r"a lookahead step of W=100, N=4, G=0 has 300 tokens, more than the model's "
+                       r"context of 256 leaves after the 3-token prompt; lower W, N or G"):
+        ld.generate(tiny_model("llama"), torch.tensor([[1, 2, 3]]), 5, config)
+
+
+def test_a_step_larger_than_memory_is_refused(cache_dir, monkeypatch):
+    monkeypatch.setattr(decoding, "available_memory", lambda device: 2**16)
+    config = ld.LookaheadConfig(window=60, ngram=3, guesses=10)  # 140 rows on a 256-token model
+    with pytest.raises(ValueError, match=r"a lookahead step of W=60, N=3, G=10 \(140 tokens\) needs about .* GiB, "
+                       r"more than the 0.0 GiB free on cpu; lower W, N or G"):
+        ld.generate(tiny_model("llama"), torch.tensor([[1, 2, 3]]), 5, config)
