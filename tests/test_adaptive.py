@@ -128,7 +128,7 @@ def test_calibration_is_cached_and_reused(cache_dir, monkeypatch):
     model = tiny_model("llama")
     first = runners.auto_plan(model)
     runners._plans.clear()  # a new process: only the file remains
-    monkeypatch.setattr(runners, "calibrate_plan", lambda *a: pytest.fail("calibrated again despite the cache"))
+    monkeypatch.setattr(runners, "calibrate_model", lambda *a: pytest.fail("calibrated again despite the cache"))
     assert runners.auto_plan(model) == first
 
 

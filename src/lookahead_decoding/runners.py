@@ -15,7 +15,7 @@ from .config import LookaheadConfig
 from .engine import StaticStep
 from .model_adapter import ModelAdapter
 from .step import EagerStep, StepRunner
-from .tuning import StepPlan, cached_plan, calibrate, calibration_key, store_plan
+from .tuning import Calibration, StepPlan, cached_plan, calibrate, calibration_key, store_plan
 from .verification import Verifier
 
 STATIC_ENGINE_DEVICES = ("cuda",)
@@ -71,13 +71,13 @@ def auto_plan(model, verifier: Verifier | None = None) -> StepPlan:
     if key not in plans:
         plan = cached_plan(key)
         if plan is None:
-            plan = calibrate_plan(model, static)
+            plan = calibrate_model(model, static).plan
             store_plan(key, plan)
         plans[key] = plan
     return plans[key]
 
 
-def calibrate_plan(model, static: bool) -> StepPlan:
+def calibrate_model(model, static: bool) -> Calibration:
     """Measure the candidate shapes on the runner kind decoding uses (uncompiled; compiling scales every step
     alike) and choose the plan."""
     adapter = ModelAdapter(model)

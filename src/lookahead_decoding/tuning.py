@@ -110,7 +110,15 @@ def time_steps(runner, vocab_size: int) -> list[float]:
     return costs
 
 
-def calibrate(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_size: int) -> StepPlan:
+@dataclass(frozen=True)
+class Calibration:
+    """Every shape measured (with its cost in ms) and the plan chosen from them."""
+
+    measured: tuple[tuple[LookaheadConfig, float], ...]
+    plan: StepPlan
+
+
+def calibrate(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_size: int) -> Calibration:
     """Measure the candidate shapes on runners from `make_runner(shapes)` and choose the plan."""
     wide = [LookaheadConfig(w, n, g) for w, n, g in WIDE_LADDER]
     plain_cost = time_steps(make_runner([AUTOREGRESSIVE]), vocab_size)[0]
@@ -128,7 +136,8 @@ def calibrate(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_
         costs.append(narrow_costs[pick])
     shapes.append(chosen_wide)
     costs.append(wide_cost)
-    return StepPlan(tuple(shapes), tuple(costs))
+    measured = tuple(zip([AUTOREGRESSIVE, *wide, *narrow], [plain_cost, *wide_costs, *narrow_costs]))
+    return Calibration(measured, StepPlan(tuple(shapes), tuple(costs)))
 
 
 # ------------------------------------------------------------------------------------------------- the cache

@@ -2,6 +2,7 @@
 
     lookahead generate "PROMPT" [--model PATH_OR_HUB_NAME] [--chat] [--compare] [--json] ...
     lookahead bench --dataset NAME [--methods ...] [--out PATH] [--plot PATH] ...
+    lookahead tune [--model PATH_OR_HUB_NAME | --random-shape NAME] [--plot PATH] [--json]
 
 Every subcommand is added by one `add_*` function that creates its subparser and sets `func` (called with the
 parsed arguments, returns the exit code). Arguments are parsed before torch or transformers is imported, so
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 
 from .common import EXIT_USAGE
 from .generate import add_generate_command
+from .tune import add_tune_command
 
 EXIT_INTERRUPTED = 130
 
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_command(commands)
     add_bench_parser(commands)
+    add_tune_command(commands)
     return parser
 
 

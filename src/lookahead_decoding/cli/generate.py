@@ -86,8 +86,8 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
-    from ..config import LookaheadConfig
     from ..decoding import generate
+    from ..tuning import shape_name
     from ..models import default_model_path
 
     model, tokenizer = load_from_args(args)
@@ -117,14 +117,15 @@ def run_generate(args: argparse.Namespace) -> int:
     streamer = TextStreamer(tokenizer, skip_prompt=True, **decode_kwargs) if stream else None
     out, lookahead_seconds = _timed(lambda: lookahead(args.max_new_tokens, streamer), model.device)
     new_ids = out.sequences[0, prompt_len:].tolist()
-    # The configuration the run used: the output's once the library reports it, else what was asked for.
-    used = getattr(out, "config", None) or config or LookaheadConfig()
     result = {
         "prompt": args.prompt,
         "chat": args.chat,
         "prompt_tokens": prompt_len,
         "model": args.model or str(default_model_path()),
-        "config": config_dict(used),
+        "config": "auto" if config is None else config_dict(config),
+        # The step shapes the run could use (costs in ms per step as calibrated); stats.shape_steps says how often.
+        "shapes": [{"shape": shape_name(shape), **config_dict(shape), "cost_ms": cost}
+                   for shape, cost in zip(out.plan.shapes, out.plan.costs_ms)],
         "max_new_tokens": args.max_new_tokens,
         "text": tokenizer.decode(new_ids, **decode_kwargs),
         "stats": out.stats.as_dict(),
@@ -163,10 +164,18 @@ def format_histogram(histogram: dict[str, int]) -> list[str]:
 
 def format_report(result: dict) -> str:
     stats = result["stats"]
+    config = result["config"]
+    if config == "auto":
+        title = "auto: step shapes calibrated for this device, one chosen before every step"
+    else:
+        title = "window {window}, ngram {ngram}, guesses {guesses}, candidate length {candidate_length}".format(**config)
+    steps_by_shape = stats["shape_steps"]
     lines = [
         "",
-        "-- lookahead decoding: window {window}, ngram {ngram}, guesses {guesses}, candidate length "
-        "{candidate_length}".format(**result["config"]),
+        f"-- lookahead decoding, {title}",
+        *(f"  {entry['shape']:<40} {entry['cost_ms']:8.2f} ms/step, {steps_by_shape.get(entry['shape'], 0)} steps"
+          if config == "auto" else f"  {entry['shape']}: {steps_by_shape.get(entry['shape'], 0)} steps"
+          for entry in result["shapes"]),
         f"new tokens       {stats['new_tokens']}",
         f"steps            {stats['steps']}  (forward passes after the prefill)",
         f"tokens/step      {stats['tokens_per_step']:.2f}",

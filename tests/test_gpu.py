@@ -1,0 +1,52 @@
+"""CUDA only (CI has no GPU and skips these): the captured engine equals eager decoding token for token, and the
+default path runs on it. Run on a GPU machine with `python -m pytest -q -m gpu tests/test_gpu.py`."""
+
+import pytest
+import torch
+from conftest import VOCAB, greedy_reference, tiny_model
+
+import lookahead_decoding as ld
+from lookahead_decoding import runners
+from lookahead_decoding.config import AUTOREGRESSIVE
+from lookahead_decoding.decoding import decode
+from lookahead_decoding.engine import StaticStep
+from lookahead_decoding.tuning import StepPlan, verify_only
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+SHAPES = (AUTOREGRESSIVE, verify_only(2, 3), ld.LookaheadConfig(4, 4, 4))
+
+
+def cuda_model(arch):
+    return tiny_model(arch).to("cuda")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("shape", range(len(SHAPES)))
+def test_captured_graph_equals_eager(arch, shape):
+    model = cuda_model(arch)
+    captured = StaticStep(model, SHAPES, 96)
+    eager = StaticStep(model, SHAPES, 96, cuda_graph=False)
+    plan = StepPlan((SHAPES[shape],), (1.0,))
+    for seed in range(3):
+        prompt = torch.randint(0, VOCAB, (1, 5 + seed), generator=torch.Generator().manual_seed(seed)).cuda()
+        prompt = prompt.repeat(1, 2) if seed == 1 else prompt
+        expected = greedy_reference(model, prompt, 40)
+        single = StaticStep(model, SHAPES[shape], 96)
+        assert decode(model, prompt, 40, plan, runner=single).sequences.tolist() == expected.tolist()
+        for runner in (captured, eager):  # every shape of one multi-shape engine, switched between
+            out = decode(model, prompt, 40, StepPlan(SHAPES, (1.0, 1.2, 1.5)), runner=runner)
+            assert out.sequences.tolist() == expected.tolist()
+    assert captured.captured and not eager.captured
+
+
+def test_default_path_runs_on_the_engine():
+    model = cuda_model("llama")
+    prompt = torch.tensor([[4, 5, 6, 4, 5, 6, 4]], device="cuda")
+    out = ld.generate(model, prompt, 48)
+    assert out.sequences.tolist() == greedy_reference(model, prompt, 48).tolist()
+    engines = list(runners._engines[model].values())
+    assert len(engines) == 1 and isinstance(engines[0], StaticStep) and engines[0].captured
+    assert tuple(layout.config for layout in engines[0].layouts) == out.plan.shapes
+    ld.generate(model, prompt, 48)
+    assert list(runners._engines[model].values()) == engines  # reused, not rebuilt
