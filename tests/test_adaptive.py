@@ -64,35 +64,40 @@ def chooser(**prior):
 
 
 def test_plain_steps_when_nothing_pays():
-    pick = chooser(accepted=0.0, window_yield=0.0)
+    pick = chooser(accepted=0.0, window_tokens=1.0)
     assert pick.choose(num_candidates=0) == 0
     assert pick.choose(num_candidates=5) == 0
 
 
-def test_the_window_runs_while_it_yields():
-    pick = chooser(accepted=0.0, window_yield=1.0)  # (1 + 1) / 1.6 beats 1 / 1
+def test_the_window_runs_while_it_pays_and_is_retried_later():
+    pick = chooser(accepted=0.0)  # optimistic prior: 3 tokens per window step, 3 / 1.6 beats 1 / 1
     assert pick.choose(num_candidates=0) == 2
-    for _ in range(30):  # window steps whose n-grams never get accepted
-        pick.observe(2, num_candidates=0, accepted=0, winner=0, window_credit=0)
-    assert pick.window_yield < 0.1
+    for _ in range(30):  # window steps that commit one token each
+        pick.observe(2, num_candidates=0, accepted=0, winner=0)
+    assert pick.window_tokens[2] < 1.1
     assert pick.choose(num_candidates=0) == 0
+    steps = 0
+    while pick.choose(num_candidates=0) == 0:  # plain steps: the window's estimate drifts back to the prior
+        pick.observe(0, num_candidates=0, accepted=0, winner=0)
+        steps += 1
+    assert 10 < steps < 100
 
 
 def test_cheap_verification_when_candidates_get_accepted():
-    pick = chooser(accepted=0.0, window_yield=0.0)
+    pick = chooser(accepted=0.0, window_tokens=1.0)
     for _ in range(20):  # the wide step verified 4 candidates; the best-ranked one was accepted for 3 tokens
-        pick.observe(2, num_candidates=4, accepted=3, winner=0, window_credit=0)
+        pick.observe(2, num_candidates=4, accepted=3, winner=0)
     assert pick.accepted[1] == pytest.approx(3, abs=0.5)  # the narrow step learnt it would have accepted as much
-    assert pick.choose(num_candidates=4) == 1  # (1 + 3) / 1.1 beats (1 + 3 + 0) / 1.6 and 1 / 1
-    assert pick.choose(num_candidates=0) == 0  # nothing to verify and a window that yields nothing
+    assert pick.choose(num_candidates=4) == 1  # (1 + 3) / 1.1 beats what the wide step commits per ms
+    assert pick.choose(num_candidates=0) == 2  # nothing to verify, and the window step commits 4 tokens
 
 
 def test_a_narrow_step_learns_nothing_from_a_winner_it_would_not_have_verified():
-    pick = chooser(accepted=0.0, window_yield=0.0)
+    pick = chooser(accepted=0.0)
     for _ in range(20):
-        pick.observe(2, num_candidates=4, accepted=3, winner=3, window_credit=0)  # winner beyond the narrow G=2
+        pick.observe(2, num_candidates=4, accepted=3, winner=3)  # winner beyond the narrow G=2
     assert pick.accepted[1] == pytest.approx(0)
-    assert pick.accepted[2] == pytest.approx(3, abs=0.5)
+    assert pick.window_tokens[2] == pytest.approx(4, abs=0.5)
 
 
 def test_chooser_rejects_bad_costs():
@@ -133,8 +138,9 @@ def test_calibration_is_cached_and_reused(cache_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("content", ["", "{not json", "[1, 2]", '{"version": 999, "plans": {}}',
-                                     '{"version": 1, "plans": {"KEY": {"shapes": [{"window": -1}], "costs_ms": [1]}}}',
-                                     '{"version": 1, "plans": {"KEY": {"shapes": [], "costs_ms": []}}}',
+                                     '{"version": VERSION, "plans": {"KEY": {"shapes": [{"window": -1}], "costs_ms": [1]}}}',
+                                     '{"version": VERSION, "plans": {"KEY": {"shapes": [], "costs_ms": []}}}',
+                                     '{"version": VERSION, "plans": {"KEY": "a string"}}',
                                      b"\xff\xfe binary"])
 def test_a_corrupt_stale_or_foreign_cache_file_means_calibrate_again(cache_dir, content):
     model = tiny_model("llama")
@@ -143,7 +149,7 @@ def test_a_corrupt_stale_or_foreign_cache_file_means_calibrate_again(cache_dir, 
     if isinstance(content, bytes):
         path.write_bytes(content)
     else:
-        path.write_text(content.replace("KEY", key.replace('"', '\\"')))
+        path.write_text(content.replace("KEY", key.replace('"', '\\"')).replace("VERSION", str(tuning.CALIBRATION_VERSION)))
     plan = runners.auto_plan(model)
     assert plan.shapes[0] == AUTOREGRESSIVE
     stored = json.loads(path.read_text())  # rewritten with the fresh plan

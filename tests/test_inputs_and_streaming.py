@@ -45,6 +45,49 @@ def test_stopping_criteria_cut_inside_an_accepted_block(llama):
     assert max(out.stats.accepted_histogram) > 1  # the stop landed in a run of multi-token steps
 
 
+class RecordScores(StoppingCriteria):
+    """Stops once the chosen token's logit falls below a threshold, recording every scores tensor it gets. HF
+    generate passes a [batch, V] tensor, as StoppingCriteria documents, or, with output_scores, the tuple of
+    every step's."""
+
+    def __init__(self, threshold):
+        self.threshold, self.seen = threshold, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        scores = scores[-1] if isinstance(scores, tuple) else scores
+        self.seen.append((input_ids[0, -1].item(), scores.clone()))
+        return scores.max(dim=-1).values < self.threshold
+
+
+def hf_greedy_with_scores(model, input_ids, max_new_tokens, criterion):
+    return model.generate(input_ids, do_sample=False, max_new_tokens=max_new_tokens, output_scores=True,
+                          return_dict_in_generate=True, stopping_criteria=StoppingCriteriaList([criterion])).sequences
+
+
+@pytest.mark.parametrize("engine", [False, True])
+def test_stopping_criteria_get_the_scores_of_the_token_just_committed(llama, engine):
+    """[1, V] float32, the logits that chose the last token (no logits processors here), on both runners."""
+    input_ids = repetitive_prompt()
+    hf = RecordScores(threshold=-1e9)
+    free = hf_greedy_with_scores(llama, input_ids, 30, hf)
+    # Stop at the last record low of greedy's top logit: the threshold lies between it and every earlier one.
+    tops = [scores.max().item() for _, scores in hf.seen]
+    stop = max(i for i in range(1, len(tops)) if tops[i] < min(tops[:i]))
+    threshold = (tops[stop] + min(tops[:stop])) / 2
+    expected_criterion, criterion = RecordScores(threshold), RecordScores(threshold)
+    expected = hf_greedy_with_scores(llama, input_ids, 30, expected_criterion)
+    config = ld.LookaheadConfig(4, 5, 4)
+    runner = ld.StaticStep(llama, config, 64) if engine else None
+    out = ld.generate(llama, input_ids, 30, config, stopping_criteria=StoppingCriteriaList([criterion]), runner=runner)
+    assert out.sequences.tolist() == expected.tolist() and expected.shape[1] < free.shape[1]
+    assert max(out.stats.accepted_histogram) > 1  # multi-token steps: scores taken along the accepted candidate
+    assert [token for token, _ in criterion.seen] == [token for token, _ in expected_criterion.seen]
+    for (token, scores), (_, reference) in zip(criterion.seen, expected_criterion.seen):
+        assert scores.shape == (1, VOCAB) and scores.dtype == torch.float32
+        assert scores.argmax().item() == token
+        torch.testing.assert_close(scores, reference, atol=1e-4, rtol=1e-4)
+
+
 def test_streamer_gets_prompt_then_every_token_in_order(llama):
     input_ids = repetitive_prompt()
     streamer = Collector()

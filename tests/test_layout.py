@@ -27,7 +27,7 @@ def brute_force(window, ngram, guesses, candidate_length):
                 mask[q, k] = current_token or own_prefix
     last_level = [i for i, r in enumerate(rows) if r[0] == "la" and r[1] == ngram - 2]
     cand_rows = [i for i, r in enumerate(rows) if r[0] == "cand"]
-    return torch.tensor(positions), mask, [0] + last_level + cand_rows
+    return torch.tensor(positions), mask, list(dict.fromkeys([0] + last_level + cand_rows))  # each row once
 
 
 @pytest.mark.parametrize("window", [1, 2, 4, 7])

@@ -10,7 +10,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -81,25 +81,27 @@ class _Emitter:
         self.device = device
         self.done = max_new_tokens == 0
 
-    def emit(self, tokens: Iterable[int]) -> int:
-        """Commit tokens until one of them stops generation; returns how many were committed."""
+    def emit(self, tokens: Sequence[int], scores: torch.Tensor | None = None) -> int:
+        """Commit tokens until one of them stops generation; returns how many were committed. scores[i] holds the
+        logits that chose tokens[i]: stopping criteria get them as HF generate passes its scores, [1, V] float32."""
         count = 0
-        for token in tokens:
+        for i, token in enumerate(tokens):
             self.history.append(token)
             self.remaining -= 1
             count += 1
             if self.streamer is not None:
                 self.streamer.put(torch.tensor([token]))
-            if self.remaining == 0 or token in self.eos_ids or self._criteria_met():
+            if self.remaining == 0 or token in self.eos_ids or self._criteria_met(scores, i):
                 self.done = True
                 break
         return count
 
-    def _criteria_met(self) -> bool:
+    def _criteria_met(self, scores: torch.Tensor | None, index: int) -> bool:
         if self.stopping_criteria is None:
             return False
         ids = torch.tensor([self.history], device=self.device)
-        return bool(self.stopping_criteria(ids, None).any())
+        token_scores = None if scores is None else scores[index : index + 1].float()
+        return bool(self.stopping_criteria(ids, token_scores).any())
 
 
 def _eos_set(model, eos_token_id) -> set[int]:
@@ -266,7 +268,8 @@ def decode(
     start = time.perf_counter()
     with torch.inference_mode():
         if not emitter.done:
-            emitter.emit([runner.prefill(input_ids[0].to(device), history)])
+            first = runner.prefill(input_ids[0].to(device), history)
+            emitter.emit(first.committed, first.scores)
         while not emitter.done:
             current = history[-1]
             proposals = source.propose(history, most_guesses)
@@ -278,11 +281,10 @@ def decode(
                 current, window.tokens() if window else [], candidates + padding * (shape.guesses - len(candidates))
             )
             outcome = runner.step(shape_index, step_ids, len(candidates), history)
-            credit = outcome.accepted if candidates and source.from_window(history, candidates[outcome.winner]) else 0
-            chooser.observe(shape_index, len(candidates), outcome.accepted, outcome.winner, credit)
+            chooser.observe(shape_index, len(candidates), outcome.accepted, outcome.winner)
             if window:
                 source.observe_window(window.advance(current, outcome.new_level))
-            num_new = emitter.emit(outcome.committed)
+            num_new = emitter.emit(outcome.committed, outcome.scores)
             source.observe(history, num_new)
             stats.steps += 1
             stats.accepted_histogram[num_new] += 1

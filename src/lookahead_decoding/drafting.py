@@ -31,11 +31,6 @@ class CandidateSource(ABC):
     def observe_window(self, ngrams: Sequence[tuple[int, tuple[int, ...]]]) -> None:
         """The lookahead window finished these n-grams, as (first token, rest); ignored unless a source wants them."""
 
-    def from_window(self, history: Sequence[int], candidate: tuple[int, ...]) -> bool:
-        """Whether `candidate`, proposed after `history`, came from the window alone (credits the window in the
-        shape choice; False unless a source knows better)."""
-        return False
-
 
 class NGramPoolSource(CandidateSource):
     """Candidates looked up in an n-gram pool keyed by the last committed token.
@@ -63,7 +58,4 @@ class NGramPoolSource(CandidateSource):
 
     def observe_window(self, ngrams: Sequence[tuple[int, tuple[int, ...]]]) -> None:
         for key, continuation in ngrams:
-            self.pool.add(key, continuation, from_window=True)
-
-    def from_window(self, history: Sequence[int], candidate: tuple[int, ...]) -> bool:
-        return self.pool.from_window(history[-1], candidate)
+            self.pool.add(key, continuation)

@@ -51,7 +51,8 @@ class Replayable:
             self.output = self.fn()
         restore()
 
-    def __call__(self) -> torch.Tensor:
+    def __call__(self):
+        """`fn`'s outputs (on replay, the graph's output buffers: read them before the next call)."""
         if self.graph is None:
             return self.fn()
         self.graph.replay()
@@ -124,7 +125,7 @@ class StaticStep:
             with torch.inference_mode():
                 self.prefill(torch.zeros(1, dtype=torch.long, device=self.adapter.device), [0])
 
-    def prefill(self, prompt: torch.Tensor, history: Sequence[int]) -> int:
+    def prefill(self, prompt: torch.Tensor, history: Sequence[int]) -> StepOutcome:
         length, chunk = prompt.numel(), self.prefill_chunk
         if length >= self.max_length:
             raise ValueError(f"the prompt ({length} tokens) does not fit this engine's max_length {self.max_length}")
@@ -133,10 +134,10 @@ class StaticStep:
             ids = prompt[begin : begin + chunk]
             self.chunk_inputs[: ids.numel()].copy_(ids)
             self.chunk_inputs[chunk].fill_(ids.numel())
-            first = self.run_prefill_chunk()
+            first, scores = self.run_prefill_chunk()
         if self.use_graph and not self.captured:
             self._capture()  # only now: the cache allocates its buffers on first use
-        return int(first)
+        return StepOutcome(0, 0, [int(first)], [], scores)
 
     def step(self, shape: int, step_ids: list[int], num_candidates: int, history: Sequence[int]) -> StepOutcome:
         if len(history) > self.max_length:  # the static cache has no room for the step's rows
@@ -145,7 +146,8 @@ class StaticStep:
         host[:-1] = torch.tensor(step_ids)
         host[-1] = num_candidates
         self.inputs[shape].copy_(host, non_blocking=True)
-        return StepOutcome.from_host(self.run_step[shape]().tolist(), self.layouts[shape].config)
+        packed, scores = self.run_step[shape]()
+        return StepOutcome.from_host(packed.tolist(), self.layouts[shape].config, scores)
 
     def _cached_length(self) -> torch.Tensor:
         return self.cache.layers[0].cumulative_length
@@ -163,9 +165,10 @@ class StaticStep:
         allowed = (relative < 0) | (in_block & allowed_in_block[:, relative.clamp(0, rows - 1)])
         return self.adapter.attention_mask(allowed, positions, None)
 
-    def _device_prefill_chunk(self) -> torch.Tensor:
+    def _device_prefill_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Append one chunk of prompt tokens (padded to the chunk size) to the cache; the argmax after its last
-        real token. Padding rows only write cache slots past the new length, which later writes replace."""
+        real token, and its logits [1, V]. Padding rows only write cache slots past the new length, which later
+        writes replace."""
         chunk = self.prefill_chunk
         ids, count = self.chunk_inputs[:chunk], self.chunk_inputs[chunk]
         start = self._cached_length().clone()
@@ -173,9 +176,10 @@ class StaticStep:
         mask = self._attention_mask(start, positions, self.chunk_allowed)
         logits = self.adapter.forward(ids, positions, mask, self.cache, (count - 1).view(1))
         self._set_cached_length(start + count)
-        return logits[0].argmax()
+        return logits[0].argmax(), logits[:1]
 
-    def _device_step(self, shape: int) -> torch.Tensor:
+    def _device_step(self, shape: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the packed outcome as `StepOutcome.from_host` reads it, the logits [K+1, V] along the winner)"""
         layout = self.layouts[shape]
         config = layout.config
         size, guesses, k = layout.size, config.guesses, config.candidate_length
@@ -193,6 +197,10 @@ class StaticStep:
         # Keep the current token and the winner's accepted tokens: move the winner's KV right behind the
         # current token (all K rows, so the shape is fixed) and set the length to what was committed.
         accepted, winner = result[0], result[1]
+        committed_logits = logits[:1]
+        if guesses > 0:
+            along_winner = logits[layout.candidate_logits].view(guesses, k, -1).index_select(0, winner.view(1))[0]
+            committed_logits = torch.cat([committed_logits, along_winner])
         source = start + layout.candidate_token_rows(winner)
         target = start + 1 + layout.candidate_offsets
         if guesses > 0:
@@ -200,7 +208,7 @@ class StaticStep:
                 layer.keys.index_copy_(2, target, layer.keys.index_select(2, source))
                 layer.values.index_copy_(2, target, layer.values.index_select(2, source))
         self._set_cached_length(start + 1 + accepted)
-        return torch.cat([result, preds[layout.new_level_logits]])
+        return torch.cat([result, preds[layout.new_level_logits]]), committed_logits
 
     def _capture(self) -> None:
         """Record the steps and the prefill chunk as CUDA graphs; warm-up runs leave the cache as they found it."""

@@ -62,7 +62,7 @@ def lookahead_generate(
     generation_config,
     synced_gpus: bool = False,
     streamer=None,
-    lookahead_config: LookaheadConfig | None = None,
+    lookahead_config: LookaheadConfig | str | None = None,
     stop_strings=None,
     **model_kwargs,
 ):
@@ -85,7 +85,7 @@ def lookahead_generate(
         verifier = ProcessedGreedyVerifier(logits_processor) if len(logits_processor) > 0 else None
     if model_kwargs.get("attention_mask") is not None and not bool(model_kwargs["attention_mask"].all()):
         raise ValueError("lookahead decoding does not support padded inputs (the attention mask has zeros)")
-    config = lookahead_config if lookahead_config is not None else LookaheadConfig()
+    config = lookahead_config if lookahead_config is not None else "auto"  # calibrated shapes, as ld.generate
     max_new_tokens = generation_config.max_length - input_ids.shape[1]
     out = decode(
         model,

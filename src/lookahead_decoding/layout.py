@@ -49,13 +49,15 @@ class StepLayout:
         return slice(self.lookahead_size, self.size)
 
     # Rows of the step's logits (see `logit_rows`): the current token's, then the last level's, then the candidates'.
+    # With one level (N=2) the last level is level 0, whose first row is the current token's: it is kept once.
     @property
     def new_level_logits(self) -> slice:
-        return slice(1, 1 + self.config.window)
+        first = 0 if self.config.levels == 1 else 1
+        return slice(first, first + self.config.window)
 
     @property
     def candidate_logits(self) -> slice:
-        return slice(1 + self.config.window, None)
+        return slice(self.new_level_logits.stop, None)
 
     def candidate_token_rows(self, candidate) -> torch.Tensor:
         """Input rows [K] of one candidate's tokens (`candidate` may be a device tensor)."""
@@ -88,7 +90,8 @@ class StepLayout:
         allowed[lookahead:, 0] = True  # candidates continue the current token
 
         last_level = torch.arange((levels - 1) * window, lookahead)
-        logit_rows = torch.cat([torch.zeros(1, dtype=torch.long), last_level, lookahead + cand_row])
+        current = torch.zeros(0 if levels == 1 else 1, dtype=torch.long)  # level 0 already starts with it
+        logit_rows = torch.cat([current, last_level, lookahead + cand_row])
         return cls(config, offsets.to(device), allowed.to(device), logit_rows.to(device),
                    torch.arange(cand_len, device=device))
 

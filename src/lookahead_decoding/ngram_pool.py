@@ -11,29 +11,27 @@ class NGramPool:
 
     Re-inserting a continuation refreshes it; inserting into a full key evicts the least recently seen one.
     A longer continuation is cut to length; a shorter one is padded by repeating its last token, a guess that
-    verification accepts only where it is right. Each continuation remembers whether only the lookahead window
-    has produced it so far (the shape choice credits the window with what such n-grams get accepted).
+    verification accepts only where it is right.
     """
 
     def __init__(self, continuation_length: int, capacity: int) -> None:
         self.continuation_length = continuation_length
         self.capacity = capacity
-        self._table: dict[int, OrderedDict[tuple[int, ...], bool]] = {}
+        self._table: dict[int, OrderedDict[tuple[int, ...], None]] = {}
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._table.values())
 
-    def add(self, key: int, continuation: Sequence[int], from_window: bool = False) -> None:
+    def add(self, key: int, continuation: Sequence[int]) -> None:
         if self.capacity == 0:
             return
         continuation = tuple(continuation[: self.continuation_length])
         continuation += continuation[-1:] * (self.continuation_length - len(continuation))
         entries = self._table.setdefault(key, OrderedDict())
         if continuation in entries:
-            entries[continuation] = entries[continuation] and from_window
             entries.move_to_end(continuation)
             return
-        entries[continuation] = from_window
+        entries[continuation] = None
         if len(entries) > self.capacity:
             entries.popitem(last=False)
 
@@ -47,7 +45,3 @@ class NGramPool:
         """Continuations stored under `key`, most recently seen first."""
         entries = self._table.get(key)
         return list(reversed(entries)) if entries else []
-
-    def from_window(self, key: int, continuation: tuple[int, ...]) -> bool:
-        """Whether `continuation` under `key` so far came only from the lookahead window."""
-        return self._table.get(key, {}).get(continuation, False)

@@ -27,20 +27,23 @@ class StepOutcome(NamedTuple):
     winner: int  # index of the winning candidate
     committed: list[int]  # the tokens committed by this step: accepted + 1 of them
     new_level: list[int]  # the model's predictions for the window's last level (W tokens)
+    # [at least accepted + 1, V] on the device: row i holds the logits that chose committed[i] (before logits
+    # processors); what stopping criteria get as `scores`, as in HF generate.
+    scores: torch.Tensor | None = None
 
     @classmethod
-    def from_host(cls, values: list[int], config: LookaheadConfig) -> "StepOutcome":
+    def from_host(cls, values: list[int], config: LookaheadConfig, scores: torch.Tensor | None = None) -> "StepOutcome":
         """Unpack [accepted, winner, committed padded to K+1, new level] as verification and the step pack it."""
         accepted, winner, k = values[0], values[1], config.candidate_length
-        return cls(accepted, winner, values[2 : 3 + accepted], values[3 + k : 3 + k + config.window])
+        return cls(accepted, winner, values[2 : 3 + accepted], values[3 + k : 3 + k + config.window], scores)
 
 
 class StepRunner(Protocol):
     layouts: tuple[StepLayout, ...]  # the step shapes this runner can run, by index
     adapter: ModelAdapter
 
-    def prefill(self, prompt: torch.Tensor, history: Sequence[int]) -> int:
-        """Cache the prompt [P]; return the first new token."""
+    def prefill(self, prompt: torch.Tensor, history: Sequence[int]) -> StepOutcome:
+        """Cache the prompt [P]; the outcome commits the first new token."""
 
     def step(self, shape: int, step_ids: list[int], num_candidates: int, history: Sequence[int]) -> StepOutcome:
         """Run one step of shape `shape` on layout-ordered ids."""
@@ -65,14 +68,14 @@ class EagerStep:
         self.cache = adapter.new_cache()
         self.last_position = (adapter.context_length or 2**62) - 1
 
-    def prefill(self, prompt: torch.Tensor, history: Sequence[int]) -> int:
+    def prefill(self, prompt: torch.Tensor, history: Sequence[int]) -> StepOutcome:
         self.cache = self.adapter.new_cache()
         positions = torch.arange(prompt.numel(), device=prompt.device)
         logits = self.adapter.forward(prompt, positions, None, self.cache, logit_rows=1)
         # The prefill's token is verified with no candidates: argmax when greedy, a draw when sampling.
         none = torch.empty(0, 1, dtype=torch.long, device=prompt.device)
         first = self.verifier(logits[-1], none, logits.new_empty(0, 1, logits.shape[-1]), none[:, 0].bool(), history)
-        return int(first[2])
+        return StepOutcome(0, 0, [int(first[2])], [], logits[-1:])
 
     def step(self, shape: int, step_ids: list[int], num_candidates: int, history: Sequence[int]) -> StepOutcome:
         layout, device = self.layouts[shape], self.adapter.device
@@ -95,4 +98,5 @@ class EagerStep:
 
         outcome = StepOutcome.from_host(torch.cat([result, new_level]).tolist(), config)  # the one host sync
         commit_candidate_kv(self.cache, layout.size, layout.candidate_token_rows(outcome.winner), outcome.accepted)
-        return outcome
+        scores = torch.cat([logits[:1], candidate_logits[outcome.winner, : outcome.accepted]])
+        return outcome._replace(scores=scores)

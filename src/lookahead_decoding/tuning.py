@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,8 +25,9 @@ from pathlib import Path
 import torch
 
 from .config import AUTOREGRESSIVE, LookaheadConfig
+from .shape_choice import expected_tokens
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
 CACHE_FILE = "calibration.json"
 
 # Wide shapes tried, as (W, N, G): the paper's and the reference code's settings and wider ones (algorithm.md).
@@ -33,12 +35,13 @@ WIDE_LADDER = ((3, 4, 3), (5, 4, 5), (7, 5, 7), (10, 5, 10), (15, 5, 15), (20, 7
 NARROW_GUESSES = (1, 2, 4, 8)
 # A narrow step may cost this much more than the cheapest one; it is meant to be nearly free.
 NARROW_COST_SLACK = 1.15
-# Expected tokens per lookahead step against its rows, 1 + 0.22·log2(1 + rows): a rough fit to the CPU and H200
-# sweeps of docs/benchmarks.md across datasets. It only ranks wide shapes; during decoding the shape choice
-# uses the acceptance it measures.
-TOKENS_PER_LOG2_ROW = 0.22
+# A narrow step joins the plan only if it costs at most this share of the wide step: one that saves little would
+# be chosen over the wide step whenever the pool has candidates and so starve the window of the steps that
+# feed the pool (docs/benchmarks.md, "Adaptive steps": where every multi-token step costs about the same, runs
+# with such a narrow step committed fewer tokens per step than runs without it).
+NARROW_SHARE_OF_WIDE = 0.9
 CALIBRATION_PROMPT_TOKENS = 64
-WARMUP_STEPS, TIMED_STEPS = 2, 6
+WARMUP_STEPS, TIMED_STEPS = 2, 7
 
 
 @dataclass(frozen=True)
@@ -76,10 +79,6 @@ def shape_name(config: LookaheadConfig) -> str:
     return f"lookahead W={config.window} N={config.ngram} G={config.guesses} K={config.candidate_length}"
 
 
-def expected_tokens(config: LookaheadConfig) -> float:
-    return 1.0 + TOKENS_PER_LOG2_ROW * math.log2(1 + config.tokens_per_step)
-
-
 def verify_only(guesses: int, candidate_length: int) -> LookaheadConfig:
     """A step that verifies `guesses` candidates and runs no window."""
     return LookaheadConfig(window=1, ngram=2, guesses=guesses, candidate_length=candidate_length)
@@ -100,13 +99,14 @@ def time_steps(runner, vocab_size: int) -> list[float]:
     with torch.inference_mode():
         for shape, layout in enumerate(runner.layouts):
             history = prompt.tolist()
-            history.append(runner.prefill(prompt, history))
+            history.extend(runner.prefill(prompt, history).committed)
             ids = [0] * layout.size
-            for i in range(steps):
-                if i == WARMUP_STEPS:
-                    start = time.perf_counter()
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
                 history.extend(runner.step(shape, ids, 0, history).committed)
-            costs.append((time.perf_counter() - start) / TIMED_STEPS * 1e3)
+                times.append(time.perf_counter() - start)
+            costs.append(statistics.median(times[WARMUP_STEPS:]) * 1e3)  # the median: robust to a busy machine
     return costs
 
 
@@ -131,7 +131,7 @@ def calibrate(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_
     affordable = [i for i, cost in enumerate(narrow_costs) if cost <= NARROW_COST_SLACK * min(narrow_costs)]
     pick = affordable[-1]
     shapes, costs = [AUTOREGRESSIVE], [plain_cost]
-    if narrow_costs[pick] < wide_cost:
+    if narrow_costs[pick] <= NARROW_SHARE_OF_WIDE * wide_cost:
         shapes.append(narrow[pick])
         costs.append(narrow_costs[pick])
     shapes.append(chosen_wide)

@@ -146,3 +146,32 @@ def plot_sweep(result: dict, path: str | Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def prompt_speedups(result: dict, method: str = "lookahead") -> list[float]:
+    """Per prompt: `method`'s tokens/s over the reference's (the run's first method) on the same prompt."""
+    rows = result["rows"]
+    reference = rows[0]["method"]
+    base = {row["prompt_index"]: row["tokens_per_second"] for row in rows if row["method"] == reference}
+    return [row["tokens_per_second"] / base[row["prompt_index"]] for row in rows
+            if row["method"] == method and base.get(row["prompt_index"])]
+
+
+def plot_prompt_speedups(runs: dict[str, dict], path: str | Path, method: str = "lookahead") -> None:
+    """The distribution of per-prompt speedups of `method`, one box (and the points) per labelled run."""
+    plt = _pyplot()
+    labels = list(runs)
+    values = [prompt_speedups(runs[label], method) for label in labels]
+    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4.2))
+    axis.boxplot(values, showfliers=False)
+    for i, speedups in enumerate(values, start=1):
+        axis.scatter([i + 0.12 * ((j % 5) - 2) / 2 for j in range(len(speedups))], speedups, s=9, alpha=0.6)
+        slower = sum(s < 1 for s in speedups)
+        axis.annotate(f"{slower}/{len(speedups)} slower", (i, min(speedups)), xytext=(0, -14),
+                      textcoords="offset points", ha="center", fontsize=7)
+    axis.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    axis.set_xticks(range(1, len(labels) + 1), labels, fontsize=8)
+    axis.set_ylabel(f"{method} speedup per prompt")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

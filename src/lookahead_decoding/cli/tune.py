@@ -54,7 +54,8 @@ def run_tune(args: argparse.Namespace) -> int:
     if args.plot:
         check_writable("--plot", args.plot)
     from ..runners import calibrate_model, uses_static_engine
-    from ..tuning import calibration_key, expected_tokens, shape_name, store_plan
+    from ..shape_choice import expected_tokens
+    from ..tuning import calibration_key, shape_name, store_plan
 
     model = random_model(args.random_shape, args.device, args.dtype) if args.random_shape else load_from_args(args)[0]
     static = uses_static_engine(model)
