@@ -87,16 +87,29 @@ def test_cheap_verification_when_candidates_get_accepted():
     pick = chooser(accepted=0.0, window_tokens=1.0)
     for _ in range(20):  # the wide step verified 4 candidates; the best-ranked one was accepted for 3 tokens
         pick.observe(2, num_candidates=4, accepted=3, winner=0)
-    assert pick.accepted[1] == pytest.approx(3, abs=0.5)  # the narrow step learnt it would have accepted as much
+    assert pick.in_run  # the last verification accepted something
+    assert pick.accepted[True][1] == pytest.approx(3, abs=0.5)  # the narrow step learnt it would have accepted as much
     assert pick.choose(num_candidates=4) == 1  # (1 + 3) / 1.1 beats what the wide step commits per ms
     assert pick.choose(num_candidates=0) == 2  # nothing to verify, and the window step commits 4 tokens
+
+
+def test_acceptance_is_estimated_apart_after_hits_and_after_misses():
+    pick = ShapeChooser(SHAPES[:2], (1.0, 1.8), AcceptancePrior(accepted=0.0))  # plain, verify-only
+    for _ in range(10):  # runs: a hit mostly follows a hit, a miss a miss
+        for accepted in (3,) * 6 + (0,) * 6:
+            pick.observe(1, num_candidates=2, accepted=accepted, winner=0)
+    assert pick.accepted[True][1] > 2 and pick.accepted[False][1] < 1
+    pick.observe(1, num_candidates=2, accepted=3, winner=0)
+    assert pick.choose(num_candidates=2) == 1  # in a run of hits: verify
+    pick.observe(1, num_candidates=2, accepted=0, winner=0)
+    assert pick.choose(num_candidates=2) == 0  # after a miss: plain
 
 
 def test_a_narrow_step_learns_nothing_from_a_winner_it_would_not_have_verified():
     pick = chooser(accepted=0.0)
     for _ in range(20):
         pick.observe(2, num_candidates=4, accepted=3, winner=3)  # winner beyond the narrow G=2
-    assert pick.accepted[1] == pytest.approx(0)
+    assert pick.accepted[True][1] == pytest.approx(0)
     assert pick.window_tokens[2] == pytest.approx(4, abs=0.5)
 
 

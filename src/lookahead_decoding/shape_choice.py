@@ -4,9 +4,11 @@ Expected committed tokens, per kind of shape:
 
 * plain one-token step: 1;
 * a step that only verifies candidates: 1 + a_s when the source has candidates (else 1), where a_s is the recent
-  mean of accepted draft tokens. One verified step tells what every other verifying shape would have accepted (a
-  shape with fewer candidates gets the accepted length if the winner is among its candidates, else nothing; one
-  with more gets at least as much), so every verifying shape learns from every step;
+  mean of accepted draft tokens, kept apart for steps after a verification that accepted something and after
+  one that did not: acceptance comes in runs (a stretch of text being copied, then none). One verified step
+  tells what every other verifying shape would have accepted (a shape with fewer candidates gets the accepted
+  length if the winner is among its candidates, else nothing; one with more gets at least as much), so every
+  verifying shape learns from every step;
 * a step that runs the Jacobi window: the recent mean of tokens its own steps committed. The window pays mostly
   later, through the n-grams it adds to the pool, so its yield is measured where it runs, whatever the pool holds
   at the moment. It starts from `expected_tokens`, a prior that grows with the step's rows, and while other
@@ -54,7 +56,9 @@ class ShapeChooser:
             raise ValueError(f"step costs must be positive, got {list(costs_ms)}")
         self.shapes, self.costs = tuple(shapes), tuple(costs_ms)
         self.decay, self.window_decay, self.retry = decay, window_decay, retry
-        self.accepted = [prior.accepted] * len(shapes)
+        # [after a verification that accepted nothing, after one that accepted something][shape]
+        self.accepted = [[prior.accepted] * len(shapes) for _ in range(2)]
+        self.in_run = False  # whether the last verification accepted something
         self.window_prior = [expected_tokens(shape) if prior.window_tokens is None else prior.window_tokens
                              for shape in shapes]
         self.window_tokens = list(self.window_prior)
@@ -64,7 +68,7 @@ class ShapeChooser:
         if config.has_window:
             return self.window_tokens[shape]
         if config.guesses > 0 and num_candidates > 0:
-            return 1.0 + self.accepted[shape]
+            return 1.0 + self.accepted[self.in_run][shape]
         return 1.0
 
     def choose(self, num_candidates: int) -> int:
@@ -75,7 +79,7 @@ class ShapeChooser:
     def observe(self, shape: int, num_candidates: int, accepted: int, winner: int) -> None:
         """After a step of `shape` verified `num_candidates` candidates and accepted `accepted` draft tokens of
         candidate `winner`."""
-        decay = self.decay
+        decay, accepted_now = self.decay, self.accepted[self.in_run]
         for other, config in enumerate(self.shapes):
             if config.has_window:
                 if other == shape:
@@ -87,4 +91,6 @@ class ShapeChooser:
             elif config.guesses > 0 and num_candidates > 0:
                 # What `other` would have accepted with its own number of candidates (the best-ranked come first).
                 would_accept = accepted if winner < config.guesses else 0
-                self.accepted[other] = self.accepted[other] * decay + would_accept * (1 - decay)
+                accepted_now[other] = accepted_now[other] * decay + would_accept * (1 - decay)
+        if num_candidates > 0 and self.shapes[shape].guesses > 0:
+            self.in_run = accepted > 0

@@ -98,5 +98,7 @@ class EagerStep:
 
         outcome = StepOutcome.from_host(torch.cat([result, new_level]).tolist(), config)  # the one host sync
         commit_candidate_kv(self.cache, layout.size, layout.candidate_token_rows(outcome.winner), outcome.accepted)
-        scores = torch.cat([logits[:1], candidate_logits[outcome.winner, : outcome.accepted]])
+        scores = logits[:1]
+        if outcome.accepted > 0:
+            scores = torch.cat([scores, candidate_logits[outcome.winner, : outcome.accepted]])
         return outcome._replace(scores=scores)
