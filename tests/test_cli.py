@@ -52,15 +52,18 @@ def test_json_compare_reports_identical_outputs_and_consistent_stats(tiny_model,
     result = json.loads(out)
     assert result["identical"] is True
     assert result["prompt"] == "The sea is"
-    assert result["config"] == {"window": 7, "ngram": 5, "guesses": 7, "candidate_length": 4}
+    assert result["config"] == "auto"
     stats = result["stats"]
+    shapes = [entry["shape"] for entry in result["shapes"]]
+    assert shapes[0] == "plain" and shapes[-1].startswith("lookahead W=") and all(e["cost_ms"] > 0 for e in result["shapes"])
+    assert set(stats["shape_steps"]) <= set(shapes) and sum(stats["shape_steps"].values()) == stats["steps"]
     assert 1 <= stats["new_tokens"] <= 20
     assert result["greedy"]["new_tokens"] == result["lookahead"]["new_tokens"] == stats["new_tokens"]
     # The prefill commits the first token; every later token comes from a step counted in the histogram.
     histogram = {int(k): v for k, v in stats["accepted_histogram"].items()}
     assert sum(histogram.values()) == stats["steps"]
     assert sum(k * v for k, v in histogram.items()) + 1 == stats["new_tokens"]
-    assert all(1 <= k <= 5 for k in histogram)
+    assert all(1 <= k <= 1 + max(e["candidate_length"] for e in result["shapes"]) for k in histogram)
     speeds = result["lookahead"]["tokens_per_second"], result["greedy"]["tokens_per_second"]
     assert result["speedup"] == pytest.approx(speeds[0] / speeds[1])
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -79,7 +82,7 @@ def test_streamed_text_is_the_final_text(tiny_model, capsys, chat):
     code, out, err = run(capsys, *args, "--compare")
     assert code == 0, err
     # TextStreamer ends the stream with a newline, and a blank line separates the statistics.
-    streamed, _, report = out.partition("\n\n-- lookahead decoding: window 3, ngram 3, guesses 7, candidate length 2\n")
+    streamed, _, report = out.partition("\n\n-- lookahead decoding, window 3, ngram 3, guesses 7, candidate length 2\n")
     assert streamed == text
     assert out.count(text) == 1  # the greedy run of --compare decodes silently
     assert "tokens/step" in report and "tokens committed per step" in report
@@ -111,9 +114,12 @@ def test_chat_wraps_the_prompt_in_the_template(tiny_model, capsys):
         (["hi", "--model", "{missing}"], "does not exist"),
         (["word " * 600, "--model", "{model}"], f"exceeds the model's context length of {CONTEXT}"),
         (["hi", "--model", "{model}", "--max-new-tokens", "600", "--compare"], f"context length of {CONTEXT}"),
+        (["hi", "--model", "{model}", "--window", "1000000"], "a lookahead step of W=1000000, N=5, G=7 has 4000028 "
+         "tokens, more than the model's context"),
+        (["hi", "--model", "{model}", "--window", "20000", "--ngram", "50"], "a lookahead step of W=20000, N=50, G=7"),
     ],
     ids=["empty", "blank", "window0", "ngram1", "guesses-1", "candidates0", "missing-model", "long-prompt",
-         "long-output"],
+         "long-output", "huge-window", "huge-window-and-ngram"],
 )
 def test_bad_input_is_one_line_on_stderr_and_exit_2(tiny_model, tmp_path, capsys, argv, message):
     argv = [a.format(model=tiny_model, missing=tmp_path / "no-such-model") for a in argv]
@@ -146,20 +152,24 @@ def test_no_command_is_a_usage_error(capsys):
     ids=["none", "one", "all"],
 )
 def test_shape_options_left_out_leave_the_choice_to_the_library(tiny_model, capsys, monkeypatch, options, passed):
-    """generate gets config=None without options; the report shows the configuration the output says it used."""
-    real_generate, configs = decoding.generate, []
+    """generate gets config=None (auto) without options; the report shows the shapes of the plan the output used."""
+    real_generate, configs, plans = decoding.generate, [], []
 
     def recording_generate(model, input_ids, max_new_tokens=128, config=None, **kwargs):
         configs.append(config)
         out = real_generate(model, input_ids, max_new_tokens, config, **kwargs)
-        out.config = ld.LookaheadConfig(2, 2, 1)  # as if the library had chosen this one
+        plans.append(out.plan)
         return out
 
     monkeypatch.setattr(decoding, "generate", recording_generate)
     code, out, err = run(capsys, "hi", "--model", tiny_model, "--max-new-tokens", "4", "--json", *options)
     assert code == 0, err
     assert configs == [passed]
-    assert json.loads(out)["config"] == {"window": 2, "ngram": 2, "guesses": 1, "candidate_length": 1}
+    result = json.loads(out)
+    assert result["config"] == ("auto" if passed is None else {"window": passed.window, "ngram": passed.ngram,
+                                                                 "guesses": passed.guesses,
+                                                                 "candidate_length": passed.candidate_length})
+    assert [entry["cost_ms"] for entry in result["shapes"]] == list(plans[0].costs_ms)
 
 
 @pytest.mark.slow
@@ -171,3 +181,41 @@ def test_real_default_model_matches_greedy(capsys):
     assert result["identical"] is True
     assert result["stats"]["new_tokens"] == result["greedy"]["new_tokens"] > 0
     assert result["text"].strip()
+
+
+def run_command(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_tune_measures_every_shape_stores_the_plan_and_plots(tiny_model, tmp_path, capsys, monkeypatch):
+    from lookahead_decoding import runners, tuning
+
+    monkeypatch.setenv("LOOKAHEAD_CACHE_DIR", str(tmp_path))
+    plot = tmp_path / "tune.png"
+    code, out, err = run_command(capsys, "tune", "--model", tiny_model, "--json", "--plot", str(plot))
+    assert code == 0, err
+    result = json.loads(out[: out.rindex("}") + 1])
+    measured = {row["shape"] for row in result["measured"]}
+    assert {"plain", "lookahead W=3 N=4 G=3 K=3", "lookahead W=20 N=7 G=20 K=6"} <= measured
+    assert {name.split(" K=")[0] for name in measured if name.startswith("verify")} == {f"verify G={g}" for g in (1, 2, 4, 8)}
+    assert all(row["cost_ms"] > 0 for row in result["measured"]) and result["measured"][0]["cost_vs_plain"] == 1.0
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    stored = json.loads((tmp_path / tuning.CACHE_FILE).read_text())["plans"]
+    assert len(stored) == 1 and tuning.StepPlan.from_dict(next(iter(stored.values()))).describe() == result["plan"]
+    runners._plans.clear()
+
+
+def test_tune_random_shape_is_measured_but_not_cached(tmp_path, capsys, monkeypatch):
+    from lookahead_decoding.cli import tune
+
+    monkeypatch.setenv("LOOKAHEAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(tune.RANDOM_SHAPES, "tiny-llama", dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=96, max_position_embeddings=512))
+    code, out, err = run_command(capsys, "tune", "--random-shape", "tiny-llama", "--device", "cpu")
+    assert code == 0, err
+    assert out.startswith("calibration of tiny-llama on cpu (float32, dynamic engine)")
+    assert "| plain | 1 |" in out and "| lookahead W=3 N=4 G=3 K=3 | 18 |" in out and "\nplan: plain " in out
+    assert not (tmp_path / "calibration.json").exists()

@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
-import os
 import random
 import time
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +28,7 @@ from .verification import GreedyVerifier, Verifier
 from .window import JacobiWindow
 
 AUTO = "auto"
+_runner_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # prebuilt runner -> its measured StepPlan
 
 
 @dataclass
@@ -159,8 +160,10 @@ def resolve_plan(model, config, verifier: Verifier | None = None, runner: StepRu
     shapes = tuple(layout.config for layout in runner.layouts)
     if len(shapes) == 1:
         return StepPlan(shapes, (1.0,))
-    vocab = runner.adapter.model.get_output_embeddings().weight.shape[0]
-    return StepPlan(shapes, tuple(time_steps(runner, vocab)))
+    if runner not in _runner_plans:  # measured once per runner
+        vocab = runner.adapter.model.get_output_embeddings().weight.shape[0]
+        _runner_plans[runner] = StepPlan(shapes, tuple(time_steps(runner, vocab)))
+    return _runner_plans[runner]
 
 
 def check_step_fits(adapter: ModelAdapter, plan: StepPlan, prompt_len: int, max_new_tokens: int) -> None:
@@ -194,13 +197,17 @@ def step_memory_bytes(adapter: ModelAdapter, rows: int, keys: int) -> int:
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Free bytes on `device`, if known."""
+    """Free bytes on `device`, if known (host memory: what Linux says is available, page cache included)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def decode(
