@@ -41,10 +41,12 @@ def test_identical_to_greedy(default_model, text, chat):
     model, tokenizer = default_model
     input_ids = encode(tokenizer, text, chat)
     expected = model.generate(input_ids, do_sample=False, max_new_tokens=64)
-    out = ld.generate(model, input_ids, 64)
+    out = ld.generate(model, input_ids, 64)  # config="auto": calibrated shapes, chosen per step
     assert out.sequences.tolist() == expected.tolist()
-    if not chat:
-        assert out.stats.tokens_per_step > 1.2, out.stats.as_dict()
+    if not chat:  # one fixed lookahead shape on every step: several tokens per step on code
+        fixed = ld.generate(model, input_ids, 64, ld.LookaheadConfig())
+        assert fixed.sequences.tolist() == expected.tolist()
+        assert fixed.stats.tokens_per_step > 1.2, fixed.stats.as_dict()
 
 
 def test_streamed_text_equals_final_text(default_model):

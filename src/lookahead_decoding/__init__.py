@@ -20,6 +20,7 @@ _EXPORTS = {
     "ProcessedGreedyVerifier": "sampling",
     "SamplingVerifier": "sampling",
     "StaticStep": "engine",
+    "StepPlan": "tuning",
     "UnsupportedModelError": "model_adapter",
     "default_model_path": "models",
     "generate": "decoding",
@@ -55,6 +56,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .decoding import GenerationStats, LookaheadOutput, generate
     from .drafting import CandidateSource, NGramPoolSource
     from .engine import StaticStep
+    from .tuning import StepPlan
     from .hf_integration import lookahead_generate
     from .model_adapter import UnsupportedModelError
     from .models import default_model_path, load_default_model, load_model
