@@ -5,8 +5,9 @@ import torch
 from conftest import VOCAB, greedy_reference, tiny_model
 
 import lookahead_decoding as ld
+from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.decoding import decode
-from lookahead_decoding.engine import AUTOREGRESSIVE, StaticStep
+from lookahead_decoding.engine import StaticStep
 
 CONFIGS = [AUTOREGRESSIVE, ld.LookaheadConfig(1, 3, 2), ld.LookaheadConfig(3, 3, 3), ld.LookaheadConfig(5, 5, 5),
            ld.LookaheadConfig(4, 6, 0), ld.LookaheadConfig(2, 2, 8), ld.LookaheadConfig(3, 3, 3, candidate_length=6),

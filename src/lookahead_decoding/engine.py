@@ -18,12 +18,10 @@ from collections.abc import Sequence
 import torch
 from transformers import StaticCache
 
-from .config import AUTOREGRESSIVE, LookaheadConfig
+from .config import LookaheadConfig
 from .model_adapter import ModelAdapter, UnsupportedModelError
 from .step import StepOutcome, build_layouts
 from .verification import verify_greedy
-
-__all__ = ["AUTOREGRESSIVE", "PREFILL_CHUNK", "StaticStep"]
 
 # Prompt tokens per prefill chunk. The prefill runs as fixed-shape chunks so that it, too, is one captured graph
 # (an eager forward of each new prompt length pays launches and kernel selection; docs/benchmarks.md).

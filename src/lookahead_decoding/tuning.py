@@ -3,10 +3,10 @@
 A plan holds the plain one-token step, a narrow step that only verifies a few candidates and a wide lookahead
 step (Jacobi window + candidates), cheapest first; `shape_choice.ShapeChooser` picks one of them before every
 step. Calibration times each candidate shape on the runner decoding will use, then keeps the wide shape with the
-most expected tokens per millisecond (the expected tokens grow with the step's rows, see `expected_tokens`) and
-the widest narrow step that costs little more than the plain one. Results are cached per model, device, dtype
-and library version in the user's cache directory; a missing, stale or unreadable cache file means "calibrate
-again", never an error.
+most expected tokens per millisecond (`shape_choice.expected_tokens` grows with the step's rows) and the widest
+narrow step that costs little more than the cheapest one, if it is clearly cheaper than the wide step. Results
+are cached per model, device, dtype and library version in the user's cache directory; a missing, stale or
+unreadable cache file means "calibrate again", never an error.
 """
 
 from __future__ import annotations
