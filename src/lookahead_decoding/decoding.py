@@ -266,6 +266,7 @@ def decode(
     rng = random.Random(seed)
     windows = [JacobiWindow(shape.window, shape.levels, rng) if shape.has_window else None for shape in shapes]
     chooser = ShapeChooser(shapes, plan.costs_ms)
+    steps_by_shape = [0] * len(shapes)
     for window in filter(None, windows):
         window.begin(prompt)
     source.begin(prompt)
@@ -295,11 +296,12 @@ def decode(
             source.observe(history, num_new)
             stats.steps += 1
             stats.accepted_histogram[num_new] += 1
-            stats.shape_steps[shape_name(shape)] += 1
+            steps_by_shape[shape_index] += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stats.seconds = time.perf_counter() - start
     stats.new_tokens = len(history) - len(prompt)
+    stats.shape_steps.update({shape_name(shape): n for shape, n in zip(shapes, steps_by_shape) if n})
     if streamer is not None:
         streamer.end()
     return LookaheadOutput(torch.tensor([history], dtype=torch.long, device=input_ids.device), stats, plan)

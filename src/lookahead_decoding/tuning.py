@@ -19,7 +19,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -55,7 +55,7 @@ class StepPlan:
         return ", ".join(f"{shape_name(s)} {c:.2f} ms" for s, c in zip(self.shapes, self.costs_ms))
 
     def as_dict(self) -> dict:
-        return {"shapes": [shape_dict(s) for s in self.shapes], "costs_ms": list(self.costs_ms)}
+        return {"shapes": [asdict(s) for s in self.shapes], "costs_ms": list(self.costs_ms)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "StepPlan":
@@ -64,11 +64,6 @@ class StepPlan:
         if not shapes or len(shapes) != len(costs) or not all(math.isfinite(c) and c > 0 for c in costs):
             raise ValueError("malformed step plan")
         return cls(shapes, costs)
-
-
-def shape_dict(config: LookaheadConfig) -> dict:
-    return {"window": config.window, "ngram": config.ngram, "guesses": config.guesses,
-            "candidate_length": config.candidate_length, "pool_from_prompt": config.pool_from_prompt}
 
 
 def shape_name(config: LookaheadConfig) -> str:
