@@ -30,7 +30,7 @@ class RandomSchedule(ShapeChooser):
 
     seed = 0
 
-    def choose(self, num_candidates):
+    def choose(self, num_nodes):
         if not hasattr(self, "rng"):
             self.rng = random.Random(RandomSchedule.seed)
         return self.rng.randrange(len(self.shapes))
@@ -65,50 +65,50 @@ def chooser(**prior):
 
 def test_plain_steps_when_nothing_pays():
     pick = chooser(accepted=0.0, window_tokens=1.0)
-    assert pick.choose(num_candidates=0) == 0
-    assert pick.choose(num_candidates=5) == 0
+    assert pick.choose(num_nodes=0) == 0
+    assert pick.choose(num_nodes=5) == 0
 
 
 def test_the_window_runs_while_it_pays_and_is_retried_later():
     pick = chooser(accepted=0.0)  # optimistic prior: 3 tokens per window step, 3 / 1.6 beats 1 / 1
-    assert pick.choose(num_candidates=0) == 2
+    assert pick.choose(num_nodes=0) == 2
     for _ in range(30):  # window steps that commit one token each
-        pick.observe(2, num_candidates=0, accepted=0, winner=0)
+        pick.observe(2, num_nodes=0, path=[])
     assert pick.window_tokens[2] < 1.1
-    assert pick.choose(num_candidates=0) == 0
+    assert pick.choose(num_nodes=0) == 0
     steps = 0
-    while pick.choose(num_candidates=0) == 0:  # plain steps: the window's estimate drifts back to the prior
-        pick.observe(0, num_candidates=0, accepted=0, winner=0)
+    while pick.choose(num_nodes=0) == 0:  # plain steps: the window's estimate drifts back to the prior
+        pick.observe(0, num_nodes=0, path=[])
         steps += 1
     assert 10 < steps < 100
 
 
 def test_cheap_verification_when_candidates_get_accepted():
     pick = chooser(accepted=0.0, window_tokens=1.0)
-    for _ in range(20):  # the wide step verified 4 candidates; the best-ranked one was accepted for 3 tokens
-        pick.observe(2, num_candidates=4, accepted=3, winner=0)
+    for _ in range(20):  # the wide step verified a tree; its best-ranked branch was accepted for 3 tokens
+        pick.observe(2, num_nodes=4, path=[0, 1, 2])
     assert pick.in_run  # the last verification accepted something
     assert pick.accepted[True][1] == pytest.approx(3, abs=0.5)  # the narrow step learnt it would have accepted as much
-    assert pick.choose(num_candidates=4) == 1  # (1 + 3) / 1.1 beats what the wide step commits per ms
-    assert pick.choose(num_candidates=0) == 2  # nothing to verify, and the window step commits 4 tokens
+    assert pick.choose(num_nodes=4) == 1  # (1 + 3) / 1.1 beats what the wide step commits per ms
+    assert pick.choose(num_nodes=0) == 2  # nothing to verify, and the window step commits 4 tokens
 
 
 def test_acceptance_is_estimated_apart_after_hits_and_after_misses():
     pick = ShapeChooser(SHAPES[:2], (1.0, 1.8), AcceptancePrior(accepted=0.0))  # plain, verify-only
     for _ in range(10):  # runs: a hit mostly follows a hit, a miss a miss
         for accepted in (3,) * 6 + (0,) * 6:
-            pick.observe(1, num_candidates=2, accepted=accepted, winner=0)
+            pick.observe(1, num_nodes=2, path=list(range(accepted)))
     assert pick.accepted[True][1] > 2 and pick.accepted[False][1] < 1
-    pick.observe(1, num_candidates=2, accepted=3, winner=0)
-    assert pick.choose(num_candidates=2) == 1  # in a run of hits: verify
-    pick.observe(1, num_candidates=2, accepted=0, winner=0)
-    assert pick.choose(num_candidates=2) == 0  # after a miss: plain
+    pick.observe(1, num_nodes=2, path=[0, 1, 2])
+    assert pick.choose(num_nodes=2) == 1  # in a run of hits: verify
+    pick.observe(1, num_nodes=2, path=[])
+    assert pick.choose(num_nodes=2) == 0  # after a miss: plain
 
 
-def test_a_narrow_step_learns_nothing_from_a_winner_it_would_not_have_verified():
+def test_a_narrow_step_learns_nothing_from_a_path_outside_its_budget():
     pick = chooser(accepted=0.0)
     for _ in range(20):
-        pick.observe(2, num_candidates=4, accepted=3, winner=3)  # winner beyond the narrow G=2
+        pick.observe(2, num_nodes=12, path=[6, 7, 8])  # a path beyond the narrow step's 2·K = 6 nodes
     assert pick.accepted[True][1] == pytest.approx(0)
     assert pick.window_tokens[2] == pytest.approx(4, abs=0.5)
 

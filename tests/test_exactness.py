@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lookahead_decoding as ld
-from lookahead_decoding.drafting import CandidateSource
+from lookahead_decoding.drafting import CandidateSource, Draft
+from lookahead_decoding.engine import StaticStep
 
 
 @st.composite
@@ -29,11 +30,14 @@ def prompts(draw):
     ngram=st.integers(2, 6),
     guesses=st.integers(0, 8),
     candidate_length=st.one_of(st.none(), st.integers(1, 8)),
+    tree_nodes=st.one_of(st.none(), st.integers(0, 40)),
+    source=st.sampled_from([None, "pool", "suffix", "recycled", ("pool", "suffix", "recycled")]),
     prompt=prompts(),
     max_new_tokens=st.integers(1, 40),
     eos_index=st.one_of(st.none(), st.integers(0, 39)),
 )
-def test_equals_greedy(arch, window, ngram, guesses, candidate_length, prompt, max_new_tokens, eos_index):
+def test_equals_greedy(arch, window, ngram, guesses, candidate_length, tree_nodes, source, prompt, max_new_tokens,
+                       eos_index):
     model = tiny_model(arch)
     input_ids = torch.tensor([prompt])
     eos = None
@@ -41,8 +45,8 @@ def test_equals_greedy(arch, window, ngram, guesses, candidate_length, prompt, m
         # An EOS id taken from greedy's own output, so generation stops mid-way (often inside an accepted block).
         eos = int(greedy_reference(model, input_ids, max_new_tokens)[0, len(prompt) + eos_index])
     expected = greedy_reference(model, input_ids, max_new_tokens, eos_token_id=eos)
-    config = ld.LookaheadConfig(window, ngram, guesses, candidate_length=candidate_length)
-    out = ld.generate(model, input_ids, max_new_tokens, config, eos_token_id=eos)
+    config = ld.LookaheadConfig(window, ngram, guesses, candidate_length=candidate_length, tree_nodes=tree_nodes)
+    out = ld.generate(model, input_ids, max_new_tokens, config, eos_token_id=eos, source=source)
     assert out.sequences.tolist() == expected.tolist()
     assert out.stats.new_tokens == expected.shape[1] - len(prompt)
     assert sum(out.stats.accepted_histogram.values()) == out.stats.steps
@@ -51,34 +55,38 @@ def test_equals_greedy(arch, window, ngram, guesses, candidate_length, prompt, m
 
 
 class OracleSource(CandidateSource):
-    """Proposes the true greedy continuation, so every candidate is accepted in full."""
+    """Proposes the true greedy continuation, behind `decoys` wrong branches that look likelier to the tree."""
 
-    def __init__(self, reference: Sequence[int], length: int) -> None:
-        self.reference, self.length = list(reference), length
+    def __init__(self, reference: Sequence[int], decoys: int = 0) -> None:
+        self.reference, self.decoys = list(reference), decoys
 
-    def begin(self, prompt):
-        pass
-
-    def propose(self, history, limit):
-        guess = self.reference[len(history) : len(history) + self.length]
-        return [tuple(guess + [0] * (self.length - len(guess)))][:limit]
-
-    def observe(self, history, num_new):
-        pass
+    def propose(self, history, max_length, budget):
+        guess = tuple(self.reference[len(history) : len(history) + max_length])
+        guess += (0,) * (max_length - len(guess))
+        # Decoys share the true path's first i tokens and then go wrong, so the tree branches at every depth.
+        decoys = [Draft(guess[:i] + ((guess[i] + 1) % VOCAB,), (1.0,) * (i + 1))
+                  for i in range(min(self.decoys, max_length))]
+        return decoys + [Draft(guess, (1.0,) * (max_length - 1) + (0.5,))]
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-@pytest.mark.parametrize("ngram, candidate_length", [(2, 1), (3, 2), (5, 4), (3, 6), (4, 1)])
-def test_full_acceptance_commits_k_plus_1_tokens_and_keeps_the_cache_right(arch, ngram, candidate_length):
+@pytest.mark.parametrize("ngram, candidate_length, decoys", [(2, 1, 0), (3, 2, 1), (5, 4, 0), (3, 6, 5), (4, 1, 1)])
+def test_full_acceptance_down_one_branch_commits_k_plus_1_tokens_and_keeps_the_cache_right(
+        arch, ngram, candidate_length, decoys):
     model = tiny_model(arch)
     input_ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(ngram))
     max_new_tokens = 4 * (candidate_length + 1) + 1  # the prefill's token, then exactly four full steps
     expected = greedy_reference(model, input_ids, max_new_tokens)
     config = ld.LookaheadConfig(window=3, ngram=ngram, guesses=2, candidate_length=candidate_length)
-    source = OracleSource(expected[0].tolist(), candidate_length)
+    source = OracleSource(expected[0].tolist(), decoys)
     out = ld.decoding.decode(model, input_ids, max_new_tokens, config, source=source)
     assert out.sequences.tolist() == expected.tolist()
     assert dict(out.stats.accepted_histogram) == {candidate_length + 1: 4}
+    if arch in ("llama", "gpt2") and decoys:  # the same on the static engine
+        out = ld.decoding.decode(model, input_ids, max_new_tokens, config, source=source,
+                                 runner=StaticStep(model, config, 64))
+        assert dict(out.stats.accepted_histogram) == {candidate_length + 1: 4}
+        assert out.sequences.tolist() == expected.tolist()
 
 
 def test_hf_generate_reaches_lookahead(llama):

@@ -13,10 +13,14 @@ from typing import TYPE_CHECKING
 # Public name -> the submodule that defines it.
 _EXPORTS = {
     "CandidateSource": "drafting",
+    "CombinedSource": "drafting",
+    "Draft": "drafting",
     "GenerationStats": "decoding",
     "LookaheadConfig": "config",
     "LookaheadOutput": "decoding",
     "NGramPoolSource": "drafting",
+    "RecycledTopKSource": "drafting",
+    "SuffixSource": "drafting",
     "ProcessedGreedyVerifier": "sampling",
     "SamplingVerifier": "sampling",
     "StaticStep": "engine",
@@ -54,7 +58,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .config import LookaheadConfig
     from .decoding import GenerationStats, LookaheadOutput, generate
-    from .drafting import CandidateSource, NGramPoolSource
+    from .drafting import CandidateSource, CombinedSource, Draft, NGramPoolSource, RecycledTopKSource, SuffixSource
     from .engine import StaticStep
     from .tuning import StepPlan
     from .hf_integration import lookahead_generate

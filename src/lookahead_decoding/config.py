@@ -18,11 +18,13 @@ class LookaheadConfig:
 
     window (W): columns of the Jacobi window, i.e. how many future positions are guessed in parallel.
     ngram (N): n-gram size; the window keeps N-1 levels, so its trajectories give N-grams.
-    guesses (G): n-grams kept per key token in the pool, and candidates verified per step.
+    guesses (G): n-grams kept per key token in the pool; with K, the default size of the verification tree.
     pool_from_prompt: seed the pool with the prompt's n-grams (and keep adding those of the output).
-    candidate_length (K): tokens in one verified candidate, so one step commits at most K+1 tokens; default
-        N-1, as in the paper. A longer K lets text that repeats itself (code, the prompt) be copied in fewer
-        steps; the window's shorter n-grams are then padded, which costs only verification rows.
+    candidate_length (K): the longest draft verified (the tree's depth), so one step commits at most K+1 tokens;
+        default N-1, as in the paper. A longer K lets text that repeats itself (code, the prompt) be copied in
+        fewer steps.
+    tree_nodes: draft tokens verified per step, as one token tree; default G·K, the rows of G separate
+        candidates of K tokens (the paper's verification branch). Drafts that share a prefix share its nodes.
 
     Defaults suit small models on launch-bound hardware, where extra tokens per step cost almost nothing.
     """
@@ -32,6 +34,7 @@ class LookaheadConfig:
     guesses: int = 7
     pool_from_prompt: bool = True
     candidate_length: int | None = None
+    tree_nodes: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("window", self.window, 1)
@@ -42,6 +45,9 @@ class LookaheadConfig:
         if self.candidate_length is None:
             object.__setattr__(self, "candidate_length", self.ngram - 1)  # frozen: resolved once, here
         _check_int("candidate_length", self.candidate_length, 1)
+        if self.tree_nodes is None:
+            object.__setattr__(self, "tree_nodes", self.guesses * self.candidate_length)
+        _check_int("tree_nodes", self.tree_nodes, 0)
 
     @property
     def levels(self) -> int:
@@ -55,8 +61,13 @@ class LookaheadConfig:
 
     @property
     def tokens_per_step(self) -> int:
-        """Input length of one fused decode step: (N-1)·W lookahead tokens + G·K candidate tokens."""
-        return self.levels * self.window + self.guesses * self.candidate_length
+        """Input length of one fused decode step: (N-1)·W lookahead tokens + the tree's nodes."""
+        return self.levels * self.window + self.tree_nodes
+
+    @property
+    def verifies(self) -> bool:
+        """Whether the step verifies drafts (has tree nodes)."""
+        return self.tree_nodes > 0
 
 
 # Plain one-token greedy decoding as a lookahead step: no window, no candidates.

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import LookaheadConfig
-from .drafting import CandidateSource, NGramPoolSource
+from .drafting import CandidateSource
+from .drafting.sources import make_source
+from .drafting.tree import build_tree
 from .model_adapter import ModelAdapter
-from .ngram_pool import NGramPool
 from .runners import auto_plan, runner_for
 from .sampling import make_verifier
 from .shape_choice import ShapeChooser
@@ -218,7 +219,7 @@ def decode(
     streamer=None,
     stopping_criteria=None,
     eos_token_id=None,
-    source: CandidateSource | None = None,
+    source: CandidateSource | str | Sequence | None = None,
     seed: int = 0,
     stream_prompt: bool = True,
     verifier: Verifier | None = None,
@@ -238,9 +239,13 @@ def decode(
         )
     plan = resolve_plan(model, config, verifier, runner)
     check_step_fits(adapter, plan, input_ids.shape[1], max_new_tokens)
+    source = make_source(source, plan.shapes)
     total = input_ids.shape[1] + max_new_tokens
     if runner is None:
-        runner = runner_for(model, plan.shapes, total, verifier)
+        runner = runner_for(model, plan.shapes, total, verifier, predictions=source.predictions_wanted)
+    elif runner.predictions < source.predictions_wanted:
+        raise ValueError(f"the source wants the model's top {source.predictions_wanted} predictions, but the step "
+                         f"runner was built with predictions={runner.predictions}")
     elif tuple(layout.config for layout in runner.layouts) != plan.shapes:
         shapes = ", ".join(map(str, (layout.config for layout in runner.layouts)))
         raise ValueError(f"the step runner was built for {shapes}, not {', '.join(map(str, plan.shapes))}")
@@ -257,12 +262,8 @@ def decode(
     emitter = _Emitter(history, max_new_tokens, _eos_set(model, eos_token_id), stopping_criteria, streamer, device)
 
     shapes = plan.shapes
-    verifying = [shape for shape in shapes if shape.guesses > 0]
-    candidate_length = verifying[0].candidate_length if verifying else 1
-    most_guesses = max(shape.guesses for shape in shapes)
-    if source is None:
-        from_text = any(shape.pool_from_prompt for shape in verifying)
-        source = NGramPoolSource(NGramPool(candidate_length, most_guesses), from_text=from_text)
+    max_length = next((shape.candidate_length for shape in shapes if shape.verifies), 1)
+    largest_tree = max(shape.tree_nodes for shape in shapes)
     rng = random.Random(seed)
     windows = [JacobiWindow(shape.window, shape.levels, rng) if shape.has_window else None for shape in shapes]
     chooser = ShapeChooser(shapes, plan.costs_ms)
@@ -280,18 +281,20 @@ def decode(
             emitter.emit(first.committed, first.scores)
         while not emitter.done:
             current = history[-1]
-            proposals = source.propose(history, most_guesses)
-            shape_index = chooser.choose(len(proposals))
+            tree = build_tree(source.propose(history, max_length, largest_tree), largest_tree, max_length)
+            shape_index = chooser.choose(len(tree))
             shape, window = shapes[shape_index], windows[shape_index]
-            candidates = proposals[: shape.guesses]
-            padding = [candidates[0] if candidates else (current,) * shape.candidate_length]
+            tree = tree.truncated(shape.tree_nodes)
+            padding = [current] * (shape.tree_nodes - len(tree))
             step_ids = runner.layouts[shape_index].input_ids(
-                current, window.tokens() if window else [], candidates + padding * (shape.guesses - len(candidates))
+                current, window.tokens() if window else [], [*tree.tokens, *padding]
             )
-            outcome = runner.step(shape_index, step_ids, len(candidates), history)
-            chooser.observe(shape_index, len(candidates), outcome.accepted, outcome.winner)
+            outcome = runner.step(shape_index, step_ids, tree, history)
+            chooser.observe(shape_index, len(tree), outcome.path)
             if window:
                 source.observe_window(window.advance(current, outcome.new_level))
+            if outcome.predictions is not None:
+                source.observe_predictions(outcome.predictions)
             num_new = emitter.emit(outcome.committed, outcome.scores)
             source.observe(history, num_new)
             stats.steps += 1
@@ -322,6 +325,7 @@ def generate(
     logits_processor=None,
     generator: torch.Generator | None = None,
     runner: StepRunner | None = None,
+    source=None,
 ) -> LookaheadOutput:
     """Lookahead decoding with the output distribution of `model.generate`, in fewer forward passes.
 
@@ -338,6 +342,10 @@ def generate(
     Greedy decoding runs on the static engine on CUDA (built once per model, shapes and length bucket, and
     reused). runner: an expert override, a prebuilt step runner such as `StaticStep`; it decodes greedily, so
     it cannot be combined with sampling or logits processors.
+
+    source: where the drafts verified each step come from, merged into one token tree: a `CandidateSource`, a
+    name ("pool": the Jacobi window's and the text's n-grams; "suffix": the longest suffix match in the prompt
+    and output; "recycled": the model's own recent top-k next tokens), or a list of those. Default: pool + suffix.
     """
     verifier = make_verifier(model.device, do_sample, temperature, top_k, top_p, logits_processor, generator)
     if runner is not None and (do_sample or logits_processor):
@@ -345,6 +353,6 @@ def generate(
     if type(verifier) is GreedyVerifier:
         verifier = None  # plain greedy: the runner's own (the static engine verifies on the device)
     return decode(
-        model, input_ids, max_new_tokens, config, streamer, stopping_criteria, eos_token_id, verifier=verifier,
-        runner=runner,
+        model, input_ids, max_new_tokens, config, streamer, stopping_criteria, eos_token_id, source=source,
+        verifier=verifier, runner=runner,
     )

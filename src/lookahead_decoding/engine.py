@@ -20,7 +20,10 @@ from transformers import StaticCache
 
 from .config import LookaheadConfig
 from .model_adapter import ModelAdapter, UnsupportedModelError
-from .step import StepOutcome, build_layouts
+from .drafting.base import ModelPredictions
+from .drafting.tree import TokenTree
+from .layout import tree_tensors
+from .step import StepOutcome, build_layouts, top_predictions, tree_parents
 from .verification import verify_greedy
 
 # Prompt tokens per prefill chunk. The prefill runs as fixed-shape chunks so that it, too, is one captured graph
@@ -72,10 +75,12 @@ class StaticStep:
     def __init__(
         self, model, shapes: LookaheadConfig | Sequence[LookaheadConfig], max_length: int,
         cuda_graph: bool | None = None, compile: bool = False, prefill_chunk: int = PREFILL_CHUNK,
+        predictions: int = 0,
     ) -> None:
         """cuda_graph: capture the steps and the prefill as CUDA graphs (default: on CUDA devices). compile: fuse
         each step's kernels with torch.compile first (slow to start; worth it for long runs). prefill_chunk:
-        prompt tokens per prefill forward."""
+        prompt tokens per prefill forward. predictions: how many of the model's top next tokens to report at
+        every computed row (0: none)."""
         adapter = ModelAdapter(model)
         if adapter.sliding_window is not None:
             raise UnsupportedModelError(
@@ -90,16 +95,16 @@ class StaticStep:
         device = adapter.device
         shapes = (shapes,) if isinstance(shapes, LookaheadConfig) else tuple(shapes)
         self.adapter, self.layouts = adapter, build_layouts(shapes, device)
-        self.max_length, self.prefill_chunk = max_length, prefill_chunk
+        self.max_length, self.prefill_chunk, self.predictions = max_length, prefill_chunk, predictions
         largest = max(layout.size for layout in self.layouts)
         # A step's rows, or a padded prefill chunk, are written after the last committed token: spare slots.
-        cache_length = max_length + max(largest, prefill_chunk)
+        cache_length = max_length + max(largest, prefill_chunk, max(s.candidate_length for s in shapes) + 1)
         self.cache = StaticCache(config=model.config, max_cache_len=cache_length)
         self.key_index = torch.arange(cache_length, device=device)
-        # Per shape: step ids, then the number of real candidates.
-        self.inputs = [torch.zeros(layout.size + 1, dtype=torch.long, device=device) for layout in self.layouts]
-        self.host_inputs = [torch.zeros(layout.size + 1, dtype=torch.long, pin_memory=device.type == "cuda")
-                            for layout in self.layouts]
+        # Per shape: step ids, the tree's parents, then its number of real nodes.
+        sizes = [layout.size + layout.config.tree_nodes + 1 for layout in self.layouts]
+        self.inputs = [torch.zeros(size, dtype=torch.long, device=device) for size in sizes]
+        self.host_inputs = [torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda") for size in sizes]
         self.chunk_inputs = torch.zeros(prefill_chunk + 1, dtype=torch.long, device=device)  # ids, then #real ids
         self.chunk_inputs[prefill_chunk] = 1  # so that capture's warm-up runs read the logits of a real row
         self.chunk_offsets = torch.arange(prefill_chunk, device=device)
@@ -137,15 +142,20 @@ class StaticStep:
             self._capture()  # only now: the cache allocates its buffers on first use
         return StepOutcome(0, 0, [int(first)], [], scores)
 
-    def step(self, shape: int, step_ids: list[int], num_candidates: int, history: Sequence[int]) -> StepOutcome:
+    def step(self, shape: int, step_ids: list[int], tree: TokenTree, history: Sequence[int]) -> StepOutcome:
         if len(history) > self.max_length:  # the static cache has no room for the step's rows
             raise ValueError(f"generation ran past this engine's max_length {self.max_length}")
+        layout = self.layouts[shape]
         host = self.host_inputs[shape]
-        host[:-1] = torch.tensor(step_ids)
-        host[-1] = num_candidates
+        host[:-1] = torch.tensor(step_ids + tree_parents(tree, layout.config.tree_nodes))
+        host[-1] = len(tree)
         self.inputs[shape].copy_(host, non_blocking=True)
-        packed, scores = self.run_step[shape]()
-        return StepOutcome.from_host(packed.tolist(), self.layouts[shape].config, scores)
+        packed, scores, top = self.run_step[shape]()
+        predictions = None
+        if self.predictions:
+            row_tokens, top_tokens, top_probabilities = top
+            predictions = ModelPredictions(row_tokens.tolist(), top_tokens.tolist(), top_probabilities.tolist())
+        return StepOutcome.from_host(packed.tolist(), layout.config, scores, predictions)
 
     def _cached_length(self) -> torch.Tensor:
         return self.cache.layers[0].cumulative_length
@@ -176,37 +186,39 @@ class StaticStep:
         self._set_cached_length(start + count)
         return logits[0].argmax(), logits[:1]
 
-    def _device_step(self, shape: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the packed outcome as `StepOutcome.from_host` reads it, the logits [K+1, V] along the winner)"""
+    def _device_step(self, shape: int):
+        """(the packed outcome as `StepOutcome.from_host` reads it, the logits [K+1, V] along the accepted path,
+        the top predictions (row tokens, top tokens, probabilities) or None)"""
         layout = self.layouts[shape]
         config = layout.config
-        size, guesses, k = layout.size, config.guesses, config.candidate_length
-        step_ids, num_candidates = self.inputs[shape][:size], self.inputs[shape][size]
+        size, nodes, k = layout.size, config.tree_nodes, config.candidate_length
+        inputs = self.inputs[shape]
+        step_ids, parents, num_nodes = inputs[:size], inputs[size : size + nodes], inputs[size + nodes]
+        tree = tree_tensors(step_ids[layout.tree_rows], parents, num_nodes, k)
         start = self._cached_length().clone()  # tokens cached before this step; the current token sits there
-        positions = (layout.position_offsets + start).clamp(max=self.last_position)
-        mask = self._attention_mask(start, positions, layout.allowed)
+        positions = (layout.positions(tree) + start).clamp(max=self.last_position)
+        mask = self._attention_mask(start, positions, layout.allowed(tree))
 
         logits = self.adapter.forward(step_ids, positions, mask, self.cache, layout.logit_rows)
         preds = logits.argmax(dim=-1)
-        candidates = step_ids[layout.candidate_rows].view(guesses, k)
-        valid = torch.arange(guesses, device=preds.device) < num_candidates
-        result = verify_greedy(preds[0], candidates, preds[layout.candidate_logits].view(guesses, k), valid)
+        result = verify_greedy(preds[0], preds[layout.tree_logits], tree, k)
 
-        # Keep the current token and the winner's accepted tokens: move the winner's KV right behind the
-        # current token (all K rows, so the shape is fixed) and set the length to what was committed.
-        accepted, winner = result[0], result[1]
+        # Keep the current token and the accepted path: move the path's KV right behind the current token (all K
+        # rows, so the shape is fixed) and set the length to what was committed.
+        accepted, path = result[0], result[2 + k :]
         committed_logits = logits[:1]
-        if guesses > 0:
-            along_winner = logits[layout.candidate_logits].view(guesses, k, -1).index_select(0, winner.view(1))[0]
-            committed_logits = torch.cat([committed_logits, along_winner])
-        source = start + layout.candidate_token_rows(winner)
-        target = start + 1 + layout.candidate_offsets
-        if guesses > 0:
+        if nodes > 0:
+            committed_logits = torch.cat([committed_logits, logits[layout.tree_logits][path]])
+            source = start + layout.lookahead_size + path
+            target = start + 1 + torch.arange(k, device=path.device)
             for layer in self.cache.layers:
                 layer.keys.index_copy_(2, target, layer.keys.index_select(2, source))
                 layer.values.index_copy_(2, target, layer.values.index_select(2, source))
         self._set_cached_length(start + 1 + accepted)
-        return torch.cat([result, preds[layout.new_level_logits]]), committed_logits
+        top = None
+        if self.predictions:
+            top = (step_ids[layout.logit_rows], *top_predictions(logits, self.predictions))
+        return torch.cat([result, preds[layout.new_level_logits]]), committed_logits, top
 
     def _capture(self) -> None:
         """Record the steps and the prefill chunk as CUDA graphs; warm-up runs leave the cache as they found it."""

@@ -1,27 +1,51 @@
 """Input layout and attention mask of the fused lookahead + verification step.
 
-One decode step feeds the model, in this order (W = window, N = ngram, G = guesses):
+One decode step feeds the model, in this order (W = window, N = ngram, B = tree nodes):
 
-* index 0: the current token (last committed token, position t);
+* row 0: the current token (last committed token, position t);
 * level 0, columns 1..W-1 (positions t+1..t+W-1); the current token is level 0, column 0;
 * levels 1..N-2, columns 0..W-1 (level l, column c sits at position t+l+c);
-* G candidates of K tokens each (K = candidate_length, N-1 by default; candidate token j sits at position t+1+j).
+* the B nodes of the token tree, best first (a node at depth d sits at position t+d).
 
 Mask rules (algorithm.md, section 1.4): level 0 is an ordinary causal row; a token at level l >= 1, column c
-sees level 0 up to column c and column c of levels 1..l; a candidate token sees the current token and the
-earlier tokens of its own candidate. Every row also sees the whole KV cache. Both branches share one forward
-pass but cannot see each other.
+sees level 0 up to column c and column c of levels 1..l; a tree node sees the current token, its ancestors and
+itself. Every row also sees the whole KV cache. Both branches share one forward pass but cannot see each other.
 
-Every step has the same shape (candidates are padded to G), so the template is built once, on the device.
+The lookahead rows are the same every step and built once, on the device; the tree rows change with the tree and
+are filled in from its ancestor matrix (`tree_tensors`) on the device, so every step of a shape has one shape.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .config import LookaheadConfig
+
+
+class TreeTensors(NamedTuple):
+    """One step's token tree on the device, padded to the shape's node budget B."""
+
+    tokens: torch.Tensor  # [B]
+    parents: torch.Tensor  # [B] parent node, or B for the children of the current token (and padding)
+    ancestors: torch.Tensor  # [B, B] bool: ancestors[i, j] when node j is node i or one of its ancestors
+    depths: torch.Tensor  # [B] 1 for the current token's children
+    valid: torch.Tensor  # [B] False for padding
+
+
+def tree_tensors(tokens: torch.Tensor, parents: torch.Tensor, num_nodes: torch.Tensor, max_depth: int) -> TreeTensors:
+    """The tree's ancestor matrix and depths, by `max_depth` rounds of "my ancestors are my parent's, and me"
+    (fixed shapes, device ops only). parents: [B] with the root as B; nodes past `num_nodes` are padding."""
+    size = tokens.numel()
+    itself = torch.eye(size, dtype=torch.bool, device=tokens.device)
+    ancestors = itself
+    for _ in range(max_depth - 1):
+        with_root = torch.cat([ancestors, ancestors.new_zeros(1, size)])  # the root row: no ancestors
+        ancestors = itself | with_root[parents]
+    valid = torch.arange(size, device=tokens.device) < num_nodes
+    return TreeTensors(tokens, parents, ancestors, ancestors.sum(dim=1), valid)
 
 
 @dataclass(frozen=True)
@@ -29,14 +53,13 @@ class StepLayout:
     """Index bookkeeping for one fused step; all tensors live on `device`."""
 
     config: LookaheadConfig
-    position_offsets: torch.Tensor  # [S] position of each input row relative to the current token
-    allowed: torch.Tensor  # [S, S] bool, True where row q may attend to step row k
-    logit_rows: torch.Tensor  # rows whose logits are used: current token, last level, candidates
-    candidate_offsets: torch.Tensor  # [K] 0..K-1
+    lookahead_offsets: torch.Tensor  # [(N-1)·W] position of each lookahead row relative to the current token
+    lookahead_allowed: torch.Tensor  # [(N-1)·W, (N-1)·W] bool, True where row q may attend to row k
+    logit_rows: torch.Tensor  # rows whose logits are used: current token, last level, tree nodes
 
     @property
     def size(self) -> int:
-        return self.position_offsets.numel()
+        return self.lookahead_size + self.config.tree_nodes
 
     @property
     def lookahead_size(self) -> int:
@@ -44,11 +67,10 @@ class StepLayout:
         return self.config.levels * self.config.window
 
     @property
-    def candidate_rows(self) -> slice:
-        """Input rows of the verification branch: G candidates of K tokens, one after the other."""
+    def tree_rows(self) -> slice:
         return slice(self.lookahead_size, self.size)
 
-    # Rows of the step's logits (see `logit_rows`): the current token's, then the last level's, then the candidates'.
+    # Rows of the step's logits (see `logit_rows`): the current token's, then the last level's, then the tree's.
     # With one level (N=2) the last level is level 0, whose first row is the current token's: it is kept once.
     @property
     def new_level_logits(self) -> slice:
@@ -56,50 +78,42 @@ class StepLayout:
         return slice(first, first + self.config.window)
 
     @property
-    def candidate_logits(self) -> slice:
+    def tree_logits(self) -> slice:
         return slice(self.new_level_logits.stop, None)
 
-    def candidate_token_rows(self, candidate) -> torch.Tensor:
-        """Input rows [K] of one candidate's tokens (`candidate` may be a device tensor)."""
-        k = self.config.candidate_length
-        return self.candidate_offsets + self.lookahead_size + candidate * k
+    def positions(self, tree: TreeTensors) -> torch.Tensor:
+        """[S] position of every row relative to the current token."""
+        return torch.cat([self.lookahead_offsets, tree.depths])
+
+    def allowed(self, tree: TreeTensors) -> torch.Tensor:
+        """[S, S] bool: which step rows each row may attend to."""
+        lookahead, nodes = self.lookahead_size, self.config.tree_nodes
+        upper = torch.cat([self.lookahead_allowed, self.lookahead_allowed.new_zeros(lookahead, nodes)], dim=1)
+        sees_current = self.lookahead_allowed.new_zeros(nodes, lookahead)
+        sees_current[:, 0] = True  # tree nodes continue the current token
+        lower = torch.cat([sees_current, tree.ancestors], dim=1)
+        return torch.cat([upper, lower])
 
     @classmethod
     def build(cls, config: LookaheadConfig, device: torch.device | str = "cpu") -> "StepLayout":
-        window, levels, guesses, cand_len = config.window, config.levels, config.guesses, config.candidate_length
+        window, levels = config.window, config.levels
         lookahead = levels * window
-        # Per row: its level and column (lookahead rows) or its candidate and token index (candidate rows).
         row = torch.arange(lookahead)
         level, column = row // window, row % window
-        cand_row = torch.arange(guesses * cand_len)
-        cand, token = cand_row // cand_len, cand_row % cand_len
-
-        offsets = torch.cat([level + column, 1 + token])
-
         q_level, k_level = level[:, None], level[None, :]
         q_col, k_col = column[:, None], column[None, :]
         sees_row0 = (k_level == 0) & (k_col <= q_col)
         sees_own_column = (k_level >= 1) & (k_level <= q_level) & (k_col == q_col)
-        lookahead_mask = sees_row0 | sees_own_column
-
-        same_candidate = (cand[:, None] == cand[None, :]) & (token[None, :] <= token[:, None])
-        size = lookahead + guesses * cand_len
-        allowed = torch.zeros(size, size, dtype=torch.bool)
-        allowed[:lookahead, :lookahead] = lookahead_mask
-        allowed[lookahead:, lookahead:] = same_candidate
-        allowed[lookahead:, 0] = True  # candidates continue the current token
 
         last_level = torch.arange((levels - 1) * window, lookahead)
         current = torch.zeros(0 if levels == 1 else 1, dtype=torch.long)  # level 0 already starts with it
-        logit_rows = torch.cat([current, last_level, lookahead + cand_row])
-        return cls(config, offsets.to(device), allowed.to(device), logit_rows.to(device),
-                   torch.arange(cand_len, device=device))
+        logit_rows = torch.cat([current, last_level, torch.arange(lookahead, lookahead + config.tree_nodes)])
+        return cls(config, (level + column).to(device), (sees_row0 | sees_own_column).to(device),
+                   logit_rows.to(device))
 
-    def input_ids(self, current: int, window_tokens: list[int], candidates: list[tuple[int, ...]]) -> list[int]:
-        """Flatten one step's tokens in layout order; `candidates` must already be padded to G."""
-        ids = [current, *window_tokens]
-        for candidate in candidates:
-            ids.extend(candidate)
+    def input_ids(self, current: int, window_tokens: list[int], tree_tokens: list[int]) -> list[int]:
+        """One step's tokens in layout order; `tree_tokens` padded to the node budget."""
+        ids = [current, *window_tokens, *tree_tokens]
         if len(ids) != self.size:
             raise AssertionError(f"step input has {len(ids)} tokens, layout expects {self.size}")
         return ids

@@ -44,22 +44,24 @@ def engine_length(model, length: int) -> int:
     return max_length if context is None else min(max_length, context)
 
 
-def static_engine(model, shapes: Sequence[LookaheadConfig], length: int, compile: bool = False) -> StaticStep:
+def static_engine(model, shapes: Sequence[LookaheadConfig], length: int, compile: bool = False,
+                  predictions: int = 0) -> StaticStep:
     """The cached static engine for `shapes` that fits `length` tokens; built (and captured) once."""
     max_length = engine_length(model, length)
     engines = _engines.setdefault(model, {})
-    key = (tuple(shapes), max_length, compile)
+    key = (tuple(shapes), max_length, compile, predictions)
     if key not in engines:
-        engines[key] = StaticStep(model, shapes, max_length, compile=compile)
+        engines[key] = StaticStep(model, shapes, max_length, compile=compile, predictions=predictions)
     return engines[key]
 
 
 def runner_for(model, shapes: Sequence[LookaheadConfig], length: int, verifier: Verifier | None = None,
-               compile: bool = False) -> StepRunner:
-    """The runner for a generation of up to `length` tokens with these step shapes."""
+               compile: bool = False, predictions: int = 0) -> StepRunner:
+    """The runner for a generation of up to `length` tokens with these step shapes; `predictions`: the model's
+    top next tokens to report at every computed row, for the sources that recycle them."""
     if uses_static_engine(model, verifier):
-        return static_engine(model, shapes, length, compile)
-    return EagerStep(ModelAdapter(model), shapes, verifier)
+        return static_engine(model, shapes, length, compile, predictions)
+    return EagerStep(ModelAdapter(model), shapes, verifier, predictions)
 
 
 def auto_plan(model, verifier: Verifier | None = None) -> StepPlan:

@@ -4,11 +4,11 @@ Drafts are one-hot: the lookahead branch refines its window by argmax, so a cand
 sequence. For one-hot drafts, multi-candidate speculative sampling (algorithm.md, section 1.6) is exact: at
 each verified position the committed token is distributed exactly as the warped target distribution P.
 
-Every verified position is processed with its true prefix (the committed history plus the tokens accepted so
-far in this step), so logits processors that look at the sequence, such as a repetition penalty, see exactly
-what `model.generate` would show them. Candidates that survive to position j agree on all earlier tokens, so
-they share one prefix and one distribution: each position needs a single row of processed logits, and each
-committed token's distribution is computed once, in order, as in `model.generate`.
+Drafts form a token tree (`drafting/tree.py`): the children of a node are the drafts for the position after it,
+distinct tokens tried best first. Every verified position is processed with its true prefix (the committed
+history plus the tokens accepted so far in this step), so logits processors that look at the sequence, such as
+a repetition penalty, see exactly what `model.generate` would show them; each committed token's distribution is
+computed once, in order, as in `model.generate`.
 """
 
 from __future__ import annotations
@@ -21,17 +21,16 @@ from collections.abc import Sequence
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .verification import GreedyVerifier, Verifier
+from .verification import GreedyVerifier, Verifier, pack
 
 
 class PathVerifier:
-    """Verifies candidates position by position along the accepted path.
+    """Verifies the tree position by position, walking down from the current token.
 
-    At position j (draft token j, absolute position t+1+j) the verifier gets the processed scores for the
-    shared prefix and the distinct j-th tokens of the surviving candidates, in candidate order; `choose`
-    returns the committed token and whether it is one of those drafts. On acceptance only the candidates
-    that carry the token survive and the next position's logits are the first survivor's. After a fully
-    accepted candidate, the bonus token is chosen from the logits after its last token (no drafts left).
+    At each node of the walk the verifier gets the processed scores for the path so far and the tokens of the
+    node's children (distinct, best first); `choose` returns the committed token and whether it is one of those
+    drafts. On acceptance the walk moves to that child, whose logits give the next position's scores. Where the
+    walk reaches a leaf, the bonus token is chosen from the leaf's logits with no drafts left.
     """
 
     def __init__(self, logits_processor: LogitsProcessorList | None = None) -> None:
@@ -46,26 +45,29 @@ class PathVerifier:
         scores = logits.to(torch.float32, copy=True)[None]
         return self.processors(prefix, scores)[0] if self.processors else scores[0]
 
-    def __call__(self, next_logits, candidates, candidate_logits, valid, history) -> torch.Tensor:
-        length = candidates.shape[1]
-        rows = candidates.tolist()
-        alive = [i for i, ok in enumerate(valid.tolist()) if ok]
-        winner = alive[0] if alive else 0
+    def __call__(self, next_logits, tree, tree_logits, max_depth, history) -> torch.Tensor:
+        tokens, parents, valid = tree.tokens.tolist(), tree.parents.tolist(), tree.valid.tolist()
+        root = len(tokens)
+        children: dict[int, list[int]] = {}
+        for node, (parent, ok) in enumerate(zip(parents, valid)):
+            if ok:
+                children.setdefault(parent, []).append(node)
         prefix = torch.tensor([list(history)], dtype=torch.long, device=next_logits.device)
-        logits, committed = next_logits, []
-        for j in range(length + 1):
-            drafts = list(dict.fromkeys(rows[i][j] for i in alive)) if j < length else []
-            token, accepted = self.choose(self.scores(prefix, logits), drafts)
+        logits, node, committed, path = next_logits, root, [], []
+        while True:
+            options = children.get(node, [])
+            token, accepted = self.choose(self.scores(prefix, logits), [tokens[child] for child in options])
             committed.append(token)
             if not accepted:
                 break
-            alive = [i for i in alive if rows[i][j] == token]
-            winner = alive[0]
+            node = next(child for child in options if tokens[child] == token)
+            path.append(node)
             prefix = torch.cat([prefix, prefix.new_tensor([[token]])], dim=1)
-            logits = candidate_logits[winner, j]
-        accepted_drafts = len(committed) - 1
-        committed += [0] * (length + 1 - len(committed))
-        return torch.tensor([accepted_drafts, winner, *committed], dtype=torch.long, device=next_logits.device)
+            logits = tree_logits[node]
+        device = next_logits.device
+        return pack(torch.tensor(len(path), device=device),
+                    torch.tensor(committed + [0] * (max_depth + 1 - len(committed)), device=device),
+                    torch.tensor(path + [0] * (max_depth - len(path)), device=device))
 
 
 class ProcessedGreedyVerifier(PathVerifier):

@@ -3,12 +3,12 @@
 Expected committed tokens, per kind of shape:
 
 * plain one-token step: 1;
-* a step that only verifies candidates: 1 + a_s when the source has candidates (else 1), where a_s is the recent
+* a step that only verifies drafts: 1 + a_s when the token tree has nodes (else 1), where a_s is the recent
   mean of accepted draft tokens, kept apart for steps after a verification that accepted something and after
   one that did not: acceptance comes in runs (a stretch of text being copied, then none). One verified step
-  tells what every other verifying shape would have accepted (a shape with fewer candidates gets the accepted
-  length if the winner is among its candidates, else nothing; one with more gets at least as much), so every
-  verifying shape learns from every step;
+  tells what every other verifying shape would have accepted (a smaller tree is a prefix of the node list, so
+  it gets the part of the accepted path inside its budget; a larger one at least as much), so every verifying
+  shape learns from every step;
 * a step that runs the Jacobi window: the recent mean of tokens its own steps committed. The window pays mostly
   later, through the n-grams it adds to the pool, so its yield is measured where it runs, whatever the pool holds
   at the moment. It starts from `expected_tokens`, a prior that grows with the step's rows, and while other
@@ -63,22 +63,22 @@ class ShapeChooser:
                              for shape in shapes]
         self.window_tokens = list(self.window_prior)
 
-    def expected_tokens(self, shape: int, num_candidates: int) -> float:
+    def expected_tokens(self, shape: int, num_nodes: int) -> float:
         config = self.shapes[shape]
         if config.has_window:
             return self.window_tokens[shape]
-        if config.guesses > 0 and num_candidates > 0:
+        if config.verifies and num_nodes > 0:
             return 1.0 + self.accepted[self.in_run][shape]
         return 1.0
 
-    def choose(self, num_candidates: int) -> int:
-        """The shape for the next step, given how many candidates the source has for it."""
-        rates = [self.expected_tokens(s, num_candidates) / cost for s, cost in enumerate(self.costs)]
+    def choose(self, num_nodes: int) -> int:
+        """The shape for the next step, given how many nodes the token tree has."""
+        rates = [self.expected_tokens(s, num_nodes) / cost for s, cost in enumerate(self.costs)]
         return max(range(len(rates)), key=rates.__getitem__)  # first best: shapes are listed cheapest first
 
-    def observe(self, shape: int, num_candidates: int, accepted: int, winner: int) -> None:
-        """After a step of `shape` verified `num_candidates` candidates and accepted `accepted` draft tokens of
-        candidate `winner`."""
+    def observe(self, shape: int, num_nodes: int, path: Sequence[int]) -> None:
+        """After a step of `shape` verified a tree of `num_nodes` nodes and accepted the nodes `path`."""
+        accepted = len(path)
         decay, accepted_now = self.decay, self.accepted[self.in_run]
         for other, config in enumerate(self.shapes):
             if config.has_window:
@@ -88,9 +88,9 @@ class ShapeChooser:
                 else:
                     self.window_tokens[other] = (self.window_tokens[other] * self.retry
                                                  + self.window_prior[other] * (1 - self.retry))
-            elif config.guesses > 0 and num_candidates > 0:
-                # What `other` would have accepted with its own number of candidates (the best-ranked come first).
-                would_accept = accepted if winner < config.guesses else 0
+            elif config.verifies and num_nodes > 0:
+                # What `other` would have accepted with its own budget (its tree is a prefix of the node list).
+                would_accept = sum(node < config.tree_nodes for node in path)
                 accepted_now[other] = accepted_now[other] * decay + would_accept * (1 - decay)
-        if num_candidates > 0 and self.shapes[shape].guesses > 0:
+        if num_nodes > 0 and self.shapes[shape].verifies:
             self.in_run = accepted > 0

@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from .config import AUTOREGRESSIVE, LookaheadConfig
+from .drafting.tree import EMPTY_TREE
 from .shape_choice import expected_tokens
 
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 CACHE_FILE = "calibration.json"
 
 # Wide shapes tried, as (W, N, G): the paper's and the reference code's settings and wider ones (algorithm.md).
@@ -84,7 +85,7 @@ def verify_only(guesses: int, candidate_length: int) -> LookaheadConfig:
 
 def time_steps(runner, vocab_size: int) -> list[float]:
     """Milliseconds per step of each of `runner`'s shapes, after a prefill of a fixed prompt; every step verifies
-    no candidate (the cost does not depend on the tokens) and is timed as decoding runs it, host sync included."""
+    an empty tree (the cost does not depend on the tokens) and is timed as decoding runs it, host sync included."""
     device = runner.adapter.device
     steps = WARMUP_STEPS + TIMED_STEPS
     room = getattr(runner, "max_length", None)
@@ -99,7 +100,7 @@ def time_steps(runner, vocab_size: int) -> list[float]:
             times = []
             for _ in range(steps):
                 start = time.perf_counter()
-                history.extend(runner.step(shape, ids, 0, history).committed)
+                history.extend(runner.step(shape, ids, EMPTY_TREE, history).committed)
                 times.append(time.perf_counter() - start)
             costs.append(statistics.median(times[WARMUP_STEPS:]) * 1e3)  # the median: robust to a busy machine
     return costs

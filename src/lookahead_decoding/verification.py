@@ -1,8 +1,9 @@
-"""Verification: which candidate tokens the model itself would have produced.
+"""Verification: which draft tokens of the tree the model itself would have produced.
 
-A verifier gets the logits of the current token and of every candidate token and returns one packed int64
-tensor (accepted draft tokens m, winning candidate, committed tokens padded to K+1), so the loop fetches the
-outcome with a single host sync. Greedy verification lives here; sampling verification in `sampling.py`.
+A verifier gets the logits after the current token and after every tree node, and returns one packed int64
+tensor (`pack`: accepted draft tokens m, the committed tokens padded to K+1, the accepted path's nodes padded to
+K), so the loop fetches the outcome with a single host sync. Greedy verification lives here; sampling
+verification in `sampling.py`.
 """
 
 from __future__ import annotations
@@ -12,48 +13,50 @@ from typing import Protocol
 
 import torch
 
+from .layout import TreeTensors
+
 
 class Verifier(Protocol):
     def __call__(
         self,
         next_logits: torch.Tensor,  # [V] logits after the current token
-        candidates: torch.Tensor,  # [G, K] candidate tokens for positions t+1..t+K
-        candidate_logits: torch.Tensor,  # [G, K, V] logits after each candidate token
-        valid: torch.Tensor,  # [G] False for padding rows
+        tree: TreeTensors,  # the step's token tree (B nodes)
+        tree_logits: torch.Tensor,  # [B, V] logits after each tree node
+        max_depth: int,  # K: the tree's depth limit
         history: Sequence[int],  # committed tokens, the current token last
     ) -> torch.Tensor: ...
 
 
+def pack(accepted: torch.Tensor, committed: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+    """[1 + (K+1) + K]: accepted m, committed tokens (m+1 real), the accepted path's nodes (m real)."""
+    return torch.cat([accepted.view(1), committed, path])
+
+
 class GreedyVerifier:
-    """Exact greedy verification: argmax everywhere, longest matching prefix wins."""
+    """Exact greedy verification: argmax everywhere, the deepest node whose whole path matches wins."""
 
-    def __call__(self, next_logits, candidates, candidate_logits, valid, history) -> torch.Tensor:
-        return verify_greedy(next_logits.argmax(-1), candidates, candidate_logits.argmax(-1), valid)
+    def __call__(self, next_logits, tree, tree_logits, max_depth, history) -> torch.Tensor:
+        return verify_greedy(next_logits.argmax(-1), tree_logits.argmax(-1), tree, max_depth)
 
 
-def verify_greedy(
-    next_token: torch.Tensor, candidates: torch.Tensor, candidate_preds: torch.Tensor, valid: torch.Tensor
-) -> torch.Tensor:
-    """Pick the candidate whose longest prefix the model itself would have produced.
-
-    next_token: [] the model's argmax after the current token (always committed).
-    candidates: [G, K] candidate tokens for positions t+1..t+K.
-    candidate_preds: [G, K] the model's argmax after each candidate token.
-    valid: [G] False for padding rows.
-
-    Returns one int64 tensor [2 + K + 1]: (accepted draft tokens m, winning candidate, committed tokens
-    padded to K+1). The committed tokens are next_token followed by the model's predictions along the
-    winner: m+1 tokens, so K+1 (= N) when a candidate matches fully. Packing them lets the caller fetch
-    everything with one host sync.
-    """
-    guesses, length = candidates.shape
-    if guesses == 0:
-        committed = torch.cat([next_token.view(1), next_token.new_zeros(length)])
-        return torch.cat([next_token.new_zeros(2), committed])
-    expected = torch.cat([next_token.view(1, 1).expand(guesses, 1), candidate_preds[:, :-1]], dim=1)
-    matches = (candidates == expected) & valid[:, None]
-    accepted = matches.long().cumprod(dim=1).sum(dim=1)
-    best = torch.argmax(accepted).view(1)  # first maximum: the best-ranked candidate wins ties
+def verify_greedy(next_token: torch.Tensor, node_preds: torch.Tensor, tree: TreeTensors, max_depth: int) -> torch.Tensor:
+    """next_token: [] the model's argmax after the current token (always committed); node_preds: [B] its argmax
+    after each node. A node matches when its token is what the model predicts after its parent; it is accepted
+    when it and all its ancestors match. The deepest accepted node wins (the best-ranked, i.e. first, on ties);
+    the committed tokens are next_token followed by the model's predictions along its path: m+1 tokens, so K+1
+    when a path of depth K is accepted. Fixed shapes and no host sync, so it can be captured in a CUDA graph."""
+    size = node_preds.numel()
+    if size == 0:
+        zeros = next_token.new_zeros(max_depth)
+        return pack(next_token.new_zeros(()), torch.cat([next_token.view(1), zeros]), zeros)
+    expected = torch.cat([node_preds, next_token.view(1)])[tree.parents]  # the prediction after each parent
+    matches = (tree.tokens == expected) & tree.valid
+    accepted_nodes = ~(tree.ancestors & ~matches[None, :]).any(dim=1)
+    reach = torch.where(accepted_nodes, tree.depths, 0)
+    best = reach.argmax().view(1)  # first maximum: the best-ranked node wins ties
     # index_select, not [best]: indexing by a device scalar would sync with the host (and break graph capture).
-    committed = torch.cat([next_token.view(1), candidate_preds.index_select(0, best)[0]])
-    return torch.cat([accepted.index_select(0, best), best, committed])
+    on_path = tree.ancestors.index_select(0, best)[0]
+    levels = torch.arange(1, max_depth + 1, device=node_preds.device)
+    path = (on_path[None, :] & (tree.depths[None, :] == levels[:, None])).int().argmax(dim=1)  # [K] node per depth
+    committed = torch.cat([next_token.view(1), node_preds[path]])
+    return pack(reach.index_select(0, best)[0], committed, path)

@@ -1,0 +1,50 @@
+"""Which candidate sources a generation uses: given ones, named ones, or the default."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..config import LookaheadConfig
+from .base import CandidateSource, CombinedSource
+from .ngram_pool import NGramPool
+from .pool import NGramPoolSource
+from .recycling import RecycledTopKSource
+from .suffix import SuffixSource
+
+SOURCE_NAMES = ("pool", "suffix", "recycled")
+DEFAULT_SOURCES = ("pool", "suffix")
+
+
+def pool_source(shapes: Sequence[LookaheadConfig]) -> NGramPoolSource:
+    """The n-gram pool the window of `shapes` feeds: n-grams as long as the widest window's, G per key."""
+    windows = [shape for shape in shapes if shape.has_window]
+    length = max((shape.levels for shape in windows), default=max(shape.candidate_length for shape in shapes))
+    capacity = max(shape.guesses for shape in shapes)
+    from_text = any(shape.pool_from_prompt for shape in shapes if shape.verifies)
+    return NGramPoolSource(NGramPool(length, capacity), from_text=from_text)
+
+
+def named_source(name: str, shapes: Sequence[LookaheadConfig]) -> CandidateSource:
+    if name == "pool":
+        return pool_source(shapes)
+    if name == "suffix":
+        return SuffixSource()
+    if name == "recycled":
+        return RecycledTopKSource()
+    raise ValueError(f"unknown candidate source {name!r}; the sources are {', '.join(SOURCE_NAMES)}")
+
+
+def make_source(source, shapes: Sequence[LookaheadConfig]) -> CandidateSource:
+    """A CandidateSource from `source`: None (the default sources), a CandidateSource, a name in SOURCE_NAMES, or
+    a sequence of those (combined into one tree)."""
+    if source is None:
+        source = DEFAULT_SOURCES
+    if isinstance(source, CandidateSource):
+        return source
+    if isinstance(source, str):
+        return named_source(source, shapes)
+    if isinstance(source, Sequence) and source and all(isinstance(s, (str, CandidateSource)) for s in source):
+        parts = [make_source(s, shapes) for s in source]
+        return parts[0] if len(parts) == 1 else CombinedSource(parts)
+    raise TypeError(f"source must be a CandidateSource, one of {', '.join(SOURCE_NAMES)} or a non-empty list of "
+                    f"those, got {source!r}")
