@@ -22,7 +22,7 @@ from lookahead_decoding.step import EagerStep
 from lookahead_decoding.tuning import StepPlan, verify_only
 
 K = 3
-SHAPES = (AUTOREGRESSIVE, verify_only(2, K), ld.LookaheadConfig(4, 4, 4), ld.LookaheadConfig(2, 3, 3, candidate_length=K))
+SHAPES = (AUTOREGRESSIVE, verify_only(2 * K, K), ld.LookaheadConfig(4, 4, 4), ld.LookaheadConfig(2, 3, 3, candidate_length=K))
 
 
 class RandomSchedule(ShapeChooser):

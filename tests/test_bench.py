@@ -180,8 +180,8 @@ def test_cli_without_datasets_exits_2(monkeypatch, capsys):
 
 def test_list_arguments():
     assert int_list("3,5, 7") == [3, 5, 7]
-    assert config_list("3:4:3, 7:5:7:9") == [(3, 4, 3), (7, 5, 7, 9)]
-    for parse, text in ((int_list, "3,x"), (config_list, "3:4"), (config_list, "1:2:3:4:5"), (config_list, "")):
+    assert config_list("3:4:3, 7:5:7:9, 7:5:7:9:40") == [(3, 4, 3), (7, 5, 7, 9), (7, 5, 7, 9, 40)]
+    for parse, text in ((int_list, "3,x"), (config_list, "3:4"), (config_list, "1:2:3:4:5:6"), (config_list, "")):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
 
@@ -284,7 +284,8 @@ def test_tiny_bench_end_to_end(tiny, tmp_path, capsys):
     result = json.loads(out.read_text())
     check_result(result, "gsm8k", ["greedy", "lookahead", "pld"], 2)
     assert result["summary"]["gsm8k"]["lookahead"]["identical_to_greedy"] == 1.0
-    assert result["config"]["lookahead_config"] == {"window": 3, "ngram": 3, "guesses": 3, "candidate_length": 2}
+    assert result["config"]["lookahead_config"] == {"window": 3, "ngram": 3, "guesses": 3, "candidate_length": 2,
+                                                    "tree_nodes": 6}
     assert plot.read_bytes().startswith(b"\x89PNG")
     table = capsys.readouterr().out
     assert "| greedy | 2 | 24 |" in table and "| lookahead |" in table

@@ -168,7 +168,8 @@ def test_shape_options_left_out_leave_the_choice_to_the_library(tiny_model, caps
     result = json.loads(out)
     assert result["config"] == ("auto" if passed is None else {"window": passed.window, "ngram": passed.ngram,
                                                                  "guesses": passed.guesses,
-                                                                 "candidate_length": passed.candidate_length})
+                                                                 "candidate_length": passed.candidate_length,
+                                                                 "tree_nodes": passed.tree_nodes})
     assert [entry["cost_ms"] for entry in result["shapes"]] == list(plans[0].costs_ms)
 
 

@@ -14,7 +14,7 @@ from lookahead_decoding.tuning import StepPlan, verify_only
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-SHAPES = (AUTOREGRESSIVE, verify_only(2, 3), ld.LookaheadConfig(4, 4, 4))
+SHAPES = (AUTOREGRESSIVE, verify_only(6, 3), ld.LookaheadConfig(4, 4, 4))
 
 
 def cuda_model(arch):

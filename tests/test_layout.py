@@ -1,18 +1,34 @@
-"""The fused step's layout and mask against a brute-force reading of the rules in algorithm.md, section 1.4."""
+"""The fused step's layout and mask against a brute-force reading of the rules in algorithm.md, section 1.4,
+with the verification branch as a token tree."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lookahead_decoding import LookaheadConfig
-from lookahead_decoding.layout import StepLayout
+from lookahead_decoding.drafting.tree import ROOT, TokenTree
+from lookahead_decoding.layout import StepLayout, tree_tensors
+from lookahead_decoding.step import tree_parents
 
 
-def brute_force(window, ngram, guesses, candidate_length):
-    """Rows as (kind, a, b): ('la', level, column) or ('cand', k, j), in input order; then the mask by the rules."""
+def brute_force(window, ngram, parents, budget):
+    """Rows as (kind, a, b): ('la', level, column) or ('node', index, 0), in input order; then the mask by the
+    rules, walking each node's parents one by one. Nodes past len(parents) are padding: children of the root."""
+    parents = list(parents) + [ROOT] * (budget - len(parents))
     rows = [("la", 0, c) for c in range(window)]
     rows += [("la", level, c) for level in range(1, ngram - 1) for c in range(window)]
-    rows += [("cand", k, j) for k in range(guesses) for j in range(candidate_length)]
-    positions = [(r[1] + r[2]) if r[0] == "la" else 1 + r[2] for r in rows]
+    lookahead = len(rows)
+    rows += [("node", i, 0) for i in range(budget)]
+
+    def chain(node):  # the node and its ancestors
+        nodes = []
+        while node != ROOT:
+            nodes.append(node)
+            node = parents[node]
+        return nodes
+
+    positions = [(r[1] + r[2]) if r[0] == "la" else len(chain(r[1])) for r in rows]
     size = len(rows)
     mask = torch.zeros(size, size, dtype=torch.bool)
     for q, (qkind, qa, qb) in enumerate(rows):
@@ -21,33 +37,53 @@ def brute_force(window, ngram, guesses, candidate_length):
                 row0_prefix = ka == 0 and kb <= qb
                 own_column = qa >= 1 and 1 <= ka <= qa and kb == qb
                 mask[q, k] = row0_prefix or own_column
-            elif qkind == "cand":
-                current_token = kkind == "la" and ka == 0 and kb == 0
-                own_prefix = kkind == "cand" and ka == qa and kb <= qb
-                mask[q, k] = current_token or own_prefix
+            elif qkind == "node":
+                current_token = k == 0
+                ancestor = kkind == "node" and ka in chain(qa)
+                mask[q, k] = current_token or ancestor
     last_level = [i for i, r in enumerate(rows) if r[0] == "la" and r[1] == ngram - 2]
-    cand_rows = [i for i, r in enumerate(rows) if r[0] == "cand"]
-    return torch.tensor(positions), mask, list(dict.fromkeys([0] + last_level + cand_rows))  # each row once
+    node_rows = list(range(lookahead, size))
+    return torch.tensor(positions), mask, list(dict.fromkeys([0] + last_level + node_rows))  # each row once
 
 
-@pytest.mark.parametrize("window", [1, 2, 4, 7])
-@pytest.mark.parametrize("ngram", [2, 3, 4, 6])
-@pytest.mark.parametrize("guesses", [0, 1, 2, 5])
-@pytest.mark.parametrize("candidate_length", [None, 1, 5])
-def test_layout_matches_brute_force(window, ngram, guesses, candidate_length):
-    config = LookaheadConfig(window, ngram, guesses, candidate_length=candidate_length)
+@st.composite
+def trees(draw, max_nodes=12, max_depth=5):
+    """A random tree in the order build_tree gives: every parent before its children."""
+    parents, depths = [], []
+    for _ in range(draw(st.integers(0, max_nodes))):
+        choices = [ROOT] + [i for i, d in enumerate(depths) if d < max_depth]
+        parent = draw(st.sampled_from(choices))
+        parents.append(parent)
+        depths.append(1 if parent == ROOT else depths[parent] + 1)
+    return parents
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(window=st.integers(1, 6), ngram=st.integers(2, 6), parents=trees(), extra=st.integers(0, 3))
+def test_layout_matches_brute_force(window, ngram, parents, extra):
+    budget = len(parents) + extra
+    config = LookaheadConfig(window, ngram, guesses=0, candidate_length=5, tree_nodes=budget)
     layout = StepLayout.build(config)
-    k = ngram - 1 if candidate_length is None else candidate_length
-    positions, mask, logit_rows = brute_force(window, ngram, guesses, k)
-    assert config.candidate_length == k
-    assert layout.size == config.tokens_per_step == (ngram - 1) * window + guesses * k
-    assert torch.equal(layout.position_offsets, positions)
-    assert torch.equal(layout.allowed, mask)
+    tree = TokenTree(tuple(range(len(parents))), tuple(parents), (1.0,) * len(parents))
+    device_tree = tree_tensors(torch.zeros(budget, dtype=torch.long), torch.tensor(tree_parents(tree, budget), dtype=torch.long),
+                               torch.tensor(len(tree)), config.candidate_length)
+    positions, mask, logit_rows = brute_force(window, ngram, parents, budget)
+    assert layout.size == config.tokens_per_step == (ngram - 1) * window + budget
+    assert torch.equal(layout.positions(device_tree), positions)
+    assert torch.equal(layout.allowed(device_tree), mask)
     assert layout.logit_rows.tolist() == logit_rows
+    assert device_tree.valid.tolist() == [i < len(parents) for i in range(budget)]
+    assert device_tree.depths[: len(parents)].tolist() == [len(tree.path(i)) for i in range(len(parents))]
+
+
+def test_the_default_tree_has_the_rows_of_g_candidates():
+    assert LookaheadConfig(4, 4, 2).tree_nodes == 6
+    assert LookaheadConfig(4, 4, 2, candidate_length=5).tree_nodes == 10
+    assert LookaheadConfig(4, 4, 2, candidate_length=5, tree_nodes=7).tokens_per_step == 12 + 7
 
 
 def test_mask_printed_in_algorithm_md():
-    """The W=4, N=4, G=2 mask drawn in algorithm.md, row by row."""
+    """The W=4, N=4, G=2 mask drawn in algorithm.md, row by row: two separate candidates are a tree of two chains."""
     drawn = """
 1.................
 11................
@@ -69,12 +105,14 @@ def test_mask_printed_in_algorithm_md():
 1..............111"""
     expected = torch.tensor([[ch == "1" for ch in line] for line in drawn.split()])
     layout = StepLayout.build(LookaheadConfig(window=4, ngram=4, guesses=2))
-    assert torch.equal(layout.allowed, expected)
-    assert layout.position_offsets.tolist() == [0, 1, 2, 3, 1, 2, 3, 4, 2, 3, 4, 5, 1, 2, 3, 1, 2, 3]
+    chains = TokenTree((5, 6, 7, 5, 8, 9), (ROOT, 0, 1, ROOT, 3, 4), (1.0,) * 6)
+    tree = tree_tensors(torch.tensor(chains.tokens), torch.tensor(tree_parents(chains, 6)), torch.tensor(6), 3)
+    assert torch.equal(layout.allowed(tree), expected)
+    assert layout.positions(tree).tolist() == [0, 1, 2, 3, 1, 2, 3, 4, 2, 3, 4, 5, 1, 2, 3, 1, 2, 3]
 
 
 def test_pool_cuts_and_pads_continuations_to_the_candidate_length():
-    from lookahead_decoding.ngram_pool import NGramPool
+    from lookahead_decoding.drafting.ngram_pool import NGramPool
 
     pool = NGramPool(continuation_length=4, capacity=3)
     pool.add(7, [1, 2])  # a window n-gram shorter than K: padded with its last token

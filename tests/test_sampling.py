@@ -3,7 +3,7 @@
 The reference is the exact joint distribution of the first three new tokens, enumerated with the model's own
 forward on every prefix and the same logits processors. Our sampler and HF's are both compared against it by
 a chi-square goodness-of-fit test, with a Bonferroni correction over all comparisons; a deliberately biased
-verifier must fail the same test. The 120 000 short generations run in two worker processes (about 4 minutes
+verifier must fail the same test. The 145 000 short generations run in two worker processes (about 4 minutes
 on two cores); the other tests are quick.
 """
 
@@ -48,7 +48,8 @@ class Case:
     top_k: int | None = None
     top_p: float = 1.0
     penalty: float | None = None  # repetition penalty, given as a logits processor
-    candidate_length: int | None = None  # K (default N-1); a longer K drafts padded n-grams
+    candidate_length: int | None = None  # K (default N-1)
+    source: tuple[str, ...] | None = None  # the candidate sources (default: the library's); "recycled" branches widely
 
     def config(self) -> ld.LookaheadConfig:
         return ld.LookaheadConfig(window=self.window, ngram=self.ngram, guesses=self.guesses,
@@ -87,6 +88,11 @@ CASES = [
     Case(E, "random", ngram=4, window=3, guesses=2, temperature=1.1, top_p=0.95),
     Case(E, "cycle", ngram=3, window=2, guesses=3, temperature=1.3, penalty=1.3),
     Case(E, "cycle", ngram=2, window=2, guesses=2, top_p=0.7),
+    # Trees with several children per node: the model's recycled top-k next tokens, alone or merged with others.
+    Case(A, "cycle", ngram=3, window=3, guesses=3, source=("pool", "recycled")),
+    Case(B, "random", ngram=2, window=2, guesses=3, temperature=1.5, source=("recycled",)),
+    Case(C, "cycle", ngram=3, window=2, guesses=4, top_p=0.9, source=("pool", "suffix", "recycled")),
+    Case(E, "cycle", ngram=4, window=2, guesses=3, penalty=1.3, source=("pool", "recycled")),
 ]
 # Cases also run through `model.generate(custom_generate=lookahead_generate)`, which builds its own processors.
 THROUGH_HF = [15]
@@ -174,6 +180,7 @@ def lookahead_counts(index: int, verifier_cls=None, through_hf: bool = False) ->
         token, accepted = choose(self, scores, drafts)
         if drafts:
             outcomes["accepted" if accepted else "rejected"] += 1
+            outcomes["several drafts"] += len(drafts) > 1  # a tree node with several children
         return token, accepted
 
     SamplingVerifier.choose = counting_choose
@@ -189,9 +196,9 @@ def lookahead_counts(index: int, verifier_cls=None, through_hf: bool = False) ->
                 continue
             if verifier_cls is None:
                 out = ld.generate(model, prompt, NEW_TOKENS, case.config(), do_sample=True, generator=generator,
-                                  **case.sampling_kwargs())
+                                  source=case.source, **case.sampling_kwargs())
             else:
-                out = decode(model, prompt, NEW_TOKENS, case.config(),
+                out = decode(model, prompt, NEW_TOKENS, case.config(), source=case.source,
                              verifier=verifier_cls(generator, **case.sampling_kwargs()))
             counts[cell(out.sequences[0, prompt.shape[1]:])] += 1
             steps.update(out.stats.accepted_histogram)
@@ -247,6 +254,7 @@ def test_sampling_matches_the_exact_distribution():
     assert min(p_ours) >= THRESHOLD, f"lookahead sampling differs from the exact distribution: {p_ours}"
     # The test only means something if drafts are both accepted and rejected, and multi-token steps happen.
     assert outcomes["accepted"] > 10_000 and outcomes["rejected"] > 10_000, summary
+    assert outcomes["several drafts"] > 5_000, summary
     assert sum(count for tokens, count in steps.items() if tokens >= 2) > 10_000, summary
 
 

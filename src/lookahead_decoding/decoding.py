@@ -345,7 +345,7 @@ def generate(
 
     source: where the drafts verified each step come from, merged into one token tree: a `CandidateSource`, a
     name ("pool": the Jacobi window's and the text's n-grams; "suffix": the longest suffix match in the prompt
-    and output; "recycled": the model's own recent top-k next tokens), or a list of those. Default: pool + suffix.
+    and output; "recycled": the model's own recent top-k next tokens), or a list of those. Default: all three.
     """
     verifier = make_verifier(model.device, do_sample, temperature, top_k, top_p, logits_processor, generator)
     if runner is not None and (do_sample or logits_processor):

@@ -1,7 +1,7 @@
 """config="auto": the step shapes for this device, model and dtype, chosen by measuring what each step costs.
 
-A plan holds the plain one-token step, a narrow step that only verifies a few candidates and a wide lookahead
-step (Jacobi window + candidates), cheapest first; `shape_choice.ShapeChooser` picks one of them before every
+A plan holds the plain one-token step, a narrow step that only verifies a small token tree and a wide lookahead
+step (Jacobi window + tree), cheapest first; `shape_choice.ShapeChooser` picks one of them before every
 step. Calibration times each candidate shape on the runner decoding will use, then keeps the wide shape with the
 most expected tokens per millisecond (`shape_choice.expected_tokens` grows with the step's rows) and the widest
 narrow step that costs little more than the cheapest one, if it is clearly cheaper than the wide step. Results
@@ -31,9 +31,13 @@ from .shape_choice import expected_tokens
 CALIBRATION_VERSION = 3
 CACHE_FILE = "calibration.json"
 
-# Wide shapes tried, as (W, N, G): the paper's and the reference code's settings and wider ones (algorithm.md).
-WIDE_LADDER = ((3, 4, 3), (5, 4, 5), (7, 5, 7), (10, 5, 10), (15, 5, 15), (20, 7, 20))
-NARROW_GUESSES = (1, 2, 4, 8)
+# Wide shapes tried, as (W, N, G, tree nodes): the paper's and the reference code's window settings and wider
+# ones (algorithm.md), each with the rows of G flat candidates of N-1 tokens as its tree (twice that for the widest).
+WIDE_LADDER = ((3, 4, 3, 9), (5, 4, 5, 15), (7, 5, 7, 28), (10, 5, 10, 40), (15, 5, 15, 60), (20, 7, 20, 120))
+NARROW_NODES = (4, 8, 16, 32)
+# The longest draft a calibrated shape verifies: text copied from the prompt or the output is often longer than an
+# n-gram, and depth costs no rows (docs/benchmarks.md, "Token tree").
+DRAFT_DEPTH = 12
 # A narrow step may cost this much more than the cheapest one; it is meant to be nearly free.
 NARROW_COST_SLACK = 1.15
 # A narrow step joins the plan only if it costs at most this share of the wide step: one that saves little would
@@ -71,13 +75,15 @@ def shape_name(config: LookaheadConfig) -> str:
     if config.guesses == 0 and not config.has_window:
         return "plain"
     if not config.has_window:
-        return f"verify G={config.guesses} K={config.candidate_length}"
-    return f"lookahead W={config.window} N={config.ngram} G={config.guesses} K={config.candidate_length}"
+        return f"verify B={config.tree_nodes} K={config.candidate_length}"
+    return (f"lookahead W={config.window} N={config.ngram} G={config.guesses} K={config.candidate_length} "
+            f"B={config.tree_nodes}")
 
 
-def verify_only(guesses: int, candidate_length: int) -> LookaheadConfig:
-    """A step that verifies `guesses` candidates and runs no window."""
-    return LookaheadConfig(window=1, ngram=2, guesses=guesses, candidate_length=candidate_length)
+def verify_only(tree_nodes: int, candidate_length: int) -> LookaheadConfig:
+    """A step that verifies a tree of `tree_nodes` nodes and runs no window."""
+    return LookaheadConfig(window=1, ngram=2, guesses=tree_nodes, candidate_length=candidate_length,
+                           tree_nodes=tree_nodes)
 
 
 # ------------------------------------------------------------------------------------------------- measuring
@@ -116,13 +122,12 @@ class Calibration:
 
 def calibrate(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_size: int) -> Calibration:
     """Measure the candidate shapes on runners from `make_runner(shapes)` and choose the plan."""
-    wide = [LookaheadConfig(w, n, g) for w, n, g in WIDE_LADDER]
+    wide = [LookaheadConfig(w, n, g, candidate_length=DRAFT_DEPTH, tree_nodes=b) for w, n, g, b in WIDE_LADDER]
     plain_cost = time_steps(make_runner([AUTOREGRESSIVE]), vocab_size)[0]
     wide_costs = [time_steps(make_runner([shape]), vocab_size)[0] for shape in wide]
     best = max(range(len(wide)), key=lambda i: expected_tokens(wide[i]) / wide_costs[i])
     chosen_wide, wide_cost = wide[best], wide_costs[best]
-    k = chosen_wide.candidate_length
-    narrow = [verify_only(g, k) for g in NARROW_GUESSES]
+    narrow = [verify_only(nodes, DRAFT_DEPTH) for nodes in NARROW_NODES]
     narrow_costs = time_steps(make_runner(narrow), vocab_size)
     affordable = [i for i, cost in enumerate(narrow_costs) if cost <= NARROW_COST_SLACK * min(narrow_costs)]
     pick = affordable[-1]

@@ -43,15 +43,15 @@ def int_list(text: str) -> list[int]:
 
 
 def config_list(text: str) -> list[tuple[int, ...]]:
-    """'3:4:3,7:5:7:8' -> [(3, 4, 3), (7, 5, 7, 8)] as (W, N, G) or (W, N, G, K)."""
+    """'3:4:3,7:5:7:8,15:5:15:8:60' -> (W, N, G), (W, N, G, K) or (W, N, G, K, tree nodes) tuples."""
     configs = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
             values = tuple(int(v) for v in part.split(":"))
         except ValueError:
             values = ()
-        if len(values) not in (3, 4):
-            raise argparse.ArgumentTypeError(f"expected W:N:G or W:N:G:K separated by commas, got {part!r}")
+        if len(values) not in (3, 4, 5):
+            raise argparse.ArgumentTypeError(f"expected W:N:G, W:N:G:K or W:N:G:K:B separated by commas, got {part!r}")
         configs.append(values)
     if not configs:
         raise argparse.ArgumentTypeError("expected at least one W:N:G triple")
@@ -101,7 +101,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                       help=f"default: {DEFAULT_SWEEP_NGRAM}")
     grid.add_argument("--sweep-guesses", type=int_list, metavar="G,...",
                       help="a third axis of the grid (default: G = W for every configuration)")
-    grid.add_argument("--sweep-configs", type=config_list, metavar="W:N:G[:K],...",
+    grid.add_argument("--sweep-configs", type=config_list, metavar="W:N:G[:K[:B]],...",
                       help="an explicit list of configurations instead of the grid; K defaults to "
                       "--candidate-length, else N-1")
 

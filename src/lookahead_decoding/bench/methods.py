@@ -23,6 +23,7 @@ import torch
 from ..cli.common import config_from_args
 from ..config import AUTOREGRESSIVE, LookaheadConfig
 from ..decoding import AUTO, decode, resolve_plan
+from ..drafting.sources import make_source
 from ..model_adapter import ModelAdapter
 from ..runners import runner_for
 from ..step import EagerStep
@@ -116,7 +117,7 @@ class TimedRunner:
 
     def __init__(self, runner) -> None:
         self.runner, self.layouts, self.adapter, self.model_seconds = runner, runner.layouts, runner.adapter, 0.0
-        self.max_length = getattr(runner, "max_length", None)
+        self.max_length, self.predictions = getattr(runner, "max_length", None), runner.predictions
 
     def _timed(self, call, *args):
         start = time.perf_counter()
@@ -127,21 +128,23 @@ class TimedRunner:
     def prefill(self, prompt, history):
         return self._timed(self.runner.prefill, prompt, history)
 
-    def step(self, shape, step_ids, num_candidates, history):
-        return self._timed(self.runner.step, shape, step_ids, num_candidates, history)
+    def step(self, shape, step_ids, tree, history):
+        return self._timed(self.runner.step, shape, step_ids, tree, history)
 
 
-def lookahead_with(config: LookaheadConfig | str) -> Method:
-    """Greedy decoding with `config` ("auto" included) on the runner the library picks (the static engine on CUDA,
-    reused across prompts). Rows also get `model_seconds`, the time spent in the model (see TimedRunner), and the
-    steps taken of each shape."""
+def lookahead_with(config: LookaheadConfig | str, source=None) -> Method:
+    """Greedy decoding with `config` ("auto" included) and `source` (None: the default sources) on the runner the
+    library picks (the static engine on CUDA, reused across prompts). Rows also get `model_seconds`, the time spent
+    in the model (see TimedRunner), and the steps taken of each shape."""
 
     def run(model, input_ids, max_new_tokens, args):
         plan = resolve_plan(model, config)
+        drafts = make_source(source, plan.shapes)  # a fresh source per prompt, as ld.generate makes
         # Sized for the run's --max-new-tokens, so that the short warm-up builds the engine the run uses.
         length = input_ids.shape[1] + max(max_new_tokens, getattr(args, "max_new_tokens", 0))
-        runner = TimedRunner(runner_for(model, plan.shapes, length, compile=bool(getattr(args, "compile", False))))
-        out = decode(model, input_ids, max_new_tokens, plan, runner=runner)
+        runner = TimedRunner(runner_for(model, plan.shapes, length, compile=bool(getattr(args, "compile", False)),
+                                        predictions=drafts.predictions_wanted))
+        out = decode(model, input_ids, max_new_tokens, plan, source=drafts, runner=runner)
         return out.sequences, out.stats.steps, {"accepted_histogram": histogram(out.stats),
                                                 "shape_steps": dict(out.stats.shape_steps),
                                                 "model_seconds": runner.model_seconds}
@@ -158,14 +161,16 @@ def autoregressive_graph(model, input_ids, max_new_tokens, args):
 @register_method("lookahead")
 def lookahead(model, input_ids, max_new_tokens, args):
     """Our lookahead decoding as `ld.generate` runs it: calibrated shapes chosen per step unless W/N/G are given."""
-    return lookahead_with(lookahead_config(args))(model, input_ids, max_new_tokens, args)
+    return lookahead_with(lookahead_config(args), getattr(args, "source", None))(model, input_ids, max_new_tokens, args)
 
 
 @register_method("lookahead-eager")
 def lookahead_eager(model, input_ids, max_new_tokens, args):
     """Lookahead decoding on the dynamic-cache runner (no static engine, no graphs)."""
     plan = resolve_plan(model, lookahead_config(args))
-    out = decode(model, input_ids, max_new_tokens, plan, runner=EagerStep(ModelAdapter(model), plan.shapes))
+    drafts = make_source(getattr(args, "source", None), plan.shapes)
+    runner = EagerStep(ModelAdapter(model), plan.shapes, predictions=drafts.predictions_wanted)
+    out = decode(model, input_ids, max_new_tokens, plan, source=drafts, runner=runner)
     return out.sequences, out.stats.steps, {"accepted_histogram": histogram(out.stats)}
 
 

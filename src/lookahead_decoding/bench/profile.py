@@ -52,14 +52,15 @@ class ProfiledRunner:
 
     def __init__(self, runner, profiler) -> None:
         self.runner, self.layouts, self.adapter, self.profiler, self.steps = runner, runner.layouts, runner.adapter, profiler, 0
+        self.predictions = runner.predictions
 
     def prefill(self, prompt, history):
         first = self.runner.prefill(prompt, history)
         self.profiler.step()
         return first
 
-    def step(self, shape, step_ids, num_candidates, history):
-        outcome = self.runner.step(shape, step_ids, num_candidates, history)
+    def step(self, shape, step_ids, tree, history):
+        outcome = self.runner.step(shape, step_ids, tree, history)
         self.steps += 1
         self.profiler.step()
         return outcome

@@ -40,10 +40,10 @@ def sweep_table(result: dict) -> str:
     """The sweep's configurations, best first, under the reference's line."""
     (dataset, summary), = result["summary"].items()
     reference = next(iter(summary))  # the reference runs first
-    lines = [[reference, "", "", "", "", *_cells(summary[reference])]]
-    lines += [["lookahead", *(str(e[key]) for key in ("window", "ngram", "guesses", "candidate_length")), *_cells(e)]
-              for e in result["sweep"]]
-    return f"### {dataset}: sweep\n\n" + _table(["method", "W", "N", "G", "K", *COLUMNS], lines)
+    keys = ("window", "ngram", "guesses", "candidate_length", "tree_nodes")
+    lines = [[reference, *[""] * len(keys), *_cells(summary[reference])]]
+    lines += [["lookahead", *(str(e[key]) for key in keys), *_cells(e)] for e in result["sweep"]]
+    return f"### {dataset}: sweep\n\n" + _table(["method", "W", "N", "G", "K", "B", *COLUMNS], lines)
 
 
 def profile_table(result: dict) -> str:
@@ -139,7 +139,8 @@ def plot_sweep(result: dict, path: str | Path) -> None:
     plt = _pyplot()
     (dataset, _), = result["summary"].items()
     entries = result["sweep"]
-    labels = [f"W={e['window']} N={e['ngram']} G={e['guesses']} K={e['candidate_length']}" for e in entries]
+    labels = [f"W={e['window']} N={e['ngram']} G={e['guesses']} K={e['candidate_length']} B={e['tree_nodes']}"
+              for e in entries]
     figure, axis = plt.subplots(figsize=(9, 1.2 + 0.35 * len(entries)))
     _speedup_bars(axis, labels, entries, f"{dataset}: lookahead configurations vs greedy")
     figure.suptitle(_subtitle(result), fontsize=9)

@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from ..cli.common import config_dict, encode_prompt, load_from_args
 from ..config import LookaheadConfig
-from .data import Prompt, load_prompts
 from ..runners import engine_length
+from ..tuning import shape_name
+from .data import Prompt, load_prompts
 from .methods import METHODS, Method, lookahead_config, lookahead_with, parse_methods
 
 WARMUP_TOKENS = 8
@@ -228,12 +229,12 @@ def bench(args, model=None, tokenizer=None) -> dict:
 
 
 def sweep_label(config: LookaheadConfig) -> str:
-    return f"lookahead W={config.window} N={config.ngram} G={config.guesses} K={config.candidate_length}"
+    return shape_name(config)
 
 
 def sweep_configs(args) -> list[LookaheadConfig]:
-    """The grid: --sweep-configs when given, else every (W, N, G) of the three lists (G = W when no list); K from
-    the entry, else --candidate-length, else N-1."""
+    """The grid: --sweep-configs when given, else every (W, N, G) of the three lists (G = W when no list); K and the
+    tree's nodes from the entry, else --candidate-length / --tree-nodes, else the defaults."""
     if args.sweep_configs:
         grid = args.sweep_configs
     elif args.sweep_guesses:
@@ -241,9 +242,11 @@ def sweep_configs(args) -> list[LookaheadConfig]:
     else:
         grid = ((w, n, w) for w, n in itertools.product(args.sweep_window, args.sweep_ngram))
     configs = []
-    for window, ngram, guesses, *length in grid:
-        candidate_length = length[0] if length else getattr(args, "candidate_length", None)
-        config = LookaheadConfig(window=window, ngram=ngram, guesses=guesses, candidate_length=candidate_length)
+    for window, ngram, guesses, *rest in grid:
+        candidate_length = rest[0] if rest else getattr(args, "candidate_length", None)
+        tree_nodes = rest[1] if len(rest) > 1 else getattr(args, "tree_nodes", None)
+        config = LookaheadConfig(window=window, ngram=ngram, guesses=guesses, candidate_length=candidate_length,
+                                 tree_nodes=tree_nodes)
         if config not in configs:
             configs.append(config)
     return configs
@@ -254,7 +257,8 @@ def sweep(args, model=None, tokenizer=None) -> dict:
     configs = sweep_configs(args)
     prompts, model, tokenizer = prepare(args, model, tokenizer)
     inputs = encode_all(tokenizer, prompts, model.device)
-    methods = {args.reference: METHODS[args.reference], **{sweep_label(c): lookahead_with(c) for c in configs}}
+    source = getattr(args, "source", None)
+    methods = {args.reference: METHODS[args.reference], **{sweep_label(c): lookahead_with(c, source) for c in configs}}
     fields = {sweep_label(c): config_dict(c) for c in configs}
     rows = measure(model, inputs, methods, args.max_new_tokens, args, extra_fields=fields)
     summary = summarize(rows)

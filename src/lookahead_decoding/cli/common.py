@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 EXIT_USAGE = 2
-LOOKAHEAD_OPTIONS = ("window", "ngram", "guesses", "candidate_length")
+LOOKAHEAD_OPTIONS = ("window", "ngram", "guesses", "candidate_length", "tree_nodes")
+SOURCE_NAMES = ("pool", "suffix", "recycled")  # drafting.sources.SOURCE_NAMES, without importing torch
 
 
 class CommandError(ValueError):
@@ -47,12 +48,27 @@ def add_model_arguments(parser) -> None:
 
 
 def add_lookahead_arguments(parser) -> None:
-    """--window/--ngram/--guesses/--candidate-length. Each defaults to None: the library decides."""
+    """--window/--ngram/--guesses/--candidate-length/--tree-nodes and --source. Each defaults to None: the library
+    decides."""
     parser.add_argument("--window", type=int, metavar="W", help="Jacobi window columns (default: the library's)")
     parser.add_argument("--ngram", type=int, metavar="N", help="n-gram size, >= 2 (default: the library's)")
     parser.add_argument("--guesses", type=int, metavar="G",
-                        help="candidates verified per step, >= 0 (default: the library's)")
-    parser.add_argument("--candidate-length", type=int, metavar="K", help="tokens per candidate, >= 1 (default: N-1)")
+                        help="n-grams kept per key in the pool, >= 0 (default: the library's)")
+    parser.add_argument("--candidate-length", type=int, metavar="K",
+                        help="the longest draft verified (the tree's depth), >= 1 (default: N-1)")
+    parser.add_argument("--tree-nodes", type=int, metavar="B",
+                        help="draft tokens verified per step, as one token tree, >= 0 (default: G*K)")
+    parser.add_argument("--source", type=source_list, metavar="NAME[,NAME...]",
+                        help=f"where drafts come from: {', '.join(SOURCE_NAMES)}, or several joined by commas "
+                             "(default: all three)")
+
+
+def source_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in SOURCE_NAMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected source names from {', '.join(SOURCE_NAMES)}, got {text!r}")
+    return names
 
 
 def config_from_args(args: argparse.Namespace):

@@ -12,7 +12,7 @@ from .recycling import RecycledTopKSource
 from .suffix import SuffixSource
 
 SOURCE_NAMES = ("pool", "suffix", "recycled")
-DEFAULT_SOURCES = ("pool", "suffix")
+DEFAULT_SOURCES = ("pool", "suffix", "recycled")
 
 
 def pool_source(shapes: Sequence[LookaheadConfig]) -> NGramPoolSource:
