@@ -203,7 +203,7 @@ def test_explicit_config_runs_that_shape_only(cache_dir):
     config = ld.LookaheadConfig(3, 4, 3)
     out = ld.generate(model, torch.tensor([[3, 4, 3, 4, 3]]), 30, config)
     assert out.plan == StepPlan((config,), (1.0,))
-    assert set(out.stats.shape_steps) == {"lookahead W=3 N=4 G=3 K=3"}
+    assert set(out.stats.shape_steps) == {"lookahead W=3 N=4 G=3 K=3 B=9"}
 
 
 def test_config_of_the_wrong_type(cache_dir):

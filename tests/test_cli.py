@@ -199,8 +199,8 @@ def test_tune_measures_every_shape_stores_the_plan_and_plots(tiny_model, tmp_pat
     assert code == 0, err
     result = json.loads(out[: out.rindex("}") + 1])
     measured = {row["shape"] for row in result["measured"]}
-    assert {"plain", "lookahead W=3 N=4 G=3 K=3", "lookahead W=20 N=7 G=20 K=6"} <= measured
-    assert {name.split(" K=")[0] for name in measured if name.startswith("verify")} == {f"verify G={g}" for g in (1, 2, 4, 8)}
+    assert {"plain", "lookahead W=3 N=4 G=3 K=12 B=9", "lookahead W=20 N=7 G=20 K=12 B=120"} <= measured
+    assert {name for name in measured if name.startswith("verify")} == {f"verify B={b} K=12" for b in (4, 8, 16, 32)}
     assert all(row["cost_ms"] > 0 for row in result["measured"]) and result["measured"][0]["cost_vs_plain"] == 1.0
     assert plot.read_bytes().startswith(b"\x89PNG")
     stored = json.loads((tmp_path / tuning.CACHE_FILE).read_text())["plans"]
@@ -218,5 +218,5 @@ def test_tune_random_shape_is_measured_but_not_cached(tmp_path, capsys, monkeypa
     code, out, err = run_command(capsys, "tune", "--random-shape", "tiny-llama", "--device", "cpu")
     assert code == 0, err
     assert out.startswith("calibration of tiny-llama on cpu (float32, dynamic engine)")
-    assert "| plain | 1 |" in out and "| lookahead W=3 N=4 G=3 K=3 | 18 |" in out and "\nplan: plain " in out
+    assert "| plain | 1 |" in out and "| lookahead W=3 N=4 G=3 K=12 B=9 | 18 |" in out and "\nplan: plain " in out
     assert not (tmp_path / "calibration.json").exists()

@@ -304,7 +304,7 @@ def test_tiny_temperature_is_greedy(ngram, candidate_length):
     model = tiny_model("llama")
     prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6] * 3])
     config = ld.LookaheadConfig(window=4, ngram=ngram, guesses=4, candidate_length=candidate_length)
-    out = ld.generate(model, prompt, 40, config, do_sample=True, temperature=1e-4,
+    out = ld.generate(model, prompt, 40, config, do_sample=True, temperature=1e-6,  # this model has near ties (2e-4)
                       generator=torch.Generator().manual_seed(0))
     assert out.sequences.tolist() == greedy_reference(model, prompt, 40).tolist()
     assert max(out.stats.accepted_histogram) >= 2  # drafts were accepted along the way

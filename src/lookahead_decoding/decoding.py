@@ -239,7 +239,7 @@ def decode(
         )
     plan = resolve_plan(model, config, verifier, runner)
     check_step_fits(adapter, plan, input_ids.shape[1], max_new_tokens)
-    source = make_source(source, plan.shapes)
+    source = make_source(source, plan.shapes, None if runner is None else runner.predictions)
     total = input_ids.shape[1] + max_new_tokens
     if runner is None:
         runner = runner_for(model, plan.shapes, total, verifier, predictions=source.predictions_wanted)

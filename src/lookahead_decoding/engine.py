@@ -191,26 +191,26 @@ class StaticStep:
         the top predictions (row tokens, top tokens, probabilities) or None)"""
         layout = self.layouts[shape]
         config = layout.config
-        size, nodes, k = layout.size, config.tree_nodes, config.candidate_length
+        size, nodes, depth = layout.size, config.tree_nodes, config.candidate_length  # depth: K
         inputs = self.inputs[shape]
         step_ids, parents, num_nodes = inputs[:size], inputs[size : size + nodes], inputs[size + nodes]
-        tree = tree_tensors(step_ids[layout.tree_rows], parents, num_nodes, k)
+        tree = tree_tensors(step_ids[layout.tree_rows], parents, num_nodes, depth)
         start = self._cached_length().clone()  # tokens cached before this step; the current token sits there
         positions = (layout.positions(tree) + start).clamp(max=self.last_position)
         mask = self._attention_mask(start, positions, layout.allowed(tree))
 
         logits = self.adapter.forward(step_ids, positions, mask, self.cache, layout.logit_rows)
         preds = logits.argmax(dim=-1)
-        result = verify_greedy(preds[0], preds[layout.tree_logits], tree, k)
+        result = verify_greedy(preds[0], preds[layout.tree_logits], tree, depth)
 
         # Keep the current token and the accepted path: move the path's KV right behind the current token (all K
         # rows, so the shape is fixed) and set the length to what was committed.
-        accepted, path = result[0], result[2 + k :]
+        accepted, path = result[0], result[2 + depth :]
         committed_logits = logits[:1]
         if nodes > 0:
             committed_logits = torch.cat([committed_logits, logits[layout.tree_logits][path]])
             source = start + layout.lookahead_size + path
-            target = start + 1 + torch.arange(k, device=path.device)
+            target = start + 1 + torch.arange(depth, device=path.device)
             for layer in self.cache.layers:
                 layer.keys.index_copy_(2, target, layer.keys.index_select(2, source))
                 layer.values.index_copy_(2, target, layer.values.index_select(2, source))

@@ -39,10 +39,10 @@ class StepOutcome(NamedTuple):
                   predictions: ModelPredictions | None = None) -> "StepOutcome":
         """Unpack [accepted, committed padded to K+1, path padded to K, new level] (`verification.pack`, then the
         new level)."""
-        accepted, k = values[0], config.candidate_length
+        accepted, depth = values[0], config.candidate_length
         committed = values[1 : 2 + accepted]
-        path = values[2 + k : 2 + k + accepted]
-        new_level = values[2 + 2 * k : 2 + 2 * k + config.window]
+        path = values[2 + depth : 2 + depth + accepted]
+        new_level = values[2 + 2 * depth : 2 + 2 * depth + config.window]
         return cls(accepted, path, committed, new_level, scores, predictions)
 
 

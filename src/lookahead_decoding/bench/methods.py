@@ -135,7 +135,7 @@ class TimedRunner:
 def lookahead_with(config: LookaheadConfig | str, source=None) -> Method:
     """Greedy decoding with `config` ("auto" included) and `source` (None: the default sources) on the runner the
     library picks (the static engine on CUDA, reused across prompts). Rows also get `model_seconds`, the time spent
-    in the model (see TimedRunner), and the steps taken of each shape."""
+    in the model (see TimedRunner), the steps taken of each shape and the plan (shapes and their costs)."""
 
     def run(model, input_ids, max_new_tokens, args):
         plan = resolve_plan(model, config)
@@ -147,7 +147,7 @@ def lookahead_with(config: LookaheadConfig | str, source=None) -> Method:
         out = decode(model, input_ids, max_new_tokens, plan, source=drafts, runner=runner)
         return out.sequences, out.stats.steps, {"accepted_histogram": histogram(out.stats),
                                                 "shape_steps": dict(out.stats.shape_steps),
-                                                "model_seconds": runner.model_seconds}
+                                                "model_seconds": runner.model_seconds, "plan": plan.describe()}
 
     return run
 

@@ -97,7 +97,8 @@ def run_generate(args: argparse.Namespace) -> int:
     stream = not args.json
 
     def lookahead(max_new_tokens: int, streamer=None):
-        return generate(model, input_ids, max_new_tokens=max_new_tokens, config=config, streamer=streamer)
+        return generate(model, input_ids, max_new_tokens=max_new_tokens, config=config, streamer=streamer,
+                        source=args.source)
 
     def greedy(max_new_tokens: int, streamer=None):
         return model.generate(
@@ -123,6 +124,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "prompt_tokens": prompt_len,
         "model": args.model or str(default_model_path()),
         "config": "auto" if config is None else config_dict(config),
+        "source": list(args.source) if args.source else "default",
         # The step shapes the run could use (costs in ms per step as calibrated); stats.shape_steps says how often.
         "shapes": [{"shape": shape_name(shape), **config_dict(shape), "cost_ms": cost}
                    for shape, cost in zip(out.plan.shapes, out.plan.costs_ms)],

@@ -34,11 +34,14 @@ def named_source(name: str, shapes: Sequence[LookaheadConfig]) -> CandidateSourc
     raise ValueError(f"unknown candidate source {name!r}; the sources are {', '.join(SOURCE_NAMES)}")
 
 
-def make_source(source, shapes: Sequence[LookaheadConfig]) -> CandidateSource:
+def make_source(source, shapes: Sequence[LookaheadConfig], predictions: int | None = None) -> CandidateSource:
     """A CandidateSource from `source`: None (the default sources), a CandidateSource, a name in SOURCE_NAMES, or
-    a sequence of those (combined into one tree)."""
+    a sequence of those (combined into one tree). `predictions`: how many of the model's top next tokens the step
+    runner reports, when it is fixed already; default sources that need more are left out."""
     if source is None:
-        source = DEFAULT_SOURCES
+        defaults = [named_source(name, shapes) for name in DEFAULT_SOURCES]
+        usable = [s for s in defaults if predictions is None or s.predictions_wanted <= predictions]
+        return usable[0] if len(usable) == 1 else CombinedSource(usable)
     if isinstance(source, CandidateSource):
         return source
     if isinstance(source, str):
