@@ -13,6 +13,7 @@ the benchmarks), so lookahead can be compared against an equally optimised basel
 from __future__ import annotations
 
 import functools
+import gc
 from collections.abc import Sequence
 
 import torch
@@ -40,17 +41,26 @@ class Replayable:
     def capture(self, restore) -> None:
         """Record `fn` as a CUDA graph after warm-up runs (on a side stream, as capture requires); `restore`
         undoes what each run did to the cache."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self.fn()
-                restore()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = self.fn()
-        restore()
+        # Python's garbage collector must not run while a stream captures: collecting an engine that nobody holds
+        # any more (calibration builds several) destroys its graphs, which CUDA forbids during a capture.
+        collecting = gc.isenabled()
+        gc.collect()
+        gc.disable()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.fn()
+                    restore()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.output = self.fn()
+            restore()
+        finally:
+            if collecting:
+                gc.enable()
 
     def __call__(self):
         """`fn`'s outputs (on replay, the graph's output buffers: read them before the next call)."""
