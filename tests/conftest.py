@@ -8,6 +8,8 @@ import pytest
 import torch
 import transformers
 
+import lookahead_decoding as ld
+
 torch.set_num_threads(1)  # tiny models on 2 cores: intra-op threads only add contention
 
 VOCAB = 96
@@ -28,6 +30,9 @@ ARCHITECTURES = {
                                                             num_hidden_layers=2, num_attention_heads=4,
                                                             max_position_embeddings=256)),
 }
+
+
+CLI_MODEL_CONTEXT = 512
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -59,3 +64,26 @@ def greedy_reference(model, input_ids, max_new_tokens, **kwargs):
 @pytest.fixture
 def llama():
     return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def cli_model(tmp_path_factory) -> str:
+    """A model folder for the command line: the SmolLM2 tokenizer and a 2-layer random Llama of context 512."""
+    gguf = ld.default_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=CLI_MODEL_CONTEXT,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny")
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

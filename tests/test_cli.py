@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from conftest import CLI_MODEL_CONTEXT as CONTEXT
+from transformers import AutoTokenizer
 
 import lookahead_decoding as ld
 from lookahead_decoding import decoding
@@ -14,40 +15,14 @@ from lookahead_decoding.cli import main
 
 torch.set_num_threads(1)
 
-CONTEXT = 512
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """A folder with the SmolLM2 tokenizer and a 2-layer random Llama of context 512."""
-    gguf = ld.default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=CONTEXT,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    folder = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(["generate", *argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
 
-def test_json_compare_reports_identical_outputs_and_consistent_stats(tiny_model, capsys):
-    code, out, err = run(capsys, "The sea is", "--model", tiny_model, "--max-new-tokens", "20", "--compare", "--json")
+def test_json_compare_reports_identical_outputs_and_consistent_stats(cli_model, capsys):
+    code, out, err = run(capsys, "The sea is", "--model", cli_model, "--max-new-tokens", "20", "--compare", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert result["identical"] is True
@@ -66,13 +41,13 @@ def test_json_compare_reports_identical_outputs_and_consistent_stats(tiny_model,
     assert all(1 <= k <= 1 + max(e["candidate_length"] for e in result["shapes"]) for k in histogram)
     speeds = result["lookahead"]["tokens_per_second"], result["greedy"]["tokens_per_second"]
     assert result["speedup"] == pytest.approx(speeds[0] / speeds[1])
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(cli_model)
     assert result["text"] and len(tokenizer(result["text"]).input_ids) > 0
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
-def test_streamed_text_is_the_final_text(tiny_model, capsys, chat):
-    args = ["Once upon a time", "--model", tiny_model, "--max-new-tokens", "24", "--window", "3", "--ngram", "3"]
+def test_streamed_text_is_the_final_text(cli_model, capsys, chat):
+    args = ["Once upon a time", "--model", cli_model, "--max-new-tokens", "24", "--window", "3", "--ngram", "3"]
     args += ["--chat"] if chat else []
     code, out, err = run(capsys, *args, "--json")
     assert code == 0, err
@@ -89,11 +64,11 @@ def test_streamed_text_is_the_final_text(tiny_model, capsys, chat):
     assert "identical        yes, token for token" in report
 
 
-def test_chat_wraps_the_prompt_in_the_template(tiny_model, capsys):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+def test_chat_wraps_the_prompt_in_the_template(cli_model, capsys):
+    tokenizer = AutoTokenizer.from_pretrained(cli_model)
     results = {}
     for chat in (False, True):
-        code, out, err = run(capsys, "Hi there", "--model", tiny_model, "--max-new-tokens", "6", "--json", *(["--chat"] * chat))
+        code, out, err = run(capsys, "Hi there", "--model", cli_model, "--max-new-tokens", "6", "--json", *(["--chat"] * chat))
         assert code == 0, err
         results[chat] = json.loads(out)
     assert results[False]["prompt_tokens"] == len(tokenizer("Hi there").input_ids)
@@ -121,8 +96,8 @@ def test_chat_wraps_the_prompt_in_the_template(tiny_model, capsys):
     ids=["empty", "blank", "window0", "ngram1", "guesses-1", "candidates0", "missing-model", "long-prompt",
          "long-output", "huge-window", "huge-window-and-ngram"],
 )
-def test_bad_input_is_one_line_on_stderr_and_exit_2(tiny_model, tmp_path, capsys, argv, message):
-    argv = [a.format(model=tiny_model, missing=tmp_path / "no-such-model") for a in argv]
+def test_bad_input_is_one_line_on_stderr_and_exit_2(cli_model, tmp_path, capsys, argv, message):
+    argv = [a.format(model=cli_model, missing=tmp_path / "no-such-model") for a in argv]
     code, out, err = run(capsys, *argv)
     assert code == 2
     assert out == ""
@@ -151,7 +126,7 @@ def test_no_command_is_a_usage_error(capsys):
       ld.LookaheadConfig(3, 4, 2, candidate_length=5))],
     ids=["none", "one", "all"],
 )
-def test_shape_options_left_out_leave_the_choice_to_the_library(tiny_model, capsys, monkeypatch, options, passed):
+def test_shape_options_left_out_leave_the_choice_to_the_library(cli_model, capsys, monkeypatch, options, passed):
     """generate gets config=None (auto) without options; the report shows the shapes of the plan the output used."""
     real_generate, configs, plans = decoding.generate, [], []
 
@@ -162,7 +137,7 @@ def test_shape_options_left_out_leave_the_choice_to_the_library(tiny_model, caps
         return out
 
     monkeypatch.setattr(decoding, "generate", recording_generate)
-    code, out, err = run(capsys, "hi", "--model", tiny_model, "--max-new-tokens", "4", "--json", *options)
+    code, out, err = run(capsys, "hi", "--model", cli_model, "--max-new-tokens", "4", "--json", *options)
     assert code == 0, err
     assert configs == [passed]
     result = json.loads(out)
@@ -190,12 +165,12 @@ def run_command(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_tune_measures_every_shape_stores_the_plan_and_plots(tiny_model, tmp_path, capsys, monkeypatch):
+def test_tune_measures_every_shape_stores_the_plan_and_plots(cli_model, tmp_path, capsys, monkeypatch):
     from lookahead_decoding import runners, tuning
 
     monkeypatch.setenv("LOOKAHEAD_CACHE_DIR", str(tmp_path))
     plot = tmp_path / "tune.png"
-    code, out, err = run_command(capsys, "tune", "--model", tiny_model, "--json", "--plot", str(plot))
+    code, out, err = run_command(capsys, "tune", "--model", cli_model, "--json", "--plot", str(plot))
     assert code == 0, err
     result = json.loads(out[: out.rindex("}") + 1])
     measured = {row["shape"] for row in result["measured"]}

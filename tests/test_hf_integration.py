@@ -97,3 +97,22 @@ def test_neutral_values_of_those_options_are_accepted(llama):
     out = llama.generate(prompt(), do_sample=False, max_new_tokens=12, num_beams=1, num_return_sequences=1,
                          output_scores=False, **THROUGH)
     assert out.tolist() == expected.tolist()
+
+
+class CountingSuffixSource(ld.SuffixSource):
+    proposals = 0
+
+    def propose(self, history, max_length, budget):
+        self.proposals += 1
+        return super().propose(history, max_length, budget)
+
+
+def test_the_draft_sources_can_be_chosen_through_generate(llama):
+    input_ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
+    expected = greedy_reference(llama, input_ids, 24).tolist()
+    counting = CountingSuffixSource()
+    out = llama.generate(input_ids, do_sample=False, max_new_tokens=24, lookahead_source=counting, **THROUGH)
+    assert out.tolist() == expected and counting.proposals > 0
+    out = llama.generate(input_ids, do_sample=False, max_new_tokens=24, lookahead_source=["pool", "recycled"],
+                         **THROUGH)
+    assert out.tolist() == expected

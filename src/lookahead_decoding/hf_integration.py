@@ -63,6 +63,7 @@ def lookahead_generate(
     synced_gpus: bool = False,
     streamer=None,
     lookahead_config: LookaheadConfig | str | None = None,
+    lookahead_source=None,
     stop_strings=None,
     **model_kwargs,
 ):
@@ -71,6 +72,7 @@ def lookahead_generate(
     `logits_processor` is transformers' own list (with the temperature/top-k/top-p warpers when sampling), applied
     at every verified position; sampling draws from a generator seeded by torch's global RNG. With
     `return_dict_in_generate=True` the result is a GenerateDecoderOnlyOutput holding `sequences` only.
+    `lookahead_source` is `ld.generate`'s `source` (default: the library's sources).
     """
     if stop_strings is not None:
         raise ValueError(
@@ -95,6 +97,7 @@ def lookahead_generate(
         streamer=streamer,
         stopping_criteria=stopping_criteria,
         eos_token_id=generation_config.eos_token_id,
+        source=lookahead_source,
         stream_prompt=False,  # transformers already streamed it
         verifier=verifier,
     )

@@ -100,6 +100,13 @@ def check_text(text: str, what: str) -> None:
         ) from None
 
 
+def check_prompt(prompt: str, what: str) -> None:
+    """Rejects a prompt that is empty or blank, or that no tokenizer can take."""
+    if not prompt.strip():
+        raise CommandError(f"{what} is empty")
+    check_text(prompt, what)
+
+
 def check_writable(option: str, path: str) -> None:
     """Rejects an output path that cannot be written, before any work is done. Creating the file (and removing it
     again) is the one check that also holds for root, read-only mounts and special file systems."""

@@ -1,26 +1,34 @@
 """`lookahead generate`: lookahead decoding of one prompt, streamed, with statistics (and --compare: plain greedy
-model.generate on the same prompt, timed the same way). torch and transformers are imported when it runs."""
+model.generate on the same prompt, timed the same way); or, with --prompts-file, of every prompt of a JSON Lines
+file, one after another, each result appended to --out. torch and transformers are imported when it runs."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
+from pathlib import Path
 
 from .common import (
     CommandError,
     add_lookahead_arguments,
     add_model_arguments,
-    check_text,
+    check_prompt,
+    check_writable,
     config_dict,
     config_from_args,
     encode_prompt,
     load_from_args,
     positive_int,
 )
+from .prompts_file import read_prompts, read_results
 
 WARMUP_TOKENS = 8
 HISTOGRAM_WIDTH = 40
+DECODE_KWARGS = {"skip_special_tokens": True}  # the text without BOS/EOS markers
+SINGLE_PROMPT_OPTIONS = ("compare", "json")  # what --prompts-file does not do
 
 
 def add_generate_command(commands) -> None:
@@ -28,9 +36,28 @@ def add_generate_command(commands) -> None:
         "generate",
         help="generate text with lookahead decoding, streamed as it is produced",
         description="Generate greedily with lookahead decoding and print statistics; --compare also times "
-        "plain greedy model.generate on the same prompt and checks that both outputs are identical.",
+        "plain greedy model.generate on the same prompt and checks that both outputs are identical. "
+        "--prompts-file FILE.jsonl --out RESULTS.jsonl instead generates for every prompt of a file, one prompt "
+        "after another (no batching), and can resume an interrupted run.",
     )
-    parser.add_argument("prompt", help="the prompt text")
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("prompt", nargs="?", help="the prompt text")
+    prompts.add_argument(
+        "--prompts-file",
+        metavar="FILE.jsonl",
+        help='instead of a prompt: JSON Lines, one object a line, {"prompt": "...", "id": ..., "max_new_tokens": '
+        '...}; "id" (a string or an integer) defaults to the line number, "max_new_tokens" to --max-new-tokens; '
+        "blank lines are skipped. The prompts run one after another through the library's generate (no "
+        "batching); --chat and the lookahead options apply to each. The whole file is checked before the model "
+        "is loaded. Needs --out",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="RESULTS.jsonl",
+        help='with --prompts-file: appends one JSON line per prompt as it finishes, {"id", "prompt", "text", '
+        '"new_tokens", "tokens_per_step", "seconds"}; prompts whose id the file already holds are skipped, so '
+        "running the same command again resumes an interrupted run",
+    )
     add_model_arguments(parser)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N", help="default: 128")
@@ -76,29 +103,42 @@ def _speed(new_tokens: int, seconds: float) -> dict:
     }
 
 
+def _lookahead_runner(args: argparse.Namespace, config):
+    """lookahead(model, input_ids, max_new_tokens, streamer=None): the library's generate with the command's
+    step shapes and draft sources."""
+    from ..decoding import generate
+
+    def lookahead(model, input_ids, max_new_tokens: int, streamer=None):
+        return generate(model, input_ids, max_new_tokens=max_new_tokens, config=config, streamer=streamer,
+                        source=args.source)
+
+    return lookahead
+
+
+def _new_text(tokenizer, out, prompt_len: int) -> str:
+    return tokenizer.decode(out.sequences[0, prompt_len:].tolist(), **DECODE_KWARGS)
+
+
 def run_generate(args: argparse.Namespace) -> int:
+    if args.prompts_file is not None:
+        return run_prompts_file(args)
+    if args.out is not None:
+        raise CommandError("--out goes with --prompts-file; a single prompt's result is printed")
     # Input is checked before the (slow) imports and model load so that bad input fails at once.
-    if not args.prompt.strip():
-        raise CommandError("the prompt is empty")
-    check_text(args.prompt, "the prompt")
+    check_prompt(args.prompt, "the prompt")
     config = config_from_args(args)  # None: the library's choice
 
     import torch
     from transformers import TextStreamer
 
-    from ..decoding import generate
     from ..tuning import shape_name
     from ..models import default_model_path
 
+    lookahead = _lookahead_runner(args, config)
     model, tokenizer = load_from_args(args)
     input_ids = encode_prompt(tokenizer, args.prompt, args.chat).to(model.device)
     prompt_len = input_ids.shape[1]
-    decode_kwargs = {"skip_special_tokens": True}
     stream = not args.json
-
-    def lookahead(max_new_tokens: int, streamer=None):
-        return generate(model, input_ids, max_new_tokens=max_new_tokens, config=config, streamer=streamer,
-                        source=args.source)
 
     def greedy(max_new_tokens: int, streamer=None):
         return model.generate(
@@ -112,12 +152,11 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.compare:
         # One-off costs (allocator, kernel selection, lazy init) land on the first calls: pay them for both.
         warmup = min(WARMUP_TOKENS, args.max_new_tokens)
-        lookahead(warmup)
+        lookahead(model, input_ids, warmup)
         greedy(warmup)
 
-    streamer = TextStreamer(tokenizer, skip_prompt=True, **decode_kwargs) if stream else None
-    out, lookahead_seconds = _timed(lambda: lookahead(args.max_new_tokens, streamer), model.device)
-    new_ids = out.sequences[0, prompt_len:].tolist()
+    streamer = TextStreamer(tokenizer, skip_prompt=True, **DECODE_KWARGS) if stream else None
+    out, lookahead_seconds = _timed(lambda: lookahead(model, input_ids, args.max_new_tokens, streamer), model.device)
     result = {
         "prompt": args.prompt,
         "chat": args.chat,
@@ -129,13 +168,13 @@ def run_generate(args: argparse.Namespace) -> int:
         "shapes": [{"shape": shape_name(shape), **config_dict(shape), "cost_ms": cost}
                    for shape, cost in zip(out.plan.shapes, out.plan.costs_ms)],
         "max_new_tokens": args.max_new_tokens,
-        "text": tokenizer.decode(new_ids, **decode_kwargs),
+        "text": _new_text(tokenizer, out, prompt_len),
         "stats": out.stats.as_dict(),
     }
     if args.compare:
         # Same treatment as the lookahead run: wall time around the whole call, and a streamer that decodes
         # every token (without printing) when the lookahead run streamed.
-        silent = _silent_streamer(tokenizer, **decode_kwargs) if stream else None
+        silent = _silent_streamer(tokenizer, **DECODE_KWARGS) if stream else None
         greedy_ids, greedy_seconds = _timed(lambda: greedy(args.max_new_tokens, silent), model.device)
         lookahead_speed = _speed(out.stats.new_tokens, lookahead_seconds)
         greedy_speed = _speed(greedy_ids.shape[1] - prompt_len, greedy_seconds)
@@ -149,6 +188,54 @@ def run_generate(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(format_report(result))
+    return 0
+
+
+def run_prompts_file(args: argparse.Namespace) -> int:
+    """Every prompt of --prompts-file not yet in --out, one after another, each result appended (and flushed) as it
+    finishes, so that an interrupted run loses at most the prompt it was on."""
+    # Everything that can be checked without the model is checked first: a run can take hours.
+    if args.out is None:
+        raise CommandError("--prompts-file needs --out RESULTS.jsonl, the file the results are written to")
+    for option in SINGLE_PROMPT_OPTIONS:
+        if getattr(args, option):
+            raise CommandError(f"--{option} works on a single prompt, not with --prompts-file")
+    prompts = read_prompts(args.prompts_file, args.max_new_tokens)
+    check_writable("--out", args.out)
+    if Path(args.out).exists() and os.path.samefile(args.prompts_file, args.out):
+        raise CommandError("--out is the --prompts-file itself; choose another file for the results")
+    written = read_results(args.out)
+    config = config_from_args(args)
+    pending = [entry for entry in prompts if entry.id not in written.ids]
+    if not pending:
+        print(f"lookahead: all {len(prompts)} prompts of {args.prompts_file} are in {args.out} already",
+              file=sys.stderr)
+        return 0
+
+    from tqdm import tqdm
+
+    lookahead = _lookahead_runner(args, config)
+    model, tokenizer = load_from_args(args)
+    if written.has_cut_line:
+        print(f"lookahead: {args.out}: its last line was cut short by an interrupted write; that prompt runs again",
+              file=sys.stderr)
+        written.drop_cut_line()
+    with (open(args.out, "a", encoding="utf-8") as results,
+          tqdm(total=len(prompts), initial=len(prompts) - len(pending), desc=Path(args.prompts_file).name,
+               unit="prompt", file=sys.stderr) as progress):
+        for entry in pending:
+            input_ids = encode_prompt(tokenizer, entry.prompt, args.chat).to(model.device)
+            try:
+                out = lookahead(model, input_ids, entry.max_new_tokens)
+            except (ValueError, TypeError) as err:  # e.g. prompt + max_new_tokens beyond the model's context
+                raise CommandError(f"{args.prompts_file}, line {entry.line}: {err}") from err
+            stats = out.stats
+            result = {"id": entry.id, "prompt": entry.prompt, "text": _new_text(tokenizer, out, input_ids.shape[1]),
+                      "new_tokens": stats.new_tokens, "tokens_per_step": stats.tokens_per_step,
+                      "seconds": stats.seconds}
+            results.write(json.dumps(result, ensure_ascii=False) + "\n")
+            results.flush()
+            progress.update()
     return 0
 
 
