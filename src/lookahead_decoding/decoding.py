@@ -1,7 +1,8 @@
-"""The decoding loop: one fused forward per step runs the lookahead branch and verifies pooled candidates.
+"""The decoding loop: one fused forward per step runs the lookahead branch and verifies a token tree of drafts.
 
-    prefill  ->  repeat: propose candidates | choose the step shape | fused forward, verify, commit KV |
-                         advance that shape's window | emit tokens
+    prefill  ->  repeat: sources propose drafts, merged into a tree | choose the step shape |
+                         fused forward, verify the tree, commit the accepted path's KV |
+                         advance that shape's window | feed the sources | emit tokens
 """
 
 from __future__ import annotations
@@ -262,7 +263,7 @@ def decode(
     emitter = _Emitter(history, max_new_tokens, _eos_set(model, eos_token_id), stopping_criteria, streamer, device)
 
     shapes = plan.shapes
-    max_length = next((shape.candidate_length for shape in shapes if shape.verifies), 1)
+    draft_depth = next((shape.candidate_length for shape in shapes if shape.verifies), 1)  # K, shared (build_layouts)
     largest_tree = max(shape.tree_nodes for shape in shapes)
     rng = random.Random(seed)
     windows = [JacobiWindow(shape.window, shape.levels, rng) if shape.has_window else None for shape in shapes]
@@ -281,7 +282,7 @@ def decode(
             emitter.emit(first.committed, first.scores)
         while not emitter.done:
             current = history[-1]
-            tree = build_tree(source.propose(history, max_length, largest_tree), largest_tree, max_length)
+            tree = build_tree(source.propose(history, draft_depth, largest_tree), largest_tree, draft_depth)
             shape_index = chooser.choose(len(tree))
             shape, window = shapes[shape_index], windows[shape_index]
             tree = tree.truncated(shape.tree_nodes)

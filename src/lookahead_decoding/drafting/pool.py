@@ -9,8 +9,9 @@ from .base import CandidateSource, Draft
 from .ngram_pool import NGramPool
 
 # Estimated chance that a pooled guess is right, before the pool's own agreement is counted: the first token after
-# the key, and each later one given the earlier ones. Rough fits to how often pooled n-grams were accepted on the
-# default model (docs/benchmarks.md, "Token tree"); they rank pool drafts against the other sources' in the tree.
+# the key, and each later one given the earlier ones. Set by hand, not fitted (a Jacobi guess keyed on one token is
+# often wrong at its first token; once that one is right the rest usually follows); they rank pool drafts against
+# the other sources' in the tree.
 FIRST_TOKEN_PROBABILITY = 0.5
 NEXT_TOKEN_PROBABILITY = 0.8
 
