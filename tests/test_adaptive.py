@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lookahead_decoding as ld
-from lookahead_decoding import decoding, runners, tuning
+from lookahead_decoding import decoding, runners, state, tuning
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.model_adapter import ModelAdapter
@@ -52,7 +52,7 @@ def test_a_random_schedule_of_shapes_equals_greedy(arch, static, seed, motif, pr
     runner = StaticStep(model, SHAPES, 64) if static else EagerStep(ModelAdapter(model), SHAPES)
     RandomSchedule.seed = seed
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(decoding, "ShapeChooser", RandomSchedule)
+        patch.setattr(state, "ShapeChooser", RandomSchedule)
         out = decoding.decode(model, prompt, max_new_tokens, StepPlan(SHAPES, (1.0,) * len(SHAPES)), runner=runner)
     assert out.sequences.tolist() == greedy_reference(model, prompt, max_new_tokens).tolist()
     assert sum(out.stats.shape_steps.values()) == out.stats.steps

@@ -15,7 +15,7 @@ _EXPORTS = {
     "CandidateSource": "drafting",
     "CombinedSource": "drafting",
     "Draft": "drafting",
-    "GenerationStats": "decoding",
+    "GenerationStats": "state",
     "LookaheadConfig": "config",
     "LookaheadOutput": "decoding",
     "NGramPoolSource": "drafting",
@@ -57,7 +57,8 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .config import LookaheadConfig
-    from .decoding import GenerationStats, LookaheadOutput, generate
+    from .decoding import LookaheadOutput, generate
+    from .state import GenerationStats
     from .drafting import CandidateSource, CombinedSource, Draft, NGramPoolSource, RecycledTopKSource, SuffixSource
     from .engine import StaticStep
     from .tuning import StepPlan

@@ -10,59 +10,24 @@ from __future__ import annotations
 import random
 import time
 import weakref
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .config import LookaheadConfig
 from .drafting import CandidateSource
 from .drafting.sources import make_source
-from .drafting.tree import build_tree
 from .model_adapter import ModelAdapter
 from .runners import auto_plan, runner_for
 from .sampling import make_verifier
-from .shape_choice import ShapeChooser
+from .state import Emitter, GenerationStats, SequenceState
 from .step import StepRunner
-from .tuning import StepPlan, shape_name, time_steps
+from .tuning import StepPlan, time_steps
 from .verification import GreedyVerifier, Verifier
-from .window import JacobiWindow
 
 AUTO = "auto"
 _runner_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # prebuilt runner -> its measured StepPlan
-
-
-@dataclass
-class GenerationStats:
-    """steps: forward passes after the prefill; accepted_histogram: {tokens committed in a step: steps};
-    shape_steps: {step shape: steps of that shape}."""
-
-    steps: int = 0
-    new_tokens: int = 0
-    seconds: float = 0.0
-    accepted_histogram: Counter = field(default_factory=Counter)
-    shape_steps: Counter = field(default_factory=Counter)
-
-    @property
-    def tokens_per_step(self) -> float:
-        """New tokens per forward pass after the prefill (the compression ratio)."""
-        return self.new_tokens / max(self.steps, 1)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
-
-    def as_dict(self) -> dict:
-        return {
-            "steps": self.steps,
-            "new_tokens": self.new_tokens,
-            "tokens_per_step": self.tokens_per_step,
-            "tokens_per_second": self.tokens_per_second,
-            "seconds": self.seconds,
-            "accepted_histogram": {str(k): v for k, v in sorted(self.accepted_histogram.items())},
-            "shape_steps": dict(self.shape_steps),
-        }
 
 
 @dataclass
@@ -70,41 +35,6 @@ class LookaheadOutput:
     sequences: torch.LongTensor  # [1, prompt_len + new_tokens]
     stats: GenerationStats
     plan: StepPlan  # the step shapes this generation could use (one, for an explicit configuration)
-
-
-class _Emitter:
-    """Appends committed tokens one at a time and decides, token by token, whether generation stops."""
-
-    def __init__(self, history: list[int], max_new_tokens: int, eos_ids: set[int], stopping_criteria, streamer, device):
-        self.history = history
-        self.remaining = max_new_tokens
-        self.eos_ids = eos_ids
-        self.stopping_criteria = stopping_criteria or None
-        self.streamer = streamer
-        self.device = device
-        self.done = max_new_tokens == 0
-
-    def emit(self, tokens: Sequence[int], scores: torch.Tensor | None = None) -> int:
-        """Commit tokens until one of them stops generation; returns how many were committed. scores[i] holds the
-        logits that chose tokens[i]: stopping criteria get them as HF generate passes its scores, [1, V] float32."""
-        count = 0
-        for i, token in enumerate(tokens):
-            self.history.append(token)
-            self.remaining -= 1
-            count += 1
-            if self.streamer is not None:
-                self.streamer.put(torch.tensor([token]))
-            if self.remaining == 0 or token in self.eos_ids or self._criteria_met(scores, i):
-                self.done = True
-                break
-        return count
-
-    def _criteria_met(self, scores: torch.Tensor | None, index: int) -> bool:
-        if self.stopping_criteria is None:
-            return False
-        ids = torch.tensor([self.history], device=self.device)
-        token_scores = None if scores is None else scores[index : index + 1].float()
-        return bool(self.stopping_criteria(ids, token_scores).any())
 
 
 def _eos_set(model, eos_token_id) -> set[int]:
@@ -258,57 +188,24 @@ def decode(
         streamer.put(input_ids.cpu())
     device = adapter.device
     prompt = input_ids[0].tolist()
-    history = list(prompt)
-    stats = GenerationStats()
-    emitter = _Emitter(history, max_new_tokens, _eos_set(model, eos_token_id), stopping_criteria, streamer, device)
-
-    shapes = plan.shapes
-    draft_depth = next((shape.candidate_length for shape in shapes if shape.verifies), 1)  # K, shared (build_layouts)
-    largest_tree = max(shape.tree_nodes for shape in shapes)
-    rng = random.Random(seed)
-    windows = [JacobiWindow(shape.window, shape.levels, rng) if shape.has_window else None for shape in shapes]
-    chooser = ShapeChooser(shapes, plan.costs_ms)
-    steps_by_shape = [0] * len(shapes)
-    for window in filter(None, windows):
-        window.begin(prompt)
-    source.begin(prompt)
+    emitter = Emitter(list(prompt), max_new_tokens, _eos_set(model, eos_token_id), stopping_criteria, streamer, device)
+    sequence = SequenceState(prompt, plan, source, emitter, random.Random(seed))
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        if not emitter.done:
-            first = runner.prefill(input_ids[0].to(device), history)
-            emitter.emit(first.committed, first.scores)
-        while not emitter.done:
-            current = history[-1]
-            tree = build_tree(source.propose(history, draft_depth, largest_tree), largest_tree, draft_depth)
-            shape_index = chooser.choose(len(tree))
-            shape, window = shapes[shape_index], windows[shape_index]
-            tree = tree.truncated(shape.tree_nodes)
-            padding = [current] * (shape.tree_nodes - len(tree))
-            step_ids = runner.layouts[shape_index].input_ids(
-                current, window.tokens() if window else [], [*tree.tokens, *padding]
-            )
-            outcome = runner.step(shape_index, step_ids, tree, history)
-            chooser.observe(shape_index, len(tree), outcome.path)
-            if window:
-                source.observe_window(window.advance(current, outcome.new_level))
-            if outcome.predictions is not None:
-                source.observe_predictions(outcome.predictions)
-            num_new = emitter.emit(outcome.committed, outcome.scores)
-            source.observe(history, num_new)
-            stats.steps += 1
-            stats.accepted_histogram[num_new] += 1
-            steps_by_shape[shape_index] += 1
+        if not sequence.done:
+            sequence.record_prefill(runner.prefill(input_ids[0].to(device), sequence.history))
+        while not sequence.done:
+            step = sequence.next_step(runner.layouts)
+            sequence.record(step, runner.step(step.shape, step.ids, step.tree, sequence.history))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    stats.seconds = time.perf_counter() - start
-    stats.new_tokens = len(history) - len(prompt)
-    stats.shape_steps.update({shape_name(shape): n for shape, n in zip(shapes, steps_by_shape) if n})
+    stats = sequence.finish(time.perf_counter() - start)
     if streamer is not None:
         streamer.end()
-    return LookaheadOutput(torch.tensor([history], dtype=torch.long, device=input_ids.device), stats, plan)
+    return LookaheadOutput(torch.tensor([sequence.history], dtype=torch.long, device=input_ids.device), stats, plan)
 
 
 def generate(

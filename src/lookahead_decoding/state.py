@@ -1,0 +1,162 @@
+"""One sequence being decoded: its committed tokens and stopping rule, its Jacobi windows, its draft source, its
+shape statistics and its counters.
+
+The decoding loop asks the sequence for its next step (a shape, the step's input ids and the token tree) and
+hands it the step's outcome; everything per sequence lives here, so that several sequences can later share one
+batched forward.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from .drafting.base import CandidateSource
+from .drafting.tree import TokenTree, build_tree
+from .layout import StepLayout
+from .shape_choice import ShapeChooser
+from .step import StepOutcome
+from .tuning import StepPlan, shape_name
+from .window import JacobiWindow
+
+
+@dataclass
+class GenerationStats:
+    """steps: forward passes after the prefill; accepted_histogram: {tokens committed in a step: steps};
+    shape_steps: {step shape: steps of that shape}."""
+
+    steps: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    accepted_histogram: Counter = field(default_factory=Counter)
+    shape_steps: Counter = field(default_factory=Counter)
+
+    @property
+    def tokens_per_step(self) -> float:
+        """New tokens per forward pass after the prefill (the compression ratio)."""
+        return self.new_tokens / max(self.steps, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "new_tokens": self.new_tokens,
+            "tokens_per_step": self.tokens_per_step,
+            "tokens_per_second": self.tokens_per_second,
+            "seconds": self.seconds,
+            "accepted_histogram": {str(k): v for k, v in sorted(self.accepted_histogram.items())},
+            "shape_steps": dict(self.shape_steps),
+        }
+
+
+class Emitter:
+    """Appends committed tokens one at a time and decides, token by token, whether generation stops."""
+
+    def __init__(self, history: list[int], max_new_tokens: int, eos_ids: set[int], stopping_criteria, streamer, device):
+        self.history = history
+        self.remaining = max_new_tokens
+        self.eos_ids = eos_ids
+        self.stopping_criteria = stopping_criteria or None
+        self.streamer = streamer
+        self.device = device
+        self.done = max_new_tokens == 0
+
+    def emit(self, tokens: Sequence[int], scores: torch.Tensor | None = None) -> int:
+        """Commit tokens until one of them stops generation; returns how many were committed. scores[i] holds the
+        logits that chose tokens[i]: stopping criteria get them as HF generate passes its scores, [1, V] float32."""
+        count = 0
+        for i, token in enumerate(tokens):
+            self.history.append(token)
+            self.remaining -= 1
+            count += 1
+            if self.streamer is not None:
+                self.streamer.put(torch.tensor([token]))
+            if self.remaining == 0 or token in self.eos_ids or self._criteria_met(scores, i):
+                self.done = True
+                break
+        return count
+
+    def _criteria_met(self, scores: torch.Tensor | None, index: int) -> bool:
+        if self.stopping_criteria is None:
+            return False
+        ids = torch.tensor([self.history], device=self.device)
+        token_scores = None if scores is None else scores[index : index + 1].float()
+        return bool(self.stopping_criteria(ids, token_scores).any())
+
+
+class PlannedStep(NamedTuple):
+    shape: int  # index of the step shape in the plan
+    ids: list[int]  # the step's input ids in layout order
+    tree: TokenTree  # the tree whose tokens `ids` carries after the window
+
+
+class SequenceState:
+    """Drafting, shape choice and bookkeeping of one sequence; the forward runs elsewhere."""
+
+    def __init__(self, prompt: Sequence[int], plan: StepPlan, source: CandidateSource, emitter: Emitter,
+                 rng: random.Random) -> None:
+        self.plan, self.source, self.emitter = plan, source, emitter
+        shapes = plan.shapes
+        self.draft_depth = next((shape.candidate_length for shape in shapes if shape.verifies), 1)  # K, shared
+        self.largest_tree = max(shape.tree_nodes for shape in shapes)
+        self.windows = [JacobiWindow(shape.window, shape.levels, rng) if shape.has_window else None for shape in shapes]
+        self.chooser = ShapeChooser(shapes, plan.costs_ms)
+        self.stats = GenerationStats()
+        self.steps_by_shape = [0] * len(shapes)
+        self.prompt_length = len(prompt)
+        for window in filter(None, self.windows):
+            window.begin(prompt)
+        source.begin(prompt)
+
+    @property
+    def history(self) -> list[int]:
+        return self.emitter.history
+
+    @property
+    def done(self) -> bool:
+        return self.emitter.done
+
+    def record_prefill(self, outcome: StepOutcome) -> None:
+        self.emitter.emit(outcome.committed, outcome.scores)
+
+    def next_step(self, layouts: Sequence[StepLayout]) -> PlannedStep:
+        """Draft a tree, choose the step shape, and lay out the step's input."""
+        history, current = self.history, self.history[-1]
+        drafts = self.source.propose(history, self.draft_depth, self.largest_tree)
+        tree = build_tree(drafts, self.largest_tree, self.draft_depth)
+        shape = self.chooser.choose(len(tree))
+        config, window = self.plan.shapes[shape], self.windows[shape]
+        tree = tree.truncated(config.tree_nodes)
+        padding = [current] * (config.tree_nodes - len(tree))
+        ids = layouts[shape].input_ids(current, window.tokens() if window else [], [*tree.tokens, *padding])
+        return PlannedStep(shape, ids, tree)
+
+    def record(self, step: PlannedStep, outcome: StepOutcome) -> None:
+        """Learn from the step and commit its tokens (up to where generation stops)."""
+        current = self.history[-1]
+        self.chooser.observe(step.shape, len(step.tree), outcome.path)
+        window = self.windows[step.shape]
+        if window:
+            self.source.observe_window(window.advance(current, outcome.new_level))
+        if outcome.predictions is not None:
+            self.source.observe_predictions(outcome.predictions)
+        num_new = self.emitter.emit(outcome.committed, outcome.scores)
+        self.source.observe(self.history, num_new)
+        self.stats.steps += 1
+        self.stats.accepted_histogram[num_new] += 1
+        self.steps_by_shape[step.shape] += 1
+
+    def finish(self, seconds: float) -> GenerationStats:
+        self.stats.seconds = seconds
+        self.stats.new_tokens = len(self.history) - self.prompt_length
+        self.stats.shape_steps.update({shape_name(shape): n for shape, n in zip(self.plan.shapes, self.steps_by_shape)
+                                       if n})
+        return self.stats
