@@ -21,10 +21,9 @@ from transformers import StaticCache
 
 from .config import LookaheadConfig
 from .model_adapter import ModelAdapter, UnsupportedModelError
-from .drafting.base import ModelPredictions
 from .drafting.tree import TokenTree
 from .layout import tree_tensors
-from .step import StepOutcome, build_layouts, top_predictions, tree_parents
+from .step import StepOutcome, build_layouts, host_predictions, top_predictions, tree_parents
 from .verification import verify_greedy
 
 # Prompt tokens per prefill chunk. The prefill runs as fixed-shape chunks so that it, too, is one captured graph
@@ -161,10 +160,7 @@ class StaticStep:
         host[-1] = len(tree)
         self.inputs[shape].copy_(host, non_blocking=True)
         packed, scores, top = self.run_step[shape]()
-        predictions = None
-        if self.predictions:
-            row_tokens, top_tokens, top_probabilities = top
-            predictions = ModelPredictions(row_tokens.tolist(), top_tokens.tolist(), top_probabilities.tolist())
+        predictions = host_predictions(*top) if self.predictions else None
         return StepOutcome.from_host(packed.tolist(), layout.config, scores, predictions)
 
     def _cached_length(self) -> torch.Tensor:

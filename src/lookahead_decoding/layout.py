@@ -54,7 +54,8 @@ class StepLayout:
 
     config: LookaheadConfig
     lookahead_offsets: torch.Tensor  # [(N-1)·W] position of each lookahead row relative to the current token
-    lookahead_allowed: torch.Tensor  # [(N-1)·W, (N-1)·W] bool, True where row q may attend to row k
+    lookahead_allowed: torch.Tensor  # [(N-1)·W, S] bool: which step rows each lookahead row may attend to
+    tree_sees_lookahead: torch.Tensor  # [B, (N-1)·W] bool: tree nodes see the current token only
     logit_rows: torch.Tensor  # rows whose logits are used: current token, last level, tree nodes
 
     @property
@@ -86,13 +87,8 @@ class StepLayout:
         return torch.cat([self.lookahead_offsets, tree.depths])
 
     def allowed(self, tree: TreeTensors) -> torch.Tensor:
-        """[S, S] bool: which step rows each row may attend to."""
-        lookahead, nodes = self.lookahead_size, self.config.tree_nodes
-        upper = torch.cat([self.lookahead_allowed, self.lookahead_allowed.new_zeros(lookahead, nodes)], dim=1)
-        sees_current = self.lookahead_allowed.new_zeros(nodes, lookahead)
-        sees_current[:, 0] = True  # tree nodes continue the current token
-        lower = torch.cat([sees_current, tree.ancestors], dim=1)
-        return torch.cat([upper, lower])
+        """[S, S] bool: which step rows each row may attend to (only the tree's block changes from step to step)."""
+        return torch.cat([self.lookahead_allowed, torch.cat([self.tree_sees_lookahead, tree.ancestors], dim=1)])
 
     @classmethod
     def build(cls, config: LookaheadConfig, device: torch.device | str = "cpu") -> "StepLayout":
@@ -105,10 +101,15 @@ class StepLayout:
         sees_row0 = (k_level == 0) & (k_col <= q_col)
         sees_own_column = (k_level >= 1) & (k_level <= q_level) & (k_col == q_col)
 
+        nodes = config.tree_nodes
+        lookahead_allowed = torch.cat([sees_row0 | sees_own_column, torch.zeros(lookahead, nodes, dtype=torch.bool)], 1)
+        tree_sees_lookahead = torch.zeros(nodes, lookahead, dtype=torch.bool)
+        tree_sees_lookahead[:, 0] = True  # tree nodes continue the current token
+
         last_level = torch.arange((levels - 1) * window, lookahead)
         current = torch.zeros(0 if levels == 1 else 1, dtype=torch.long)  # level 0 already starts with it
-        logit_rows = torch.cat([current, last_level, torch.arange(lookahead, lookahead + config.tree_nodes)])
-        return cls(config, (level + column).to(device), (sees_row0 | sees_own_column).to(device),
+        logit_rows = torch.cat([current, last_level, torch.arange(lookahead, lookahead + nodes)])
+        return cls(config, (level + column).to(device), lookahead_allowed.to(device), tree_sees_lookahead.to(device),
                    logit_rows.to(device))
 
     def input_ids(self, current: int, window_tokens: list[int], tree_tokens: list[int]) -> list[int]:

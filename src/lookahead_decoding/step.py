@@ -81,9 +81,9 @@ def top_predictions(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     return top.indices, probabilities
 
 
-def read_predictions(row_tokens: torch.Tensor, logits: torch.Tensor, k: int) -> ModelPredictions:
-    """The model's top-k next tokens after each of `row_tokens` [R], from their logits [R, V], on the host."""
-    top_tokens, top_probabilities = top_predictions(logits, k)
+def host_predictions(row_tokens: torch.Tensor, top_tokens: torch.Tensor, top_probabilities: torch.Tensor
+                     ) -> ModelPredictions:
+    """`top_predictions` of the rows holding `row_tokens` [R], copied to the host."""
     return ModelPredictions(row_tokens.tolist(), top_tokens.tolist(), top_probabilities.tolist())
 
 
@@ -129,7 +129,9 @@ class EagerStep:
         tree_logits = logits[layout.tree_logits]
         result = self.verifier(logits[0], nodes, tree_logits, config.candidate_length, history)
         host = torch.cat([result, new_level]).tolist()  # the one host sync
-        predictions = read_predictions(ids[layout.logit_rows], logits, self.predictions) if self.predictions else None
+        predictions = None
+        if self.predictions:
+            predictions = host_predictions(ids[layout.logit_rows], *top_predictions(logits, self.predictions))
         outcome = StepOutcome.from_host(host, config, predictions=predictions)
         path = torch.tensor(outcome.path, dtype=torch.long, device=device)
         commit_path_kv(self.cache, layout.size, layout.lookahead_size + path)

@@ -32,13 +32,6 @@ class TokenTree:
         """The best `budget` nodes (still a tree: parents come first)."""
         return TokenTree(self.tokens[:budget], self.parents[:budget], self.scores[:budget])
 
-    def depths(self) -> list[int]:
-        """Each node's depth: 1 for the children of the current token."""
-        depths: list[int] = []
-        for parent in self.parents:
-            depths.append(1 if parent == ROOT else depths[parent] + 1)
-        return depths
-
     def path(self, node: int) -> list[int]:
         """The nodes from depth 1 down to `node`."""
         nodes = []
