@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lookahead_decoding as ld
-from lookahead_decoding import decoding, runners, state, tuning
+from lookahead_decoding import decoding, runners, scheduler, tuning
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.model_adapter import ModelAdapter
@@ -25,15 +25,10 @@ K = 3
 SHAPES = (AUTOREGRESSIVE, verify_only(2 * K, K), ld.LookaheadConfig(4, 4, 4), ld.LookaheadConfig(2, 3, 3, candidate_length=K))
 
 
-class RandomSchedule(ShapeChooser):
-    """Picks a random shape every step, whatever the statistics say."""
-
-    seed = 0
-
-    def choose(self, num_nodes):
-        if not hasattr(self, "rng"):
-            self.rng = random.Random(RandomSchedule.seed)
-        return self.rng.randrange(len(self.shapes))
+def random_schedule(seed: int):
+    """A stand-in for `choose_for_batch` that picks a random shape every step, whatever the statistics say."""
+    rng = random.Random(seed)
+    return lambda choosers, num_nodes, costs_ms=None: rng.randrange(len(costs_ms))
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -50,10 +45,9 @@ def test_a_random_schedule_of_shapes_equals_greedy(arch, static, seed, motif, pr
     static = static and ModelAdapter(model).sliding_window is None  # the static engine has no sliding windows
     prompt = torch.tensor([(motif * 20)[:prompt_len]])
     runner = StaticStep(model, SHAPES, 64) if static else EagerStep(ModelAdapter(model), SHAPES)
-    RandomSchedule.seed = seed
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(state, "ShapeChooser", RandomSchedule)
-        out = decoding.decode(model, prompt, max_new_tokens, StepPlan(SHAPES, (1.0,) * len(SHAPES)), runner=runner)
+        patch.setattr(scheduler, "choose_for_batch", random_schedule(seed))
+        out = ld.generate(model, prompt, max_new_tokens, StepPlan(SHAPES, (1.0,) * len(SHAPES)), runner=runner)
     assert out.sequences.tolist() == greedy_reference(model, prompt, max_new_tokens).tolist()
     assert sum(out.stats.shape_steps.values()) == out.stats.steps
 

@@ -6,7 +6,6 @@ from conftest import VOCAB, greedy_reference, tiny_model
 
 import lookahead_decoding as ld
 from lookahead_decoding.config import AUTOREGRESSIVE
-from lookahead_decoding.decoding import decode
 from lookahead_decoding.engine import StaticStep
 
 CONFIGS = [AUTOREGRESSIVE, ld.LookaheadConfig(1, 3, 2), ld.LookaheadConfig(3, 3, 3), ld.LookaheadConfig(5, 5, 5),
@@ -25,7 +24,7 @@ def test_static_engine_equals_greedy(arch, config):
         if seed == 1:
             prompt = prompt[:, :3].repeat(1, 4)  # repetitive: long acceptances
         expected = greedy_reference(model, prompt, 64 - prompt.shape[1])
-        out = decode(model, prompt, 64 - prompt.shape[1], config, runner=engine)
+        out = ld.generate(model, prompt, 64 - prompt.shape[1], config, runner=engine)
         assert out.sequences.tolist() == expected.tolist()
 
 
@@ -37,7 +36,7 @@ def test_prompts_longer_than_a_prefill_chunk(arch, prefill_chunk):
     engine = StaticStep(model, config, max_length=48, prefill_chunk=prefill_chunk)
     for length in (1, 9, 20):  # one chunk or less, several with a partial last chunk, exact multiples of 4 and 5
         prompt = torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(length))
-        out = decode(model, prompt, 48 - length, config, runner=engine)
+        out = ld.generate(model, prompt, 48 - length, config, runner=engine)
         assert out.sequences.tolist() == greedy_reference(model, prompt, 48 - length).tolist()
 
 
@@ -48,7 +47,7 @@ def test_engine_rejects_a_bad_prefill_chunk(llama, chunk):
 
 
 def test_autoregressive_engine_takes_one_token_per_step(llama):
-    out = decode(llama, torch.tensor([[3, 1, 4, 1, 5]]), 20, AUTOREGRESSIVE, runner=StaticStep(llama, AUTOREGRESSIVE, 32))
+    out = ld.generate(llama, torch.tensor([[3, 1, 4, 1, 5]]), 20, AUTOREGRESSIVE, runner=StaticStep(llama, AUTOREGRESSIVE, 32))
     assert out.stats.steps == 19 and dict(out.stats.accepted_histogram) == {1: 19}
 
 
@@ -64,7 +63,7 @@ def test_engine_rejects_what_does_not_fit(llama):
     # Checked before the first step: nothing is generated and then thrown away.
     with pytest.raises(ValueError, match=r"prompt \(3 tokens\) \+ max_new_tokens \(20\) = 23 tokens does not fit "
                        "this engine's max_length 16"):
-        decode(llama, torch.tensor([[1, 2, 3]]), 20, AUTOREGRESSIVE, runner=engine)
+        ld.generate(llama, torch.tensor([[1, 2, 3]]), 20, AUTOREGRESSIVE, runner=engine)
 
 
 @pytest.mark.parametrize("max_length", [0, 1, -5, "64", 64.0, True])
@@ -86,7 +85,7 @@ def test_an_engine_belongs_to_its_model(llama):
 def test_runner_must_match_the_config(llama):
     engine = StaticStep(llama, AUTOREGRESSIVE, 16)
     with pytest.raises(ValueError, match="the step runner was built for"):
-        decode(llama, torch.tensor([[1, 2, 3]]), 5, ld.LookaheadConfig(), runner=engine)
+        ld.generate(llama, torch.tensor([[1, 2, 3]]), 5, ld.LookaheadConfig(), runner=engine)
 
 
 def test_generate_takes_a_prebuilt_engine(llama):

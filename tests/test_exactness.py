@@ -79,12 +79,12 @@ def test_full_acceptance_down_one_branch_commits_k_plus_1_tokens_and_keeps_the_c
     expected = greedy_reference(model, input_ids, max_new_tokens)
     config = ld.LookaheadConfig(window=3, ngram=ngram, guesses=2, candidate_length=candidate_length)
     source = OracleSource(expected[0].tolist(), decoys)
-    out = ld.decoding.decode(model, input_ids, max_new_tokens, config, source=source)
+    out = ld.generate(model, input_ids, max_new_tokens, config, source=source)
     assert out.sequences.tolist() == expected.tolist()
     assert dict(out.stats.accepted_histogram) == {candidate_length + 1: 4}
     if arch in ("llama", "gpt2") and decoys:  # the same on the static engine
-        out = ld.decoding.decode(model, input_ids, max_new_tokens, config, source=source,
-                                 runner=StaticStep(model, config, 64))
+        out = ld.generate(model, input_ids, max_new_tokens, config, source=source,
+                          runner=StaticStep(model, config, 64))
         assert dict(out.stats.accepted_histogram) == {candidate_length + 1: 4}
         assert out.sequences.tolist() == expected.tolist()
 

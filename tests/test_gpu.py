@@ -8,7 +8,6 @@ from conftest import VOCAB, greedy_reference, tiny_model
 import lookahead_decoding as ld
 from lookahead_decoding import runners
 from lookahead_decoding.config import AUTOREGRESSIVE
-from lookahead_decoding.decoding import decode
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.tuning import StepPlan, verify_only
 
@@ -33,9 +32,9 @@ def test_captured_graph_equals_eager(arch, shape):
         prompt = prompt.repeat(1, 2) if seed == 1 else prompt
         expected = greedy_reference(model, prompt, 40)
         single = StaticStep(model, SHAPES[shape], 96)
-        assert decode(model, prompt, 40, plan, runner=single).sequences.tolist() == expected.tolist()
+        assert ld.generate(model, prompt, 40, plan, runner=single).sequences.tolist() == expected.tolist()
         for runner in (captured, eager):  # every shape of one multi-shape engine, switched between
-            out = decode(model, prompt, 40, StepPlan(SHAPES, (1.0, 1.2, 1.5)), runner=runner)
+            out = ld.generate(model, prompt, 40, StepPlan(SHAPES, (1.0, 1.2, 1.5)), runner=runner)
             assert out.sequences.tolist() == expected.tolist()
     assert captured.captured and not eager.captured
 

@@ -140,9 +140,39 @@ def test_too_long(llama):
     )
 
 
-def test_batch_of_two(llama):
-    with pytest.raises(ValueError, match="^lookahead decoding supports batch size 1 only, got a batch of 2$"):
-        ld.generate(llama, torch.zeros(2, 4, dtype=torch.long), 5)
+@pytest.mark.parametrize("input_ids, attention_mask, error, message", [
+    (torch.zeros(2, 4, dtype=torch.long), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]), ValueError,
+     "row 1 of attention_mask is not left-padded (zeros after ones); lookahead decoding takes left-padded batches: "
+     "set tokenizer.padding_side = 'left'"),
+    (torch.zeros(2, 4, dtype=torch.long), torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]), ValueError,
+     "prompt 1 is empty: it has no tokens"),
+    (torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), ValueError,
+     "attention_mask must be a tensor of input_ids' shape (2, 4), got (2, 3)"),
+    (torch.zeros(2, 4, dtype=torch.long), torch.full((2, 4), 2), ValueError,
+     "attention_mask must hold 0s and 1s only (row 0 does not)"),
+    (torch.zeros(0, 4, dtype=torch.long), None, ValueError, "input_ids holds no prompt (batch size 0)"),
+    ([[1, 2], []], None, ValueError, "prompt 1 is empty: it has no tokens"),
+    ([[1, 2], [3, "4"]], None, TypeError, "prompt 1 must be a list of int token ids"),
+    ([1, 2, 3], None, TypeError, "input_ids must be an integer torch.Tensor of shape [batch, prompt_len] or a "
+                                 "non-empty list of token-id lists, got list"),
+    ([[1, 2], [3, VOCAB]], None, ValueError, "prompt 1 holds token ids outside the model's vocabulary [0, 96)"),
+])
+def test_bad_batches(llama, input_ids, attention_mask, error, message):
+    with pytest.raises(error) as info:
+        ld.generate(llama, input_ids, 5, ld.LookaheadConfig(2, 2, 2), attention_mask=attention_mask)
+    assert str(info.value) == message
+
+
+def test_a_batch_takes_source_names_not_one_source_object(llama):
+    with pytest.raises(ValueError) as info:
+        ld.generate(llama, [[1, 2], [3]], 5, ld.LookaheadConfig(2, 2, 2), source=ld.SuffixSource())
+    assert str(info.value) == ("a CandidateSource object drafts for one sequence; for a batch of 2 prompts pass source "
+                               "names (pool, suffix, recycled) or None")
+
+
+def test_a_streamer_follows_one_sequence(llama):
+    with pytest.raises(ValueError, match="^a streamer follows one sequence; got a batch of 2 prompts$"):
+        ld.generate(llama, [[1, 2], [3]], 5, ld.LookaheadConfig(2, 2, 2), streamer=object())
 
 
 def test_token_outside_vocabulary(llama):

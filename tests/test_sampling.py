@@ -197,11 +197,13 @@ def lookahead_counts(index: int, verifier_cls=None, through_hf: bool = False) ->
             if verifier_cls is None:
                 out = ld.generate(model, prompt, NEW_TOKENS, case.config(), do_sample=True, generator=generator,
                                   source=case.source, **case.sampling_kwargs())
+                new_tokens, stats = out.sequences[0, prompt.shape[1]:], out.stats
             else:
-                out = decode(model, prompt, NEW_TOKENS, case.config(), source=case.source,
-                             verifier=verifier_cls(generator, **case.sampling_kwargs()))
-            counts[cell(out.sequences[0, prompt.shape[1]:])] += 1
-            steps.update(out.stats.accepted_histogram)
+                (result,), stats, _ = decode(model, prompt.tolist(), NEW_TOKENS, case.config(), source=case.source,
+                                             verifier=verifier_cls(generator, **case.sampling_kwargs()))
+                new_tokens = torch.tensor(result.tokens[prompt.shape[1]:])
+            counts[cell(new_tokens)] += 1
+            steps.update(stats.accepted_histogram)
     finally:
         SamplingVerifier.choose = choose
     return counts, steps, outcomes

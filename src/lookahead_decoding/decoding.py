@@ -1,27 +1,32 @@
-"""The decoding loop: one fused forward per step runs the lookahead branch and verifies a token tree of drafts.
+"""Lookahead decoding of one prompt or a batch: one fused forward per step runs the lookahead branch and verifies
+a token tree of drafts, for every sequence at once.
 
-    prefill  ->  repeat: sources propose drafts, merged into a tree | choose the step shape |
-                         fused forward, verify the tree, commit the accepted path's KV |
-                         advance that shape's window | feed the sources | emit tokens
+    prefill  ->  repeat: sources propose drafts, merged into a tree (per sequence) | choose the step shape |
+                         fused forward, verify each tree, commit each accepted path's KV |
+                         advance that shape's windows | feed the sources | emit tokens (per sequence)
+
+The loop itself is `scheduler.BatchScheduler`; this module checks the inputs, picks the plan and the runner, and
+shapes the result.
 """
 
 from __future__ import annotations
 
-import random
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .config import LookaheadConfig
 from .drafting import CandidateSource
-from .drafting.sources import make_source
+from .drafting.sources import SOURCE_NAMES, make_source
+from .engine import check_batch_size
 from .model_adapter import ModelAdapter
 from .runners import auto_plan, runner_for
 from .sampling import make_verifier
-from .state import Emitter, GenerationStats, SequenceState
+from .scheduler import BatchScheduler, Finished, requests_from
+from .state import GenerationStats
 from .step import StepRunner
 from .tuning import StepPlan, time_steps
 from .verification import GreedyVerifier, Verifier
@@ -31,10 +36,18 @@ _runner_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # prebui
 
 
 @dataclass
+class RowOutput:
+    tokens: list[int]  # the prompt (without padding), then the new tokens
+    stats: GenerationStats  # this row's own: its steps, tokens, seconds from admission to its last token
+
+
+@dataclass
 class LookaheadOutput:
-    sequences: torch.LongTensor  # [1, prompt_len + new_tokens]
+    sequences: torch.LongTensor  # [batch, prompt_len + new_tokens], as model.generate returns them
+    # One prompt: its own statistics. A batch: the run's; steps are batched forwards, new_tokens all rows' tokens.
     stats: GenerationStats
     plan: StepPlan  # the step shapes this generation could use (one, for an explicit configuration)
+    rows: list[RowOutput]  # per prompt, in input order
 
 
 def _eos_set(model, eos_token_id) -> set[int]:
@@ -55,32 +68,63 @@ def _eos_set(model, eos_token_id) -> set[int]:
     return {i.__index__() for i in ids}
 
 
-def _check_inputs(adapter: ModelAdapter, input_ids, max_new_tokens) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError("input_ids must be an integer torch.Tensor of shape [1, prompt_len]")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must have shape [batch, prompt_len], got {tuple(input_ids.shape)}")
-    if input_ids.shape[0] != 1:
-        raise ValueError(f"lookahead decoding supports batch size 1 only, got a batch of {input_ids.shape[0]}")
-    if input_ids.shape[1] == 0:
-        raise ValueError("the prompt is empty: input_ids has no tokens")
+def prompts_from(input_ids, attention_mask=None) -> list[list[int]]:
+    """The prompts of a batch as token lists: `input_ids` [batch, L] (left-padded where `attention_mask` [batch,
+    L] has zeros, as HF tokenizers pad for generation) or a list of token lists (any lengths)."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, prompt_len], got {tuple(input_ids.shape)}")
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids holds no prompt (batch size 0)")
+        rows = input_ids.tolist()
+        if attention_mask is None:
+            return rows
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+            raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {shape}")
+        mask = attention_mask.tolist()
+        for index, line in enumerate(mask):
+            if any(value not in (0, 1) for value in line):
+                raise ValueError(f"attention_mask must hold 0s and 1s only (row {index} does not)")
+            if any(left > right for left, right in zip(line, line[1:])):
+                raise ValueError(f"row {index} of attention_mask is not left-padded (zeros after ones); lookahead "
+                                 "decoding takes left-padded batches: set tokenizer.padding_side = 'left'")
+        return [[token for token, keep in zip(row, line) if keep] for row, line in zip(rows, mask)]
+    if isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(row, (list, tuple)) for row in input_ids):
+        for index, row in enumerate(input_ids):
+            if not all(isinstance(token, int) and not isinstance(token, bool) for token in row):
+                raise TypeError(f"prompt {index} must be a list of int token ids")
+        return [list(row) for row in input_ids]
+    raise TypeError("input_ids must be an integer torch.Tensor of shape [batch, prompt_len] or a non-empty list of "
+                    f"token-id lists, got {type(input_ids).__name__}")
+
+
+def _check_inputs(adapter: ModelAdapter, prompts: list[list[int]], max_new_tokens) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    total = input_ids.shape[1] + max_new_tokens
-    if adapter.context_length is not None and total > adapter.context_length:
-        raise ValueError(
-            f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens exceeds the "
-            f"model's context length of {adapter.context_length}"
-        )
     vocab = adapter.model.get_output_embeddings().weight.shape[0]
-    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
-        raise ValueError(f"input_ids holds token ids outside the model's vocabulary [0, {vocab})")
+    for index, prompt in enumerate(prompts):
+        name = "prompt" if len(prompts) == 1 else f"prompt {index}"
+        if not prompt:
+            raise ValueError("the prompt is empty: input_ids has no tokens" if len(prompts) == 1 else
+                             f"prompt {index} is empty: it has no tokens")
+        total = len(prompt) + max_new_tokens
+        if adapter.context_length is not None and total > adapter.context_length:
+            raise ValueError(
+                f"{name} ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens exceeds the "
+                f"model's context length of {adapter.context_length}"
+            )
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"{name} holds token ids outside the model's vocabulary [0, {vocab})")
 
 
-def resolve_plan(model, config, verifier: Verifier | None = None, runner: StepRunner | None = None) -> StepPlan:
-    """The step shapes for `config`: "auto" (or None) calibrates them for this device (see tuning.py), a
-    LookaheadConfig is the one fixed shape, a StepPlan is used as it is. With a prebuilt `runner`, "auto" means
-    the runner's own shapes."""
+def resolve_plan(model, config, verifier: Verifier | None = None, runner: StepRunner | None = None,
+                 batch_size: int = 1) -> StepPlan:
+    """The step shapes for `config`: "auto" (or None) calibrates them for this device and batch size (see
+    tuning.py), a LookaheadConfig is the one fixed shape, a StepPlan is used as it is. With a prebuilt `runner`,
+    "auto" means the runner's own shapes."""
     if isinstance(config, StepPlan):
         return config
     if isinstance(config, LookaheadConfig):
@@ -88,7 +132,7 @@ def resolve_plan(model, config, verifier: Verifier | None = None, runner: StepRu
     if config is not None and config != AUTO:
         raise TypeError(f'config must be a LookaheadConfig, "auto" or None, got {config!r}')
     if runner is None:
-        return auto_plan(model, verifier)
+        return auto_plan(model, verifier, batch_size)
     shapes = tuple(layout.config for layout in runner.layouts)
     if len(shapes) == 1:
         return StepPlan(shapes, (1.0,))
@@ -98,9 +142,10 @@ def resolve_plan(model, config, verifier: Verifier | None = None, runner: StepRu
     return _runner_plans[runner]
 
 
-def check_step_fits(adapter: ModelAdapter, plan: StepPlan, prompt_len: int, max_new_tokens: int) -> None:
+def check_step_fits(adapter: ModelAdapter, plan: StepPlan, prompt_len: int, max_new_tokens: int,
+                    batch_size: int = 1) -> None:
     """Reject a step shape that cannot run, before any work: more rows than the model's context has room for
-    after the prompt, or (roughly) more memory than the device has free."""
+    after the (longest) prompt, or (roughly) more memory than the device has free for `batch_size` sequences."""
     context = adapter.context_length
     free = available_memory(adapter.device)
     for shape in plan.shapes:
@@ -110,10 +155,11 @@ def check_step_fits(adapter: ModelAdapter, plan: StepPlan, prompt_len: int, max_
                 f"a lookahead step of W={shape.window}, N={shape.ngram}, G={shape.guesses} has {rows} tokens, more "
                 f"than the model's context of {context} leaves after the {prompt_len}-token prompt; lower W, N or G"
             )
-        needed = step_memory_bytes(adapter, rows, prompt_len + max_new_tokens + rows)
+        needed = batch_size * step_memory_bytes(adapter, rows, prompt_len + max_new_tokens + rows)
         if free is not None and needed > free:
             raise ValueError(
-                f"a lookahead step of W={shape.window}, N={shape.ngram}, G={shape.guesses} ({rows} tokens) needs "
+                f"a lookahead step of W={shape.window}, N={shape.ngram}, G={shape.guesses} ({rows} tokens"
+                f"{f' for each of {batch_size} sequences' if batch_size > 1 else ''}) needs "
                 f"about {needed / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on {adapter.device}; "
                 "lower W, N or G"
             )
@@ -142,9 +188,20 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
+def make_sources(source, shapes, predictions: int | None, count: int) -> Callable[[], CandidateSource]:
+    """A factory of one draft source per sequence from `ld.generate`'s `source` (see `make_source`); a source
+    object holds one sequence's state, so a batch needs names (or None)."""
+    given = [source] if isinstance(source, CandidateSource) else source if isinstance(source, (list, tuple)) else []
+    if count > 1 and any(isinstance(part, CandidateSource) for part in given):
+        raise ValueError(f"a CandidateSource object drafts for one sequence; for a batch of {count} prompts pass "
+                         f"source names ({', '.join(SOURCE_NAMES)}) or None")
+    make_source(source, shapes, predictions)  # reject a bad `source` now, not at the first admission
+    return lambda: make_source(source, shapes, predictions)
+
+
 def decode(
     model,
-    input_ids: torch.LongTensor,
+    prompts: list[list[int]],
     max_new_tokens: int,
     config: LookaheadConfig | StepPlan | str | None = AUTO,
     streamer=None,
@@ -155,62 +212,94 @@ def decode(
     stream_prompt: bool = True,
     verifier: Verifier | None = None,
     runner: StepRunner | None = None,
-) -> LookaheadOutput:
-    """Lookahead decoding; greedy unless `verifier` says otherwise (see `sampling.make_verifier`).
+    batch_size: int | None = None,
+) -> tuple[list[Finished], GenerationStats, StepPlan]:
+    """Lookahead decoding of `prompts` (token lists), `batch_size` at a time (default: all at once); greedy
+    unless `verifier` says otherwise (see `sampling.make_verifier`). Results in prompt order, the statistics of
+    the run (for one prompt, its own) and the plan.
 
     `config` is resolved by `resolve_plan`. `stream_prompt=False` when the caller already sent the prompt (HF
-    generate). `runner` runs the fused steps (default: `runners.runner_for`, which reuses engines).
+    generate). `runner` runs the fused steps (default: `runners.runner_for`, which reuses engines); its rows set
+    the batch size.
     """
     adapter = ModelAdapter(model)
-    _check_inputs(adapter, input_ids, max_new_tokens)
+    _check_inputs(adapter, prompts, max_new_tokens)
+    if streamer is not None and len(prompts) > 1:
+        raise ValueError(f"a streamer follows one sequence; got a batch of {len(prompts)} prompts")
     if runner is not None and runner.adapter.model is not model:
         raise ValueError(
             f"the step runner was built for another model ({type(runner.adapter.model).__name__} at "
             f"{id(runner.adapter.model):#x}); an engine belongs to the model it was built with"
         )
-    plan = resolve_plan(model, config, verifier, runner)
-    check_step_fits(adapter, plan, input_ids.shape[1], max_new_tokens)
-    source = make_source(source, plan.shapes, None if runner is None else runner.predictions)
-    total = input_ids.shape[1] + max_new_tokens
+    if batch_size is not None:
+        check_batch_size(batch_size)
+    batch = runner.batch_size if runner is not None else min(batch_size or len(prompts), len(prompts))
+    plan = resolve_plan(model, config, verifier, runner, batch)
+    longest = max(len(prompt) for prompt in prompts)
+    check_step_fits(adapter, plan, longest, max_new_tokens, batch)
+    make_row_source = make_sources(source, plan.shapes, None if runner is None else runner.predictions, len(prompts))
+    wanted = make_row_source().predictions_wanted
+    total = longest + max_new_tokens
     if runner is None:
-        runner = runner_for(model, plan.shapes, total, verifier, predictions=source.predictions_wanted)
-    elif runner.predictions < source.predictions_wanted:
-        raise ValueError(f"the source wants the model's top {source.predictions_wanted} predictions, but the step "
-                         f"runner was built with predictions={runner.predictions}")
+        runner = runner_for(model, plan.shapes, total, verifier, predictions=wanted, batch_size=batch)
+    elif runner.predictions < wanted:
+        raise ValueError(f"the source wants the model's top {wanted} predictions, but the step runner was built "
+                         f"with predictions={runner.predictions}")
     elif tuple(layout.config for layout in runner.layouts) != plan.shapes:
         shapes = ", ".join(map(str, (layout.config for layout in runner.layouts)))
         raise ValueError(f"the step runner was built for {shapes}, not {', '.join(map(str, plan.shapes))}")
     max_length = getattr(runner, "max_length", None)
     if max_length is not None and total > max_length:
-        raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens "
-                         f"does not fit this engine's max_length {max_length}")
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens does not "
+                         f"fit this engine's max_length {max_length}")
     if streamer is not None and stream_prompt:
-        streamer.put(input_ids.cpu())
-    device = adapter.device
-    prompt = input_ids[0].tolist()
-    emitter = Emitter(list(prompt), max_new_tokens, _eos_set(model, eos_token_id), stopping_criteria, streamer, device)
-    sequence = SequenceState(prompt, plan, source, emitter, random.Random(seed))
+        streamer.put(torch.tensor(prompts))
+    scheduler = BatchScheduler(runner, plan, make_row_source)
+    for request in requests_from(prompts, max_new_tokens, _eos_set(model, eos_token_id), stopping_criteria, seed,
+                                 streamer):
+        scheduler.submit(request)
 
+    device = adapter.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        if not sequence.done:
-            sequence.record_prefill(runner.prefill(input_ids[0].to(device), sequence.history))
-        while not sequence.done:
-            step = sequence.next_step(runner.layouts)
-            sequence.record(step, runner.step(step.shape, step.ids, step.tree, sequence.history))
+        results = sorted(scheduler.run(), key=lambda finished: finished.tag)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    stats = sequence.finish(time.perf_counter() - start)
-    if streamer is not None:
-        streamer.end()
-    return LookaheadOutput(torch.tensor([sequence.history], dtype=torch.long, device=input_ids.device), stats, plan)
+    stats = scheduler.finish(time.perf_counter() - start)
+    return results, results[0].stats if len(prompts) == 1 else stats, plan
+
+
+def pad_token(model) -> int:
+    """The id that pads finished rows: the generation config's pad token, else its (first) EOS token, else 0."""
+    config = model.generation_config
+    for candidate in (config.pad_token_id, config.eos_token_id):
+        if isinstance(candidate, (list, tuple)):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def batch_sequences(input_ids, prompts: list[list[int]], results: list[Finished], pad: int,
+                    device) -> torch.LongTensor:
+    """The rows as `model.generate` returns them: the input as given (left-padded to the longest prompt when it
+    was a list), then each row's new tokens, right-padded with `pad` to the longest."""
+    if isinstance(input_ids, torch.Tensor):
+        inputs = input_ids.tolist()
+    else:
+        longest = max(len(prompt) for prompt in prompts)
+        inputs = [[pad] * (longest - len(prompt)) + prompt for prompt in prompts]
+    new = [result.tokens[len(prompt):] for prompt, result in zip(prompts, results)]
+    width = max(len(tokens) for tokens in new)
+    rows = [line + tokens + [pad] * (width - len(tokens)) for line, tokens in zip(inputs, new)]
+    return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 def generate(
     model,
-    input_ids: torch.LongTensor,
+    input_ids,
     max_new_tokens: int = 128,
     config: LookaheadConfig | StepPlan | str | None = AUTO,
     streamer=None,
@@ -224,33 +313,48 @@ def generate(
     generator: torch.Generator | None = None,
     runner: StepRunner | None = None,
     source=None,
+    attention_mask: torch.Tensor | None = None,
+    batch_size: int | None = None,
 ) -> LookaheadOutput:
     """Lookahead decoding with the output distribution of `model.generate`, in fewer forward passes.
 
-    config: "auto" (the default, also None) uses step shapes calibrated for this device, model and dtype (cached
-    in the user's cache directory) and picks one before every step, plain one-token steps included; a
-    LookaheadConfig runs that one shape on every step.
+    input_ids: one prompt or a batch, as a [batch, prompt_len] integer tensor (left-padded, with the
+    `attention_mask` saying where, as a HF tokenizer pads with padding_side="left") or a list of token-id lists.
+    Every row decodes on its own: it accepts its own number of tokens per step and stops on its own (EOS,
+    stopping criteria, max_new_tokens). `batch_size` rows decode side by side (default: all prompts); when it is
+    smaller, a row that finishes takes the next prompt. The result has every row's tokens and statistics.
+
+    config: "auto" (the default, also None) uses step shapes calibrated for this device, model, dtype and batch
+    size (cached in the user's cache directory) and picks one before every step, plain one-token steps included;
+    a LookaheadConfig runs that one shape on every step.
 
     do_sample=False (the default) is greedy: the same tokens as `model.generate(do_sample=False)`, with
     `logits_processor` applied before each argmax. do_sample=True samples from the processed logits warped by
     temperature (> 0), top_k (None or 0: off) and top_p (1: off); every committed token has exactly the
     distribution `model.generate(do_sample=True)` gives it. Randomness comes from `generator` (a
-    torch.Generator on the model's device), or from torch's global RNG when it is None.
+    torch.Generator on the model's device), or from torch's global RNG when it is None; a batch draws its rows in
+    order from it, so one seed reproduces the batch.
 
-    Greedy decoding runs on the static engine on CUDA (built once per model, shapes and length bucket, and
-    reused). runner: an expert override, a prebuilt step runner such as `StaticStep`; it decodes greedily, so
-    it cannot be combined with sampling or logits processors.
+    Greedy decoding runs on the static engine on CUDA (built once per model, shapes, batch size and length
+    bucket, and reused); a batch always does (captured on CUDA when greedy, eager otherwise). runner: an expert
+    override, a prebuilt step runner such as `StaticStep`; it decodes greedily, so it cannot be combined with
+    sampling or logits processors.
 
     source: where the drafts verified each step come from, merged into one token tree: a `CandidateSource`, a
     name ("pool": the Jacobi window's and the text's n-grams; "suffix": the longest suffix match in the prompt
     and output; "recycled": the model's own recent top-k next tokens), or a list of those. Default: all three.
+    A source object drafts for one sequence: a batch takes names.
     """
     verifier = make_verifier(model.device, do_sample, temperature, top_k, top_p, logits_processor, generator)
     if runner is not None and (do_sample or logits_processor):
         raise ValueError("runner= decodes greedily: it cannot be combined with do_sample or logits_processor")
     if type(verifier) is GreedyVerifier:
         verifier = None  # plain greedy: the runner's own (the static engine verifies on the device)
-    return decode(
-        model, input_ids, max_new_tokens, config, streamer, stopping_criteria, eos_token_id, source=source,
-        verifier=verifier, runner=runner,
+    prompts = prompts_from(input_ids, attention_mask)
+    results, stats, plan = decode(
+        model, prompts, max_new_tokens, config, streamer, stopping_criteria, eos_token_id, source=source,
+        verifier=verifier, runner=runner, batch_size=batch_size,
     )
+    device = input_ids.device if isinstance(input_ids, torch.Tensor) else model.device
+    sequences = batch_sequences(input_ids, prompts, results, pad_token(model), device)
+    return LookaheadOutput(sequences, stats, plan, [RowOutput(result.tokens, result.stats) for result in results])

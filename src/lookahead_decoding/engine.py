@@ -1,10 +1,16 @@
-"""The fast engine: the fused greedy step with fixed shapes over a preallocated static KV cache.
+"""The fast engine: the fused step with fixed shapes over a preallocated KV cache, for one sequence or a batch.
 
-Everything a step does — building the mask, the forward, verification and moving the winner's KV into place —
-is a device op on fixed-shape buffers, with the cache length kept as a device tensor. On CUDA the step is
-therefore captured once as a CUDA graph and replayed: one host-to-device copy of the step's ids, one replay,
+Everything a greedy step does — building the mask, the forward, verification and moving the winners' KV into
+place — is a device op on fixed-shape buffers, with the cache lengths kept as a device tensor. On CUDA the step
+is therefore captured once as a CUDA graph and replayed: one host-to-device copy of the step's ids, one replay,
 one device-to-host copy of the outcome. The prompt goes in as fixed-size chunks through a second graph.
 Elsewhere the same functions run eagerly, with identical results.
+
+A batch is B rows of the cache, each holding one sequence at its own length (`kv_cache.RowCache`): every row
+runs the same step shape on its own tokens and token tree, sees only its own cache slots and its own step rows
+(the batch dimension keeps sequences apart; the mask keeps each row's slots apart), and commits its own number
+of tokens. A row that is not decoding (finished, or waiting for a prompt) rides along without changing its
+length, so rows can be refilled between steps without recapturing anything.
 
 With window=1, ngram=2, guesses=0 the step is plain autoregressive decoding on the same engine (`ar-graph` in
 the benchmarks), so lookahead can be compared against an equally optimised baseline.
@@ -17,14 +23,15 @@ import gc
 from collections.abc import Sequence
 
 import torch
-from transformers import StaticCache
 
 from .config import LookaheadConfig
-from .model_adapter import ModelAdapter, UnsupportedModelError
+from .drafting.base import ModelPredictions
 from .drafting.tree import TokenTree
-from .layout import tree_tensors
-from .step import StepOutcome, build_layouts, host_predictions, top_predictions, tree_parents
-from .verification import verify_greedy
+from .kv_cache import RowCache
+from .layout import TreeTensors, tree_tensors
+from .model_adapter import ModelAdapter, UnsupportedModelError
+from .step import PlannedStep, StepOutcome, build_layouts, top_predictions, tree_parents
+from .verification import Verifier, verify_greedy
 
 # Prompt tokens per prefill chunk. The prefill runs as fixed-shape chunks so that it, too, is one captured graph
 # (an eager forward of each new prompt length pays launches and kernel selection; docs/benchmarks.md).
@@ -74,52 +81,64 @@ def check_max_length(max_length) -> None:
         raise ValueError(f"max_length must be an integer >= 2 (prompt + new tokens), got {max_length!r}")
 
 
+def check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
 class StaticStep:
-    """A `StepRunner` for greedy decoding of sequences up to `max_length` tokens (prompt + new tokens).
+    """A `StepRunner` for sequences up to `max_length` tokens (prompt + new tokens), `batch_size` at a time.
 
     `shapes` is one `LookaheadConfig` or several: every shape gets its own fixed-shape step (and graph) over the
-    one static cache, and the decoding loop picks a shape per step.
+    one cache, and the decoding loop picks a shape per step. Greedy unless a `verifier` is given: then every step
+    runs eagerly, and the verifier decides each row's accepted path on the host (sampling, logits processors).
     """
 
     def __init__(
         self, model, shapes: LookaheadConfig | Sequence[LookaheadConfig], max_length: int,
         cuda_graph: bool | None = None, compile: bool = False, prefill_chunk: int = PREFILL_CHUNK,
-        predictions: int = 0,
+        predictions: int = 0, batch_size: int = 1, verifier: Verifier | None = None,
     ) -> None:
-        """cuda_graph: capture the steps and the prefill as CUDA graphs (default: on CUDA devices). compile: fuse
-        each step's kernels with torch.compile first (slow to start; worth it for long runs). prefill_chunk:
-        prompt tokens per prefill forward. predictions: how many of the model's top next tokens to report at
-        every computed row (0: none)."""
+        """cuda_graph: capture the steps and the prefill as CUDA graphs (default: on CUDA devices, when greedy).
+        compile: fuse each step's kernels with torch.compile first (slow to start; worth it for long runs).
+        prefill_chunk: prompt tokens per prefill forward. predictions: how many of the model's top next tokens to
+        report at every computed row (0: none). batch_size: sequences decoded side by side, one cache row each."""
         adapter = ModelAdapter(model)
         if adapter.sliding_window is not None:
             raise UnsupportedModelError(
                 f"{type(model).__name__} uses sliding-window attention, which the static engine does not support; "
-                "use lookahead_decoding.generate (dynamic cache) instead"
+                "use lookahead_decoding.generate on one sequence at a time (dynamic cache) instead"
             )
         check_max_length(max_length)
+        check_batch_size(batch_size)
         if adapter.context_length is not None and max_length > adapter.context_length:
             raise ValueError(f"max_length {max_length} exceeds the model's context length of {adapter.context_length}")
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
+        if verifier is not None and (cuda_graph or compile):
+            raise ValueError("a step runner with a verifier runs eagerly: it cannot capture CUDA graphs or compile")
         device = adapter.device
         shapes = (shapes,) if isinstance(shapes, LookaheadConfig) else tuple(shapes)
         self.adapter, self.layouts = adapter, build_layouts(shapes, device)
         self.max_length, self.prefill_chunk, self.predictions = max_length, prefill_chunk, predictions
+        self.batch_size, self.verifier = batch_size, verifier
         largest = max(layout.size for layout in self.layouts)
         # A step's rows, or a padded prefill chunk, are written after the last committed token: spare slots.
         cache_length = max_length + max(largest, prefill_chunk, max(s.candidate_length for s in shapes) + 1)
-        self.cache = StaticCache(config=model.config, max_cache_len=cache_length)
+        self.cache = RowCache(model.config, cache_length)
         self.key_index = torch.arange(cache_length, device=device)
-        # Per shape: step ids, the tree's parents, then its number of real nodes.
-        sizes = [layout.size + layout.config.tree_nodes + 1 for layout in self.layouts]
-        self.inputs = [torch.zeros(size, dtype=torch.long, device=device) for size in sizes]
-        self.host_inputs = [torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda") for size in sizes]
-        self.chunk_inputs = torch.zeros(prefill_chunk + 1, dtype=torch.long, device=device)  # ids, then #real ids
-        self.chunk_inputs[prefill_chunk] = 1  # so that capture's warm-up runs read the logits of a real row
-        self.chunk_offsets = torch.arange(prefill_chunk, device=device)
-        self.chunk_allowed = self.chunk_offsets[:, None] >= self.chunk_offsets[None, :]  # causal within the chunk
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached, per row
+        # Per shape, one line per row: step ids, the tree's parents, its number of real nodes, 1 if the row decodes.
+        sizes = [layout.size + layout.config.tree_nodes + 2 for layout in self.layouts]
+        self.inputs = [torch.zeros(batch_size, size, dtype=torch.long, device=device) for size in sizes]
+        self.host_inputs = [torch.zeros(batch_size, size, dtype=torch.long, pin_memory=device.type == "cuda")
+                            for size in sizes]
+        # Prefill: per row, the chunk's ids aligned to its end (so that every row's last token is the last
+        # column), then the number of real ids (0: the row takes no part).
+        self.chunk_inputs = torch.zeros(batch_size, prefill_chunk + 1, dtype=torch.long, device=device)
+        self.chunk_columns = torch.arange(prefill_chunk, device=device)
         self.last_position = (adapter.context_length or 2**62) - 1
-        self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.use_graph = device.type == "cuda" and verifier is None if cuda_graph is None else cuda_graph
         steps = [functools.partial(self._device_step, shape) for shape in range(len(self.layouts))]
         self.run_step = [Replayable(torch.compile(fn, dynamic=False) if compile else fn) for fn in steps]
         self.run_prefill_chunk = Replayable(self._device_prefill_chunk)
@@ -132,102 +151,185 @@ class StaticStep:
         """Capture every step shape and the prefill as CUDA graphs now (otherwise the first prefill does it)."""
         if self.adapter.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; this engine's model is on {self.adapter.device}")
+        if self.verifier is not None:
+            raise ValueError("a step runner with a verifier runs eagerly: it cannot capture CUDA graphs")
         self.use_graph = True
         if not self.captured:
             with torch.inference_mode():
-                self.prefill(torch.zeros(1, dtype=torch.long, device=self.adapter.device), [0])
+                self.prefill_rows({0: [0]})
+
+    # ------------------------------------------------------------------------------------------ one sequence
 
     def prefill(self, prompt: torch.Tensor, history: Sequence[int]) -> StepOutcome:
-        length, chunk = prompt.numel(), self.prefill_chunk
-        if length >= self.max_length:
-            raise ValueError(f"the prompt ({length} tokens) does not fit this engine's max_length {self.max_length}")
-        self.cache.reset()
-        for begin in range(0, length, chunk):
-            ids = prompt[begin : begin + chunk]
-            self.chunk_inputs[: ids.numel()].copy_(ids)
-            self.chunk_inputs[chunk].fill_(ids.numel())
-            first, scores = self.run_prefill_chunk()
-        if self.use_graph and not self.captured:
-            self._capture()  # only now: the cache allocates its buffers on first use
-        return StepOutcome(0, 0, [int(first)], [], scores)
+        """Cache one sequence's prompt in row 0 (the `StepRunner` protocol)."""
+        return self.prefill_rows({0: prompt.tolist()})[0]
 
     def step(self, shape: int, step_ids: list[int], tree: TokenTree, history: Sequence[int]) -> StepOutcome:
-        if len(history) > self.max_length:  # the static cache has no room for the step's rows
-            raise ValueError(f"generation ran past this engine's max_length {self.max_length}")
+        """One step of the sequence in row 0 (the `StepRunner` protocol)."""
+        others = [None] * (self.batch_size - 1)
+        return self.step_rows(shape, [PlannedStep(shape, step_ids, tree), *others], [history, *others])[0]
+
+    # ------------------------------------------------------------------------------------------ a batch
+
+    def prefill_rows(self, prompts: dict[int, Sequence[int]]) -> dict[int, StepOutcome]:
+        """Start a sequence in each given row: cache its prompt (tokens) in place of what the row held. The other
+        rows keep their sequences. Each outcome commits that row's first new token."""
+        for row, prompt in prompts.items():
+            if not 0 <= row < self.batch_size:
+                raise ValueError(f"row {row} does not exist in a batch of {self.batch_size}")
+            if not 0 < len(prompt) < self.max_length:
+                raise ValueError(f"the prompt ({len(prompt)} tokens) does not fit this engine's max_length "
+                                 f"{self.max_length}")
+        chunk = self.prefill_chunk
+        self.lengths.index_fill_(0, torch.tensor(list(prompts), device=self.lengths.device), 0)
+        outcomes = {}
+        for begin in range(0, max(len(prompt) for prompt in prompts.values()), chunk):
+            lines = [[0] * (chunk + 1) for _ in range(self.batch_size)]
+            for row, prompt in prompts.items():
+                ids = prompt[begin : begin + chunk]
+                lines[row][chunk - len(ids) : chunk] = ids
+                lines[row][chunk] = len(ids)
+            self.chunk_inputs.copy_(torch.tensor(lines))
+            first, scores = self.run_prefill_chunk()
+            firsts = first.tolist()
+            for row, prompt in prompts.items():
+                if begin < len(prompt) <= begin + chunk:  # the prompt's last chunk
+                    outcomes[row] = StepOutcome(0, [], [firsts[row]], [], scores[row : row + 1].clone())
+        if self.use_graph and not self.captured:
+            self._capture()  # only now: the cache allocates its buffers on first use
+        return outcomes
+
+    def step_rows(self, shape: int, steps: Sequence[PlannedStep | None], histories: Sequence[Sequence[int] | None]
+                  ) -> list[StepOutcome | None]:
+        """One step of `shape` for every row: steps[row] is the row's planned step, or None for a row that is not
+        decoding; histories[row] its committed tokens (the current token last). Outcomes by row."""
+        if len(steps) != self.batch_size or len(histories) != self.batch_size:
+            raise ValueError(f"a step of this engine takes {self.batch_size} rows, got {len(steps)}")
         layout = self.layouts[shape]
+        config = layout.config
+        idle = [0] * (layout.size + config.tree_nodes + 2)
+        lines = []
+        for step, history in zip(steps, histories):
+            if step is None:
+                lines.append(idle)
+                continue
+            if len(history) > self.max_length:  # the cache has no room for the step's rows
+                raise ValueError(f"generation ran past this engine's max_length {self.max_length}")
+            lines.append([*step.ids, *tree_parents(step.tree, config.tree_nodes), len(step.tree), 1])
         host = self.host_inputs[shape]
-        host[:-1] = torch.tensor(step_ids + tree_parents(tree, layout.config.tree_nodes))
-        host[-1] = len(tree)
+        host.copy_(torch.tensor(lines))
         self.inputs[shape].copy_(host, non_blocking=True)
-        packed, scores, top = self.run_step[shape]()
-        predictions = host_predictions(*top) if self.predictions else None
-        return StepOutcome.from_host(packed.tolist(), layout.config, scores, predictions)
+        if self.verifier is None:
+            packed, scores, top = self.run_step[shape]()
+        else:
+            packed, scores, top = self._verified_step(shape, steps, histories)
+        values = packed.tolist()  # the one host sync
+        predictions = [None] * self.batch_size
+        if self.predictions:
+            predictions = [ModelPredictions(*row) for row in zip(*(part.tolist() for part in top))]
+        return [None if step is None else StepOutcome.from_host(values[row], config, scores[row], predictions[row])
+                for row, step in enumerate(steps)]
 
-    def _cached_length(self) -> torch.Tensor:
-        return self.cache.layers[0].cumulative_length
-
-    def _set_cached_length(self, length: torch.Tensor) -> None:
-        for layer in self.cache.layers:
-            layer.cumulative_length.copy_(length)
-
-    def _attention_mask(self, start: torch.Tensor, positions: torch.Tensor, allowed_in_block: torch.Tensor):
-        """Rows of a block written at `start` see the whole cache before it and, inside the block, what
-        `allowed_in_block` [rows, rows] says."""
-        rows = allowed_in_block.shape[0]
-        relative = self.key_index - start
-        in_block = (relative >= 0) & (relative < rows)
-        allowed = (relative < 0) | (in_block & allowed_in_block[:, relative.clamp(0, rows - 1)])
-        return self.adapter.attention_mask(allowed, positions, None)
+    # ------------------------------------------------------------------------------------------ on the device
 
     def _device_prefill_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append one chunk of prompt tokens (padded to the chunk size) to the cache; the argmax after its last
-        real token, and its logits [1, V]. Padding rows only write cache slots past the new length, which later
-        writes replace."""
+        """Append each row's chunk of prompt tokens to its cache; the argmax after every row's last token, and the
+        logits [batch, V] that chose it. A row's real ids go to its next slots, its padding (the chunk's first
+        columns) to slots past them, which later writes replace; every column sees the slots up to its own, so
+        real tokens see exactly their row's prompt so far."""
         chunk = self.prefill_chunk
-        ids, count = self.chunk_inputs[:chunk], self.chunk_inputs[chunk]
-        start = self._cached_length().clone()
-        positions = (self.chunk_offsets + start).clamp(max=self.last_position)
-        mask = self._attention_mask(start, positions, self.chunk_allowed)
-        logits = self.adapter.forward(ids, positions, mask, self.cache, (count - 1).view(1))
-        self._set_cached_length(start + count)
-        return logits[0].argmax(), logits[:1]
+        ids, count = self.chunk_inputs[:, :chunk], self.chunk_inputs[:, chunk : chunk + 1]
+        start = self.lengths[:, None]
+        offset = self.chunk_columns - (chunk - count)  # >= 0 for the real ids
+        slots = torch.where(offset >= 0, start + offset, start + count + self.chunk_columns)
+        positions = slots.clamp(max=self.last_position)
+        allowed = self.key_index <= slots[:, :, None]
+        self.cache.write_at(slots)
+        mask = self.adapter.attention_mask(allowed, positions, None)
+        logits = self.adapter.forward(ids, positions, mask, self.cache, 1)[:, 0]
+        self.lengths.add_(count[:, 0])
+        return logits.argmax(dim=-1), logits
 
-    def _device_step(self, shape: int):
-        """(the packed outcome as `StepOutcome.from_host` reads it, the logits [K+1, V] along the accepted path,
-        the top predictions (row tokens, top tokens, probabilities) or None)"""
+    def _device_forward(self, shape: int):
+        """Every row's step rows through the model: (logits [batch, R, V] of the layout's logit rows, the rows'
+        trees, the rows' lengths before the step, the step's input ids)."""
         layout = self.layouts[shape]
         config = layout.config
         size, nodes, depth = layout.size, config.tree_nodes, config.candidate_length  # depth: K
         inputs = self.inputs[shape]
-        step_ids, parents, num_nodes = inputs[:size], inputs[size : size + nodes], inputs[size + nodes]
-        tree = tree_tensors(step_ids[layout.tree_rows], parents, num_nodes, depth)
-        start = self._cached_length().clone()  # tokens cached before this step; the current token sits there
-        positions = (layout.positions(tree) + start).clamp(max=self.last_position)
-        mask = self._attention_mask(start, positions, layout.allowed(tree))
-
+        step_ids, parents, num_nodes = inputs[:, :size], inputs[:, size : size + nodes], inputs[:, size + nodes]
+        tree = torch.vmap(functools.partial(tree_tensors, max_depth=depth))(step_ids[:, layout.tree_rows], parents,
+                                                                            num_nodes)
+        start = self.lengths.clone()  # tokens cached before this step; the current token goes there
+        positions = (torch.vmap(layout.positions)(tree) + start[:, None]).clamp(max=self.last_position)
+        slots = start[:, None] + torch.arange(size, device=start.device)
+        # A row sees its cache before `start` and, among its step rows, what the layout allows.
+        relative = self.key_index - start[:, None]  # [batch, cache]
+        in_step = (relative >= 0) & (relative < size)
+        step_allowed = torch.vmap(layout.allowed)(tree)  # [batch, S, S]
+        index = relative.clamp(0, size - 1)[:, None, :].expand(-1, size, -1)
+        allowed = (relative < 0)[:, None, :] | (in_step[:, None, :] & step_allowed.gather(2, index))
+        self.cache.write_at(slots)
+        mask = self.adapter.attention_mask(allowed, positions, None)
         logits = self.adapter.forward(step_ids, positions, mask, self.cache, layout.logit_rows)
-        preds = logits.argmax(dim=-1)
-        result = verify_greedy(preds[0], preds[layout.tree_logits], tree, depth)
+        return logits, tree, start, step_ids
 
-        # Keep the current token and the accepted path: move the path's KV right behind the current token (all K
-        # rows, so the shape is fixed) and set the length to what was committed.
-        accepted, path = result[0], result[2 + depth :]
-        committed_logits = logits[:1]
-        if nodes > 0:
-            committed_logits = torch.cat([committed_logits, logits[layout.tree_logits][path]])
-            source = start + layout.lookahead_size + path
-            target = start + 1 + torch.arange(depth, device=path.device)
-            for layer in self.cache.layers:
-                layer.keys.index_copy_(2, target, layer.keys.index_select(2, source))
-                layer.values.index_copy_(2, target, layer.values.index_select(2, source))
-        self._set_cached_length(start + 1 + accepted)
+    def _device_commit(self, shape: int, start: torch.Tensor, accepted: torch.Tensor, path: torch.Tensor) -> None:
+        """Keep each decoding row's current token and accepted path: move the path's KV right behind the current
+        token (all K rows, so the shape is fixed) and set the row's length to what was committed."""
+        layout = self.layouts[shape]
+        active = self.inputs[shape][:, -1]
+        if layout.config.tree_nodes > 0:
+            depth = layout.config.candidate_length
+            behind = start[:, None] + 1 + torch.arange(depth, device=start.device)
+            self.cache.move_kv(start[:, None] + layout.lookahead_size + path, behind)
+        self.lengths.copy_(start + (1 + accepted) * active)
+
+    def _outputs(self, shape: int, logits, step_ids, result, path):
+        """(the packed outcome per row as `StepOutcome.from_host` reads it, the logits [batch, K+1, V] along the
+        accepted paths, the top predictions (row tokens, top tokens, probabilities) or None)"""
+        layout = self.layouts[shape]
+        preds = logits[:, layout.new_level_logits].argmax(dim=-1)
+        committed_logits = logits[:, :1]
+        if layout.config.tree_nodes > 0:
+            tree_logits = logits[:, layout.tree_logits]
+            along_path = tree_logits.gather(1, path[:, :, None].expand(-1, -1, tree_logits.shape[-1]))
+            committed_logits = torch.cat([committed_logits, along_path], dim=1)
         top = None
         if self.predictions:
-            top = (step_ids[layout.logit_rows], *top_predictions(logits, self.predictions))
-        return torch.cat([result, preds[layout.new_level_logits]]), committed_logits, top
+            top = (step_ids[:, layout.logit_rows], *top_predictions(logits, self.predictions))
+        return torch.cat([result, preds], dim=1), committed_logits, top
+
+    def _device_step(self, shape: int):
+        """The greedy step of every row: forward, tree verification, KV commit. See `_outputs`."""
+        layout = self.layouts[shape]
+        depth = layout.config.candidate_length
+        logits, tree, start, step_ids = self._device_forward(shape)
+        preds = logits.argmax(dim=-1)
+        verify = torch.vmap(functools.partial(verify_greedy, max_depth=depth))
+        result = verify(preds[:, 0], preds[:, layout.tree_logits], tree)
+        accepted, path = result[:, 0], result[:, 2 + depth :]
+        self._device_commit(shape, start, accepted, path)
+        return self._outputs(shape, logits, step_ids, result, path)
+
+    def _verified_step(self, shape: int, steps, histories):
+        """The step of every row with the verifier deciding, row by row on the host, what each row accepts."""
+        layout = self.layouts[shape]
+        depth = layout.config.candidate_length
+        logits, tree, start, step_ids = self._device_forward(shape)
+        tree_logits = logits[:, layout.tree_logits]
+        idle = torch.zeros(2 + 2 * depth, dtype=torch.long, device=logits.device)  # accepts nothing
+        result = torch.stack([
+            idle if step is None else
+            self.verifier(logits[row, 0], TreeTensors(*(part[row] for part in tree)), tree_logits[row], depth, history)
+            for row, (step, history) in enumerate(zip(steps, histories))
+        ])
+        accepted, path = result[:, 0], result[:, 2 + depth :]
+        self._device_commit(shape, start, accepted, path)
+        return self._outputs(shape, logits, step_ids, result, path)
 
     def _capture(self) -> None:
         """Record the steps and the prefill chunk as CUDA graphs; warm-up runs leave the cache as they found it."""
-        saved = self._cached_length().clone()
+        saved = self.lengths.clone()
         for replayable in (*self.run_step, self.run_prefill_chunk):
-            replayable.capture(lambda: self._set_cached_length(saved))
+            replayable.capture(lambda: self.lengths.copy_(saved))

@@ -17,7 +17,7 @@ import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .config import LookaheadConfig
-from .decoding import decode
+from .decoding import batch_sequences, decode, pad_token, prompts_from
 from .sampling import ProcessedGreedyVerifier, SamplingVerifier, seeded_generator
 
 # Generation options this loop cannot honour: name -> (the values that leave it off, what it asks for). Refused
@@ -67,7 +67,8 @@ def lookahead_generate(
     stop_strings=None,
     **model_kwargs,
 ):
-    """Decoding loop for `model.generate(custom_generate=lookahead_generate)`: greedy or sampling.
+    """Decoding loop for `model.generate(custom_generate=lookahead_generate)`: greedy or sampling, one prompt or a
+    left-padded batch (each row decoded on its own and padded with the pad token after it stops).
 
     `logits_processor` is transformers' own list (with the temperature/top-k/top-p warpers when sampling), applied
     at every verified position; sampling draws from a generator seeded by torch's global RNG. With
@@ -85,13 +86,12 @@ def lookahead_generate(
         verifier = SamplingVerifier(seeded_generator(model.device), logits_processor=logits_processor)
     else:
         verifier = ProcessedGreedyVerifier(logits_processor) if len(logits_processor) > 0 else None
-    if model_kwargs.get("attention_mask") is not None and not bool(model_kwargs["attention_mask"].all()):
-        raise ValueError("lookahead decoding does not support padded inputs (the attention mask has zeros)")
+    prompts = prompts_from(input_ids, model_kwargs.get("attention_mask"))  # a left-padded batch: one list per row
     config = lookahead_config if lookahead_config is not None else "auto"  # calibrated shapes, as ld.generate
     max_new_tokens = generation_config.max_length - input_ids.shape[1]
-    out = decode(
+    results, _, _ = decode(
         model,
-        input_ids,
+        prompts,
         max_new_tokens,
         config,
         streamer=streamer,
@@ -101,6 +101,8 @@ def lookahead_generate(
         stream_prompt=False,  # transformers already streamed it
         verifier=verifier,
     )
+    pad = generation_config.pad_token_id
+    sequences = batch_sequences(input_ids, prompts, results, pad_token(model) if pad is None else pad, input_ids.device)
     if generation_config.return_dict_in_generate:
-        return GenerateDecoderOnlyOutput(sequences=out.sequences)
-    return out.sequences
+        return GenerateDecoderOnlyOutput(sequences=sequences)
+    return sequences

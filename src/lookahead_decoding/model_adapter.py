@@ -87,26 +87,31 @@ class ModelAdapter:
         return DynamicCache()
 
     def attention_mask(self, allowed: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor):
-        """Additive [1, 1, Q, K] mask(s) from a boolean `allowed` over absolute query/key positions."""
+        """Additive [batch, 1, Q, K] mask(s) from a boolean `allowed` [Q, K] (one sequence) or [batch, Q, K] over
+        absolute query/key positions."""
         minimum = torch.finfo(self.dtype).min
         full = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, minimum)
+        full = full.view(-1, 1, *allowed.shape[-2:])
         if self.sliding_window is None:
-            return full[None, None]
-        in_window = (query_pos[:, None] - key_pos[None, :]) < self.sliding_window
-        sliding = full.masked_fill(~in_window, minimum)
+            return full
+        in_window = (query_pos[..., :, None] - key_pos[..., None, :]) < self.sliding_window
+        sliding = full.masked_fill(~in_window.view(-1, 1, *in_window.shape[-2:]), minimum)
         if self.mask_per_layer_type:
-            return {"full_attention": full[None, None], "sliding_attention": sliding[None, None]}
-        return sliding[None, None]
+            return {"full_attention": full, "sliding_attention": sliding}
+        return sliding
 
     def forward(self, input_ids, position_ids, attention_mask, cache, logit_rows=None) -> torch.Tensor:
-        """Logits [rows, vocab] for `logit_rows` of a batch-1 input (all rows when None)."""
+        """Logits [rows, vocab] for `logit_rows` of one sequence's input [S], or [batch, rows, vocab] of a batch's
+        [batch, S] (all rows when None)."""
         kwargs = {self.cache_kwarg: cache, "use_cache": True}
         if logit_rows is not None and self.keeps_logits:
             kwargs["logits_to_keep"] = logit_rows
+        one = input_ids.dim() == 1
         out = self.model(
-            input_ids=input_ids[None], position_ids=position_ids[None], attention_mask=attention_mask, **kwargs
+            input_ids=input_ids[None] if one else input_ids, position_ids=position_ids[None] if one else position_ids,
+            attention_mask=attention_mask, **kwargs
         )
-        logits = out.logits[0]
+        logits = out.logits
         if logit_rows is not None and not self.keeps_logits:
-            logits = logits[logit_rows]
-        return logits
+            logits = logits[:, logit_rows]
+        return logits[0] if one else logits

@@ -45,48 +45,65 @@ def engine_length(model, length: int) -> int:
 
 
 def static_engine(model, shapes: Sequence[LookaheadConfig], length: int, compile: bool = False,
-                  predictions: int = 0) -> StaticStep:
-    """The cached static engine for `shapes` that fits `length` tokens; built (and captured) once."""
+                  predictions: int = 0, batch_size: int = 1) -> StaticStep:
+    """The cached greedy static engine for `shapes` and `batch_size` rows that fits `length` tokens; built (and
+    captured) once."""
     max_length = engine_length(model, length)
     engines = _engines.setdefault(model, {})
-    key = (tuple(shapes), max_length, compile, predictions)
+    key = (tuple(shapes), max_length, compile, predictions, batch_size)
     if key not in engines:
-        engines[key] = StaticStep(model, shapes, max_length, compile=compile, predictions=predictions)
+        engines[key] = StaticStep(model, shapes, max_length, compile=compile, predictions=predictions,
+                                  batch_size=batch_size)
     return engines[key]
 
 
 def runner_for(model, shapes: Sequence[LookaheadConfig], length: int, verifier: Verifier | None = None,
-               compile: bool = False, predictions: int = 0) -> StepRunner:
+               compile: bool = False, predictions: int = 0, batch_size: int = 1) -> StepRunner:
     """The runner for a generation of up to `length` tokens with these step shapes; `predictions`: the model's
-    top next tokens to report at every computed row, for the sources that recycle them."""
+    top next tokens to report at every computed row, for the sources that recycle them. A batch runs on the
+    static engine (its rows hold sequences of different lengths); with a verifier (sampling), eagerly."""
     if uses_static_engine(model, verifier):
-        return static_engine(model, shapes, length, compile, predictions)
+        return static_engine(model, shapes, length, compile, predictions, batch_size)
+    if batch_size > 1:
+        return StaticStep(model, shapes, engine_length(model, length), compile=compile, predictions=predictions,
+                          batch_size=batch_size, verifier=verifier, cuda_graph=False)
     return EagerStep(ModelAdapter(model), shapes, verifier, predictions)
 
 
-def auto_plan(model, verifier: Verifier | None = None) -> StepPlan:
-    """The calibrated step plan for `model` on the runner kind it will use: from memory, from the cache file, or
-    measured now (and stored)."""
-    static = uses_static_engine(model, verifier)
-    key = calibration_key(model, "static" if static else "dynamic")
+def runner_kind(model, verifier: Verifier | None, batch_size: int) -> str:
+    """Which runner decodes: "static" (greedy on CUDA), "dynamic" (one sequence elsewhere) or, for a batch,
+    "static" / "batch eager" with the batch size."""
+    if uses_static_engine(model, verifier):
+        kind = "static"
+    else:
+        kind = "dynamic" if batch_size == 1 else "batch eager"
+    return kind if batch_size == 1 else f"{kind} x{batch_size}"
+
+
+def auto_plan(model, verifier: Verifier | None = None, batch_size: int = 1) -> StepPlan:
+    """The calibrated step plan for `model` on the runner kind it will use at this batch size: from memory, from
+    the cache file, or measured now (and stored)."""
+    kind = runner_kind(model, verifier, batch_size)
+    key = calibration_key(model, kind)
     plans = _plans.setdefault(model, {})
     if key not in plans:
         plan = cached_plan(key)
         if plan is None:
-            plan = calibrate_model(model, static).plan
+            plan = calibrate_model(model, uses_static_engine(model, verifier), batch_size).plan
             store_plan(key, plan)
         plans[key] = plan
     return plans[key]
 
 
-def calibrate_model(model, static: bool) -> Calibration:
+def calibrate_model(model, static: bool, batch_size: int = 1) -> Calibration:
     """Measure the candidate shapes on the runner kind decoding uses (uncompiled; compiling scales every step
-    alike) and choose the plan."""
+    alike), with `batch_size` rows, and choose the plan."""
     adapter = ModelAdapter(model)
     vocab = adapter.model.get_output_embeddings().weight.shape[0]
-    if static:
+    if static or batch_size > 1:
         length = engine_length(model, 1024)
-        make_runner = lambda shapes: StaticStep(model, shapes, length)  # noqa: E731
+        make_runner = lambda shapes: StaticStep(model, shapes, length, batch_size=batch_size,  # noqa: E731
+                                                cuda_graph=None if static else False)
     else:
         make_runner = lambda shapes: EagerStep(adapter, shapes)  # noqa: E731
     return calibrate(make_runner, vocab)

@@ -73,8 +73,7 @@ class ShapeChooser:
 
     def choose(self, num_nodes: int) -> int:
         """The shape for the next step, given how many nodes the token tree has."""
-        rates = [self.expected_tokens(s, num_nodes) / cost for s, cost in enumerate(self.costs)]
-        return max(range(len(rates)), key=rates.__getitem__)  # first best: shapes are listed cheapest first
+        return choose_for_batch([self], [num_nodes])
 
     def observe(self, shape: int, num_nodes: int, path: Sequence[int]) -> None:
         """After a step of `shape` verified a tree of `num_nodes` nodes and accepted the nodes `path`."""
@@ -94,3 +93,14 @@ class ShapeChooser:
                 accepted_now[other] = accepted_now[other] * decay + would_accept * (1 - decay)
         if num_nodes > 0 and self.shapes[shape].verifies:
             self.in_run = accepted > 0
+
+
+def choose_for_batch(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int], costs_ms: Sequence[float] | None = None
+                     ) -> int:
+    """The one shape for a step that decodes several sequences side by side: the most tokens expected over all
+    of them (each by its own statistics and token tree of `num_nodes`) per millisecond of the batched step
+    (`costs_ms`: measured at this batch size; default: the choosers' own)."""
+    costs = choosers[0].costs if costs_ms is None else costs_ms
+    rates = [sum(chooser.expected_tokens(shape, nodes) for chooser, nodes in zip(choosers, num_nodes)) / cost
+             for shape, cost in enumerate(costs)]
+    return max(range(len(rates)), key=rates.__getitem__)  # first best: shapes are listed cheapest first

@@ -1,9 +1,9 @@
 """One sequence being decoded: its committed tokens and stopping rule, its Jacobi windows, its draft source, its
 shape statistics and its counters.
 
-The decoding loop asks the sequence for its next step (a shape, the step's input ids and the token tree) and
-hands it the step's outcome; everything per sequence lives here, so that several sequences can later share one
-batched forward.
+The decoding loop (`scheduler.py`) asks every sequence for its token tree, chooses one step shape for all of
+them, has each lay out its part of the step, and hands each its outcome; everything per sequence lives here, so
+that several sequences share one batched forward.
 """
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
 from .drafting.base import CandidateSource
-from .drafting.tree import TokenTree, build_tree
+from .drafting.tree import EMPTY_TREE, TokenTree, build_tree
 from .layout import StepLayout
 from .shape_choice import ShapeChooser
-from .step import StepOutcome
+from .step import PlannedStep, StepOutcome
 from .tuning import StepPlan, shape_name
 from .window import JacobiWindow
 
@@ -92,12 +91,6 @@ class Emitter:
         return bool(self.stopping_criteria(ids, token_scores).any())
 
 
-class PlannedStep(NamedTuple):
-    shape: int  # index of the step shape in the plan
-    ids: list[int]  # the step's input ids in layout order
-    tree: TokenTree  # the tree whose tokens `ids` carries after the window
-
-
 class SequenceState:
     """Drafting, shape choice and bookkeeping of one sequence; the forward runs elsewhere."""
 
@@ -127,12 +120,17 @@ class SequenceState:
     def record_prefill(self, outcome: StepOutcome) -> None:
         self.emitter.emit(outcome.committed, outcome.scores)
 
-    def next_step(self, layouts: Sequence[StepLayout]) -> PlannedStep:
-        """Draft a tree, choose the step shape, and lay out the step's input."""
-        history, current = self.history, self.history[-1]
-        drafts = self.source.propose(history, self.draft_depth, self.largest_tree)
-        tree = build_tree(drafts, self.largest_tree, self.draft_depth)
-        shape = self.chooser.choose(len(tree))
+    def draft(self) -> TokenTree:
+        """The token tree of drafts for the next step, as large as the plan's largest shape verifies."""
+        if self.largest_tree == 0:  # no shape verifies drafts: nothing to propose
+            return EMPTY_TREE
+        drafts = self.source.propose(self.history, self.draft_depth, self.largest_tree)
+        return build_tree(drafts, self.largest_tree, self.draft_depth)
+
+    def plan_step(self, shape: int, tree: TokenTree, layouts: Sequence[StepLayout]) -> PlannedStep:
+        """Lay out the step's input for `shape`: the current token, the shape's window and the tree cut to its
+        budget."""
+        current = self.history[-1]
         config, window = self.plan.shapes[shape], self.windows[shape]
         tree = tree.truncated(config.tree_nodes)
         padding = [current] * (config.tree_nodes - len(tree))

@@ -46,17 +46,33 @@ class StepOutcome(NamedTuple):
         return cls(accepted, path, committed, new_level, scores, predictions)
 
 
+class PlannedStep(NamedTuple):
+    """One sequence's part of a step, as the decoding loop hands it to a runner."""
+
+    shape: int  # index of the step shape in the plan
+    ids: list[int]  # the step's input ids in layout order
+    tree: TokenTree  # the tree whose tokens `ids` carries after the window
+
+
 class StepRunner(Protocol):
     layouts: tuple[StepLayout, ...]  # the step shapes this runner can run, by index
     adapter: ModelAdapter
     predictions: int  # the model's top next tokens each step reports at every computed row (0: none)
+    batch_size: int  # sequences it decodes side by side, one row each
 
     def prefill(self, prompt: torch.Tensor, history: Sequence[int]) -> StepOutcome:
-        """Cache the prompt [P]; the outcome commits the first new token."""
+        """Cache one sequence's prompt [P] (in row 0); the outcome commits the first new token."""
 
     def step(self, shape: int, step_ids: list[int], tree: TokenTree, history: Sequence[int]) -> StepOutcome:
-        """Run one step of shape `shape` on layout-ordered ids; `tree` holds the tree nodes (at most the
-        shape's budget), whose tokens step_ids carries after the window."""
+        """Run one step of shape `shape` for the sequence in row 0, on layout-ordered ids; `tree` holds the tree
+        nodes (at most the shape's budget), whose tokens step_ids carries after the window."""
+
+    def prefill_rows(self, prompts: dict[int, Sequence[int]]) -> dict[int, StepOutcome]:
+        """Start a sequence in each given row from its prompt (tokens); outcomes by row."""
+
+    def step_rows(self, shape: int, steps: Sequence[PlannedStep | None], histories: Sequence[Sequence[int] | None]
+                  ) -> list[StepOutcome | None]:
+        """One step of `shape` for every row (None: the row is not decoding); outcomes by row."""
 
 
 def build_layouts(shapes: Sequence[LookaheadConfig], device) -> tuple[StepLayout, ...]:
@@ -98,6 +114,17 @@ class EagerStep:
         self.predictions = predictions
         self.cache = adapter.new_cache()
         self.last_position = (adapter.context_length or 2**62) - 1
+
+    batch_size = 1  # a dynamic cache holds one sequence
+
+    def prefill_rows(self, prompts: dict[int, Sequence[int]]) -> dict[int, StepOutcome]:
+        ((row, prompt),) = prompts.items()
+        return {row: self.prefill(torch.tensor(prompt, device=self.adapter.device), prompt)}
+
+    def step_rows(self, shape: int, steps: Sequence[PlannedStep | None], histories: Sequence[Sequence[int] | None]
+                  ) -> list[StepOutcome | None]:
+        (step,), (history,) = steps, histories
+        return [None if step is None else self.step(shape, step.ids, step.tree, history)]
 
     def prefill(self, prompt: torch.Tensor, history: Sequence[int]) -> StepOutcome:
         self.cache = self.adapter.new_cache()

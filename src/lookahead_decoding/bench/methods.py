@@ -118,6 +118,7 @@ class TimedRunner:
     def __init__(self, runner) -> None:
         self.runner, self.layouts, self.adapter, self.model_seconds = runner, runner.layouts, runner.adapter, 0.0
         self.max_length, self.predictions = getattr(runner, "max_length", None), runner.predictions
+        self.batch_size = runner.batch_size
 
     def _timed(self, call, *args):
         start = time.perf_counter()
@@ -130,6 +131,12 @@ class TimedRunner:
 
     def step(self, shape, step_ids, tree, history):
         return self._timed(self.runner.step, shape, step_ids, tree, history)
+
+    def prefill_rows(self, prompts):
+        return self._timed(self.runner.prefill_rows, prompts)
+
+    def step_rows(self, shape, steps, histories):
+        return self._timed(self.runner.step_rows, shape, steps, histories)
 
 
 def lookahead_with(config: LookaheadConfig | str, source=None) -> Method:
@@ -144,10 +151,10 @@ def lookahead_with(config: LookaheadConfig | str, source=None) -> Method:
         length = input_ids.shape[1] + max(max_new_tokens, getattr(args, "max_new_tokens", 0))
         runner = TimedRunner(runner_for(model, plan.shapes, length, compile=bool(getattr(args, "compile", False)),
                                         predictions=drafts.predictions_wanted))
-        out = decode(model, input_ids, max_new_tokens, plan, source=drafts, runner=runner)
-        return out.sequences, out.stats.steps, {"accepted_histogram": histogram(out.stats),
-                                                "shape_steps": dict(out.stats.shape_steps),
-                                                "model_seconds": runner.model_seconds, "plan": plan.describe()}
+        (result,), stats, _ = decode(model, input_ids.tolist(), max_new_tokens, plan, source=drafts, runner=runner)
+        sequences = torch.tensor([result.tokens], device=input_ids.device)
+        return sequences, stats.steps, {"accepted_histogram": histogram(stats), "shape_steps": dict(stats.shape_steps),
+                                        "model_seconds": runner.model_seconds, "plan": plan.describe()}
 
     return run
 
@@ -170,8 +177,8 @@ def lookahead_eager(model, input_ids, max_new_tokens, args):
     plan = resolve_plan(model, lookahead_config(args))
     drafts = make_source(getattr(args, "source", None), plan.shapes)
     runner = EagerStep(ModelAdapter(model), plan.shapes, predictions=drafts.predictions_wanted)
-    out = decode(model, input_ids, max_new_tokens, plan, source=drafts, runner=runner)
-    return out.sequences, out.stats.steps, {"accepted_histogram": histogram(out.stats)}
+    (result,), stats, _ = decode(model, input_ids.tolist(), max_new_tokens, plan, source=drafts, runner=runner)
+    return torch.tensor([result.tokens], device=input_ids.device), stats.steps, {"accepted_histogram": histogram(stats)}
 
 
 def parse_methods(text: str) -> list[str]:

@@ -52,18 +52,18 @@ class ProfiledRunner:
 
     def __init__(self, runner, profiler) -> None:
         self.runner, self.layouts, self.adapter, self.profiler, self.steps = runner, runner.layouts, runner.adapter, profiler, 0
-        self.predictions = runner.predictions
+        self.predictions, self.batch_size = runner.predictions, runner.batch_size
 
-    def prefill(self, prompt, history):
-        first = self.runner.prefill(prompt, history)
+    def prefill_rows(self, prompts):
+        first = self.runner.prefill_rows(prompts)
         self.profiler.step()
         return first
 
-    def step(self, shape, step_ids, tree, history):
-        outcome = self.runner.step(shape, step_ids, tree, history)
+    def step_rows(self, shape, steps, histories):
+        outcomes = self.runner.step_rows(shape, steps, histories)
         self.steps += 1
         self.profiler.step()
-        return outcome
+        return outcomes
 
 
 def profile_config(model, input_ids: torch.Tensor, max_new_tokens: int, engine: StaticStep, active: int,
@@ -76,7 +76,7 @@ def profile_config(model, input_ids: torch.Tensor, max_new_tokens: int, engine: 
     # wait=1 skips the prefill; the schedule then records `active` steps after the warm-up.
     with profile(activities=activities, schedule=schedule(wait=1, warmup=WARMUP_STEPS, active=active, repeat=1)) as prof:
         runner = ProfiledRunner(engine, prof)
-        decode(model, input_ids, max_new_tokens, config, runner=runner)
+        decode(model, input_ids.tolist(), max_new_tokens, config, runner=runner)
     profiled = min(active, runner.steps - WARMUP_STEPS)
     if profiled <= 0:
         raise ValueError(f"the generation ended after {runner.steps} steps, before the profiled steps; "

@@ -1,0 +1,162 @@
+"""Continuous batching: sequences decoded side by side in the rows of one step runner, each at its own pace.
+
+    repeat:  admit waiting requests into free rows (one batched prefill) |
+             every decoding row drafts its token tree | choose one step shape for the batch |
+             one fused forward for all rows | each row commits its own accepted tokens |
+             retire the rows that stopped (their results are handed back; the rows are free again)
+
+A row that stops mid-batch is refilled by the next request at the next step, without recapturing anything (the
+runner's shapes do not depend on which rows decode). One sequence is a batch of one: `decoding.decode` runs
+here too.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .drafting.base import CandidateSource
+from .shape_choice import choose_for_batch
+from .state import Emitter, GenerationStats, SequenceState
+from .step import StepRunner
+from .tuning import StepPlan, shape_name
+
+
+@dataclass
+class Request:
+    """One prompt to decode, and how it stops."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    eos_ids: set[int] = field(default_factory=set)
+    stopping_criteria: Any = None  # transformers StoppingCriteriaList (or callable) applied to this row alone
+    source: CandidateSource | None = None  # its own draft source (None: the scheduler's `make_source()`)
+    seed: int = 0  # the Jacobi window's initial guesses
+    streamer: Any = None
+    tag: Any = None  # the caller's name for the request, handed back with its result
+
+
+@dataclass
+class Finished:
+    """A request's result: its tokens (prompt + new) and its own statistics."""
+
+    tag: Any
+    tokens: list[int]
+    stats: GenerationStats
+
+
+@dataclass
+class _Row:
+    request: Request
+    sequence: SequenceState
+    admitted: float  # time.perf_counter() at admission
+
+
+class BatchScheduler:
+    """Admits requests into the free rows of `runner` between steps, decodes all rows with one step shape per
+    step, retires rows whose sequence stopped. `stats` counts the batched forwards (steps) and every row's
+    tokens (new_tokens; accepted_histogram: {tokens a row committed in a step: row-steps})."""
+
+    def __init__(self, runner: StepRunner, plan: StepPlan, make_source: Callable[[], CandidateSource]) -> None:
+        if tuple(layout.config for layout in runner.layouts) != plan.shapes:
+            raise ValueError("the plan's shapes are not the runner's")
+        self.runner, self.plan, self.make_source = runner, plan, make_source
+        self.rows: list[_Row | None] = [None] * runner.batch_size
+        self.waiting: deque[Request] = deque()
+        self.stats = GenerationStats()  # steps: batched forwards; new_tokens: over all rows
+        self._steps_by_shape = [0] * len(plan.shapes)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and all(row is None for row in self.rows)
+
+    @property
+    def active(self) -> int:
+        return sum(row is not None for row in self.rows)
+
+    def submit(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def run(self) -> Iterator[Finished]:
+        """Step until every submitted request has finished; results in the order they finish."""
+        while not self.idle:
+            yield from self.step()
+
+    def step(self) -> list[Finished]:
+        """Admit what fits, run one batched step (if any row decodes), retire what stopped."""
+        finished = self._admit()
+        live = [(index, row) for index, row in enumerate(self.rows) if row is not None]
+        if not live:
+            return finished
+        trees = {index: row.sequence.draft() for index, row in live}
+        choosers = [row.sequence.chooser for _, row in live]
+        shape = choose_for_batch(choosers, [len(trees[index]) for index, _ in live], self.plan.costs_ms)
+        steps: list = [None] * len(self.rows)
+        histories: list = [None] * len(self.rows)
+        for index, row in live:
+            steps[index] = row.sequence.plan_step(shape, trees[index], self.runner.layouts)
+            histories[index] = row.sequence.history
+        outcomes = self.runner.step_rows(shape, steps, histories)
+        self.stats.steps += 1
+        self._steps_by_shape[shape] += 1
+        for index, row in live:
+            before = len(row.sequence.history)
+            row.sequence.record(steps[index], outcomes[index])
+            committed = len(row.sequence.history) - before
+            self.stats.new_tokens += committed
+            self.stats.accepted_histogram[committed] += 1
+        return finished + self._retire()
+
+    def _admit(self) -> list[Finished]:
+        free = [index for index, row in enumerate(self.rows) if row is None]
+        admitted, finished = {}, []
+        while free and self.waiting:
+            request = self.waiting.popleft()
+            emitter = Emitter(list(request.prompt), request.max_new_tokens, request.eos_ids,
+                              request.stopping_criteria, request.streamer, self.runner.adapter.device)
+            source = request.source if request.source is not None else self.make_source()
+            sequence = SequenceState(request.prompt, self.plan, source, emitter, random.Random(request.seed))
+            row = _Row(request, sequence, time.perf_counter())
+            if sequence.done:  # max_new_tokens=0: nothing to decode, no row needed
+                finished.append(self._result(row))
+                continue
+            index = free.pop(0)
+            self.rows[index] = row
+            admitted[index] = request.prompt
+        if admitted:
+            for index, outcome in self.runner.prefill_rows(admitted).items():
+                self.rows[index].sequence.record_prefill(outcome)
+                self.stats.new_tokens += 1
+        return finished + self._retire()
+
+    def _result(self, row: _Row) -> Finished:
+        stats = row.sequence.finish(time.perf_counter() - row.admitted)
+        if row.request.streamer is not None:
+            row.request.streamer.end()
+        return Finished(row.request.tag, row.sequence.history, stats)
+
+    def _retire(self) -> list[Finished]:
+        finished = []
+        for index, row in enumerate(self.rows):
+            if row is not None and row.sequence.done:
+                finished.append(self._result(row))
+                self.rows[index] = None
+        return finished
+
+    def finish(self, seconds: float) -> GenerationStats:
+        """The statistics of the whole run: batched forwards, new tokens over all rows, wall time."""
+        self.stats.seconds = seconds
+        self.stats.shape_steps.update({shape_name(shape): n for shape, n in zip(self.plan.shapes,
+                                                                                 self._steps_by_shape) if n})
+        return self.stats
+
+
+def requests_from(prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: set[int], stopping_criteria,
+                  seed: int, streamer=None) -> list[Request]:
+    """One request per prompt, tagged with its index."""
+    return [Request(list(prompt), max_new_tokens, eos_ids, stopping_criteria, None, seed, streamer, tag=index)
+            for index, prompt in enumerate(prompts)]
