@@ -199,7 +199,7 @@ def make_sources(source, shapes, predictions: int | None, count: int) -> Callabl
     return lambda: make_source(source, shapes, predictions)
 
 
-def decode(
+def schedule(
     model,
     prompts: list[list[int]],
     max_new_tokens: int,
@@ -213,10 +213,10 @@ def decode(
     verifier: Verifier | None = None,
     runner: StepRunner | None = None,
     batch_size: int | None = None,
-) -> tuple[list[Finished], GenerationStats, StepPlan]:
-    """Lookahead decoding of `prompts` (token lists), `batch_size` at a time (default: all at once); greedy
-    unless `verifier` says otherwise (see `sampling.make_verifier`). Results in prompt order, the statistics of
-    the run (for one prompt, its own) and the plan.
+) -> BatchScheduler:
+    """Check everything, pick the plan and the runner, and queue `prompts` (token lists; tagged by their index)
+    for lookahead decoding `batch_size` at a time (default: all at once); greedy unless `verifier` says
+    otherwise (see `sampling.make_verifier`). `scheduler.run()` then yields each result as it finishes.
 
     `config` is resolved by `resolve_plan`. `stream_prompt=False` when the caller already sent the prompt (HF
     generate). `runner` runs the fused steps (default: `runners.runner_for`, which reuses engines); its rows set
@@ -258,17 +258,23 @@ def decode(
     for request in requests_from(prompts, max_new_tokens, _eos_set(model, eos_token_id), stopping_criteria, seed,
                                  streamer):
         scheduler.submit(request)
+    return scheduler
 
-    device = adapter.device
+
+def decode(model, prompts: list[list[int]], max_new_tokens: int, *args, **kwargs
+           ) -> tuple[list[Finished], GenerationStats, StepPlan]:
+    """`schedule` and run to the end: the results in prompt order, the statistics of the run (for one prompt, its
+    own) and the plan."""
+    scheduler = schedule(model, prompts, max_new_tokens, *args, **kwargs)
+    device = scheduler.runner.adapter.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    with torch.inference_mode():
-        results = sorted(scheduler.run(), key=lambda finished: finished.tag)
+    results = sorted(scheduler.run(), key=lambda finished: finished.tag)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stats = scheduler.finish(time.perf_counter() - start)
-    return results, results[0].stats if len(prompts) == 1 else stats, plan
+    return results, results[0].stats if len(prompts) == 1 else stats, scheduler.plan
 
 
 def pad_token(model) -> int:

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .drafting.base import CandidateSource
 from .shape_choice import choose_for_batch
 from .state import Emitter, GenerationStats, SequenceState
@@ -86,6 +88,7 @@ class BatchScheduler:
         while not self.idle:
             yield from self.step()
 
+    @torch.inference_mode()
     def step(self) -> list[Finished]:
         """Admit what fits, run one batched step (if any row decodes), retire what stopped."""
         finished = self._admit()

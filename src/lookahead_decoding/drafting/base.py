@@ -84,3 +84,10 @@ class CombinedSource(CandidateSource):
         for source in self.sources:
             if source.predictions_wanted:
                 source.observe_predictions(predictions)
+
+
+class NoDrafts(CandidateSource):
+    """The source of a plan that verifies nothing: it proposes nothing and keeps nothing."""
+
+    def propose(self, history, max_length, budget):
+        return []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..config import LookaheadConfig
-from .base import CandidateSource, CombinedSource
+from .base import CandidateSource, CombinedSource, NoDrafts
 from .ngram_pool import NGramPool
 from .pool import NGramPoolSource
 from .recycling import RecycledTopKSource
@@ -37,7 +37,10 @@ def named_source(name: str, shapes: Sequence[LookaheadConfig]) -> CandidateSourc
 def make_source(source, shapes: Sequence[LookaheadConfig], predictions: int | None = None) -> CandidateSource:
     """A CandidateSource from `source`: None (the default sources), a CandidateSource, a name in SOURCE_NAMES, or
     a sequence of those (combined into one tree). `predictions`: how many of the model's top next tokens the step
-    runner reports, when it is fixed already; default sources that need more are left out."""
+    runner reports, when it is fixed already; default sources that need more are left out. Where no shape
+    verifies drafts (plain decoding), the default is no source at all."""
+    if source is None and not any(shape.verifies for shape in shapes):
+        return NoDrafts()
     if source is None:
         defaults = [named_source(name, shapes) for name in DEFAULT_SOURCES]
         usable = [s for s in defaults if predictions is None or s.predictions_wanted <= predictions]
