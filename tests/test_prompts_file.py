@@ -1,5 +1,5 @@
-"""`lookahead generate --prompts-file FILE --out RESULTS`: every prompt of a JSON Lines file, one after another,
-each result appended as it finishes, resumable; on the tiny random Llama of the command-line tests."""
+"""`lookahead generate --prompts-file FILE --out RESULTS [--batch-size B]`: every prompt of a JSON Lines file, B at
+a time, each result appended as it finishes, resumable; on the tiny random Llama of the command-line tests."""
 
 from __future__ import annotations
 
@@ -21,6 +21,14 @@ PROMPTS = [
     {"id": "sea", "prompt": "The sea is"},
     {"prompt": "Once upon a time", "max_new_tokens": 3},  # id: its line number
     {"id": 7, "prompt": "Hi there"},
+]
+# Different lengths and limits, so that in a batch some finish before prompts above them.
+BATCH_PROMPTS = [
+    {"id": "long", "prompt": "The history of the city begins with a small village by the river"},
+    {"id": "short", "prompt": "Yes", "max_new_tokens": 2},
+    {"id": "mid", "prompt": "Once upon a time", "max_new_tokens": 4},
+    {"id": 4, "prompt": "Hi there", "max_new_tokens": 1},
+    {"id": "last", "prompt": "A list of fruits: apple,"},
 ]
 RESULT_FIELDS = {"id", "prompt", "text", "new_tokens", "tokens_per_step", "seconds"}
 
@@ -50,15 +58,23 @@ def files(tmp_path):
 
 
 @pytest.fixture
-def lines_at_each_generation(monkeypatch, files) -> list[int]:
-    """One entry per ld.generate call: how many lines --out held when it began."""
-    real_generate, counts = decoding.generate, []
+def lines_at_each_result(monkeypatch, files) -> list[int]:
+    """One entry per result the scheduler hands back: how many lines --out held at that moment."""
+    real_schedule, counts = decoding.schedule, []
 
-    def counting_generate(*args, **kwargs):
-        counts.append(len(files[1].read_text().splitlines()))
-        return real_generate(*args, **kwargs)
+    def counting_schedule(*args, **kwargs):
+        scheduler = real_schedule(*args, **kwargs)
+        real_run = scheduler.run
 
-    monkeypatch.setattr(decoding, "generate", counting_generate)
+        def counting_run():
+            for finished in real_run():
+                counts.append(len(files[1].read_text().splitlines()))
+                yield finished
+
+        scheduler.run = counting_run
+        return scheduler
+
+    monkeypatch.setattr(decoding, "schedule", counting_schedule)
     return counts
 
 
@@ -95,7 +111,7 @@ def test_every_prompt_gets_the_text_of_a_single_generate(cli_model, files, capsy
         assert result["seconds"] > 0
 
 
-def test_a_rerun_skips_the_ids_already_written(cli_model, files, capsys, lines_at_each_generation):
+def test_a_rerun_skips_the_ids_already_written(cli_model, files, capsys, lines_at_each_result):
     prompts, out = files
     write_lines(prompts, *PROMPTS)
     done_before = {"id": 2, "prompt": PROMPTS[1]["prompt"], "text": "from an earlier run", "new_tokens": 3,
@@ -103,20 +119,20 @@ def test_a_rerun_skips_the_ids_already_written(cli_model, files, capsys, lines_a
     write_lines(out, done_before)
     code, _, err = run_file(capsys, cli_model, prompts, out)
     assert code == 0, err
-    # Two prompts ran, and the first one's result was on disk before the second began.
-    assert lines_at_each_generation == [1, 2]
+    # Two prompts ran, and the first one's result was on disk before the second was handed back.
+    assert lines_at_each_result == [1, 2]
     results = read_results(out)
     assert results[0] == done_before
     assert [result["id"] for result in results] == [2, "sea", 7]
 
     code, _, err = run_file(capsys, cli_model, prompts, out)
     assert code == 0, err
-    assert lines_at_each_generation == [1, 2]
+    assert lines_at_each_result == [1, 2]
     assert err == f"lookahead: all 3 prompts of {prompts} are in {out} already\n"
     assert read_results(out) == results
 
 
-def test_a_last_line_cut_short_is_written_again(cli_model, files, capsys, lines_at_each_generation):
+def test_a_last_line_cut_short_is_written_again(cli_model, files, capsys, lines_at_each_result):
     prompts, out = files
     write_lines(prompts, *PROMPTS)
     done_before = {"id": "sea", "prompt": "The sea is", "text": "from an earlier run", "new_tokens": 6,
@@ -125,21 +141,89 @@ def test_a_last_line_cut_short_is_written_again(cli_model, files, capsys, lines_
     code, _, err = run_file(capsys, cli_model, prompts, out)
     assert code == 0, err
     assert f"lookahead: {out}: its last line was cut short by an interrupted write; that prompt runs again\n" in err
-    assert lines_at_each_generation == [1, 2]
+    assert lines_at_each_result == [1, 2]
     results = read_results(out)
     assert results[0] == done_before
     assert [result["id"] for result in results] == ["sea", 2, 7]
     assert all(set(result) == RESULT_FIELDS for result in results)
 
 
-def test_a_prompt_the_model_cannot_take_names_its_line_after_the_earlier_results(cli_model, files, capsys):
+@pytest.mark.parametrize("batch_size", ["1", "3"])
+def test_a_prompt_the_model_cannot_take_names_its_line_before_any_decoding(cli_model, files, capsys,
+                                                                           lines_at_each_result, batch_size):
     prompts, out = files
-    write_lines(prompts, PROMPTS[0], {"prompt": "word " * CLI_MODEL_CONTEXT})
-    code, _, err = run_file(capsys, cli_model, prompts, out)
+    write_lines(prompts, PROMPTS[0], {"prompt": "word " * CLI_MODEL_CONTEXT}, PROMPTS[2])
+    code, _, err = run_file(capsys, cli_model, prompts, out, "--batch-size", batch_size)
     assert code == 2
-    assert err.endswith("\n") and err.splitlines()[-1].startswith(f"lookahead: error: {prompts}, line 2: prompt (")
-    assert f"exceeds the model's context length of {CLI_MODEL_CONTEXT}\n" in err
-    assert [result["id"] for result in read_results(out)] == ["sea"]
+    assert err.startswith(f"lookahead: error: {prompts}, line 2: prompt (")
+    assert err.endswith(f"exceeds the model's context length of {CLI_MODEL_CONTEXT}\n")
+    assert lines_at_each_result == [] and not out.exists()
+
+
+def test_a_batch_writes_each_prompt_what_one_at_a_time_writes(cli_model, tmp_path, files, capsys,
+                                                             lines_at_each_result):
+    prompts, out = files
+    write_lines(prompts, *BATCH_PROMPTS)
+    code, _, err = run_file(capsys, cli_model, prompts, out)
+    assert code == 0, err
+    one_at_a_time = out.rename(tmp_path / "one-at-a-time.jsonl")
+    lines_at_each_result.clear()
+    code, stdout, err = run_file(capsys, cli_model, prompts, out, "--batch-size", "3")
+    assert code == 0, err
+    assert stdout == "" and "5/5" in err
+    # Each result was on disk before the next one was handed back.
+    assert lines_at_each_result == [0, 1, 2, 3, 4]
+    batched = read_results(out)
+    ids = [entry["id"] for entry in BATCH_PROMPTS]
+    assert [result["id"] for result in read_results(one_at_a_time)] == ids
+    assert sorted(map(str, (result["id"] for result in batched))) == sorted(map(str, ids))
+    assert [result["id"] for result in batched] != ids  # the short prompts finished first
+    expected = {result["id"]: result for result in read_results(one_at_a_time)}
+    limits = {entry["id"]: entry.get("max_new_tokens", MAX_NEW_TOKENS) for entry in BATCH_PROMPTS}
+    for result in batched:
+        assert set(result) == RESULT_FIELDS
+        single = expected[result["id"]]
+        assert (result["prompt"], result["text"], result["new_tokens"]) == (
+            single["prompt"], single["text"], single["new_tokens"])
+        assert result["new_tokens"] == limits[result["id"]]  # each stops at its own limit (no EOS here)
+
+
+def test_a_batched_rerun_skips_the_ids_written_in_any_order(cli_model, files, capsys, lines_at_each_result):
+    prompts, out = files
+    write_lines(prompts, *BATCH_PROMPTS)
+    done_before = [{"id": id_, "prompt": "from an earlier run", "text": "", "new_tokens": 1, "tokens_per_step": 1.0,
+                    "seconds": 0.5} for id_ in ("last", 4)]  # finished out of input order
+    write_lines(out, *done_before)
+    code, _, err = run_file(capsys, cli_model, prompts, out, "--batch-size", "3")
+    assert code == 0, err
+    assert lines_at_each_result == [2, 3, 4]
+    results = read_results(out)
+    assert results[:2] == done_before
+    assert sorted(map(str, (result["id"] for result in results[2:]))) == ["long", "mid", "short"]
+
+    code, _, err = run_file(capsys, cli_model, prompts, out, "--batch-size", "3")
+    assert code == 0, err
+    assert lines_at_each_result == [2, 3, 4]
+    assert err == f"lookahead: all 5 prompts of {prompts} are in {out} already\n"
+    assert read_results(out) == results
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--prompts-file", "prompts.jsonl", "--out", "out.jsonl", "--batch-size", "0"],
+         "lookahead generate: error: argument --batch-size: must be a positive integer, got 0\n"),
+        (["--prompts-file", "prompts.jsonl", "--out", "out.jsonl", "--batch-size", "two"],
+         "lookahead generate: error: argument --batch-size: expected a positive integer, got 'two'\n"),
+        (["a prompt", "--batch-size", "2"],
+         "lookahead: error: --batch-size goes with --prompts-file; a single prompt is decoded alone\n"),
+    ],
+    ids=["zero", "not-a-number", "single-prompt"],
+)
+def test_batch_size_errors(capsys, no_model, argv, message):
+    code, stdout, err = run(capsys, *argv)
+    assert (code, stdout) == (2, "")
+    assert err.endswith(message)
 
 
 @pytest.mark.parametrize(
@@ -181,14 +265,17 @@ def test_bytes_that_are_not_utf8_name_their_line(files, capsys, no_model):
     "prompts_text, results_text, options, message",
     [
         ("", None, [], "--prompts-file {prompts}: no prompts in it"),
+        ("", None, ["--batch-size", "3"], "--prompts-file {prompts}: no prompts in it"),
         ("\n  \n", None, [], "--prompts-file {prompts}: no prompts in it"),
         (None, None, [], "--prompts-file {prompts}: cannot read it (No such file or directory)"),
         ('{"prompt": "a"}\n', '{"text": "b"}\n', [],
          '{out}, line 1: no "id" field: not a result line of --prompts-file (choose another --out)'),
         ('{"prompt": "a"}\n', None, ["--compare"], "--compare works on a single prompt, not with --prompts-file"),
         ('{"prompt": "a"}\n', None, ["--json"], "--json works on a single prompt, not with --prompts-file"),
+        ('{"prompt": "a"}\n{"prompt": "b"\n', None, ["--batch-size", "3"],
+         "{prompts}, line 2: not valid JSON (Expecting ',' delimiter at column 15)"),
     ],
-    ids=["empty", "blank-lines", "missing", "foreign-results", "compare", "json"],
+    ids=["empty", "empty-batch", "blank-lines", "missing", "foreign-results", "compare", "json", "bad-line-batch"],
 )
 def test_file_errors_are_one_line_before_the_model_loads(files, capsys, no_model, prompts_text, results_text,
                                                          options, message):

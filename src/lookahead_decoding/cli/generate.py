@@ -1,6 +1,7 @@
 """`lookahead generate`: lookahead decoding of one prompt, streamed, with statistics (and --compare: plain greedy
 model.generate on the same prompt, timed the same way); or, with --prompts-file, of every prompt of a JSON Lines
-file, one after another, each result appended to --out. torch and transformers are imported when it runs."""
+file, --batch-size at a time, each result appended to --out as it finishes. torch and transformers are imported
+when it runs."""
 
 from __future__ import annotations
 
@@ -23,12 +24,14 @@ from .common import (
     load_from_args,
     positive_int,
 )
-from .prompts_file import read_prompts, read_results
+from .prompts_file import PromptLine, read_prompts, read_results
 
 WARMUP_TOKENS = 8
 HISTOGRAM_WIDTH = 40
 DECODE_KWARGS = {"skip_special_tokens": True}  # the text without BOS/EOS markers
 SINGLE_PROMPT_OPTIONS = ("compare", "json")  # what --prompts-file does not do
+# What a single prompt does not do, and why.
+BULK_OPTIONS = {"out": "a single prompt's result is printed", "batch_size": "a single prompt is decoded alone"}
 
 
 def add_generate_command(commands) -> None:
@@ -37,8 +40,8 @@ def add_generate_command(commands) -> None:
         help="generate text with lookahead decoding, streamed as it is produced",
         description="Generate greedily with lookahead decoding and print statistics; --compare also times "
         "plain greedy model.generate on the same prompt and checks that both outputs are identical. "
-        "--prompts-file FILE.jsonl --out RESULTS.jsonl instead generates for every prompt of a file, one prompt "
-        "after another (no batching), and can resume an interrupted run.",
+        "--prompts-file FILE.jsonl --out RESULTS.jsonl instead generates for every prompt of a file, --batch-size "
+        "prompts side by side, and can resume an interrupted run.",
     )
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("prompt", nargs="?", help="the prompt text")
@@ -47,8 +50,8 @@ def add_generate_command(commands) -> None:
         metavar="FILE.jsonl",
         help='instead of a prompt: JSON Lines, one object a line, {"prompt": "...", "id": ..., "max_new_tokens": '
         '...}; "id" (a string or an integer) defaults to the line number, "max_new_tokens" to --max-new-tokens; '
-        "blank lines are skipped. The prompts run one after another through the library's generate (no "
-        "batching); --chat and the lookahead options apply to each. The whole file is checked before the model "
+        "blank lines are skipped. The prompts run --batch-size at a time through the library's scheduler; "
+        "--chat and the lookahead options apply to each. The whole file is checked before the model "
         "is loaded. Needs --out",
     )
     parser.add_argument(
@@ -57,6 +60,13 @@ def add_generate_command(commands) -> None:
         help='with --prompts-file: appends one JSON line per prompt as it finishes, {"id", "prompt", "text", '
         '"new_tokens", "tokens_per_step", "seconds"}; prompts whose id the file already holds are skipped, so '
         "running the same command again resumes an interrupted run",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        metavar="B",
+        help="with --prompts-file: decode B prompts side by side (continuous batching: a prompt that finishes "
+        "hands its row to the next one), so results may be written out of input order; default: 1",
     )
     add_model_arguments(parser)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
@@ -115,15 +125,16 @@ def _lookahead_runner(args: argparse.Namespace, config):
     return lookahead
 
 
-def _new_text(tokenizer, out, prompt_len: int) -> str:
-    return tokenizer.decode(out.sequences[0, prompt_len:].tolist(), **DECODE_KWARGS)
+def _new_text(tokenizer, new_tokens: list[int]) -> str:
+    return tokenizer.decode(new_tokens, **DECODE_KWARGS)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     if args.prompts_file is not None:
         return run_prompts_file(args)
-    if args.out is not None:
-        raise CommandError("--out goes with --prompts-file; a single prompt's result is printed")
+    for option, reason in BULK_OPTIONS.items():
+        if getattr(args, option) is not None:
+            raise CommandError(f"--{option.replace('_', '-')} goes with --prompts-file; {reason}")
     # Input is checked before the (slow) imports and model load so that bad input fails at once.
     check_prompt(args.prompt, "the prompt")
     config = config_from_args(args)  # None: the library's choice
@@ -168,7 +179,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "shapes": [{"shape": shape_name(shape), **config_dict(shape), "cost_ms": cost}
                    for shape, cost in zip(out.plan.shapes, out.plan.costs_ms)],
         "max_new_tokens": args.max_new_tokens,
-        "text": _new_text(tokenizer, out, prompt_len),
+        "text": _new_text(tokenizer, out.sequences[0, prompt_len:].tolist()),
         "stats": out.stats.as_dict(),
     }
     if args.compare:
@@ -192,8 +203,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_prompts_file(args: argparse.Namespace) -> int:
-    """Every prompt of --prompts-file not yet in --out, one after another, each result appended (and flushed) as it
-    finishes, so that an interrupted run loses at most the prompt it was on."""
+    """Every prompt of --prompts-file not yet in --out, --batch-size at a time, each result appended (and flushed)
+    as it finishes, so that an interrupted run loses at most the prompts it was on."""
     # Everything that can be checked without the model is checked first: a run can take hours.
     if args.out is None:
         raise CommandError("--prompts-file needs --out RESULTS.jsonl, the file the results are written to")
@@ -214,8 +225,9 @@ def run_prompts_file(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    lookahead = _lookahead_runner(args, config)
     model, tokenizer = load_from_args(args)
+    token_ids = _encode_pending(args, model, tokenizer, pending)
+    scheduler = _schedule_pending(args, model, config, pending, token_ids)
     if written.has_cut_line:
         print(f"lookahead: {args.out}: its last line was cut short by an interrupted write; that prompt runs again",
               file=sys.stderr)
@@ -223,20 +235,56 @@ def run_prompts_file(args: argparse.Namespace) -> int:
     with (open(args.out, "a", encoding="utf-8") as results,
           tqdm(total=len(prompts), initial=len(prompts) - len(pending), desc=Path(args.prompts_file).name,
                unit="prompt", file=sys.stderr) as progress):
-        for entry in pending:
-            input_ids = encode_prompt(tokenizer, entry.prompt, args.chat).to(model.device)
-            try:
-                out = lookahead(model, input_ids, entry.max_new_tokens)
-            except (ValueError, TypeError) as err:  # e.g. prompt + max_new_tokens beyond the model's context
-                raise CommandError(f"{args.prompts_file}, line {entry.line}: {err}") from err
-            stats = out.stats
-            result = {"id": entry.id, "prompt": entry.prompt, "text": _new_text(tokenizer, out, input_ids.shape[1]),
+        for finished in scheduler.run():
+            entry, prompt_len = pending[finished.tag], len(token_ids[finished.tag])
+            stats = finished.stats
+            # The id says which prompt this is: with a batch, results come in the order they finish.
+            result = {"id": entry.id, "prompt": entry.prompt,
+                      "text": _new_text(tokenizer, finished.tokens[prompt_len:]),
                       "new_tokens": stats.new_tokens, "tokens_per_step": stats.tokens_per_step,
                       "seconds": stats.seconds}
             results.write(json.dumps(result, ensure_ascii=False) + "\n")
             results.flush()
             progress.update()
     return 0
+
+
+def _encode_pending(args: argparse.Namespace, model, tokenizer, pending: list[PromptLine]) -> list[list[int]]:
+    """The token ids of every pending prompt, each checked against the model's context before any decoding: a
+    prompt that cannot run must not stop a long run halfway, and the error names its line."""
+    from ..model_adapter import context_length
+
+    context = context_length(model.config)
+    token_ids = []
+    for entry in pending:
+        ids = encode_prompt(tokenizer, entry.prompt, args.chat)[0].tolist()
+        total = len(ids) + entry.max_new_tokens
+        if context is not None and total > context:
+            raise CommandError(f"{args.prompts_file}, line {entry.line}: prompt ({len(ids)} tokens) + max_new_tokens "
+                               f"({entry.max_new_tokens}) = {total} tokens exceeds the model's context length of "
+                               f"{context}")
+        token_ids.append(ids)
+    return token_ids
+
+
+def _schedule_pending(args: argparse.Namespace, model, config, pending: list[PromptLine],
+                      token_ids: list[list[int]]):
+    """The library's scheduler with every pending prompt queued (tagged by its index in `pending`), decoding
+    --batch-size of them side by side, each up to its own max_new_tokens."""
+    from ..decoding import schedule
+
+    limits = [entry.max_new_tokens for entry in pending]
+    # schedule() sizes its cache for the longest prompt + one max_new_tokens for all: the most any prompt needs
+    # beyond the longest one, so that a long prompt with a small limit fits wherever its own limit does.
+    longest = max(len(ids) for ids in token_ids)
+    room = max(len(ids) + limit for ids, limit in zip(token_ids, limits)) - longest
+    try:
+        scheduler = schedule(model, token_ids, room, config, source=args.source, batch_size=args.batch_size or 1)
+    except (ValueError, TypeError) as err:  # e.g. a step shape too large for the longest prompt
+        raise CommandError(f"{args.prompts_file}: {err}") from err
+    for request in scheduler.waiting:  # queued with `room`; each prompt stops at its own limit
+        request.max_new_tokens = limits[request.tag]
+    return scheduler
 
 
 def format_histogram(histogram: dict[str, int]) -> list[str]:
