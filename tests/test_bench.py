@@ -4,9 +4,12 @@ Llama with the real tokenizer; the real SmolLM2-135M for the `slow` ones)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
+import io
 import json
 import os
+import subprocess
 import sys
 import types
 import weakref
@@ -373,6 +376,141 @@ def test_profile_errors(tiny, capsys):
         main([*base, "--max-new-tokens", "3"], model=model, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="--profile --compile needs a CUDA device"):
         main([*base, "--compile"], model=model, tokenizer=tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------ batched mode
+
+
+BATCHED_KEYS = {"dataset", "batch_size", "batch_rows", "method", "reference", "prompts", "new_tokens", "seconds",
+                "throughput_tokens_per_s", "speedup", "tokens_per_step_per_row", "forwards", "identical",
+                "different_prompts", "plan"}
+BATCHED_ARGS = ["--dataset", "humaneval", "--data-file", str(SHARED_DATA / FILES["humaneval"]), "--limit", "4",
+                "--max-new-tokens", "12", "--batch-size", "1,3", "--window", "3", "--ngram", "3", "--guesses", "3"]
+
+
+@pytest.fixture(scope="module")
+def batched_run(tiny, tmp_path_factory):
+    """(result, printed table, plot path) of a batched run: ar-graph and lookahead at batch sizes 1 and 3."""
+    model, tokenizer = tiny
+    folder = tmp_path_factory.mktemp("batched")
+    out, plot = folder / "b.json", folder / "b.png"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([*BATCHED_ARGS, "--out", str(out), "--plot", str(plot)], model=model, tokenizer=tokenizer) == 0
+    return json.loads(out.read_text()), printed.getvalue(), plot
+
+
+def test_batched_records(batched_run):
+    result, _, _ = batched_run
+    assert result["config"]["method_list"] == ["ar-graph", "lookahead"] and result["config"]["batch_size"] == [1, 3]
+    records = result["batched"]
+    assert [(r["batch_size"], r["batch_rows"], r["method"]) for r in records] == [
+        (1, 1, "ar-graph"), (1, 1, "lookahead"), (3, 3, "ar-graph"), (3, 3, "lookahead")]
+    for record in records:
+        assert set(record) == BATCHED_KEYS and record["dataset"] == "humaneval" and record["reference"] == "ar-graph"
+        rows = [row for row in result["rows"]
+                if (row["batch_size"], row["method"]) == (record["batch_size"], record["method"])]
+        assert [row["prompt_index"] for row in rows] == [0, 1, 2, 3] and record["prompts"] == 4
+        assert record["new_tokens"] == sum(row["new_tokens"] for row in rows) == 4 * 12
+        assert record["throughput_tokens_per_s"] == pytest.approx(record["new_tokens"] / record["seconds"])
+        assert record["tokens_per_step_per_row"] == pytest.approx(sum(row["tokens_per_step"] for row in rows) / 4)
+        # greedy, fp32: lookahead commits ar-graph's tokens, row by row
+        assert record["identical"] == 4 and record["different_prompts"] == []
+        assert all(row["identical_to_reference"] for row in rows)
+        reference = next(r for r in records if (r["batch_size"], r["method"]) == (record["batch_size"], "ar-graph"))
+        speedup = record["throughput_tokens_per_s"] / reference["throughput_tokens_per_s"]
+        assert record["speedup"] == pytest.approx(speedup)
+    plain_one, lookahead_one, plain_three, _ = records
+    assert plain_one["forwards"] == 4 * 11  # one row: a forward per token after each prompt's prefill
+    assert plain_three["forwards"] < plain_one["forwards"]  # three rows share each forward
+    assert plain_one["plan"] == "plain 1.00 ms" and lookahead_one["plan"].startswith("lookahead W=3 N=3 G=3")
+
+
+def test_batched_table_and_plot(batched_run):
+    _, table, plot = batched_run
+    assert "### humaneval: batched, 4 prompts" in table
+    assert "| batch size | method | tokens/s | speedup vs ar-graph | tokens/step per row | forwards | identical to " \
+           "ar-graph | plan |" in table
+    assert "| 1 | ar-graph |" in table and "| 1.00x | 1.09 | 44 | 4/4 | plain 1.00 ms |" in table
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_script_draws_a_line_per_dataset(batched_run, tmp_path):
+    result, _, _ = batched_run
+    runs = []
+    for dataset in ("humaneval", "mtbench"):
+        path = tmp_path / f"{dataset}.json"
+        path.write_text(json.dumps({**result, "batched": [{**r, "dataset": dataset} for r in result["batched"]]}))
+        runs.append(str(path))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "plot_batch_speedups.py"
+    out = tmp_path / "all.png"
+    done = subprocess.run([sys.executable, str(script), str(out), *runs], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes().startswith(b"\x89PNG")
+    (tmp_path / "plain.json").write_text(json.dumps({"summary": {}}))
+    done = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "plain.json")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.endswith(f"error: {tmp_path / 'plain.json'}: not a batched bench result (no 'batched' "
+                                "records); run lookahead bench with --batch-size\n")
+
+
+def test_batched_warm_up_builds_the_engines_before_timing(tiny, monkeypatch):
+    """Engines as on CUDA (cached static engines): each (method, batch size) builds its engine in the warm-up, and
+    no timed call builds one."""
+    model, tokenizer = tiny
+    from lookahead_decoding import runners
+    from lookahead_decoding.bench import batched
+
+    monkeypatch.setattr(runners, "STATIC_ENGINE_DEVICES", ("cpu",))
+    monkeypatch.setattr(runners, "_engines", weakref.WeakKeyDictionary())
+    built, built_while_timed = [], []
+    real_static_step, real_stopwatch = runners.StaticStep, batched.stopwatch
+
+    def recording_static_step(model, shapes, max_length, **kwargs):
+        built.append(kwargs["batch_size"])
+        return real_static_step(model, shapes, max_length, **kwargs)
+
+    def checking_stopwatch(device, call):
+        before = len(built)
+        timed = real_stopwatch(device, call)
+        built_while_timed.append(len(built) - before)
+        return timed
+
+    monkeypatch.setattr(runners, "StaticStep", recording_static_step)
+    monkeypatch.setattr(batched, "stopwatch", checking_stopwatch)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([*BATCHED_ARGS, "--limit", "3"], model=model, tokenizer=tokenizer) == 0
+    assert built == [1, 1, 3, 3] and built_while_timed == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch-size", "2", "--methods", "greedy,pld,lookahead"],
+         "lookahead: error: --batch-size: greedy, pld cannot run batched (one prompt at a time); batched methods: "
+         "ar-graph, lookahead"),
+        (["--batch-size", "2", "--reference", "greedy"],
+         "lookahead: error: --batch-size: greedy cannot run batched (one prompt at a time); batched methods: "
+         "ar-graph, lookahead"),
+        (["--batch-size", "2", "--sweep"],
+         "lookahead: error: --batch-size cannot be combined with --sweep or --profile"),
+        (["--batch-size", "0"], "lookahead bench: error: argument --batch-size: batch sizes must be positive integers, "
+         "got 0"),
+        (["--batch-size", "8,-1"], "lookahead bench: error: argument --batch-size: batch sizes must be positive "
+         "integers, got -1"),
+        (["--batch-size", "a"], "lookahead bench: error: argument --batch-size: expected comma-separated integers, "
+         "got 'a'"),
+        (["--batch-size", ""], "lookahead bench: error: argument --batch-size: expected at least one integer"),
+        (["--batch-size", "8,8"], "lookahead bench: error: argument --batch-size: a batch size is repeated in '8,8'"),
+    ],
+    ids=["hf-methods", "hf-reference", "sweep", "zero", "negative", "letter", "empty", "repeated"],
+)
+def test_batched_input_errors_exit_2_before_any_work(tmp_path, capsys, extra, message):
+    # The data file is missing: every one of these errors comes first.
+    argv = ["--dataset", "gsm8k", "--data-file", str(tmp_path / "missing.jsonl"), *extra]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == message
 
 
 # ------------------------------------------------------------------------------------------------ output paths

@@ -1,5 +1,6 @@
 """The benchmark suite behind `lookahead bench`: data loaders, an open registry of decoding methods, the
-interleaved runner, and reports (markdown, JSON, plots). The core library never imports this package.
+interleaved runner, the batched runner, and reports (markdown, JSON, plots). The core library never imports this
+package.
 
 Names are imported from their submodules on first use: `lookahead bench --help` goes through this package and
 must not import torch."""
@@ -12,11 +13,13 @@ from .. import lazy_exports
 
 # Public name -> the submodule that defines it.
 _EXPORTS = {
+    "BATCHED_METHODS": "methods",
     "DATASETS": "data",
     "METHODS": "methods",
     "Prompt": "data",
     "add_bench_parser": "cli",
     "bench": "runner",
+    "bench_batched": "batched",
     "count_forwards": "methods",
     "hf_generate": "methods",
     "load_file": "data",
@@ -37,7 +40,8 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
+    from .batched import bench_batched
     from .cli import add_bench_parser, main
     from .data import DATASETS, Prompt, load_file, load_hub, load_prompts, read_jsonl
-    from .methods import METHODS, count_forwards, hf_generate, lookahead_with, register_method
+    from .methods import BATCHED_METHODS, METHODS, count_forwards, hf_generate, lookahead_with, register_method
     from .runner import bench, summarize, sweep

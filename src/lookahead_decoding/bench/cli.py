@@ -18,6 +18,10 @@ from ..cli.common import (
 from .data import DATASETS
 
 DEFAULT_METHODS = "greedy,pld,lookahead"
+DEFAULT_REFERENCE = "greedy"
+# HF generate decodes one prompt at a time here: batched runs compare the library's own engine with itself.
+BATCHED_DEFAULT_METHODS = "ar-graph,lookahead"
+BATCHED_DEFAULT_REFERENCE = "ar-graph"
 BENCH_EXTRA = ("tqdm", "matplotlib")  # what `pip install lookahead-decoding[bench]` adds
 DEFAULT_SWEEP_WINDOW = "3,5,7,10,15"
 DEFAULT_SWEEP_NGRAM = "3,4,5,6"
@@ -28,7 +32,9 @@ Benchmark greedy decoding methods on MT-Bench, HumanEval or GSM8K prompts: every
 interleaved prompt by prompt on one loaded model, after a warm-up. Reports tokens/s, tokens per step (new tokens
 per forward pass after the prefill), speedup over HF greedy and how often the output equals greedy's token for
 token. --sweep instead compares lookahead configurations (W, N, G) with greedy; --profile shows where the
-time of one decode step goes (plain decoding and lookahead, on the first prompt)."""
+time of one decode step goes (plain decoding and lookahead, on the first prompt). --batch-size B[,B...] instead
+decodes all the prompts through one call of B rows per method and batch size (continuous batching) and reports
+throughput, speedup over ar-graph at the same batch size and exactness per batch size."""
 
 
 def int_list(text: str) -> list[int]:
@@ -40,6 +46,17 @@ def int_list(text: str) -> list[int]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values
+
+
+def batch_size_list(text: str) -> list[int]:
+    """'1,8,32' -> [1, 8, 32]: positive, each once."""
+    sizes = int_list(text)
+    for size in sizes:
+        if size < 1:
+            raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {size}")
+    if len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"a batch size is repeated in {text!r}")
+    return sizes
 
 
 def config_list(text: str) -> list[tuple[int, ...]]:
@@ -76,22 +93,30 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--threads", type=positive_int, metavar="T", help="torch.set_num_threads(T) (default: torch's)")
     run.add_argument(
         "--methods",
-        default=DEFAULT_METHODS,
         # The registry's names would need torch imported for --help; an unknown name lists them.
-        help=f"comma-separated method names (default: {DEFAULT_METHODS}); an unknown name is an error that lists "
-        "the available ones; the --reference method always runs",
+        help=f"comma-separated method names (default: {DEFAULT_METHODS}; with --batch-size: "
+        f"{BATCHED_DEFAULT_METHODS}); an unknown name is an error that lists the available ones; the --reference "
+        "method always runs",
     )
-    run.add_argument("--reference", default="greedy", choices=["greedy", "ar-graph"],
+    run.add_argument("--reference", choices=["greedy", "ar-graph"],
                      help="the greedy method every other is compared with (*_vs_greedy fields); ar-graph is the "
-                     "same greedy decoding on the fast engine, for long runs (default: greedy, HF generate)")
+                     f"same greedy decoding on the fast engine, for long runs (default: {DEFAULT_REFERENCE}, HF "
+                     f"generate; with --batch-size: {BATCHED_DEFAULT_REFERENCE})")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the fast engine's step before capturing it (ar-graph, lookahead)")
     add_lookahead_arguments(run)
 
+    batched = parser.add_argument_group("batched")
+    batched.add_argument("--batch-size", type=batch_size_list, metavar="B[,B...]",
+                         help="decode all the prompts through one call of B rows per method, a finished row taking "
+                         "the next prompt; a comma-separated list measures each batch size; methods: ar-graph, "
+                         "lookahead (default: one prompt at a time)")
+
     output = parser.add_argument_group("output")
     output.add_argument("--out", metavar="PATH", help="write the results as JSON")
     output.add_argument("--plot", metavar="PATH", help="write a PNG: speedup per method (per configuration with "
-                        "--sweep) and lookahead's tokens committed per step")
+                        "--sweep) and lookahead's tokens committed per step; with --batch-size, speedup against "
+                        "batch size")
 
     grid = parser.add_argument_group("sweep")
     grid.add_argument("--sweep", action="store_true", help="compare lookahead configurations with greedy instead")
@@ -116,30 +141,67 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace, model=None, tokenizer=None) -> int:
     """The `bench` handler: run, print the markdown table, write --out and --plot. `model`/`tokenizer` reuse a
     loaded model instead of loading --model."""
+    fill_mode_defaults(args)
     if args.profile and (args.sweep or args.plot):
         raise CommandError("--profile cannot be combined with --sweep or --plot")
+    if args.batch_size and (args.sweep or args.profile):
+        raise CommandError("--batch-size cannot be combined with --sweep or --profile")
     # Output paths are checked before any work: a run can take hours.
     if args.out:
         check_writable("--out", args.out)
     if args.plot:
         check_plot_path(args.plot)
     try:
-        from .profile import run_profile
-        from .runner import bench, sweep
-
-        if args.profile:
-            result = run_profile(args, model, tokenizer)
-        else:
-            result = (sweep if args.sweep else bench)(args, model, tokenizer)
+        result = measure_for(args)(args, model, tokenizer)
     except ImportError as err:  # the optional `datasets` package, or the [bench] extra
         raise CommandError(missing_package(err)) from err
-    from .report import bench_table, profile_table, sweep_table
+    print(table_for(args)(result))
+    return 0 if write_outputs(result, args) else EXIT_WRITE_FAILED
+
+
+def fill_mode_defaults(args: argparse.Namespace) -> None:
+    """--methods and --reference default by mode (HF greedy cannot run batched); filled in on `args` so that the
+    JSON's config records what ran."""
+    batched = args.batch_size is not None
+    if args.methods is None:
+        args.methods = BATCHED_DEFAULT_METHODS if batched else DEFAULT_METHODS
+    if args.reference is None:
+        args.reference = BATCHED_DEFAULT_REFERENCE if batched else DEFAULT_REFERENCE
+
+
+def measure_for(args: argparse.Namespace):
+    """The run of this mode: fn(args, model, tokenizer) -> the result document. Imported here: torch loads slowly."""
+    if args.profile:
+        from .profile import run_profile
+
+        return run_profile
+    if args.batch_size:
+        from .batched import bench_batched
+
+        return bench_batched
+    from .runner import bench, sweep
+
+    return sweep if args.sweep else bench
+
+
+def table_for(args: argparse.Namespace):
+    """The markdown table of this mode's result document."""
+    from . import report
 
     if args.profile:
-        print(profile_table(result))
-    else:
-        print(sweep_table(result) if args.sweep else bench_table(result))
-    return 0 if write_outputs(result, args) else EXIT_WRITE_FAILED
+        return report.profile_table
+    if args.batch_size:
+        return report.batched_table
+    return report.sweep_table if args.sweep else report.bench_table
+
+
+def plot_for(args: argparse.Namespace):
+    """The --plot of this mode's result document."""
+    from . import report
+
+    if args.batch_size:
+        return report.plot_batched
+    return report.plot_sweep if args.sweep else report.plot_bench
 
 
 def missing_package(err: ImportError) -> str:
@@ -167,7 +229,7 @@ def check_plot_path(path: str) -> None:
 def write_outputs(result: dict, args: argparse.Namespace) -> bool:
     """Writes --out and --plot; True when all went well. When a write still fails at the end, the results are not
     lost: a line on stderr says so and, unless --out was written, the JSON goes to stdout."""
-    from .report import plot_bench, plot_sweep, write_json
+    from .report import write_json
 
     saved = failed = False
     if args.out:
@@ -180,7 +242,7 @@ def write_outputs(result: dict, args: argparse.Namespace) -> bool:
             failed = True
     if args.plot:
         try:
-            (plot_sweep if args.sweep else plot_bench)(result, args.plot)
+            plot_for(args)(result, args.plot)
             print(f"plot: {args.plot}")
         except OSError as err:
             print(f"lookahead: error: could not write --plot {args.plot} ({err.strerror or err})", file=sys.stderr)

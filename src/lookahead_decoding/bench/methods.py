@@ -10,6 +10,13 @@ command line (an argparse Namespace). Adding one:
         with count_forwards(model) as calls:
             sequences = ...
         return sequences, calls.steps
+
+Methods that are lookahead decoding with some configuration can also run batched (`lookahead bench --batch-size`):
+such a method registers its settings, `fn(args) -> (config, source)`, in BATCHED_METHODS too:
+
+    @register_method("my-lookahead", registry=BATCHED_METHODS)
+    def my_lookahead_settings(args):
+        return LookaheadConfig(5, 4, 5), None
 """
 
 from __future__ import annotations
@@ -30,14 +37,17 @@ from ..step import EagerStep
 
 Method = Callable[..., tuple]
 METHODS: dict[str, Method] = {}
+# name -> fn(args) -> (config, source): the ld.generate settings of a method that decodes batches.
+BATCHED_METHODS: dict[str, Callable[..., tuple]] = {}
 PLD_TOKENS = 10
 
 
-def register_method(name: str) -> Callable[[Method], Method]:
-    """Decorator adding `fn` to METHODS under `name` (later registrations replace earlier ones)."""
+def register_method(name: str, registry: dict = METHODS) -> Callable:
+    """Decorator adding `fn` to `registry` (METHODS or BATCHED_METHODS) under `name` (later registrations replace
+    earlier ones)."""
 
-    def add(fn: Method) -> Method:
-        METHODS[name] = fn
+    def add(fn):
+        registry[name] = fn
         return fn
 
     return add
@@ -159,16 +169,26 @@ def lookahead_with(config: LookaheadConfig | str, source=None) -> Method:
     return run
 
 
+@register_method("ar-graph", registry=BATCHED_METHODS)
+def autoregressive_settings(args):
+    return AUTOREGRESSIVE, None
+
+
+@register_method("lookahead", registry=BATCHED_METHODS)
+def lookahead_settings(args):
+    return lookahead_config(args), getattr(args, "source", None)
+
+
 @register_method("ar-graph")
 def autoregressive_graph(model, input_ids, max_new_tokens, args):
     """Plain one-token-per-step greedy decoding on the same engine as lookahead (CUDA graphs on GPU)."""
-    return lookahead_with(AUTOREGRESSIVE)(model, input_ids, max_new_tokens, args)
+    return lookahead_with(*autoregressive_settings(args))(model, input_ids, max_new_tokens, args)
 
 
 @register_method("lookahead")
 def lookahead(model, input_ids, max_new_tokens, args):
     """Our lookahead decoding as `ld.generate` runs it: calibrated shapes chosen per step unless W/N/G are given."""
-    return lookahead_with(lookahead_config(args), getattr(args, "source", None))(model, input_ids, max_new_tokens, args)
+    return lookahead_with(*lookahead_settings(args))(model, input_ids, max_new_tokens, args)
 
 
 @register_method("lookahead-eager")
@@ -192,3 +212,11 @@ def parse_methods(text: str) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"--methods names a method twice: {text}")
     return names
+
+
+def check_batched(names: list[str]) -> None:
+    """Batched runs need methods that decode batches on the library's engine (BATCHED_METHODS)."""
+    unbatched = [name for name in names if name not in BATCHED_METHODS]
+    if unbatched:
+        raise ValueError(f"--batch-size: {', '.join(unbatched)} cannot run batched (one prompt at a time); "
+                         f"batched methods: {', '.join(BATCHED_METHODS)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 COLUMNS = ("n", "new tokens", "seconds", "tokens/s", "tokens/step", "speedup vs greedy", "identical to greedy")
@@ -44,6 +45,40 @@ def sweep_table(result: dict) -> str:
     lines = [[reference, *[""] * len(keys), *_cells(summary[reference])]]
     lines += [["lookahead", *(str(e[key]) for key in keys), *_cells(e)] for e in result["sweep"]]
     return f"### {dataset}: sweep\n\n" + _table(["method", "W", "N", "G", "K", "B", *COLUMNS], lines)
+
+
+def group_by(records: list[dict], key: Callable[[dict], Hashable]) -> dict:
+    """{key: its records}, in the order the keys first appear."""
+    groups: dict = {}
+    for record in records:
+        groups.setdefault(key(record), []).append(record)
+    return groups
+
+
+def _batched_cells(record: dict) -> list[str]:
+    speedup = record["speedup"]
+    return [
+        str(record["batch_size"]),
+        record["method"],
+        f"{record['throughput_tokens_per_s']:.1f}",
+        "n/a" if speedup is None else f"{speedup:.2f}x",
+        f"{record['tokens_per_step_per_row']:.2f}",
+        str(record["forwards"]),
+        f"{record['identical']}/{record['prompts']}",
+        record["plan"],
+    ]
+
+
+def batched_table(result: dict) -> str:
+    """One markdown table per dataset, a line per batch size and method."""
+    parts = []
+    for dataset, records in group_by(result["batched"], lambda record: record["dataset"]).items():
+        reference = records[0]["reference"]
+        header = ["batch size", "method", "tokens/s", f"speedup vs {reference}", "tokens/step per row", "forwards",
+                  f"identical to {reference}", "plan"]
+        title = f"### {dataset}: batched, {records[0]['prompts']} prompts"
+        parts.append(f"{title}\n\n" + _table(header, [_batched_cells(record) for record in records]))
+    return "\n\n".join(parts)
 
 
 def profile_table(result: dict) -> str:
@@ -143,6 +178,36 @@ def plot_sweep(result: dict, path: str | Path) -> None:
               for e in entries]
     figure, axis = plt.subplots(figsize=(9, 1.2 + 0.35 * len(entries)))
     _speedup_bars(axis, labels, entries, f"{dataset}: lookahead configurations vs greedy")
+    figure.suptitle(_subtitle(result), fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_batched(result: dict, path: str | Path) -> None:
+    """Speedup over the reference against batch size: a line per dataset (per dataset and method when several
+    methods are compared with the reference)."""
+    plt = _pyplot()
+    compared = [record for record in result["batched"] if record["method"] != record["reference"]]
+    lines = group_by(compared, lambda record: (record["dataset"], record["method"]))
+    several_methods = len({method for _, method in lines}) > 1
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for (dataset, method), records in lines.items():
+        records = sorted(records, key=lambda record: record["batch_size"])
+        speedups = [float("nan") if r["speedup"] is None else r["speedup"] for r in records]
+        axis.plot([r["batch_size"] for r in records], speedups, marker="o",
+                  label=f"{dataset}, {method}" if several_methods else dataset)
+    sizes = sorted({record["batch_size"] for record in result["batched"]})
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(sizes, [str(size) for size in sizes])
+    axis.minorticks_off()
+    axis.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    axis.set_xlabel("batch size (rows decoded side by side)")
+    axis.set_ylabel(f"speedup vs {result['batched'][0]['reference']} (tokens/s ratio)")
+    if lines:
+        axis.legend()
+    else:
+        axis.text(0.5, 0.5, "no method besides the reference", ha="center", va="center", transform=axis.transAxes)
     figure.suptitle(_subtitle(result), fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -10,8 +10,9 @@ import platform
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from tqdm import tqdm
@@ -24,6 +25,7 @@ from .data import Prompt, load_prompts
 from .methods import METHODS, Method, lookahead_config, lookahead_with, parse_methods
 
 WARMUP_TOKENS = 8
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -85,13 +87,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def stopwatch(device: torch.device, call: Callable[[], T]) -> tuple[T, float]:
+    """(result, seconds) of `call()`, timed between device synchronisations."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = call()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
 def timed(method: Method, model, input_ids, max_new_tokens: int, args) -> tuple[torch.Tensor, int, dict, float]:
     """(sequences, steps, extra fields, seconds) of one call, timed between device synchronisations."""
-    synchronize(model.device)
-    start = time.perf_counter()
-    sequences, steps, *extra = method(model, input_ids, max_new_tokens, args)
-    synchronize(model.device)
-    seconds = time.perf_counter() - start
+    call = lambda: method(model, input_ids, max_new_tokens, args)  # noqa: E731
+    (sequences, steps, *extra), seconds = stopwatch(model.device, call)
     return sequences, steps, (extra[0] if extra else {}), seconds
 
 
@@ -211,17 +219,27 @@ def prepare(args, model=None, tokenizer=None):
     return prompts, model, tokenizer
 
 
+def method_names(args) -> list[str]:
+    """The methods of --methods, the --reference first (it always runs)."""
+    names = parse_methods(args.methods)
+    return [args.reference] + [name for name in names if name != args.reference]
+
+
+def config_record(config: LookaheadConfig | str) -> dict | str:
+    """The lookahead configuration for the JSON: its fields, or "auto"."""
+    return config if isinstance(config, str) else config_dict(config)
+
+
 def bench(args, model=None, tokenizer=None) -> dict:
     """Run the methods of --methods (greedy always included, first) and return the result document."""
-    names = parse_methods(args.methods)
-    names = [args.reference] + [name for name in names if name != args.reference]
+    names = method_names(args)
     config = lookahead_config(args)  # checked before the model load
     prompts, model, tokenizer = prepare(args, model, tokenizer)
     inputs = encode_all(tokenizer, prompts, model.device)
     rows = measure(model, inputs, {name: METHODS[name] for name in names}, args.max_new_tokens, args)
     return {
         "environment": environment(model, args),
-        "config": {**run_config(args), "method_list": names, "lookahead_config": config if isinstance(config, str) else config_dict(config),
+        "config": {**run_config(args), "method_list": names, "lookahead_config": config_record(config),
                    "warmup_tokens": WARMUP_TOKENS},
         "summary": {args.dataset: summarize(rows)},
         "rows": rows,
