@@ -39,8 +39,24 @@ def test_captured_graph_equals_eager(arch, shape):
     assert captured.captured and not eager.captured
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_captured_batch_with_refills_equals_each_rows_greedy(arch):
+    model = cuda_model(arch)
+    runners._engines.pop(model, None)  # engines other tests built for this model
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.randint(2, 30, (7,), generator=generator).tolist()
+    prompts = [torch.randint(0, VOCAB, (length,), generator=generator).tolist() for length in lengths]
+    prompts[2] = (prompts[2][:3] * 10)[:25]  # repetitive: long acceptances in one row
+    out = ld.generate(model, prompts, 40, StepPlan(SHAPES, (1.0, 1.2, 1.5)), batch_size=3)
+    for prompt, row in zip(prompts, out.rows):
+        assert row.tokens == greedy_reference(model, torch.tensor([prompt], device="cuda"), 40)[0].tolist()
+    engines = list(runners._engines[model].values())
+    assert [engine.batch_size for engine in engines] == [3] and engines[0].captured
+
+
 def test_default_path_runs_on_the_engine():
     model = cuda_model("llama")
+    runners._engines.pop(model, None)  # engines other tests built for this model
     prompt = torch.tensor([[4, 5, 6, 4, 5, 6, 4]], device="cuda")
     out = ld.generate(model, prompt, 48)
     assert out.sequences.tolist() == greedy_reference(model, prompt, 48).tolist()

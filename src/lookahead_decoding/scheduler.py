@@ -1,7 +1,8 @@
 """Continuous batching: sequences decoded side by side in the rows of one step runner, each at its own pace.
 
     repeat:  admit waiting requests into free rows (one batched prefill) |
-             every decoding row drafts its token tree | choose one step shape for the batch |
+             every decoding row drafts its token tree (unless a plain step wins anyway) |
+             choose one step shape for the batch |
              one fused forward for all rows | each row commits its own accepted tokens |
              retire the rows that stopped (their results are handed back; the rows are free again)
 
@@ -22,7 +23,8 @@ from typing import Any
 import torch
 
 from .drafting.base import CandidateSource
-from .shape_choice import choose_for_batch
+from .drafting.tree import EMPTY_TREE
+from .shape_choice import StepCosts, choose_for_batch
 from .state import Emitter, GenerationStats, SequenceState
 from .step import StepRunner
 from .tuning import StepPlan, shape_name
@@ -70,6 +72,8 @@ class BatchScheduler:
         self.rows: list[_Row | None] = [None] * runner.batch_size
         self.waiting: deque[Request] = deque()
         self.stats = GenerationStats()  # steps: batched forwards; new_tokens: over all rows
+        # One sequence: the calibrated costs. A batch: measured as it runs, host work per row included.
+        self.costs = StepCosts(plan.costs_ms, measured=runner.batch_size > 1)
         self._steps_by_shape = [0] * len(plan.shapes)
 
     @property
@@ -95,9 +99,16 @@ class BatchScheduler:
         live = [(index, row) for index, row in enumerate(self.rows) if row is not None]
         if not live:
             return finished
-        trees = {index: row.sequence.draft() for index, row in live}
+        began = time.perf_counter()
         choosers = [row.sequence.chooser for _, row in live]
-        shape = choose_for_batch(choosers, [len(trees[index]) for index, _ in live], self.plan.costs_ms)
+        costs = self.costs.costs_ms
+        # Drafting costs host time per row: skip it when the plain step wins even against full trees.
+        shape = choose_for_batch(choosers, [row.sequence.largest_tree for _, row in live], costs)
+        if self.plan.shapes[shape].verifies:
+            trees = {index: row.sequence.draft() for index, row in live}
+            shape = choose_for_batch(choosers, [len(trees[index]) for index, _ in live], costs)
+        else:
+            trees = dict.fromkeys((index for index, _ in live), EMPTY_TREE)
         steps: list = [None] * len(self.rows)
         histories: list = [None] * len(self.rows)
         for index, row in live:
@@ -112,6 +123,7 @@ class BatchScheduler:
             committed = len(row.sequence.history) - before
             self.stats.new_tokens += committed
             self.stats.accepted_histogram[committed] += 1
+        self.costs.observe(shape, (time.perf_counter() - began) * 1e3)
         return finished + self._retire()
 
     def _admit(self) -> list[Finished]:

@@ -104,3 +104,23 @@ def choose_for_batch(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int],
     rates = [sum(chooser.expected_tokens(shape, nodes) for chooser, nodes in zip(choosers, num_nodes)) / cost
              for shape, cost in enumerate(costs)]
     return max(range(len(rates)), key=rates.__getitem__)  # first best: shapes are listed cheapest first
+
+
+class StepCosts:
+    """What a step of each shape costs (ms). Calibration measures the runner's step alone; in a batch the host's
+    work grows with the rows (each drafts its tree, reads its outcome, feeds its sources) while the forward
+    barely does, so with `measured` a shape's cost becomes the running mean of its steps' wall time, host work
+    included, from its first step on. Shapes not yet run keep their calibrated cost, which is lower than
+    their wall time, so each gets tried and measured."""
+
+    def __init__(self, calibrated_ms: Sequence[float], measured: bool, decay: float = 0.8) -> None:
+        self.costs_ms = list(calibrated_ms)
+        self.measured, self.decay = measured, decay
+        self._seen = [False] * len(self.costs_ms)
+
+    def observe(self, shape: int, wall_ms: float) -> None:
+        if not self.measured:
+            return
+        kept = self.decay if self._seen[shape] else 0.0
+        self.costs_ms[shape] = self.costs_ms[shape] * kept + wall_ms * (1 - kept)
+        self._seen[shape] = True
