@@ -1,0 +1,218 @@
+"""Batched lookahead decoding: every row of a batch (continuous batching included) equals its own greedy decode,
+rows stop on their own, and the scheduler admits and retires requests row by row."""
+
+import random
+
+import pytest
+import torch
+import transformers
+from conftest import VOCAB, greedy_reference, tiny_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lookahead_decoding as ld
+from lookahead_decoding import scheduler as scheduler_module
+from lookahead_decoding.config import AUTOREGRESSIVE
+from lookahead_decoding.drafting.sources import make_source
+from lookahead_decoding.engine import StaticStep
+from lookahead_decoding.model_adapter import UnsupportedModelError
+from lookahead_decoding.scheduler import BatchScheduler, Request
+from lookahead_decoding.tuning import StepPlan, verify_only
+
+FIXED = {
+    "small": ld.LookaheadConfig(2, 3, 2),
+    "wide": ld.LookaheadConfig(4, 4, 3),
+    "verify": verify_only(6, 3),
+}
+MIXED = (AUTOREGRESSIVE, verify_only(4, 2), ld.LookaheadConfig(3, 3, 2), ld.LookaheadConfig(2, 2, 3, candidate_length=2))
+
+
+def reference_tokens(model, prompt, max_new_tokens, **kwargs) -> list[int]:
+    """HF greedy decoding of one prompt alone: prompt + new tokens."""
+    ids = torch.tensor([prompt])
+    return greedy_reference(model, ids, max_new_tokens, attention_mask=torch.ones_like(ids), **kwargs)[0].tolist()
+
+
+def shuffled_shapes(seed: int, count: int):
+    """Replaces `choose_for_batch`: any shape of the plan, at random, every time a shape is chosen."""
+    rng = random.Random(seed)
+    return lambda *args, **kwargs: rng.randrange(count)
+
+
+def expected_sequences(prompts, rows, pad):
+    longest = max(map(len, prompts))
+    new = [row.tokens[len(prompt):] for prompt, row in zip(prompts, rows)]
+    width = max(map(len, new))
+    return [[pad] * (longest - len(p)) + p + n + [pad] * (width - len(n)) for p, n in zip(prompts, new)]
+
+
+prompt_strategy = st.one_of(
+    st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=30),
+    st.builds(lambda motif, length: (motif * 30)[:length],
+              st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=4), st.integers(1, 30)),
+)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    arch=st.sampled_from(["llama", "qwen3", "gpt2", "gpt_neox", "phi3"]),
+    prompts=st.lists(prompt_strategy, min_size=1, max_size=6),
+    data=st.data(),
+    plan_name=st.sampled_from([*FIXED, "mixed"]),
+    max_new_tokens=st.integers(1, 30),
+    eos_position=st.one_of(st.none(), st.integers(0, 29)),
+    schedule_seed=st.integers(0, 10**6),
+)
+def test_every_row_of_a_batch_equals_its_own_greedy_decode(arch, prompts, data, plan_name, max_new_tokens,
+                                                         eos_position, schedule_seed):
+    model = tiny_model(arch)
+    batch_size = data.draw(st.integers(1, len(prompts)), label="batch_size")
+    eos = None
+    if eos_position is not None:  # a token some row really generates, so that rows stop at different steps
+        first = reference_tokens(model, prompts[0], max_new_tokens)[len(prompts[0]):]
+        eos = first[min(eos_position, len(first) - 1)]
+    expected = [reference_tokens(model, prompt, max_new_tokens, eos_token_id=eos) for prompt in prompts]
+    with pytest.MonkeyPatch.context() as patch:
+        if plan_name == "mixed":
+            config = StepPlan(MIXED, (1.0,) * len(MIXED))
+            patch.setattr(scheduler_module, "choose_for_batch", shuffled_shapes(schedule_seed, len(MIXED)))
+        else:
+            config = FIXED[plan_name]
+        out = ld.generate(model, prompts, max_new_tokens, config, eos_token_id=eos, batch_size=batch_size)
+    assert [row.tokens for row in out.rows] == expected
+    assert out.stats.new_tokens == sum(len(e) - len(p) for e, p in zip(expected, prompts))
+    assert [row.stats.new_tokens for row in out.rows] == [len(e) - len(p) for e, p in zip(expected, prompts)]
+    assert out.sequences.tolist() == expected_sequences(prompts, out.rows, ld.decoding.pad_token(model))
+    if eos is not None:
+        for row, prompt in zip(out.rows, prompts):
+            new = row.tokens[len(prompt):]
+            assert eos not in new[:-1]  # a row stops at its first EOS
+
+
+def left_padded(prompts, pad):
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def test_a_left_padded_tensor_gives_the_rows_of_the_list():
+    model = tiny_model("llama")
+    prompts = [[5, 6, 7, 5, 6, 7, 5], [9], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3], [7, 7, 7]]
+    config = ld.LookaheadConfig(3, 3, 2)
+    listed = ld.generate(model, prompts, 15, config, batch_size=3)
+    ids, mask = left_padded(prompts, pad=7)  # the pad id occurs in the prompts: only the mask says what is padding
+    padded = ld.generate(model, ids, 15, config, attention_mask=mask, batch_size=3)
+    assert [row.tokens for row in padded.rows] == [row.tokens for row in listed.rows]
+    assert [row.tokens for row in padded.rows] == [reference_tokens(model, p, 15) for p in prompts]
+    # The input as given, then the new tokens
+    assert padded.sequences[:, : ids.shape[1]].tolist() == ids.tolist()
+    assert padded.sequences[:, ids.shape[1]:].tolist() == listed.sequences[:, ids.shape[1]:].tolist()
+
+
+def test_the_scheduler_admits_into_free_rows_and_retires_finished_ones():
+    model = tiny_model("qwen3")
+    config = ld.LookaheadConfig(2, 3, 2)
+    prompts = {"a": [3, 4, 5, 3, 4, 5], "b": [10, 11], "c": [20, 21, 22, 23], "d": [1, 1, 2, 1, 1, 2, 1], "e": [8]}
+    budgets = {"a": 1, "b": 7, "c": 3, "d": 12, "e": 0}
+    runner = StaticStep(model, config, 64, batch_size=2)
+    scheduler = BatchScheduler(runner, StepPlan((config,), (1.0,)), lambda: make_source(None, (config,)))
+    for tag, prompt in prompts.items():
+        scheduler.submit(Request(list(prompt), budgets[tag], tag=tag))
+    assert not scheduler.idle and scheduler.active == 0
+    finished, occupants, steps = [], [], 0
+    while not scheduler.idle:
+        before = [None if row is None else row.request.tag for row in scheduler.rows]
+        done = scheduler.step()
+        steps += 1
+        assert steps < 100
+        assert scheduler.active <= 2
+        for result in done:
+            assert result.tag not in [None if row is None else row.request.tag for row in scheduler.rows]
+        occupants.append((before, [None if row is None else row.request.tag for row in scheduler.rows]))
+        finished.extend(done)
+    assert scheduler.active == 0 and not scheduler.waiting
+    assert sorted(result.tag for result in finished) == sorted(prompts)
+    for result in finished:
+        prompt, budget = prompts[result.tag], budgets[result.tag]
+        assert len(result.tokens) - len(prompt) == budget
+        assert result.tokens == reference_tokens(model, prompt, budget) if budget else result.tokens == prompt
+    order = [result.tag for result in finished]
+    # "a" takes one token (its prefill) and leaves at once, freeing its row for "c" at the next step; "e" needs no
+    # row; "c" (3 tokens) ends before "b" (7) and "b" before "d" (12)
+    assert order.index("a") < order.index("c") < order.index("b") < order.index("d")
+    assert order.index("e") < order.index("d")
+    ever_placed = {tag for _, after in occupants for tag in after if tag is not None}
+    ever_placed |= {tag for before, _ in occupants for tag in before if tag is not None}
+    assert "e" not in ever_placed and ever_placed == {"b", "c", "d"}  # "a" retires within its admitting step
+    # A freed row is taken by the next waiting request at the next step
+    row_tags = [[after[i] for _, after in occupants] for i in range(2)]
+    assert any(len({tag for tag in tags if tag is not None}) >= 2 for tags in row_tags)
+    for before, after in occupants:
+        for i in range(2):
+            if before[i] is not None and after[i] is not None and before[i] != after[i]:
+                pytest.fail(f"row {i} changed from {before[i]} to {after[i]} without being freed first")
+    assert scheduler.stats.new_tokens == sum(budgets.values())
+
+
+def test_a_freed_row_is_refilled_at_the_next_step():
+    model = tiny_model("llama")
+    config = ld.LookaheadConfig(2, 3, 2)
+    runner = StaticStep(model, config, 64, batch_size=2)
+    scheduler = BatchScheduler(runner, StepPlan((config,), (1.0,)), lambda: make_source(None, (config,)))
+    for tag, budget in (("long", 20), ("short", 2), ("next", 4)):
+        scheduler.submit(Request([4, 5, 6, 4, 5], budget, tag=tag))
+    tags = []
+    while not scheduler.idle:
+        done = scheduler.step()
+        tags.append(([row.request.tag if row else None for row in scheduler.rows], [r.tag for r in done]))
+    freed = next(i for i, (_, done) in enumerate(tags) if "short" in done)
+    assert tags[freed][0] == ["long", None]
+    assert tags[freed + 1][0][1] == "next"  # the freed row holds the waiting request one step later
+    assert [done for _, done in tags if done] == [["short"], ["next"], ["long"]]
+
+
+def test_sampling_a_batch_is_reproducible_from_one_seed():
+    model = tiny_model("gpt2")
+    prompts = [[1, 2, 3, 1, 2, 3], [40, 41], [7, 8, 9, 10, 7]]
+    config = ld.LookaheadConfig(3, 3, 2)
+
+    def sample(seed):
+        out = ld.generate(model, prompts, 20, config, do_sample=True, generator=torch.Generator().manual_seed(seed))
+        assert [len(row.tokens) - len(p) for row, p in zip(out.rows, prompts)] == [20] * 3
+        return [row.tokens for row in out.rows]
+
+    first = sample(7)
+    assert sample(7) == first
+    assert sample(8) != first
+
+
+class StopAfter(transformers.StoppingCriteria):
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
+
+
+def test_a_stopping_criterion_stops_only_its_row():
+    model = tiny_model("gpt_neox")
+    prompts = [[2, 3, 4, 2, 3], [50, 51, 52], [11, 12, 11, 12, 11], [70]]
+    alone = [reference_tokens(model, p, 25) for p in prompts]
+    stop = alone[0][len(prompts[0]) + 3]  # the fourth new token of row 0
+    criteria = transformers.StoppingCriteriaList([StopAfter(stop)])
+    expected = [reference_tokens(model, p, 25, stopping_criteria=criteria) for p in prompts]
+    out = ld.generate(model, prompts, 25, ld.LookaheadConfig(3, 3, 2), stopping_criteria=criteria, batch_size=3)
+    assert [row.tokens for row in out.rows] == expected
+    assert len(out.rows[0].tokens) - len(prompts[0]) <= 4
+    lengths = [len(row.tokens) - len(p) for row, p in zip(out.rows, prompts)]
+    assert 25 in lengths  # some row never meets the criterion and runs to max_new_tokens
+    for row, prompt, length in zip(out.rows, prompts, lengths):
+        assert length == 25 or row.tokens[-1] == stop
+
+
+def test_a_sliding_window_model_cannot_batch():
+    model = tiny_model("mistral")
+    with pytest.raises(UnsupportedModelError, match=r"MistralForCausalLM uses sliding-window attention, which the "
+                                                    r"static engine does not support"):
+        ld.generate(model, [[1, 2, 3], [4, 5]], 5, ld.LookaheadConfig(2, 3, 2))
