@@ -116,3 +116,19 @@ def test_the_draft_sources_can_be_chosen_through_generate(llama):
     out = llama.generate(input_ids, do_sample=False, max_new_tokens=24, lookahead_source=["pool", "recycled"],
                          **THROUGH)
     assert out.tolist() == expected
+
+
+def test_a_left_padded_batch_equals_hf_greedy_row_by_row(llama):
+    """custom_generate takes a batch: each row stops on its own and comes back padded as model.generate pads it."""
+    pad = 0
+    prompts = [[5, 6, 7, 5, 6, 7, 5], [9, 3], [11, 12, 13, 14]]
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    eos = int(greedy_reference(llama, torch.tensor([prompts[1]]), 6)[0, len(prompts[1]) + 3])  # row 1 stops early
+    kwargs = dict(attention_mask=attention_mask, max_new_tokens=16, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+    expected = llama.generate(input_ids, **kwargs)
+    out = llama.generate(input_ids, custom_generate=ld.lookahead_generate, lookahead_config=ld.LookaheadConfig(3, 3, 2),
+                         **kwargs)
+    assert out.tolist() == expected.tolist()
+    assert (out[1, width + 4:] == pad).all()  # stopped at its EOS, padded after it
