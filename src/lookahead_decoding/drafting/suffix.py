@@ -57,12 +57,13 @@ class SuffixSource(CandidateSource):
         self._extend(history[len(self._text):])
 
     def _extend(self, tokens: Sequence[int]) -> None:
-        text = self._text
+        text, index, longest = self._text, self._ends.setdefault, self.max_match
         for token in tokens:
             text.append(token)
             end = len(text) - 1
-            for k in range(1, min(self.max_match, len(text)) + 1):
-                self._ends.setdefault(tuple(text[-k:]), []).append(end)
+            tail = tuple(text[-longest:])  # one copy; its suffixes are the k-grams ending here (hot in batches)
+            for k in range(1, len(tail) + 1):
+                index(tail[-k:], []).append(end)
 
     def find_match(self, history: Sequence[int]) -> tuple[int, list[int]]:
         """The longest suffix of `history` (at most `max_match` tokens) that ends earlier in the text with a
