@@ -17,7 +17,7 @@ from lookahead_decoding import decoding, runners, scheduler, tuning
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.model_adapter import ModelAdapter
-from lookahead_decoding.shape_choice import AcceptancePrior, ShapeChooser, choose_for_batch
+from lookahead_decoding.shape_choice import AcceptancePrior, ShapeChooser
 from lookahead_decoding.step import EagerStep
 from lookahead_decoding.tuning import StepPlan, verify_only
 
@@ -28,7 +28,7 @@ SHAPES = (AUTOREGRESSIVE, verify_only(2 * K, K), ld.LookaheadConfig(4, 4, 4), ld
 def random_schedule(seed: int):
     """A stand-in for `choose_for_batch` that picks a random shape every step, whatever the statistics say."""
     rng = random.Random(seed)
-    return lambda choosers, num_nodes, costs_ms=None, remaining=None: rng.randrange(len(costs_ms))
+    return lambda choosers, num_nodes, costs_ms=None: rng.randrange(len(costs_ms))
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -105,17 +105,6 @@ def test_a_narrow_step_learns_nothing_from_a_path_outside_its_budget():
         pick.observe(2, num_nodes=12, path=[6, 7, 8])  # a path beyond the narrow step's 2·K = 6 nodes
     assert pick.accepted[True][1] == pytest.approx(0)
     assert pick.window_tokens[2] == pytest.approx(4, abs=0.5)
-
-
-def test_a_batch_chooses_by_all_rows_while_requests_wait_and_by_the_slowest_row_after():
-    copying = chooser(accepted=0.0, window_tokens=4.0)  # its window steps commit 4 tokens
-    stuck = chooser(accepted=0.0, window_tokens=1.0)  # nothing it drafts is accepted
-    rows = [copying, stuck]
-    assert choose_for_batch(rows, [0, 0]) == 2  # (4 + 1) / 1.6 beats (1 + 1) / 1: more tokens per ms
-    # Nothing waits: the batch ends with its last row, and the stuck row is as slow with the window, at 1.6 ms.
-    assert choose_for_batch(rows, [0, 0], remaining=[200, 100]) == 2  # the copying row is the slowest: 200/4·1.6
-    assert choose_for_batch(rows, [0, 0], remaining=[100, 200]) == 0  # the stuck row is: plain, 200·1.0
-    assert choose_for_batch([copying], [0], remaining=[100]) == copying.choose(0)  # one row: the same choice
 
 
 def test_chooser_rejects_bad_costs():

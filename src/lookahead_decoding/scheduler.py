@@ -2,7 +2,7 @@
 
     repeat:  admit waiting requests into free rows (one batched prefill) |
              every decoding row drafts its token tree (unless a plain step wins anyway) |
-             choose one step shape for the batch (most tokens per ms; once nothing waits, the slowest row's finish) |
+             choose one step shape for the batch |
              one fused forward for all rows | each row commits its own accepted tokens |
              retire the rows that stopped (their results are handed back; the rows are free again)
 
@@ -113,13 +113,11 @@ class BatchScheduler:
         began = time.perf_counter()
         choosers = [row.sequence.chooser for _, row in live]
         costs = self.costs.costs_ms
-        # With requests waiting, the most tokens per millisecond; without, the slowest row's finish (see there).
-        remaining = None if self.waiting else [row.sequence.emitter.remaining for _, row in live]
         # Drafting costs host time per row: skip it when the plain step wins even against full trees.
-        shape = choose_for_batch(choosers, [row.sequence.largest_tree for _, row in live], costs, remaining)
+        shape = choose_for_batch(choosers, [row.sequence.largest_tree for _, row in live], costs)
         if self.plan.shapes[shape].verifies:
             trees = {index: row.sequence.draft() for index, row in live}
-            shape = choose_for_batch(choosers, [len(trees[index]) for index, _ in live], costs, remaining)
+            shape = choose_for_batch(choosers, [len(trees[index]) for index, _ in live], costs)
         else:
             trees = dict.fromkeys((index for index, _ in live), EMPTY_TREE)
         steps: list = [None] * len(self.rows)

@@ -95,24 +95,15 @@ class ShapeChooser:
             self.in_run = accepted > 0
 
 
-def choose_for_batch(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int], costs_ms: Sequence[float] | None = None,
-                     remaining: Sequence[int] | None = None) -> int:
-    """The one shape for a step that decodes several sequences side by side (each judged by its own statistics
-    and token tree of `num_nodes`; `costs_ms`: the batched step's, default the choosers' own).
-
-    While requests wait for rows, every token counts the same: the most tokens expected over all sequences per
-    millisecond. Given `remaining` (each sequence's tokens left) because nothing waits, the batch is done when
-    its last row is, and the tokens of rows that would finish early anyway buy nothing: the shape that finishes
-    the slowest sequence soonest. For one sequence both rules choose alike."""
+def choose_for_batch(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int], costs_ms: Sequence[float] | None = None
+                     ) -> int:
+    """The one shape for a step that decodes several sequences side by side: the most tokens expected over all
+    of them (each by its own statistics and token tree of `num_nodes`) per millisecond of the batched step
+    (`costs_ms`: measured at this batch size; default: the choosers' own)."""
     costs = choosers[0].costs if costs_ms is None else costs_ms
-    if remaining is None:
-        scores = [sum(chooser.expected_tokens(shape, nodes) for chooser, nodes in zip(choosers, num_nodes)) / cost
-                  for shape, cost in enumerate(costs)]
-    else:
-        scores = [-cost * max(left / chooser.expected_tokens(shape, nodes)
-                              for chooser, nodes, left in zip(choosers, num_nodes, remaining))
-                  for shape, cost in enumerate(costs)]
-    return max(range(len(scores)), key=scores.__getitem__)  # first best: shapes are listed cheapest first
+    rates = [sum(chooser.expected_tokens(shape, nodes) for chooser, nodes in zip(choosers, num_nodes)) / cost
+             for shape, cost in enumerate(costs)]
+    return max(range(len(rates)), key=rates.__getitem__)  # first best: shapes are listed cheapest first
 
 
 class StepCosts:
