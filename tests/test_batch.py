@@ -216,3 +216,23 @@ def test_a_sliding_window_model_cannot_batch():
     with pytest.raises(UnsupportedModelError, match=r"MistralForCausalLM uses sliding-window attention, which the "
                                                     r"static engine does not support"):
         ld.generate(model, [[1, 2, 3], [4, 5]], 5, ld.LookaheadConfig(2, 3, 2))
+
+
+def test_each_prompt_can_have_its_own_max_new_tokens():
+    model = tiny_model("llama")
+    prompts = [[4, 5, 6, 4, 5, 6], [7, 8], [9, 10, 11, 12]]
+    out = ld.generate(model, prompts, [3, 0, 9], ld.LookaheadConfig(3, 3, 2), batch_size=2)
+    assert [row.stats.new_tokens for row in out.rows] == [3, 0, 9]
+    for prompt, limit, row in zip(prompts, [3, 0, 9], out.rows):
+        assert row.tokens == (reference_tokens(model, prompt, limit) if limit else prompt)
+
+
+@pytest.mark.parametrize("limits, message", [
+    ([3], "max_new_tokens has 1 values for 2 prompts; give one per prompt or one int"),
+    ([3, -1], "max_new_tokens must be a non-negative integer, got -1"),
+    ([3, 2.0], "max_new_tokens must be a non-negative integer, got 2.0"),
+])
+def test_bad_per_prompt_limits_are_refused(limits, message):
+    with pytest.raises(ValueError) as info:
+        ld.generate(tiny_model("llama"), [[1, 2], [3]], limits, ld.LookaheadConfig(2, 2, 2))
+    assert str(info.value) == message

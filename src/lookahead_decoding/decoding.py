@@ -101,19 +101,28 @@ def prompts_from(input_ids, attention_mask=None) -> list[list[int]]:
                     f"token-id lists, got {type(input_ids).__name__}")
 
 
-def _check_inputs(adapter: ModelAdapter, prompts: list[list[int]], max_new_tokens) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+def new_token_limits(max_new_tokens, count: int) -> list[int]:
+    """One max_new_tokens per prompt: an int for every prompt, or a list of one per prompt."""
+    limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * count
+    if len(limits) != count:
+        raise ValueError(f"max_new_tokens has {len(limits)} values for {count} prompts; give one per prompt or one int")
+    for limit in limits:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {limit!r}")
+    return limits
+
+
+def _check_inputs(adapter: ModelAdapter, prompts: list[list[int]], limits: list[int]) -> None:
     vocab = adapter.model.get_output_embeddings().weight.shape[0]
-    for index, prompt in enumerate(prompts):
+    for index, (prompt, limit) in enumerate(zip(prompts, limits)):
         name = "prompt" if len(prompts) == 1 else f"prompt {index}"
         if not prompt:
             raise ValueError("the prompt is empty: input_ids has no tokens" if len(prompts) == 1 else
                              f"prompt {index} is empty: it has no tokens")
-        total = len(prompt) + max_new_tokens
+        total = len(prompt) + limit
         if adapter.context_length is not None and total > adapter.context_length:
             raise ValueError(
-                f"{name} ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens exceeds the "
+                f"{name} ({len(prompt)} tokens) + max_new_tokens ({limit}) = {total} tokens exceeds the "
                 f"model's context length of {adapter.context_length}"
             )
         if min(prompt) < 0 or max(prompt) >= vocab:
@@ -202,7 +211,7 @@ def make_sources(source, shapes, predictions: int | None, count: int) -> Callabl
 def schedule(
     model,
     prompts: list[list[int]],
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     config: LookaheadConfig | StepPlan | str | None = AUTO,
     streamer=None,
     stopping_criteria=None,
@@ -215,7 +224,8 @@ def schedule(
     batch_size: int | None = None,
 ) -> BatchScheduler:
     """Check everything, pick the plan and the runner, and queue `prompts` (token lists; tagged by their index)
-    for lookahead decoding `batch_size` at a time (default: all at once); greedy unless `verifier` says
+    for lookahead decoding `batch_size` at a time (default: all at once), each up to its `max_new_tokens` (one
+    int for all, or one per prompt); greedy unless `verifier` says
     otherwise (see `sampling.make_verifier`). `scheduler.run()` then yields each result as it finishes.
 
     `config` is resolved by `resolve_plan`. `stream_prompt=False` when the caller already sent the prompt (HF
@@ -223,7 +233,8 @@ def schedule(
     the batch size.
     """
     adapter = ModelAdapter(model)
-    _check_inputs(adapter, prompts, max_new_tokens)
+    limits = new_token_limits(max_new_tokens, len(prompts))
+    _check_inputs(adapter, prompts, limits)
     if streamer is not None and len(prompts) > 1:
         raise ValueError(f"a streamer follows one sequence; got a batch of {len(prompts)} prompts")
     if runner is not None and runner.adapter.model is not model:
@@ -236,10 +247,11 @@ def schedule(
     batch = runner.batch_size if runner is not None else min(batch_size or len(prompts), len(prompts))
     plan = resolve_plan(model, config, verifier, runner, batch)
     longest = max(len(prompt) for prompt in prompts)
-    check_step_fits(adapter, plan, longest, max_new_tokens, batch)
+    check_step_fits(adapter, plan, longest, max(limits), batch)
     make_row_source = make_sources(source, plan.shapes, None if runner is None else runner.predictions, len(prompts))
     wanted = make_row_source().predictions_wanted
-    total = longest + max_new_tokens
+    # The engine holds the longest sequence any prompt may become.
+    total, widest = max((len(prompt) + limit, index) for index, (prompt, limit) in enumerate(zip(prompts, limits)))
     if runner is None:
         runner = runner_for(model, plan.shapes, total, verifier, predictions=wanted, batch_size=batch)
     elif runner.predictions < wanted:
@@ -250,18 +262,18 @@ def schedule(
         raise ValueError(f"the step runner was built for {shapes}, not {', '.join(map(str, plan.shapes))}")
     max_length = getattr(runner, "max_length", None)
     if max_length is not None and total > max_length:
-        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens does not "
-                         f"fit this engine's max_length {max_length}")
+        raise ValueError(f"prompt ({len(prompts[widest])} tokens) + max_new_tokens ({limits[widest]}) = {total} tokens "
+                         f"does not fit this engine's max_length {max_length}")
     if streamer is not None and stream_prompt:
         streamer.put(torch.tensor(prompts))
     scheduler = BatchScheduler(runner, plan, make_row_source)
-    for request in requests_from(prompts, max_new_tokens, _eos_set(model, eos_token_id), stopping_criteria, seed,
+    for request in requests_from(prompts, limits, _eos_set(model, eos_token_id), stopping_criteria, seed,
                                  streamer):
         scheduler.submit(request)
     return scheduler
 
 
-def decode(model, prompts: list[list[int]], max_new_tokens: int, *args, **kwargs
+def decode(model, prompts: list[list[int]], max_new_tokens: int | Sequence[int], *args, **kwargs
            ) -> tuple[list[Finished], GenerationStats, StepPlan]:
     """`schedule` and run to the end: the results in prompt order, the statistics of the run (for one prompt, its
     own) and the plan."""
@@ -306,7 +318,7 @@ def batch_sequences(input_ids, prompts: list[list[int]], results: list[Finished]
 def generate(
     model,
     input_ids,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | Sequence[int] = 128,
     config: LookaheadConfig | StepPlan | str | None = AUTO,
     streamer=None,
     stopping_criteria=None,
@@ -327,7 +339,7 @@ def generate(
     input_ids: one prompt or a batch, as a [batch, prompt_len] integer tensor (left-padded, with the
     `attention_mask` saying where, as a HF tokenizer pads with padding_side="left") or a list of token-id lists.
     Every row decodes on its own: it accepts its own number of tokens per step and stops on its own (EOS,
-    stopping criteria, max_new_tokens). `batch_size` rows decode side by side (default: all prompts); when it is
+    stopping criteria, max_new_tokens: one int, or a list of one per prompt). `batch_size` rows decode side by side (default: all prompts); when it is
     smaller, a row that finishes takes the next prompt. The result has every row's tokens and statistics.
 
     config: "auto" (the default, also None) uses step shapes calibrated for this device, model, dtype and batch

@@ -181,8 +181,8 @@ class BatchScheduler:
         return self.stats
 
 
-def requests_from(prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: set[int], stopping_criteria,
+def requests_from(prompts: Sequence[Sequence[int]], limits: Sequence[int], eos_ids: set[int], stopping_criteria,
                   seed: int, streamer=None) -> list[Request]:
-    """One request per prompt, tagged with its index."""
-    return [Request(list(prompt), max_new_tokens, eos_ids, stopping_criteria, None, seed, streamer, tag=index)
-            for index, prompt in enumerate(prompts)]
+    """One request per prompt with its own max_new_tokens (`limits`), tagged with its index."""
+    return [Request(list(prompt), limit, eos_ids, stopping_criteria, None, seed, streamer, tag=index)
+            for index, (prompt, limit) in enumerate(zip(prompts, limits))]

@@ -274,17 +274,10 @@ def _schedule_pending(args: argparse.Namespace, model, config, pending: list[Pro
     from ..decoding import schedule
 
     limits = [entry.max_new_tokens for entry in pending]
-    # schedule() sizes its cache for the longest prompt + one max_new_tokens for all: the most any prompt needs
-    # beyond the longest one, so that a long prompt with a small limit fits wherever its own limit does.
-    longest = max(len(ids) for ids in token_ids)
-    room = max(len(ids) + limit for ids, limit in zip(token_ids, limits)) - longest
     try:
-        scheduler = schedule(model, token_ids, room, config, source=args.source, batch_size=args.batch_size or 1)
+        return schedule(model, token_ids, limits, config, source=args.source, batch_size=args.batch_size or 1)
     except (ValueError, TypeError) as err:  # e.g. a step shape too large for the longest prompt
         raise CommandError(f"{args.prompts_file}: {err}") from err
-    for request in scheduler.waiting:  # queued with `room`; each prompt stops at its own limit
-        request.max_new_tokens = limits[request.tag]
-    return scheduler
 
 
 def format_histogram(histogram: dict[str, int]) -> list[str]:
