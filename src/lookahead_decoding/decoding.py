@@ -83,7 +83,8 @@ def prompts_from(input_ids, attention_mask=None) -> list[list[int]]:
             return rows
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
             shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
-            raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {shape}")
+            raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {shape}")
         mask = attention_mask.tolist()
         for index, line in enumerate(mask):
             if any(value not in (0, 1) for value in line):
@@ -339,8 +340,9 @@ def generate(
     input_ids: one prompt or a batch, as a [batch, prompt_len] integer tensor (left-padded, with the
     `attention_mask` saying where, as a HF tokenizer pads with padding_side="left") or a list of token-id lists.
     Every row decodes on its own: it accepts its own number of tokens per step and stops on its own (EOS,
-    stopping criteria, max_new_tokens: one int, or a list of one per prompt). `batch_size` rows decode side by side (default: all prompts); when it is
-    smaller, a row that finishes takes the next prompt. The result has every row's tokens and statistics.
+    stopping criteria, max_new_tokens: one int, or a list of one per prompt). `batch_size` rows decode side by
+    side (default: all prompts); when it is smaller, a row that finishes takes the next prompt. The result has
+    every row's tokens and statistics.
 
     config: "auto" (the default, also None) uses step shapes calibrated for this device, model, dtype and batch
     size (cached in the user's cache directory) and picks one before every step, plain one-token steps included;

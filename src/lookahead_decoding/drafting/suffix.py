@@ -1,9 +1,9 @@
 """Drafts from the text's own repetitions: what followed earlier occurrences of the longest matching suffix.
 
 The idea of SuffixDecoding (arXiv 2411.04975) and of SAM-Decoding's exact suffix matching (arXiv 2411.10666):
-the text (prompt, then committed output) is indexed by every k-gram, the longest suffix of the history that
-occurred before is looked up, and the tokens that followed its occurrences are merged into a trie whose counts
-score them.
+the text (prompt, then committed output) is indexed by every k-gram (a trie of reversed k-grams), the longest
+suffix of the history that occurred before is looked up, and the tokens that followed its occurrences are merged
+into a trie whose counts score them.
 """
 
 from __future__ import annotations
@@ -44,12 +44,14 @@ class SuffixSource(CandidateSource):
         self.min_probability = min_probability
         self.confidence_offset = confidence_offset
         self._text: list[int] = []
-        # k-gram (1 <= k <= max_match) -> positions in the text where it ends, ascending.
-        self._ends: dict[tuple[int, ...], list[int]] = {}
+        # Every k-gram (1 <= k <= max_match) of the text, read backwards from its last token, as a path in a trie;
+        # a node holds the positions where its k-gram ends, ascending, then its children (the preceding token).
+        # Indexing a token walks one path of small-int keys rather than hashing max_match tuples.
+        self._trie: dict[int, tuple[list[int], dict]] = {}
 
     def begin(self, prompt: Sequence[int]) -> None:
         self._text = []
-        self._ends = {}
+        self._trie = {}
         self._extend(prompt)
 
     def observe(self, history: Sequence[int], num_new: int) -> None:
@@ -57,24 +59,30 @@ class SuffixSource(CandidateSource):
         self._extend(history[len(self._text):])
 
     def _extend(self, tokens: Sequence[int]) -> None:
-        text, index, longest = self._text, self._ends.setdefault, self.max_match
+        text = self._text
         for token in tokens:
             text.append(token)
             end = len(text) - 1
-            tail = tuple(text[-longest:])  # one copy; its suffixes are the k-grams ending here (hot in batches)
-            for k in range(1, len(tail) + 1):
-                index(tail[-k:], []).append(end)
+            children = self._trie
+            for position in range(end, max(-1, end - self.max_match), -1):
+                node = children.get(text[position])
+                if node is None:
+                    node = children[text[position]] = ([], {})
+                node[0].append(end)
+                children = node[1]
 
     def find_match(self, history: Sequence[int]) -> tuple[int, list[int]]:
         """The longest suffix of `history` (at most `max_match` tokens) that ends earlier in the text with a
         token after it: its length, and the positions where it ends, most recent first (0 and [] if none)."""
         length, ends = 0, []
+        children = self._trie
         for k in range(1, min(self.max_match, len(history)) + 1):
-            candidates = self._ends.get(tuple(history[-k:]))
+            node = children.get(history[-k])
             # If the k-token suffix has no followed occurrence, no longer suffix has one: stop at the first miss.
-            if not candidates or candidates[0] + 1 >= len(self._text):
+            if node is None or node[0][0] + 1 >= len(self._text):
                 break
-            length, ends = k, candidates
+            length, ends = k, node[0]
+            children = node[1]
         return length, [end for end in reversed(ends) if end + 1 < len(self._text)]
 
     def propose(self, history: Sequence[int], max_length: int, budget: int) -> list[Draft]:
