@@ -236,3 +236,18 @@ def test_bad_per_prompt_limits_are_refused(limits, message):
     with pytest.raises(ValueError) as info:
         ld.generate(tiny_model("llama"), [[1, 2], [3]], limits, ld.LookaheadConfig(2, 2, 2))
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("prompt, max_new_tokens, message", [
+    ([], 4, "request 'x': the prompt is empty"),
+    ([1] * 30, 11, "request 'x': prompt (30 tokens) + max_new_tokens (11) = 41 tokens does not fit this engine's "
+                   "max_length 40"),
+])
+def test_the_scheduler_refuses_a_request_that_cannot_fit(prompt, max_new_tokens, message):
+    config = ld.LookaheadConfig(2, 2, 2)
+    runner = StaticStep(tiny_model("llama"), config, 40, batch_size=2)
+    scheduler = BatchScheduler(runner, StepPlan((config,), (1.0,)), lambda: make_source(None, (config,)))
+    with pytest.raises(ValueError) as info:
+        scheduler.submit(Request(prompt, max_new_tokens, tag="x"))
+    assert str(info.value) == message
+    assert scheduler.idle  # nothing was queued

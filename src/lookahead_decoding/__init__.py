@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 # Public name -> the submodule that defines it.
 _EXPORTS = {
+    "BatchScheduler": "scheduler",
     "CandidateSource": "drafting",
     "CombinedSource": "drafting",
     "Draft": "drafting",
@@ -20,6 +21,8 @@ _EXPORTS = {
     "LookaheadOutput": "decoding",
     "NGramPoolSource": "drafting",
     "RecycledTopKSource": "drafting",
+    "Request": "scheduler",
+    "RowOutput": "decoding",
     "SuffixSource": "drafting",
     "ProcessedGreedyVerifier": "sampling",
     "SamplingVerifier": "sampling",
@@ -57,7 +60,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .config import LookaheadConfig
-    from .decoding import LookaheadOutput, generate
+    from .decoding import LookaheadOutput, RowOutput, generate
     from .state import GenerationStats
     from .drafting import CandidateSource, CombinedSource, Draft, NGramPoolSource, RecycledTopKSource, SuffixSource
     from .engine import StaticStep
@@ -65,4 +68,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .hf_integration import lookahead_generate
     from .model_adapter import UnsupportedModelError
     from .models import default_model_path, load_default_model, load_model
+    from .scheduler import BatchScheduler, Request
     from .sampling import ProcessedGreedyVerifier, SamplingVerifier

@@ -86,6 +86,14 @@ class BatchScheduler:
         return sum(row is not None for row in self.rows)
 
     def submit(self, request: Request) -> None:
+        """Queue `request`; one that cannot fit the runner is refused now, not when its row runs out of room."""
+        if not request.prompt:
+            raise ValueError(f"request {request.tag!r}: the prompt is empty")
+        room = getattr(self.runner, "max_length", None)
+        total = len(request.prompt) + request.max_new_tokens
+        if room is not None and total > room:
+            raise ValueError(f"request {request.tag!r}: prompt ({len(request.prompt)} tokens) + max_new_tokens "
+                             f"({request.max_new_tokens}) = {total} tokens does not fit this engine's max_length {room}")
         self.waiting.append(request)
 
     def run(self) -> Iterator[Finished]:
