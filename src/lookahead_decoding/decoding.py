@@ -205,7 +205,6 @@ def make_sources(source, shapes, predictions: int | None, count: int) -> Callabl
     if count > 1 and any(isinstance(part, CandidateSource) for part in given):
         raise ValueError(f"a CandidateSource object drafts for one sequence; for a batch of {count} prompts pass "
                          f"source names ({', '.join(SOURCE_NAMES)}) or None")
-    make_source(source, shapes, predictions)  # reject a bad `source` now, not at the first admission
     return lambda: make_source(source, shapes, predictions)
 
 
@@ -250,7 +249,7 @@ def schedule(
     longest = max(len(prompt) for prompt in prompts)
     check_step_fits(adapter, plan, longest, max(limits), batch)
     make_row_source = make_sources(source, plan.shapes, None if runner is None else runner.predictions, len(prompts))
-    wanted = make_row_source().predictions_wanted
+    wanted = make_row_source().predictions_wanted  # also rejects a bad `source` now, not at the first admission
     # The engine holds the longest sequence any prompt may become.
     total, widest = max((len(prompt) + limit, index) for index, (prompt, limit) in enumerate(zip(prompts, limits)))
     if runner is None:

@@ -25,12 +25,11 @@ from collections.abc import Sequence
 import torch
 
 from .config import LookaheadConfig
-from .drafting.base import ModelPredictions
 from .drafting.tree import TokenTree
 from .kv_cache import RowCache
 from .layout import TreeTensors, tree_tensors
 from .model_adapter import ModelAdapter, UnsupportedModelError
-from .step import PlannedStep, StepOutcome, build_layouts, top_predictions, tree_parents
+from .step import PlannedStep, StepOutcome, build_layouts, host_predictions, top_predictions, tree_parents
 from .verification import Verifier, verify_greedy
 
 # Prompt tokens per prefill chunk. The prefill runs as fixed-shape chunks so that it, too, is one captured graph
@@ -224,9 +223,7 @@ class StaticStep:
         else:
             packed, scores, top = self._verified_step(shape, steps, histories)
         values = packed.tolist()  # the one host sync
-        predictions = [None] * self.batch_size
-        if self.predictions:
-            predictions = [ModelPredictions(*row) for row in zip(*(part.tolist() for part in top))]
+        predictions = host_predictions(*top) if self.predictions else [None] * self.batch_size
         return [None if step is None else StepOutcome.from_host(values[row], config, scores[row], predictions[row])
                 for row, step in enumerate(steps)]
 
@@ -285,11 +282,11 @@ class StaticStep:
             self.cache.move_kv(start[:, None] + layout.lookahead_size + path, behind)
         self.lengths.copy_(start + (1 + accepted) * active)
 
-    def _outputs(self, shape: int, logits, step_ids, result, path):
+    def _outputs(self, shape: int, logits, step_ids, result, path, new_level):
         """(the packed outcome per row as `StepOutcome.from_host` reads it, the logits [batch, K+1, V] along the
-        accepted paths, the top predictions (row tokens, top tokens, probabilities) or None)"""
+        accepted paths, the top predictions (row tokens, top tokens, probabilities) or None); `new_level`: the
+        argmax [batch, W] of the window's last level."""
         layout = self.layouts[shape]
-        preds = logits[:, layout.new_level_logits].argmax(dim=-1)
         committed_logits = logits[:, :1]
         if layout.config.tree_nodes > 0:
             tree_logits = logits[:, layout.tree_logits]
@@ -298,7 +295,7 @@ class StaticStep:
         top = None
         if self.predictions:
             top = (step_ids[:, layout.logit_rows], *top_predictions(logits, self.predictions))
-        return torch.cat([result, preds], dim=1), committed_logits, top
+        return torch.cat([result, new_level], dim=1), committed_logits, top
 
     def _device_step(self, shape: int):
         """The greedy step of every row: forward, tree verification, KV commit. See `_outputs`."""
@@ -310,7 +307,7 @@ class StaticStep:
         result = verify(preds[:, 0], preds[:, layout.tree_logits], tree)
         accepted, path = result[:, 0], result[:, 2 + depth :]
         self._device_commit(shape, start, accepted, path)
-        return self._outputs(shape, logits, step_ids, result, path)
+        return self._outputs(shape, logits, step_ids, result, path, preds[:, layout.new_level_logits])
 
     def _verified_step(self, shape: int, steps, histories):
         """The step of every row with the verifier deciding, row by row on the host, what each row accepts."""
@@ -326,7 +323,8 @@ class StaticStep:
         ])
         accepted, path = result[:, 0], result[:, 2 + depth :]
         self._device_commit(shape, start, accepted, path)
-        return self._outputs(shape, logits, step_ids, result, path)
+        new_level = logits[:, layout.new_level_logits].argmax(dim=-1)  # the window refines by argmax
+        return self._outputs(shape, logits, step_ids, result, path, new_level)
 
     def _capture(self) -> None:
         """Record the steps and the prefill chunk as CUDA graphs; warm-up runs leave the cache as they found it."""

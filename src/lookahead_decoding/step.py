@@ -98,9 +98,10 @@ def top_predictions(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
 
 
 def host_predictions(row_tokens: torch.Tensor, top_tokens: torch.Tensor, top_probabilities: torch.Tensor
-                     ) -> ModelPredictions:
-    """`top_predictions` of the rows holding `row_tokens` [R], copied to the host."""
-    return ModelPredictions(row_tokens.tolist(), top_tokens.tolist(), top_probabilities.tolist())
+                     ) -> list[ModelPredictions]:
+    """`top_predictions` of a batch's rows holding `row_tokens` [batch, R], copied to the host: one
+    ModelPredictions per batch row."""
+    return [ModelPredictions(*row) for row in zip(row_tokens.tolist(), top_tokens.tolist(), top_probabilities.tolist())]
 
 
 class EagerStep:
@@ -158,7 +159,8 @@ class EagerStep:
         host = torch.cat([result, new_level]).tolist()  # the one host sync
         predictions = None
         if self.predictions:
-            predictions = host_predictions(ids[layout.logit_rows], *top_predictions(logits, self.predictions))
+            top = top_predictions(logits, self.predictions)
+            (predictions,) = host_predictions(ids[layout.logit_rows][None], *(part[None] for part in top))
         outcome = StepOutcome.from_host(host, config, predictions=predictions)
         path = torch.tensor(outcome.path, dtype=torch.long, device=device)
         commit_path_kv(self.cache, layout.size, layout.lookahead_size + path)
