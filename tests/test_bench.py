@@ -37,7 +37,8 @@ from lookahead_decoding.bench.methods import parse_methods
 
 torch.set_num_threads(1)
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Tiny files of our own in each upstream format: MT-Bench question.jsonl, HumanEval.jsonl.gz, GSM8K test.jsonl.
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FILES = {"mtbench": "question.jsonl", "humaneval": "HumanEval.jsonl.gz", "gsm8k": "test.jsonl"}
 SUMMARY_KEYS = {"n", "new_tokens", "seconds", "tokens_per_second", "tokens_per_step", "speedup_vs_greedy",
                 "identical_to_greedy"}
@@ -54,21 +55,29 @@ def write_jsonl(path: Path, lines: list[str], compress: bool = False) -> Path:
 
 
 @pytest.mark.parametrize("dataset", sorted(FILES))
-def test_shared_files_load(dataset):
-    prompts = load_prompts(dataset, SHARED_DATA / FILES[dataset], limit=3)
+def test_upstream_format_files_load(dataset):
+    prompts = load_prompts(dataset, FIXTURES / FILES[dataset], limit=3)
     assert [p.index for p in prompts] == [0, 1, 2]
     assert all(p.dataset == dataset and p.text.strip() for p in prompts)
     assert all(p.chat == (dataset != "humaneval") for p in prompts)
 
 
-def test_shared_file_contents():
-    (mt,) = load_file("mtbench", SHARED_DATA / FILES["mtbench"], limit=1)
-    assert mt.text.startswith("Compose an engaging travel blog post about a recent trip to Hawaii")
-    (he,) = load_file("humaneval", SHARED_DATA / FILES["humaneval"], limit=1)
-    assert he.text.startswith("from typing import List") and "def has_close_elements" in he.text
-    (gsm,) = load_file("gsm8k", SHARED_DATA / FILES["gsm8k"], limit=1)
-    assert gsm.text.startswith("Janet")
-    assert len(load_file("humaneval", SHARED_DATA / FILES["humaneval"])) == 164
+def test_upstream_format_file_contents():
+    """The prompt is the first turn (MT-Bench), the prompt (HumanEval) or the question (GSM8K); other fields are
+    ignored."""
+    assert [p.text for p in load_file("mtbench", FIXTURES / FILES["mtbench"])] == [
+        "Write a short note inviting a neighbour to a garden party on Saturday.",
+        "A shelf holds 4 red books and twice as many blue books. How many books are on the shelf?",
+        "Explain what a Python generator is, with a two-line example.",
+    ]
+    humaneval = load_file("humaneval", FIXTURES / FILES["humaneval"])
+    assert len(humaneval) == 4
+    assert humaneval[0].text == ('def add(a: int, b: int) -> int:\n    """Return the sum of a and b.\n'
+                                 '    >>> add(2, 3)\n    5\n    """\n')
+    gsm8k = load_file("gsm8k", FIXTURES / FILES["gsm8k"])
+    assert gsm8k[0].text == ("Mia buys 3 packs of pencils with 12 pencils in each pack. She gives away 10 pencils. How "
+                             "many pencils does she have left?")
+    assert gsm8k[2].text.startswith("Tom\u2019s garden")  # upstream writes non-ASCII as \u escapes
 
 
 def test_tiny_files_of_every_format(tmp_path):
@@ -280,7 +289,7 @@ def check_result(result: dict, dataset: str, methods: list[str], n: int) -> None
 def test_tiny_bench_end_to_end(tiny, tmp_path, capsys):
     model, tokenizer = tiny
     out, plot = tmp_path / "r.json", tmp_path / "r.png"
-    argv = ["--dataset", "gsm8k", "--data-file", str(SHARED_DATA / FILES["gsm8k"]), "--limit", "2",
+    argv = ["--dataset", "gsm8k", "--data-file", str(FIXTURES / FILES["gsm8k"]), "--limit", "2",
             "--max-new-tokens", "12", "--methods", "lookahead,pld", "--window", "3", "--ngram", "3", "--guesses", "3",
             "--out", str(out), "--plot", str(plot)]
     assert main(argv, model=model, tokenizer=tokenizer) == 0
@@ -297,7 +306,7 @@ def test_tiny_bench_end_to_end(tiny, tmp_path, capsys):
 def test_tiny_sweep(tiny, tmp_path, capsys):
     model, tokenizer = tiny
     out, plot = tmp_path / "s.json", tmp_path / "s.png"
-    argv = ["--dataset", "mtbench", "--data-file", str(SHARED_DATA / FILES["mtbench"]), "--limit", "1",
+    argv = ["--dataset", "mtbench", "--data-file", str(FIXTURES / FILES["mtbench"]), "--limit", "1",
             "--max-new-tokens", "8", "--sweep", "--sweep-window", "2,3", "--sweep-ngram", "3",
             "--out", str(out), "--plot", str(plot)]
     assert main(argv, model=model, tokenizer=tokenizer) == 0
@@ -348,7 +357,7 @@ def test_warm_up_builds_every_engine_the_run_needs(tiny, monkeypatch):
 def test_tiny_profile(tiny, tmp_path, capsys):
     model, tokenizer = tiny
     out = tmp_path / "p.json"
-    argv = ["--dataset", "humaneval", "--data-file", str(SHARED_DATA / FILES["humaneval"]), "--max-new-tokens", "24",
+    argv = ["--dataset", "humaneval", "--data-file", str(FIXTURES / FILES["humaneval"]), "--max-new-tokens", "24",
             "--profile", "--profile-steps", "4", "--window", "3", "--ngram", "3", "--guesses", "2", "--out", str(out)]
     assert main(argv, model=model, tokenizer=tokenizer) == 0
     result = json.loads(out.read_text())
@@ -369,7 +378,7 @@ def test_tiny_profile(tiny, tmp_path, capsys):
 
 def test_profile_errors(tiny, capsys):
     model, tokenizer = tiny
-    base = ["--dataset", "humaneval", "--data-file", str(SHARED_DATA / FILES["humaneval"]), "--profile"]
+    base = ["--dataset", "humaneval", "--data-file", str(FIXTURES / FILES["humaneval"]), "--profile"]
     assert main([*base, "--plot", "x.png"]) == 2
     assert "--profile cannot be combined with --sweep or --plot" in capsys.readouterr().err
     with pytest.raises(ValueError, match="the generation ended after 2 steps, before the profiled steps"):
@@ -384,7 +393,7 @@ def test_profile_errors(tiny, capsys):
 BATCHED_KEYS = {"dataset", "batch_size", "batch_rows", "method", "reference", "prompts", "new_tokens", "seconds",
                 "throughput_tokens_per_s", "speedup", "tokens_per_step_per_row", "forwards", "identical",
                 "different_prompts", "plan"}
-BATCHED_ARGS = ["--dataset", "humaneval", "--data-file", str(SHARED_DATA / FILES["humaneval"]), "--limit", "4",
+BATCHED_ARGS = ["--dataset", "humaneval", "--data-file", str(FIXTURES / FILES["humaneval"]), "--limit", "4",
                 "--max-new-tokens", "12", "--batch-size", "1,3", "--window", "3", "--ngram", "3", "--guesses", "3"]
 
 
@@ -550,7 +559,7 @@ def test_output_that_fails_at_the_end_goes_to_stdout(tiny, tmp_path, capsys):
             folder.rmdir()
         return hf_generate(model, input_ids, max_new_tokens)
 
-    argv = ["--dataset", "gsm8k", "--data-file", str(SHARED_DATA / FILES["gsm8k"]), "--limit", "1",
+    argv = ["--dataset", "gsm8k", "--data-file", str(FIXTURES / FILES["gsm8k"]), "--limit", "1",
             "--max-new-tokens", "4", "--methods", "test-remove-folder",
             "--out", str(folder / "r.json"), "--plot", str(folder / "r.png")]
     try:
@@ -572,7 +581,7 @@ def test_output_that_fails_at_the_end_goes_to_stdout(tiny, tmp_path, capsys):
 def test_chat_dataset_on_a_model_without_chat_template(tiny, monkeypatch):
     model, tokenizer = tiny
     monkeypatch.setattr(tokenizer, "chat_template", None)
-    argv = ["--dataset", "gsm8k", "--data-file", str(SHARED_DATA / FILES["gsm8k"]), "--limit", "1"]
+    argv = ["--dataset", "gsm8k", "--data-file", str(FIXTURES / FILES["gsm8k"]), "--limit", "1"]
     with pytest.raises(ValueError, match=r"^the gsm8k prompts are chat turns and need a chat template, but this "
                        r"model's tokenizer has none; use a chat model, or a dataset of plain-text prompts \(humaneval\)$"):
         main(argv, model=model, tokenizer=tokenizer)
@@ -590,7 +599,7 @@ def smollm():
 def test_real_model_bench(smollm, tmp_path):
     model, tokenizer = smollm
     out = tmp_path / "tmp.json"
-    argv = ["--dataset", "humaneval", "--data-file", str(SHARED_DATA / FILES["humaneval"]), "--limit", "2",
+    argv = ["--dataset", "humaneval", "--data-file", str(FIXTURES / FILES["humaneval"]), "--limit", "2",
             "--max-new-tokens", "16", "--methods", "greedy,pld,ar-graph,lookahead", "--out", str(out)]
     assert main(argv, model=model, tokenizer=tokenizer) == 0
     result = json.loads(out.read_text())
