@@ -221,3 +221,81 @@ def test_a_step_larger_than_memory_is_refused(cache_dir, monkeypatch):
     with pytest.raises(ValueError, match=r"a lookahead step of W=60, N=3, G=10 \(140 tokens\) needs about .* GiB, "
                        r"more than the 0.0 GiB free on cpu; lower W, N or G"):
         ld.generate(tiny_model("llama"), torch.tensor([[1, 2, 3]]), 5, config)
+
+
+# ---------------------------------------------------------------------------------------------- near the context
+
+
+def near_context_prompt(model, room: int) -> torch.Tensor:
+    """A repetitive prompt (drafts get accepted) that leaves `room` tokens of the model's context."""
+    length = ModelAdapter(model).context_length - room
+    return torch.tensor([[5, 17, 42, 8][i % 4] for i in range(length)])[None]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_auto_decodes_a_prompt_that_fits_only_with_small_steps(arch):
+    model = tiny_model(arch)
+    prompt = near_context_prompt(model, 6)
+    out = ld.generate(model, prompt, 6)
+    assert out.sequences.tolist() == greedy_reference(model, prompt, 6).tolist()
+    assert out.plan.shapes[0] == AUTOREGRESSIVE
+    assert all(prompt.shape[1] + shape.tokens_per_step <= ModelAdapter(model).context_length
+               for shape in out.plan.shapes)
+
+
+def test_auto_keeps_the_shapes_that_fit_with_their_costs(monkeypatch):
+    plan = StepPlan(SHAPES, (1.0, 2.0, 3.0, 4.0))  # 1, 7, 24 and 13 rows
+    monkeypatch.setattr(decoding, "auto_plan", lambda *args: plan)
+    model = tiny_model("llama")
+    prompts = [near_context_prompt(model, 10)[0].tolist(), [3, 4, 3, 4]]  # the longest prompt decides
+    out = ld.generate(model, prompts, [6, 20], "auto")
+    assert out.plan == StepPlan(SHAPES[:2], (1.0, 2.0))
+    assert [row.tokens for row in out.rows] == [greedy_reference(model, torch.tensor([prompt]), limit)[0].tolist()
+                                                for prompt, limit in zip(prompts, [6, 20])]
+
+
+def test_auto_falls_back_to_plain_steps_when_memory_is_short(monkeypatch):
+    model = tiny_model("llama")
+    adapter = ModelAdapter(model)
+    plain = decoding.step_memory_bytes(adapter, 1, 3 + 5 + 1)
+    monkeypatch.setattr(decoding, "auto_plan", lambda *args: StepPlan(SHAPES, (1.0, 2.0, 3.0, 4.0)))
+    monkeypatch.setattr(decoding, "available_memory", lambda device: plain)
+    prompt = torch.tensor([[1, 2, 3]])
+    out = ld.generate(model, prompt, 5)
+    assert out.plan == StepPlan((AUTOREGRESSIVE,), (1.0,))
+    assert out.sequences.tolist() == greedy_reference(model, prompt, 5).tolist()
+
+
+@pytest.mark.parametrize("config", [ld.LookaheadConfig(3, 4, 3), StepPlan((AUTOREGRESSIVE, ld.LookaheadConfig(3, 4, 3)),
+                                                                          (1.0, 2.0))],
+                         ids=["config", "plan"])
+def test_an_explicit_shape_near_the_context_is_still_refused(config):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"^a lookahead step of W=3, N=4, G=3 has 18 tokens, more than the model's "
+                       r"context of 256 leaves after the 250-token prompt; lower W, N or G$"):
+        ld.generate(model, near_context_prompt(model, 6), 6, config)
+
+
+def test_auto_says_so_when_not_even_a_plain_step_fits(monkeypatch):
+    monkeypatch.setattr(decoding, "auto_plan", lambda *args: StepPlan(SHAPES, (1.0, 2.0, 3.0, 4.0)))
+    monkeypatch.setattr(decoding, "available_memory", lambda device: 0)
+    with pytest.raises(ValueError, match=r"^no step of the calibrated plan fits: its smallest, plain, \(1 tokens\) "
+                       r"needs about 0.0 GiB, more than the 0.0 GiB free on cpu$"):
+        ld.generate(tiny_model("llama"), torch.tensor([[1, 2, 3]]), 5)
+
+
+def test_batch_step_costs_survive_one_slow_first_step():
+    from lookahead_decoding.shape_choice import StepCosts
+
+    costs = StepCosts([1.0, 3.0], measured=True)
+    costs.observe(1, 40.0)  # a slow first sample: the wide shape keeps its calibrated cost and is tried again
+    assert costs.costs_ms == [1.0, 3.0]
+    costs.observe(1, 4.0)
+    costs.observe(1, 4.2)
+    assert costs.costs_ms == [1.0, 4.2]  # the median of what it measured
+    for _ in range(20):
+        costs.observe(1, 5.0)
+    assert costs.costs_ms[1] == 5.0  # only recent steps count
+    unmeasured = StepCosts([1.0, 3.0], measured=False)
+    unmeasured.observe(1, 9.0)
+    assert unmeasured.costs_ms == [1.0, 3.0]

@@ -251,3 +251,57 @@ def test_the_scheduler_refuses_a_request_that_cannot_fit(prompt, max_new_tokens,
         scheduler.submit(Request(prompt, max_new_tokens, tag="x"))
     assert str(info.value) == message
     assert scheduler.idle  # nothing was queued
+
+
+# ---------------------------------------------------------------------------------------------- a tokenizer's batch
+
+
+PADDED_PROMPTS = [[5, 6, 7, 5, 6, 7, 5], [9], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3], [7, 7, 7]]
+
+
+def tokenizer_batch(prompts, pad, tensor_type=None) -> transformers.BatchEncoding:
+    """What `tokenizer(texts, padding=True, return_tensors=tensor_type)` returns with padding_side="left": lists
+    by default, else numpy arrays ("np") or tensors ("pt")."""
+    longest = max(map(len, prompts))
+    return transformers.BatchEncoding({
+        "input_ids": [[pad] * (longest - len(p)) + p for p in prompts],
+        "attention_mask": [[0] * (longest - len(p)) + [1] * len(p) for p in prompts],
+    }, tensor_type=tensor_type)
+
+
+@pytest.mark.parametrize("ids_type, mask_type, whole", [
+    (None, None, False), ("np", "np", False), (None, "pt", False), ("pt", None, False), ("np", "pt", False),
+    (None, None, True), ("np", "np", True), ("pt", "pt", True),
+], ids=["lists", "numpy", "list-ids-tensor-mask", "tensor-ids-list-mask", "numpy-ids-tensor-mask",
+        "encoding-of-lists", "encoding-of-numpy", "encoding-of-tensors"])
+def test_a_padded_batch_honours_its_mask_in_every_form(ids_type, mask_type, whole):
+    model = tiny_model("llama")
+    config = ld.LookaheadConfig(3, 3, 2)
+    ids = tokenizer_batch(PADDED_PROMPTS, pad=7, tensor_type=ids_type)["input_ids"]  # 7 also occurs in the prompts
+    mask = tokenizer_batch(PADDED_PROMPTS, pad=7, tensor_type=mask_type)["attention_mask"]
+    if whole:
+        out = ld.generate(model, transformers.BatchEncoding({"input_ids": ids, "attention_mask": mask}), 12, config)
+    else:
+        out = ld.generate(model, ids, 12, config, attention_mask=mask)
+    assert [row.tokens for row in out.rows] == [reference_tokens(model, p, 12) for p in PADDED_PROMPTS]
+    width = len(tokenizer_batch(PADDED_PROMPTS, pad=7)["input_ids"][0])
+    assert out.sequences[:, :width].tolist() == tokenizer_batch(PADDED_PROMPTS, pad=7)["input_ids"]  # as given
+
+
+@pytest.mark.parametrize("inputs, attention_mask, error, message", [
+    ([[1, 2, 3], [4, 0, 0]], [[1, 1, 1], [1, 0, 0]], ValueError,
+     "row 1 of attention_mask is not left-padded (zeros after ones); lookahead decoding takes left-padded batches: "
+     "set tokenizer.padding_side = 'left'"),
+    ([[1, 2, 3], [4, 5]], [[1, 1, 1], [1, 1, 1]], ValueError,
+     "attention_mask must have input_ids' shape (2 rows of lengths [3, 2]), got (2, 3)"),
+    ([[1, 2, 3], [4, 5, 6]], [1, 1, 1], TypeError,
+     "attention_mask must be a tensor, a numpy array or a list of rows of 0s and 1s, got list"),
+    (transformers.BatchEncoding({"input_ids": [[1, 2]], "attention_mask": [[1, 1]]}), [[1, 1]], ValueError,
+     "attention_mask is given twice: inside the encoding passed as input_ids and as an argument; pass it once"),
+    (transformers.BatchEncoding({"attention_mask": [[1, 1]]}), None, ValueError,
+     "the encoding passed as input_ids has no 'input_ids'"),
+])
+def test_a_mask_that_cannot_be_honoured_is_refused(inputs, attention_mask, error, message):
+    with pytest.raises(error) as info:
+        ld.generate(tiny_model("llama"), inputs, 5, ld.LookaheadConfig(2, 2, 2), attention_mask=attention_mask)
+    assert str(info.value) == message

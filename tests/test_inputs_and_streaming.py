@@ -147,14 +147,14 @@ def test_too_long(llama):
     (torch.zeros(2, 4, dtype=torch.long), torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]), ValueError,
      "prompt 1 is empty: it has no tokens"),
     (torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), ValueError,
-     "attention_mask must be a tensor of input_ids' shape (2, 4), got (2, 3)"),
+     "attention_mask must have input_ids' shape (2, 4), got (2, 3)"),
     (torch.zeros(2, 4, dtype=torch.long), torch.full((2, 4), 2), ValueError,
      "attention_mask must hold 0s and 1s only (row 0 does not)"),
     (torch.zeros(0, 4, dtype=torch.long), None, ValueError, "input_ids holds no prompt (batch size 0)"),
     ([[1, 2], []], None, ValueError, "prompt 1 is empty: it has no tokens"),
     ([[1, 2], [3, "4"]], None, TypeError, "prompt 1 must be a list of int token ids"),
-    ([1, 2, 3], None, TypeError, "input_ids must be an integer torch.Tensor of shape [batch, prompt_len] or a "
-                                 "non-empty list of token-id lists, got list"),
+    ([1, 2, 3], None, TypeError, "input_ids must be an integer torch.Tensor or numpy array of shape [batch, "
+                                 "prompt_len] or a non-empty list of token-id lists, got list"),
     ([[1, 2], [3, VOCAB]], None, ValueError, "prompt 1 holds token ids outside the model's vocabulary [0, 96)"),
 ])
 def test_bad_batches(llama, input_ids, attention_mask, error, message):

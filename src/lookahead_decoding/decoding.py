@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy
 import torch
 
 from .config import LookaheadConfig
@@ -28,7 +29,7 @@ from .sampling import make_verifier
 from .scheduler import BatchScheduler, Finished, requests_from
 from .state import GenerationStats
 from .step import StepRunner
-from .tuning import StepPlan, time_steps
+from .tuning import StepPlan, shape_name, time_steps
 from .verification import GreedyVerifier, Verifier
 
 AUTO = "auto"
@@ -68,38 +69,78 @@ def _eos_set(model, eos_token_id) -> set[int]:
     return {i.__index__() for i in ids}
 
 
-def prompts_from(input_ids, attention_mask=None) -> list[list[int]]:
-    """The prompts of a batch as token lists: `input_ids` [batch, L] (left-padded where `attention_mask` [batch,
-    L] has zeros, as HF tokenizers pad for generation) or a list of token lists (any lengths)."""
-    if isinstance(input_ids, torch.Tensor):
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
-        if input_ids.dim() != 2:
+def batch_input(input_ids, attention_mask=None) -> tuple:
+    """(input_ids, attention_mask), taken out of a tokenizer's encoding (a BatchEncoding or any mapping) when
+    one is passed whole as `input_ids`."""
+    if not isinstance(input_ids, Mapping):
+        return input_ids, attention_mask
+    if "input_ids" not in input_ids:
+        raise ValueError("the encoding passed as input_ids has no 'input_ids'")
+    if "attention_mask" not in input_ids:
+        return input_ids["input_ids"], attention_mask
+    if attention_mask is not None:
+        raise ValueError("attention_mask is given twice: inside the encoding passed as input_ids and as an "
+                         "argument; pass it once")
+    return input_ids["input_ids"], input_ids["attention_mask"]
+
+
+def _shape(rows: list[list]) -> str:
+    """The shape of a batch given as lists, as errors name it."""
+    widths = {len(row) for row in rows}
+    if len(widths) <= 1:
+        return str((len(rows), *widths))
+    return f"({len(rows)} rows of lengths {[len(row) for row in rows]})"
+
+
+def token_rows(input_ids) -> list[list[int]]:
+    """`input_ids` as token lists: a [batch, prompt_len] integer tensor or numpy array, or a list of token-id
+    lists (any lengths)."""
+    if isinstance(input_ids, (torch.Tensor, numpy.ndarray)):
+        if isinstance(input_ids, torch.Tensor):
+            integer = input_ids.dtype in (torch.int64, torch.int32)
+        else:
+            integer = numpy.issubdtype(input_ids.dtype, numpy.signedinteger)
+        if not integer:
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape [batch, prompt_len], got {tuple(input_ids.shape)}")
         if input_ids.shape[0] == 0:
             raise ValueError("input_ids holds no prompt (batch size 0)")
-        rows = input_ids.tolist()
-        if attention_mask is None:
-            return rows
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
-            raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, "
-                             f"got {shape}")
-        mask = attention_mask.tolist()
-        for index, line in enumerate(mask):
-            if any(value not in (0, 1) for value in line):
-                raise ValueError(f"attention_mask must hold 0s and 1s only (row {index} does not)")
-            if any(left > right for left, right in zip(line, line[1:])):
-                raise ValueError(f"row {index} of attention_mask is not left-padded (zeros after ones); lookahead "
-                                 "decoding takes left-padded batches: set tokenizer.padding_side = 'left'")
-        return [[token for token, keep in zip(row, line) if keep] for row, line in zip(rows, mask)]
+        return input_ids.tolist()
     if isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(row, (list, tuple)) for row in input_ids):
         for index, row in enumerate(input_ids):
             if not all(isinstance(token, int) and not isinstance(token, bool) for token in row):
                 raise TypeError(f"prompt {index} must be a list of int token ids")
         return [list(row) for row in input_ids]
-    raise TypeError("input_ids must be an integer torch.Tensor of shape [batch, prompt_len] or a non-empty list of "
-                    f"token-id lists, got {type(input_ids).__name__}")
+    raise TypeError("input_ids must be an integer torch.Tensor or numpy array of shape [batch, prompt_len] or a "
+                    f"non-empty list of token-id lists, got {type(input_ids).__name__}")
+
+
+def prompts_from(input_ids, attention_mask=None) -> list[list[int]]:
+    """The prompts of a batch as token lists: `input_ids` as `token_rows` takes it, left-padded where
+    `attention_mask` (a tensor, a numpy array or lists, of input_ids' shape) has zeros, as HF tokenizers pad for
+    generation."""
+    rows = token_rows(input_ids)
+    if attention_mask is None:
+        return rows
+    if isinstance(attention_mask, (torch.Tensor, numpy.ndarray)):
+        mask = attention_mask.tolist() if attention_mask.ndim == 2 else None
+        given = str(tuple(attention_mask.shape))
+    elif isinstance(attention_mask, (list, tuple)) and all(isinstance(line, (list, tuple)) for line in attention_mask):
+        mask = [list(line) for line in attention_mask]
+        given = _shape(mask)
+    else:
+        raise TypeError("attention_mask must be a tensor, a numpy array or a list of rows of 0s and 1s, got "
+                        f"{type(attention_mask).__name__}")
+    if mask is None or [len(line) for line in mask] != [len(row) for row in rows]:
+        raise ValueError(f"attention_mask must have input_ids' shape {_shape(rows)}, got {given}")
+    for index, line in enumerate(mask):
+        if any(value not in (0, 1) for value in line):
+            raise ValueError(f"attention_mask must hold 0s and 1s only (row {index} does not)")
+        if any(left > right for left, right in zip(line, line[1:])):
+            raise ValueError(f"row {index} of attention_mask is not left-padded (zeros after ones); lookahead "
+                             "decoding takes left-padded batches: set tokenizer.padding_side = 'left'")
+    return [[token for token, keep in zip(row, line) if keep] for row, line in zip(rows, mask)]
 
 
 def new_token_limits(max_new_tokens, count: int) -> list[int]:
@@ -152,27 +193,46 @@ def resolve_plan(model, config, verifier: Verifier | None = None, runner: StepRu
     return _runner_plans[runner]
 
 
+def step_misfit(adapter: ModelAdapter, shape: LookaheadConfig, prompt_len: int, max_new_tokens: int,
+                batch_size: int, free: int | None) -> str | None:
+    """Why a step of `shape` cannot run for this generation, said after the step's name, or None if it can: more
+    rows than the model's context has room for after the (longest) prompt, or (roughly) more memory than the
+    `free` bytes for `batch_size` sequences."""
+    rows = shape.tokens_per_step
+    context = adapter.context_length
+    if context is not None and prompt_len + rows > context:
+        return (f"has {rows} tokens, more than the model's context of {context} leaves after the {prompt_len}-token "
+                "prompt")
+    needed = batch_size * step_memory_bytes(adapter, rows, prompt_len + max_new_tokens + rows)
+    if free is not None and needed > free:
+        return (f"({rows} tokens{f' for each of {batch_size} sequences' if batch_size > 1 else ''}) needs about "
+                f"{needed / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on {adapter.device}")
+    return None
+
+
 def check_step_fits(adapter: ModelAdapter, plan: StepPlan, prompt_len: int, max_new_tokens: int,
                     batch_size: int = 1) -> None:
-    """Reject a step shape that cannot run, before any work: more rows than the model's context has room for
-    after the (longest) prompt, or (roughly) more memory than the device has free for `batch_size` sequences."""
-    context = adapter.context_length
+    """Reject a step shape the user chose that cannot run (see `step_misfit`), before any work."""
     free = available_memory(adapter.device)
     for shape in plan.shapes:
-        rows = shape.tokens_per_step
-        if context is not None and prompt_len + rows > context:
-            raise ValueError(
-                f"a lookahead step of W={shape.window}, N={shape.ngram}, G={shape.guesses} has {rows} tokens, more "
-                f"than the model's context of {context} leaves after the {prompt_len}-token prompt; lower W, N or G"
-            )
-        needed = batch_size * step_memory_bytes(adapter, rows, prompt_len + max_new_tokens + rows)
-        if free is not None and needed > free:
-            raise ValueError(
-                f"a lookahead step of W={shape.window}, N={shape.ngram}, G={shape.guesses} ({rows} tokens"
-                f"{f' for each of {batch_size} sequences' if batch_size > 1 else ''}) needs "
-                f"about {needed / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on {adapter.device}; "
-                "lower W, N or G"
-            )
+        misfit = step_misfit(adapter, shape, prompt_len, max_new_tokens, batch_size, free)
+        if misfit is not None:
+            raise ValueError(f"a lookahead step of W={shape.window}, N={shape.ngram}, G={shape.guesses} {misfit}; "
+                             "lower W, N or G")
+
+
+def fitting_plan(adapter: ModelAdapter, plan: StepPlan, prompt_len: int, max_new_tokens: int,
+                 batch_size: int = 1) -> StepPlan:
+    """The calibrated `plan` restricted to the shapes that can run for this generation (see `step_misfit`), costs
+    kept: near the context, or short of memory, "auto" takes smaller steps, down to plain ones."""
+    free = available_memory(adapter.device)
+    misfits = [step_misfit(adapter, shape, prompt_len, max_new_tokens, batch_size, free) for shape in plan.shapes]
+    kept = [index for index, misfit in enumerate(misfits) if misfit is None]
+    if not kept:
+        smallest = min(range(len(plan.shapes)), key=lambda index: plan.shapes[index].tokens_per_step)
+        raise ValueError(f"no step of the calibrated plan fits: its smallest, {shape_name(plan.shapes[smallest])}, "
+                         f"{misfits[smallest]}")
+    return StepPlan(tuple(plan.shapes[i] for i in kept), tuple(plan.costs_ms[i] for i in kept))
 
 
 def step_memory_bytes(adapter: ModelAdapter, rows: int, keys: int) -> int:
@@ -228,9 +288,10 @@ def schedule(
     int for all, or one per prompt); greedy unless `verifier` says
     otherwise (see `sampling.make_verifier`). `scheduler.run()` then yields each result as it finishes.
 
-    `config` is resolved by `resolve_plan`. `stream_prompt=False` when the caller already sent the prompt (HF
-    generate). `runner` runs the fused steps (default: `runners.runner_for`, which reuses engines); its rows set
-    the batch size.
+    `config` is resolved by `resolve_plan`; "auto" keeps only the shapes that fit these prompts (`fitting_plan`),
+    while the user's own shapes that do not fit are refused. `stream_prompt=False` when the caller already sent
+    the prompt (HF generate). `runner` runs the fused steps (default: `runners.runner_for`, which reuses engines);
+    its rows set the batch size.
     """
     adapter = ModelAdapter(model)
     limits = new_token_limits(max_new_tokens, len(prompts))
@@ -247,7 +308,10 @@ def schedule(
     batch = runner.batch_size if runner is not None else min(batch_size or len(prompts), len(prompts))
     plan = resolve_plan(model, config, verifier, runner, batch)
     longest = max(len(prompt) for prompt in prompts)
-    check_step_fits(adapter, plan, longest, max(limits), batch)
+    if runner is None and (config is None or config == AUTO):
+        plan = fitting_plan(adapter, plan, longest, max(limits), batch)
+    else:  # the user's own shapes (a config, a plan, a runner's) are refused, never changed
+        check_step_fits(adapter, plan, longest, max(limits), batch)
     make_row_source = make_sources(source, plan.shapes, None if runner is None else runner.predictions, len(prompts))
     wanted = make_row_source().predictions_wanted  # also rejects a bad `source` now, not at the first admission
     # The engine holds the longest sequence any prompt may become.
@@ -302,11 +366,11 @@ def pad_token(model) -> int:
 
 def batch_sequences(input_ids, prompts: list[list[int]], results: list[Finished], pad: int,
                     device) -> torch.LongTensor:
-    """The rows as `model.generate` returns them: the input as given (left-padded to the longest prompt when it
-    was a list), then each row's new tokens, right-padded with `pad` to the longest."""
-    if isinstance(input_ids, torch.Tensor):
-        inputs = input_ids.tolist()
-    else:
+    """The rows as `model.generate` returns them: the input as given when its rows have one length (a tensor, an
+    array, padded lists), else the prompts left-padded with `pad` to the longest; then each row's new tokens,
+    right-padded with `pad` to the longest."""
+    inputs = token_rows(input_ids)
+    if len({len(row) for row in inputs}) > 1:
         longest = max(len(prompt) for prompt in prompts)
         inputs = [[pad] * (longest - len(prompt)) + prompt for prompt in prompts]
     new = [result.tokens[len(prompt):] for prompt, result in zip(prompts, results)]
@@ -331,13 +395,14 @@ def generate(
     generator: torch.Generator | None = None,
     runner: StepRunner | None = None,
     source=None,
-    attention_mask: torch.Tensor | None = None,
+    attention_mask=None,
     batch_size: int | None = None,
 ) -> LookaheadOutput:
     """Lookahead decoding with the output distribution of `model.generate`, in fewer forward passes.
 
-    input_ids: one prompt or a batch, as a [batch, prompt_len] integer tensor (left-padded, with the
-    `attention_mask` saying where, as a HF tokenizer pads with padding_side="left") or a list of token-id lists.
+    input_ids: one prompt or a batch, as a [batch, prompt_len] integer tensor or numpy array, or a list of
+    token-id lists; left-padded where `attention_mask` (a tensor, an array or lists) has zeros, as a HF tokenizer
+    pads with padding_side="left". A tokenizer's whole encoding (`tokenizer(texts, padding=True)`) also does.
     Every row decodes on its own: it accepts its own number of tokens per step and stops on its own (EOS,
     stopping criteria, max_new_tokens: one int, or a list of one per prompt). `batch_size` rows decode side by
     side (default: all prompts); when it is smaller, a row that finishes takes the next prompt. The result has
@@ -345,7 +410,8 @@ def generate(
 
     config: "auto" (the default, also None) uses step shapes calibrated for this device, model, dtype and batch
     size (cached in the user's cache directory) and picks one before every step, plain one-token steps included;
-    a LookaheadConfig runs that one shape on every step.
+    near the model's context (or short of memory) it keeps only the shapes that fit. A LookaheadConfig runs that
+    one shape on every step, and is refused if it does not fit.
 
     do_sample=False (the default) is greedy: the same tokens as `model.generate(do_sample=False)`, with
     `logits_processor` applied before each argmax. do_sample=True samples from the processed logits warped by
@@ -369,6 +435,7 @@ def generate(
         raise ValueError("runner= decodes greedily: it cannot be combined with do_sample or logits_processor")
     if type(verifier) is GreedyVerifier:
         verifier = None  # plain greedy: the runner's own (the static engine verifies on the device)
+    input_ids, attention_mask = batch_input(input_ids, attention_mask)
     prompts = prompts_from(input_ids, attention_mask)
     results, stats, plan = decode(
         model, prompts, max_new_tokens, config, streamer, stopping_criteria, eos_token_id, source=source,
