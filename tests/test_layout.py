@@ -1,5 +1,5 @@
-"""The fused step's layout and mask against a brute-force reading of the rules in algorithm.md, section 1.4,
-with the verification branch as a token tree."""
+"""The fused step's layout and mask against a brute-force reading of the rules in docs/algorithm.md ("The step's
+input layout and attention mask"), with the verification branch as a token tree."""
 
 import pytest
 import torch
@@ -82,8 +82,8 @@ def test_the_default_tree_has_the_rows_of_g_candidates():
     assert LookaheadConfig(4, 4, 2, candidate_length=5, tree_nodes=7).tokens_per_step == 12 + 7
 
 
-def test_mask_printed_in_algorithm_md():
-    """The W=4, N=4, G=2 mask drawn in algorithm.md, row by row: two separate candidates are a tree of two chains."""
+def test_mask_of_two_separate_candidates():
+    """The W=4, N=4, G=2 mask, row by row: two separate candidates are a tree of two chains."""
     drawn = """
 1.................
 11................
@@ -109,6 +109,31 @@ def test_mask_printed_in_algorithm_md():
     tree = tree_tensors(torch.tensor(chains.tokens), torch.tensor(tree_parents(chains, 6)), torch.tensor(6), 3)
     assert torch.equal(layout.allowed(tree), expected)
     assert layout.positions(tree).tolist() == [0, 1, 2, 3, 1, 2, 3, 4, 2, 3, 4, 5, 1, 2, 3, 1, 2, 3]
+
+
+def test_mask_drawn_in_docs():
+    """The W=3, N=3 example of docs/algorithm.md: a branching tree of five nodes padded to six."""
+    drawn = """
+x...........
+xx..........
+xxx.........
+x..x........
+xx..x.......
+xxx..x......
+x.....x.....
+x......x....
+x.....x.x...
+x.....x..x..
+x.....x.x.x.
+x..........x"""
+    expected = torch.tensor([[ch == "x" for ch in line] for line in drawn.split()])
+    layout = StepLayout.build(LookaheadConfig(window=3, ngram=3, guesses=0, candidate_length=3, tree_nodes=6))
+    branching = TokenTree((11, 12, 13, 14, 15), (ROOT, ROOT, 0, 0, 2), (1.0,) * 5)
+    tree = tree_tensors(torch.tensor([*branching.tokens, 0]), torch.tensor(tree_parents(branching, 6)),
+                        torch.tensor(5), 3)
+    assert torch.equal(layout.allowed(tree), expected)
+    assert layout.positions(tree).tolist() == [0, 1, 2, 1, 2, 3, 1, 1, 2, 2, 3, 1]
+    assert tree.valid.tolist() == [True] * 5 + [False]
 
 
 def test_pool_cuts_and_pads_continuations_to_the_candidate_length():

@@ -7,9 +7,10 @@ One decode step feeds the model, in this order (W = window, N = ngram, B = tree 
 * levels 1..N-2, columns 0..W-1 (level l, column c sits at position t+l+c);
 * the B nodes of the token tree, best first (a node at depth d sits at position t+d).
 
-Mask rules (algorithm.md, section 1.4): level 0 is an ordinary causal row; a token at level l >= 1, column c
-sees level 0 up to column c and column c of levels 1..l; a tree node sees the current token, its ancestors and
-itself. Every row also sees the whole KV cache. Both branches share one forward pass but cannot see each other.
+Mask rules (docs/algorithm.md, "The step's input layout and attention mask"): level 0 is an ordinary causal row;
+a token at level l >= 1, column c sees level 0 up to column c and column c of levels 1..l; a tree node sees the
+current token, its ancestors and itself. Every row also sees the whole KV cache. Both branches share one forward
+pass but cannot see each other.
 
 The lookahead rows are the same every step and built once, on the device; the tree rows change with the tree and
 are filled in from its ancestor matrix (`tree_tensors`) on the device, so every step of a shape has one shape.

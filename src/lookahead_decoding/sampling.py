@@ -1,8 +1,9 @@
 """Lossless sampling for lookahead decoding, and greedy decoding under logits processors.
 
 Drafts are one-hot: the lookahead branch refines its window by argmax, so a candidate is a bare token
-sequence. For one-hot drafts, multi-candidate speculative sampling (algorithm.md, section 1.6) is exact: at
-each verified position the committed token is distributed exactly as the warped target distribution P.
+sequence. For one-hot drafts, multi-candidate speculative sampling is exact: at each verified position the committed
+token is distributed exactly as the warped target distribution P (docs/algorithm.md, "The multi-candidate sampling
+rule", has the rule and why).
 
 Drafts form a token tree (`drafting/tree.py`): the children of a node are the drafts for the position after it,
 distinct tokens tried best first. Every verified position is processed with its true prefix (the committed
