@@ -9,8 +9,10 @@ import weakref
 import torch
 from transformers import DynamicCache
 
+from . import attention as lookahead_attention
+
 # Attention backends that honour an arbitrary 4D mask; flash-attention kernels only know causal/padding masks.
-MASKABLE_ATTENTION = ("eager", "sdpa", "flex_attention")
+MASKABLE_ATTENTION = ("eager", "sdpa", "flex_attention", lookahead_attention.NAME)
 
 
 class UnsupportedModelError(ValueError):
@@ -48,6 +50,8 @@ class ModelAdapter:
                 f"{name} uses attn_implementation={attention!r}, which cannot take the custom 4D attention mask of "
                 f"lookahead decoding; load the model with attn_implementation='sdpa' or 'eager'"
             )
+        if attention == "sdpa":  # the same attention, without copying K and V per query head (attention.py)
+            model.set_attn_implementation(lookahead_attention.NAME)
         # Weak, so that engines cached per model (runners.py) do not keep their model alive.
         self._model = weakref.ref(model)
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"

@@ -20,6 +20,8 @@ Each divided by the shape's measured cost. When nothing pays, the plain one-toke
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -109,18 +111,22 @@ def choose_for_batch(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int],
 class StepCosts:
     """What a step of each shape costs (ms). Calibration measures the runner's step alone; in a batch the host's
     work grows with the rows (each drafts its tree, reads its outcome, feeds its sources) while the forward
-    barely does, so with `measured` a shape's cost becomes the running mean of its steps' wall time, host work
-    included, from its first step on. Shapes not yet run keep their calibrated cost, which is lower than
-    their wall time, so each gets tried and measured."""
+    barely does, so with `measured` a shape's cost becomes the median wall time of its recent steps, host work
+    included. A shape keeps its calibrated cost, which is lower than its wall time, until it has run
+    `min_samples` steps, and the median ignores single slow steps: one slow first sample (a page fault, a
+    collection, a noisy neighbour) must not switch a shape off for the rest of a run, since a shape that is not
+    chosen is not measured again."""
 
-    def __init__(self, calibrated_ms: Sequence[float], measured: bool, decay: float = 0.8) -> None:
+    def __init__(self, calibrated_ms: Sequence[float], measured: bool, min_samples: int = 3,
+                 recent: int = 15) -> None:
         self.costs_ms = list(calibrated_ms)
-        self.measured, self.decay = measured, decay
-        self._seen = [False] * len(self.costs_ms)
+        self.measured, self.min_samples = measured, min_samples
+        self._samples = [deque(maxlen=recent) for _ in self.costs_ms]
 
     def observe(self, shape: int, wall_ms: float) -> None:
         if not self.measured:
             return
-        kept = self.decay if self._seen[shape] else 0.0
-        self.costs_ms[shape] = self.costs_ms[shape] * kept + wall_ms * (1 - kept)
-        self._seen[shape] = True
+        samples = self._samples[shape]
+        samples.append(wall_ms)
+        if len(samples) >= self.min_samples:
+            self.costs_ms[shape] = statistics.median(samples)
