@@ -163,14 +163,14 @@ def test_a_corrupt_stale_or_foreign_cache_file_means_calibrate_again(cache_dir, 
     assert StepPlan.from_dict(stored["plans"][key]) == plan
 
 
-def test_an_unwritable_cache_only_warns(tmp_path, monkeypatch):
+def test_an_unwritable_cache_only_warns(tmp_path, monkeypatch, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("LOOKAHEAD_CACHE_DIR", str(blocker / "cache"))
     model = tiny_model("qwen2")
     runners._plans.clear()
-    with pytest.warns(RuntimeWarning, match="could not write the calibration cache"):
-        plan = runners.auto_plan(model)
+    plan = runners.auto_plan(model)
+    assert "could not write the calibration cache" in caplog.text
     prompt = torch.tensor([[1, 2, 3]])
     assert ld.generate(model, prompt, 10, plan).sequences.tolist() == greedy_reference(model, prompt, 10).tolist()
 

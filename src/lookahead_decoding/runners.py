@@ -15,7 +15,7 @@ from .config import LookaheadConfig
 from .engine import StaticStep
 from .model_adapter import ModelAdapter
 from .step import EagerStep, StepRunner
-from .tuning import Calibration, StepPlan, cached_plan, calibrate, calibration_key, store_plan
+from .tuning import Calibration, StepPlan, cached_plan, calibrate, calibration_key, is_stale, store_plan
 from .verification import Verifier
 
 STATIC_ENGINE_DEVICES = ("cuda",)
@@ -86,8 +86,8 @@ def auto_plan(model, verifier: Verifier | None = None, batch_size: int = 1) -> S
     kind = runner_kind(model, verifier, batch_size)
     key = calibration_key(model, kind)
     plans = _plans.setdefault(model, {})
-    if key not in plans:
-        plan = cached_plan(key)
+    if key not in plans or is_stale(key):
+        plan = cached_plan(key, ModelAdapter(model).context_length)
         if plan is None:
             plan = calibrate_model(model, uses_static_engine(model, verifier), batch_size).plan
             store_plan(key, plan)
@@ -95,9 +95,9 @@ def auto_plan(model, verifier: Verifier | None = None, batch_size: int = 1) -> S
     return plans[key]
 
 
-def calibrate_model(model, static: bool, batch_size: int = 1) -> Calibration:
+def calibrate_model(model, static: bool, batch_size: int = 1, exhaustive: bool = False) -> Calibration:
     """Measure the candidate shapes on the runner kind decoding uses (uncompiled; compiling scales every step
-    alike), with `batch_size` rows, and choose the plan."""
+    alike), with `batch_size` rows, and choose the plan (`exhaustive`: time every shape fully, see `calibrate`)."""
     adapter = ModelAdapter(model)
     vocab = adapter.model.get_output_embeddings().weight.shape[0]
     if static or batch_size > 1:
@@ -106,4 +106,4 @@ def calibrate_model(model, static: bool, batch_size: int = 1) -> Calibration:
                                                 cuda_graph=None if static else False)
     else:
         make_runner = lambda shapes: EagerStep(adapter, shapes)  # noqa: E731
-    return calibrate(make_runner, vocab)
+    return calibrate(make_runner, vocab, exhaustive)

@@ -28,7 +28,7 @@ from .drafting.tree import EMPTY_TREE
 from .shape_choice import StepCosts, choose_for_batch
 from .state import Emitter, GenerationStats, SequenceState
 from .step import StepRunner
-from .tuning import StepPlan, shape_name
+from .tuning import StepPlan, check_drift, shape_name
 
 
 @dataclass
@@ -184,6 +184,7 @@ class BatchScheduler:
     def finish(self, seconds: float) -> GenerationStats:
         """The statistics of the whole run: batched forwards, new tokens over all rows, wall time."""
         self.stats.seconds = seconds
+        check_drift(self.plan, self._steps_by_shape, self.costs.recent_ms)
         self.stats.shape_steps.update({shape_name(shape): n for shape, n in zip(self.plan.shapes,
                                                                                  self._steps_by_shape) if n})
         return self.stats

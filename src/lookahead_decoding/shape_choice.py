@@ -121,12 +121,11 @@ class StepCosts:
                  recent: int = 15) -> None:
         self.costs_ms = list(calibrated_ms)
         self.measured, self.min_samples = measured, min_samples
-        self._samples = [deque(maxlen=recent) for _ in self.costs_ms]
+        # Kept without `measured` too: `tuning.check_drift` compares them with the calibrated costs.
+        self.recent_ms = [deque(maxlen=recent) for _ in self.costs_ms]
 
     def observe(self, shape: int, wall_ms: float) -> None:
-        if not self.measured:
-            return
-        samples = self._samples[shape]
+        samples = self.recent_ms[shape]
         samples.append(wall_ms)
-        if len(samples) >= self.min_samples:
+        if self.measured and len(samples) >= self.min_samples:
             self.costs_ms[shape] = statistics.median(samples)

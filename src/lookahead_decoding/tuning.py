@@ -4,25 +4,34 @@ A plan holds the plain one-token step, a narrow step that only verifies a small 
 step (Jacobi window + tree), cheapest first; `shape_choice.ShapeChooser` picks one of them before every
 step. Calibration times each candidate shape on the runner decoding will use, then keeps the wide shape with the
 most expected tokens per millisecond (`shape_choice.expected_tokens` grows with the step's rows) and the widest
-narrow step that costs little more than the cheapest one, if it is clearly cheaper than the wide step. Results
-are cached per model, device, dtype and library version in the user's cache directory; a missing, stale or
-unreadable cache file means "calibrate again", never an error.
+narrow step that costs little more than the cheapest one, if it is clearly cheaper than the wide step. Timing a
+shape stops early once it clearly loses, and the ladder stops where wider shapes cannot win.
+
+Results are cached per model, device, dtype and library version in the user's cache directory; a missing, stale or
+unreadable cache file, or an entry that is no plan calibration could have chosen for this model, means "calibrate
+again", never an error. Writers take a lock and merge, so concurrent runs keep each other's entries. A plan whose
+steps then run far faster than calibrated was measured on a busy machine: it is measured again, once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import statistics
+import sys
+import tempfile
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .config import AUTOREGRESSIVE, LookaheadConfig
 from .drafting.tree import EMPTY_TREE
@@ -32,8 +41,14 @@ CALIBRATION_VERSION = 3
 CACHE_FILE = "calibration.json"
 
 # Wide shapes tried, as (W, N, G, tree nodes): the paper's and the reference code's window settings and wider
-# ones (algorithm.md), each with the rows of G flat candidates of N-1 tokens as its tree (twice that for the widest).
+# ones (docs/algorithm.md, "The shape ladder"), each with the rows of G flat candidates of N-1 tokens as its tree
+# (twice that for the widest).
 WIDE_LADDER = ((3, 4, 3, 9), (5, 4, 5, 15), (7, 5, 7, 28), (10, 5, 10, 40), (15, 5, 15, 60), (20, 7, 20, 120))
+WIDEST_ROWS = max((n - 1) * w + b for w, n, _, b in WIDE_LADDER)  # no cached plan may hold a wider step
+# A batch on a CPU tries the two narrowest: there every row of a step costs arithmetic, and at batch 4 the
+# narrowest already cost 3.5 plain steps, so `auto` took plain steps throughout (docs/benchmarks.md, "2-core CPU,
+# fp32, 16 prompts per dataset"); wider ones take minutes to time and cannot win.
+CPU_BATCH_LADDER = WIDE_LADDER[:2]
 NARROW_NODES = (4, 8, 16, 32)
 # The longest draft a calibrated shape verifies: text copied from the prompt or the output is often longer than an
 # n-gram, and depth costs no rows (docs/benchmarks.md, "Token tree").
@@ -47,6 +62,14 @@ NARROW_COST_SLACK = 1.15
 NARROW_SHARE_OF_WIDE = 0.9
 CALIBRATION_PROMPT_TOKENS = 64
 WARMUP_STEPS, TIMED_STEPS = 2, 7
+# Timed steps before a shape may be given up as clearly losing: even its fastest one could not make it win.
+MIN_TIMED_STEPS = 3
+# After a generation, a shape that took at least DRIFT_MIN_STEPS steps whose recent median wall time is below its
+# calibrated cost / DRIFT_FACTOR was calibrated on a busy machine. Only this direction: host work and a machine
+# busy now make decoding's steps slower than calibrated, never faster.
+DRIFT_FACTOR, DRIFT_MIN_STEPS = 3.0, 16
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,11 +87,31 @@ class StepPlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "StepPlan":
+        """The plan `as_dict` wrote; ValueError or TypeError saying what is wrong with anything else."""
+        if not isinstance(data, dict) or not {"shapes", "costs_ms"} <= data.keys():
+            raise ValueError("the entry is not an object with shapes and costs_ms")
         shapes = tuple(LookaheadConfig(**shape) for shape in data["shapes"])
         costs = tuple(float(c) for c in data["costs_ms"])
-        if not shapes or len(shapes) != len(costs) or not all(math.isfinite(c) and c > 0 for c in costs):
-            raise ValueError("malformed step plan")
+        if not shapes or len(shapes) != len(costs):
+            raise ValueError(f"a plan needs one cost per shape, got {len(shapes)} shapes and {len(costs)} costs")
+        if not all(math.isfinite(c) and c > 0 for c in costs):
+            raise ValueError(f"step costs must be positive and finite, got {list(costs)}")
         return cls(shapes, costs)
+
+    def check_calibrated(self, context_length: int | None) -> None:
+        """ValueError unless calibration could have chosen this plan for a model of `context_length` tokens: the
+        plain step first (the fallback when nothing else fits) and no shape wider than the ladder's widest."""
+        if self.shapes[0] != AUTOREGRESSIVE:
+            raise ValueError(f"the plan starts with {shape_name(self.shapes[0])}, not the plain step")
+        for shape in self.shapes:
+            rows = shape.tokens_per_step
+            if context_length is not None and rows >= context_length:
+                raise ValueError(f"{shape_name(shape)} has {rows} tokens, no room in the model's context of "
+                                 f"{context_length}")
+            if rows > WIDEST_ROWS:
+                raise ValueError(f"{shape_name(shape)} has {rows} tokens, wider than calibration measures "
+                                 f"({WIDEST_ROWS})")
+
 
 
 def shape_name(config: LookaheadConfig) -> str:
@@ -89,26 +132,38 @@ def verify_only(tree_nodes: int, candidate_length: int) -> LookaheadConfig:
 # ------------------------------------------------------------------------------------------------- measuring
 
 
-def time_steps(runner, vocab_size: int) -> list[float]:
+def time_steps(runner, vocab_size: int, clearly_loses: Callable[[int, list[float], list[float]], bool] | None = None,
+               progress: tqdm | None = None) -> list[float]:
     """Milliseconds per step of each of `runner`'s shapes, after a prefill of a fixed prompt; every step verifies
-    an empty tree (the cost does not depend on the tokens) and is timed as decoding runs it, host sync included."""
+    an empty tree (the cost does not depend on the tokens) and is timed as decoding runs it, host sync included.
+
+    clearly_loses(shape, times, costs): whether a shape's timed steps so far (ms) show that it loses (`costs`:
+    of the runner's shapes before it); its timing then stops early. progress: advanced by one per shape."""
     device = runner.adapter.device
     steps = WARMUP_STEPS + TIMED_STEPS
     room = getattr(runner, "max_length", None)
     length = CALIBRATION_PROMPT_TOKENS if room is None else max(1, min(CALIBRATION_PROMPT_TOKENS, room - steps - 1))
     prompt = torch.arange(length, device=device) % vocab_size
-    costs = []
+    costs: list[float] = []
     with torch.inference_mode():
         for shape, layout in enumerate(runner.layouts):
+            if progress is not None:
+                progress.set_postfix_str(shape_name(layout.config))
             history = prompt.tolist()
             history.extend(runner.prefill(prompt, history).committed)
             ids = [0] * layout.size
-            times = []
-            for _ in range(steps):
+            times: list[float] = []
+            for step in range(steps):
                 start = time.perf_counter()
                 history.extend(runner.step(shape, ids, EMPTY_TREE, history).committed)
-                times.append(time.perf_counter() - start)
-            costs.append(statistics.median(times[WARMUP_STEPS:]) * 1e3)  # the median: robust to a busy machine
+                if step >= WARMUP_STEPS:
+                    times.append((time.perf_counter() - start) * 1e3)
+                if (clearly_loses is not None and len(times) >= MIN_TIMED_STEPS
+                        and clearly_loses(shape, times, costs)):
+                    break
+            costs.append(statistics.median(times))  # the median: robust to a busy machine
+            if progress is not None:
+                progress.update()
     return costs
 
 
@@ -120,15 +175,41 @@ class Calibration:
     plan: StepPlan
 
 
-def calibrate(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_size: int) -> Calibration:
-    """Measure the candidate shapes on runners from `make_runner(shapes)` and choose the plan."""
-    wide = [LookaheadConfig(w, n, g, candidate_length=DRAFT_DEPTH, tree_nodes=b) for w, n, g, b in WIDE_LADDER]
-    plain_cost = time_steps(make_runner([AUTOREGRESSIVE]), vocab_size)[0]
-    wide_costs = [time_steps(make_runner([shape]), vocab_size)[0] for shape in wide]
-    best = max(range(len(wide)), key=lambda i: expected_tokens(wide[i]) / wide_costs[i])
-    chosen_wide, wide_cost = wide[best], wide_costs[best]
+def calibrate(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_size: int,
+              exhaustive: bool = False) -> Calibration:
+    """Measure the candidate shapes on runners from `make_runner(shapes)` and choose the plan, with a progress bar
+    on stderr. Unless `exhaustive`, shapes that clearly lose are timed in fewer steps or not at all, and a batch
+    on a CPU tries a shorter ladder."""
+    plain_runner = make_runner([AUTOREGRESSIVE])
+    batch_size = plain_runner.batch_size
+    cpu_batch = plain_runner.adapter.device.type == "cpu" and batch_size > 1
+    ladder = CPU_BATCH_LADDER if cpu_batch and not exhaustive else WIDE_LADDER
+    wide = [LookaheadConfig(w, n, g, candidate_length=DRAFT_DEPTH, tree_nodes=b) for w, n, g, b in ladder]
     narrow = [verify_only(nodes, DRAFT_DEPTH) for nodes in NARROW_NODES]
-    narrow_costs = time_steps(make_runner(narrow), vocab_size)
+    what = "calibrating step shapes" + (f" for batch {batch_size}" if batch_size > 1 else "")
+    with tqdm(total=1 + len(wide) + len(narrow), desc=what, unit="shape", file=sys.stderr, leave=False) as progress:
+        (plain_cost,) = time_steps(plain_runner, vocab_size, progress=progress)
+        wide_costs: list[float] = []
+        best_rate = 0.0  # expected tokens per ms of the best wide shape so far
+        for shape in wide:
+            tokens = expected_tokens(shape)
+            # Clearly slower: even its fastest step so far would not make it the best.
+            slower = None if exhaustive else lambda _, times, __: tokens / min(times) < best_rate
+            (cost,) = time_steps(make_runner([shape]), vocab_size, slower, progress)
+            wide_costs.append(cost)
+            best_rate = max(best_rate, tokens / cost)
+            # A wider shape costs at least as much as this one: if even the widest could not win at this cost,
+            # none of the rest can.
+            if not exhaustive and expected_tokens(wide[-1]) / cost < best_rate:
+                break
+        progress.total -= len(wide) - len(wide_costs)
+        wide = wide[: len(wide_costs)]
+        best = max(range(len(wide)), key=lambda i: expected_tokens(wide[i]) / wide_costs[i])
+        chosen_wide, wide_cost = wide[best], wide_costs[best]
+        # Clearly unaffordable: even its fastest step costs more than the slack allows over a cheaper narrow step.
+        unaffordable = None if exhaustive else lambda _, times, costs: (
+            min(times) > NARROW_COST_SLACK * min(costs, default=math.inf))
+        narrow_costs = time_steps(make_runner(narrow), vocab_size, unaffordable, progress)
     affordable = [i for i, cost in enumerate(narrow_costs) if cost <= NARROW_COST_SLACK * min(narrow_costs)]
     pick = affordable[-1]
     shapes, costs = [AUTOREGRESSIVE], [plain_cost]
@@ -176,23 +257,110 @@ def read_cache(path: Path) -> dict:
     return data["plans"]
 
 
-def cached_plan(key: str, path: Path | None = None) -> StepPlan | None:
-    entry = read_cache(path or cache_path()).get(key)
-    try:
-        return StepPlan.from_dict(entry) if isinstance(entry, dict) else None
-    except (KeyError, TypeError, ValueError):
+# Plans read from or written to the cache whose steps are checked for drift, and where their entry is; keys whose
+# plan drifted (measured again on their next use) and keys measured again (never dropped again: what still runs
+# far faster than a fresh calibration is not the load at calibration time, and would be measured on every call).
+_drift_checked: dict[StepPlan, tuple[str, Path]] = {}
+_stale_keys: set[str] = set()
+_remeasured_keys: set[str] = set()
+
+
+def is_stale(key: str) -> bool:
+    """Whether the plan under `key` drifted from its steps' times in this process and must be measured again."""
+    return key in _stale_keys
+
+
+def cached_plan(key: str, context_length: int | None, path: Path | None = None) -> StepPlan | None:
+    """The plan cached under `key`, if it is one calibration could have chosen for a model of `context_length`
+    tokens and it has not drifted; a bad entry is dropped with a warning."""
+    path = path or cache_path()
+    entry = read_cache(path).get(key)
+    if key in _stale_keys or entry is None or isinstance(entry, dict) and entry.get("stale"):
         return None
+    try:
+        plan = StepPlan.from_dict(entry)
+        plan.check_calibrated(context_length)
+    except (TypeError, ValueError) as err:
+        logger.warning("lookahead: ignoring the step plan cached for this model in %s (%s); measuring it again",
+                       path, err)
+        return None
+    if entry.get("remeasured"):
+        _remeasured_keys.add(key)
+    elif key not in _remeasured_keys:
+        _drift_checked[plan] = (key, path)
+    return plan
 
 
 def store_plan(key: str, plan: StepPlan, path: Path | None = None) -> None:
     """Add the plan to the cache file; a cache that cannot be written only costs a calibration next time."""
     path = path or cache_path()
-    plans = read_cache(path)
-    plans[key] = plan.as_dict()
+    if key in _stale_keys:
+        _stale_keys.discard(key)
+        _remeasured_keys.add(key)
+
+    def add(plans: dict) -> None:
+        previous = plans.get(key)
+        if isinstance(previous, dict) and previous.get("stale"):  # another process saw it drift
+            _remeasured_keys.add(key)
+        plans[key] = {**plan.as_dict(), "remeasured": True} if key in _remeasured_keys else plan.as_dict()
+
+    update_cache(path, add)
+    if key not in _remeasured_keys:
+        _drift_checked[plan] = (key, path)
+
+
+def check_drift(plan: StepPlan, steps: Sequence[int], recent_ms: Sequence[Sequence[float]]) -> None:
+    """After a generation with `plan` that took `steps` steps of each shape, the recent ones taking `recent_ms`:
+    if the plan came from the cache and a shape ran far faster than calibrated, mark its entry stale, so its next
+    use measures again."""
+    where = _drift_checked.get(plan)
+    if where is None:
+        return
+    for shape, cost, count, times in zip(plan.shapes, plan.costs_ms, steps, recent_ms):
+        if count >= DRIFT_MIN_STEPS and statistics.median(times) * DRIFT_FACTOR < cost:
+            key, path = where
+            del _drift_checked[plan]
+            _stale_keys.add(key)
+            logger.warning("lookahead: %s steps took %.2f ms, not the %.2f ms calibrated (on a busy machine?); "
+                           "measuring the step plan again", shape_name(shape), statistics.median(times), cost)
+
+            def mark_stale(plans: dict) -> None:
+                if plans.get(key) == plan.as_dict():  # not a newer plan another process stored meanwhile
+                    plans[key] = {**plans[key], "stale": True}
+
+            update_cache(path, mark_stale)
+            return
+
+
+def update_cache(path: Path, change: Callable[[dict], None]) -> None:
+    """Apply `change` to the cache file's entries, under a lock (concurrent writers keep each other's entries),
+    replacing the file atomically (a concurrent reader sees the old file or the new one). A failure only warns."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps({"version": CALIBRATION_VERSION, "plans": plans}, indent=1), encoding="utf-8")
-        temporary.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+        with locked(path.with_name(path.name + ".lock")):
+            for leftover in path.parent.glob(f"{path.stem}.*.tmp"):  # of writers that died (or failed, before)
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            plans = read_cache(path)
+            change(plans)
+            with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f"{path.stem}.",
+                                             suffix=".tmp", delete=False) as temporary:
+                try:
+                    json.dump({"version": CALIBRATION_VERSION, "plans": plans}, temporary, indent=1)
+                    temporary.close()
+                    os.replace(temporary.name, path)
+                except BaseException:
+                    os.unlink(temporary.name)
+                    raise
     except OSError as err:
-        warnings.warn(f"could not write the calibration cache {path}: {err}", RuntimeWarning, stacklevel=2)
+        logger.warning("lookahead: could not write the calibration cache %s (%s); set LOOKAHEAD_CACHE_DIR to a "
+                       "writable folder, or step plans are measured again in every process", path,
+                       err.strerror or err)
+
+
+@contextlib.contextmanager
+def locked(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (created, and kept: removing it would let two writers lock two files)."""
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock

@@ -59,7 +59,7 @@ def run_tune(args: argparse.Namespace) -> int:
 
     model = random_model(args.random_shape, args.device, args.dtype) if args.random_shape else load_from_args(args)[0]
     static = uses_static_engine(model)
-    calibration = calibrate_model(model, static)
+    calibration = calibrate_model(model, static, exhaustive=True)  # the whole table, not just the plan
     if not args.random_shape:
         store_plan(calibration_key(model, "static" if static else "dynamic"), calibration.plan)
     plain_cost = calibration.measured[0][1]

@@ -1,0 +1,259 @@
+"""The calibration behind config="auto": its cache file survives concurrent writers, bad entries and failed
+writes, a plan measured on a busy machine is measured again, and calibration shows its progress and skips what
+clearly loses."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import greedy_reference, tiny_model
+
+import lookahead_decoding as ld
+from lookahead_decoding import runners, tuning
+from lookahead_decoding.config import AUTOREGRESSIVE
+from lookahead_decoding.tuning import Calibration, StepPlan, verify_only
+
+PLAN = StepPlan((AUTOREGRESSIVE, verify_only(4, 12), ld.LookaheadConfig(3, 4, 3, candidate_length=12, tree_nodes=9)),
+                (1.0, 1.1, 1.6))
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """An empty calibration cache, in this process (plans kept in memory, what drifted) and on disk."""
+    monkeypatch.setenv("LOOKAHEAD_CACHE_DIR", str(tmp_path))
+    runners._plans.clear()
+    monkeypatch.setattr(tuning, "_drift_checked", {})
+    monkeypatch.setattr(tuning, "_stale_keys", set())
+    monkeypatch.setattr(tuning, "_remeasured_keys", set())
+    return tmp_path
+
+
+@pytest.fixture
+def calibrations(monkeypatch):
+    """Calibration replaced by an instant one that returns PLAN; the list of calls."""
+    calls = []
+
+    def calibrate_model(*args, **kwargs):
+        calls.append(args)
+        return Calibration(tuple(zip(PLAN.shapes, PLAN.costs_ms)), PLAN)
+
+    monkeypatch.setattr(runners, "calibrate_model", calibrate_model)
+    return calls
+
+
+def warning_lines(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records
+            if record.name.startswith("lookahead_decoding") and record.levelno >= logging.WARNING]
+
+
+# ------------------------------------------------------------------------------------------ concurrent writers
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from lookahead_decoding import tuning
+    from lookahead_decoding.tuning import StepPlan
+    from lookahead_decoding.config import AUTOREGRESSIVE
+    for entry in range(int(sys.argv[2])):
+        tuning.store_plan(f"writer {sys.argv[1]} entry {entry}", StepPlan((AUTOREGRESSIVE,), (1.0 + entry,)))
+""")
+
+
+def test_concurrent_writers_keep_every_entry(tmp_path):
+    writers, entries = 4, 25
+    env = {**os.environ, "LOOKAHEAD_CACHE_DIR": str(tmp_path)}
+    processes = [subprocess.Popen([sys.executable, "-c", WRITER, str(writer), str(entries)], env=env,
+                                  stderr=subprocess.PIPE, text=True) for writer in range(writers)]
+    errors = [process.communicate()[1] for process in processes]
+    assert all(process.returncode == 0 for process in processes), errors
+    assert errors == [""] * writers
+    plans = json.loads((tmp_path / tuning.CACHE_FILE).read_text())["plans"]
+    assert set(plans) == {f"writer {w} entry {e}" for w in range(writers) for e in range(entries)}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# ------------------------------------------------------------------------------------------ bad entries
+
+
+def fitting(**shape) -> dict:
+    return {"window": 3, "ngram": 4, "guesses": 3, **shape}
+
+
+PLAIN = {"window": 1, "ngram": 2, "guesses": 0, "pool_from_prompt": False}
+
+
+@pytest.mark.parametrize("entry, reason", [
+    ({"shapes": [PLAIN, fitting(window=4000)], "costs_ms": [1.0, 2.0]}, "context"),  # runs nowhere
+    ({"shapes": [PLAIN, fitting(window=80)], "costs_ms": [1.0, 2.0]}, "wider"),  # fits, but calibration never tries it
+    ({"shapes": [fitting()], "costs_ms": [1.0]}, "plain"),  # no plain step to fall back to
+    ({"shapes": [PLAIN, fitting()], "costs_ms": [1.0, float("inf")]}, "cost"),
+    ({"shapes": [PLAIN, fitting()], "costs_ms": [1.0, float("nan")]}, "cost"),
+    ({"shapes": [PLAIN, fitting()], "costs_ms": [1.0, 0.0]}, "cost"),
+    ({"shapes": [PLAIN, fitting()], "costs_ms": [1.0]}, "cost"),
+    ({"shapes": [PLAIN, fitting(window=-1)], "costs_ms": [1.0, 2.0]}, "window"),
+    ({"shapes": [PLAIN, fitting(colour="red")], "costs_ms": [1.0, 2.0]}, "colour"),
+    ({"costs_ms": [1.0]}, "shapes"),
+    ("a string", "not"),
+])
+def test_a_bad_cached_plan_is_dropped_with_one_warning_line_and_measured_again(cache_dir, calibrations, caplog,
+                                                                                  entry, reason):
+    model = tiny_model("llama")  # context 256
+    key = tuning.calibration_key(model, "dynamic")
+    path = cache_dir / tuning.CACHE_FILE
+    path.write_text(json.dumps({"version": tuning.CALIBRATION_VERSION, "plans": {key: entry, "other": PLAN.as_dict()}}))
+    prompt = torch.tensor([[5, 6, 7, 5, 6, 7]])
+    out = ld.generate(model, prompt, 12)  # the user passed no shape: nothing may be refused
+    assert out.sequences.tolist() == greedy_reference(model, prompt, 12).tolist()
+    assert out.plan == PLAN and len(calibrations) == 1
+    (line,) = warning_lines(caplog)
+    assert "\n" not in line and str(path) in line and reason in line and "measuring" in line
+    stored = json.loads(path.read_text())["plans"]
+    assert StepPlan.from_dict(stored[key]) == PLAN and StepPlan.from_dict(stored["other"]) == PLAN
+
+
+def test_a_good_cached_plan_is_used_without_a_word(cache_dir, calibrations, caplog):
+    model = tiny_model("llama")
+    tuning.store_plan(tuning.calibration_key(model, "dynamic"), PLAN)
+    assert runners.auto_plan(model) == PLAN
+    assert not calibrations and not warning_lines(caplog)
+
+
+# ------------------------------------------------------------------------------------------ drift
+
+
+def test_a_plan_measured_on_a_busy_machine_is_measured_again_once(cache_dir, calibrations, caplog):
+    model = tiny_model("llama")
+    key = tuning.calibration_key(model, "dynamic")
+    path = cache_dir / tuning.CACHE_FILE
+    # Costs far above what a tiny model's step takes, plain steps cheapest by far: plain steps run, each in
+    # about a millisecond.
+    busy = StepPlan(PLAN.shapes, (1000.0, 3000.0, 6000.0))
+    tuning.store_plan(key, busy)
+    prompt = torch.tensor([[1, 2, 3]])
+    assert ld.generate(model, prompt, 40).plan == busy
+    assert not calibrations
+    (line,) = warning_lines(caplog)
+    assert "\n" not in line and "plain" in line and "measuring" in line
+    assert ld.generate(model, prompt, 5).plan == PLAN  # this process measures again
+    assert len(calibrations) == 1
+    assert StepPlan.from_dict(json.loads(path.read_text())["plans"][key]) == PLAN
+    runners._plans.clear()  # the next process reads the file: the re-measured plan, kept
+    assert runners.auto_plan(model) == PLAN and len(calibrations) == 1
+
+
+def test_a_remeasured_plan_is_not_dropped_again(cache_dir, monkeypatch):
+    """Steps that still run far faster than a fresh calibration measured are not the load at calibration time
+    (compiled steps, say): measuring on every call would only say the same again."""
+    model = tiny_model("llama")
+    busy = StepPlan(PLAN.shapes, (1000.0, 3000.0, 6000.0))
+    calls = []
+    monkeypatch.setattr(runners, "calibrate_model", lambda *a, **k: calls.append(a) or Calibration((), busy))
+    tuning.store_plan(tuning.calibration_key(model, "dynamic"), busy)
+    prompt = torch.tensor([[1, 2, 3]])
+    for _ in range(3):
+        assert ld.generate(model, prompt, 40).plan == busy
+    runners._plans.clear()  # a new process
+    ld.generate(model, prompt, 40)
+    assert runners.auto_plan(model) == busy and len(calls) == 1
+
+
+def test_steps_slower_than_calibrated_keep_the_plan(cache_dir, calibrations):
+    """Host work and a machine busy now only make steps slower; that is no reason to measure again."""
+    model = tiny_model("llama")
+    tuning.store_plan(tuning.calibration_key(model, "dynamic"), StepPlan(PLAN.shapes, (1e-3, 2e-3, 3e-3)))
+    prompt = torch.tensor([[1, 2, 3]])
+    ld.generate(model, prompt, 40)
+    ld.generate(model, prompt, 5)
+    assert not calibrations
+
+
+# ------------------------------------------------------------------------------------------ failed writes
+
+
+def test_a_failed_write_leaves_no_temporary_file_and_warns_in_one_line(cache_dir, caplog):
+    (cache_dir / tuning.CACHE_FILE).mkdir()  # the cache file's name is taken by a folder
+    (cache_dir / "calibration.4242.tmp").write_text("{")  # left by an earlier run
+    for _ in range(2):
+        tuning.store_plan("key", PLAN)
+    assert sorted(path.name for path in cache_dir.iterdir() if not path.name.endswith(".lock")) == [tuning.CACHE_FILE]
+    lines = warning_lines(caplog)
+    assert len(lines) == 2 and all("\n" not in line and "LOOKAHEAD_CACHE_DIR" in line for line in lines)
+
+
+def test_an_unwritable_cache_prints_one_line_on_stderr(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    script = ("from lookahead_decoding import tuning; from lookahead_decoding.config import AUTOREGRESSIVE; "
+              "tuning.store_plan('key', tuning.StepPlan((AUTOREGRESSIVE,), (1.0,)))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "LOOKAHEAD_CACHE_DIR": str(blocker / "cache")})
+    assert result.returncode == 0 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("lookahead: could not write the calibration cache") and "LOOKAHEAD_CACHE_DIR" in line
+
+
+# ------------------------------------------------------------------------------------------ calibration time
+
+
+class FakeRunner:
+    """A runner whose steps take no time but advance `clock` by `cost_ms(rows of the batched step)`."""
+
+    def __init__(self, shapes, clock, cost_ms, batch_size, device):
+        self.layouts = tuple(SimpleNamespace(config=shape, size=shape.tokens_per_step) for shape in shapes)
+        self.adapter = SimpleNamespace(device=torch.device(device))
+        self.batch_size, self.clock, self.cost_ms = batch_size, clock, cost_ms
+
+    def prefill(self, prompt, history):
+        return SimpleNamespace(committed=[0])
+
+    def step(self, shape, ids, tree, history):
+        self.clock.steps += 1
+        self.clock.now += self.cost_ms(self.layouts[shape].size * self.batch_size) / 1e3
+        return SimpleNamespace(committed=[0])
+
+
+def fake_calibration(monkeypatch, cost_ms, batch_size=1, device="cpu", **kwargs):
+    """Calibrate on fake runners with a fake clock; (the calibration, steps it ran, shapes it measured)."""
+    clock = SimpleNamespace(now=0.0, steps=0, shapes=[])
+    monkeypatch.setattr(tuning, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+
+    def make_runner(shapes):
+        clock.shapes.extend(shapes)
+        return FakeRunner(shapes, clock, cost_ms, batch_size, device)
+
+    calibration = tuning.calibrate(make_runner, 96, **kwargs)
+    return calibration, clock.steps, clock.shapes
+
+
+def cpu_like(rows):  # every row costs arithmetic
+    return 50.0 + 2.0 * rows
+
+
+def test_calibration_shows_its_progress_on_stderr(monkeypatch, capsys):
+    fake_calibration(monkeypatch, cpu_like, batch_size=4)
+    err = capsys.readouterr().err
+    assert "calibrating step shapes for batch 4" in err and "shape" in err
+    assert "lookahead W=3 N=4 G=3" in err  # what is measured
+    assert "0/7" in err  # how many shapes are left: plain, the 2 wide shapes a CPU batch tries, 4 narrow ones
+
+
+def test_calibration_skips_what_clearly_loses_and_chooses_the_same(monkeypatch):
+    exhaustive, all_steps, all_shapes = fake_calibration(monkeypatch, cpu_like, exhaustive=True)
+    quick, steps, shapes = fake_calibration(monkeypatch, cpu_like)
+    assert quick.plan.shapes == exhaustive.plan.shapes
+    assert quick.plan.costs_ms == pytest.approx(exhaustive.plan.costs_ms)
+    assert steps < 0.6 * all_steps and len(shapes) < len(all_shapes)
+
+
+def test_a_batch_on_a_cpu_tries_a_shorter_ladder(monkeypatch):
+    flat = lambda rows: 10.0  # noqa: E731  launch-bound: the widest shape would win
+    _, _, batch_shapes = fake_calibration(monkeypatch, flat, batch_size=4)
+    _, _, one_row_shapes = fake_calibration(monkeypatch, flat, batch_size=1)
+    assert max(shape.tokens_per_step for shape in one_row_shapes) == tuning.WIDEST_ROWS
+    assert max(shape.tokens_per_step for shape in batch_shapes) < tuning.WIDEST_ROWS
