@@ -34,6 +34,7 @@ from lookahead_decoding.bench import (
 )
 from lookahead_decoding.bench.cli import config_list, int_list
 from lookahead_decoding.bench.methods import parse_methods
+from lookahead_decoding.jsonl import JsonLinesError
 
 torch.set_num_threads(1)
 
@@ -98,20 +99,21 @@ def test_tiny_files_of_every_format(tmp_path):
 
 def test_missing_file_names_the_path(tmp_path):
     missing = tmp_path / "nope.jsonl"
-    with pytest.raises(FileNotFoundError, match=str(missing)):
+    with pytest.raises(JsonLinesError) as info:
         load_file("gsm8k", missing)
+    assert str(info.value) == f"{missing}: cannot read it (No such file or directory)"
 
 
 @pytest.mark.parametrize(
     "dataset, bad_line, message",
     [
-        ("gsm8k", "{not json", "line 3: not valid JSON"),
-        ("gsm8k", json.dumps({"answer": "#### 3"}), "line 3: missing field 'question'"),
-        ("gsm8k", json.dumps({"question": 7}), "line 3: field 'question' must be a non-empty string"),
-        ("gsm8k", json.dumps(["question"]), "line 3: expected a JSON object"),
-        ("mtbench", json.dumps({"question_id": 3}), "line 3: missing field 'turns'"),
-        ("mtbench", json.dumps({"turns": "just text"}), "line 3: field 'turns' must be a list"),
-        ("humaneval", json.dumps({"task_id": "x"}), "line 3: missing field 'prompt'"),
+        ("gsm8k", "{not json", "3: not valid JSON"),
+        ("gsm8k", json.dumps({"answer": "#### 3"}), "3: missing field 'question'"),
+        ("gsm8k", json.dumps({"question": 7}), "3: field 'question' must be a non-empty string"),
+        ("gsm8k", json.dumps(["question"]), "3: expected a JSON object"),
+        ("mtbench", json.dumps({"question_id": 3}), "3: missing field 'turns'"),
+        ("mtbench", json.dumps({"turns": "just text"}), "3: field 'turns' must be a list"),
+        ("humaneval", json.dumps({"task_id": "x"}), "3: missing field 'prompt'"),
     ],
 )
 def test_malformed_line_names_file_and_line(tmp_path, dataset, bad_line, message):
@@ -120,7 +122,7 @@ def test_malformed_line_names_file_and_line(tmp_path, dataset, bad_line, message
                        compress=dataset == "humaneval")
     with pytest.raises(ValueError) as info:
         load_file(dataset, path)
-    assert str(info.value).startswith(f"{path} {message}")
+    assert str(info.value).startswith(f"{path}:{message}")
 
 
 def test_limit_stops_before_a_later_bad_line_and_empty_file_is_an_error(tmp_path):
@@ -137,7 +139,7 @@ def test_truncated_gzip_names_the_file(tmp_path):
     data = gzip.compress(b"".join(json.dumps({"prompt": f"p{i}"}).encode() + b"\n" for i in range(200)))
     path = tmp_path / "HumanEval.jsonl.gz"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=f"{path} line .*: cannot decompress"):
+    with pytest.raises(JsonLinesError, match=rf"^{path}:\d+: cannot decompress it as gzip \(Compressed file ended"):
         load_file("humaneval", path)
 
 
@@ -174,7 +176,7 @@ def test_cli_input_errors_are_one_line_and_exit_2(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "test.jsonl", [json.dumps({"question": "q"}), json.dumps({"q": 1})])
     cases = [
         (["--data-file", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
-        (["--data-file", str(bad)], f"{bad} line 2: missing field 'question'"),
+        (["--data-file", str(bad)], f"{bad}:2: missing field 'question'"),
         (["--data-file", str(bad), "--methods", "greedy,magic"], "unknown method(s) magic"),
         (["--data-file", str(bad), "--window", "0"], "window must be >= 1"),
     ]

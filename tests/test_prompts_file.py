@@ -3,7 +3,12 @@ a time, each result appended as it finishes, resumable; on the tiny random Llama
 
 from __future__ import annotations
 
+import fcntl
+import gzip
 import json
+import os
+import re
+import resource
 
 import pytest
 import torch
@@ -12,6 +17,7 @@ from conftest import CLI_MODEL_CONTEXT
 from lookahead_decoding import decoding
 from lookahead_decoding.cli import generate as generate_command
 from lookahead_decoding.cli import main
+from lookahead_decoding.cli.prompts_file import read_prompts
 
 torch.set_num_threads(1)
 
@@ -19,7 +25,7 @@ SHAPE = ["--window", "3", "--ngram", "3"]  # one fixed step shape: no calibratio
 MAX_NEW_TOKENS = 6
 PROMPTS = [
     {"id": "sea", "prompt": "The sea is"},
-    {"prompt": "Once upon a time", "max_new_tokens": 3},  # id: its line number
+    {"prompt": "Once upon a time", "max_new_tokens": 3},  # id: the hash of its content
     {"id": 7, "prompt": "Hi there"},
 ]
 # Different lengths and limits, so that in a batch some finish before prompts above them.
@@ -30,7 +36,8 @@ BATCH_PROMPTS = [
     {"id": 4, "prompt": "Hi there", "max_new_tokens": 1},
     {"id": "last", "prompt": "A list of fruits: apple,"},
 ]
-RESULT_FIELDS = {"id", "prompt", "text", "new_tokens", "tokens_per_step", "seconds"}
+RESULT_FIELDS = {"id", "prompt", "text", "new_tokens", "tokens_per_step", "seconds", "input_hash"}
+HASH = re.compile("[0-9a-f]{16}")
 
 
 def write_lines(path, *lines: str | dict) -> None:
@@ -39,6 +46,11 @@ def write_lines(path, *lines: str | dict) -> None:
 
 def read_results(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def without_times(results: list[dict]) -> dict:
+    """Results by id, without the one field that differs from run to run."""
+    return {result["id"]: {name: value for name, value in result.items() if name != "seconds"} for result in results}
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -50,6 +62,14 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 def run_file(capsys, model: str, prompts, out, *options: str) -> tuple[int, str, str]:
     return run(capsys, "--prompts-file", str(prompts), "--out", str(out), "--model", model,
                "--max-new-tokens", str(MAX_NEW_TOKENS), *SHAPE, *options)
+
+
+def completed_run(capsys, model: str, prompts, out, lines: list, *options: str) -> list[dict]:
+    """Writes `lines` as the prompts file, runs it to the end, and returns what --out then holds."""
+    write_lines(prompts, *lines)
+    code, _, err = run_file(capsys, model, prompts, out, *options)
+    assert code == 0, err
+    return read_results(out)
 
 
 @pytest.fixture
@@ -96,7 +116,8 @@ def test_every_prompt_gets_the_text_of_a_single_generate(cli_model, files, capsy
     assert code == 0, err
     assert stdout == "" and "3/3" in err  # the progress bar, on stderr
     results = read_results(out)
-    assert [result["id"] for result in results] == ["sea", 3, 7]
+    assert [result["id"] for result in results[::2]] == ["sea", 7]
+    assert HASH.fullmatch(results[1]["id"]) and results[1]["id"] == results[1]["input_hash"]
     for result, entry in zip(results, PROMPTS):
         max_new_tokens = entry.get("max_new_tokens", MAX_NEW_TOKENS)
         code, single, err = run(capsys, entry["prompt"], "--model", cli_model, "--max-new-tokens", str(max_new_tokens),
@@ -111,19 +132,18 @@ def test_every_prompt_gets_the_text_of_a_single_generate(cli_model, files, capsy
         assert result["seconds"] > 0
 
 
-def test_a_rerun_skips_the_ids_already_written(cli_model, files, capsys, lines_at_each_result):
+def test_a_rerun_skips_the_prompts_already_written(cli_model, files, capsys, lines_at_each_result):
     prompts, out = files
-    write_lines(prompts, *PROMPTS)
-    done_before = {"id": 2, "prompt": PROMPTS[1]["prompt"], "text": "from an earlier run", "new_tokens": 3,
-                   "tokens_per_step": 1.0, "seconds": 0.5}
-    write_lines(out, done_before)
+    (done_before,) = completed_run(capsys, cli_model, prompts, out, [PROMPTS[1]])
+    write_lines(prompts, *PROMPTS)  # the prompt that ran is on line 2 now
+    lines_at_each_result.clear()
     code, _, err = run_file(capsys, cli_model, prompts, out)
     assert code == 0, err
     # Two prompts ran, and the first one's result was on disk before the second was handed back.
     assert lines_at_each_result == [1, 2]
     results = read_results(out)
     assert results[0] == done_before
-    assert [result["id"] for result in results] == [2, "sea", 7]
+    assert [result["id"] for result in results] == [done_before["id"], "sea", 7]
 
     code, _, err = run_file(capsys, cli_model, prompts, out)
     assert code == 0, err
@@ -134,18 +154,18 @@ def test_a_rerun_skips_the_ids_already_written(cli_model, files, capsys, lines_a
 
 def test_a_last_line_cut_short_is_written_again(cli_model, files, capsys, lines_at_each_result):
     prompts, out = files
-    write_lines(prompts, *PROMPTS)
-    done_before = {"id": "sea", "prompt": "The sea is", "text": "from an earlier run", "new_tokens": 6,
-                   "tokens_per_step": 1.0, "seconds": 0.5}
-    out.write_text(json.dumps(done_before) + '\n{"id": 2, "prompt": "Once upon a ti')
+    complete = completed_run(capsys, cli_model, prompts, out, PROMPTS)
+    first, second, _ = out.read_text().splitlines(keepends=True)
+    out.write_text(first + second[:30])  # killed in the middle of writing the second result
+    lines_at_each_result.clear()
     code, _, err = run_file(capsys, cli_model, prompts, out)
     assert code == 0, err
     assert f"lookahead: {out}: its last line was cut short by an interrupted write; that prompt runs again\n" in err
     assert lines_at_each_result == [1, 2]
     results = read_results(out)
-    assert results[0] == done_before
-    assert [result["id"] for result in results] == ["sea", 2, 7]
-    assert all(set(result) == RESULT_FIELDS for result in results)
+    assert results[0] == complete[0]
+    assert [result["id"] for result in results] == [result["id"] for result in complete]
+    assert without_times(results) == without_times(complete)
 
 
 @pytest.mark.parametrize("batch_size", ["1", "3"])
@@ -155,7 +175,7 @@ def test_a_prompt_the_model_cannot_take_names_its_line_before_any_decoding(cli_m
     write_lines(prompts, PROMPTS[0], {"prompt": "word " * CLI_MODEL_CONTEXT}, PROMPTS[2])
     code, _, err = run_file(capsys, cli_model, prompts, out, "--batch-size", batch_size)
     assert code == 2
-    assert err.startswith(f"lookahead: error: {prompts}, line 2: prompt (")
+    assert err.startswith(f"lookahead: error: {prompts}:2: prompt (")
     assert err.endswith(f"exceeds the model's context length of {CLI_MODEL_CONTEXT}\n")
     assert lines_at_each_result == [] and not out.exists()
 
@@ -190,16 +210,17 @@ def test_a_batch_writes_each_prompt_what_one_at_a_time_writes(cli_model, tmp_pat
 
 def test_a_batched_rerun_skips_the_ids_written_in_any_order(cli_model, files, capsys, lines_at_each_result):
     prompts, out = files
-    write_lines(prompts, *BATCH_PROMPTS)
-    done_before = [{"id": id_, "prompt": "from an earlier run", "text": "", "new_tokens": 1, "tokens_per_step": 1.0,
-                    "seconds": 0.5} for id_ in ("last", 4)]  # finished out of input order
+    complete = completed_run(capsys, cli_model, prompts, out, BATCH_PROMPTS, "--batch-size", "3")
+    done_before = [result for result in complete if result["id"] in ("last", 4)]
     write_lines(out, *done_before)
+    lines_at_each_result.clear()
     code, _, err = run_file(capsys, cli_model, prompts, out, "--batch-size", "3")
     assert code == 0, err
     assert lines_at_each_result == [2, 3, 4]
     results = read_results(out)
     assert results[:2] == done_before
     assert sorted(map(str, (result["id"] for result in results[2:]))) == ["long", "mid", "short"]
+    assert without_times(results) == without_times(complete)
 
     code, _, err = run_file(capsys, cli_model, prompts, out, "--batch-size", "3")
     assert code == 0, err
@@ -229,28 +250,27 @@ def test_batch_size_errors(capsys, no_model, argv, message):
 @pytest.mark.parametrize(
     "lines, message",
     [
-        (['{"prompt": "a"}', '{"prompt": "b"'], "line 2: not valid JSON (Expecting ',' delimiter at column 15)"),
-        (['["a prompt"]'], "line 1: expected a JSON object, got a JSON array"),
-        (['{"prompt": "a"}', '{"text": "b"}'], 'line 2: no "prompt" field'),
-        (['{"prompt": 3}'], 'line 1: "prompt" must be a string, got a JSON number'),
-        (['{"prompt": "a"}', "", '{"prompt": " \\n "}'], "line 3: the prompt is empty"),
-        (['{"prompt": "\\ud800"}'], "line 1: the prompt is not valid UTF-8 text: undecodable character '\\ud800' at "
+        (['{"prompt": "a"}', '{"prompt": "b"'], "2: not valid JSON (Expecting ',' delimiter at column 15)"),
+        (['["a prompt"]'], "1: expected a JSON object, got a JSON array"),
+        (['{"prompt": "a"}', '{"text": "b"}'], '2: no "prompt" field'),
+        (['{"prompt": 3}'], '1: "prompt" must be a string, got a JSON number'),
+        (['{"prompt": "a"}', "", '{"prompt": " \\n "}'], "3: the prompt is empty"),
+        (['{"prompt": "\\ud800"}'], "1: the prompt is not valid UTF-8 text: undecodable character '\\ud800' at "
                                     "position 0 (was it written in another encoding?)"),
         (['{"prompt": "a", "id": "x"}', '{"prompt": "b"}', '{"prompt": "c", "id": "x"}'],
-         'line 3: the id "x" is already used on line 1'),
-        (['{"prompt": "a"}', '{"prompt": "b", "id": 1}'], "line 2: the id 1 is already used on line 1"),
-        (['{"prompt": "a", "id": 1.5}'], 'line 1: "id" must be a string or an integer, got a JSON number'),
-        (['{"prompt": "a", "max_new_tokens": 0}'], 'line 1: "max_new_tokens" must be a positive integer, got 0'),
+         '3: the id "x" is already used on line 1'),
+        (['{"prompt": "a", "id": 1.5}'], '1: "id" must be a string or an integer, got a JSON number'),
+        (['{"prompt": "a", "max_new_tokens": 0}'], '1: "max_new_tokens" must be a positive integer, got 0'),
     ],
     ids=["invalid-json", "not-an-object", "no-prompt", "number-prompt", "empty-prompt", "lone-surrogate",
-         "duplicate-id", "duplicate-line-number", "float-id", "zero-max-new-tokens"],
+         "duplicate-id", "float-id", "zero-max-new-tokens"],
 )
 def test_a_bad_line_is_named_before_the_model_loads(files, capsys, no_model, lines, message):
     prompts, out = files
     write_lines(prompts, *lines)
     code, stdout, err = run_file(capsys, "unused", prompts, out)
     assert (code, stdout) == (2, "")
-    assert err == f"lookahead: error: {prompts}, {message}\n"
+    assert err == f"lookahead: error: {prompts}:{message}\n"
     assert not out.exists()
 
 
@@ -258,24 +278,28 @@ def test_bytes_that_are_not_utf8_name_their_line(files, capsys, no_model):
     prompts, out = files
     prompts.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
     code, _, err = run_file(capsys, "unused", prompts, out)
-    assert code == 2 and err == f"lookahead: error: {prompts}, line 2: not valid UTF-8 text\n"
+    assert code == 2 and err == (f"lookahead: error: {prompts}:2: not valid UTF-8 (byte 0xe9 at column 16; was it "
+                                 "saved in another encoding?)\n")
 
 
 @pytest.mark.parametrize(
     "prompts_text, results_text, options, message",
     [
-        ("", None, [], "--prompts-file {prompts}: no prompts in it"),
-        ("", None, ["--batch-size", "3"], "--prompts-file {prompts}: no prompts in it"),
-        ("\n  \n", None, [], "--prompts-file {prompts}: no prompts in it"),
-        (None, None, [], "--prompts-file {prompts}: cannot read it (No such file or directory)"),
+        ("", None, [], "{prompts}: no prompts in it"),
+        ("", None, ["--batch-size", "3"], "{prompts}: no prompts in it"),
+        ("\n  \n", None, [], "{prompts}: no prompts in it"),
+        (None, None, [], "{prompts}: cannot read it (No such file or directory)"),
         ('{"prompt": "a"}\n', '{"text": "b"}\n', [],
-         '{out}, line 1: no "id" field: not a result line of --prompts-file (choose another --out)'),
+         '{out}:1: no "id" field: not a result line of --prompts-file (choose another --out)'),
+        ('{"prompt": "a"}\n', '{"id": "b", "text": "c"}\n', [],
+         '{out}:1: no "input_hash" field: not a result line of --prompts-file (choose another --out)'),
         ('{"prompt": "a"}\n', None, ["--compare"], "--compare works on a single prompt, not with --prompts-file"),
         ('{"prompt": "a"}\n', None, ["--json"], "--json works on a single prompt, not with --prompts-file"),
         ('{"prompt": "a"}\n{"prompt": "b"\n', None, ["--batch-size", "3"],
-         "{prompts}, line 2: not valid JSON (Expecting ',' delimiter at column 15)"),
+         "{prompts}:2: not valid JSON (Expecting ',' delimiter at column 15)"),
     ],
-    ids=["empty", "empty-batch", "blank-lines", "missing", "foreign-results", "compare", "json", "bad-line-batch"],
+    ids=["empty", "empty-batch", "blank-lines", "missing", "foreign-results", "results-without-hash", "compare", "json",
+         "bad-line-batch"],
 )
 def test_file_errors_are_one_line_before_the_model_loads(files, capsys, no_model, prompts_text, results_text,
                                                          options, message):
@@ -311,3 +335,127 @@ def test_a_prompt_and_a_prompts_file_together_are_a_usage_error(files, capsys, n
     code, _, err = run(capsys, "a prompt", "--out", str(out))
     assert code == 2
     assert err == "lookahead: error: --out goes with --prompts-file; a single prompt's result is printed\n"
+
+
+def test_a_gzip_prompts_file_is_read_whatever_its_name(cli_model, tmp_path, files, capsys):
+    prompts, out = files
+    gzipped = tmp_path / "prompts.jsonl.gz"
+    gzipped.write_bytes(gzip.compress(json.dumps(PROMPTS[0]).encode() + b"\n"))
+    code, _, err = run_file(capsys, cli_model, gzipped, out)
+    assert code == 0, err
+    assert [result["id"] for result in read_results(out)] == ["sea"]
+    gzipped.write_bytes(gzip.compress(b'{"prompt": "a"}\n{"text": "b"}\n'))
+    code, _, err = run_file(capsys, cli_model, gzipped, out)
+    assert (code, err) == (2, f'lookahead: error: {gzipped}:2: no "prompt" field\n')
+
+
+def test_an_inserted_line_runs_alone_and_an_edited_one_runs_again(cli_model, files, capsys, lines_at_each_result):
+    prompts, out = files
+    first_run = completed_run(capsys, cli_model, prompts, out, PROMPTS)
+    # A new line where the line without an id was: only the new prompt runs.
+    results = completed_run(capsys, cli_model, prompts, out, [PROMPTS[0], {"prompt": "A new prompt"}, *PROMPTS[1:]])
+    assert results[:3] == first_run
+    assert [result["prompt"] for result in results[3:]] == ["A new prompt"]
+    # The line without an id edited: its new prompt runs; the result of the old one stays as it was.
+    edited = {**PROMPTS[1], "prompt": "Once upon a time, far away"}
+    after_edit = completed_run(capsys, cli_model, prompts, out, [PROMPTS[0], {"prompt": "A new prompt"}, edited,
+                                                                PROMPTS[2]])
+    assert after_edit[:4] == results
+    assert [result["prompt"] for result in after_edit[4:]] == [edited["prompt"]]
+    assert lines_at_each_result == [0, 1, 2, 3, 4]
+
+
+def test_a_changed_line_whose_id_has_a_result_is_refused(cli_model, files, capsys):
+    prompts, out = files
+    completed_run(capsys, cli_model, prompts, out, [{"prompt": "x", "id": 0}, PROMPTS[0]])
+    written = out.read_text()
+    # (the second line, options, where the first refused line is, its id)
+    changed = [({**PROMPTS[0], "prompt": "The sea was"}, [], 2, '"sea"'),
+               ({**PROMPTS[0], "max_new_tokens": 2}, [], 2, '"sea"'),
+               (PROMPTS[0], ["--chat"], 1, "0")]  # --chat changes every line
+    for line, options, refused, id_ in changed:
+        write_lines(prompts, {"prompt": "x", "id": 0}, line)
+        code, stdout, err = run_file(capsys, cli_model, prompts, out, *options)
+        assert (code, stdout) == (2, "")  # before the model loads: a run that loaded it would go on
+        assert err == (f"lookahead: error: {prompts}:{refused}: the result of id {id_} in {out} (line {refused}) is "
+                       f"of another prompt, max_new_tokens or --chat; give the line a new id, or remove that result "
+                       f"from {out}\n")
+        assert out.read_text() == written
+
+
+def test_identical_lines_without_an_id_each_get_one(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    write_lines(prompts, {"prompt": "a"}, {"prompt": "a", "id": "x"}, {"prompt": "a"}, {"prompt": "a"})
+    ids = [entry.id for entry in read_prompts(str(prompts), MAX_NEW_TOKENS, chat=False)]
+    assert HASH.fullmatch(ids[0]) and ids[1:] == ["x", f"{ids[0]}-2", f"{ids[0]}-3"]
+
+
+def test_a_second_run_on_the_same_out_fails_at_once(files, capsys, no_model):
+    prompts, out = files
+    write_lines(prompts, *PROMPTS)
+    out.write_text("")
+    with open(out, "a") as other_run:
+        fcntl.flock(other_run, fcntl.LOCK_EX)
+        code, stdout, err = run_file(capsys, "unused", prompts, out)
+    assert (code, stdout) == (1, "")
+    assert err == (f"lookahead: error: --out {out}: another run is writing to it; wait for it to end, or choose "
+                   "another --out\n")
+    assert out.read_text() == ""
+
+
+def test_the_lock_is_held_while_results_are_written(cli_model, files, capsys, monkeypatch):
+    prompts, out = files
+    write_lines(prompts, *PROMPTS)
+    real_schedule, locked = decoding.schedule, []
+
+    def schedule_trying_the_lock(*args, **kwargs):
+        with open(out, "a") as other_run:
+            try:
+                fcntl.flock(other_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                locked.append(True)
+        return real_schedule(*args, **kwargs)
+
+    monkeypatch.setattr(decoding, "schedule", schedule_trying_the_lock)
+    code, _, err = run_file(capsys, cli_model, prompts, out)
+    assert code == 0, err
+    assert locked == [True] and len(read_results(out)) == 3
+
+
+@pytest.mark.parametrize("kind", ["pipe", "/dev/zero", "/dev/full"])
+def test_out_that_is_not_a_regular_file_is_refused_before_the_model_loads(files, capsys, no_model, kind):
+    prompts, out = files
+    write_lines(prompts, *PROMPTS)
+    if kind == "pipe":  # what `--out /dev/stdout` is when stdout goes into a pipe
+        os.mkfifo(out)
+    else:
+        out = kind
+    code, stdout, err = run_file(capsys, "unused", prompts, out)
+    assert (code, stdout) == (1, "")
+    what = "a pipe" if kind == "pipe" else "a character device"
+    assert err == (f"lookahead: error: --out {out}: is {what}, not a regular file; the results go to a file that a "
+                   "rerun can read back\n")
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_what_was_written(cli_model, files, capsys):
+    prompts, out = files
+    complete = completed_run(capsys, cli_model, prompts, out, PROMPTS)
+    out.unlink()
+    first_line = len(json.dumps(complete[0], ensure_ascii=False)) + 1
+    # No file may grow past the first result and a part of the second: as on a disk that fills up then.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (first_line + 20, hard))
+    try:
+        code, stdout, err = run_file(capsys, cli_model, prompts, out)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert (code, stdout) == (1, "")
+    assert err.endswith(f"lookahead: error: --out {out}: cannot write to it (File too large); the results written "
+                        "so far are kept: make room, and run the same command again to go on\n")
+    assert err.count("lookahead:") == 1
+    kept, cut = out.read_text().split("\n")
+    assert without_times([json.loads(kept)]) == without_times(complete[:1]) and 0 < len(cut) < 40
+    code, _, err = run_file(capsys, cli_model, prompts, out)
+    assert code == 0, err
+    assert "its last line was cut short by an interrupted write; that prompt runs again" in err
+    assert without_times(read_results(out)) == without_times(complete)

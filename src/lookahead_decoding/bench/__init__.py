@@ -27,7 +27,6 @@ _EXPORTS = {
     "load_prompts": "data",
     "lookahead_with": "methods",
     "main": "cli",
-    "read_jsonl": "data",
     "register_method": "methods",
     "summarize": "runner",
     "sweep": "runner",
@@ -42,6 +41,6 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .batched import bench_batched
     from .cli import add_bench_parser, main
-    from .data import DATASETS, Prompt, load_file, load_hub, load_prompts, read_jsonl
+    from .data import DATASETS, Prompt, load_file, load_hub, load_prompts
     from .methods import BATCHED_METHODS, METHODS, count_forwards, hf_generate, lookahead_with, register_method
     from .runner import bench, summarize, sweep

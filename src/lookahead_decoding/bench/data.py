@@ -1,19 +1,17 @@
 """Benchmark prompts: MT-Bench, HumanEval and GSM8K, from a local file or from the Hugging Face Hub.
 
 Local files are the upstream formats: MT-Bench `question.jsonl` (question_id, category, turns), HumanEval
-`HumanEval.jsonl.gz` (gzip'd JSONL, prompt) and GSM8K `test.jsonl` (question). Gzip is recognised by its magic
-bytes, so a decompressed copy reads too. Every problem is reported with the file and the line it is on.
+`HumanEval.jsonl.gz` (gzip'd JSONL, prompt) and GSM8K `test.jsonl` (question), read by the package's JSON Lines
+reader (gzip or not, whatever the name): every problem is reported with the file and the line it is on.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-GZIP_MAGIC = b"\x1f\x8b"
+from ..jsonl import JsonLinesError, read_objects
 
 
 @dataclass(frozen=True)
@@ -95,46 +93,15 @@ def _check_limit(limit: int | None) -> None:
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every non-blank line of a JSONL file, gzip'd or not."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    with open(path, "rb") as raw:
-        compressed = raw.read(2) == GZIP_MAGIC
-    opener = gzip.open if compressed else open
-    with opener(path, "rb") as handle:
-        line_number = 0
-        while True:
-            line_number += 1
-            try:
-                line = handle.readline()
-            except (OSError, EOFError) as err:  # corrupt or truncated gzip stream
-                raise ValueError(f"{path} line {line_number}: cannot decompress ({err})") from err
-            if not line:
-                return
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path} line {line_number}: not valid UTF-8") from err
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {line_number}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise ValueError(f"{path} line {line_number}: expected a JSON object, got {type(record).__name__}")
-            yield line_number, record
-
-
-def _collect(dataset: str, records, extract, where: Callable[[int], str], limit: int | None, source: str) -> list[Prompt]:
+def _collect(dataset: str, records: Iterable[tuple[int, dict]], extract, error: Callable[[int, str], ValueError],
+             limit: int | None, source: str) -> list[Prompt]:
+    """The prompts of (place, record) pairs; `error(place, problem)` is the error for a record without one."""
     prompts = []
     for index, (place, record) in enumerate(records):
         try:
             text = extract(record)
         except KeyError as err:
-            raise ValueError(f"{where(place)}: {err.args[0]}") from None
+            raise error(place, err.args[0]) from None
         prompts.append(Prompt(dataset, index, text, DATASETS[dataset].chat))
         if len(prompts) == limit:  # stop before reading (and checking) any further line
             break
@@ -147,7 +114,8 @@ def load_file(dataset: str, path: str | Path, limit: int | None = None) -> list[
     """The first `limit` prompts (all when None) of `dataset` from a local file in its upstream format."""
     spec = _spec(dataset)
     _check_limit(limit)
-    return _collect(dataset, read_jsonl(path), spec.from_file, lambda line: f"{path} line {line}", limit, str(path))
+    error = lambda line, problem: JsonLinesError(path, line, problem)  # noqa: E731
+    return _collect(dataset, read_objects(path), spec.from_file, error, limit, str(path))
 
 
 def load_hub(dataset: str, limit: int | None = None) -> list[Prompt]:
@@ -163,8 +131,8 @@ def load_hub(dataset: str, limit: int | None = None) -> list[Prompt]:
         ) from err
     split = spec.hub_split if limit is None else f"{spec.hub_split}[:{limit}]"
     rows = datasets.load_dataset(spec.hub_name, spec.hub_config, split=split)
-    where = lambda i: f"{spec.hub_name} ({spec.hub_split}) record {i}"  # noqa: E731
-    return _collect(dataset, enumerate(rows), spec.from_hub, where, limit, spec.hub_name)
+    error = lambda i, problem: ValueError(f"{spec.hub_name} ({spec.hub_split}) record {i}: {problem}")  # noqa: E731
+    return _collect(dataset, enumerate(rows), spec.from_hub, error, limit, spec.hub_name)
 
 
 def load_prompts(dataset: str, data_file: str | Path | None = None, limit: int | None = None) -> list[Prompt]:

@@ -7,7 +7,8 @@
 Every subcommand is added by one `add_*` function that creates its subparser and sets `func` (called with the
 parsed arguments, returns the exit code). Arguments are parsed before torch or transformers is imported, so
 `--help` and usage errors answer at once. Library errors (ValueError, TypeError, FileNotFoundError) become a
-one-line `lookahead: error: ...` on stderr and exit code 2; Ctrl-C exits with 130, at any point.
+one-line `lookahead: error: ...` on stderr and exit code 2; a run that cannot go on (common.RunError) the same
+line and exit code 1; Ctrl-C exits with 130, at any point.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .common import EXIT_USAGE
+from .common import EXIT_FAILED, EXIT_USAGE, RunError
 from .generate import add_generate_command
 from .tune import add_tune_command
 
@@ -49,9 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exit_:  # argparse has printed the usage error (or the help)
             return exit_.code if isinstance(exit_.code, int) else 0
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, RunError) as err:
         print(f"lookahead: error: {_one_line(str(err))}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_FAILED if isinstance(err, RunError) else EXIT_USAGE
     except KeyboardInterrupt:
         print(file=sys.stderr)  # ends the line the terminal's ^C is on
         return EXIT_INTERRUPTED

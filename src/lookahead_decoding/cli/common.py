@@ -12,6 +12,7 @@ import io
 import os
 from pathlib import Path
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 LOOKAHEAD_OPTIONS = ("window", "ngram", "guesses", "candidate_length", "tree_nodes")
 SOURCE_NAMES = ("pool", "suffix", "recycled")  # drafting.sources.SOURCE_NAMES, without importing torch
@@ -19,6 +20,11 @@ SOURCE_NAMES = ("pool", "suffix", "recycled")  # drafting.sources.SOURCE_NAMES, 
 
 class CommandError(ValueError):
     """A problem with the command's input, reported like a library ValueError."""
+
+
+class RunError(Exception):
+    """The command cannot do its work though its input is good: its output is in use by another run, cannot be read
+    back, or cannot be written. One line, exit code 1."""
 
 
 def positive_int(text: str) -> int:

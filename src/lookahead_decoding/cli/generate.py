@@ -17,14 +17,15 @@ from .common import (
     add_lookahead_arguments,
     add_model_arguments,
     check_prompt,
-    check_writable,
     config_dict,
     config_from_args,
     encode_prompt,
     load_from_args,
     positive_int,
 )
-from .prompts_file import PromptLine, read_prompts, read_results
+from ..jsonl import JsonLinesError
+from .prompts_file import PromptLine, pending_prompts, read_prompts
+from .results_file import ResultsFile, open_results
 
 WARMUP_TOKENS = 8
 HISTOGRAM_WIDTH = 40
@@ -49,17 +50,18 @@ def add_generate_command(commands) -> None:
         "--prompts-file",
         metavar="FILE.jsonl",
         help='instead of a prompt: JSON Lines, one object a line, {"prompt": "...", "id": ..., "max_new_tokens": '
-        '...}; "id" (a string or an integer) defaults to the line number, "max_new_tokens" to --max-new-tokens; '
-        "blank lines are skipped. The prompts run --batch-size at a time through the library's scheduler; "
-        "--chat and the lookahead options apply to each. The whole file is checked before the model "
-        "is loaded. Needs --out",
+        '...}; "id" (a string or an integer) defaults to a hash of the prompt, its max_new_tokens and --chat, '
+        '"max_new_tokens" to --max-new-tokens; blank lines are skipped; the file may be gzip\'d. The prompts run '
+        "--batch-size at a time through the library's scheduler; --chat and the lookahead options apply to each. "
+        "The whole file is checked before the model is loaded. Needs --out",
     )
     parser.add_argument(
         "--out",
         metavar="RESULTS.jsonl",
         help='with --prompts-file: appends one JSON line per prompt as it finishes, {"id", "prompt", "text", '
-        '"new_tokens", "tokens_per_step", "seconds"}; prompts whose id the file already holds are skipped, so '
-        "running the same command again resumes an interrupted run",
+        '"new_tokens", "tokens_per_step", "seconds", "input_hash"}; prompts whose id the file already holds are '
+        "skipped, so running the same command again resumes an interrupted run (a line whose id has a result of "
+        "another prompt, max_new_tokens or --chat is refused). A regular file, locked while a run writes to it",
     )
     parser.add_argument(
         "--batch-size",
@@ -203,50 +205,51 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_prompts_file(args: argparse.Namespace) -> int:
-    """Every prompt of --prompts-file not yet in --out, --batch-size at a time, each result appended (and flushed)
-    as it finishes, so that an interrupted run loses at most the prompts it was on."""
+    """Every prompt of --prompts-file not yet in --out, --batch-size at a time, each result appended as it
+    finishes, so that an interrupted run loses at most the prompts it was on."""
     # Everything that can be checked without the model is checked first: a run can take hours.
     if args.out is None:
         raise CommandError("--prompts-file needs --out RESULTS.jsonl, the file the results are written to")
     for option in SINGLE_PROMPT_OPTIONS:
         if getattr(args, option):
             raise CommandError(f"--{option} works on a single prompt, not with --prompts-file")
-    prompts = read_prompts(args.prompts_file, args.max_new_tokens)
-    check_writable("--out", args.out)
+    prompts = read_prompts(args.prompts_file, args.max_new_tokens, args.chat)
     if Path(args.out).exists() and os.path.samefile(args.prompts_file, args.out):
         raise CommandError("--out is the --prompts-file itself; choose another file for the results")
-    written = read_results(args.out)
     config = config_from_args(args)
-    pending = [entry for entry in prompts if entry.id not in written.ids]
-    if not pending:
-        print(f"lookahead: all {len(prompts)} prompts of {args.prompts_file} are in {args.out} already",
-              file=sys.stderr)
-        return 0
+    with open_results(args.out) as results:  # locked from here on
+        pending = pending_prompts(args.prompts_file, prompts, args.out, results.written)
+        if pending:
+            _run_pending(args, config, len(prompts), pending, results)
+        else:
+            print(f"lookahead: all {len(prompts)} prompts of {args.prompts_file} are in {args.out} already",
+                  file=sys.stderr)
+    return 0
 
+
+def _run_pending(args: argparse.Namespace, config, total: int, pending: list[PromptLine],
+                 results: ResultsFile) -> None:
+    """Decodes the pending prompts, appending each result to --out as it finishes."""
     from tqdm import tqdm
 
     model, tokenizer = load_from_args(args)
     token_ids = _encode_pending(args, model, tokenizer, pending)
     scheduler = _schedule_pending(args, model, config, pending, token_ids)
-    if written.has_cut_line:
+    if results.has_cut_line:
         print(f"lookahead: {args.out}: its last line was cut short by an interrupted write; that prompt runs again",
               file=sys.stderr)
-        written.drop_cut_line()
-    with (open(args.out, "a", encoding="utf-8") as results,
-          tqdm(total=len(prompts), initial=len(prompts) - len(pending), desc=Path(args.prompts_file).name,
-               unit="prompt", file=sys.stderr) as progress):
+        results.drop_cut_line()
+    with tqdm(total=total, initial=total - len(pending), desc=Path(args.prompts_file).name, unit="prompt",
+              file=sys.stderr) as progress:
         for finished in scheduler.run():
             entry, prompt_len = pending[finished.tag], len(token_ids[finished.tag])
             stats = finished.stats
             # The id says which prompt this is: with a batch, results come in the order they finish.
-            result = {"id": entry.id, "prompt": entry.prompt,
-                      "text": _new_text(tokenizer, finished.tokens[prompt_len:]),
-                      "new_tokens": stats.new_tokens, "tokens_per_step": stats.tokens_per_step,
-                      "seconds": stats.seconds}
-            results.write(json.dumps(result, ensure_ascii=False) + "\n")
-            results.flush()
+            results.append({"id": entry.id, "prompt": entry.prompt,
+                            "text": _new_text(tokenizer, finished.tokens[prompt_len:]),
+                            "new_tokens": stats.new_tokens, "tokens_per_step": stats.tokens_per_step,
+                            "seconds": stats.seconds, "input_hash": entry.input_hash})
             progress.update()
-    return 0
 
 
 def _encode_pending(args: argparse.Namespace, model, tokenizer, pending: list[PromptLine]) -> list[list[int]]:
@@ -260,9 +263,9 @@ def _encode_pending(args: argparse.Namespace, model, tokenizer, pending: list[Pr
         ids = encode_prompt(tokenizer, entry.prompt, args.chat)[0].tolist()
         total = len(ids) + entry.max_new_tokens
         if context is not None and total > context:
-            raise CommandError(f"{args.prompts_file}, line {entry.line}: prompt ({len(ids)} tokens) + max_new_tokens "
-                               f"({entry.max_new_tokens}) = {total} tokens exceeds the model's context length of "
-                               f"{context}")
+            raise JsonLinesError(args.prompts_file, entry.line, f"prompt ({len(ids)} tokens) + max_new_tokens "
+                                 f"({entry.max_new_tokens}) = {total} tokens exceeds the model's context length of "
+                                 f"{context}")
         token_ids.append(ids)
     return token_ids
 

@@ -1,19 +1,23 @@
-"""The JSON Lines files of `lookahead generate --prompts-file FILE --out RESULTS`: the prompts, read and checked in
-full before any model is loaded (a bad line must not stop a long run halfway), and the results written so far,
-whose ids a rerun skips. No torch here."""
+"""The prompts file of `lookahead generate --prompts-file FILE --out RESULTS`: JSON Lines, read and checked in full
+before any model is loaded (a bad line must not stop a long run halfway), and matched against the results already
+written. No torch here.
+
+A line's id defaults to the hash of what decides its result (its prompt, its max_new_tokens and --chat), so that a
+rerun after lines were inserted, removed or edited runs exactly the prompts that have no result yet. Every result
+carries that hash too: a line whose own id has a result of other content is refused, not skipped."""
 
 from __future__ import annotations
 
-import codecs
+import hashlib
 import json
-import os
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .common import CommandError, check_prompt
+from ..jsonl import JsonLinesError, json_type, read_objects
+from .common import check_prompt
 
-JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
-              type(None): "null"}
+INPUT_HASH_DIGITS = 16  # 64 bits: two different lines of one file as good as never share one
 
 
 @dataclass(frozen=True)
@@ -22,100 +26,70 @@ class PromptLine:
     id: str | int
     prompt: str
     max_new_tokens: int
+    input_hash: str  # input_hash(prompt, max_new_tokens, chat)
 
 
 @dataclass(frozen=True)
-class WrittenResults:
-    """The ids of the complete lines of a results file. Text after its last newline is a line cut short by an
-    interrupted write: it is not counted, and is removed before results are appended."""
-
-    path: str
-    ids: frozenset
-    complete_bytes: int
-    size: int
-
-    @property
-    def has_cut_line(self) -> bool:
-        return self.complete_bytes < self.size
-
-    def drop_cut_line(self) -> None:
-        if self.has_cut_line:
-            os.truncate(self.path, self.complete_bytes)
+class WrittenResult:
+    line: int  # in the results file
+    input_hash: str  # of the prompt line it is the result of
 
 
-def read_prompts(path: str, max_new_tokens: int) -> list[PromptLine]:
-    """Every prompt of the file, checked; `max_new_tokens` is the default of a line without its own."""
-    prompts, line_of_id = [], {}
-    for number, entry in _json_objects(path, _read("--prompts-file", path)):
-        where = f"{path}, line {number}"
+def input_hash(prompt: str, max_new_tokens: int, chat: bool) -> str:
+    """What decides the text a line gets (the model aside), hashed."""
+    content = json.dumps([prompt, max_new_tokens, chat], ensure_ascii=False)
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()[:INPUT_HASH_DIGITS]
+
+
+def read_prompts(path: str, max_new_tokens: int, chat: bool) -> list[PromptLine]:
+    """Every prompt of the file, checked; `max_new_tokens` is the default of a line without its own, `chat` whether
+    the prompts go through the chat template."""
+    prompts, line_of_id, copies = [], {}, Counter()
+    for number, entry in read_objects(path):
         if "prompt" not in entry:
-            raise CommandError(f'{where}: no "prompt" field')
+            raise JsonLinesError(path, number, 'no "prompt" field')
         prompt = entry["prompt"]
         if not isinstance(prompt, str):
-            raise CommandError(f'{where}: "prompt" must be a string, got a JSON {_json_type(prompt)}')
-        check_prompt(prompt, f"{where}: the prompt")
-        id_ = _checked_id(entry.get("id", number), where)
-        if id_ in line_of_id:
-            raise CommandError(f"{where}: the id {json.dumps(id_, ensure_ascii=False)} is already used on line "
-                               f"{line_of_id[id_]}")
-        line_of_id[id_] = number
+            raise JsonLinesError(path, number, f'"prompt" must be a string, got a JSON {json_type(prompt)}')
+        check_prompt(prompt, f"{path}:{number}: the prompt")
         limit = entry.get("max_new_tokens", max_new_tokens)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise CommandError(f'{where}: "max_new_tokens" must be a positive integer, got {json.dumps(limit)}')
-        prompts.append(PromptLine(number, id_, prompt, limit))
+            raise JsonLinesError(path, number, f'"max_new_tokens" must be a positive integer, got {json.dumps(limit)}')
+        hash_ = input_hash(prompt, limit, chat)
+        if "id" in entry:
+            id_ = checked_id(entry["id"], path, number)
+        else:  # identical lines without an id: the second is HASH-2, and so on
+            copies[hash_] += 1
+            id_ = hash_ if copies[hash_] == 1 else f"{hash_}-{copies[hash_]}"
+        if id_ in line_of_id:
+            raise JsonLinesError(path, number, f"the id {json.dumps(id_, ensure_ascii=False)} is already used on line "
+                                               f"{line_of_id[id_]}")
+        line_of_id[id_] = number
+        prompts.append(PromptLine(number, id_, prompt, limit, hash_))
     if not prompts:
-        raise CommandError(f"--prompts-file {path}: no prompts in it")
+        raise JsonLinesError(path, None, "no prompts in it")
     return prompts
 
 
-def read_results(path: str) -> WrittenResults:
-    """The results already in `path` (none when it does not exist)."""
-    if not os.path.exists(path):
-        return WrittenResults(path, frozenset(), 0, 0)
-    data = _read("--out", path)
-    complete_bytes = data.rfind(b"\n") + 1
-    ids = set()
-    for number, entry in _json_objects(path, data[:complete_bytes]):
-        where = f"{path}, line {number}"
-        if "id" not in entry:
-            raise CommandError(f'{where}: no "id" field: not a result line of --prompts-file (choose another --out)')
-        ids.add(_checked_id(entry["id"], where))
-    return WrittenResults(path, frozenset(ids), complete_bytes, len(data))
+def pending_prompts(path: str, prompts: list[PromptLine], out: str,
+              written: Mapping[str | int, WrittenResult]) -> list[PromptLine]:
+    """The prompts of the file at `path` that have no result in `out` yet. A prompt whose id has a result of another
+    input hash is an error: the line changed since, and its result would be stale."""
+    pending = []
+    for entry in prompts:
+        result = written.get(entry.id)
+        if result is None:
+            pending.append(entry)
+        elif result.input_hash != entry.input_hash:
+            raise JsonLinesError(path, entry.line, f"the result of id {json.dumps(entry.id, ensure_ascii=False)} in "
+                                                   f"{out} (line {result.line}) is of another prompt, max_new_tokens "
+                                                   f"or --chat; give the line a new id, or remove that result from "
+                                                   f"{out}")
+    return pending
 
 
-def _read(option: str, path: str) -> bytes:
-    try:
-        with open(path, "rb") as file:
-            return file.read()
-    except OSError as err:
-        raise CommandError(f"{option} {path}: cannot read it ({err.strerror or err})") from None
-
-
-def _json_objects(path: str, data: bytes) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of every line that is not blank; any other line is an error that names it. Lines
-    end at "\\n" only: JSON strings may hold other line separators such as U+2028."""
-    for number, raw in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n"), start=1):
-        where = f"{path}, line {number}"
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise CommandError(f"{where}: not valid UTF-8 text") from None
-        if not text.strip():
-            continue
-        try:
-            entry = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise CommandError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(entry, dict):
-            raise CommandError(f"{where}: expected a JSON object, got a JSON {_json_type(entry)}")
-        yield number, entry
-
-
-def _checked_id(id_, where: str) -> str | int:
+def checked_id(id_, path: str, line: int) -> str | int:
+    """A line's "id", which must be a string or an integer."""
     if isinstance(id_, bool) or not isinstance(id_, (str, int)):
-        raise CommandError(f'{where}: "id" must be a string or an integer, got a JSON {_json_type(id_)}')
+        raise JsonLinesError(path, line, f'"id" must be a string or an integer, got a JSON {json_type(id_)}')
     return id_
-
-
-def _json_type(value) -> str:
-    return JSON_TYPES[type(value)]
