@@ -31,7 +31,8 @@ def folded_gqa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     groups = heads // key.shape[1]
     if groups > 1:
         query = query.reshape(batch, key.shape[1], groups * length, dim)
-        mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * length, -1)
+        if length > 1:  # one query row's mask broadcasts over its group as it is
+            mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * length, -1)
     output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     return output.reshape(batch, heads, length, value.shape[-1]).transpose(1, 2).contiguous()
 
