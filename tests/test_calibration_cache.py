@@ -204,9 +204,9 @@ def test_an_unwritable_cache_prints_one_line_on_stderr(tmp_path):
 class FakeRunner:
     """A runner whose steps take no time but advance `clock` by `cost_ms(rows of the batched step)`."""
 
-    def __init__(self, shapes, clock, cost_ms, batch_size, device):
+    def __init__(self, shapes, clock, cost_ms, batch_size, device, context_length):
         self.layouts = tuple(SimpleNamespace(config=shape, size=shape.tokens_per_step) for shape in shapes)
-        self.adapter = SimpleNamespace(device=torch.device(device))
+        self.adapter = SimpleNamespace(device=torch.device(device), context_length=context_length)
         self.batch_size, self.clock, self.cost_ms = batch_size, clock, cost_ms
 
     def prefill(self, prompt, history):
@@ -218,14 +218,14 @@ class FakeRunner:
         return SimpleNamespace(committed=[0])
 
 
-def fake_calibration(monkeypatch, cost_ms, batch_size=1, device="cpu", **kwargs):
+def fake_calibration(monkeypatch, cost_ms, batch_size=1, device="cpu", context_length=None, **kwargs):
     """Calibrate on fake runners with a fake clock; (the calibration, steps it ran, shapes it measured)."""
     clock = SimpleNamespace(now=0.0, steps=0, shapes=[])
     monkeypatch.setattr(tuning, "time", SimpleNamespace(perf_counter=lambda: clock.now))
 
     def make_runner(shapes):
         clock.shapes.extend(shapes)
-        return FakeRunner(shapes, clock, cost_ms, batch_size, device)
+        return FakeRunner(shapes, clock, cost_ms, batch_size, device, context_length)
 
     calibration = tuning.calibrate(make_runner, 96, **kwargs)
     return calibration, clock.steps, clock.shapes
@@ -257,3 +257,10 @@ def test_a_batch_on_a_cpu_tries_a_shorter_ladder(monkeypatch):
     _, _, one_row_shapes = fake_calibration(monkeypatch, flat, batch_size=1)
     assert max(shape.tokens_per_step for shape in one_row_shapes) == tuning.WIDEST_ROWS
     assert max(shape.tokens_per_step for shape in batch_shapes) < tuning.WIDEST_ROWS
+
+
+def test_a_short_context_tries_only_the_shapes_it_has_room_for(monkeypatch):
+    flat = lambda rows: 10.0  # noqa: E731  the widest shape would win
+    calibration, _, shapes = fake_calibration(monkeypatch, flat, context_length=100)
+    assert max(shape.tokens_per_step for shape in shapes) < 100
+    calibration.plan.check_calibrated(100)  # what it chose is a plan the cache accepts on load
