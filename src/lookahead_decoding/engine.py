@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import gc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -198,10 +198,11 @@ class StaticStep:
             self._capture()  # only now: the cache allocates its buffers on first use
         return outcomes
 
-    def step_rows(self, shape: int, steps: Sequence[PlannedStep | None], histories: Sequence[Sequence[int] | None]
-                  ) -> list[StepOutcome | None]:
+    def step_rows(self, shape: int, steps: Sequence[PlannedStep | None], histories: Sequence[Sequence[int] | None],
+                  overlap: Callable[[], None] | None = None) -> list[StepOutcome | None]:
         """One step of `shape` for every row: steps[row] is the row's planned step, or None for a row that is not
-        decoding; histories[row] its committed tokens (the current token last). Outcomes by row."""
+        decoding; histories[row] its committed tokens (the current token last). `overlap` runs on the host while
+        the device computes the step (on CUDA the step is launched asynchronously). Outcomes by row."""
         if len(steps) != self.batch_size or len(histories) != self.batch_size:
             raise ValueError(f"a step of this engine takes {self.batch_size} rows, got {len(steps)}")
         layout = self.layouts[shape]
@@ -222,6 +223,8 @@ class StaticStep:
             packed, scores, top = self.run_step[shape]()
         else:
             packed, scores, top = self._verified_step(shape, steps, histories)
+        if overlap is not None:
+            overlap()
         values = packed.tolist()  # the one host sync
         predictions = host_predictions(*top) if self.predictions else [None] * self.batch_size
         return [None if step is None else StepOutcome.from_host(values[row], config, scores[row], predictions[row])

@@ -133,7 +133,13 @@ class BatchScheduler:
         for index, row in live:
             steps[index] = row.sequence.plan_step(shape, trees[index], self.runner.layouts)
             histories[index] = row.sequence.history
-        outcomes = self.runner.step_rows(shape, steps, histories)
+        sequences = [row.sequence for _, row in live]
+
+        def observe_text() -> None:
+            for sequence in sequences:
+                sequence.observe_text()
+
+        outcomes = self.runner.step_rows(shape, steps, histories, overlap=observe_text)
         self.stats.steps += 1
         self._steps_by_shape[shape] += 1
         for index, row in live:

@@ -105,6 +105,7 @@ class SequenceState:
         self.stats = GenerationStats()
         self.steps_by_shape = [0] * len(shapes)
         self.prompt_length = len(prompt)
+        self.observed = len(prompt)  # tokens of the history the source has been told of
         for window in filter(None, self.windows):
             window.begin(prompt)
         source.begin(prompt)
@@ -116,6 +117,15 @@ class SequenceState:
     @property
     def done(self) -> bool:
         return self.emitter.done
+
+    def observe_text(self) -> None:
+        """Tell the source of the tokens committed since it was last told. The loop runs this while the device
+        computes the next step (it does not depend on that step), so the text the source indexes is one step
+        behind the history it drafts from; the step's own data (window n-grams, predictions) reach it at once."""
+        new = len(self.history) - self.observed
+        if new:
+            self.source.observe(self.history, new)
+            self.observed = len(self.history)
 
     def record_prefill(self, outcome: StepOutcome) -> None:
         self.emitter.emit(outcome.committed, outcome.scores)
@@ -147,7 +157,6 @@ class SequenceState:
         if outcome.predictions is not None:
             self.source.observe_predictions(outcome.predictions)
         num_new = self.emitter.emit(outcome.committed, outcome.scores)
-        self.source.observe(self.history, num_new)
         self.stats.steps += 1
         self.stats.accepted_histogram[num_new] += 1
         self.steps_by_shape[step.shape] += 1

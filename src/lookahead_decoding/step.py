@@ -8,7 +8,7 @@ preallocated cache, so they can be replayed as CUDA graphs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 import torch
@@ -70,9 +70,10 @@ class StepRunner(Protocol):
     def prefill_rows(self, prompts: dict[int, Sequence[int]]) -> dict[int, StepOutcome]:
         """Start a sequence in each given row from its prompt (tokens); outcomes by row."""
 
-    def step_rows(self, shape: int, steps: Sequence[PlannedStep | None], histories: Sequence[Sequence[int] | None]
-                  ) -> list[StepOutcome | None]:
-        """One step of `shape` for every row (None: the row is not decoding); outcomes by row."""
+    def step_rows(self, shape: int, steps: Sequence[PlannedStep | None], histories: Sequence[Sequence[int] | None],
+                  overlap: Callable[[], None] | None = None) -> list[StepOutcome | None]:
+        """One step of `shape` for every row (None: the row is not decoding); outcomes by row. `overlap` is host
+        work that does not depend on the step: the runner runs it while the device computes, where it can."""
 
 
 def build_layouts(shapes: Sequence[LookaheadConfig], device) -> tuple[StepLayout, ...]:
@@ -122,9 +123,11 @@ class EagerStep:
         ((row, prompt),) = prompts.items()
         return {row: self.prefill(torch.tensor(prompt, device=self.adapter.device), prompt)}
 
-    def step_rows(self, shape: int, steps: Sequence[PlannedStep | None], histories: Sequence[Sequence[int] | None]
-                  ) -> list[StepOutcome | None]:
+    def step_rows(self, shape: int, steps: Sequence[PlannedStep | None], histories: Sequence[Sequence[int] | None],
+                  overlap: Callable[[], None] | None = None) -> list[StepOutcome | None]:
         (step,), (history,) = steps, histories
+        if overlap is not None:
+            overlap()
         return [None if step is None else self.step(shape, step.ids, step.tree, history)]
 
     def prefill(self, prompt: torch.Tensor, history: Sequence[int]) -> StepOutcome:

@@ -59,8 +59,8 @@ class ProfiledRunner:
         self.profiler.step()
         return first
 
-    def step_rows(self, shape, steps, histories):
-        outcomes = self.runner.step_rows(shape, steps, histories)
+    def step_rows(self, shape, steps, histories, overlap=None):
+        outcomes = self.runner.step_rows(shape, steps, histories, overlap)
         self.steps += 1
         self.profiler.step()
         return outcomes

@@ -47,7 +47,8 @@ class CandidateSource(ABC):
         """
 
     def observe(self, history: Sequence[int], num_new: int) -> None:
-        """The last `num_new` tokens of `history` were just committed."""
+        """The last `num_new` tokens of `history` were committed since the last call (the decoding loop tells
+        sources while the device runs the next step, so this may come a step late)."""
 
     def observe_window(self, ngrams: Sequence[tuple[int, tuple[int, ...]]]) -> None:
         """The Jacobi window finished these n-grams, as (first token, rest)."""
