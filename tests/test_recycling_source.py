@@ -53,7 +53,10 @@ def test_latest_prediction_wins_and_rows_are_cut_to_top_k():
     assert source.predictions_wanted == 2
     source.observe_predictions(ModelPredictions([1, 2], [[3, 4, 5], [6]], [[0.5, 0.3, 0.2], [0.9]]))
     source.observe_predictions(ModelPredictions([1, 1], [[7, 8, 9], [4, 3, 2]], [[0.6, 0.2, 0.1], [0.7, 0.2, 0.1]]))
-    assert source.table == {1: ((4, 3), (0.7, 0.2)), 2: ((6,), (0.9,))}
+    assert {token: tuple(map(tuple, row)) for token, row in source.table.items()} == {1: ((4, 3), (0.7, 0.2)),
+                                                                                        2: ((6,), (0.9,))}
+    source.observe_predictions(ModelPredictions([2], [[5, 6]], [[0.5, 0.4]]))  # rows of exactly top_k
+    assert tuple(map(tuple, source.table[2])) == ((5, 6), (0.5, 0.4))
 
 
 def test_unknown_token_gives_no_drafts():

@@ -217,7 +217,7 @@ class StaticStep:
                 raise ValueError(f"generation ran past this engine's max_length {self.max_length}")
             lines.append([*step.ids, *tree_parents(step.tree, config.tree_nodes), len(step.tree), 1])
         host = self.host_inputs[shape]
-        host.copy_(torch.tensor(lines))
+        host.numpy()[:] = lines  # straight into the (pinned) buffer: no tensor built from Python lists
         self.inputs[shape].copy_(host, non_blocking=True)
         if self.verifier is None:
             packed, scores, top = self.run_step[shape]()

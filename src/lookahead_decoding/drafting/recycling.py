@@ -35,8 +35,8 @@ class RecycledTopKSource(CandidateSource):
         self.predictions_wanted = top_k
         self.min_probability = min_probability
         self.keep_across_generations = keep_across_generations
-        # token -> (its latest top-k next tokens, most likely first; their probabilities)
-        self.table: dict[int, tuple[tuple[int, ...], tuple[float, ...]]] = {}
+        # token -> (its latest top-k next tokens, most likely first; their probabilities), as reported
+        self.table: dict[int, tuple[Sequence[int], Sequence[float]]] = {}
 
     def begin(self, prompt: Sequence[int]) -> None:
         if not self.keep_across_generations:
@@ -44,8 +44,12 @@ class RecycledTopKSource(CandidateSource):
 
     def observe_predictions(self, predictions: ModelPredictions) -> None:
         k = self.predictions_wanted
-        for token, top_tokens, top_probabilities in zip(*predictions):
-            self.table[token] = (tuple(top_tokens[:k]), tuple(top_probabilities[:k]))
+        tokens, top_tokens, top_probabilities = predictions
+        if all(len(row) == k for row in top_tokens):  # as runners report them: one C-level update, no row loop
+            self.table.update(zip(tokens, zip(top_tokens, top_probabilities)))
+        else:
+            self.table.update((token, (next_tokens[:k], probabilities[:k]))
+                              for token, next_tokens, probabilities in zip(*predictions))
 
     def propose(self, history: Sequence[int], max_length: int, budget: int) -> list[Draft]:
         nodes: list[_Node] = []
