@@ -226,7 +226,9 @@ class StaticStep:
         if overlap is not None:
             overlap()
         values = packed.tolist()  # the one host sync
-        predictions = host_predictions(*top) if self.predictions else [None] * self.batch_size
+        # A plain step's one row per sequence adds little to a recycled table; reading it back costs every step.
+        wanted = self.predictions and config.verifies
+        predictions = host_predictions(*top) if wanted else [None] * self.batch_size
         return [None if step is None else StepOutcome.from_host(values[row], config, scores[row], predictions[row])
                 for row, step in enumerate(steps)]
 

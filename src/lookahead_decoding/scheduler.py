@@ -139,7 +139,8 @@ class BatchScheduler:
             for sequence in sequences:
                 sequence.observe_text()
 
-        outcomes = self.runner.step_rows(shape, steps, histories, overlap=observe_text)
+        drafted = self.plan.shapes[shape].verifies
+        outcomes = self.runner.step_rows(shape, steps, histories, overlap=observe_text if drafted else None)
         self.stats.steps += 1
         self._steps_by_shape[shape] += 1
         for index, row in live:

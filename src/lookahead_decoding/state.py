@@ -120,8 +120,10 @@ class SequenceState:
 
     def observe_text(self) -> None:
         """Tell the source of the tokens committed since it was last told. The loop runs this while the device
-        computes the next step (it does not depend on that step), so the text the source indexes is one step
-        behind the history it drafts from; the step's own data (window n-grams, predictions) reach it at once."""
+        computes a drafting step (it does not depend on that step), so the text the source indexes may be a step
+        behind the history it drafts from; the step's own data (window n-grams, predictions) reach it at once.
+        Plain steps leave it to the next draft: a batch that has settled on plain steps pays nothing per row for
+        sources it does not use."""
         new = len(self.history) - self.observed
         if new:
             self.source.observe(self.history, new)
@@ -134,6 +136,7 @@ class SequenceState:
         """The token tree of drafts for the next step, as large as the plan's largest shape verifies."""
         if self.largest_tree == 0:  # no shape verifies drafts: nothing to propose
             return EMPTY_TREE
+        self.observe_text()  # after plain steps, which leave the source behind
         drafts = self.source.propose(self.history, self.draft_depth, self.largest_tree)
         return build_tree(drafts, self.largest_tree, self.draft_depth)
 

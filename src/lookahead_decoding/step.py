@@ -161,7 +161,7 @@ class EagerStep:
         result = self.verifier(logits[0], nodes, tree_logits, config.candidate_length, history)
         host = torch.cat([result, new_level]).tolist()  # the one host sync
         predictions = None
-        if self.predictions:
+        if self.predictions and config.verifies:  # as the static engine does (engine.py)
             top = top_predictions(logits, self.predictions)
             (predictions,) = host_predictions(ids[layout.logit_rows][None], *(part[None] for part in top))
         outcome = StepOutcome.from_host(host, config, predictions=predictions)
