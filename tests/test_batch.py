@@ -17,7 +17,7 @@ from lookahead_decoding.drafting.sources import make_source
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.model_adapter import UnsupportedModelError
 from lookahead_decoding.scheduler import BatchScheduler, Request
-from lookahead_decoding.tuning import StepPlan, verify_only
+from lookahead_decoding.tuning import StepPlan, shape_name, verify_only
 
 FIXED = {
     "small": ld.LookaheadConfig(2, 3, 2),
@@ -305,3 +305,49 @@ def test_a_mask_that_cannot_be_honoured_is_refused(inputs, attention_mask, error
     with pytest.raises(error) as info:
         ld.generate(tiny_model("llama"), inputs, 5, ld.LookaheadConfig(2, 2, 2), attention_mask=attention_mask)
     assert str(info.value) == message
+
+
+class CountingSource(ld.CandidateSource):
+    """Proposes nothing; counts what the decoding loop asks of it."""
+
+    predictions_wanted = 4
+
+    def __init__(self):
+        self.calls, self.told = [], 0
+
+    def begin(self, prompt):
+        self.calls.append(("begin", len(prompt)))
+
+    def propose(self, history, max_length, budget):
+        self.calls.append(("propose", len(history)))
+        return []
+
+    def observe(self, history, num_new):
+        self.calls.append(("observe", num_new))
+        self.told = len(history)
+
+    def observe_predictions(self, predictions):
+        self.calls.append(("predictions", len(predictions.tokens)))
+
+
+@pytest.mark.parametrize("wide_cost", [1000.0, 1.0])
+def test_plain_steps_do_no_work_for_the_sources(wide_cost):
+    """A batch that settles on plain steps must cost what plain decoding costs: no source is begun, told of text
+    or handed predictions. Once drafting steps run, the source sees the prompt once and every committed token
+    exactly once (a step late at most), and predictions only from the steps that verified drafts."""
+    model = tiny_model("llama", seed=4)
+    wide = ld.LookaheadConfig(window=3, ngram=3, guesses=3)
+    plan = StepPlan((AUTOREGRESSIVE, wide), (1.0, wide_cost))  # 1000: the plain step always wins
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    source = CountingSource()
+    out = ld.generate(model, [prompt], max_new_tokens=20, config=plan, source=source)
+    assert out.rows[0].tokens == greedy_reference(model, torch.tensor([prompt]), 20)[0].tolist()
+    if wide_cost > 1.0:
+        assert out.stats.shape_steps == {"plain": out.stats.steps}
+        assert source.calls == []
+        return
+    assert source.calls[0] == ("begin", len(prompt))
+    told = [n for kind, n in source.calls if kind == "observe"]
+    assert sum(told) == source.told - len(prompt) and source.told >= len(out.rows[0].tokens) - 2
+    predictions = [n for kind, n in source.calls if kind == "predictions"]
+    assert len(predictions) == out.stats.shape_steps[shape_name(wide)]

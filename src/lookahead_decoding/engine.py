@@ -298,7 +298,7 @@ class StaticStep:
             along_path = tree_logits.gather(1, path[:, :, None].expand(-1, -1, tree_logits.shape[-1]))
             committed_logits = torch.cat([committed_logits, along_path], dim=1)
         top = None
-        if self.predictions:
+        if self.predictions and layout.config.verifies:  # plain steps report none (step_rows)
             top = (step_ids[:, layout.logit_rows], *top_predictions(logits, self.predictions))
         return torch.cat([result, new_level], dim=1), committed_logits, top
 

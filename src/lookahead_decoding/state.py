@@ -105,10 +105,11 @@ class SequenceState:
         self.stats = GenerationStats()
         self.steps_by_shape = [0] * len(shapes)
         self.prompt_length = len(prompt)
-        self.observed = len(prompt)  # tokens of the history the source has been told of
+        # Tokens of the history the source has been told of; None until its first draft, when it gets the prompt
+        # (a sequence decoded with plain steps only never indexes its prompt).
+        self.observed: int | None = None
         for window in filter(None, self.windows):
             window.begin(prompt)
-        source.begin(prompt)
 
     @property
     def history(self) -> list[int]:
@@ -124,6 +125,9 @@ class SequenceState:
         behind the history it drafts from; the step's own data (window n-grams, predictions) reach it at once.
         Plain steps leave it to the next draft: a batch that has settled on plain steps pays nothing per row for
         sources it does not use."""
+        if self.observed is None:
+            self.source.begin(self.history[: self.prompt_length])
+            self.observed = self.prompt_length
         new = len(self.history) - self.observed
         if new:
             self.source.observe(self.history, new)
