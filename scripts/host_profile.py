@@ -1,0 +1,61 @@
+"""Host work per row and step: the project's Python outside the device-side modules, under cProfile.
+
+A batch of `--batch-size` HumanEval prompts decodes with one lookahead shape on every step (W=5 N=4 G=5 K=12
+B=15, the default sources) on a 2-layer random Llama with SmolLM2's vocabulary, so the forward is cheap and the
+drafting sees real token streams. Reported: the summed own time (cProfile tottime) of every function in
+lookahead_decoding except the device-side modules (engine, layout, attention, kv_cache, verification, sampling),
+per row and step, and the largest contributors. cProfile inflates Python time: compare runs of this script only.
+
+    python scripts/host_profile.py --data-file HumanEval.jsonl.gz --batch-size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+
+import torch
+import transformers
+
+import lookahead_decoding as ld
+from lookahead_decoding.bench.data import load_prompts
+
+DEVICE_SIDE = ("engine.py", "layout.py", "attention.py", "kv_cache.py", "verification.py", "sampling.py")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-file", required=True, help="a local HumanEval.jsonl.gz")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    gguf = ld.default_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=2048)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id = None
+    prompts = [tokenizer(prompt.text).input_ids for prompt in load_prompts("humaneval", args.data_file, args.batch_size)]
+    shape = ld.LookaheadConfig(window=5, ngram=4, guesses=5, candidate_length=12, tree_nodes=15)
+    ld.generate(model, prompts[:2], max_new_tokens=4, config=shape, batch_size=2)  # warm-up
+    profiler = cProfile.Profile()
+    profiler.enable()
+    out = ld.generate(model, prompts, max_new_tokens=args.max_new_tokens, config=shape, batch_size=args.batch_size)
+    profiler.disable()
+    row_steps = out.stats.steps * args.batch_size
+    own = [(stats[2], f"{path.split('lookahead_decoding/')[-1]}:{name}")
+           for (path, _, name), stats in pstats.Stats(profiler).stats.items()
+           if "lookahead_decoding" in path and not path.endswith(DEVICE_SIDE)]
+    total = sum(seconds for seconds, _ in own)
+    print(f"{out.stats.steps} steps of {args.batch_size} rows: {total / row_steps * 1e6:.1f} us of project host "
+          "Python per row and step (under cProfile)")
+    for seconds, name in sorted(own, reverse=True)[:12]:
+        print(f"  {seconds / row_steps * 1e6:7.1f} us  {name}")
+
+
+if __name__ == "__main__":
+    main()
