@@ -373,9 +373,29 @@ def test_tiny_profile(tiny, tmp_path, capsys):
         assert entry["by_kind"]["matmul (projections, MLP, LM head)"] > 0
         assert entry["by_kind"]["attention"] > 0
         assert entry["captured_step_ms"] > 0
+        assert entry["wall_step_ms"] > 0
+        assert entry["host_share"] == pytest.approx(1 - entry["captured_step_ms"] / entry["wall_step_ms"])
+    assert result["profile"]["batch_size"] == 1
     table = capsys.readouterr().out
-    assert "| captured step, back to back (ms) |" in table
+    assert "| captured step, back to back (ms) |" in table and "| decoding step, wall (ms) |" in table
+    assert "| host share of the wall time |" in table and "batch 1)" in table
     assert "| tokens in the step | 1 | 10 |" in table and "| total cpu time (µs) |" in table
+
+
+def test_tiny_profile_of_a_batch(tiny, tmp_path, capsys):
+    model, tokenizer = tiny
+    out = tmp_path / "p.json"
+    argv = ["--dataset", "humaneval", "--data-file", str(FIXTURES / FILES["humaneval"]), "--max-new-tokens", "16",
+            "--profile", "--profile-steps", "3", "--window", "3", "--ngram", "3", "--guesses", "2",
+            "--batch-size", "3", "--out", str(out)]
+    assert main(argv, model=model, tokenizer=tokenizer) == 0
+    result = json.loads(out.read_text())
+    assert result["profile"]["batch_size"] == 3
+    for entry in result["profile"]["methods"].values():
+        assert entry["profiled_steps"] == 3 and entry["wall_step_ms"] > 0 and entry["captured_step_ms"] > 0
+    assert "step profile (eager, uncaptured, batch 3)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--profile --batch-size 9 needs 9 prompts, the dataset gave 4"):
+        main([*argv[:-2], "--batch-size", "9"], model=model, tokenizer=tokenizer)
 
 
 def test_profile_errors(tiny, capsys):
@@ -504,8 +524,8 @@ def test_batched_warm_up_builds_the_engines_before_timing(tiny, monkeypatch):
         (["--batch-size", "2", "--reference", "greedy"],
          "lookahead: error: --batch-size: greedy cannot run batched (one prompt at a time); batched methods: "
          "ar-graph, lookahead"),
-        (["--batch-size", "2", "--sweep"],
-         "lookahead: error: --batch-size cannot be combined with --sweep or --profile"),
+        (["--batch-size", "2", "--sweep"], "lookahead: error: --batch-size cannot be combined with --sweep"),
+        (["--batch-size", "2,4", "--profile"], "lookahead: error: --profile takes one --batch-size, got 2,4"),
         (["--batch-size", "0"], "lookahead bench: error: argument --batch-size: batch sizes must be positive integers, "
          "got 0"),
         (["--batch-size", "8,-1"], "lookahead bench: error: argument --batch-size: batch sizes must be positive "
@@ -515,7 +535,7 @@ def test_batched_warm_up_builds_the_engines_before_timing(tiny, monkeypatch):
         (["--batch-size", ""], "lookahead bench: error: argument --batch-size: expected at least one integer"),
         (["--batch-size", "8,8"], "lookahead bench: error: argument --batch-size: a batch size is repeated in '8,8'"),
     ],
-    ids=["hf-methods", "hf-reference", "sweep", "zero", "negative", "letter", "empty", "repeated"],
+    ids=["hf-methods", "hf-reference", "sweep", "profile-two", "zero", "negative", "letter", "empty", "repeated"],
 )
 def test_batched_input_errors_exit_2_before_any_work(tmp_path, capsys, extra, message):
     # The data file is missing: every one of these errors comes first.

@@ -133,7 +133,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     profiling = parser.add_argument_group("profile")
     profiling.add_argument("--profile", action="store_true",
                            help="instead of benchmarking, profile the fused step of plain decoding and of lookahead "
-                           "on the first prompt: time per step by kind of work (torch.profiler)")
+                           "on the first prompt (the first B with --batch-size B): time per step by kind of work "
+                           "(torch.profiler), the device-only step, its wall time while decoding and the host share")
     profiling.add_argument("--profile-steps", type=positive_int, default=32, metavar="S",
                            help="decode steps profiled, after a short warm-up (default: 32)")
 
@@ -144,8 +145,10 @@ def run_command(args: argparse.Namespace, model=None, tokenizer=None) -> int:
     fill_mode_defaults(args)
     if args.profile and (args.sweep or args.plot):
         raise CommandError("--profile cannot be combined with --sweep or --plot")
-    if args.batch_size and (args.sweep or args.profile):
-        raise CommandError("--batch-size cannot be combined with --sweep or --profile")
+    if args.batch_size and args.sweep:
+        raise CommandError("--batch-size cannot be combined with --sweep")
+    if args.batch_size and args.profile and len(args.batch_size) > 1:
+        raise CommandError("--profile takes one --batch-size, got " + ",".join(map(str, args.batch_size)))
     # Output paths are checked before any work: a run can take hours.
     if args.out:
         check_writable("--out", args.out)

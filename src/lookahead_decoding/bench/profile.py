@@ -66,17 +66,48 @@ class ProfiledRunner:
         return outcomes
 
 
-def profile_config(model, input_ids: torch.Tensor, max_new_tokens: int, engine: StaticStep, active: int,
+class StepClock:
+    """A StepRunner wrapper that times decoding from its first step to its last, host work between steps
+    included and the prefill not."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self.steps, self.began, self.ended = runner, 0, 0.0, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def step_rows(self, *args, **kwargs):
+        if self.steps == 0:
+            self.began = time.perf_counter()
+        outcomes = self.runner.step_rows(*args, **kwargs)
+        self.steps += 1
+        self.ended = time.perf_counter()
+        return outcomes
+
+    @property
+    def ms_per_step(self) -> float:
+        return (self.ended - self.began) / max(self.steps, 1) * 1e3
+
+
+def time_decoding(model, prompts: list[list[int]], max_new_tokens: int, config, engine: StaticStep) -> float:
+    """Wall milliseconds per step of greedy decoding of `prompts` on `engine` as the library runs it (captured on
+    CUDA), drafting and bookkeeping included."""
+    clock = StepClock(engine)
+    decode(model, prompts, max_new_tokens, config, runner=clock)
+    return clock.ms_per_step
+
+
+def profile_config(model, prompts: list[list[int]], max_new_tokens: int, engine: StaticStep, active: int,
                    compile: bool) -> dict:
-    """Device (CPU on CPU) time per step by kind of work, over `active` steps of one greedy generation by an
-    uncaptured `engine`."""
+    """Device (CPU on CPU) time per step by kind of work, over `active` steps of greedy generation of `prompts`
+    (one per engine row) by an uncaptured `engine`."""
     on_cuda = model.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     config = engine.layouts[0].config
     # wait=1 skips the prefill; the schedule then records `active` steps after the warm-up.
     with profile(activities=activities, schedule=schedule(wait=1, warmup=WARMUP_STEPS, active=active, repeat=1)) as prof:
         runner = ProfiledRunner(engine, prof)
-        decode(model, input_ids.tolist(), max_new_tokens, config, runner=runner)
+        decode(model, prompts, max_new_tokens, config, runner=runner)
     profiled = min(active, runner.steps - WARMUP_STEPS)
     if profiled <= 0:
         raise ValueError(f"the generation ended after {runner.steps} steps, before the profiled steps; "
@@ -114,17 +145,17 @@ def profile_config(model, input_ids: torch.Tensor, max_new_tokens: int, engine: 
     }
 
 
-def time_captured_step(engine: StaticStep, input_ids: torch.Tensor) -> float:
+def time_captured_step(engine: StaticStep, prompts: list[list[int]]) -> float:
     """Milliseconds per step of `engine`'s step as decoding runs it (captured on CUDA), replayed back to back
-    after the prompt's prefill. The step's inputs stay zeros with no candidates, so each replay commits one
-    token: the cost is the same for any inputs (fixed shapes)."""
+    after the prompts' prefill, host sync excluded: the device-only cost. The step's inputs stay zeros with no
+    candidates, so each replay commits at most one token per row: the cost is the same for any inputs (fixed
+    shapes)."""
     device = engine.adapter.device
     if device.type == "cuda":
         engine.capture()  # already compiled, if asked
-    prompt = input_ids[0]
-    replays = min(TIMED_REPLAYS, engine.max_length - prompt.numel())
+    replays = min(TIMED_REPLAYS, engine.max_length - max(map(len, prompts)))
     with torch.inference_mode():
-        engine.prefill(prompt, prompt.tolist())
+        engine.prefill_rows(dict(enumerate(prompts)))
         engine.run_step[0]()  # a first run outside the timing
         synchronize(device)
         start = time.perf_counter()
@@ -135,25 +166,37 @@ def time_captured_step(engine: StaticStep, input_ids: torch.Tensor) -> float:
 
 
 def run_profile(args, model=None, tokenizer=None) -> dict:
-    """`--profile`: profile plain decoding (the ar-graph step) and lookahead on the dataset's first prompt."""
+    """`--profile`: profile plain decoding (the ar-graph step) and lookahead on the dataset's first prompt, or on
+    its first B prompts side by side with --batch-size B."""
     prompts, model, tokenizer = prepare(args, model, tokenizer)
+    batch_size = args.batch_size[0] if args.batch_size else 1
+    if len(prompts) < batch_size:
+        raise ValueError(f"--profile --batch-size {batch_size} needs {batch_size} prompts, the dataset gave "
+                         f"{len(prompts)}")
     config = lookahead_config(args)
     if not isinstance(config, LookaheadConfig):  # auto: the widest shape of the calibrated plan
-        config = resolve_plan(model, config).shapes[-1]
+        config = resolve_plan(model, config, batch_size=batch_size).shapes[-1]
     if args.compile and model.device.type != "cuda":
         # Compiled CPU code runs outside aten ops, so the breakdown by op would miss most of the time.
         raise ValueError("--profile --compile needs a CUDA device (it lists the compiled step's GPU kernels)")
-    encoded = encode_all(tokenizer, prompts[:1], model.device)[0]
-    length = engine_length(model, encoded.input_ids.shape[1] + args.max_new_tokens)
+    encoded = encode_all(tokenizer, prompts[:batch_size], model.device)
+    token_lists = [item.input_ids[0].tolist() for item in encoded]
+    length = engine_length(model, max(map(len, token_lists)) + args.max_new_tokens)
     entries = {}
     for label, cfg in (("ar-graph", AUTOREGRESSIVE), ("lookahead", config)):
         # One engine per method: profiled uncaptured first, then captured and timed (one compilation).
-        engine = StaticStep(model, cfg, length, cuda_graph=False, compile=bool(args.compile))
-        entries[label] = profile_config(model, encoded.input_ids, args.max_new_tokens, engine, args.profile_steps,
-                                        compile=bool(args.compile))
-        entries[label]["captured_step_ms"] = time_captured_step(engine, encoded.input_ids)
+        engine = StaticStep(model, cfg, length, cuda_graph=False, compile=bool(args.compile), batch_size=batch_size,
+                            predictions=8 if cfg.verifies else 0)
+        entry = profile_config(model, token_lists, args.max_new_tokens, engine, args.profile_steps,
+                               compile=bool(args.compile))
+        entry["captured_step_ms"] = time_captured_step(engine, token_lists)
+        entry["wall_step_ms"] = time_decoding(model, token_lists, args.max_new_tokens, cfg, engine)
+        # What the device-only step does not explain: drafting, bookkeeping, launches and syncs.
+        entry["host_share"] = 1.0 - entry["captured_step_ms"] / entry["wall_step_ms"]
+        entries[label] = entry
     return {
         "environment": environment(model, args),
         "config": run_config(args),
-        "profile": {"dataset": args.dataset, "prompt_index": encoded.prompt.index, "methods": entries},
+        "profile": {"dataset": args.dataset, "prompt_index": encoded[0].prompt.index, "batch_size": batch_size,
+                    "methods": entries},
     }

@@ -95,8 +95,12 @@ def profile_table(result: dict) -> str:
     lines += [[f"{kind} (µs)", *(f"{entries[m]['by_kind'].get(kind, 0.0):.0f}" for m in labels)] for kind in kinds]
     lines.append([f"total {timer} time (µs)", *(f"{entries[m]['microseconds_per_step']:.0f}" for m in labels)])
     lines.append(["captured step, back to back (ms)", *(f"{entries[m]['captured_step_ms']:.3f}" for m in labels)])
+    lines.append(["decoding step, wall (ms)", *(f"{entries[m]['wall_step_ms']:.3f}" for m in labels)])
+    lines.append(["host share of the wall time", *(f"{entries[m]['host_share']:.0%}" for m in labels)])
     mode = "compiled" if entries[labels[0]].get("compiled") else "eager"
-    return f"### {result['profile']['dataset']}: step profile ({mode}, uncaptured)\n\n" + _table(header, lines)
+    batch = result["profile"]["batch_size"]
+    return (f"### {result['profile']['dataset']}: step profile ({mode}, uncaptured, batch {batch})\n\n"
+            + _table(header, lines))
 
 
 def write_json(result: dict, path: str | Path) -> None:
