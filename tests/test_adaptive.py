@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lookahead_decoding as ld
-from lookahead_decoding import decoding, runners, scheduler, tuning
+from lookahead_decoding import decoding, plan_cache, runners, scheduler
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.model_adapter import ModelAdapter
@@ -133,7 +133,7 @@ def test_default_generate_is_auto_and_exact(cache_dir, arch):
     assert out.sequences.tolist() == greedy_reference(model, prompt, 40).tolist()
     assert out.plan.shapes[0] == AUTOREGRESSIVE and out.plan.shapes[-1].has_window
     assert len(out.plan.costs_ms) == len(out.plan.shapes)
-    assert (cache_dir / tuning.CACHE_FILE).exists()
+    assert (cache_dir / plan_cache.CACHE_FILE).exists()
 
 
 def test_calibration_is_cached_and_reused(cache_dir, monkeypatch):
@@ -151,12 +151,12 @@ def test_calibration_is_cached_and_reused(cache_dir, monkeypatch):
                                      b"\xff\xfe binary"])
 def test_a_corrupt_stale_or_foreign_cache_file_means_calibrate_again(cache_dir, content):
     model = tiny_model("llama")
-    key = tuning.calibration_key(model, "dynamic")
-    path = cache_dir / tuning.CACHE_FILE
+    key = plan_cache.calibration_key(model, "dynamic")
+    path = cache_dir / plan_cache.CACHE_FILE
     if isinstance(content, bytes):
         path.write_bytes(content)
     else:
-        path.write_text(content.replace("KEY", key.replace('"', '\\"')).replace("VERSION", str(tuning.CALIBRATION_VERSION)))
+        path.write_text(content.replace("KEY", key.replace('"', '\\"')).replace("VERSION", str(plan_cache.CALIBRATION_VERSION)))
     plan = runners.auto_plan(model)
     assert plan.shapes[0] == AUTOREGRESSIVE
     stored = json.loads(path.read_text())  # rewritten with the fresh plan

@@ -15,7 +15,7 @@ import torch
 from conftest import greedy_reference, tiny_model
 
 import lookahead_decoding as ld
-from lookahead_decoding import runners, tuning
+from lookahead_decoding import plan_cache, runners, tuning
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.tuning import Calibration, StepPlan, verify_only
 
@@ -28,9 +28,9 @@ def cache_dir(tmp_path, monkeypatch):
     """An empty calibration cache, in this process (plans kept in memory, what drifted) and on disk."""
     monkeypatch.setenv("LOOKAHEAD_CACHE_DIR", str(tmp_path))
     runners._plans.clear()
-    monkeypatch.setattr(tuning, "_drift_checked", {})
-    monkeypatch.setattr(tuning, "_stale_keys", set())
-    monkeypatch.setattr(tuning, "_remeasured_keys", set())
+    monkeypatch.setattr(plan_cache, "_drift_checked", {})
+    monkeypatch.setattr(plan_cache, "_stale_keys", set())
+    monkeypatch.setattr(plan_cache, "_remeasured_keys", set())
     return tmp_path
 
 
@@ -57,11 +57,11 @@ def warning_lines(caplog) -> list[str]:
 
 WRITER = textwrap.dedent("""
     import sys
-    from lookahead_decoding import tuning
+    from lookahead_decoding import plan_cache
     from lookahead_decoding.tuning import StepPlan
     from lookahead_decoding.config import AUTOREGRESSIVE
     for entry in range(int(sys.argv[2])):
-        tuning.store_plan(f"writer {sys.argv[1]} entry {entry}", StepPlan((AUTOREGRESSIVE,), (1.0 + entry,)))
+        plan_cache.store_plan(f"writer {sys.argv[1]} entry {entry}", StepPlan((AUTOREGRESSIVE,), (1.0 + entry,)))
 """)
 
 
@@ -73,7 +73,7 @@ def test_concurrent_writers_keep_every_entry(tmp_path):
     errors = [process.communicate()[1] for process in processes]
     assert all(process.returncode == 0 for process in processes), errors
     assert errors == [""] * writers
-    plans = json.loads((tmp_path / tuning.CACHE_FILE).read_text())["plans"]
+    plans = json.loads((tmp_path / plan_cache.CACHE_FILE).read_text())["plans"]
     assert set(plans) == {f"writer {w} entry {e}" for w in range(writers) for e in range(entries)}
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -104,9 +104,9 @@ PLAIN = {"window": 1, "ngram": 2, "guesses": 0, "pool_from_prompt": False}
 def test_a_bad_cached_plan_is_dropped_with_one_warning_line_and_measured_again(cache_dir, calibrations, caplog,
                                                                                   entry, reason):
     model = tiny_model("llama")  # context 256
-    key = tuning.calibration_key(model, "dynamic")
-    path = cache_dir / tuning.CACHE_FILE
-    path.write_text(json.dumps({"version": tuning.CALIBRATION_VERSION, "plans": {key: entry, "other": PLAN.as_dict()}}))
+    key = plan_cache.calibration_key(model, "dynamic")
+    path = cache_dir / plan_cache.CACHE_FILE
+    path.write_text(json.dumps({"version": plan_cache.CALIBRATION_VERSION, "plans": {key: entry, "other": PLAN.as_dict()}}))
     prompt = torch.tensor([[5, 6, 7, 5, 6, 7]])
     out = ld.generate(model, prompt, 12)  # the user passed no shape: nothing may be refused
     assert out.sequences.tolist() == greedy_reference(model, prompt, 12).tolist()
@@ -119,7 +119,7 @@ def test_a_bad_cached_plan_is_dropped_with_one_warning_line_and_measured_again(c
 
 def test_a_good_cached_plan_is_used_without_a_word(cache_dir, calibrations, caplog):
     model = tiny_model("llama")
-    tuning.store_plan(tuning.calibration_key(model, "dynamic"), PLAN)
+    plan_cache.store_plan(plan_cache.calibration_key(model, "dynamic"), PLAN)
     assert runners.auto_plan(model) == PLAN
     assert not calibrations and not warning_lines(caplog)
 
@@ -129,12 +129,12 @@ def test_a_good_cached_plan_is_used_without_a_word(cache_dir, calibrations, capl
 
 def test_a_plan_measured_on_a_busy_machine_is_measured_again_once(cache_dir, calibrations, caplog):
     model = tiny_model("llama")
-    key = tuning.calibration_key(model, "dynamic")
-    path = cache_dir / tuning.CACHE_FILE
+    key = plan_cache.calibration_key(model, "dynamic")
+    path = cache_dir / plan_cache.CACHE_FILE
     # Costs far above what a tiny model's step takes, plain steps cheapest by far: plain steps run, each in
     # about a millisecond.
     busy = StepPlan(PLAN.shapes, (1000.0, 3000.0, 6000.0))
-    tuning.store_plan(key, busy)
+    plan_cache.store_plan(key, busy)
     prompt = torch.tensor([[1, 2, 3]])
     assert ld.generate(model, prompt, 40).plan == busy
     assert not calibrations
@@ -154,7 +154,7 @@ def test_a_remeasured_plan_is_not_dropped_again(cache_dir, monkeypatch):
     busy = StepPlan(PLAN.shapes, (1000.0, 3000.0, 6000.0))
     calls = []
     monkeypatch.setattr(runners, "calibrate_model", lambda *a, **k: calls.append(a) or Calibration((), busy))
-    tuning.store_plan(tuning.calibration_key(model, "dynamic"), busy)
+    plan_cache.store_plan(plan_cache.calibration_key(model, "dynamic"), busy)
     prompt = torch.tensor([[1, 2, 3]])
     for _ in range(3):
         assert ld.generate(model, prompt, 40).plan == busy
@@ -166,7 +166,7 @@ def test_a_remeasured_plan_is_not_dropped_again(cache_dir, monkeypatch):
 def test_steps_slower_than_calibrated_keep_the_plan(cache_dir, calibrations):
     """Host work and a machine busy now only make steps slower; that is no reason to measure again."""
     model = tiny_model("llama")
-    tuning.store_plan(tuning.calibration_key(model, "dynamic"), StepPlan(PLAN.shapes, (1e-3, 2e-3, 3e-3)))
+    plan_cache.store_plan(plan_cache.calibration_key(model, "dynamic"), StepPlan(PLAN.shapes, (1e-3, 2e-3, 3e-3)))
     prompt = torch.tensor([[1, 2, 3]])
     ld.generate(model, prompt, 40)
     ld.generate(model, prompt, 5)
@@ -177,11 +177,11 @@ def test_steps_slower_than_calibrated_keep_the_plan(cache_dir, calibrations):
 
 
 def test_a_failed_write_leaves_no_temporary_file_and_warns_in_one_line(cache_dir, caplog):
-    (cache_dir / tuning.CACHE_FILE).mkdir()  # the cache file's name is taken by a folder
+    (cache_dir / plan_cache.CACHE_FILE).mkdir()  # the cache file's name is taken by a folder
     (cache_dir / "calibration.4242.tmp").write_text("{")  # left by an earlier run
     for _ in range(2):
-        tuning.store_plan("key", PLAN)
-    assert sorted(path.name for path in cache_dir.iterdir() if not path.name.endswith(".lock")) == [tuning.CACHE_FILE]
+        plan_cache.store_plan("key", PLAN)
+    assert sorted(path.name for path in cache_dir.iterdir() if not path.name.endswith(".lock")) == [plan_cache.CACHE_FILE]
     lines = warning_lines(caplog)
     assert len(lines) == 2 and all("\n" not in line and "LOOKAHEAD_CACHE_DIR" in line for line in lines)
 
@@ -189,8 +189,8 @@ def test_a_failed_write_leaves_no_temporary_file_and_warns_in_one_line(cache_dir
 def test_an_unwritable_cache_prints_one_line_on_stderr(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    script = ("from lookahead_decoding import tuning; from lookahead_decoding.config import AUTOREGRESSIVE; "
-              "tuning.store_plan('key', tuning.StepPlan((AUTOREGRESSIVE,), (1.0,)))")
+    script = ("from lookahead_decoding import plan_cache, tuning; from lookahead_decoding.config import AUTOREGRESSIVE; "
+              "plan_cache.store_plan('key', tuning.StepPlan((AUTOREGRESSIVE,), (1.0,)))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env={**os.environ, "LOOKAHEAD_CACHE_DIR": str(blocker / "cache")})
     assert result.returncode == 0 and result.stdout == ""

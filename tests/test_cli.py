@@ -166,7 +166,7 @@ def run_command(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_tune_measures_every_shape_stores_the_plan_and_plots(cli_model, tmp_path, capsys, monkeypatch):
-    from lookahead_decoding import runners, tuning
+    from lookahead_decoding import plan_cache, runners, tuning
 
     monkeypatch.setenv("LOOKAHEAD_CACHE_DIR", str(tmp_path))
     plot = tmp_path / "tune.png"
@@ -178,7 +178,7 @@ def test_tune_measures_every_shape_stores_the_plan_and_plots(cli_model, tmp_path
     assert {name for name in measured if name.startswith("verify")} == {f"verify B={b} K=12" for b in (4, 8, 16, 32)}
     assert all(row["cost_ms"] > 0 for row in result["measured"]) and result["measured"][0]["cost_vs_plain"] == 1.0
     assert plot.read_bytes().startswith(b"\x89PNG")
-    stored = json.loads((tmp_path / tuning.CACHE_FILE).read_text())["plans"]
+    stored = json.loads((tmp_path / plan_cache.CACHE_FILE).read_text())["plans"]
     assert len(stored) == 1 and tuning.StepPlan.from_dict(next(iter(stored.values()))).describe() == result["plan"]
     runners._plans.clear()
 

@@ -15,7 +15,8 @@ from .config import LookaheadConfig
 from .engine import StaticStep
 from .model_adapter import ModelAdapter
 from .step import EagerStep, StepRunner
-from .tuning import Calibration, StepPlan, cached_plan, calibrate, calibration_key, is_stale, store_plan
+from .plan_cache import cached_plan, calibration_key, is_stale, store_plan
+from .tuning import Calibration, StepPlan, calibrate
 from .verification import Verifier
 
 STATIC_ENGINE_DEVICES = ("cuda",)

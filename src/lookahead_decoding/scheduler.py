@@ -28,7 +28,8 @@ from .drafting.tree import EMPTY_TREE
 from .shape_choice import StepCosts, choose_for_batch
 from .state import Emitter, GenerationStats, SequenceState
 from .step import StepRunner
-from .tuning import StepPlan, check_drift, shape_name
+from .plan_cache import check_drift
+from .tuning import StepPlan, shape_name
 
 
 @dataclass

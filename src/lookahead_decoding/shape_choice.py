@@ -121,7 +121,7 @@ class StepCosts:
                  recent: int = 15) -> None:
         self.costs_ms = list(calibrated_ms)
         self.measured, self.min_samples = measured, min_samples
-        # Kept without `measured` too: `tuning.check_drift` compares them with the calibrated costs.
+        # Kept without `measured` too: `plan_cache.check_drift` compares them with the calibrated costs.
         self.recent_ms = [deque(maxlen=recent) for _ in self.costs_ms]
 
     def observe(self, shape: int, wall_ms: float) -> None:

@@ -55,7 +55,8 @@ def run_tune(args: argparse.Namespace) -> int:
         check_writable("--plot", args.plot)
     from ..runners import calibrate_model, uses_static_engine
     from ..shape_choice import expected_tokens
-    from ..tuning import calibration_key, shape_name, store_plan
+    from ..plan_cache import calibration_key, store_plan
+    from ..tuning import shape_name
 
     model = random_model(args.random_shape, args.device, args.dtype) if args.random_shape else load_from_args(args)[0]
     static = uses_static_engine(model)
