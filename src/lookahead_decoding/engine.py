@@ -226,9 +226,7 @@ class StaticStep:
         if overlap is not None:
             overlap()
         values = packed.tolist()  # the one host sync
-        # A plain step's one row per sequence adds little to a recycled table; reading it back costs every step.
-        wanted = self.predictions and config.verifies
-        predictions = host_predictions(*top) if wanted else [None] * self.batch_size
+        predictions = [None] * self.batch_size if top is None else host_predictions(*top)
         return [None if step is None else StepOutcome.from_host(values[row], config, scores[row], predictions[row])
                 for row, step in enumerate(steps)]
 
@@ -298,7 +296,9 @@ class StaticStep:
             along_path = tree_logits.gather(1, path[:, :, None].expand(-1, -1, tree_logits.shape[-1]))
             committed_logits = torch.cat([committed_logits, along_path], dim=1)
         top = None
-        if self.predictions and layout.config.verifies:  # plain steps report none (step_rows)
+        # A plain step's one row per sequence adds little to a recycled table; computing and reading it back
+        # would cost every step.
+        if self.predictions and layout.config.verifies:
             top = (step_ids[:, layout.logit_rows], *top_predictions(logits, self.predictions))
         return torch.cat([result, new_level], dim=1), committed_logits, top
 

@@ -121,13 +121,12 @@ class SequenceState:
 
     def observe_text(self) -> None:
         """Tell the source of the tokens committed since it was last told. The loop runs this while the device
-        computes a drafting step (it does not depend on that step), so the text the source indexes may be a step
-        behind the history it drafts from; the step's own data (window n-grams, predictions) reach it at once.
-        Plain steps leave it to the next draft: a batch that has settled on plain steps pays nothing per row for
-        sources it does not use."""
-        if self.observed is None:
-            self.source.begin(self.history[: self.prompt_length])
-            self.observed = self.prompt_length
+        computes a drafting step (it does not depend on that step), so the text the source indexes is behind the
+        history it drafts from by the steps since the last drafting step; the step's own data (window n-grams,
+        predictions) reach it at once. Plain steps tell it nothing: a batch that has settled on plain steps pays
+        nothing per row for sources it does not use."""
+        if self.observed is None:  # nothing drafted yet: the source has not begun
+            return
         new = len(self.history) - self.observed
         if new:
             self.source.observe(self.history, new)
@@ -140,7 +139,9 @@ class SequenceState:
         """The token tree of drafts for the next step, as large as the plan's largest shape verifies."""
         if self.largest_tree == 0:  # no shape verifies drafts: nothing to propose
             return EMPTY_TREE
-        self.observe_text()  # after plain steps, which leave the source behind
+        if self.observed is None:  # the first draft: the source starts from the prompt
+            self.source.begin(self.history[: self.prompt_length])
+            self.observed = self.prompt_length
         drafts = self.source.propose(self.history, self.draft_depth, self.largest_tree)
         return build_tree(drafts, self.largest_tree, self.draft_depth)
 

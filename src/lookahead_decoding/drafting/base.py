@@ -48,7 +48,7 @@ class CandidateSource(ABC):
 
     def observe(self, history: Sequence[int], num_new: int) -> None:
         """The last `num_new` tokens of `history` were committed since the last call (the decoding loop tells
-        sources while the device runs the next step, so this may come a step late)."""
+        sources while the device runs its next drafting step, so this comes late by the steps in between)."""
 
     def observe_window(self, ngrams: Sequence[tuple[int, tuple[int, ...]]]) -> None:
         """The Jacobi window finished these n-grams, as (first token, rest)."""
