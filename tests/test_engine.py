@@ -94,5 +94,10 @@ def test_generate_takes_a_prebuilt_engine(llama):
     prompt = torch.tensor([[7, 8, 9, 7, 8, 9, 7]])
     out = ld.generate(llama, prompt, 30, config, runner=engine)
     assert out.sequences.tolist() == greedy_reference(llama, prompt, 30).tolist()
-    with pytest.raises(ValueError, match="runner= decodes greedily"):
+    with pytest.raises(ValueError, match="runner= is a greedy step runner: it cannot sample"):
         ld.generate(llama, prompt, 30, config, runner=engine, do_sample=True)
+    # One built to sample samples, with the tokens of plain sampling with the same seed.
+    sampling_engine = ld.StaticStep(llama, config, max_length=48, sampling=True)
+    sampled = ld.generate(llama, prompt, 30, config, runner=sampling_engine, do_sample=True, seed=4)
+    plain = ld.generate(llama, prompt, 30, ld.LookaheadConfig(1, 2, 0), do_sample=True, seed=4)
+    assert sampled.sequences.tolist() == plain.sequences.tolist()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy
 import torch
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from .config import LookaheadConfig
 from .drafting import CandidateSource
@@ -25,12 +26,13 @@ from .drafting.sources import SOURCE_NAMES, make_source
 from .engine import check_batch_size
 from .model_adapter import ModelAdapter
 from .runners import auto_plan, runner_for
-from .sampling import make_verifier
+from .sampling import check_sampling_args, make_verifier, row_sampling
+from .sampling_params import SamplingParams
 from .scheduler import BatchScheduler, Finished, requests_from
 from .state import GenerationStats
 from .step import StepRunner
 from .tuning import StepPlan, shape_name, time_steps
-from .verification import GreedyVerifier, Verifier
+from .verification import Verifier
 
 AUTO = "auto"
 _runner_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # prebuilt runner -> its measured StepPlan
@@ -155,7 +157,7 @@ def new_token_limits(max_new_tokens, count: int) -> list[int]:
 
 
 def _check_inputs(adapter: ModelAdapter, prompts: list[list[int]], limits: list[int]) -> None:
-    vocab = adapter.model.get_output_embeddings().weight.shape[0]
+    vocab = adapter.vocab
     for index, (prompt, limit) in enumerate(zip(prompts, limits)):
         name = "prompt" if len(prompts) == 1 else f"prompt {index}"
         if not prompt:
@@ -172,7 +174,7 @@ def _check_inputs(adapter: ModelAdapter, prompts: list[list[int]], limits: list[
 
 
 def resolve_plan(model, config, verifier: Verifier | None = None, runner: StepRunner | None = None,
-                 batch_size: int = 1) -> StepPlan:
+                 batch_size: int = 1, sampling: bool = False) -> StepPlan:
     """The step shapes for `config`: "auto" (or None) calibrates them for this device and batch size (see
     tuning.py), a LookaheadConfig is the one fixed shape, a StepPlan is used as it is. With a prebuilt `runner`,
     "auto" means the runner's own shapes."""
@@ -183,12 +185,12 @@ def resolve_plan(model, config, verifier: Verifier | None = None, runner: StepRu
     if config is not None and config != AUTO:
         raise TypeError(f'config must be a LookaheadConfig, "auto" or None, got {config!r}')
     if runner is None:
-        return auto_plan(model, verifier, batch_size)
+        return auto_plan(model, verifier, batch_size, sampling)
     shapes = tuple(layout.config for layout in runner.layouts)
     if len(shapes) == 1:
         return StepPlan(shapes, (1.0,))
     if runner not in _runner_plans:  # measured once per runner
-        vocab = runner.adapter.model.get_output_embeddings().weight.shape[0]
+        vocab = runner.adapter.vocab
         _runner_plans[runner] = StepPlan(shapes, tuple(time_steps(runner, vocab)))
     return _runner_plans[runner]
 
@@ -239,7 +241,7 @@ def step_memory_bytes(adapter: ModelAdapter, rows: int, keys: int) -> int:
     """A rough lower bound of one step's transient memory: the logits of every row (float32), the additive mask
     and one layer's attention scores over all keys."""
     config = adapter.model.config.get_text_config(decoder=True)
-    vocab = adapter.model.get_output_embeddings().weight.shape[0]
+    vocab = adapter.vocab
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
     return 4 * rows * (vocab + keys * (1 + heads))
 
@@ -277,16 +279,18 @@ def schedule(
     stopping_criteria=None,
     eos_token_id=None,
     source: CandidateSource | str | Sequence | None = None,
-    seed: int = 0,
+    window_seed: int = 0,
     stream_prompt: bool = True,
     verifier: Verifier | None = None,
     runner: StepRunner | None = None,
     batch_size: int | None = None,
+    sampling: Sequence[SamplingParams | None] | None = None,
 ) -> BatchScheduler:
     """Check everything, pick the plan and the runner, and queue `prompts` (token lists; tagged by their index)
     for lookahead decoding `batch_size` at a time (default: all at once), each up to its `max_new_tokens` (one
-    int for all, or one per prompt); greedy unless `verifier` says
-    otherwise (see `sampling.make_verifier`). `scheduler.run()` then yields each result as it finishes.
+    int for all, or one per prompt); greedy unless `sampling` gives prompts their `SamplingParams` (one per prompt,
+    None: greedy) or a `verifier` decides under logits processors (see `sampling.make_verifier`).
+    `scheduler.run()` then yields each result as it finishes.
 
     `config` is resolved by `resolve_plan`; "auto" keeps only the shapes that fit these prompts (`fitting_plan`),
     while the user's own shapes that do not fit are refused. `stream_prompt=False` when the caller already sent
@@ -306,7 +310,10 @@ def schedule(
     if batch_size is not None:
         check_batch_size(batch_size)
     batch = runner.batch_size if runner is not None else min(batch_size or len(prompts), len(prompts))
-    plan = resolve_plan(model, config, verifier, runner, batch)
+    samples = any(params is not None for params in sampling or ())
+    if sampling is not None and len(sampling) != len(prompts):
+        raise ValueError(f"sampling has {len(sampling)} entries for {len(prompts)} prompts; give one per prompt")
+    plan = resolve_plan(model, config, verifier, runner, batch, samples)
     longest = max(len(prompt) for prompt in prompts)
     if runner is None and (config is None or config == AUTO):
         plan = fitting_plan(adapter, plan, longest, max(limits), batch)
@@ -317,7 +324,8 @@ def schedule(
     # The engine holds the longest sequence any prompt may become.
     total, widest = max((len(prompt) + limit, index) for index, (prompt, limit) in enumerate(zip(prompts, limits)))
     if runner is None:
-        runner = runner_for(model, plan.shapes, total, verifier, predictions=wanted, batch_size=batch)
+        runner = runner_for(model, plan.shapes, total, verifier, predictions=wanted, batch_size=batch,
+                            sampling=samples)
     elif runner.predictions < wanted:
         raise ValueError(f"the source wants the model's top {wanted} predictions, but the step runner was built "
                          f"with predictions={runner.predictions}")
@@ -331,8 +339,8 @@ def schedule(
     if streamer is not None and stream_prompt:
         streamer.put(torch.tensor(prompts))
     scheduler = BatchScheduler(runner, plan, make_row_source)
-    for request in requests_from(prompts, limits, _eos_set(model, eos_token_id), stopping_criteria, seed,
-                                 streamer):
+    for request in requests_from(prompts, limits, _eos_set(model, eos_token_id), stopping_criteria, window_seed,
+                                 streamer, sampling):
         scheduler.submit(request)
     return scheduler
 
@@ -351,6 +359,25 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int | Sequence[int],
         torch.cuda.synchronize(device)
     stats = scheduler.finish(time.perf_counter() - start)
     return results, results[0].stats if len(prompts) == 1 else stats, scheduler.plan
+
+
+def processors_verifier(device, do_sample, temperature, top_k, top_p, min_p, logits_processor, generator,
+                        repetition_penalty, presence_penalty, frequency_penalty, seed) -> Verifier:
+    """The host verifier for decoding under the user's logits processors, with the repetition penalty as HF's
+    processor in front of them; an int `seed` seeds the generator that the rows draw from in order."""
+    if presence_penalty or frequency_penalty:
+        raise ValueError("presence_penalty and frequency_penalty do not combine with logits_processor; apply them "
+                         "in a processor of your own, or drop logits_processor")
+    SamplingParams(repetition_penalty=repetition_penalty, min_p=min_p)  # checks them
+    processors = LogitsProcessorList(logits_processor)
+    if repetition_penalty != 1:
+        processors.insert(0, RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if seed is not None and do_sample:
+        if generator is not None or isinstance(seed, (list, tuple)):
+            raise ValueError("with logits_processor, the rows draw in order from one generator: give one int seed "
+                             "or a generator")
+        generator = torch.Generator(device=device).manual_seed(SamplingParams(seed=seed).seed)
+    return make_verifier(device, do_sample, temperature, top_k, top_p, processors, generator, min_p)
 
 
 def pad_token(model) -> int:
@@ -397,6 +424,11 @@ def generate(
     source=None,
     attention_mask=None,
     batch_size: int | None = None,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    seed: int | Sequence[int] | None = None,
 ) -> LookaheadOutput:
     """Lookahead decoding with the output distribution of `model.generate`, in fewer forward passes.
 
@@ -413,33 +445,48 @@ def generate(
     near the model's context (or short of memory) it keeps only the shapes that fit. A LookaheadConfig runs that
     one shape on every step, and is refused if it does not fit.
 
-    do_sample=False (the default) is greedy: the same tokens as `model.generate(do_sample=False)`, with
-    `logits_processor` applied before each argmax. do_sample=True samples from the processed logits warped by
-    temperature (> 0), top_k (None or 0: off) and top_p (1: off); every committed token has exactly the
-    distribution `model.generate(do_sample=True)` gives it. Randomness comes from `generator` (a
-    torch.Generator on the model's device), or from torch's global RNG when it is None; a batch draws its rows in
-    order from it, so one seed reproduces the batch.
+    do_sample=False (the default) is greedy: the same tokens as `model.generate(do_sample=False)`. do_sample=True
+    samples from the logits warped by temperature (> 0), top_k (None or 0: off), top_p (1: off) and min_p (0:
+    off), in HF's order; every committed token has exactly the distribution `model.generate(do_sample=True)`
+    gives it. Penalties apply in both modes: repetition_penalty (1: off) to every token of the prompt and output,
+    as HF does; presence_penalty and frequency_penalty (0: off) to the output's tokens, as the OpenAI API does.
 
-    Greedy decoding runs on the static engine on CUDA (built once per model, shapes, batch size and length
-    bucket, and reused); a batch always does (captured on CUDA when greedy, eager otherwise). runner: an expert
-    override, a prebuilt step runner such as `StaticStep`; it decodes greedily, so it cannot be combined with
-    sampling or logits processors.
+    seed: every random draw is keyed by (seed, position, token), so a seed gives the same tokens alone or in any
+    batch (in float32; in lower precisions the logits themselves move a little with the batch), and the same
+    tokens as plain sampling on the same engine. An int seeds the batch (prompt i uses seed + i); a list gives one
+    seed per prompt. Without a seed, each prompt's is drawn from `generator` (a torch.Generator on the model's
+    device) or, when that is None too, from torch's global RNG, so seeding either reproduces the run.
+
+    logits_processor: HF `LogitsProcessor` objects, applied before the argmax (greedy) or the warpers
+    (sampling), as `model.generate` applies them. They are Python that reads the sequence, so they run on the
+    host, one row at a time: slower, but exact. presence_penalty and frequency_penalty do not combine with them.
+
+    Decoding runs on the static engine on CUDA (built once per model, shapes, batch size, length bucket and
+    whether it samples, and reused, with every step captured as a CUDA graph); a batch always does (eagerly off
+    CUDA). runner: an expert override, a prebuilt step runner such as `StaticStep`; one built with sampling=True
+    can sample, but no runner takes logits processors.
 
     source: where the drafts verified each step come from, merged into one token tree: a `CandidateSource`, a
     name ("pool": the Jacobi window's and the text's n-grams; "suffix": the longest suffix match in the prompt
     and output; "recycled": the model's own recent top-k next tokens), or a list of those. Default: all three.
     A source object drafts for one sequence: a batch takes names.
     """
-    verifier = make_verifier(model.device, do_sample, temperature, top_k, top_p, logits_processor, generator)
-    if runner is not None and (do_sample or logits_processor):
-        raise ValueError("runner= decodes greedily: it cannot be combined with do_sample or logits_processor")
-    if type(verifier) is GreedyVerifier:
-        verifier = None  # plain greedy: the runner's own (the static engine verifies on the device)
+    check_sampling_args(do_sample, temperature, top_k, top_p, logits_processor, generator, model.device)
     input_ids, attention_mask = batch_input(input_ids, attention_mask)
     prompts = prompts_from(input_ids, attention_mask)
+    verifier, sampling = None, None
+    if logits_processor:
+        verifier = processors_verifier(model.device, do_sample, temperature, top_k, top_p, min_p, logits_processor,
+                                       generator, repetition_penalty, presence_penalty, frequency_penalty, seed)
+    else:
+        sampling = row_sampling(len(prompts), do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
+                                presence_penalty, frequency_penalty, seed, generator)
+    if runner is not None and (logits_processor or (sampling and getattr(runner, "sampler", None) is None)):
+        raise ValueError("runner= is a greedy step runner: it cannot sample, apply penalties or run logits "
+                         "processors (build a StaticStep with sampling=True to sample)")
     results, stats, plan = decode(
         model, prompts, max_new_tokens, config, streamer, stopping_criteria, eos_token_id, source=source,
-        verifier=verifier, runner=runner, batch_size=batch_size,
+        verifier=verifier, runner=runner, batch_size=batch_size, sampling=sampling,
     )
     device = input_ids.device if isinstance(input_ids, torch.Tensor) else model.device
     sequences = batch_sequences(input_ids, prompts, results, pad_token(model), device)

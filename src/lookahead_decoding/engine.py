@@ -29,6 +29,8 @@ from .drafting.tree import TokenTree
 from .kv_cache import RowCache
 from .layout import TreeTensors, tree_tensors
 from .model_adapter import ModelAdapter, UnsupportedModelError
+from .row_sampler import RowSampler
+from .sampling_params import SamplingParams
 from .step import PlannedStep, StepOutcome, build_layouts, host_predictions, top_predictions, tree_parents
 from .verification import Verifier, verify_greedy
 
@@ -89,14 +91,16 @@ class StaticStep:
     """A `StepRunner` for sequences up to `max_length` tokens (prompt + new tokens), `batch_size` at a time.
 
     `shapes` is one `LookaheadConfig` or several: every shape gets its own fixed-shape step (and graph) over the
-    one cache, and the decoding loop picks a shape per step. Greedy unless a `verifier` is given: then every step
-    runs eagerly, and the verifier decides each row's accepted path on the host (sampling, logits processors).
+    one cache, and the decoding loop picks a shape per step. Greedy, unless built with `sampling=True`: then each
+    row chooses its tokens with its own `SamplingParams` (given when the row starts), on the device, in the same
+    captured step. A `verifier` (logits processors) makes every step run eagerly, the verifier deciding each
+    row's accepted path on the host.
     """
 
     def __init__(
         self, model, shapes: LookaheadConfig | Sequence[LookaheadConfig], max_length: int,
         cuda_graph: bool | None = None, compile: bool = False, prefill_chunk: int = PREFILL_CHUNK,
-        predictions: int = 0, batch_size: int = 1, verifier: Verifier | None = None,
+        predictions: int = 0, batch_size: int = 1, verifier: Verifier | None = None, sampling: bool = False,
     ) -> None:
         """cuda_graph: capture the steps and the prefill as CUDA graphs (default: on CUDA devices, when greedy).
         compile: fuse each step's kernels with torch.compile first (slow to start; worth it for long runs).
@@ -116,11 +120,14 @@ class StaticStep:
             raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
         if verifier is not None and (cuda_graph or compile):
             raise ValueError("a step runner with a verifier runs eagerly: it cannot capture CUDA graphs or compile")
+        if verifier is not None and sampling:
+            raise ValueError("a step runner samples either with its rows' SamplingParams or with a verifier, not both")
         device = adapter.device
         shapes = (shapes,) if isinstance(shapes, LookaheadConfig) else tuple(shapes)
         self.adapter, self.layouts = adapter, build_layouts(shapes, device)
         self.max_length, self.prefill_chunk, self.predictions = max_length, prefill_chunk, predictions
         self.batch_size, self.verifier = batch_size, verifier
+        self.sampler = RowSampler(batch_size, adapter.vocab, device) if sampling else None
         largest = max(layout.size for layout in self.layouts)
         # A step's rows, or a padded prefill chunk, are written after the last committed token: spare slots.
         cache_length = max_length + max(largest, prefill_chunk, max(s.candidate_length for s in shapes) + 1)
@@ -133,8 +140,8 @@ class StaticStep:
         self.host_inputs = [torch.zeros(batch_size, size, dtype=torch.long, pin_memory=device.type == "cuda")
                             for size in sizes]
         # Prefill: per row, the chunk's ids aligned to its end (so that every row's last token is the last
-        # column), then the number of real ids (0: the row takes no part).
-        self.chunk_inputs = torch.zeros(batch_size, prefill_chunk + 1, dtype=torch.long, device=device)
+        # column), then the number of real ids (0: the row takes no part), then 1 if the chunk ends the prompt.
+        self.chunk_inputs = torch.zeros(batch_size, prefill_chunk + 2, dtype=torch.long, device=device)
         self.chunk_columns = torch.arange(prefill_chunk, device=device)
         self.last_position = (adapter.context_length or 2**62) - 1
         self.use_graph = device.type == "cuda" and verifier is None if cuda_graph is None else cuda_graph
@@ -170,9 +177,14 @@ class StaticStep:
 
     # ------------------------------------------------------------------------------------------ a batch
 
-    def prefill_rows(self, prompts: dict[int, Sequence[int]]) -> dict[int, StepOutcome]:
-        """Start a sequence in each given row: cache its prompt (tokens) in place of what the row held. The other
-        rows keep their sequences. Each outcome commits that row's first new token."""
+    def prefill_rows(self, prompts: dict[int, Sequence[int]],
+                     sampling: dict[int, SamplingParams | None] | None = None) -> dict[int, StepOutcome]:
+        """Start a sequence in each given row: cache its prompt (tokens) in place of what the row held, and take
+        its `sampling` parameters (missing or None: greedy). The other rows keep their sequences. Each outcome
+        commits that row's first new token."""
+        sampling = sampling or {}
+        if self.sampler is None and any(p is not None and not p.is_plain_greedy for p in sampling.values()):
+            raise ValueError("this engine decodes greedily; build it with sampling=True to sample or apply penalties")
         for row, prompt in prompts.items():
             if not 0 <= row < self.batch_size:
                 raise ValueError(f"row {row} does not exist in a batch of {self.batch_size}")
@@ -181,13 +193,16 @@ class StaticStep:
                                  f"{self.max_length}")
         chunk = self.prefill_chunk
         self.lengths.index_fill_(0, torch.tensor(list(prompts), device=self.lengths.device), 0)
+        if self.sampler is not None:
+            self.sampler.start_rows({row: sampling.get(row) for row in prompts})
         outcomes = {}
         for begin in range(0, max(len(prompt) for prompt in prompts.values()), chunk):
-            lines = [[0] * (chunk + 1) for _ in range(self.batch_size)]
+            lines = [[0] * (chunk + 2) for _ in range(self.batch_size)]
             for row, prompt in prompts.items():
                 ids = prompt[begin : begin + chunk]
                 lines[row][chunk - len(ids) : chunk] = ids
                 lines[row][chunk] = len(ids)
+                lines[row][chunk + 1] = int(begin < len(prompt) <= begin + chunk)
             self.chunk_inputs.copy_(torch.tensor(lines))
             first, scores = self.run_prefill_chunk()
             firsts = first.tolist()
@@ -233,12 +248,13 @@ class StaticStep:
     # ------------------------------------------------------------------------------------------ on the device
 
     def _device_prefill_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append each row's chunk of prompt tokens to its cache; the argmax after every row's last token, and the
-        logits [batch, V] that chose it. A row's real ids go to its next slots, its padding (the chunk's first
-        columns) to slots past them, which later writes replace; every column sees the slots up to its own, so
-        real tokens see exactly their row's prompt so far."""
+        """Append each row's chunk of prompt tokens to its cache; the token chosen after every row's last token
+        (the argmax, or the row's draw), and the logits [batch, V] that chose it. A row's real ids go to its next
+        slots, its padding (the chunk's first columns) to slots past them, which later writes replace; every column
+        sees the slots up to its own, so real tokens see exactly their row's prompt so far."""
         chunk = self.prefill_chunk
         ids, count = self.chunk_inputs[:, :chunk], self.chunk_inputs[:, chunk : chunk + 1]
+        ends_prompt = self.chunk_inputs[:, chunk + 1 :] > 0
         start = self.lengths[:, None]
         offset = self.chunk_columns - (chunk - count)  # >= 0 for the real ids
         slots = torch.where(offset >= 0, start + offset, start + count + self.chunk_columns)
@@ -248,7 +264,12 @@ class StaticStep:
         mask = self.adapter.attention_mask(allowed, positions, None)
         logits = self.adapter.forward(ids, positions, mask, self.cache, 1)[:, 0]
         self.lengths.add_(count[:, 0])
-        return logits.argmax(dim=-1), logits
+        if self.sampler is None:
+            return logits.argmax(dim=-1), logits
+        self.sampler.observe_prompt(ids, offset >= 0)
+        first = self.sampler.choose(logits[:, None], self.lengths[:, None])  # the first new token's position
+        self.sampler.observe_output(first, ends_prompt)
+        return first[:, 0], logits
 
     def _device_forward(self, shape: int):
         """Every row's step rows through the model: (logits [batch, R, V] of the layout's logit rows, the rows'
@@ -274,16 +295,21 @@ class StaticStep:
         logits = self.adapter.forward(step_ids, positions, mask, self.cache, layout.logit_rows)
         return logits, tree, start, step_ids
 
-    def _device_commit(self, shape: int, start: torch.Tensor, accepted: torch.Tensor, path: torch.Tensor) -> None:
-        """Keep each decoding row's current token and accepted path: move the path's KV right behind the current
-        token (all K rows, so the shape is fixed) and set the row's length to what was committed."""
+    def _device_commit(self, shape: int, start: torch.Tensor, result: torch.Tensor) -> None:
+        """Keep each decoding row's current token and accepted path (`result`: the packed outcomes): move the
+        path's KV right behind the current token (all K rows, so the shape is fixed), set the row's length to what
+        was committed, and count the committed tokens for the penalties."""
         layout = self.layouts[shape]
+        depth = layout.config.candidate_length
+        accepted, committed, path = result[:, 0], result[:, 1 : 2 + depth], result[:, 2 + depth :]
         active = self.inputs[shape][:, -1]
         if layout.config.tree_nodes > 0:
-            depth = layout.config.candidate_length
             behind = start[:, None] + 1 + torch.arange(depth, device=start.device)
             self.cache.move_kv(start[:, None] + layout.lookahead_size + path, behind)
         self.lengths.copy_(start + (1 + accepted) * active)
+        if self.sampler is not None:
+            counted = torch.arange(depth + 1, device=start.device) <= accepted[:, None]
+            self.sampler.observe_output(committed, counted & (active[:, None] > 0))
 
     def _outputs(self, shape: int, logits, step_ids, result, path, new_level):
         """(the packed outcome per row as `StepOutcome.from_host` reads it, the logits [batch, K+1, V] along the
@@ -303,16 +329,23 @@ class StaticStep:
         return torch.cat([result, new_level], dim=1), committed_logits, top
 
     def _device_step(self, shape: int):
-        """The greedy step of every row: forward, tree verification, KV commit. See `_outputs`."""
+        """The step of every row: forward, tree verification against the tokens the rows choose (`_choices`), KV
+        commit. See `_outputs`."""
         layout = self.layouts[shape]
         depth = layout.config.candidate_length
         logits, tree, start, step_ids = self._device_forward(shape)
-        preds = logits.argmax(dim=-1)
+        choices = self._choices(layout, logits, tree, start)
         verify = torch.vmap(functools.partial(verify_greedy, max_depth=depth))
-        result = verify(preds[:, 0], preds[:, layout.tree_logits], tree)
-        accepted, path = result[:, 0], result[:, 2 + depth :]
-        self._device_commit(shape, start, accepted, path)
-        return self._outputs(shape, logits, step_ids, result, path, preds[:, layout.new_level_logits])
+        result = verify(choices[:, 0], choices[:, 1:], tree)
+        self._device_commit(shape, start, result)
+        new_level = logits[:, layout.new_level_logits].argmax(dim=-1)  # the window refines by argmax
+        return self._outputs(shape, logits, step_ids, result, result[:, 2 + depth :], new_level)
+
+    def _choices(self, layout, logits, tree: TreeTensors, start: torch.Tensor) -> torch.Tensor:
+        """The token each row chooses [batch, 1 + B] after its current token and after each tree node: the argmax,
+        or the row's draw. A node at depth d chooses the token at position start + 1 + d, after its own path."""
+        verified = torch.cat([logits[:, :1], logits[:, layout.tree_logits]], dim=1)
+        return verified.argmax(dim=-1) if self.sampler is None else self.sampler.choose_in_tree(verified, tree, start)
 
     def _verified_step(self, shape: int, steps, histories):
         """The step of every row with the verifier deciding, row by row on the host, what each row accepts."""
@@ -326,10 +359,9 @@ class StaticStep:
             self.verifier(logits[row, 0], TreeTensors(*(part[row] for part in tree)), tree_logits[row], depth, history)
             for row, (step, history) in enumerate(zip(steps, histories))
         ])
-        accepted, path = result[:, 0], result[:, 2 + depth :]
-        self._device_commit(shape, start, accepted, path)
+        self._device_commit(shape, start, result)
         new_level = logits[:, layout.new_level_logits].argmax(dim=-1)  # the window refines by argmax
-        return self._outputs(shape, logits, step_ids, result, path, new_level)
+        return self._outputs(shape, logits, step_ids, result, result[:, 2 + depth :], new_level)
 
     def _capture(self) -> None:
         """Record the steps and the prefill chunk as CUDA graphs; warm-up runs leave the cache as they found it."""

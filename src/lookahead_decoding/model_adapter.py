@@ -85,6 +85,11 @@ class ModelAdapter:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
+    @property
+    def vocab(self) -> int:
+        """The number of logits per position."""
+        return self.model.get_output_embeddings().weight.shape[0]
+
     def new_cache(self) -> DynamicCache:
         # Full-length layers everywhere (no config): sliding windows are applied by our mask instead, so that
         # rolled-back tokens can always be cropped away.

@@ -1,9 +1,10 @@
 """Which step runner serves a generation, built once per model, step shapes and length bucket, and reused.
 
-The static engine (`engine.StaticStep`: preallocated cache, CUDA graphs) serves greedy decoding on CUDA. Elsewhere
-the dynamic-cache `step.EagerStep` does: sampling and logits processors need its verifiers, sliding-window models
-its cache, and on a CPU its attention over the tokens cached so far beats a static cache's attention over every
-slot (docs/benchmarks.md). Engines are cached weakly on the model: dropping the model frees them.
+The static engine (`engine.StaticStep`: preallocated cache, CUDA graphs) serves greedy and sampled decoding on CUDA
+(an engine built to sample chooses every row's tokens on the device, greedy rows included). Elsewhere the
+dynamic-cache `step.EagerStep` serves one sequence: logits processors need its verifiers, sliding-window models its
+cache, and on a CPU its attention over the tokens cached so far beats a static cache's attention over every slot
+(docs/benchmarks.md). Engines are cached weakly on the model: dropping the model frees them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {cal
 
 
 def uses_static_engine(model, verifier: Verifier | None = None) -> bool:
-    """Whether greedy decoding of `model` runs on the static engine: on CUDA, plain greedy verification, and no
+    """Whether decoding of `model` runs on the static engine: on CUDA, no logits processors (`verifier`), and no
     sliding-window attention."""
     adapter = ModelAdapter(model)
     return verifier is None and adapter.device.type in STATIC_ENGINE_DEVICES and adapter.sliding_window is None
@@ -46,65 +47,70 @@ def engine_length(model, length: int) -> int:
 
 
 def static_engine(model, shapes: Sequence[LookaheadConfig], length: int, compile: bool = False,
-                  predictions: int = 0, batch_size: int = 1) -> StaticStep:
-    """The cached greedy static engine for `shapes` and `batch_size` rows that fits `length` tokens; built (and
-    captured) once."""
+                  predictions: int = 0, batch_size: int = 1, sampling: bool = False) -> StaticStep:
+    """The cached static engine for `shapes` and `batch_size` rows that fits `length` tokens, greedy or built to
+    sample (`sampling`); built (and captured) once."""
     max_length = engine_length(model, length)
     engines = _engines.setdefault(model, {})
-    key = (tuple(shapes), max_length, compile, predictions, batch_size)
+    key = (tuple(shapes), max_length, compile, predictions, batch_size, sampling)
     if key not in engines:
         engines[key] = StaticStep(model, shapes, max_length, compile=compile, predictions=predictions,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, sampling=sampling)
     return engines[key]
 
 
 def runner_for(model, shapes: Sequence[LookaheadConfig], length: int, verifier: Verifier | None = None,
-               compile: bool = False, predictions: int = 0, batch_size: int = 1) -> StepRunner:
+               compile: bool = False, predictions: int = 0, batch_size: int = 1, sampling: bool = False
+               ) -> StepRunner:
     """The runner for a generation of up to `length` tokens with these step shapes; `predictions`: the model's
-    top next tokens to report at every computed row, for the sources that recycle them. A batch runs on the
-    static engine (its rows hold sequences of different lengths); with a verifier (sampling), eagerly."""
+    top next tokens to report at every computed row, for the sources that recycle them; `sampling`: some row
+    samples or has penalties (its `SamplingParams` come with its prompt). A batch runs on the static engine (its
+    rows hold sequences of different lengths); with a verifier (logits processors), eagerly."""
     if uses_static_engine(model, verifier):
-        return static_engine(model, shapes, length, compile, predictions, batch_size)
+        return static_engine(model, shapes, length, compile, predictions, batch_size, sampling)
     if batch_size > 1:
         return StaticStep(model, shapes, engine_length(model, length), compile=compile, predictions=predictions,
-                          batch_size=batch_size, verifier=verifier, cuda_graph=False)
-    return EagerStep(ModelAdapter(model), shapes, verifier, predictions)
+                          batch_size=batch_size, verifier=verifier, cuda_graph=False, sampling=sampling)
+    return EagerStep(ModelAdapter(model), shapes, verifier, predictions, sampling)
 
 
-def runner_kind(model, verifier: Verifier | None, batch_size: int) -> str:
-    """Which runner decodes: "static" (greedy on CUDA), "dynamic" (one sequence elsewhere) or, for a batch,
-    "static" / "batch eager" with the batch size."""
+def runner_kind(model, verifier: Verifier | None, batch_size: int, sampling: bool = False) -> str:
+    """Which runner decodes: "static" (on CUDA), "dynamic" (one sequence elsewhere) or, for a batch, "static" /
+    "batch eager" with the batch size; "sampling" where the runner chooses tokens with the rows' parameters (its
+    steps cost more)."""
     if uses_static_engine(model, verifier):
         kind = "static"
     else:
         kind = "dynamic" if batch_size == 1 else "batch eager"
+    kind = f"{kind} sampling" if sampling else kind
     return kind if batch_size == 1 else f"{kind} x{batch_size}"
 
 
-def auto_plan(model, verifier: Verifier | None = None, batch_size: int = 1) -> StepPlan:
+def auto_plan(model, verifier: Verifier | None = None, batch_size: int = 1, sampling: bool = False) -> StepPlan:
     """The calibrated step plan for `model` on the runner kind it will use at this batch size: from memory, from
     the cache file, or measured now (and stored)."""
-    kind = runner_kind(model, verifier, batch_size)
+    kind = runner_kind(model, verifier, batch_size, sampling)
     key = calibration_key(model, kind)
     plans = _plans.setdefault(model, {})
     if key not in plans or is_stale(key):
         plan = cached_plan(key, ModelAdapter(model).context_length)
         if plan is None:
-            plan = calibrate_model(model, uses_static_engine(model, verifier), batch_size).plan
+            plan = calibrate_model(model, uses_static_engine(model, verifier), batch_size, sampling=sampling).plan
             store_plan(key, plan)
         plans[key] = plan
     return plans[key]
 
 
-def calibrate_model(model, static: bool, batch_size: int = 1, exhaustive: bool = False) -> Calibration:
+def calibrate_model(model, static: bool, batch_size: int = 1, exhaustive: bool = False,
+                    sampling: bool = False) -> Calibration:
     """Measure the candidate shapes on the runner kind decoding uses (uncompiled; compiling scales every step
-    alike), with `batch_size` rows, and choose the plan (`exhaustive`: time every shape fully, see `calibrate`)."""
+    alike), with `batch_size` rows, greedy or built to sample, and choose the plan (`exhaustive`: time every shape
+    fully, see `calibrate`)."""
     adapter = ModelAdapter(model)
-    vocab = adapter.model.get_output_embeddings().weight.shape[0]
     if static or batch_size > 1:
         length = engine_length(model, 1024)
         make_runner = lambda shapes: StaticStep(model, shapes, length, batch_size=batch_size,  # noqa: E731
-                                                cuda_graph=None if static else False)
+                                                cuda_graph=None if static else False, sampling=sampling)
     else:
-        make_runner = lambda shapes: EagerStep(adapter, shapes)  # noqa: E731
-    return calibrate(make_runner, vocab, exhaustive)
+        make_runner = lambda shapes: EagerStep(adapter, shapes, sampling=sampling)  # noqa: E731
+    return calibrate(make_runner, adapter.vocab, exhaustive)

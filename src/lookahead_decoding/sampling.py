@@ -1,6 +1,8 @@
-"""Lossless sampling for lookahead decoding, and greedy decoding under logits processors.
+"""Decoding under arbitrary HF logits processors, verified on the host; and the arguments of sampling.
 
-Drafts are one-hot: the lookahead branch refines its window by argmax, so a candidate is a bare token
+Sampling without logits processors runs on the device, inside the step (`row_sampler.py`). A user's own
+`LogitsProcessor` objects are Python that looks at the sequence, so with them every verified position is processed
+here, one row at a time. Drafts are one-hot: the lookahead branch refines its window by argmax, so a candidate is a bare token
 sequence. For one-hot drafts, multi-candidate speculative sampling is exact: at each verified position the committed
 token is distributed exactly as the warped target distribution P (docs/algorithm.md, "The multi-candidate sampling
 rule", has the rule and why).
@@ -20,8 +22,10 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                          TopPLogitsWarper)
 
+from .sampling_params import SEED_LIMIT, SamplingParams
 from .verification import GreedyVerifier, Verifier, pack
 
 
@@ -96,8 +100,9 @@ class SamplingVerifier(PathVerifier):
         top_k: int | None = None,
         top_p: float = 1.0,
         logits_processor: LogitsProcessorList | None = None,
+        min_p: float = 0.0,
     ) -> None:
-        super().__init__(sampling_processors(logits_processor, temperature, top_k, top_p))
+        super().__init__(sampling_processors(logits_processor, temperature, top_k, top_p, min_p))
         self.generator = generator
 
     def acceptance(self, probs: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
@@ -120,7 +125,8 @@ class SamplingVerifier(PathVerifier):
         return int(torch.multinomial(probs, 1, generator=self.generator)), False
 
 
-def sampling_processors(logits_processor, temperature: float, top_k: int | None, top_p: float) -> LogitsProcessorList:
+def sampling_processors(logits_processor, temperature: float, top_k: int | None, top_p: float,
+                        min_p: float = 0.0) -> LogitsProcessorList:
     """The user's processors followed by the warpers, as HF `generate` orders them for sampling."""
     processors = LogitsProcessorList(logits_processor or [])
     if temperature != 1.0:
@@ -129,11 +135,24 @@ def sampling_processors(logits_processor, temperature: float, top_k: int | None,
         processors.append(TopKLogitsWarper(top_k=int(top_k), min_tokens_to_keep=1))
     if top_p < 1.0:
         processors.append(TopPLogitsWarper(top_p=float(top_p), min_tokens_to_keep=1))
+    if min_p:
+        processors.append(MinPLogitsWarper(min_p=float(min_p), min_tokens_to_keep=1))
     return processors
 
 
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def same_device(first, second) -> bool:
+    """Whether two devices are one place: "cuda" is the current CUDA device, so it is "cuda:0" when that is."""
+    first, second = torch.device(first), torch.device(second)
+    if first.type != second.type:
+        return False
+    if first.type != "cuda":
+        return first.index is None or second.index is None or first.index == second.index
+    current = torch.cuda.current_device if torch.cuda.is_available() else (lambda: 0)
+    return (current() if first.index is None else first.index) == (current() if second.index is None else second.index)
 
 
 def check_sampling_args(do_sample, temperature, top_k, top_p, logits_processor, generator, device) -> None:
@@ -159,9 +178,16 @@ def check_sampling_args(do_sample, temperature, top_k, top_p, logits_processor, 
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        device = torch.device(device)
-        if generator.device.type != device.type or (device.index is not None and generator.device.index != device.index):
+        if not same_device(generator.device, device):
             raise ValueError(f"generator is on {generator.device} but the model is on {device}; create it there")
+
+
+def warn_ignored_when_greedy(**given) -> None:
+    """Warn (as HF `generate` does) about sampling arguments that greedy decoding does not use; `given` maps each
+    argument's name to whether it was set."""
+    ignored = [name for name, used in given.items() if used]
+    if ignored:
+        warnings.warn(f"do_sample=False decodes greedily; ignoring {', '.join(ignored)}", UserWarning, stacklevel=4)
 
 
 def make_verifier(
@@ -172,29 +198,55 @@ def make_verifier(
     top_p: float = 1.0,
     logits_processor=None,
     generator: torch.Generator | None = None,
+    min_p: float = 0.0,
 ) -> Verifier:
-    """The verifier for these generation arguments (validated).
+    """The host verifier for these generation arguments (validated), for decoding under logits processors.
 
-    do_sample=False is greedy: the fast `GreedyVerifier`, or `ProcessedGreedyVerifier` when logits processors
-    are given. Sampling arguments are then ignored, with a warning, as HF `generate` does. With
-    do_sample=True and no generator, one is seeded from torch's global RNG, so `torch.manual_seed` makes
-    runs reproducible.
+    do_sample=False is greedy: `ProcessedGreedyVerifier` (or `GreedyVerifier` with no processors), sampling
+    arguments ignored with a warning, as HF `generate` does. With do_sample=True and no generator, one is seeded
+    from torch's global RNG, so `torch.manual_seed` makes runs reproducible.
     """
     check_sampling_args(do_sample, temperature, top_k, top_p, logits_processor, generator, device)
     if not do_sample:
-        ignored = [
-            name
-            for name, unused in (("temperature", temperature != 1.0), ("top_k", bool(top_k)),
-                                 ("top_p", top_p != 1.0), ("generator", generator is not None))
-            if unused
-        ]
-        if ignored:
-            warnings.warn(f"do_sample=False decodes greedily; ignoring {', '.join(ignored)}", UserWarning, stacklevel=3)
+        warn_ignored_when_greedy(temperature=temperature != 1.0, top_k=bool(top_k), top_p=top_p != 1.0,
+                                 min_p=bool(min_p), generator=generator is not None)
         return ProcessedGreedyVerifier(logits_processor) if logits_processor else GreedyVerifier()
     generator = generator if generator is not None else seeded_generator(device)
-    return SamplingVerifier(generator, temperature, top_k, top_p, logits_processor)
+    return SamplingVerifier(generator, temperature, top_k, top_p, logits_processor, min_p)
 
 
 def seeded_generator(device) -> torch.Generator:
     """A generator on `device` seeded from torch's global RNG, so that `torch.manual_seed` fixes its draws."""
     return torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,))))
+
+
+def row_seeds(count: int, seed, generator: torch.Generator | None) -> list[int]:
+    """One seed per row: `seed` + row for an int, the given ones for a list, else drawn from `generator` (or
+    torch's global RNG), so that seeding either reproduces the run."""
+    if seed is None:
+        device = generator.device if generator is not None else "cpu"
+        return torch.randint(0, SEED_LIMIT - 1, (count,), generator=generator, device=device).tolist()
+    if generator is not None:
+        raise ValueError("give seed or generator, not both: the generator only supplies seeds")
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != count:
+            raise ValueError(f"seed has {len(seed)} values for {count} prompts; give one per prompt or one int")
+        return list(seed)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= SEED_LIMIT - count:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - prompts] or a list of one per prompt, got {seed!r}")
+    return [seed + row for row in range(count)]
+
+
+def row_sampling(count: int, do_sample: bool, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed=None,
+                 generator: torch.Generator | None = None) -> list[SamplingParams] | None:
+    """The `SamplingParams` of each of `count` rows for `ld.generate`'s arguments (checked by
+    `check_sampling_args` first), or None for plain greedy decoding, which the greedy engine does alone."""
+    if not do_sample:
+        warn_ignored_when_greedy(temperature=temperature != 1.0, top_k=bool(top_k), top_p=top_p != 1.0,
+                                 min_p=bool(min_p), generator=generator is not None, seed=seed is not None)
+        params = SamplingParams(0.0, 0, 1.0, 0.0, repetition_penalty, presence_penalty, frequency_penalty)
+        return None if params.is_plain_greedy else [params] * count
+    return [SamplingParams(temperature, top_k or 0, top_p, min_p, repetition_penalty, presence_penalty,
+                           frequency_penalty, row_seed) for row_seed in row_seeds(count, seed, generator)]

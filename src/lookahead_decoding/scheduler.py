@@ -25,6 +25,7 @@ import torch
 
 from .drafting.base import CandidateSource
 from .drafting.tree import EMPTY_TREE
+from .sampling_params import SamplingParams
 from .shape_choice import StepCosts, choose_for_batch
 from .state import Emitter, GenerationStats, SequenceState
 from .step import StepRunner
@@ -41,9 +42,10 @@ class Request:
     eos_ids: set[int] = field(default_factory=set)
     stopping_criteria: Any = None  # transformers StoppingCriteriaList (or callable) applied to this row alone
     source: CandidateSource | None = None  # its own draft source (None: the scheduler's `make_source()`)
-    seed: int = 0  # the Jacobi window's initial guesses
+    window_seed: int = 0  # the Jacobi window's initial guesses (they change how fast it goes, never its tokens)
     streamer: Any = None
     tag: Any = None  # the caller's name for the request, handed back with its result
+    sampling: SamplingParams | None = None  # how it chooses its tokens, its seed included (None: greedy)
 
 
 @dataclass
@@ -90,6 +92,10 @@ class BatchScheduler:
         """Queue `request`; one that cannot fit the runner is refused now, not when its row runs out of room."""
         if not request.prompt:
             raise ValueError(f"request {request.tag!r}: the prompt is empty")
+        if request.sampling is not None and not request.sampling.is_plain_greedy \
+                and getattr(self.runner, "sampler", None) is None:
+            raise ValueError(f"request {request.tag!r} samples or has penalties, but this scheduler's step runner is "
+                             "greedy; build it with sampling=True")
         room = getattr(self.runner, "max_length", None)
         total = len(request.prompt) + request.max_new_tokens
         if room is not None and total > room:
@@ -161,7 +167,7 @@ class BatchScheduler:
             emitter = Emitter(list(request.prompt), request.max_new_tokens, request.eos_ids,
                               request.stopping_criteria, request.streamer, self.runner.adapter.device)
             source = request.source if request.source is not None else self.make_source()
-            sequence = SequenceState(request.prompt, self.plan, source, emitter, random.Random(request.seed))
+            sequence = SequenceState(request.prompt, self.plan, source, emitter, random.Random(request.window_seed))
             row = _Row(request, sequence, time.perf_counter())
             if sequence.done:  # max_new_tokens=0: nothing to decode, no row needed
                 finished.append(self._result(row))
@@ -170,7 +176,8 @@ class BatchScheduler:
             self.rows[index] = row
             admitted[index] = request.prompt
         if admitted:
-            for index, outcome in self.runner.prefill_rows(admitted).items():
+            sampling = {index: self.rows[index].request.sampling for index in admitted}
+            for index, outcome in self.runner.prefill_rows(admitted, sampling).items():
                 self.rows[index].sequence.record_prefill(outcome)
                 self.stats.new_tokens += 1
         return finished + self._retire()
@@ -199,7 +206,11 @@ class BatchScheduler:
 
 
 def requests_from(prompts: Sequence[Sequence[int]], limits: Sequence[int], eos_ids: set[int], stopping_criteria,
-                  seed: int, streamer=None) -> list[Request]:
-    """One request per prompt with its own max_new_tokens (`limits`), tagged with its index."""
-    return [Request(list(prompt), limit, eos_ids, stopping_criteria, None, seed, streamer, tag=index)
-            for index, (prompt, limit) in enumerate(zip(prompts, limits))]
+                  window_seed: int, streamer=None, sampling: Sequence[SamplingParams | None] | None = None
+                  ) -> list[Request]:
+    """One request per prompt with its own max_new_tokens (`limits`) and sampling parameters (None: greedy),
+    tagged with its index."""
+    sampling = sampling or [None] * len(prompts)
+    return [Request(list(prompt), limit, eos_ids, stopping_criteria, None, window_seed, streamer, tag=index,
+                    sampling=params)
+            for index, (prompt, limit, params) in enumerate(zip(prompts, limits, sampling))]

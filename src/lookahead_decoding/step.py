@@ -19,7 +19,9 @@ from .drafting.tree import ROOT, TokenTree
 from .kv_cache import commit_path_kv
 from .layout import StepLayout, TreeTensors, tree_tensors
 from .model_adapter import ModelAdapter
-from .verification import GreedyVerifier, Verifier
+from .row_sampler import RowSampler
+from .sampling_params import SamplingParams
+from .verification import Verifier, verify_greedy
 
 
 class StepOutcome(NamedTuple):
@@ -67,8 +69,10 @@ class StepRunner(Protocol):
         """Run one step of shape `shape` for the sequence in row 0, on layout-ordered ids; `tree` holds the tree
         nodes (at most the shape's budget), whose tokens step_ids carries after the window."""
 
-    def prefill_rows(self, prompts: dict[int, Sequence[int]]) -> dict[int, StepOutcome]:
-        """Start a sequence in each given row from its prompt (tokens); outcomes by row."""
+    def prefill_rows(self, prompts: dict[int, Sequence[int]],
+                     sampling: dict[int, SamplingParams | None] | None = None) -> dict[int, StepOutcome]:
+        """Start a sequence in each given row from its prompt (tokens), choosing its tokens with its `sampling`
+        parameters (missing or None: greedy); outcomes by row."""
 
     def step_rows(self, shape: int, steps: Sequence[PlannedStep | None], histories: Sequence[Sequence[int] | None],
                   overlap: Callable[[], None] | None = None) -> list[StepOutcome | None]:
@@ -106,21 +110,32 @@ def host_predictions(row_tokens: torch.Tensor, top_tokens: torch.Tensor, top_pro
 
 
 class EagerStep:
-    """The fused steps on transformers' DynamicCache; verification decided by a `Verifier`."""
+    """The fused steps on transformers' DynamicCache, for one sequence. Drafts are verified against the argmax,
+    against the sequence's draws (`sampling=True`: its `SamplingParams` come with its prompt), or by a `Verifier`
+    (logits processors)."""
 
     def __init__(self, adapter: ModelAdapter, shapes: Sequence[LookaheadConfig], verifier: Verifier | None = None,
-                 predictions: int = 0):
+                 predictions: int = 0, sampling: bool = False):
         """predictions: how many of the model's top next tokens to report at every computed row (0: none)."""
+        if verifier is not None and sampling:
+            raise ValueError("a step runner samples either with its rows' SamplingParams or with a verifier, not both")
         self.adapter, self.layouts = adapter, build_layouts(shapes, adapter.device)
-        self.verifier = verifier if verifier is not None else GreedyVerifier()
-        self.predictions = predictions
+        self.verifier, self.predictions = verifier, predictions
+        self.sampler = RowSampler(1, adapter.vocab, adapter.device) if sampling else None
         self.cache = adapter.new_cache()
         self.last_position = (adapter.context_length or 2**62) - 1
 
     batch_size = 1  # a dynamic cache holds one sequence
 
-    def prefill_rows(self, prompts: dict[int, Sequence[int]]) -> dict[int, StepOutcome]:
+    def prefill_rows(self, prompts: dict[int, Sequence[int]],
+                     sampling: dict[int, SamplingParams | None] | None = None) -> dict[int, StepOutcome]:
         ((row, prompt),) = prompts.items()
+        params = (sampling or {}).get(row)
+        if self.sampler is not None:
+            self.sampler.start_rows({0: params})
+        elif params is not None and not params.is_plain_greedy:
+            raise ValueError("this step runner decodes greedily; build it with sampling=True to sample or apply "
+                             "penalties")
         return {row: self.prefill(torch.tensor(prompt, device=self.adapter.device), prompt)}
 
     def step_rows(self, shape: int, steps: Sequence[PlannedStep | None], histories: Sequence[Sequence[int] | None],
@@ -134,11 +149,18 @@ class EagerStep:
         self.cache = self.adapter.new_cache()
         positions = torch.arange(prompt.numel(), device=prompt.device)
         logits = self.adapter.forward(prompt, positions, None, self.cache, logit_rows=1)
-        # The prefill's token is verified with an empty tree: argmax when greedy, a draw when sampling.
-        none = torch.empty(0, dtype=torch.long, device=prompt.device)
-        empty = TreeTensors(none, none, none.view(0, 0).bool(), none, none.bool())
-        first = self.verifier(logits[-1], empty, logits.new_empty(0, logits.shape[-1]), 1, history)
-        return StepOutcome(0, [], [int(first[1])], [], logits[-1:])
+        if self.verifier is not None:  # the prefill's token is verified with an empty tree
+            none = torch.empty(0, dtype=torch.long, device=prompt.device)
+            empty = TreeTensors(none, none, none.view(0, 0).bool(), none, none.bool())
+            first = int(self.verifier(logits[-1], empty, logits.new_empty(0, logits.shape[-1]), 1, history)[1])
+        elif self.sampler is not None:
+            self.sampler.observe_prompt(prompt[None], torch.ones_like(prompt[None], dtype=torch.bool))
+            chosen = self.sampler.choose(logits[-1:][None], positions.new_full((1, 1), prompt.numel()))
+            self.sampler.observe_output(chosen, torch.ones_like(chosen, dtype=torch.bool))
+            first = int(chosen)
+        else:
+            first = int(logits[-1].argmax())
+        return StepOutcome(0, [], [first], [], logits[-1:])
 
     def step(self, shape: int, step_ids: list[int], tree: TokenTree, history: Sequence[int]) -> StepOutcome:
         layout, device = self.layouts[shape], self.adapter.device
@@ -158,7 +180,15 @@ class EagerStep:
         # The lookahead branch always refines by argmax; only verification depends on the decoding mode.
         new_level = logits[layout.new_level_logits].argmax(dim=-1)
         tree_logits = logits[layout.tree_logits]
-        result = self.verifier(logits[0], nodes, tree_logits, config.candidate_length, history)
+        depth = config.candidate_length
+        if self.verifier is not None:
+            result = self.verifier(logits[0], nodes, tree_logits, depth, history)
+        else:
+            choices = self._choices(logits[:1], tree_logits, nodes, t)
+            result = verify_greedy(choices[0], choices[1:], nodes, depth)
+            if self.sampler is not None:  # count the committed tokens for the penalties
+                counted = torch.arange(depth + 1, device=device) <= result[0]
+                self.sampler.observe_output(result[None, 1 : 2 + depth], counted[None])
         host = torch.cat([result, new_level]).tolist()  # the one host sync
         predictions = None
         if self.predictions and config.verifies:  # as the static engine does (engine.py)
@@ -169,3 +199,13 @@ class EagerStep:
         commit_path_kv(self.cache, layout.size, layout.lookahead_size + path)
         scores = torch.cat([logits[:1], tree_logits[path]])
         return outcome._replace(scores=scores)
+
+    def _choices(self, next_logits: torch.Tensor, tree_logits: torch.Tensor, nodes: TreeTensors, t: int
+                 ) -> torch.Tensor:
+        """The token chosen [1 + B] after the current token (at position t) and after each tree node: the argmax,
+        or the sequence's draw (as `engine.StaticStep._choices`)."""
+        verified = torch.cat([next_logits, tree_logits])
+        if self.sampler is None:
+            return verified.argmax(dim=-1)
+        batched = TreeTensors(*(part[None] for part in nodes))
+        return self.sampler.choose_in_tree(verified[None], batched, torch.tensor([t], device=verified.device))[0]

@@ -128,7 +128,7 @@ class TimedRunner:
     def __init__(self, runner) -> None:
         self.runner, self.layouts, self.adapter, self.model_seconds = runner, runner.layouts, runner.adapter, 0.0
         self.max_length, self.predictions = getattr(runner, "max_length", None), runner.predictions
-        self.batch_size = runner.batch_size
+        self.batch_size, self.sampler = runner.batch_size, getattr(runner, "sampler", None)
 
     def _timed(self, call, *args):
         start = time.perf_counter()
@@ -142,8 +142,8 @@ class TimedRunner:
     def step(self, shape, step_ids, tree, history):
         return self._timed(self.runner.step, shape, step_ids, tree, history)
 
-    def prefill_rows(self, prompts):
-        return self._timed(self.runner.prefill_rows, prompts)
+    def prefill_rows(self, prompts, sampling=None):
+        return self._timed(self.runner.prefill_rows, prompts, sampling)
 
     def step_rows(self, shape, steps, histories, overlap=None):
         # The overlapped host work is the loop's, not the model's: its time is taken back out.

@@ -53,9 +53,10 @@ class ProfiledRunner:
     def __init__(self, runner, profiler) -> None:
         self.runner, self.layouts, self.adapter, self.profiler, self.steps = runner, runner.layouts, runner.adapter, profiler, 0
         self.predictions, self.batch_size = runner.predictions, runner.batch_size
+        self.sampler = getattr(runner, "sampler", None)
 
-    def prefill_rows(self, prompts):
-        first = self.runner.prefill_rows(prompts)
+    def prefill_rows(self, prompts, sampling=None):
+        first = self.runner.prefill_rows(prompts, sampling)
         self.profiler.step()
         return first
 
