@@ -86,3 +86,36 @@ def test_capture_survives_a_garbage_collection_of_another_engines_graphs():
         gc.set_threshold(*threshold)
     out = ld.generate(model, prompt, 24, StepPlan(SHAPES, (1.0,) * len(SHAPES)), runner=engine)
     assert out.sequences.tolist() == greedy_reference(model, prompt, 24).tolist()
+
+
+SAMPLING = dict(do_sample=True, temperature=0.9, top_p=0.95, repetition_penalty=1.1, presence_penalty=0.2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_captured_sampling_equals_eager_and_plain_sampling(arch):
+    """The captured sampling step chooses what the eager one does, and lookahead commits the tokens of plain
+    sampling with the same seeds, in a batch with refills and alone."""
+    model = cuda_model(arch)
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, VOCAB, (int(length),), generator=generator).tolist()
+               for length in torch.randint(3, 20, (6,), generator=generator)]
+    prompts[1] = (prompts[1][:3] * 8)[:20]
+    seeds = list(range(100, 106))
+    plain = ld.generate(model, prompts, 40, AUTOREGRESSIVE, seed=seeds, **SAMPLING)
+    plan = StepPlan(SHAPES, (1.0, 1.2, 1.5))
+    captured = StaticStep(model, SHAPES, 96, batch_size=3, sampling=True)
+    eager = StaticStep(model, SHAPES, 96, batch_size=3, sampling=True, cuda_graph=False)
+    for runner in (captured, eager):
+        out = ld.generate(model, prompts, 40, plan, runner=runner, seed=seeds, **SAMPLING)
+        assert [row.tokens for row in out.rows] == [row.tokens for row in plain.rows]
+    alone = ld.generate(model, [prompts[4]], 40, plan, seed=[seeds[4]], **SAMPLING)
+    assert alone.rows[0].tokens == plain.rows[4].tokens
+    assert captured.captured and not eager.captured
+
+
+def test_a_generator_on_cuda_is_accepted_on_cuda_0():
+    model = cuda_model("llama")
+    prompt = torch.tensor([[4, 5, 6, 4, 5, 6, 4]], device="cuda")
+    runs = [ld.generate(model, prompt, 20, do_sample=True, generator=torch.Generator(device=device).manual_seed(5))
+            for device in ("cuda", "cuda:0")]
+    assert runs[0].sequences.tolist() == runs[1].sequences.tolist()

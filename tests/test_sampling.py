@@ -1,10 +1,15 @@
 """Sampling with lookahead decoding has exactly the output distribution of `model.generate(do_sample=True)`.
 
 The reference is the exact joint distribution of the first three new tokens, enumerated with the model's own
-forward on every prefix and the same logits processors. Our sampler and HF's are both compared against it by
-a chi-square goodness-of-fit test, with a Bonferroni correction over all comparisons; a deliberately biased
-verifier must fail the same test. The 145 000 short generations run in two worker processes (about 4 minutes
-on two cores); the other tests are quick.
+forward on every prefix and the same logits processors. Samples are compared against it by a chi-square
+goodness-of-fit test, with a Bonferroni correction over all comparisons of a test; deliberately biased samplers
+must fail the same test. Two paths are tested:
+
+- on the device (`row_sampler.py`): thousands of rows with their own seeds decode as one batch, rows with
+  different parameters (greedy ones too) side by side; and lookahead commits exactly the tokens of plain sampling
+  with the same seed, alone or in any batch;
+- on the host, under logits processors (`SamplingVerifier`): HF's sampler is compared too. Its 145 000 short
+  generations run in two worker processes (about 4 minutes on two cores).
 """
 
 from __future__ import annotations
@@ -22,12 +27,18 @@ import pytest
 import torch
 import transformers
 from conftest import greedy_reference, tiny_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scipy.stats import chisquare
 from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 import lookahead_decoding as ld
+from lookahead_decoding import row_sampler
+from lookahead_decoding.draws import race_noise, stream_keys
+from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.decoding import decode
-from lookahead_decoding.sampling import SamplingVerifier, sampling_processors
+from lookahead_decoding.sampling import SamplingVerifier, same_device, sampling_processors
+from lookahead_decoding.sampling_params import SamplingParams
 
 torch.set_num_threads(1)
 
@@ -50,16 +61,41 @@ class Case:
     penalty: float | None = None  # repetition penalty, given as a logits processor
     candidate_length: int | None = None  # K (default N-1)
     source: tuple[str, ...] | None = None  # the candidate sources (default: the library's); "recycled" branches widely
+    min_p: float = 0.0
+    presence: float = 0.0  # presence and frequency penalties (device path only)
+    frequency: float = 0.0
 
     def config(self) -> ld.LookaheadConfig:
         return ld.LookaheadConfig(window=self.window, ngram=self.ngram, guesses=self.guesses,
                                   candidate_length=self.candidate_length)
 
-    def processors(self) -> LogitsProcessorList:
-        return LogitsProcessorList([RepetitionPenaltyLogitsProcessor(self.penalty)] if self.penalty else [])
+    def processors(self, prompt_length: int = 0) -> LogitsProcessorList:
+        """The penalties as HF logits processors (for the host path and the exact reference)."""
+        processors = [RepetitionPenaltyLogitsProcessor(self.penalty)] if self.penalty else []
+        if self.presence or self.frequency:
+            processors.append(OutputPenalties(prompt_length, self.presence, self.frequency))
+        return LogitsProcessorList(processors)
 
     def sampling_kwargs(self) -> dict:
-        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, logits_processor=self.processors())
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                    logits_processor=self.processors())
+
+    def params(self, seed: int) -> SamplingParams:
+        """The same sampling as the device takes it."""
+        return SamplingParams(self.temperature, self.top_k or 0, self.top_p, self.min_p, self.penalty or 1.0,
+                              self.presence, self.frequency, seed)
+
+
+class OutputPenalties:
+    """The OpenAI presence and frequency penalties as a HF logits processor: over the tokens after the prompt."""
+
+    def __init__(self, prompt_length: int, presence: float, frequency: float) -> None:
+        self.prompt_length, self.presence, self.frequency = prompt_length, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        output = input_ids[:, self.prompt_length:]
+        counts = torch.zeros_like(scores).scatter_add_(1, output, torch.ones_like(output, dtype=scores.dtype))
+        return scores - self.presence * (counts > 0) - self.frequency * counts
 
 
 A, B, C, D, E = (2, 2.5), (5, 2.5), (0, 3.5), (4, 3.0), (3, 3.0)
@@ -164,9 +200,10 @@ def lookahead_counts(index: int, verifier_cls=None, through_hf: bool = False) ->
     """For CASES[index]: first-three-token counts over SAMPLES generations drawing from one generator, the
     histogram of tokens per step, and how often a draft was accepted or rejected.
 
-    With `verifier_cls` (a biased SamplingVerifier) the loop runs with that verifier instead; with
+    The loop runs on the host path, with `verifier_cls` (SamplingVerifier, or a biased one); with
     `through_hf` it runs as `model.generate(custom_generate=lookahead_generate)` (no step histogram then).
     """
+    verifier_cls = verifier_cls or SamplingVerifier
     case = CASES[index]
     model, prompt = model_and_prompt(case)
     generator = torch.Generator().manual_seed(index)
@@ -194,14 +231,9 @@ def lookahead_counts(index: int, verifier_cls=None, through_hf: bool = False) ->
                 )
                 counts[cell(sequences[0, prompt.shape[1]:])] += 1
                 continue
-            if verifier_cls is None:
-                out = ld.generate(model, prompt, NEW_TOKENS, case.config(), do_sample=True, generator=generator,
-                                  source=case.source, **case.sampling_kwargs())
-                new_tokens, stats = out.sequences[0, prompt.shape[1]:], out.stats
-            else:
-                (result,), stats, _ = decode(model, prompt.tolist(), NEW_TOKENS, case.config(), source=case.source,
-                                             verifier=verifier_cls(generator, **case.sampling_kwargs()))
-                new_tokens = torch.tensor(result.tokens[prompt.shape[1]:])
+            (result,), stats, _ = decode(model, prompt.tolist(), NEW_TOKENS, case.config(), source=case.source,
+                                         verifier=verifier_cls(generator, **case.sampling_kwargs()))
+            new_tokens = torch.tensor(result.tokens[prompt.shape[1]:])
             counts[cell(new_tokens)] += 1
             steps.update(stats.accepted_histogram)
     finally:
@@ -219,7 +251,8 @@ def in_parallel(function, arguments: list[tuple]) -> list:
 
 def exact_distribution(case: Case) -> torch.Tensor:
     model, prompt = model_and_prompt(case)
-    warped = sampling_processors(case.processors(), case.temperature, case.top_k, case.top_p)
+    warped = sampling_processors(case.processors(prompt.shape[1]), case.temperature, case.top_k, case.top_p,
+                                 case.min_p)
     return exact_joint(model, prompt, warped, NEW_TOKENS)
 
 
@@ -234,7 +267,7 @@ def hf_counts(case: Case, seed: int) -> torch.Tensor:
                           minlength=VOCAB**NEW_TOKENS)
 
 
-def test_sampling_matches_the_exact_distribution():
+def test_host_sampling_matches_the_exact_distribution():
     start = time.perf_counter()
     tasks = [(index, None, False) for index in range(len(CASES))] + [(index, None, True) for index in THROUGH_HF]
     results = in_parallel(lookahead_counts, tasks)
@@ -386,3 +419,183 @@ def test_lookahead_generate_applies_transformers_processors():
     torch.manual_seed(5)
     assert model.generate(prompt, do_sample=True, temperature=1.5, **through).tolist() == first.tolist()
     assert first.tolist() != greedy.tolist()
+
+
+# ------------------------------------------------------------------------------------------------ on the device
+
+DEVICE_CASES = [
+    Case(A, "cycle", ngram=3, window=3, guesses=3),
+    Case(B, "cycle", ngram=4, window=2, guesses=3, temperature=1.2, top_k=5),
+    Case(C, "random", ngram=3, window=2, guesses=6, temperature=1.4, top_p=0.9),
+    Case(A, "cycle", ngram=3, window=3, guesses=3, penalty=1.3, presence=0.4, frequency=0.3),
+    Case(E, "cycle", ngram=3, window=2, guesses=3, temperature=0.8, min_p=0.1, source=("pool", "recycled")),
+    Case(D, "cycle", ngram=4, window=3, guesses=4, temperature=0.9, top_p=0.95, penalty=1.2, frequency=0.5),
+]
+DEVICE_SAMPLES = 4000
+
+
+def device_tokens(rows: list[tuple[Case, int]], config: ld.LookaheadConfig, batch_size: int = 500):
+    """The first NEW_TOKENS tokens of each row (case, seed) decoded on the device with lookahead `config`, all rows in
+    batches of `batch_size`; and the run's statistics. The rows share their cases' model and prompt."""
+    model, prompt = model_and_prompt(rows[0][0])
+    sampling = [case.params(seed) if case.temperature else None for case, seed in rows]
+    results, stats, _ = decode(model, [prompt[0].tolist()] * len(rows), NEW_TOKENS, config, batch_size=batch_size,
+                               sampling=sampling, source=rows[0][0].source)
+    return [result.tokens[prompt.shape[1]:] for result in results], stats
+
+
+def joint_counts(token_rows) -> torch.Tensor:
+    return torch.bincount(torch.tensor([cell(tokens) for tokens in token_rows]), minlength=VOCAB**NEW_TOKENS)
+
+
+def test_device_sampling_matches_the_exact_distribution():
+    p_values, multi_token_steps = [], 0
+    for index, case in enumerate(DEVICE_CASES):
+        tokens, stats = device_tokens([(case, 10**6 * index + seed) for seed in range(DEVICE_SAMPLES)], case.config())
+        p_values.append(goodness_of_fit(joint_counts(tokens), exact_distribution(case)))
+        multi_token_steps += sum(count for committed, count in stats.accepted_histogram.items() if committed >= 2)
+    print("p device:", " ".join(f"{p:.3g}" for p in p_values), "multi-token row-steps:", multi_token_steps)
+    assert min(p_values) >= ALPHA / len(DEVICE_CASES), p_values
+    assert multi_token_steps > 2000  # drafts were accepted: the test covers verification, not only plain steps
+
+
+def test_rows_with_different_parameters_share_a_batch():
+    """Greedy rows and rows of two sampling cases, interleaved in one batch: every sampled row keeps its own case's
+    distribution and every greedy row is HF's greedy output. The cases share a model and a prompt."""
+    first, second = DEVICE_CASES[0], DEVICE_CASES[3]
+    greedy = Case(first.model, first.prompt, first.ngram, first.window, first.guesses, temperature=0.0)
+    rows = [((first, second, greedy)[index % 3], index) for index in range(3 * 2500)]
+    tokens, _ = device_tokens(rows, ld.LookaheadConfig(3, 3, 3))
+    model, prompt = model_and_prompt(first)
+    expected_greedy = greedy_reference(model, prompt, NEW_TOKENS)[0, prompt.shape[1]:].tolist()
+    assert all(row == expected_greedy for row in tokens[2::3])
+    p_values = [goodness_of_fit(joint_counts(tokens[offset::3]), exact_distribution(case))
+                for offset, case in enumerate((first, second))]
+    assert min(p_values) >= ALPHA / 2, p_values
+
+
+def sharper_noise(keys, tokens):
+    """Biased: noise scaled down, so likely tokens win too often (a lower temperature than asked for)."""
+    return 0.8 * race_noise(keys, tokens)
+
+
+def position_blind_keys(seeds, positions):
+    """Biased: one key for every position of a row, so its draws repeat from position to position."""
+    return stream_keys(seeds, torch.zeros_like(positions))
+
+
+@pytest.mark.parametrize("target, biased", [("race_noise", sharper_noise), ("stream_keys", position_blind_keys)])
+def test_the_device_distribution_test_detects_biased_samplers(target, biased, monkeypatch):
+    monkeypatch.setattr(row_sampler, target, biased)
+    case = DEVICE_CASES[1]
+    tokens, _ = device_tokens([(case, seed) for seed in range(DEVICE_SAMPLES)], case.config())
+    assert goodness_of_fit(joint_counts(tokens), exact_distribution(case)) < ALPHA
+
+
+SEEDED = dict(do_sample=True, temperature=0.6, top_p=0.95, repetition_penalty=1.1, presence_penalty=0.2)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    arch=st.sampled_from(["llama", "qwen3", "gpt2", "gpt_neox", "phi3"]),
+    motifs=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=4), min_size=1, max_size=5),
+    config=st.sampled_from([ld.LookaheadConfig(2, 3, 2), ld.LookaheadConfig(4, 4, 3), ld.LookaheadConfig(3, 2, 4)]),
+    data=st.data(),
+    sampling=st.sampled_from([SEEDED, dict(do_sample=True, temperature=1.1, top_k=4, min_p=0.05),
+                              dict(do_sample=False, repetition_penalty=1.3, frequency_penalty=0.4)]),
+)
+def test_lookahead_commits_the_tokens_of_plain_sampling(arch, motifs, config, data, sampling):
+    """Every draw is keyed by (seed, position, token): whatever the drafts, the step shape and the batch, a row
+    commits the tokens that plain sampling with its seed commits (float32)."""
+    model = tiny_model(arch)
+    prompts = [(motif * 12)[: 4 + 3 * index] for index, motif in enumerate(motifs)]
+    seeds = [data.draw(st.integers(0, 2**63 - 1), label=f"seed {index}") for index in range(len(prompts))]
+    batch_size = data.draw(st.integers(1, len(prompts)), label="batch_size")
+    plain = ld.generate(model, prompts, 24, AUTOREGRESSIVE, seed=seeds if sampling["do_sample"] else None,
+                        batch_size=batch_size, **sampling)
+    out = ld.generate(model, prompts, 24, config, seed=seeds if sampling["do_sample"] else None,
+                      batch_size=batch_size, **sampling)
+    assert [row.tokens for row in out.rows] == [row.tokens for row in plain.rows]
+    alone = ld.generate(model, prompts[-1:], 24, config, seed=seeds[-1:] if sampling["do_sample"] else None,
+                        **sampling)
+    assert alone.rows[0].tokens == plain.rows[-1].tokens
+
+
+def test_a_seeded_request_gives_the_same_tokens_alone_and_in_batches_of_8_and_64():
+    model, prompt = model_and_prompt(DEVICE_CASES[0])
+    generator = torch.Generator().manual_seed(9)
+    others = [torch.randint(0, VOCAB, (int(n),), generator=generator).tolist()
+              for n in torch.randint(2, 20, (63,), generator=generator)]
+    request = prompt[0].tolist()
+    config = ld.LookaheadConfig(3, 3, 3)
+    kwargs = dict(do_sample=True, temperature=0.9, top_p=0.95)
+    alone = ld.generate(model, [request], 30, config, seed=[77], **kwargs)
+    for batch in (8, 64):
+        prompts = others[:3] + [request] + others[3 : batch - 1]
+        seeds = list(range(len(prompts)))
+        seeds[3] = 77
+        out = ld.generate(model, prompts, 30, config, seed=seeds, **kwargs)
+        assert out.rows[3].tokens == alone.rows[0].tokens
+    assert out.stats.tokens_per_step > 1.3  # drafts were accepted: verification decided, not plain steps
+
+
+def test_seeds_per_prompt():
+    model, prompt = model_and_prompt(DEVICE_CASES[0])
+    prompts = [prompt[0].tolist()] * 3
+    batch = ld.generate(model, prompts, 12, do_sample=True, seed=40)
+    assert [row.tokens for row in batch.rows] == [
+        ld.generate(model, prompts[:1], 12, do_sample=True, seed=40 + index).rows[0].tokens for index in range(3)]
+    assert len({tuple(row.tokens) for row in batch.rows}) > 1  # an int seeds the batch, not every row alike
+    with pytest.raises(ValueError, match="seed has 2 values for 3 prompts; give one per prompt or one int"):
+        ld.generate(model, prompts, 4, do_sample=True, seed=[1, 2])
+    with pytest.raises(ValueError, match="give seed or generator, not both"):
+        ld.generate(model, prompts, 4, do_sample=True, seed=1, generator=torch.Generator())
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        ld.generate(model, prompts[:1], 4, do_sample=True, seed=[-1])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("temperature", -0.5, "temperature must be a finite number >= 0"),
+        ("top_k", 1.5, "top_k must be an integer >= 0"),
+        ("top_p", 0.0, r"top_p must be a number in \(0, 1\]"),
+        ("min_p", 1.5, r"min_p must be a number in \[0, 1\]"),
+        ("repetition_penalty", 0.0, "repetition_penalty must be a finite number > 0"),
+        ("presence_penalty", math.inf, "presence_penalty must be a finite number"),
+        ("frequency_penalty", "high", "frequency_penalty must be a finite number"),
+        ("seed", 2**63, r"seed must be an integer in \[0, 2\*\*63\)"),
+    ],
+)
+def test_bad_sampling_params(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**{field: value})
+
+
+def test_greedy_with_a_repetition_penalty_runs_on_the_device_and_equals_hf():
+    model = tiny_model("llama")
+    prompt = torch.tensor([[5, 6, 7, 8] * 5])
+    out = ld.generate(model, prompt, 40, ld.LookaheadConfig(4, 3, 4), repetition_penalty=1.3)
+    expected = greedy_reference(model, prompt, 40, repetition_penalty=1.3)
+    assert out.sequences.tolist() == expected.tolist() != greedy_reference(model, prompt, 40).tolist()
+
+
+def test_presence_penalties_do_not_combine_with_logits_processors():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="presence_penalty and frequency_penalty do not combine with logits_processor"):
+        ld.generate(model, torch.tensor([[1, 2, 3]]), 4, presence_penalty=0.5,
+                    logits_processor=[RepetitionPenaltyLogitsProcessor(1.2)])
+
+
+def test_a_greedy_engine_refuses_sampled_requests():
+    model = tiny_model("llama")
+    engine = ld.StaticStep(model, AUTOREGRESSIVE, 32)
+    scheduler = ld.BatchScheduler(engine, ld.StepPlan((AUTOREGRESSIVE,), (1.0,)), lambda: None)
+    with pytest.raises(ValueError, match="request 'x' samples or has penalties, but this scheduler's step runner is "
+                                         "greedy; build it with sampling=True"):
+        scheduler.submit(ld.Request([1, 2], 4, tag="x", sampling=SamplingParams(temperature=0.5)))
+
+
+def test_cuda_names_the_current_device():
+    assert same_device("cuda", "cuda:0") and same_device(torch.device("cuda:0"), "cuda")
+    assert not same_device("cuda", "cpu") and not same_device("cuda:1", "cuda:0")
