@@ -35,6 +35,7 @@ from lookahead_decoding.bench import (
 from lookahead_decoding.bench.cli import config_list, int_list
 from lookahead_decoding.bench.methods import parse_methods
 from lookahead_decoding.jsonl import JsonLinesError
+from lookahead_decoding.sampling_params import SamplingParams
 
 torch.set_num_threads(1)
 
@@ -301,8 +302,10 @@ def test_tiny_bench_end_to_end(tiny, tmp_path, capsys):
     assert result["config"]["lookahead_config"] == {"window": 3, "ngram": 3, "guesses": 3, "candidate_length": 2,
                                                     "tree_nodes": 6}
     assert plot.read_bytes().startswith(b"\x89PNG")
+    assert result["config"]["sampling"] is None
     table = capsys.readouterr().out
     assert "| greedy | 2 | 24 |" in table and "| lookahead |" in table
+    assert "| tokens/step | speedup vs greedy | identical to greedy |" in table and "sampling" not in table
 
 
 def test_tiny_sweep(tiny, tmp_path, capsys):
@@ -407,6 +410,94 @@ def test_profile_errors(tiny, capsys):
         main([*base, "--max-new-tokens", "3"], model=model, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="--profile --compile needs a CUDA device"):
         main([*base, "--compile"], model=model, tokenizer=tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+SAMPLING_ARGS = ["--dataset", "gsm8k", "--data-file", str(FIXTURES / FILES["gsm8k"]), "--limit", "2",
+                 "--max-new-tokens", "12", "--window", "3", "--ngram", "3", "--guesses", "3", "--temperature", "0.8"]
+
+
+def test_methods_sample_with_the_prompts_seed(tiny):
+    """The library's methods draw what plain sampling (ld.generate, W=1 N=2 G=0) draws with the seed; HF's draw from
+    torch's RNG seeded with it, so the same seed gives an HF method the same tokens again."""
+    model, _ = tiny
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
+    sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=5)
+    plain = ld.LookaheadConfig(window=1, ngram=2, guesses=0)
+    expected = ld.generate(model, ids, 12, plain, do_sample=True, temperature=0.8, top_p=0.9, seed=5).sequences
+    assert not torch.equal(expected, ld.generate(model, ids, 12, plain).sequences)
+    args = argparse.Namespace(window=3, ngram=3, guesses=3, candidate_length=None, tree_nodes=None, max_new_tokens=12)
+    for name in ("ar-graph", "lookahead", "lookahead-eager"):
+        assert torch.equal(METHODS[name](model, ids, 12, args, sampling=sampling)[0], expected), name
+    sampled = [METHODS[name](model, ids, 12, args, sampling=sampling)[0] for name in ("greedy", "greedy", "pld")]
+    assert torch.equal(sampled[0], sampled[1]) and sampled[2].shape == sampled[0].shape
+    assert not torch.equal(sampled[0], METHODS["greedy"](model, ids, 12, args)[0])
+
+
+def test_tiny_bench_samples(tiny, tmp_path, capsys):
+    model, tokenizer = tiny
+    out = tmp_path / "s.json"
+    argv = [*SAMPLING_ARGS, "--top-p", "0.9", "--methods", "greedy,lookahead", "--out", str(out)]
+    assert main(argv, model=model, tokenizer=tokenizer) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["reference"] == "ar-graph"  # HF generate cannot draw the library's samples
+    assert result["config"]["sampling"] == {
+        "temperature": 0.8, "top_k": 0, "top_p": 0.9, "min_p": 0.0, "seed": 0, "prompt_seed": "seed + prompt_index",
+        "exact_match": "same tokens as the reference (ar-graph) with the same seed"}
+    summary = result["summary"]["gsm8k"]
+    assert list(summary) == ["ar-graph", "hf-sample", "lookahead"]  # HF's greedy method, sampling
+    # fp32, the same seed: lookahead commits ar-graph's tokens
+    assert summary["lookahead"]["identical_to_greedy"] == 1.0
+    assert [row["first_mismatch"] for row in result["rows"] if row["method"] == "lookahead"] == [None, None]
+    table = capsys.readouterr().out
+    assert "| tokens/step | speedup vs ar-graph | same tokens as ar-graph, same seed |" in table
+    assert "sampling at temperature 0.8 (top-k off, top-p 0.9, min-p off), prompt i with seed 0 + i in every " \
+           "method; HF methods (hf-sample: model.generate(do_sample=True))" in table
+    assert "| hf-sample | 2 | 24 |" in table and "| ar-graph | 2 | 24 |" in table
+
+
+def test_tiny_batched_bench_samples(tiny, tmp_path, capsys):
+    model, tokenizer = tiny
+    out = tmp_path / "b.json"
+    assert main([*BATCHED_ARGS, "--temperature", "0.8", "--top-k", "20", "--out", str(out)],
+                model=model, tokenizer=tokenizer) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["sampling"]["top_k"] == 20 and result["config"]["sampling"]["temperature"] == 0.8
+    # Every row, at every batch size, commits ar-graph's tokens with its prompt's seed.
+    assert [(r["batch_size"], r["method"], r["identical"]) for r in result["batched"]] == [
+        (1, "ar-graph", 4), (1, "lookahead", 4), (3, "ar-graph", 4), (3, "lookahead", 4)]
+    table = capsys.readouterr().out
+    assert "| forwards | same tokens as ar-graph, same seed | plan |" in table
+    assert "4 prompts\n\nsampling at temperature 0.8 (top-k 20, top-p off, min-p off)" in table
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--methods", "test-greedy-only,lookahead"],
+         "--temperature: test-greedy-only cannot sample (greedy only); methods that sample: greedy, pld, "
+         "hf-compiled, ar-graph, lookahead, lookahead-eager"),
+        (["--profile"], "--profile profiles greedy decoding steps: it cannot be combined with --temperature"),
+        (["--top-p", "2"], "top_p must be a number in (0, 1] (1 disables it), got 2.0"),
+        (["--seed", "-1"], "seed must be an integer in [0, 2**63), got -1"),
+        (["--temperature", "0", "--min-p", "0.1"], "--min-p shapes the sampled distribution: it needs --temperature > 0"),
+    ],
+    ids=["greedy-only-method", "profile", "top-p", "seed", "min-p-greedy"],
+)
+def test_sampling_input_errors_exit_2_before_any_work(tmp_path, capsys, extra, message):
+    @register_method("test-greedy-only")
+    def greedy_only(model, input_ids, max_new_tokens, args):
+        return input_ids, 0
+
+    # The data file is missing: every one of these errors comes first.
+    argv = ["--dataset", "gsm8k", "--data-file", str(tmp_path / "missing.jsonl"), "--temperature", "0.8", *extra]
+    try:
+        assert main(argv) == 2
+    finally:
+        del METHODS["test-greedy-only"]
+    assert capsys.readouterr().err == f"lookahead: error: {message}\n"
 
 
 # ------------------------------------------------------------------------------------------------ batched mode

@@ -28,6 +28,7 @@ def test_json_compare_reports_identical_outputs_and_consistent_stats(cli_model, 
     assert result["identical"] is True
     assert result["prompt"] == "The sea is"
     assert result["config"] == "auto"
+    assert result["sampling"] is None
     stats = result["stats"]
     shapes = [entry["shape"] for entry in result["shapes"]]
     assert shapes[0] == "plain" and shapes[-1].startswith("lookahead W=") and all(e["cost_ms"] > 0 for e in result["shapes"])
@@ -92,9 +93,18 @@ def test_chat_wraps_the_prompt_in_the_template(cli_model, capsys):
         (["hi", "--model", "{model}", "--window", "1000000"], "a lookahead step of W=1000000, N=5, G=7 has 4000028 "
          "tokens, more than the model's context"),
         (["hi", "--model", "{model}", "--window", "20000", "--ngram", "50"], "a lookahead step of W=20000, N=50, G=7"),
+        (["hi", "--model", "{model}", "--temperature", "0.8", "--top-p", "2"],
+         "top_p must be a number in (0, 1] (1 disables it), got 2.0"),
+        (["hi", "--model", "{model}", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+        (["hi", "--model", "{model}", "--temperature", "0.8", "--seed", "-3"], "seed must be an integer in [0, 2**63)"),
+        (["hi", "--model", "{model}", "--repetition-penalty", "0"], "repetition_penalty must be a finite number > 0"),
+        (["hi", "--model", "{model}", "--top-k", "5"], "--top-k shapes the sampled distribution: it needs --temperature"),
+        (["hi", "--model", "{model}", "--temperature", "0.8", "--compare"],
+         "--compare checks the output against greedy model.generate: it cannot be combined with --temperature"),
     ],
     ids=["empty", "blank", "window0", "ngram1", "guesses-1", "candidates0", "missing-model", "long-prompt",
-         "long-output", "huge-window", "huge-window-and-ngram"],
+         "long-output", "huge-window", "huge-window-and-ngram", "top-p", "temperature", "seed", "repetition-penalty",
+         "top-k-greedy", "compare-sampling"],
 )
 def test_bad_input_is_one_line_on_stderr_and_exit_2(cli_model, tmp_path, capsys, argv, message):
     argv = [a.format(model=cli_model, missing=tmp_path / "no-such-model") for a in argv]
@@ -146,6 +156,54 @@ def test_shape_options_left_out_leave_the_choice_to_the_library(cli_model, capsy
                                                                  "candidate_length": passed.candidate_length,
                                                                  "tree_nodes": passed.tree_nodes})
     assert [entry["cost_ms"] for entry in result["shapes"]] == list(plans[0].costs_ms)
+
+
+def test_a_seed_gives_the_same_sampled_text_with_any_step_shape(cli_model, capsys):
+    """Every draw is keyed by (seed, position, token): a seed gives the same text again, with lookahead steps of any
+    shape or with plain one-token steps."""
+    sampled = ["The sea is", "--model", cli_model, "--max-new-tokens", "16", "--json", "--temperature", "0.8"]
+    results = []
+    for options in (["--seed", "3"], ["--seed", "3"], ["--seed", "3", "--window", "3", "--ngram", "3"],
+                    ["--seed", "3", "--window", "1", "--ngram", "2", "--guesses", "0"], ["--seed", "4"], []):
+        code, out, err = run(capsys, *sampled, *options)
+        assert code == 0, err
+        results.append(json.loads(out))
+    texts = [result["text"] for result in results]
+    assert texts[0].strip() and texts[1:4] == [texts[0]] * 3
+    assert texts[4] != texts[0]  # another seed, other draws
+    assert results[0]["sampling"] == {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                                      "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                                      "seed": 3}
+    assert isinstance(results[5]["sampling"]["seed"], int)  # drawn, and reported so that the run can be repeated
+    code, out, err = run(capsys, *sampled[:6])
+    assert code == 0, err
+    assert json.loads(out)["text"] != texts[0]  # greedy
+
+
+def test_sampling_options_and_their_report(cli_model, capsys):
+    code, out, err = run(capsys, "The sea is", "--model", cli_model, "--max-new-tokens", "8", "--temperature", "0.7",
+                         "--top-k", "20", "--top-p", "0.9", "--min-p", "0.05", "--repetition-penalty", "1.2",
+                         "--presence-penalty", "0.5", "--frequency-penalty", "0.25", "--seed", "11")
+    assert code == 0, err
+    assert ("\nsampling         temperature 0.7, top_k 20, top_p 0.9, min_p 0.05, repetition_penalty 1.2, "
+            "presence_penalty 0.5, frequency_penalty 0.25, seed 11\n") in out
+
+
+def test_prompts_file_samples_each_prompt_with_the_seed_plus_its_position(cli_model, tmp_path, capsys):
+    """A prompt of the file draws as the single prompt does with --seed SEED + its position, side by side too."""
+    prompts, results = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
+    lines = {"a": "The sea is", "b": "Once upon a time"}
+    prompts.write_text("".join(json.dumps({"id": id_, "prompt": prompt}) + "\n" for id_, prompt in lines.items()))
+    options = ["--model", cli_model, "--max-new-tokens", "12", "--temperature", "0.8", "--window", "3", "--ngram", "3"]
+    code, _, err = run(capsys, "--prompts-file", str(prompts), "--out", str(results), "--batch-size", "2",
+                       "--seed", "3", *options)
+    assert code == 0, err
+    written = {line["id"]: line for line in map(json.loads, results.read_text().splitlines())}
+    assert {id_: line["seed"] for id_, line in written.items()} == {"a": 3, "b": 4}
+    for id_, prompt in lines.items():
+        code, out, err = run(capsys, prompt, "--seed", str(written[id_]["seed"]), "--json", *options)
+        assert code == 0, err
+        assert json.loads(out)["text"] == written[id_]["text"]
 
 
 @pytest.mark.slow

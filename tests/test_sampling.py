@@ -599,3 +599,34 @@ def test_a_greedy_engine_refuses_sampled_requests():
 def test_cuda_names_the_current_device():
     assert same_device("cuda", "cuda:0") and same_device(torch.device("cuda:0"), "cuda")
     assert not same_device("cuda", "cpu") and not same_device("cuda:1", "cuda:0")
+
+
+params_strategy = st.builds(
+    SamplingParams,
+    temperature=st.sampled_from([0.0, 0.5, 1.0, 1.7]), top_k=st.sampled_from([0, 1, 3, 10, 40, 300]),
+    top_p=st.sampled_from([1.0, 0.3, 0.9, 0.99]), min_p=st.sampled_from([0.0, 0.05]),
+    repetition_penalty=st.sampled_from([1.0, 1.3]), presence_penalty=st.sampled_from([0.0, 0.5]),
+    frequency_penalty=st.sampled_from([0.0, -0.2]), seed=st.integers(0, 2**63 - 1),
+)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(rows=st.lists(params_strategy, min_size=1, max_size=4), head=st.sampled_from([4, 16, 64]),
+       sharpness=st.sampled_from([0.5, 3.0, 8.0]), data=st.data())
+def test_skipping_unused_stages_chooses_the_same_tokens(rows, head, sharpness, data):
+    """An eager sampler skips what no row uses and sorts only the head of the vocabulary when it holds every
+    token top-k and top-p keep (`head` tokens here, to reach both branches); a captured one runs everything."""
+    vocab, positions = 300, 3
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 1000), label="logits seed"))
+    logits = torch.randn(len(rows), positions, vocab, generator=generator) * sharpness
+    history = torch.randint(0, vocab, (len(rows), 6), generator=generator)
+    choices = []
+    for fixed in (True, False):
+        sampler = row_sampler.RowSampler(len(rows), vocab, "cpu", fixed=fixed)
+        sampler.start_rows(dict(enumerate(rows)))
+        sampler.observe_prompt(history[:, :3], torch.ones(len(rows), 3, dtype=torch.bool))
+        sampler.observe_output(history[:, 3:], torch.ones(len(rows), 3, dtype=torch.bool))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(row_sampler, "HEAD_TOKENS", head)
+            choices.append(sampler.choose(logits, torch.arange(positions).expand(len(rows), -1) + 6))
+    assert choices[0].tolist() == choices[1].tolist()

@@ -25,6 +25,7 @@ _EXPORTS = {
     "RowOutput": "decoding",
     "SuffixSource": "drafting",
     "ProcessedGreedyVerifier": "sampling",
+    "SamplingParams": "sampling_params",
     "SamplingVerifier": "sampling",
     "StaticStep": "engine",
     "StepPlan": "tuning",
@@ -70,3 +71,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .models import default_model_path, load_default_model, load_model
     from .scheduler import BatchScheduler, Request
     from .sampling import ProcessedGreedyVerifier, SamplingVerifier
+    from .sampling_params import SamplingParams

@@ -127,7 +127,8 @@ class StaticStep:
         self.adapter, self.layouts = adapter, build_layouts(shapes, device)
         self.max_length, self.prefill_chunk, self.predictions = max_length, prefill_chunk, predictions
         self.batch_size, self.verifier = batch_size, verifier
-        self.sampler = RowSampler(batch_size, adapter.vocab, device) if sampling else None
+        # Captured graphs need every stage of the sampler on every step; eager runs skip the stages no row uses.
+        self.sampler = RowSampler(batch_size, adapter.vocab, device, fixed=device.type == "cuda") if sampling else None
         largest = max(layout.size for layout in self.layouts)
         # A step's rows, or a padded prefill chunk, are written after the last committed token: spare slots.
         cache_length = max_length + max(largest, prefill_chunk, max(s.candidate_length for s in shapes) + 1)
@@ -345,7 +346,10 @@ class StaticStep:
         """The token each row chooses [batch, 1 + B] after its current token and after each tree node: the argmax,
         or the row's draw. A node at depth d chooses the token at position start + 1 + d, after its own path."""
         verified = torch.cat([logits[:, :1], logits[:, layout.tree_logits]], dim=1)
-        return verified.argmax(dim=-1) if self.sampler is None else self.sampler.choose_in_tree(verified, tree, start)
+        if self.sampler is None:
+            return verified.argmax(dim=-1)
+        config = layout.config
+        return self.sampler.choose_in_tree(verified, tree, start, config.candidate_length if config.tree_nodes else 0)
 
     def _verified_step(self, shape: int, steps, histories):
         """The step of every row with the verifier deciding, row by row on the host, what each row accepts."""

@@ -22,12 +22,21 @@ from .sampling_params import SamplingParams
 _GREEDY = SamplingParams()
 
 
+# Where the stages of `choose` may be skipped (off CUDA, eagerly), top-k / top-p first look at this many of the most
+# likely tokens: a full sort of the vocabulary costs a CPU about as much as a forward of a small model's token.
+HEAD_TOKENS = 256
+
+
 class RowSampler:
     """The sampling parameters of `rows` rows as device tensors, and the token counts the penalties read: how often
-    each token occurs in a row's output so far, and whether it occurs in its prompt."""
+    each token occurs in a row's output so far, and whether it occurs in its prompt.
 
-    def __init__(self, rows: int, vocab: int, device) -> None:
-        self.rows, self.vocab = rows, vocab
+    `fixed`: every stage runs on every call, whatever the rows' parameters, as a captured graph needs. Otherwise
+    (eager runs) the stages that no row uses are skipped, and top-k / top-p sort only the most likely tokens when
+    they suffice; the choices are the same either way."""
+
+    def __init__(self, rows: int, vocab: int, device, fixed: bool = True) -> None:
+        self.rows, self.vocab, self.fixed = rows, vocab, fixed
         zeros = lambda dtype=torch.float32: torch.zeros(rows, dtype=dtype, device=device)  # noqa: E731
         self.temperature, self.top_p, self.min_p = zeros(), zeros() + 1, zeros()
         self.repetition, self.presence, self.frequency = zeros() + 1, zeros(), zeros()
@@ -35,6 +44,7 @@ class RowSampler:
         self.output_counts = torch.zeros(rows, vocab, device=device)
         self.in_prompt = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=device)  # + a spare column
         self.token_keys = token_keys(vocab, device)
+        self.params: list[SamplingParams] = [_GREEDY] * rows  # the host's copy, for skipping stages
 
     def start_rows(self, params: dict[int, SamplingParams | None]) -> None:
         """Rows that begin a new sequence (between steps, outside any graph): their parameters (None: greedy)
@@ -43,6 +53,8 @@ class RowSampler:
             return
         rows = torch.tensor(list(params), device=self.seeds.device)
         given = [_GREEDY if p is None else p for p in params.values()]
+        for row, p in zip(params, given):
+            self.params[row] = p
         for tensor, values in (
             (self.temperature, [p.temperature for p in given]), (self.top_p, [p.top_p for p in given]),
             (self.min_p, [p.min_p for p in given]), (self.repetition, [p.repetition_penalty for p in given]),
@@ -54,6 +66,20 @@ class RowSampler:
         self.output_counts.index_fill_(0, rows, 0)
         self.in_prompt.index_fill_(0, rows, False)
 
+    def uses(self, stage: str) -> bool:
+        """Whether a stage ("penalties", "sampling", "top_k_top_p", "min_p") must run."""
+        if self.fixed:
+            return True
+        if stage == "penalties":
+            return not all(p.is_plain_greedy or (p.repetition_penalty == 1 and not p.presence_penalty
+                                                 and not p.frequency_penalty) for p in self.params)
+        sampled = [p for p in self.params if p.samples]
+        if stage == "sampling":
+            return bool(sampled)
+        if stage == "top_k_top_p":
+            return any(p.top_k or p.top_p < 1 for p in sampled)
+        return any(p.min_p for p in sampled)
+
     def observe_prompt(self, ids: torch.Tensor, real: torch.Tensor) -> None:
         """Prompt tokens ids [rows, C] where `real` [rows, C] (bool) is set: the repetition penalty covers them."""
         # Ids that are not real go to a spare last column, so no write of False can race a write of True.
@@ -64,12 +90,46 @@ class RowSampler:
         self.output_counts.scatter_add_(1, tokens, real.to(self.output_counts.dtype))
 
     def choose(self, logits: torch.Tensor, positions: torch.Tensor, path_tokens: torch.Tensor | None = None,
-               on_path: torch.Tensor | None = None) -> torch.Tensor:
-        """The token each row chooses [rows, R] at R computed positions: logits [rows, R, V] of the position
-        `positions` [rows, R] (its index in the sequence). Where the output before a position also holds tokens
-        not yet committed (a draft's path), path_tokens [rows, P] and on_path [rows, R, P] (bool) say which of the
-        P drafted tokens precede each position."""
+               on_path: torch.Tensor | None = None, position_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The token each row chooses [rows, R] at R computed positions, from their logits [rows, R, V].
+
+        positions [rows, P]: the sequence positions drawn at (a position's index in the sequence); the r-th
+        computed position is positions[:, r], or positions[:, position_index[:, r]] when several computed
+        positions share one (tree nodes of one depth). Where the output before a position also holds tokens not
+        yet committed (a draft's path), path_tokens [rows, T] and on_path [rows, R, T] (bool) say which of the T
+        drafted tokens precede each computed position."""
         scores = logits.float()
+        if self.uses("penalties"):
+            scores = self._penalised(scores, path_tokens, on_path)
+        greedy = scores.argmax(dim=-1)
+        if not self.uses("sampling"):
+            return greedy
+        scores = scores / torch.where(self.temperature > 0, self.temperature, 1.0)[:, None, None]
+        if self.uses("top_k_top_p"):
+            scores = self._top_k_top_p(scores)
+        if self.uses("min_p"):  # p >= min_p * max p; top-k and top-p keep the most likely token, so order is moot
+            floor = scores.amax(dim=-1, keepdim=True) + self.min_p.log()[:, None, None]
+            scores = scores.masked_fill(scores < floor, -math.inf)
+        noise = race_noise(stream_keys(self.seeds[:, None].expand_as(positions), positions), self.token_keys)
+        if position_index is not None:
+            noise = noise.gather(1, position_index[:, :, None].expand(-1, -1, self.vocab))
+        return torch.where(self.temperature[:, None] > 0, (scores + noise).argmax(dim=-1), greedy)
+
+    def choose_in_tree(self, logits: torch.Tensor, tree: TreeTensors, current: torch.Tensor, max_depth: int
+                       ) -> torch.Tensor:
+        """The token each row chooses [rows, 1 + B] after its current token (at position `current` [rows]) and
+        after each node of its token tree (batched, B nodes, at most `max_depth` deep): logits [rows, 1 + B, V] in
+        that order. A node at depth d chooses the token at position current + 1 + d (one draw per depth), with its
+        own path counted for the penalties."""
+        rows, nodes = tree.tokens.shape
+        depths = torch.cat([tree.depths.new_zeros(rows, 1), tree.depths], dim=1)
+        on_path = torch.cat([tree.ancestors.new_zeros(rows, 1, nodes), tree.ancestors], dim=1)
+        levels = torch.arange(max_depth + 1, device=current.device)
+        return self.choose(logits, current[:, None] + 1 + levels, tree.tokens, on_path, depths)
+
+    def _penalised(self, scores, path_tokens, on_path) -> torch.Tensor:
+        """The repetition penalty over prompt and output, then the presence and frequency penalties over the
+        output (a draft's path included)."""
         counts = self.output_counts[:, None, :].expand_as(scores)
         if path_tokens is not None:
             index = path_tokens[:, None, :].expand(-1, scores.shape[1], -1)
@@ -77,30 +137,41 @@ class RowSampler:
         seen = (counts > 0) | self.in_prompt[:, None, : self.vocab]
         penalty = self.repetition[:, None, None]
         scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
-        scores = scores - self.presence[:, None, None] * (counts > 0) - self.frequency[:, None, None] * counts
-        greedy = scores.argmax(dim=-1)
-        temperature = torch.where(self.temperature > 0, self.temperature, 1.0)
-        drawn = (self._warped(scores / temperature[:, None, None])
-                 + race_noise(stream_keys(self.seeds[:, None].expand_as(positions), positions), self.token_keys))
-        return torch.where(self.temperature[:, None] > 0, drawn.argmax(dim=-1), greedy)
+        return scores - self.presence[:, None, None] * (counts > 0) - self.frequency[:, None, None] * counts
 
-    def choose_in_tree(self, logits: torch.Tensor, tree: TreeTensors, current: torch.Tensor) -> torch.Tensor:
-        """The token each row chooses [rows, 1 + B] after its current token (at position `current` [rows]) and
-        after each node of its token tree (batched, B nodes): logits [rows, 1 + B, V] in that order. A node at
-        depth d chooses the token at position current + 1 + d, with its own path counted for the penalties."""
-        rows = tree.tokens.shape[0]
-        depths = torch.cat([tree.depths.new_zeros(rows, 1), tree.depths], dim=1)
-        on_path = torch.cat([tree.ancestors.new_zeros(rows, 1, tree.ancestors.shape[2]), tree.ancestors], dim=1)
-        return self.choose(logits, current[:, None] + 1 + depths, tree.tokens, on_path)
-
-    def _warped(self, scores: torch.Tensor) -> torch.Tensor:
-        """Top-k, then top-p, then min-p (per row; off where disabled): the tokens they remove get -inf."""
+    def _top_k_top_p(self, scores: torch.Tensor) -> torch.Tensor:
+        """Top-k, then top-p (per row; off where disabled): the tokens they remove get -inf. Both keep only tokens
+        among the most likely, so where the HEAD_TOKENS most likely are known to hold every kept token, only those
+        are sorted (see `uses`)."""
+        filters = ((self.top_k > 0) | (self.top_p < 1))[:, None, None]
+        if not self.fixed and HEAD_TOKENS < scores.shape[-1]:
+            head, order = scores.topk(HEAD_TOKENS, dim=-1)
+            keep, decided = self._kept(head, scores.logsumexp(dim=-1, keepdim=True))
+            if bool((decided | ~filters[..., 0]).all()):
+                filtered = torch.full_like(scores, -math.inf).scatter_(-1, order, head.masked_fill(~keep, -math.inf))
+                return torch.where(filters, filtered, scores)
         ordered, order = scores.sort(dim=-1, descending=True)
-        vocab = scores.shape[-1]
-        kth = torch.where(self.top_k > 0, self.top_k.clamp(max=vocab), vocab) - 1
-        keep = ordered >= ordered.gather(-1, kth[:, None, None].expand(-1, ordered.shape[1], 1))  # ties kept
-        probs = torch.softmax(ordered.masked_fill(~keep, -math.inf), dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # the mass of the more likely tokens
-        keep &= (before < self.top_p[:, None, None]) | (self.top_p >= 1)[:, None, None]
-        keep &= ordered >= ordered[..., :1] + self.min_p.log()[:, None, None]  # p >= min_p * max p
+        keep, _ = self._kept(ordered, None)
         return torch.full_like(scores, -math.inf).scatter_(-1, order, ordered.masked_fill(~keep, -math.inf))
+
+    def _kept(self, ordered: torch.Tensor, vocab_total: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which of the scores `ordered` [rows, R, H] (the most likely, descending) top-k and then top-p keep; and
+        whether every token they keep is among them. `vocab_total` [rows, R, 1] is the log-sum-exp over the whole
+        vocabulary when `ordered` is only its head (None: `ordered` is the whole vocabulary, sorted)."""
+        size = ordered.shape[-1]
+        top_k_on, top_p_on = (self.top_k > 0)[:, None], (self.top_p < 1)[:, None]
+        k = torch.where(self.top_k > 0, self.top_k, self.vocab)
+        kth = ordered.gather(-1, (k.clamp(max=size) - 1)[:, None, None].expand(-1, ordered.shape[1], 1))
+        keep = ordered >= kth  # ties with the k-th token are kept, as HF keeps them
+        masked = ordered.masked_fill(~keep, -math.inf)
+        if vocab_total is None:
+            vocab_total = masked.logsumexp(dim=-1, keepdim=True)
+        # Top-p renormalises over what top-k kept: all in `ordered` when its cut is (no tie runs past the end).
+        cut_inside = (k <= size)[:, None] & (ordered[..., -1] < kth[..., 0])
+        total = torch.where(top_k_on[..., None], masked.logsumexp(dim=-1, keepdim=True), vocab_total)
+        probs = (masked - total).exp()
+        before = probs.cumsum(dim=-1) - probs  # the mass of the more likely tokens
+        keep &= (before < self.top_p[:, None, None]) | ~top_p_on[..., None]
+        reaches_top_p = before[..., -1] + probs[..., -1] >= self.top_p[:, None]
+        decided = (~top_k_on | cut_inside) & (~top_p_on | reaches_top_p) & (top_k_on | top_p_on)
+        return keep, decided

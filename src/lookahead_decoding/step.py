@@ -121,7 +121,8 @@ class EagerStep:
             raise ValueError("a step runner samples either with its rows' SamplingParams or with a verifier, not both")
         self.adapter, self.layouts = adapter, build_layouts(shapes, adapter.device)
         self.verifier, self.predictions = verifier, predictions
-        self.sampler = RowSampler(1, adapter.vocab, adapter.device) if sampling else None
+        # Eager: the sampler skips the stages no row uses.
+        self.sampler = RowSampler(1, adapter.vocab, adapter.device, fixed=False) if sampling else None
         self.cache = adapter.new_cache()
         self.last_position = (adapter.context_length or 2**62) - 1
 
@@ -184,7 +185,7 @@ class EagerStep:
         if self.verifier is not None:
             result = self.verifier(logits[0], nodes, tree_logits, depth, history)
         else:
-            choices = self._choices(logits[:1], tree_logits, nodes, t)
+            choices = self._choices(logits[:1], tree_logits, nodes, t, depth if config.tree_nodes else 0)
             result = verify_greedy(choices[0], choices[1:], nodes, depth)
             if self.sampler is not None:  # count the committed tokens for the penalties
                 counted = torch.arange(depth + 1, device=device) <= result[0]
@@ -200,12 +201,13 @@ class EagerStep:
         scores = torch.cat([logits[:1], tree_logits[path]])
         return outcome._replace(scores=scores)
 
-    def _choices(self, next_logits: torch.Tensor, tree_logits: torch.Tensor, nodes: TreeTensors, t: int
-                 ) -> torch.Tensor:
+    def _choices(self, next_logits: torch.Tensor, tree_logits: torch.Tensor, nodes: TreeTensors, t: int,
+                 max_depth: int) -> torch.Tensor:
         """The token chosen [1 + B] after the current token (at position t) and after each tree node: the argmax,
         or the sequence's draw (as `engine.StaticStep._choices`)."""
         verified = torch.cat([next_logits, tree_logits])
         if self.sampler is None:
             return verified.argmax(dim=-1)
         batched = TreeTensors(*(part[None] for part in nodes))
-        return self.sampler.choose_in_tree(verified[None], batched, torch.tensor([t], device=verified.device))[0]
+        current = torch.tensor([t], device=verified.device)
+        return self.sampler.choose_in_tree(verified[None], batched, current, max_depth)[0]

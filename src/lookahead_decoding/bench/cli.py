@@ -12,8 +12,10 @@ from ..cli.common import (
     CommandError,
     add_lookahead_arguments,
     add_model_arguments,
+    add_sampling_arguments,
     check_writable,
     positive_int,
+    sampling_from_args,
 )
 from .data import DATASETS
 
@@ -22,6 +24,9 @@ DEFAULT_REFERENCE = "greedy"
 # HF generate decodes one prompt at a time here: batched runs compare the library's own engine with itself.
 BATCHED_DEFAULT_METHODS = "ar-graph,lookahead"
 BATCHED_DEFAULT_REFERENCE = "ar-graph"
+# HF generate samples from torch's RNG, the library by draws keyed by (seed, position, token): only plain sampling
+# on the library's engine commits the tokens that lookahead commits with the same seed.
+SAMPLING_DEFAULT_REFERENCE = "ar-graph"
 BENCH_EXTRA = ("tqdm", "matplotlib")  # what `pip install lookahead-decoding[bench]` adds
 DEFAULT_SWEEP_WINDOW = "3,5,7,10,15"
 DEFAULT_SWEEP_NGRAM = "3,4,5,6"
@@ -34,7 +39,10 @@ per forward pass after the prefill), speedup over HF greedy and how often the ou
 token. --sweep instead compares lookahead configurations (W, N, G) with greedy; --profile shows where the
 time of one decode step goes (plain decoding and lookahead, on the first prompt). --batch-size B[,B...] instead
 decodes all the prompts through one call of B rows per method and batch size (continuous batching) and reports
-throughput, speedup over ar-graph at the same batch size and exactness per batch size."""
+throughput, speedup over ar-graph at the same batch size and exactness per batch size. --temperature T > 0 makes
+every method sample instead (HF's `greedy` method is then reported as hf-sample), each prompt with the same seed
+in every method; the exact-match rate then counts the outputs with the same tokens as the reference's (ar-graph
+by default) with the same seed."""
 
 
 def int_list(text: str) -> list[int]:
@@ -89,7 +97,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     add_model_arguments(run)
     run.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="M", help="default: 256")
-    run.add_argument("--seed", type=int, default=0, help="seeds python's and torch's generators (default: 0)")
+    run.add_argument("--seed", type=int, default=0,
+                     help="seeds python's and torch's generators; with --temperature, prompt i (of the dataset) "
+                     "samples with seed SEED + i in every method (default: 0)")
     run.add_argument("--threads", type=positive_int, metavar="T", help="torch.set_num_threads(T) (default: torch's)")
     run.add_argument(
         "--methods",
@@ -101,10 +111,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--reference", choices=["greedy", "ar-graph"],
                      help="the greedy method every other is compared with (*_vs_greedy fields); ar-graph is the "
                      f"same greedy decoding on the fast engine, for long runs (default: {DEFAULT_REFERENCE}, HF "
-                     f"generate; with --batch-size: {BATCHED_DEFAULT_REFERENCE})")
+                     f"generate; with --batch-size or --temperature: {BATCHED_DEFAULT_REFERENCE})")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the fast engine's step before capturing it (ar-graph, lookahead)")
     add_lookahead_arguments(run)
+
+    sampling = parser.add_argument_group("sampling")
+    add_sampling_arguments(sampling)
 
     batched = parser.add_argument_group("batched")
     batched.add_argument("--batch-size", type=batch_size_list, metavar="B[,B...]",
@@ -145,6 +158,8 @@ def run_command(args: argparse.Namespace, model=None, tokenizer=None) -> int:
     fill_mode_defaults(args)
     if args.profile and (args.sweep or args.plot):
         raise CommandError("--profile cannot be combined with --sweep or --plot")
+    if args.profile and sampling_from_args(args, args.seed) is not None:
+        raise CommandError("--profile profiles greedy decoding steps: it cannot be combined with --temperature")
     if args.batch_size and args.sweep:
         raise CommandError("--batch-size cannot be combined with --sweep")
     if args.batch_size and args.profile and len(args.batch_size) > 1:
@@ -163,13 +178,16 @@ def run_command(args: argparse.Namespace, model=None, tokenizer=None) -> int:
 
 
 def fill_mode_defaults(args: argparse.Namespace) -> None:
-    """--methods and --reference default by mode (HF greedy cannot run batched); filled in on `args` so that the
-    JSON's config records what ran."""
+    """--methods and --reference default by mode (HF greedy cannot run batched, nor draw the library's samples);
+    filled in on `args` so that the JSON's config records what ran."""
     batched = args.batch_size is not None
     if args.methods is None:
         args.methods = BATCHED_DEFAULT_METHODS if batched else DEFAULT_METHODS
     if args.reference is None:
-        args.reference = BATCHED_DEFAULT_REFERENCE if batched else DEFAULT_REFERENCE
+        if batched:
+            args.reference = BATCHED_DEFAULT_REFERENCE
+        else:
+            args.reference = SAMPLING_DEFAULT_REFERENCE if args.temperature else DEFAULT_REFERENCE
 
 
 def measure_for(args: argparse.Namespace):

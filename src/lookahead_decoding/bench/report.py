@@ -7,7 +7,44 @@ from collections import Counter
 from collections.abc import Callable, Hashable
 from pathlib import Path
 
-COLUMNS = ("n", "new tokens", "seconds", "tokens/s", "tokens/step", "speedup vs greedy", "identical to greedy")
+COLUMNS = ("n", "new tokens", "seconds", "tokens/s", "tokens/step")
+
+
+def sampling_of(result: dict) -> dict | None:
+    """The sampling parameters of a sampling run, None for a greedy one (or a document from before sampling)."""
+    return result["config"].get("sampling")
+
+
+def baseline(result: dict, reference: str) -> str:
+    """What the speedups are over: greedy decoding (whichever method ran it), or in a sampling run the reference."""
+    return reference if sampling_of(result) else "greedy"
+
+
+def match_header(result: dict, reference: str) -> str:
+    """The exact-match column: the same tokens as greedy's, or in a sampling run as the reference's with the same
+    seed."""
+    return f"same tokens as {reference}, same seed" if sampling_of(result) else f"identical to {reference}"
+
+
+def comparison_columns(result: dict, reference: str) -> list[str]:
+    """The headers of the speedup and exact-match columns of the summary tables."""
+    compared_with = baseline(result, reference)
+    return [f"speedup vs {compared_with}", match_header(result, compared_with)]
+
+
+def sampling_note(result: dict, hf_methods: bool) -> str:
+    """For a sampling run, the paragraph under the title: its parameters and seeds (and what HF methods draw)."""
+    sampling = sampling_of(result)
+    if sampling is None:
+        return ""
+    top_p = sampling["top_p"] if sampling["top_p"] < 1 else "off"
+    note = (f"\n\nsampling at temperature {sampling['temperature']} (top-k {sampling['top_k'] or 'off'}, top-p "
+            f"{top_p}, min-p {sampling['min_p'] or 'off'}), prompt i with seed {sampling['seed']} + i in every "
+            "method")
+    if hf_methods:
+        note += ("; HF methods (hf-sample: model.generate(do_sample=True)) draw from torch's RNG, not by the "
+                 "library's (seed, position, token) keys, so their tokens differ from the library's")
+    return note + "."
 
 
 def _cells(entry: dict) -> list[str]:
@@ -33,7 +70,8 @@ def bench_table(result: dict) -> str:
     parts = []
     for dataset, summary in result["summary"].items():
         lines = [[method, *_cells(entry)] for method, entry in summary.items()]
-        parts.append(f"### {dataset}\n\n" + _table(["method", *COLUMNS], lines))
+        header = ["method", *COLUMNS, *comparison_columns(result, next(iter(summary)))]  # the reference runs first
+        parts.append(f"### {dataset}{sampling_note(result, hf_methods=True)}\n\n" + _table(header, lines))
     return "\n\n".join(parts)
 
 
@@ -44,7 +82,8 @@ def sweep_table(result: dict) -> str:
     keys = ("window", "ngram", "guesses", "candidate_length", "tree_nodes")
     lines = [[reference, *[""] * len(keys), *_cells(summary[reference])]]
     lines += [["lookahead", *(str(e[key]) for key in keys), *_cells(e)] for e in result["sweep"]]
-    return f"### {dataset}: sweep\n\n" + _table(["method", "W", "N", "G", "K", "B", *COLUMNS], lines)
+    header = ["method", "W", "N", "G", "K", "B", *COLUMNS, *comparison_columns(result, reference)]
+    return f"### {dataset}: sweep{sampling_note(result, hf_methods=False)}\n\n" + _table(header, lines)
 
 
 def group_by(records: list[dict], key: Callable[[dict], Hashable]) -> dict:
@@ -75,8 +114,8 @@ def batched_table(result: dict) -> str:
     for dataset, records in group_by(result["batched"], lambda record: record["dataset"]).items():
         reference = records[0]["reference"]
         header = ["batch size", "method", "tokens/s", f"speedup vs {reference}", "tokens/step per row", "forwards",
-                  f"identical to {reference}", "plan"]
-        title = f"### {dataset}: batched, {records[0]['prompts']} prompts"
+                  match_header(result, reference), "plan"]
+        title = f"### {dataset}: batched, {records[0]['prompts']} prompts{sampling_note(result, hf_methods=False)}"
         parts.append(f"{title}\n\n" + _table(header, [_batched_cells(record) for record in records]))
     return "\n\n".join(parts)
 
@@ -132,7 +171,7 @@ def plot_formats() -> set[str]:
     return set(FigureCanvasAgg.get_supported_filetypes())
 
 
-def _speedup_bars(axis, labels: list[str], entries: list[dict], title: str) -> None:
+def _speedup_bars(axis, labels: list[str], entries: list[dict], title: str, baseline_name: str) -> None:
     speedups = [entry["speedup_vs_greedy"] or 0.0 for entry in entries]
     bars = axis.barh(labels, speedups, color="tab:blue")
     axis.axvline(1.0, color="grey", linestyle="--", linewidth=1)
@@ -140,7 +179,7 @@ def _speedup_bars(axis, labels: list[str], entries: list[dict], title: str) -> N
         axis.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
                   f" {entry['speedup_vs_greedy'] or 0:.2f}x, {entry['tokens_per_step']:.2f} tok/step", va="center")
     axis.invert_yaxis()
-    axis.set_xlabel("speedup vs greedy (tokens/s ratio)")
+    axis.set_xlabel(f"speedup vs {baseline_name} (tokens/s ratio)")
     axis.set_xlim(0, max(speedups + [1.0]) * 1.6)
     axis.set_title(title)
 
@@ -156,7 +195,8 @@ def plot_bench(result: dict, path: str | Path) -> None:
     (dataset, summary), = result["summary"].items()
     histogram = committed_histogram(result["rows"])
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
-    _speedup_bars(left, list(summary), list(summary.values()), f"{dataset}: speedup vs greedy")
+    compared_with = baseline(result, next(iter(summary)))
+    _speedup_bars(left, list(summary), list(summary.values()), f"{dataset}: speedup vs {compared_with}", compared_with)
     if histogram:
         values = sorted(histogram)
         right.bar(values, [histogram[v] for v in values], color="tab:orange")
@@ -176,12 +216,13 @@ def plot_bench(result: dict, path: str | Path) -> None:
 def plot_sweep(result: dict, path: str | Path) -> None:
     """Speedup of every configuration of the sweep, best first."""
     plt = _pyplot()
-    (dataset, _), = result["summary"].items()
+    (dataset, summary), = result["summary"].items()
     entries = result["sweep"]
     labels = [f"W={e['window']} N={e['ngram']} G={e['guesses']} K={e['candidate_length']} B={e['tree_nodes']}"
               for e in entries]
     figure, axis = plt.subplots(figsize=(9, 1.2 + 0.35 * len(entries)))
-    _speedup_bars(axis, labels, entries, f"{dataset}: lookahead configurations vs greedy")
+    compared_with = baseline(result, next(iter(summary)))
+    _speedup_bars(axis, labels, entries, f"{dataset}: lookahead configurations vs {compared_with}", compared_with)
     figure.suptitle(_subtitle(result), fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -17,12 +17,23 @@ from typing import TypeVar
 import torch
 from tqdm import tqdm
 
-from ..cli.common import config_dict, encode_prompt, load_from_args
+from ..cli.common import config_dict, encode_prompt, load_from_args, sampling_from_args
 from ..config import LookaheadConfig
 from ..runners import engine_length
+from ..sampling_params import SamplingParams
 from ..tuning import shape_name
 from .data import Prompt, load_prompts
-from .methods import METHODS, Method, lookahead_config, lookahead_with, parse_methods
+from .methods import (
+    METHODS,
+    Method,
+    check_sampling,
+    lookahead_config,
+    lookahead_with,
+    method_label,
+    parse_methods,
+    sampling_keywords,
+    seeded,
+)
 
 WARMUP_TOKENS = 8
 T = TypeVar("T")
@@ -96,9 +107,10 @@ def stopwatch(device: torch.device, call: Callable[[], T]) -> tuple[T, float]:
     return result, time.perf_counter() - start
 
 
-def timed(method: Method, model, input_ids, max_new_tokens: int, args) -> tuple[torch.Tensor, int, dict, float]:
+def timed(method: Method, model, input_ids, max_new_tokens: int, args, **keywords
+          ) -> tuple[torch.Tensor, int, dict, float]:
     """(sequences, steps, extra fields, seconds) of one call, timed between device synchronisations."""
-    call = lambda: method(model, input_ids, max_new_tokens, args)  # noqa: E731
+    call = lambda: method(model, input_ids, max_new_tokens, args, **keywords)  # noqa: E731
     (sequences, steps, *extra), seconds = stopwatch(model.device, call)
     return sequences, steps, (extra[0] if extra else {}), seconds
 
@@ -119,26 +131,30 @@ def no_template_message(prompt: Prompt) -> str:
 
 
 def measure(
-    model, inputs: Sequence[Encoded], methods: dict[str, Method], max_new_tokens: int, args, extra_fields=None
+    model, inputs: Sequence[Encoded], methods: dict[str, Method], max_new_tokens: int, args, extra_fields=None,
+    sampling: SamplingParams | None = None,
 ) -> list[dict]:
     """One row per prompt and method. `methods` must start with the reference (--reference). A warm-up comes first:
     a short run of every method on one prompt per engine size the run needs (see runners.engine_length).
-    `extra_fields` maps a method label to fields added to each of its rows."""
+    `extra_fields` maps a method label to fields added to each of its rows. With `sampling`, every method samples,
+    each prompt with its own seed (see methods.seeded)."""
     extra_fields = extra_fields or {}
     warmup = min(WARMUP_TOKENS, max_new_tokens)
     per_engine = {engine_length(model, e.input_ids.shape[1] + max_new_tokens): e for e in reversed(inputs)}
     warmups = [(method, encoded) for encoded in per_engine.values() for method in methods.values()]
     for method, encoded in tqdm(warmups, desc="warm-up", file=sys.stderr, leave=False):
-        method(model, encoded.input_ids, warmup, args)
+        method(model, encoded.input_ids, warmup, args, **sampling_keywords(seeded(sampling, encoded.prompt.index)))
     rows = []
     bar = tqdm(total=len(inputs) * len(methods), desc=inputs[0].prompt.dataset, file=sys.stderr, unit="run")
     with bar:
         for encoded in inputs:
             prompt_len = encoded.input_ids.shape[1]
+            prompt_sampling = sampling_keywords(seeded(sampling, encoded.prompt.index))
             reference = None
             for label, method in methods.items():
                 bar.set_postfix_str(f"prompt {encoded.prompt.index} {label}")
-                sequences, steps, extra, seconds = timed(method, model, encoded.input_ids, max_new_tokens, args)
+                sequences, steps, extra, seconds = timed(method, model, encoded.input_ids, max_new_tokens, args,
+                                                         **prompt_sampling)
                 sequences = sequences.detach().cpu()
                 if reference is None:
                     reference = sequences
@@ -230,17 +246,37 @@ def config_record(config: LookaheadConfig | str) -> dict | str:
     return config if isinstance(config, str) else config_dict(config)
 
 
+def run_sampling(args, names: Sequence[str] = ()) -> SamplingParams | None:
+    """The run's sampling parameters (--temperature, --top-k, --top-p, --min-p, seeded with --seed), or None for
+    greedy decoding; checked before the model load, and with them that the methods `names` can sample."""
+    sampling = sampling_from_args(args, args.seed)
+    if sampling is not None:
+        check_sampling(names)
+    return sampling
+
+
+def sampling_record(sampling: SamplingParams | None, reference: str) -> dict | None:
+    """The sampling parameters for the JSON, and what the exact-match fields then count; None for greedy runs."""
+    if sampling is None:
+        return None
+    return {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+            "min_p": sampling.min_p, "seed": sampling.seed, "prompt_seed": "seed + prompt_index",
+            "exact_match": f"same tokens as the reference ({reference}) with the same seed"}
+
+
 def bench(args, model=None, tokenizer=None) -> dict:
-    """Run the methods of --methods (greedy always included, first) and return the result document."""
+    """Run the methods of --methods (the reference always included, first) and return the result document."""
     names = method_names(args)
     config = lookahead_config(args)  # checked before the model load
+    sampling = run_sampling(args, names)
     prompts, model, tokenizer = prepare(args, model, tokenizer)
     inputs = encode_all(tokenizer, prompts, model.device)
-    rows = measure(model, inputs, {name: METHODS[name] for name in names}, args.max_new_tokens, args)
+    methods = {method_label(name, sampling): METHODS[name] for name in names}
+    rows = measure(model, inputs, methods, args.max_new_tokens, args, sampling=sampling)
     return {
         "environment": environment(model, args),
         "config": {**run_config(args), "method_list": names, "lookahead_config": config_record(config),
-                   "warmup_tokens": WARMUP_TOKENS},
+                   "warmup_tokens": WARMUP_TOKENS, "sampling": sampling_record(sampling, next(iter(methods)))},
         "summary": {args.dataset: summarize(rows)},
         "rows": rows,
     }
@@ -271,20 +307,23 @@ def sweep_configs(args) -> list[LookaheadConfig]:
 
 
 def sweep(args, model=None, tokenizer=None) -> dict:
-    """Greedy once per prompt for reference, then every configuration of the grid on the same prompt."""
+    """The reference once per prompt, then every configuration of the grid on the same prompt."""
     configs = sweep_configs(args)
+    sampling = run_sampling(args, [args.reference])
     prompts, model, tokenizer = prepare(args, model, tokenizer)
     inputs = encode_all(tokenizer, prompts, model.device)
     source = getattr(args, "source", None)
-    methods = {args.reference: METHODS[args.reference], **{sweep_label(c): lookahead_with(c, source) for c in configs}}
+    reference = method_label(args.reference, sampling)
+    methods = {reference: METHODS[args.reference], **{sweep_label(c): lookahead_with(c, source) for c in configs}}
     fields = {sweep_label(c): config_dict(c) for c in configs}
-    rows = measure(model, inputs, methods, args.max_new_tokens, args, extra_fields=fields)
+    rows = measure(model, inputs, methods, args.max_new_tokens, args, extra_fields=fields, sampling=sampling)
     summary = summarize(rows)
     ranking = [{"method": label, **fields[label], **summary[label]} for label in fields]
     ranking.sort(key=lambda entry: (-(entry["speedup_vs_greedy"] or 0.0), -entry["tokens_per_step"]))
     return {
         "environment": environment(model, args),
-        "config": {**run_config(args), "grid": [config_dict(c) for c in configs], "warmup_tokens": WARMUP_TOKENS},
+        "config": {**run_config(args), "grid": [config_dict(c) for c in configs], "warmup_tokens": WARMUP_TOKENS,
+                   "sampling": sampling_record(sampling, reference)},
         "summary": {args.dataset: summary},
         "sweep": ranking,
         "rows": rows,

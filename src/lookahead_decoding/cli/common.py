@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import os
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 LOOKAHEAD_OPTIONS = ("window", "ngram", "guesses", "candidate_length", "tree_nodes")
+WARPER_OPTIONS = ("top_k", "top_p", "min_p")  # shape the sampled distribution: only used when sampling
+PENALTY_OPTIONS = ("repetition_penalty", "presence_penalty", "frequency_penalty")  # greedy decoding too
 SOURCE_NAMES = ("pool", "suffix", "recycled")  # drafting.sources.SOURCE_NAMES, without importing torch
 
 
@@ -87,6 +90,48 @@ def config_from_args(args: argparse.Namespace):
     from ..config import LookaheadConfig
 
     return LookaheadConfig(**given)
+
+
+def add_sampling_arguments(parser, penalties: bool = False) -> None:
+    """--temperature and --top-k/--top-p/--min-p; with `penalties`, --repetition-penalty/--presence-penalty/
+    --frequency-penalty too. Each is off unless given; SamplingParams checks the values."""
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                        help="sample at temperature T > 0 instead of decoding greedily (default: 0, greedy)")
+    parser.add_argument("--top-k", type=int, metavar="K",
+                        help="with --temperature: sample from the K most likely tokens only (default: off)")
+    parser.add_argument("--top-p", type=float, metavar="P",
+                        help="with --temperature: sample from the most likely tokens that hold probability P, "
+                        "0 < P <= 1 (default: off)")
+    parser.add_argument("--min-p", type=float, metavar="P",
+                        help="with --temperature: drop the tokens less likely than P times the most likely one, "
+                        "0 <= P <= 1 (default: off)")
+    if not penalties:
+        return
+    parser.add_argument("--repetition-penalty", type=float, metavar="R",
+                        help="HF's repetition penalty on every token of the prompt and output, > 0 (default: 1, off)")
+    parser.add_argument("--presence-penalty", type=float, metavar="X",
+                        help="OpenAI's presence penalty on the output's tokens (default: 0, off)")
+    parser.add_argument("--frequency-penalty", type=float, metavar="X",
+                        help="OpenAI's frequency penalty on the output's tokens (default: 0, off)")
+
+
+def sampling_from_args(args: argparse.Namespace, seed: int | None):
+    """The SamplingParams of the sampling options, or None for plain greedy decoding (no --temperature, no penalty).
+    When they sample, `seed` seeds them (None: the caller draws a seed and replaces the placeholder 0). Built, and
+    so checked, before any model is loaded: a bad value is a ValueError that names it. --top-k/--top-p/--min-p
+    without --temperature are refused, as greedy decoding would ignore them."""
+    warpers = [name for name in WARPER_OPTIONS if getattr(args, name) is not None]
+    if warpers and not args.temperature:
+        raise CommandError(f"--{warpers[0].replace('_', '-')} shapes the sampled distribution: it needs "
+                           "--temperature > 0")
+    from ..sampling_params import SamplingParams
+
+    given = {name: getattr(args, name, None) for name in (*WARPER_OPTIONS, *PENALTY_OPTIONS)}
+    params = SamplingParams(temperature=args.temperature, **{name: value for name, value in given.items()
+                                                             if value is not None})
+    if params.is_plain_greedy:
+        return None
+    return dataclasses.replace(params, seed=seed) if params.samples and seed is not None else params
 
 
 def config_dict(config) -> dict:

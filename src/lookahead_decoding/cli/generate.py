@@ -1,11 +1,12 @@
 """`lookahead generate`: lookahead decoding of one prompt, streamed, with statistics (and --compare: plain greedy
 model.generate on the same prompt, timed the same way); or, with --prompts-file, of every prompt of a JSON Lines
-file, --batch-size at a time, each result appended to --out as it finishes. torch and transformers are imported
-when it runs."""
+file, --batch-size at a time, each result appended to --out as it finishes. Greedy, or sampling with --temperature.
+torch and transformers are imported when it runs."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -13,15 +14,19 @@ import time
 from pathlib import Path
 
 from .common import (
+    PENALTY_OPTIONS,
+    WARPER_OPTIONS,
     CommandError,
     add_lookahead_arguments,
     add_model_arguments,
+    add_sampling_arguments,
     check_prompt,
     config_dict,
     config_from_args,
     encode_prompt,
     load_from_args,
     positive_int,
+    sampling_from_args,
 )
 from ..jsonl import JsonLinesError
 from .prompts_file import PromptLine, pending_prompts, read_prompts
@@ -39,8 +44,9 @@ def add_generate_command(commands) -> None:
     parser = commands.add_parser(
         "generate",
         help="generate text with lookahead decoding, streamed as it is produced",
-        description="Generate greedily with lookahead decoding and print statistics; --compare also times "
-        "plain greedy model.generate on the same prompt and checks that both outputs are identical. "
+        description="Generate with lookahead decoding, greedily or (--temperature) sampling, and print statistics; "
+        "--compare also times plain greedy model.generate on the same prompt and checks that both outputs are "
+        "identical. A seed (--seed) gives the same sampled text whatever the lookahead options. "
         "--prompts-file FILE.jsonl --out RESULTS.jsonl instead generates for every prompt of a file, --batch-size "
         "prompts side by side, and can resume an interrupted run.",
     )
@@ -74,10 +80,15 @@ def add_generate_command(commands) -> None:
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N", help="default: 128")
     add_lookahead_arguments(parser)
+    add_sampling_arguments(parser, penalties=True)
+    parser.add_argument("--seed", type=int,
+                        help="with --temperature: the seed of the draws, >= 0; with --prompts-file, the prompt at "
+                        "position i of the file takes SEED + i (default: drawn from torch's RNG)")
     parser.add_argument(
         "--compare",
         action="store_true",
-        help="also run plain greedy model.generate, timed the same way, and check the outputs are identical",
+        help="also run plain greedy model.generate, timed the same way, and check the outputs are identical "
+        "(greedy decoding only)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streamed text")
     parser.set_defaults(func=run_generate)
@@ -115,16 +126,38 @@ def _speed(new_tokens: int, seconds: float) -> dict:
     }
 
 
-def _lookahead_runner(args: argparse.Namespace, config):
+def _lookahead_runner(args: argparse.Namespace, config, sampling):
     """lookahead(model, input_ids, max_new_tokens, streamer=None): the library's generate with the command's
-    step shapes and draft sources."""
+    step shapes, draft sources and sampling parameters."""
     from ..decoding import generate
 
     def lookahead(model, input_ids, max_new_tokens: int, streamer=None):
         return generate(model, input_ids, max_new_tokens=max_new_tokens, config=config, streamer=streamer,
-                        source=args.source)
+                        source=args.source, **_generate_arguments(sampling))
 
     return lookahead
+
+
+def _generate_arguments(sampling) -> dict:
+    """ld.generate's keyword arguments that decode with the SamplingParams `sampling`: none for plain greedy
+    decoding, the penalties alone for greedy decoding with penalties."""
+    if sampling is None:
+        return {}
+    arguments = {name: getattr(sampling, name) for name in PENALTY_OPTIONS}
+    if sampling.samples:
+        arguments.update({name: getattr(sampling, name) for name in ("temperature", *WARPER_OPTIONS, "seed")},
+                         do_sample=True)
+    return arguments
+
+
+def _with_drawn_seed(sampling, seed: int | None):
+    """`sampling` with a seed drawn from torch's RNG (as ld.generate draws one) when it samples and --seed was not
+    given, so that the output can say which seed ran."""
+    if sampling is None or not sampling.samples or seed is not None:
+        return sampling
+    from ..sampling import row_seeds
+
+    return dataclasses.replace(sampling, seed=row_seeds(1, None, None)[0])
 
 
 def _new_text(tokenizer, new_tokens: list[int]) -> str:
@@ -140,6 +173,10 @@ def run_generate(args: argparse.Namespace) -> int:
     # Input is checked before the (slow) imports and model load so that bad input fails at once.
     check_prompt(args.prompt, "the prompt")
     config = config_from_args(args)  # None: the library's choice
+    sampling = sampling_from_args(args, args.seed)
+    if args.compare and sampling is not None:
+        raise CommandError("--compare checks the output against greedy model.generate: it cannot be combined with "
+                           "--temperature or a penalty")
 
     import torch
     from transformers import TextStreamer
@@ -147,7 +184,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from ..tuning import shape_name
     from ..models import default_model_path
 
-    lookahead = _lookahead_runner(args, config)
+    sampling = _with_drawn_seed(sampling, args.seed)
+    lookahead = _lookahead_runner(args, config, sampling)
     model, tokenizer = load_from_args(args)
     input_ids = encode_prompt(tokenizer, args.prompt, args.chat).to(model.device)
     prompt_len = input_ids.shape[1]
@@ -177,6 +215,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "model": args.model or str(default_model_path()),
         "config": "auto" if config is None else config_dict(config),
         "source": list(args.source) if args.source else "default",
+        "sampling": None if sampling is None else dataclasses.asdict(sampling),
         # The step shapes the run could use (costs in ms per step as calibrated); stats.shape_steps says how often.
         "shapes": [{"shape": shape_name(shape), **config_dict(shape), "cost_ms": cost}
                    for shape, cost in zip(out.plan.shapes, out.plan.costs_ms)],
@@ -217,38 +256,43 @@ def run_prompts_file(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and os.path.samefile(args.prompts_file, args.out):
         raise CommandError("--out is the --prompts-file itself; choose another file for the results")
     config = config_from_args(args)
+    sampling = sampling_from_args(args, args.seed)
     with open_results(args.out) as results:  # locked from here on
         pending = pending_prompts(args.prompts_file, prompts, args.out, results.written)
         if pending:
-            _run_pending(args, config, len(prompts), pending, results)
+            _run_pending(args, config, sampling, prompts, pending, results)
         else:
             print(f"lookahead: all {len(prompts)} prompts of {args.prompts_file} are in {args.out} already",
                   file=sys.stderr)
     return 0
 
 
-def _run_pending(args: argparse.Namespace, config, total: int, pending: list[PromptLine],
+def _run_pending(args: argparse.Namespace, config, sampling, prompts: list[PromptLine], pending: list[PromptLine],
                  results: ResultsFile) -> None:
-    """Decodes the pending prompts, appending each result to --out as it finishes."""
+    """Decodes the pending prompts of the file's `prompts`, appending each result to --out as it finishes (with its
+    seed when it samples)."""
     from tqdm import tqdm
 
     model, tokenizer = load_from_args(args)
     token_ids = _encode_pending(args, model, tokenizer, pending)
-    scheduler = _schedule_pending(args, model, config, pending, token_ids)
+    row_sampling = _pending_sampling(_with_drawn_seed(sampling, args.seed), prompts, pending)
+    scheduler = _schedule_pending(args, model, config, pending, token_ids, row_sampling)
     if results.has_cut_line:
         print(f"lookahead: {args.out}: its last line was cut short by an interrupted write; that prompt runs again",
               file=sys.stderr)
         results.drop_cut_line()
+    total = len(prompts)
     with tqdm(total=total, initial=total - len(pending), desc=Path(args.prompts_file).name, unit="prompt",
               file=sys.stderr) as progress:
         for finished in scheduler.run():
             entry, prompt_len = pending[finished.tag], len(token_ids[finished.tag])
             stats = finished.stats
             # The id says which prompt this is: with a batch, results come in the order they finish.
+            seed = {"seed": row_sampling[finished.tag].seed} if sampling is not None and sampling.samples else {}
             results.append({"id": entry.id, "prompt": entry.prompt,
                             "text": _new_text(tokenizer, finished.tokens[prompt_len:]),
                             "new_tokens": stats.new_tokens, "tokens_per_step": stats.tokens_per_step,
-                            "seconds": stats.seconds, "input_hash": entry.input_hash})
+                            "seconds": stats.seconds, "input_hash": entry.input_hash, **seed})
             progress.update()
 
 
@@ -270,15 +314,26 @@ def _encode_pending(args: argparse.Namespace, model, tokenizer, pending: list[Pr
     return token_ids
 
 
+def _pending_sampling(sampling, prompts: list[PromptLine], pending: list[PromptLine]):
+    """Each pending prompt's SamplingParams: `sampling` seeded with its seed + the prompt's position in the file,
+    so that a resumed run gives a prompt the seed an uninterrupted one would have (None: plain greedy)."""
+    if sampling is None:
+        return None
+    position = {entry.id: index for index, entry in enumerate(prompts)}
+    return [dataclasses.replace(sampling, seed=sampling.seed + position[entry.id]) for entry in pending]
+
+
 def _schedule_pending(args: argparse.Namespace, model, config, pending: list[PromptLine],
-                      token_ids: list[list[int]]):
+                      token_ids: list[list[int]], sampling):
     """The library's scheduler with every pending prompt queued (tagged by its index in `pending`), decoding
-    --batch-size of them side by side, each up to its own max_new_tokens."""
+    --batch-size of them side by side, each up to its own max_new_tokens and with its own SamplingParams
+    (`sampling`, None: greedy)."""
     from ..decoding import schedule
 
     limits = [entry.max_new_tokens for entry in pending]
     try:
-        return schedule(model, token_ids, limits, config, source=args.source, batch_size=args.batch_size or 1)
+        return schedule(model, token_ids, limits, config, source=args.source, batch_size=args.batch_size or 1,
+                        sampling=sampling)
     except (ValueError, TypeError) as err:  # e.g. a step shape too large for the longest prompt
         raise CommandError(f"{args.prompts_file}: {err}") from err
 
@@ -303,9 +358,12 @@ def format_report(result: dict) -> str:
     else:
         title = "window {window}, ngram {ngram}, guesses {guesses}, candidate length {candidate_length}".format(**config)
     steps_by_shape = stats["shape_steps"]
+    sampling = result["sampling"]
     lines = [
         "",
         f"-- lookahead decoding, {title}",
+        *([] if sampling is None else ["sampling         " + ", ".join(f"{name} {value}" for name, value in
+                                                                     sampling.items())]),
         *(f"  {entry['shape']:<40} {entry['cost_ms']:8.2f} ms/step, {steps_by_shape.get(entry['shape'], 0)} steps"
           if config == "auto" else f"  {entry['shape']}: {steps_by_shape.get(entry['shape'], 0)} steps"
           for entry in result["shapes"]),
