@@ -209,8 +209,8 @@ class FakeRunner:
         self.adapter = SimpleNamespace(device=torch.device(device), context_length=context_length)
         self.batch_size, self.clock, self.cost_ms = batch_size, clock, cost_ms
 
-    def prefill(self, prompt, history):
-        return SimpleNamespace(committed=[0])
+    def prefill_rows(self, prompts, sampling=None):
+        return {row: SimpleNamespace(committed=[0]) for row in prompts}
 
     def step(self, shape, ids, tree, history):
         self.clock.steps += 1

@@ -17,6 +17,7 @@ from .engine import StaticStep
 from .model_adapter import ModelAdapter
 from .step import EagerStep, StepRunner
 from .plan_cache import cached_plan, calibration_key, is_stale, store_plan
+from .sampling_params import SamplingParams
 from .tuning import Calibration, StepPlan, calibrate
 from .verification import Verifier
 
@@ -26,6 +27,10 @@ STATIC_ENGINE_DEVICES = ("cuda",)
 # one bucket serves most prompts.
 ENGINE_LENGTH_STEP = {"cuda": 1024}
 DEFAULT_ENGINE_LENGTH_STEP = 128
+
+# What a runner that samples is timed with: the request chat front-ends send most (an eager sampler's cost depends
+# on which stages the rows use).
+CALIBRATION_SAMPLING = SamplingParams(temperature=0.7, top_p=0.9)
 
 _engines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(shapes, length, compile): engine}
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {calibration key: StepPlan}
@@ -113,4 +118,4 @@ def calibrate_model(model, static: bool, batch_size: int = 1, exhaustive: bool =
                                                 cuda_graph=None if static else False, sampling=sampling)
     else:
         make_runner = lambda shapes: EagerStep(adapter, shapes, sampling=sampling)  # noqa: E731
-    return calibrate(make_runner, adapter.vocab, exhaustive)
+    return calibrate(make_runner, adapter.vocab, exhaustive, CALIBRATION_SAMPLING if sampling else None)

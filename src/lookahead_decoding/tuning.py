@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .config import AUTOREGRESSIVE, LookaheadConfig
 from .drafting.tree import EMPTY_TREE
+from .sampling_params import SamplingParams
 from .shape_choice import expected_tokens
 
 # Wide shapes tried, as (W, N, G, tree nodes): the paper's and the reference code's window settings and wider
@@ -113,12 +114,13 @@ def verify_only(tree_nodes: int, candidate_length: int) -> LookaheadConfig:
 
 
 def time_steps(runner, vocab_size: int, clearly_loses: Callable[[int, list[float], list[float]], bool] | None = None,
-               progress: tqdm | None = None) -> list[float]:
+               progress: tqdm | None = None, sampling: SamplingParams | None = None) -> list[float]:
     """Milliseconds per step of each of `runner`'s shapes, after a prefill of a fixed prompt; every step verifies
     an empty tree (the cost does not depend on the tokens) and is timed as decoding runs it, host sync included.
 
     clearly_loses(shape, times, costs): whether a shape's timed steps so far (ms) show that it loses (`costs`:
-    of the runner's shapes before it); its timing then stops early. progress: advanced by one per shape."""
+    of the runner's shapes before it); its timing then stops early. progress: advanced by one per shape.
+    sampling: the parameters the sequence is decoded with (None: greedy)."""
     device = runner.adapter.device
     steps = WARMUP_STEPS + TIMED_STEPS
     room = getattr(runner, "max_length", None)
@@ -130,7 +132,7 @@ def time_steps(runner, vocab_size: int, clearly_loses: Callable[[int, list[float
             if progress is not None:
                 progress.set_postfix_str(shape_name(layout.config))
             history = prompt.tolist()
-            history.extend(runner.prefill(prompt, history).committed)
+            history.extend(runner.prefill_rows({0: list(history)}, {0: sampling})[0].committed)
             ids = [0] * layout.size
             times: list[float] = []
             for step in range(steps):
@@ -156,10 +158,10 @@ class Calibration:
 
 
 def calibrate(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_size: int,
-              exhaustive: bool = False) -> Calibration:
+              exhaustive: bool = False, sampling: SamplingParams | None = None) -> Calibration:
     """Measure the candidate shapes on runners from `make_runner(shapes)` and choose the plan, with a progress bar
     on stderr. Unless `exhaustive`, shapes that clearly lose are timed in fewer steps or not at all, and a batch
-    on a CPU tries a shorter ladder."""
+    on a CPU tries a shorter ladder. `sampling`: the parameters the timed steps decode with (None: greedy)."""
     plain_runner = make_runner([AUTOREGRESSIVE])
     batch_size = plain_runner.batch_size
     cpu_batch = plain_runner.adapter.device.type == "cpu" and batch_size > 1
@@ -171,14 +173,14 @@ def calibrate(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_
     narrow = [verify_only(nodes, DRAFT_DEPTH) for nodes in NARROW_NODES]
     what = "calibrating step shapes" + (f" for batch {batch_size}" if batch_size > 1 else "")
     with tqdm(total=1 + len(wide) + len(narrow), desc=what, unit="shape", file=sys.stderr, leave=False) as progress:
-        (plain_cost,) = time_steps(plain_runner, vocab_size, progress=progress)
+        (plain_cost,) = time_steps(plain_runner, vocab_size, progress=progress, sampling=sampling)
         wide_costs: list[float] = []
         best_rate = 0.0  # expected tokens per ms of the best wide shape so far
         for shape in wide:
             tokens = expected_tokens(shape)
             # Clearly slower: even its fastest step so far would not make it the best.
             slower = None if exhaustive else lambda _, times, __: tokens / min(times) < best_rate
-            (cost,) = time_steps(make_runner([shape]), vocab_size, slower, progress)
+            (cost,) = time_steps(make_runner([shape]), vocab_size, slower, progress, sampling)
             wide_costs.append(cost)
             best_rate = max(best_rate, tokens / cost)
             # A wider shape costs at least as much as this one: if even the widest could not win at this cost,
@@ -192,7 +194,7 @@ def calibrate(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_
         # Clearly unaffordable: even its fastest step costs more than the slack allows over a cheaper narrow step.
         unaffordable = None if exhaustive else lambda _, times, costs: (
             min(times) > NARROW_COST_SLACK * min(costs, default=math.inf))
-        narrow_costs = time_steps(make_runner(narrow), vocab_size, unaffordable, progress)
+        narrow_costs = time_steps(make_runner(narrow), vocab_size, unaffordable, progress, sampling)
     affordable = [i for i, cost in enumerate(narrow_costs) if cost <= NARROW_COST_SLACK * min(narrow_costs)]
     pick = affordable[-1]
     shapes, costs = [AUTOREGRESSIVE], [plain_cost]
