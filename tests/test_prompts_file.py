@@ -372,14 +372,16 @@ def test_a_changed_line_whose_id_has_a_result_is_refused(cli_model, files, capsy
     # (the second line, options, where the first refused line is, its id)
     changed = [({**PROMPTS[0], "prompt": "The sea was"}, [], 2, '"sea"'),
                ({**PROMPTS[0], "max_new_tokens": 2}, [], 2, '"sea"'),
-               (PROMPTS[0], ["--chat"], 1, "0")]  # --chat changes every line
+               (PROMPTS[0], ["--chat"], 1, "0"),  # --chat changes every line
+               (PROMPTS[0], ["--temperature", "0.8"], 1, "0"),  # so do the sampling options
+               (PROMPTS[0], ["--repetition-penalty", "1.2"], 1, "0")]
     for line, options, refused, id_ in changed:
         write_lines(prompts, {"prompt": "x", "id": 0}, line)
         code, stdout, err = run_file(capsys, cli_model, prompts, out, *options)
         assert (code, stdout) == (2, "")  # before the model loads: a run that loaded it would go on
         assert err == (f"lookahead: error: {prompts}:{refused}: the result of id {id_} in {out} (line {refused}) is "
-                       f"of another prompt, max_new_tokens or --chat; give the line a new id, or remove that result "
-                       f"from {out}\n")
+                       f"of another prompt, max_new_tokens, --chat or sampling options; give the line a new id, or remove that "
+                       f"result from {out}\n")
         assert out.read_text() == written
 
 

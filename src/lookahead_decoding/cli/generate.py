@@ -252,11 +252,13 @@ def run_prompts_file(args: argparse.Namespace) -> int:
     for option in SINGLE_PROMPT_OPTIONS:
         if getattr(args, option):
             raise CommandError(f"--{option} works on a single prompt, not with --prompts-file")
-    prompts = read_prompts(args.prompts_file, args.max_new_tokens, args.chat)
-    if Path(args.out).exists() and os.path.samefile(args.prompts_file, args.out):
-        raise CommandError("--out is the --prompts-file itself; choose another file for the results")
     config = config_from_args(args)
     sampling = sampling_from_args(args, args.seed)
+    # The sampling options decide the text; a seed only when given (a drawn one is as good as any other).
+    decisive = None if sampling is None else {**dataclasses.asdict(sampling), "seed": args.seed}
+    prompts = read_prompts(args.prompts_file, args.max_new_tokens, args.chat, decisive)
+    if Path(args.out).exists() and os.path.samefile(args.prompts_file, args.out):
+        raise CommandError("--out is the --prompts-file itself; choose another file for the results")
     with open_results(args.out) as results:  # locked from here on
         pending = pending_prompts(args.prompts_file, prompts, args.out, results.written)
         if pending:

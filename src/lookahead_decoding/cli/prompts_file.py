@@ -26,7 +26,7 @@ class PromptLine:
     id: str | int
     prompt: str
     max_new_tokens: int
-    input_hash: str  # input_hash(prompt, max_new_tokens, chat)
+    input_hash: str  # input_hash(prompt, max_new_tokens, chat, sampling)
 
 
 @dataclass(frozen=True)
@@ -35,15 +35,18 @@ class WrittenResult:
     input_hash: str  # of the prompt line it is the result of
 
 
-def input_hash(prompt: str, max_new_tokens: int, chat: bool) -> str:
-    """What decides the text a line gets (the model aside), hashed."""
-    content = json.dumps([prompt, max_new_tokens, chat], ensure_ascii=False)
+def input_hash(prompt: str, max_new_tokens: int, chat: bool, sampling: dict | None = None) -> str:
+    """What decides the text a line gets (the model aside), hashed. `sampling`: the sampling options (None: plain
+    greedy, hashed as before there were any)."""
+    decisive = [prompt, max_new_tokens, chat] + ([] if sampling is None else [sampling])
+    content = json.dumps(decisive, ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(content.encode("utf-8")).hexdigest()[:INPUT_HASH_DIGITS]
 
 
-def read_prompts(path: str, max_new_tokens: int, chat: bool) -> list[PromptLine]:
+def read_prompts(path: str, max_new_tokens: int, chat: bool, sampling: dict | None = None) -> list[PromptLine]:
     """Every prompt of the file, checked; `max_new_tokens` is the default of a line without its own, `chat` whether
-    the prompts go through the chat template."""
+    the prompts go through the chat template, `sampling` the sampling options that decide the text (see
+    `input_hash`)."""
     prompts, line_of_id, copies = [], {}, Counter()
     for number, entry in read_objects(path):
         if "prompt" not in entry:
@@ -55,7 +58,7 @@ def read_prompts(path: str, max_new_tokens: int, chat: bool) -> list[PromptLine]
         limit = entry.get("max_new_tokens", max_new_tokens)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise JsonLinesError(path, number, f'"max_new_tokens" must be a positive integer, got {json.dumps(limit)}')
-        hash_ = input_hash(prompt, limit, chat)
+        hash_ = input_hash(prompt, limit, chat, sampling)
         if "id" in entry:
             id_ = checked_id(entry["id"], path, number)
         else:  # identical lines without an id: the second is HASH-2, and so on
@@ -82,8 +85,8 @@ def pending_prompts(path: str, prompts: list[PromptLine], out: str,
             pending.append(entry)
         elif result.input_hash != entry.input_hash:
             raise JsonLinesError(path, entry.line, f"the result of id {json.dumps(entry.id, ensure_ascii=False)} in "
-                                                   f"{out} (line {result.line}) is of another prompt, max_new_tokens "
-                                                   f"or --chat; give the line a new id, or remove that result from "
+                                                   f"{out} (line {result.line}) is of another prompt, max_new_tokens, "
+                                                   f"--chat or sampling options; give the line a new id, or remove that result from "
                                                    f"{out}")
     return pending
 
