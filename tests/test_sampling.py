@@ -614,19 +614,22 @@ params_strategy = st.builds(
 @given(rows=st.lists(params_strategy, min_size=1, max_size=4), head=st.sampled_from([4, 16, 64]),
        sharpness=st.sampled_from([0.5, 3.0, 8.0]), data=st.data())
 def test_skipping_unused_stages_chooses_the_same_tokens(rows, head, sharpness, data):
-    """An eager sampler skips what no row uses and sorts only the head of the vocabulary when it holds every
-    token top-k and top-p keep (`head` tokens here, to reach both branches); a captured one runs everything."""
+    """A sampler runs only the stages its rows use, and outside a graph sorts only the head of the vocabulary when
+    it holds every token top-k and top-p keep (`head` tokens here, to reach both branches): it chooses what running
+    every stage over a full sort chooses."""
     vocab, positions = 300, 3
     generator = torch.Generator().manual_seed(data.draw(st.integers(0, 1000), label="logits seed"))
     logits = torch.randn(len(rows), positions, vocab, generator=generator) * sharpness
     history = torch.randint(0, vocab, (len(rows), 6), generator=generator)
     choices = []
-    for fixed in (True, False):
-        sampler = row_sampler.RowSampler(len(rows), vocab, "cpu", fixed=fixed)
+    for every_stage, head_tokens in ((True, vocab), (False, head)):
+        sampler = row_sampler.RowSampler(len(rows), vocab, "cpu")
         sampler.start_rows(dict(enumerate(rows)))
+        if every_stage:
+            sampler.stages = row_sampler.STAGES
         sampler.observe_prompt(history[:, :3], torch.ones(len(rows), 3, dtype=torch.bool))
         sampler.observe_output(history[:, 3:], torch.ones(len(rows), 3, dtype=torch.bool))
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(row_sampler, "HEAD_TOKENS", head)
+            patch.setattr(row_sampler, "HEAD_TOKENS", head_tokens)
             choices.append(sampler.choose(logits, torch.arange(positions).expand(len(rows), -1) + 6))
     assert choices[0].tolist() == choices[1].tolist()

@@ -25,11 +25,14 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def stream_keys(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """One key per (seed, position) pair (int64 tensors of one shape, seeds in [0, 2**63))."""
-    key = mix32(seeds & MASK32)
-    key = mix32(key ^ (seeds >> 32))
-    return mix32(key ^ (positions & MASK32))
+def seed_keys(seeds: torch.Tensor) -> torch.Tensor:
+    """The per-seed part of every draw's key (int64 seeds in [0, 2**63)), computed once per sequence."""
+    return mix32(mix32(seeds & MASK32) ^ (seeds >> 32))
+
+
+def stream_keys(seed_key: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One key per (seed, position) pair: `seed_key` from `seed_keys`, both int64 tensors of one shape."""
+    return mix32(seed_key ^ (positions & MASK32))
 
 
 def token_keys(vocab: int, device) -> torch.Tensor:

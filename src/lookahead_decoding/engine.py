@@ -127,8 +127,7 @@ class StaticStep:
         self.adapter, self.layouts = adapter, build_layouts(shapes, device)
         self.max_length, self.prefill_chunk, self.predictions = max_length, prefill_chunk, predictions
         self.batch_size, self.verifier = batch_size, verifier
-        # Captured graphs need every stage of the sampler on every step; eager runs skip the stages no row uses.
-        self.sampler = RowSampler(batch_size, adapter.vocab, device, fixed=device.type == "cuda") if sampling else None
+        self.sampler = RowSampler(batch_size, adapter.vocab, device) if sampling else None
         largest = max(layout.size for layout in self.layouts)
         # A step's rows, or a padded prefill chunk, are written after the last committed token: spare slots.
         cache_length = max_length + max(largest, prefill_chunk, max(s.candidate_length for s in shapes) + 1)
@@ -147,12 +146,26 @@ class StaticStep:
         self.last_position = (adapter.context_length or 2**62) - 1
         self.use_graph = device.type == "cuda" and verifier is None if cuda_graph is None else cuda_graph
         steps = [functools.partial(self._device_step, shape) for shape in range(len(self.layouts))]
-        self.run_step = [Replayable(torch.compile(fn, dynamic=False) if compile else fn) for fn in steps]
-        self.run_prefill_chunk = Replayable(self._device_prefill_chunk)
+        self._step_functions = [torch.compile(fn, dynamic=False) if compile else fn for fn in steps]
+        # (shape, or PREFILL; the sampler's stages) -> the step as run for that: a sampling engine records one
+        # graph per set of stages its rows use, so that a step does only what its rows ask for.
+        self._replayables: dict[tuple, Replayable] = {}
 
     @property
     def captured(self) -> bool:
-        return self.run_prefill_chunk.graph is not None
+        return any(replayable.graph is not None for replayable in self._replayables.values())
+
+    def replayable(self, shape: int | None) -> Replayable:
+        """The step of `shape` (None: the prefill chunk) for the rows' current sampling stages; recorded as a CUDA
+        graph on first use once the engine captures."""
+        stages = () if self.sampler is None else self.sampler.stages
+        key = (shape, stages)
+        if key not in self._replayables:
+            function = self._device_prefill_chunk if shape is None else self._step_functions[shape]
+            self._replayables[key] = Replayable(function)
+            if self.use_graph and self.captured:
+                self._capture([self._replayables[key]])
+        return self._replayables[key]
 
     def capture(self) -> None:
         """Capture every step shape and the prefill as CUDA graphs now (otherwise the first prefill does it)."""
@@ -205,13 +218,13 @@ class StaticStep:
                 lines[row][chunk] = len(ids)
                 lines[row][chunk + 1] = int(begin < len(prompt) <= begin + chunk)
             self.chunk_inputs.copy_(torch.tensor(lines))
-            first, scores = self.run_prefill_chunk()
+            first, scores = self.replayable(None)()
             firsts = first.tolist()
             for row, prompt in prompts.items():
                 if begin < len(prompt) <= begin + chunk:  # the prompt's last chunk
                     outcomes[row] = StepOutcome(0, [], [firsts[row]], [], scores[row : row + 1].clone())
-        if self.use_graph and not self.captured:
-            self._capture()  # only now: the cache allocates its buffers on first use
+        if self.use_graph and not self.captured:  # only now: the cache allocates its buffers on first use
+            self._capture([self.replayable(shape) for shape in (None, *range(len(self.layouts)))])
         return outcomes
 
     def step_rows(self, shape: int, steps: Sequence[PlannedStep | None], histories: Sequence[Sequence[int] | None],
@@ -236,7 +249,7 @@ class StaticStep:
         host.numpy()[:] = lines  # straight into the (pinned) buffer: no tensor built from Python lists
         self.inputs[shape].copy_(host, non_blocking=True)
         if self.verifier is None:
-            packed, scores, top = self.run_step[shape]()
+            packed, scores, top = self.replayable(shape)()
         else:
             packed, scores, top = self._verified_step(shape, steps, histories)
         if overlap is not None:
@@ -367,8 +380,15 @@ class StaticStep:
         new_level = logits[:, layout.new_level_logits].argmax(dim=-1)  # the window refines by argmax
         return self._outputs(shape, logits, step_ids, result, result[:, 2 + depth :], new_level)
 
-    def _capture(self) -> None:
-        """Record the steps and the prefill chunk as CUDA graphs; warm-up runs leave the cache as they found it."""
-        saved = self.lengths.clone()
-        for replayable in (*self.run_step, self.run_prefill_chunk):
-            replayable.capture(lambda: self.lengths.copy_(saved))
+    def _capture(self, replayables: Sequence[Replayable]) -> None:
+        """Record steps as CUDA graphs; warm-up runs leave the rows' lengths and token counts as they found them
+        (what they write past a row's length, later steps overwrite)."""
+        state = [self.lengths] + ([] if self.sampler is None else [self.sampler.output_counts, self.sampler.in_prompt])
+        saved = [tensor.clone() for tensor in state]
+
+        def restore() -> None:
+            for tensor, copy in zip(state, saved):
+                tensor.copy_(copy)
+
+        for replayable in replayables:
+            replayable.capture(restore)

@@ -15,43 +15,45 @@ import math
 
 import torch
 
-from .draws import race_noise, stream_keys, token_keys
+from .draws import race_noise, seed_keys, stream_keys, token_keys
 from .layout import TreeTensors
 from .sampling_params import SamplingParams
 
 _GREEDY = SamplingParams()
 
 
-# Where the stages of `choose` may be skipped (off CUDA, eagerly), top-k / top-p first look at this many of the most
-# likely tokens: a full sort of the vocabulary costs a CPU about as much as a forward of a small model's token.
+# Outside a CUDA graph, top-k / top-p first look at this many of the most likely tokens: a full sort of the
+# vocabulary costs a CPU about as much as a forward of a small model's token.
 HEAD_TOKENS = 256
+STAGES = ("penalties", "sampling", "top_k_top_p", "min_p")
 
 
 class RowSampler:
     """The sampling parameters of `rows` rows as device tensors, and the token counts the penalties read: how often
     each token occurs in a row's output so far, and whether it occurs in its prompt.
 
-    `fixed`: every stage runs on every call, whatever the rows' parameters, as a captured graph needs. Otherwise
-    (eager runs) the stages that no row uses are skipped, and top-k / top-p sort only the most likely tokens when
-    they suffice; the choices are the same either way."""
+    `choose` runs only the stages (`STAGES`) some row uses: `stages`, kept up to date as rows start. A captured step
+    is recorded for one set of stages (`engine.StaticStep.replayable` keys its graphs by it). Outside a graph, top-k
+    and top-p sort only the most likely tokens when they hold every token kept; the choices are the same."""
 
-    def __init__(self, rows: int, vocab: int, device, fixed: bool = True) -> None:
-        self.rows, self.vocab, self.fixed = rows, vocab, fixed
+    def __init__(self, rows: int, vocab: int, device) -> None:
+        self.rows, self.vocab = rows, vocab
         zeros = lambda dtype=torch.float32: torch.zeros(rows, dtype=dtype, device=device)  # noqa: E731
         self.temperature, self.top_p, self.min_p = zeros(), zeros() + 1, zeros()
         self.repetition, self.presence, self.frequency = zeros() + 1, zeros(), zeros()
-        self.top_k, self.seeds = zeros(torch.long), zeros(torch.long)
+        self.top_k, self.seed_keys = zeros(torch.long), seed_keys(zeros(torch.long))
         self.output_counts = torch.zeros(rows, vocab, device=device)
         self.in_prompt = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=device)  # + a spare column
         self.token_keys = token_keys(vocab, device)
-        self.params: list[SamplingParams] = [_GREEDY] * rows  # the host's copy, for skipping stages
+        self.params: list[SamplingParams] = [_GREEDY] * rows  # the host's copy, for choosing the stages
+        self.stages: tuple[str, ...] = ()
 
     def start_rows(self, params: dict[int, SamplingParams | None]) -> None:
         """Rows that begin a new sequence (between steps, outside any graph): their parameters (None: greedy)
         and empty counts."""
         if not params:
             return
-        rows = torch.tensor(list(params), device=self.seeds.device)
+        rows = torch.tensor(list(params), device=self.seed_keys.device)
         given = [_GREEDY if p is None else p for p in params.values()]
         for row, p in zip(params, given):
             self.params[row] = p
@@ -60,25 +62,28 @@ class RowSampler:
             (self.min_p, [p.min_p for p in given]), (self.repetition, [p.repetition_penalty for p in given]),
             (self.presence, [p.presence_penalty for p in given]),
             (self.frequency, [p.frequency_penalty for p in given]),
-            (self.top_k, [p.top_k for p in given]), (self.seeds, [p.seed for p in given]),
+            (self.top_k, [p.top_k for p in given]),
         ):
             tensor.index_copy_(0, rows, torch.tensor(values, dtype=tensor.dtype).to(tensor.device))
+        seeds = torch.tensor([p.seed for p in given], dtype=torch.long).to(rows.device)
+        self.seed_keys.index_copy_(0, rows, seed_keys(seeds))
+        self.stages = tuple(stage for stage in STAGES if self._needs(stage))
         self.output_counts.index_fill_(0, rows, 0)
         self.in_prompt.index_fill_(0, rows, False)
 
-    def uses(self, stage: str) -> bool:
-        """Whether a stage ("penalties", "sampling", "top_k_top_p", "min_p") must run."""
-        if self.fixed:
-            return True
+    def _needs(self, stage: str) -> bool:
+        """Whether some row uses a stage of `STAGES`."""
         if stage == "penalties":
-            return not all(p.is_plain_greedy or (p.repetition_penalty == 1 and not p.presence_penalty
-                                                 and not p.frequency_penalty) for p in self.params)
+            return any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in self.params)
         sampled = [p for p in self.params if p.samples]
         if stage == "sampling":
             return bool(sampled)
         if stage == "top_k_top_p":
             return any(p.top_k or p.top_p < 1 for p in sampled)
         return any(p.min_p for p in sampled)
+
+    def _uses(self, stage: str) -> bool:
+        return stage in self.stages
 
     def observe_prompt(self, ids: torch.Tensor, real: torch.Tensor) -> None:
         """Prompt tokens ids [rows, C] where `real` [rows, C] (bool) is set: the repetition penalty covers them."""
@@ -99,18 +104,18 @@ class RowSampler:
         yet committed (a draft's path), path_tokens [rows, T] and on_path [rows, R, T] (bool) say which of the T
         drafted tokens precede each computed position."""
         scores = logits.float()
-        if self.uses("penalties"):
+        if self._uses("penalties"):
             scores = self._penalised(scores, path_tokens, on_path)
         greedy = scores.argmax(dim=-1)
-        if not self.uses("sampling"):
+        if not self._uses("sampling"):
             return greedy
         scores = scores / torch.where(self.temperature > 0, self.temperature, 1.0)[:, None, None]
-        if self.uses("top_k_top_p"):
+        if self._uses("top_k_top_p"):
             scores = self._top_k_top_p(scores)
-        if self.uses("min_p"):  # p >= min_p * max p; top-k and top-p keep the most likely token, so order is moot
+        if self._uses("min_p"):  # p >= min_p * max p; top-k and top-p keep the most likely token, so order is moot
             floor = scores.amax(dim=-1, keepdim=True) + self.min_p.log()[:, None, None]
             scores = scores.masked_fill(scores < floor, -math.inf)
-        noise = race_noise(stream_keys(self.seeds[:, None].expand_as(positions), positions), self.token_keys)
+        noise = race_noise(stream_keys(self.seed_keys[:, None].expand_as(positions), positions), self.token_keys)
         if position_index is not None:
             noise = noise.gather(1, position_index[:, :, None].expand(-1, -1, self.vocab))
         return torch.where(self.temperature[:, None] > 0, (scores + noise).argmax(dim=-1), greedy)
@@ -142,9 +147,10 @@ class RowSampler:
     def _top_k_top_p(self, scores: torch.Tensor) -> torch.Tensor:
         """Top-k, then top-p (per row; off where disabled): the tokens they remove get -inf. Both keep only tokens
         among the most likely, so where the HEAD_TOKENS most likely are known to hold every kept token, only those
-        are sorted (see `uses`)."""
+        are sorted."""
         filters = ((self.top_k > 0) | (self.top_p < 1))[:, None, None]
-        if not self.fixed and HEAD_TOKENS < scores.shape[-1]:
+        capturing = scores.is_cuda and torch.cuda.is_current_stream_capturing()
+        if HEAD_TOKENS < scores.shape[-1] and not capturing:  # it syncs with the host
             head, order = scores.topk(HEAD_TOKENS, dim=-1)
             keep, decided = self._kept(head, scores.logsumexp(dim=-1, keepdim=True))
             if bool((decided | ~filters[..., 0]).all()):

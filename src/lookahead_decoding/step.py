@@ -121,8 +121,7 @@ class EagerStep:
             raise ValueError("a step runner samples either with its rows' SamplingParams or with a verifier, not both")
         self.adapter, self.layouts = adapter, build_layouts(shapes, adapter.device)
         self.verifier, self.predictions = verifier, predictions
-        # Eager: the sampler skips the stages no row uses.
-        self.sampler = RowSampler(1, adapter.vocab, adapter.device, fixed=False) if sampling else None
+        self.sampler = RowSampler(1, adapter.vocab, adapter.device) if sampling else None
         self.cache = adapter.new_cache()
         self.last_position = (adapter.context_length or 2**62) - 1
 
