@@ -17,7 +17,7 @@ from lookahead_decoding import decoding, plan_cache, runners, scheduler
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.model_adapter import ModelAdapter
-from lookahead_decoding.shape_choice import AcceptancePrior, ShapeChooser
+from lookahead_decoding.shape_choice import AcceptancePrior, BatchYield, ShapeChooser, choose_for_batch
 from lookahead_decoding.step import EagerStep
 from lookahead_decoding.tuning import StepPlan, verify_only
 
@@ -28,7 +28,7 @@ SHAPES = (AUTOREGRESSIVE, verify_only(2 * K, K), ld.LookaheadConfig(4, 4, 4), ld
 def random_schedule(seed: int):
     """A stand-in for `choose_for_batch` that picks a random shape every step, whatever the statistics say."""
     rng = random.Random(seed)
-    return lambda choosers, num_nodes, costs_ms=None: rng.randrange(len(costs_ms))
+    return lambda choosers, num_nodes, costs_ms=None, yields=None: rng.randrange(len(costs_ms))
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -105,6 +105,24 @@ def test_a_narrow_step_learns_nothing_from_a_path_outside_its_budget():
         pick.observe(2, num_nodes=12, path=[6, 7, 8])  # a path beyond the narrow step's 2·K = 6 nodes
     assert pick.accepted[True][1] == pytest.approx(0)
     assert pick.window_tokens[2] == pytest.approx(4, abs=0.5)
+
+
+def test_a_batch_corrects_what_its_rows_overestimate():
+    """Rows that all expect 2 tokens from a verify step that delivers 1.2: summed over 8 rows, the verify step
+    looks better than plain until the batch's yield ratio says what it delivers; unchosen, the ratio recovers."""
+    choosers = [chooser(accepted=1.0, window_tokens=1.0) for _ in range(8)]
+    nodes = [4] * 8
+    batch_yield = BatchYield(3)
+    assert choose_for_batch(choosers, nodes, (1.0, 1.4, 2.0), batch_yield.ratios) == 1  # 16 / 1.4 > 8 / 1
+    for _ in range(10):
+        batch_yield.observe(1, expected=16.0, committed=10)
+    assert batch_yield.ratios[1] == pytest.approx(10 / 16, abs=0.05)
+    assert choose_for_batch(choosers, nodes, (1.0, 1.4, 2.0), batch_yield.ratios) == 0  # 10 / 1.4 < 8 / 1
+    steps = 0
+    while choose_for_batch(choosers, nodes, (1.0, 1.4, 2.0), batch_yield.ratios) == 0:
+        batch_yield.observe(0, expected=8.0, committed=8)
+        steps += 1
+    assert 5 < steps < 60  # tried again later
 
 
 def test_chooser_rejects_bad_costs():

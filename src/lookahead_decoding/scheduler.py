@@ -26,7 +26,7 @@ import torch
 from .drafting.base import CandidateSource
 from .drafting.tree import EMPTY_TREE
 from .sampling_params import SamplingParams
-from .shape_choice import StepCosts, choose_for_batch
+from .shape_choice import BatchYield, StepCosts, batch_expected_tokens, choose_for_batch
 from .state import Emitter, GenerationStats, SequenceState
 from .step import StepRunner
 from .plan_cache import check_drift
@@ -76,8 +76,10 @@ class BatchScheduler:
         self.rows: list[_Row | None] = [None] * runner.batch_size
         self.waiting: deque[Request] = deque()
         self.stats = GenerationStats()  # steps: batched forwards; new_tokens: over all rows
-        # One sequence: the calibrated costs. A batch: measured as it runs, host work per row included.
+        # One sequence: the calibrated costs and its chooser's estimates. A batch: costs measured as it runs, host
+        # work per row included, and the rows' summed estimates corrected by what the batch's steps delivered.
         self.costs = StepCosts(plan.costs_ms, measured=runner.batch_size > 1)
+        self.batch_yield = BatchYield(len(plan.shapes)) if runner.batch_size > 1 else None
         self._steps_by_shape = [0] * len(plan.shapes)
 
     @property
@@ -128,13 +130,15 @@ class BatchScheduler:
         began = time.perf_counter()
         choosers = [row.sequence.chooser for _, row in live]
         costs = self.costs.costs_ms
+        yields = None if self.batch_yield is None else self.batch_yield.ratios
         # Drafting costs host time per row: skip it when the plain step wins even against full trees.
-        shape = choose_for_batch(choosers, [row.sequence.largest_tree for _, row in live], costs)
+        shape = choose_for_batch(choosers, [row.sequence.largest_tree for _, row in live], costs, yields)
         if self.plan.shapes[shape].verifies:
             trees = {index: row.sequence.draft() for index, row in live}
-            shape = choose_for_batch(choosers, [len(trees[index]) for index, _ in live], costs)
+            shape = choose_for_batch(choosers, [len(trees[index]) for index, _ in live], costs, yields)
         else:
             trees = dict.fromkeys((index for index, _ in live), EMPTY_TREE)
+        expected = batch_expected_tokens(choosers, [len(trees[index]) for index, _ in live], shape)
         steps: list = [None] * len(self.rows)
         histories: list = [None] * len(self.rows)
         for index, row in live:
@@ -150,13 +154,17 @@ class BatchScheduler:
         outcomes = self.runner.step_rows(shape, steps, histories, overlap=observe_text if drafted else None)
         self.stats.steps += 1
         self._steps_by_shape[shape] += 1
+        step_tokens = 0
         for index, row in live:
             before = len(row.sequence.history)
             row.sequence.record(steps[index], outcomes[index])
             committed = len(row.sequence.history) - before
-            self.stats.new_tokens += committed
+            step_tokens += committed
             self.stats.accepted_histogram[committed] += 1
+        self.stats.new_tokens += step_tokens
         self.costs.observe(shape, (time.perf_counter() - began) * 1e3)
+        if self.batch_yield is not None:
+            self.batch_yield.observe(shape, expected, step_tokens)
         return finished + self._retire()
 
     def _admit(self) -> list[Finished]:

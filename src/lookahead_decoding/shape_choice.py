@@ -97,15 +97,41 @@ class ShapeChooser:
             self.in_run = accepted > 0
 
 
-def choose_for_batch(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int], costs_ms: Sequence[float] | None = None
-                     ) -> int:
+def batch_expected_tokens(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int], shape: int) -> float:
+    """Tokens a step of `shape` is expected to commit over all rows, each by its own statistics."""
+    return sum(chooser.expected_tokens(shape, nodes) for chooser, nodes in zip(choosers, num_nodes))
+
+
+def choose_for_batch(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int], costs_ms: Sequence[float] | None = None,
+                     yields: Sequence[float] | None = None) -> int:
     """The one shape for a step that decodes several sequences side by side: the most tokens expected over all
-    of them (each by its own statistics and token tree of `num_nodes`) per millisecond of the batched step
-    (`costs_ms`: measured at this batch size; default: the choosers' own)."""
+    of them (each by its own statistics and token tree of `num_nodes`, scaled by the shape's `yields`, see
+    `BatchYield`) per millisecond of the batched step (`costs_ms`: measured at this batch size; default: the
+    choosers' own)."""
     costs = choosers[0].costs if costs_ms is None else costs_ms
-    rates = [sum(chooser.expected_tokens(shape, nodes) for chooser, nodes in zip(choosers, num_nodes)) / cost
+    yields = [1.0] * len(costs) if yields is None else yields
+    rates = [batch_expected_tokens(choosers, num_nodes, shape) * yields[shape] / cost
              for shape, cost in enumerate(costs)]
     return max(range(len(rates)), key=rates.__getitem__)  # first best: shapes are listed cheapest first
+
+
+class BatchYield:
+    """Per shape, the tokens its batched steps committed over the tokens the rows' choosers expected of them.
+
+    Each chooser estimates for its own row. Summed over a batch, a bias that every row shares adds up: sampled
+    rows accept fewer drafts than the greedy-shaped priors assume, and short runs of acceptance look longer than
+    they are. The ratio corrects the batch's sum with what its steps delivered. A shape that is not chosen moves
+    back to 1 (by `retry` per step), so a shape that lost is tried again now and then."""
+
+    def __init__(self, shapes: int, decay: float = 0.8, retry: float = 0.98) -> None:
+        self.ratios, self.decay, self.retry = [1.0] * shapes, decay, retry
+
+    def observe(self, shape: int, expected: float, committed: int) -> None:
+        for other in range(len(self.ratios)):
+            if other == shape:
+                self.ratios[other] = self.ratios[other] * self.decay + committed / expected * (1 - self.decay)
+            else:
+                self.ratios[other] = self.ratios[other] * self.retry + (1 - self.retry)
 
 
 class StepCosts:
