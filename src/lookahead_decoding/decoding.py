@@ -53,7 +53,7 @@ class LookaheadOutput:
     rows: list[RowOutput]  # per prompt, in input order
 
 
-def _eos_set(model, eos_token_id) -> set[int]:
+def eos_set(model, eos_token_id=None) -> set[int]:
     """EOS ids from `eos_token_id` (an int, a sequence of ints or an integer tensor), else from the model's
     generation config. Anything else is an error: a string such as "2" would never match a token."""
     if eos_token_id is None:
@@ -339,10 +339,26 @@ def schedule(
     if streamer is not None and stream_prompt:
         streamer.put(torch.tensor(prompts))
     scheduler = BatchScheduler(runner, plan, make_row_source)
-    for request in requests_from(prompts, limits, _eos_set(model, eos_token_id), stopping_criteria, window_seed,
+    for request in requests_from(prompts, limits, eos_set(model, eos_token_id), stopping_criteria, window_seed,
                                  streamer, sampling):
         scheduler.submit(request)
     return scheduler
+
+
+def open_scheduler(model, batch_size: int, max_length: int, config=AUTO, source=None) -> BatchScheduler:
+    """A scheduler for requests that arrive over time (a server's): `batch_size` rows of an engine for sequences of
+    up to `max_length` tokens (prompt + new), which samples with each request's `SamplingParams` (greedy where it
+    has none), with the step plan for `config` ("auto": calibrated for this batch size). Submit
+    `scheduler.Request`s and call `step()`."""
+    check_batch_size(batch_size)
+    adapter = ModelAdapter(model)
+    if adapter.context_length is not None and max_length > adapter.context_length:
+        raise ValueError(f"max_length {max_length} exceeds the model's context length of {adapter.context_length}")
+    plan = resolve_plan(model, config, None, None, batch_size, sampling=True)
+    make_row_source = make_sources(source, plan.shapes, None, batch_size)
+    wanted = make_row_source().predictions_wanted
+    runner = runner_for(model, plan.shapes, max_length, predictions=wanted, batch_size=batch_size, sampling=True)
+    return BatchScheduler(runner, plan, make_row_source)
 
 
 def decode(model, prompts: list[list[int]], max_new_tokens: int | Sequence[int], *args, **kwargs

@@ -46,6 +46,7 @@ class Request:
     streamer: Any = None
     tag: Any = None  # the caller's name for the request, handed back with its result
     sampling: SamplingParams | None = None  # how it chooses its tokens, its seed included (None: greedy)
+    lookahead: bool = True  # False: plain decoding for this request (the same tokens, one per step)
 
 
 @dataclass
@@ -104,6 +105,19 @@ class BatchScheduler:
             raise ValueError(f"request {request.tag!r}: prompt ({len(request.prompt)} tokens) + max_new_tokens "
                              f"({request.max_new_tokens}) = {total} tokens does not fit this engine's max_length {room}")
         self.waiting.append(request)
+
+    def cancel(self, tag) -> Finished | None:
+        """Stop the request tagged `tag`. A waiting one leaves the queue: its result (the prompt, no new tokens) is
+        returned now. A decoding one frees its row at the next step, whose results include it with the tokens it
+        has; None then, as for a tag that is neither waiting nor decoding."""
+        for request in self.waiting:
+            if request.tag == tag:
+                self.waiting.remove(request)
+                return Finished(tag, list(request.prompt), GenerationStats())
+        for row in self.rows:
+            if row is not None and row.request.tag == tag:
+                row.sequence.emitter.done = True
+        return None
 
     def run(self) -> Iterator[Finished]:
         """Step until every submitted request has finished; results in the order they finish.
@@ -175,7 +189,8 @@ class BatchScheduler:
             emitter = Emitter(list(request.prompt), request.max_new_tokens, request.eos_ids,
                               request.stopping_criteria, request.streamer, self.runner.adapter.device)
             source = request.source if request.source is not None else self.make_source()
-            sequence = SequenceState(request.prompt, self.plan, source, emitter, random.Random(request.window_seed))
+            sequence = SequenceState(request.prompt, self.plan, source, emitter, random.Random(request.window_seed),
+                                     request.lookahead)
             row = _Row(request, sequence, time.perf_counter())
             if sequence.done:  # max_new_tokens=0: nothing to decode, no row needed
                 finished.append(self._result(row))

@@ -97,6 +97,16 @@ class ShapeChooser:
             self.in_run = accepted > 0
 
 
+class PlainChooser(ShapeChooser):
+    """The statistics of a sequence decoded without lookahead: one token from any step, nothing to learn."""
+
+    def expected_tokens(self, shape: int, num_nodes: int) -> float:
+        return 1.0
+
+    def observe(self, shape: int, num_nodes: int, path: Sequence[int]) -> None:
+        pass
+
+
 def batch_expected_tokens(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int], shape: int) -> float:
     """Tokens a step of `shape` is expected to commit over all rows, each by its own statistics."""
     return sum(chooser.expected_tokens(shape, nodes) for chooser, nodes in zip(choosers, num_nodes))

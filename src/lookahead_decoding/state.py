@@ -18,7 +18,7 @@ import torch
 from .drafting.base import CandidateSource
 from .drafting.tree import EMPTY_TREE, TokenTree, build_tree
 from .layout import StepLayout
-from .shape_choice import ShapeChooser
+from .shape_choice import PlainChooser, ShapeChooser
 from .step import PlannedStep, StepOutcome
 from .tuning import StepPlan, shape_name
 from .window import JacobiWindow
@@ -95,13 +95,15 @@ class SequenceState:
     """Drafting, shape choice and bookkeeping of one sequence; the forward runs elsewhere."""
 
     def __init__(self, prompt: Sequence[int], plan: StepPlan, source: CandidateSource, emitter: Emitter,
-                 rng: random.Random) -> None:
+                 rng: random.Random, lookahead: bool = True) -> None:
+        """lookahead=False: the sequence never drafts and expects one token from every step (plain decoding, even
+        in a step whose shape other rows use for lookahead)."""
         self.plan, self.source, self.emitter = plan, source, emitter
         shapes = plan.shapes
         self.draft_depth = next((shape.candidate_length for shape in shapes if shape.verifies), 1)  # K, shared
-        self.largest_tree = max(shape.tree_nodes for shape in shapes)
+        self.largest_tree = max(shape.tree_nodes for shape in shapes) if lookahead else 0
         self.windows = [JacobiWindow(shape.window, shape.levels, rng) if shape.has_window else None for shape in shapes]
-        self.chooser = ShapeChooser(shapes, plan.costs_ms)
+        self.chooser = ShapeChooser(shapes, plan.costs_ms) if lookahead else PlainChooser(shapes, plan.costs_ms)
         self.stats = GenerationStats()
         self.steps_by_shape = [0] * len(shapes)
         self.prompt_length = len(prompt)

@@ -3,6 +3,7 @@
     lookahead generate "PROMPT" [--model PATH_OR_HUB_NAME] [--chat] [--compare] [--json] ...
     lookahead bench --dataset NAME [--methods ...] [--out PATH] [--plot PATH] ...
     lookahead tune [--model PATH_OR_HUB_NAME | --random-shape NAME] [--plot PATH] [--json]
+    lookahead serve [--model PATH_OR_HUB_NAME] [--host 127.0.0.1] [--port 8000] [--batch-size B] [--api-key KEY]
 
 Every subcommand is added by one `add_*` function that creates its subparser and sets `func` (called with the
 parsed arguments, returns the exit code). Arguments are parsed before torch or transformers is imported, so
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 
 from .common import EXIT_FAILED, EXIT_USAGE, RunError
 from .generate import add_generate_command
+from .serve import add_serve_command
 from .tune import add_tune_command
 
 EXIT_INTERRUPTED = 130
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_command(commands)
     add_bench_parser(commands)
     add_tune_command(commands)
+    add_serve_command(commands)
     return parser
 
 

@@ -1,0 +1,83 @@
+"""`lookahead serve`: the OpenAI-compatible server (the `serve` extra: fastapi, uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import (CommandError, add_lookahead_arguments, add_model_arguments, config_from_args, load_from_args,
+                     positive_int)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def add_serve_command(commands) -> None:
+    parser = commands.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (completions, chat completions, streaming)",
+        description="Serve the model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, "
+        "/health) with lookahead decoding and continuous batching. Needs the serve extra: "
+        "pip install 'lookahead-decoding[serve]'.",
+    )
+    add_model_arguments(parser)
+    add_lookahead_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    parser.add_argument("--port", type=positive_int, default=8000, help="default: 8000")
+    parser.add_argument("--batch-size", type=positive_int, default=8, metavar="B",
+                        help="requests decoded side by side (default: 8)")
+    parser.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    parser.add_argument("--max-tokens", type=positive_int, default=512, metavar="M",
+                        help="the most new tokens a request may ask for, and the chat default (default: 512)")
+    parser.add_argument("--max-prompt-tokens", type=positive_int, metavar="P",
+                        help="the longest prompt taken (default: the model's context less --max-tokens)")
+    parser.add_argument("--max-queue", type=positive_int, default=256, metavar="Q",
+                        help="requests waiting or decoding before new ones get 429 (default: 256)")
+    parser.add_argument("--model-name", help="the model id clients ask for (default: derived from --model)")
+    parser.set_defaults(func=run_serve)
+
+
+def model_name(args: argparse.Namespace) -> str:
+    if args.model_name:
+        return args.model_name
+    if args.model is None:
+        return DEFAULT_MODEL_NAME
+    path = Path(args.model)
+    return path.stem if path.suffix == ".gguf" else path.name if path.exists() else args.model
+
+
+def build_app(model, tokenizer, args: argparse.Namespace):
+    """(FastAPI app, EngineLoop) for a loaded model and the serve options."""
+    from ..decoding import AUTO, eos_set, open_scheduler
+    from ..model_adapter import ModelAdapter
+    from ..serve.app import create_app
+    from ..serve.engine_loop import EngineLoop
+    from ..serve.protocol import Limits
+
+    context = ModelAdapter(model).context_length
+    max_prompt = args.max_prompt_tokens or ((context - args.max_tokens) if context else 4096)
+    if max_prompt < 1:
+        raise CommandError(f"--max-tokens {args.max_tokens} leaves no room for a prompt in the model's context of "
+                           f"{context} tokens")
+    if context is not None and max_prompt + args.max_tokens > context:
+        raise CommandError(f"--max-prompt-tokens {max_prompt} + --max-tokens {args.max_tokens} exceeds the model's "
+                           f"context of {context} tokens")
+    scheduler = open_scheduler(model, args.batch_size, max_prompt + args.max_tokens, config_from_args(args) or AUTO,
+                               args.source)
+    engine = EngineLoop(scheduler, args.max_queue)
+    app = create_app(engine, tokenizer, model_name(args), Limits(max_prompt, args.max_tokens), eos_set(model),
+                     args.api_key)
+    return app, engine
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise CommandError("lookahead serve needs the serve extra: pip install 'lookahead-decoding[serve]'") from None
+    model, tokenizer = load_from_args(args)
+    app, engine = build_app(model, tokenizer, args)
+    engine.start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.stop()
+    return 0

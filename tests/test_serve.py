@@ -1,0 +1,196 @@
+"""`lookahead serve` against a live uvicorn server on a free port, through the official `openai` client: the
+answers equal `ld.generate`'s (greedy, float32), streams equal whole answers, stop strings, max_tokens, seeded
+sampling, concurrency with continuous batching, disconnects, and every error with its status and OpenAI error
+body. One server (the embedded model, 4 rows, an API key) serves the module."""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+import lookahead_decoding as ld
+from lookahead_decoding.cli.common import encode_prompt
+from lookahead_decoding.cli.serve import build_app
+
+pytestmark = pytest.mark.slow
+KEY = "test-key"
+MODEL = "SmolLM2-135M-Instruct"
+CONFIG = ld.LookaheadConfig(3, 3, 3)  # fixed: no calibration in the tests
+
+
+@pytest.fixture(scope="module")
+def served():
+    """(base URL, model, tokenizer, engine loop) of a running server."""
+    torch.set_num_threads(1)
+    model, tokenizer = ld.load_default_model()
+    args = argparse.Namespace(model=None, model_name=None, max_tokens=32, max_prompt_tokens=120, batch_size=4,
+                              max_queue=64, api_key=KEY, source=None, window=3, ngram=3, guesses=3,
+                              candidate_length=None, tree_nodes=None)
+    app, engine = build_app(model, tokenizer, args)
+    engine.start()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", model, tokenizer, engine
+    server.should_exit = True
+    thread.join()
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=f"{served[0]}/v1", api_key=KEY, max_retries=0)
+
+
+def expected_text(served, prompt: str, max_tokens: int, chat: bool = False, **kwargs) -> str:
+    _, model, tokenizer, _ = served
+    ids = encode_prompt(tokenizer, prompt, chat)
+    out = ld.generate(model, ids, max_tokens, CONFIG, **kwargs)
+    return tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_completions_equal_generate(served, client):
+    prompt = "def fibonacci(n):"
+    answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    assert answer.choices[0].text == expected_text(served, prompt, 24)
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage.completion_tokens == 24
+    assert answer.usage.prompt_tokens == len(served[2](prompt).input_ids)
+    assert answer.usage.model_extra["lookahead"]["forwards"] >= 1
+
+
+def test_a_chat_stream_equals_the_whole_answer(served, client):
+    messages = [{"role": "user", "content": "Name three colours."}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content == expected_text(served, messages[0]["content"], 30,
+                                                                          chat=True)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_sixteen_concurrent_streams_each_equal_generate(served, client):
+    prompts = [f"Count from {i} to {i + 5}:" for i in range(16)]
+
+    def stream(prompt):
+        parts = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True)
+        return "".join(part.choices[0].text for part in parts)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(stream, prompts))
+    assert texts == [expected_text(served, prompt, 12) for prompt in prompts]
+
+
+def test_a_stop_string_across_tokens_ends_the_answer(served, client):
+    prompt = "def fibonacci(n):"
+    full = expected_text(served, prompt, 32)
+    tokenizer = served[2]
+    ids = tokenizer(full, add_special_tokens=False).input_ids
+    pieces = [tokenizer.decode(ids[:i]) for i in range(len(ids) + 1)]
+    boundary = len(pieces[len(ids) // 2])  # a token boundary in the middle of the text
+    stop = full[boundary - 2 : boundary + 2]  # spans it
+    assert stop.strip() and full.index(stop) < len(full)
+    answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0, stop=[stop])
+    assert answer.choices[0].text == full[: full.index(stop)]
+    assert answer.choices[0].finish_reason == "stop"
+    streamed = "".join(part.choices[0].text for part in client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=32, temperature=0, stop=stop, stream=True))
+    assert streamed == full[: full.index(stop)]
+
+
+def test_seeded_sampling_is_reproducible_and_equals_generate(served, client):
+    prompt = "Once upon a time"
+    runs = [client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0.8, top_p=0.95,
+                                      seed=seed).choices[0].text for seed in (7, 7, 8)]
+    assert runs[0] == runs[1] != runs[2]
+    assert runs[0] == expected_text(served, prompt, 16, do_sample=True, temperature=0.8, top_p=0.95, seed=7)
+
+
+def test_lookahead_can_be_turned_off_per_request(served, client):
+    prompt = "1, 2, 3, 4, 5,"
+    on = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    off = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                    extra_body={"lookahead": {"enabled": False}})
+    assert off.choices[0].text == on.choices[0].text
+    assert off.usage.model_extra["lookahead"]["forwards"] == 24 - 1  # one token per step after the prefill's
+    assert on.usage.model_extra["lookahead"]["forwards"] < 24 - 1
+
+
+def test_a_client_that_disconnects_frees_its_row(served, client):
+    url, _, _, engine = served
+    with httpx.stream("POST", f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 32, "stream": True},
+                      timeout=30) as response:
+        next(response.iter_lines())  # the first event, then hang up
+    deadline = time.time() + 10
+    while (engine.running_rows or engine.queued) and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.running_rows == 0 and engine.queued == 0
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, temperature=0).choices[0].text
+
+
+def post(served, path, body=None, content=None, key=KEY):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{served[0]}{path}", json=body, content=content, headers=headers, timeout=30)
+
+
+@pytest.mark.parametrize(("body", "status", "message", "param"), [
+    ({"model": MODEL, "prompt": "x", "logprobs": 2}, 400, "'logprobs' is not supported by this server", "logprobs"),
+    ({"model": MODEL, "prompt": "x", "n": 2}, 400, "'n' must be 1: this server returns one choice per request", "n"),
+    ({"model": MODEL, "prompt": "x", "best_of": 2}, 400, "'best_of' is not supported by this server", "best_of"),
+    ({"model": MODEL, "prompt": "x", "colour": 2}, 400, "unknown field 'colour'", "colour"),
+    ({"model": "gpt-4", "prompt": "x"}, 404, "the model 'gpt-4' does not exist; this server serves "
+                                             "'SmolLM2-135M-Instruct'", "model"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 33}, 400, "'max_tokens' must be in [1, 32], got 33", "max_tokens"),
+    ({"model": MODEL, "prompt": "x " * 500}, 400, "the prompt has 501 tokens; this server takes at most 120",
+     "prompt"),
+    ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "'stop' holds 5 strings; at most 4",
+     "stop"),
+    ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p must be a number in (0, 1]", "top_p"),
+    ({"model": MODEL, "prompt": ""}, 400, "'prompt' must be a non-empty string (or one list of token ids)", "prompt"),
+])
+def test_bad_requests_get_an_openai_error(served, body, status, message, param):
+    response = post(served, "/v1/completions", body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["message"].startswith(message) and error["param"] == param
+
+
+def test_tools_are_refused_on_chat(served):
+    response = post(served, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                      "tools": []})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "tools"
+
+
+def test_malformed_json_oversized_bodies_and_keys(served):
+    response = post(served, "/v1/completions", content=b"{not json")
+    assert response.status_code == 400 and response.json()["error"]["message"].startswith(
+        "the request body is not valid JSON")
+    response = post(served, "/v1/completions", content=b"{" + b" " * (1 << 20) + b"}")
+    assert response.status_code == 413
+    for key in (None, "wrong"):
+        response = post(served, "/v1/completions", {"model": MODEL, "prompt": "x"}, key=key)
+        assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{served[0]}/health").json()["status"] == "ok"  # no key needed
+
+
+def test_models_lists_the_served_model(client):
+    assert [model.id for model in client.models.list()] == [MODEL]
