@@ -194,3 +194,38 @@ def test_malformed_json_oversized_bodies_and_keys(served):
 
 def test_models_lists_the_served_model(client):
     assert [model.id for model in client.models.list()] == [MODEL]
+
+
+class CharTokenizer:
+    """One token per byte of UTF-8: a multi-byte character arrives in pieces, as byte-level BPE can send it."""
+
+    def __call__(self, text):
+        return argparse.Namespace(input_ids=list(text.encode()))
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return bytes(tokens).decode(errors="replace")
+
+
+def test_text_is_released_whole_characters_at_a_time_and_stops_before_a_stop_string():
+    from lookahead_decoding.serve.text import TextStream
+
+    text = TextStream(CharTokenizer(), stop=["END"])
+    pieces = [text.add([byte]) for byte in "héllo wörld E".encode()]
+    assert "\ufffd" not in "".join(pieces)
+    assert "".join(pieces) == "héllo wörld"  # " E" could begin "END": held back until it cannot
+    assert text.add(list(b"ND and more")) == " " and text.stopped and text.rest() == ""
+    free = TextStream(CharTokenizer(), stop=["END"])
+    assert "".join(free.add([byte]) for byte in "ab EN".encode()) + free.rest() == "ab EN"
+
+
+def test_a_full_queue_answers_429_with_retry_after():
+    from fastapi.testclient import TestClient
+
+    from lookahead_decoding.serve.app import create_app
+    from lookahead_decoding.serve.protocol import Limits
+
+    full = argparse.Namespace(submit=lambda request, stream: False, error=None, running_rows=4, queued=8)
+    app = create_app(full, CharTokenizer(), MODEL, Limits(100, 10), eos_ids=set())
+    response = TestClient(app).post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
+    assert response.status_code == 429 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["type"] == "rate_limit_error"

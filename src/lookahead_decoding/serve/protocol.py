@@ -129,7 +129,7 @@ def parse(kind: str, body, tokenizer, model_name: str, limits: Limits) -> Genera
         raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
                             f"{limits.max_prompt_tokens}", "messages" if kind == "chat" else "prompt")
     name = "max_completion_tokens" if kind == "chat" and "max_completion_tokens" in body else "max_tokens"
-    default = COMPLETION_DEFAULT_TOKENS if kind == "completion" else limits.max_new_tokens
+    default = min(COMPLETION_DEFAULT_TOKENS, limits.max_new_tokens) if kind == "completion" else limits.max_new_tokens
     max_tokens = _number(body, name, default, 1, limits.max_new_tokens, integer=True)
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"}:
