@@ -224,8 +224,24 @@ def test_a_full_queue_answers_429_with_retry_after():
     from lookahead_decoding.serve.app import create_app
     from lookahead_decoding.serve.protocol import Limits
 
-    full = argparse.Namespace(submit=lambda request, stream: False, error=None, running_rows=4, queued=8)
+    scheduler = argparse.Namespace(stats=ld.GenerationStats(), steps_by_shape={})
+    full = argparse.Namespace(submit=lambda request, stream: False, error=None, running_rows=4, queued=8,
+                              scheduler=scheduler)
     app = create_app(full, CharTokenizer(), MODEL, Limits(100, 10), eos_ids=set())
     response = TestClient(app).post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
     assert response.status_code == 429 and response.headers["retry-after"] == "1"
     assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_metrics_after_a_run(served, client):
+    client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=8, temperature=0)
+    text = httpx.get(f"{served[0]}/metrics").text
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values['lookahead_requests_total{status="200"}'] >= 1
+    assert values["lookahead_generated_tokens_total"] >= 8 and values["lookahead_forwards_total"] >= 1
+    assert values["lookahead_time_to_first_token_seconds_count"] >= 1
+    assert values["lookahead_time_per_output_token_seconds_count"] >= 1
+    assert values["lookahead_tokens_per_step_count"] >= values["lookahead_forwards_total"]
+    assert values["lookahead_running_rows"] == 0 and values["lookahead_queue_depth"] == 0
+    assert any(name.startswith("lookahead_step_shapes_total{shape=") for name in values)

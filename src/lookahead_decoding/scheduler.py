@@ -106,6 +106,11 @@ class BatchScheduler:
                              f"({request.max_new_tokens}) = {total} tokens does not fit this engine's max_length {room}")
         self.waiting.append(request)
 
+    @property
+    def steps_by_shape(self) -> dict[str, int]:
+        """Batched steps run so far, by step shape (its name)."""
+        return {shape_name(shape): n for shape, n in zip(self.plan.shapes, self._steps_by_shape) if n}
+
     def cancel(self, tag) -> Finished | None:
         """Stop the request tagged `tag`. A waiting one leaves the queue: its result (the prompt, no new tokens) is
         returned now. A decoding one frees its row at the next step, whose results include it with the tokens it
@@ -223,8 +228,7 @@ class BatchScheduler:
         """The statistics of the whole run: batched forwards, new tokens over all rows, wall time."""
         self.stats.seconds = seconds
         check_drift(self.plan, self._steps_by_shape, self.costs.recent_ms)
-        self.stats.shape_steps.update({shape_name(shape): n for shape, n in zip(self.plan.shapes,
-                                                                                 self._steps_by_shape) if n})
+        self.stats.shape_steps.update(self.steps_by_shape)
         return self.stats
 
 

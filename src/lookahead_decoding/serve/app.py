@@ -1,5 +1,5 @@
 """The HTTP routes: OpenAI's completions and chat completions (streamed as server-sent events or answered whole),
-the model list and a health check. Requests are checked and tokenized here, decoded by the engine thread
+the model list, a health check and the Prometheus metrics. Requests are checked and tokenized here, decoded by the engine thread
 (`engine_loop.py`), and their tokens turned into text here as they arrive (`text.py`)."""
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ import json
 import time
 
 from fastapi import FastAPI, Request as HTTPRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..scheduler import Request
 from .engine_loop import EngineLoop, TokenStream
+from .metrics import Metrics
 from .protocol import APIError, Generation, Limits, chunk, parse, response, usage
 from .text import TextStream
 
@@ -23,6 +25,7 @@ def create_app(engine: EngineLoop, tokenizer, model_name: str, limits: Limits, e
                api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="lookahead-decoding")
     created = int(time.time())
+    metrics = Metrics(engine)
 
     @app.exception_handler(APIError)
     async def api_error(_, err: APIError):
@@ -34,8 +37,12 @@ def create_app(engine: EngineLoop, tokenizer, model_name: str, limits: Limits, e
             if request.headers.get("authorization") != f"Bearer {api_key}":
                 error = APIError(401, "a valid API key is needed: 'Authorization: Bearer KEY'",
                                  kind="authentication_error")
+                metrics.requests.labels("401").inc()
                 return JSONResponse(error.body(), status_code=401)
-        return await call_next(request)
+        answer = await call_next(request)
+        if request.method == "POST" and request.url.path.startswith("/v1/"):
+            metrics.requests.labels(str(answer.status_code)).inc()
+        return answer
 
     @app.get("/health")
     async def health():
@@ -43,12 +50,17 @@ def create_app(engine: EngineLoop, tokenizer, model_name: str, limits: Limits, e
             return JSONResponse({"status": "error", "error": str(engine.error)}, status_code=503)
         return {"status": "ok", "running_rows": engine.running_rows, "queued": engine.queued}
 
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list",
                 "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "lookahead-decoding"}]}
 
     async def generate(kind: str, request: HTTPRequest):
+        arrived = time.perf_counter()
         raw = await request.body()
         if len(raw) > max_body_bytes:
             raise APIError(413, f"the request body has {len(raw)} bytes; at most {max_body_bytes}")
@@ -64,21 +76,24 @@ def create_app(engine: EngineLoop, tokenizer, model_name: str, limits: Limits, e
             raise APIError(429, "the server's queue is full; retry later", kind="rate_limit_error",
                            headers={"Retry-After": "1"})
         if generation.stream:
-            return StreamingResponse(events(generation, stream), media_type="text/event-stream")
+            return StreamingResponse(events(generation, stream, arrived), media_type="text/event-stream")
         text, finish_reason, used = [], None, None
-        async for piece, finish_reason, used in pieces(generation, stream):
+        async for piece, finish_reason, used in pieces(generation, stream, arrived):
             text.append(piece)
         return response(generation, "".join(text), finish_reason, used)
 
-    async def pieces(generation: Generation, stream: TokenStream):
+    async def pieces(generation: Generation, stream: TokenStream, arrived: float):
         """(new text, finish reason or None, usage or None) as the engine commits tokens; the request's row is
-        freed early when a stop string ends it or the consumer goes away."""
+        freed early when a stop string ends it or the consumer goes away. Timings go to the metrics."""
         text = TextStream(tokenizer, generation.stop)
-        finished = False
+        finished, first_token = False, None
         try:
             while True:
                 kind, payload = await stream.events.get()
                 if kind == "tokens":
+                    if first_token is None:
+                        first_token = time.perf_counter()
+                        metrics.time_to_first_token.observe(first_token - arrived)
                     new = text.add(payload)
                     if text.stopped:
                         engine.cancel(generation.id)
@@ -89,6 +104,9 @@ def create_app(engine: EngineLoop, tokenizer, model_name: str, limits: Limits, e
                         yield new, None, None
                 elif kind == "done":
                     finished = True
+                    if first_token is not None and len(text.tokens) > 1:
+                        metrics.time_per_output_token.observe((time.perf_counter() - first_token)
+                                                              / (len(text.tokens) - 1))
                     eos = bool(text.tokens) and text.tokens[-1] in eos_ids
                     reason = "length" if not eos and len(text.tokens) >= generation.max_tokens else "stop"
                     yield text.rest(), reason, usage(generation, len(text.tokens), payload)
@@ -99,9 +117,9 @@ def create_app(engine: EngineLoop, tokenizer, model_name: str, limits: Limits, e
             if not finished:  # the client went away: free the row
                 engine.cancel(generation.id)
 
-    async def events(generation: Generation, stream: TokenStream):
+    async def events(generation: Generation, stream: TokenStream, arrived: float):
         yield sse(chunk(generation, "", first=True))
-        async for piece, finish_reason, used in pieces(generation, stream):
+        async for piece, finish_reason, used in pieces(generation, stream, arrived):
             if piece:
                 yield sse(chunk(generation, piece))
             if finish_reason is not None:
