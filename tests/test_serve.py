@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import socket
 import threading
 import time
@@ -245,3 +246,42 @@ def test_metrics_after_a_run(served, client):
     assert values["lookahead_tokens_per_step_count"] >= values["lookahead_forwards_total"]
     assert values["lookahead_running_rows"] == 0 and values["lookahead_queue_depth"] == 0
     assert any(name.startswith("lookahead_step_shapes_total{shape=") for name in values)
+
+
+def test_sigterm_lets_requests_in_flight_finish_then_exits_0(served, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lookahead_decoding.cli", "serve", "--port", str(port), "--batch-size", "2",
+         "--max-tokens", "48", "--max-prompt-tokens", "64", "--window", "3", "--ngram", "3", "--guesses", "3"],
+        env={**os.environ, "LOOKAHEAD_CACHE_DIR": str(tmp_path)}, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        lines = []
+        body = {"model": MODEL, "prompt": "Write a poem about the sea.", "max_tokens": 48, "temperature": 0,
+                "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if not lines:
+                    server.send_signal(signal.SIGTERM)  # mid-stream
+                lines.append(line)
+        assert server.wait(timeout=60) == 0, server.stderr.read()
+    finally:
+        server.kill()
+    events = [line for line in lines if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    text = "".join(json.loads(event[len("data: "):])["choices"][0]["text"] for event in events[:-1])
+    assert text == expected_text(served, body["prompt"], 48)  # the whole answer: not cut short

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 
 from .common import (CommandError, add_lookahead_arguments, add_model_arguments, config_from_args, load_from_args,
@@ -32,6 +33,8 @@ def add_serve_command(commands) -> None:
     parser.add_argument("--max-queue", type=positive_int, default=256, metavar="Q",
                         help="requests waiting or decoding before new ones get 429 (default: 256)")
     parser.add_argument("--model-name", help="the model id clients ask for (default: derived from --model)")
+    parser.add_argument("--drain-seconds", type=positive_int, default=60, metavar="S",
+                        help="on SIGTERM, how long requests in flight may take to finish (default: 60)")
     parser.set_defaults(func=run_serve)
 
 
@@ -75,9 +78,15 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CommandError("lookahead serve needs the serve extra: pip install 'lookahead-decoding[serve]'") from None
     model, tokenizer = load_from_args(args)
     app, engine = build_app(model, tokenizer, args)
+    # uvicorn drains on SIGTERM and then raises it again under the handler it found: with this one, a drained
+    # server exits 0 instead of dying of the signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     engine.start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        # SIGTERM / Ctrl-C: uvicorn stops accepting, lets the requests in flight finish (up to the timeout), then
+        # returns; the engine thread stops after them.
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=args.drain_seconds)
     finally:
         engine.stop()
     return 0
