@@ -285,3 +285,21 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0(served, tmp_path):
     assert events[-1] == "data: [DONE]"
     text = "".join(json.loads(event[len("data: "):])["choices"][0]["text"] for event in events[:-1])
     assert text == expected_text(served, body["prompt"], 48)  # the whole answer: not cut short
+
+
+def test_bench_serve_loads_the_server_with_lookahead_on_and_off(served, tmp_path):
+    from pathlib import Path
+
+    from lookahead_decoding.cli import main
+
+    data = Path(__file__).parent / "fixtures" / "HumanEval.jsonl.gz"
+    out, plot = tmp_path / "load.json", tmp_path / "load.png"
+    code = main(["bench-serve", "--url", served[0], "--api-key", KEY, "--dataset", "humaneval", "--data-file",
+                 str(data), "--limit", "3", "--concurrency", "1,3", "--max-tokens", "6", "--out", str(out),
+                 "--plot", str(plot)])
+    assert code == 0 and plot.stat().st_size > 0
+    settings = json.loads(out.read_text())["settings"]
+    assert [(s["lookahead"], s["concurrency"]) for s in settings] == [(True, 1), (True, 3), (False, 1), (False, 3)]
+    for setting in settings:
+        assert setting["errors"] == 0 and setting["requests"] == 3 and 3 <= setting["tokens"] <= 18
+        assert setting["ttft_p50"] > 0 and setting["tokens_per_second"] > 0

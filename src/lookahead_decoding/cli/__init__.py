@@ -4,6 +4,7 @@
     lookahead bench --dataset NAME [--methods ...] [--out PATH] [--plot PATH] ...
     lookahead tune [--model PATH_OR_HUB_NAME | --random-shape NAME] [--plot PATH] [--json]
     lookahead serve [--model PATH_OR_HUB_NAME] [--host 127.0.0.1] [--port 8000] [--batch-size B] [--api-key KEY]
+    lookahead bench-serve --dataset NAME [--url URL] [--concurrency 1,8,32,64] [--out PATH] [--plot PATH]
 
 Every subcommand is added by one `add_*` function that creates its subparser and sets `func` (called with the
 parsed arguments, returns the exit code). Arguments are parsed before torch or transformers is imported, so
@@ -29,6 +30,7 @@ EXIT_INTERRUPTED = 130
 def build_parser() -> argparse.ArgumentParser:
     # Imported here: bench's command line imports .common of this package.
     from ..bench.cli import add_bench_parser
+    from ..bench.serve_load import add_bench_serve_parser
 
     parser = argparse.ArgumentParser(
         prog="lookahead", description="Exact lookahead decoding for Hugging Face decoder-only models."
@@ -38,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(commands)
     add_tune_command(commands)
     add_serve_command(commands)
+    add_bench_serve_parser(commands)
     return parser
 
 
