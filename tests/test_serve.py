@@ -167,6 +167,8 @@ def post(served, path, body=None, content=None, key=KEY):
      "stop"),
     ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p must be a number in (0, 1]", "top_p"),
     ({"model": MODEL, "prompt": ""}, 400, "'prompt' must be a non-empty string (or one list of token ids)", "prompt"),
+    ({"model": MODEL, "prompt": [1, 10**6]}, 400, "'prompt' holds token ids outside the model's vocabulary [0, 49152)",
+     "prompt"),
 ])
 def test_bad_requests_get_an_openai_error(served, body, status, message, param):
     response = post(served, "/v1/completions", body)
@@ -228,7 +230,7 @@ def test_a_full_queue_answers_429_with_retry_after():
     scheduler = argparse.Namespace(stats=ld.GenerationStats(), steps_by_shape={})
     full = argparse.Namespace(submit=lambda request, stream: False, error=None, running_rows=4, queued=8,
                               scheduler=scheduler)
-    app = create_app(full, CharTokenizer(), MODEL, Limits(100, 10), eos_ids=set())
+    app = create_app(full, CharTokenizer(), MODEL, Limits(100, 10, 256), eos_ids=set())
     response = TestClient(app).post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
     assert response.status_code == 429 and response.headers["retry-after"] == "1"
     assert response.json()["error"]["type"] == "rate_limit_error"

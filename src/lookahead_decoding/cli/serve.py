@@ -66,8 +66,8 @@ def build_app(model, tokenizer, args: argparse.Namespace):
     scheduler = open_scheduler(model, args.batch_size, max_prompt + args.max_tokens, config_from_args(args) or AUTO,
                                args.source)
     engine = EngineLoop(scheduler, args.max_queue)
-    app = create_app(engine, tokenizer, model_name(args), Limits(max_prompt, args.max_tokens), eos_set(model),
-                     args.api_key)
+    limits = Limits(max_prompt, args.max_tokens, ModelAdapter(model).vocab)
+    app = create_app(engine, tokenizer, model_name(args), limits, eos_set(model), args.api_key)
     return app, engine
 
 

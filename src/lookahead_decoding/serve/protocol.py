@@ -42,6 +42,7 @@ class APIError(Exception):
 class Limits:
     max_prompt_tokens: int
     max_new_tokens: int  # the most any request may ask for (and the chat default)
+    vocab: int  # token ids a prompt given as ids may hold: [0, vocab)
 
 
 @dataclass
@@ -85,12 +86,14 @@ def _stop(body: dict) -> list[str]:
     return stops
 
 
-def _prompt_ids(kind: str, body: dict, tokenizer) -> list[int]:
+def _prompt_ids(kind: str, body: dict, tokenizer, vocab: int) -> list[int]:
     if kind == "completion":
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if not all(0 <= t < vocab for t in prompt):
+                raise APIError(400, f"'prompt' holds token ids outside the model's vocabulary [0, {vocab})", "prompt")
             return list(prompt)
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "'prompt' must be a non-empty string (or one list of token ids)", "prompt")
@@ -124,7 +127,7 @@ def parse(kind: str, body, tokenizer, model_name: str, limits: Limits) -> Genera
     if model != model_name:
         raise APIError(404, f"the model '{model}' does not exist; this server serves '{model_name}'", "model",
                        kind="not_found_error")
-    prompt_ids = _prompt_ids(kind, body, tokenizer)
+    prompt_ids = _prompt_ids(kind, body, tokenizer, limits.vocab)
     if len(prompt_ids) > limits.max_prompt_tokens:
         raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
                             f"{limits.max_prompt_tokens}", "messages" if kind == "chat" else "prompt")
