@@ -29,7 +29,7 @@ from .drafting.tree import TokenTree
 from .kv_cache import RowCache
 from .layout import TreeTensors, tree_tensors
 from .model_adapter import ModelAdapter, UnsupportedModelError
-from .row_sampler import RowSampler
+from .row_sampler import RowSampler, choose_tokens
 from .sampling_params import SamplingParams
 from .step import PlannedStep, StepOutcome, build_layouts, host_predictions, top_predictions, tree_parents
 from .verification import Verifier, verify_greedy
@@ -322,8 +322,7 @@ class StaticStep:
             self.cache.move_kv(start[:, None] + layout.lookahead_size + path, behind)
         self.lengths.copy_(start + (1 + accepted) * active)
         if self.sampler is not None:
-            counted = torch.arange(depth + 1, device=start.device) <= accepted[:, None]
-            self.sampler.observe_output(committed, counted & (active[:, None] > 0))
+            self.sampler.observe_step(committed, accepted, active > 0)
 
     def _outputs(self, shape: int, logits, step_ids, result, path, new_level):
         """(the packed outcome per row as `StepOutcome.from_host` reads it, the logits [batch, K+1, V] along the
@@ -343,26 +342,18 @@ class StaticStep:
         return torch.cat([result, new_level], dim=1), committed_logits, top
 
     def _device_step(self, shape: int):
-        """The step of every row: forward, tree verification against the tokens the rows choose (`_choices`), KV
-        commit. See `_outputs`."""
+        """The step of every row: forward, tree verification against the tokens the rows choose (the argmax, or
+        each row's draw: `row_sampler.choose_tokens`), KV commit. See `_outputs`."""
         layout = self.layouts[shape]
         depth = layout.config.candidate_length
         logits, tree, start, step_ids = self._device_forward(shape)
-        choices = self._choices(layout, logits, tree, start)
+        verified = torch.cat([logits[:, :1], logits[:, layout.tree_logits]], dim=1)
+        choices = choose_tokens(self.sampler, verified, tree, start, layout.config)
         verify = torch.vmap(functools.partial(verify_greedy, max_depth=depth))
         result = verify(choices[:, 0], choices[:, 1:], tree)
         self._device_commit(shape, start, result)
         new_level = logits[:, layout.new_level_logits].argmax(dim=-1)  # the window refines by argmax
         return self._outputs(shape, logits, step_ids, result, result[:, 2 + depth :], new_level)
-
-    def _choices(self, layout, logits, tree: TreeTensors, start: torch.Tensor) -> torch.Tensor:
-        """The token each row chooses [batch, 1 + B] after its current token and after each tree node: the argmax,
-        or the row's draw. A node at depth d chooses the token at position start + 1 + d, after its own path."""
-        verified = torch.cat([logits[:, :1], logits[:, layout.tree_logits]], dim=1)
-        if self.sampler is None:
-            return verified.argmax(dim=-1)
-        config = layout.config
-        return self.sampler.choose_in_tree(verified, tree, start, config.candidate_length if config.tree_nodes else 0)
 
     def _verified_step(self, shape: int, steps, histories):
         """The step of every row with the verifier deciding, row by row on the host, what each row accepts."""

@@ -28,6 +28,16 @@ HEAD_TOKENS = 256
 STAGES = ("penalties", "sampling", "top_k_top_p", "min_p")
 
 
+def choose_tokens(sampler: "RowSampler | None", logits: torch.Tensor, tree: TreeTensors, current: torch.Tensor,
+                  config) -> torch.Tensor:
+    """The token each row chooses [rows, 1 + B] after its current token (at position `current` [rows]) and after
+    each node of its token tree (batched): logits [rows, 1 + B, V] in that order, for a step of `config`. The
+    argmax without a sampler (greedy), else each row's draw (`RowSampler.choose_in_tree`)."""
+    if sampler is None:
+        return logits.argmax(dim=-1)
+    return sampler.choose_in_tree(logits, tree, current, config.candidate_length if config.tree_nodes else 0)
+
+
 class RowSampler:
     """The sampling parameters of `rows` rows as device tensors, and the token counts the penalties read: how often
     each token occurs in a row's output so far, and whether it occurs in its prompt.
@@ -93,6 +103,12 @@ class RowSampler:
     def observe_output(self, tokens: torch.Tensor, real: torch.Tensor) -> None:
         """Committed output tokens [rows, T] where `real` [rows, T] (bool) is set."""
         self.output_counts.scatter_add_(1, tokens, real.to(self.output_counts.dtype))
+
+    def observe_step(self, committed: torch.Tensor, accepted: torch.Tensor, decoding: torch.Tensor) -> None:
+        """A step's committed tokens [rows, K+1], of which accepted [rows] + 1 are real, in the rows that decode
+        (`decoding` [rows], bool)."""
+        real = torch.arange(committed.shape[1], device=committed.device) <= accepted[:, None]
+        self.observe_output(committed, real & decoding[:, None])
 
     def choose(self, logits: torch.Tensor, positions: torch.Tensor, path_tokens: torch.Tensor | None = None,
                on_path: torch.Tensor | None = None, position_index: torch.Tensor | None = None) -> torch.Tensor:

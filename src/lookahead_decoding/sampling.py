@@ -26,7 +26,7 @@ from transformers import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogi
                           TopPLogitsWarper)
 
 from .sampling_params import SEED_LIMIT, SamplingParams
-from .verification import GreedyVerifier, Verifier, pack
+from .verification import Verifier, pack
 
 
 class PathVerifier:
@@ -202,15 +202,15 @@ def make_verifier(
 ) -> Verifier:
     """The host verifier for these generation arguments (validated), for decoding under logits processors.
 
-    do_sample=False is greedy: `ProcessedGreedyVerifier` (or `GreedyVerifier` with no processors), sampling
-    arguments ignored with a warning, as HF `generate` does. With do_sample=True and no generator, one is seeded
+    do_sample=False is greedy: `ProcessedGreedyVerifier`, sampling arguments ignored with a warning, as HF
+    `generate` does. With do_sample=True and no generator, one is seeded
     from torch's global RNG, so `torch.manual_seed` makes runs reproducible.
     """
     check_sampling_args(do_sample, temperature, top_k, top_p, logits_processor, generator, device)
     if not do_sample:
         warn_ignored_when_greedy(temperature=temperature != 1.0, top_k=bool(top_k), top_p=top_p != 1.0,
                                  min_p=bool(min_p), generator=generator is not None)
-        return ProcessedGreedyVerifier(logits_processor) if logits_processor else GreedyVerifier()
+        return ProcessedGreedyVerifier(logits_processor)
     generator = generator if generator is not None else seeded_generator(device)
     return SamplingVerifier(generator, temperature, top_k, top_p, logits_processor, min_p)
 

@@ -157,7 +157,6 @@ class BatchScheduler:
             shape = choose_for_batch(choosers, [len(trees[index]) for index, _ in live], costs, yields)
         else:
             trees = dict.fromkeys((index for index, _ in live), EMPTY_TREE)
-        expected = batch_expected_tokens(choosers, [len(trees[index]) for index, _ in live], shape)
         steps: list = [None] * len(self.rows)
         histories: list = [None] * len(self.rows)
         for index, row in live:
@@ -169,6 +168,8 @@ class BatchScheduler:
             for sequence in sequences:
                 sequence.observe_text()
 
+        expected = None if self.batch_yield is None else batch_expected_tokens(
+            choosers, [len(trees[index]) for index, _ in live], shape)  # before `record` updates the choosers
         drafted = self.plan.shapes[shape].verifies
         outcomes = self.runner.step_rows(shape, steps, histories, overlap=observe_text if drafted else None)
         self.stats.steps += 1

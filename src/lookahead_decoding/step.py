@@ -19,7 +19,7 @@ from .drafting.tree import ROOT, TokenTree
 from .kv_cache import commit_path_kv
 from .layout import StepLayout, TreeTensors, tree_tensors
 from .model_adapter import ModelAdapter
-from .row_sampler import RowSampler
+from .row_sampler import RowSampler, choose_tokens
 from .sampling_params import SamplingParams
 from .verification import Verifier, verify_greedy
 
@@ -184,11 +184,13 @@ class EagerStep:
         if self.verifier is not None:
             result = self.verifier(logits[0], nodes, tree_logits, depth, history)
         else:
-            choices = self._choices(logits[:1], tree_logits, nodes, t, depth if config.tree_nodes else 0)
+            verified = torch.cat([logits[:1], tree_logits])[None]
+            batched = TreeTensors(*(part[None] for part in nodes))
+            (choices,) = choose_tokens(self.sampler, verified, batched, torch.tensor([t], device=device), config)
             result = verify_greedy(choices[0], choices[1:], nodes, depth)
             if self.sampler is not None:  # count the committed tokens for the penalties
-                counted = torch.arange(depth + 1, device=device) <= result[0]
-                self.sampler.observe_output(result[None, 1 : 2 + depth], counted[None])
+                decoding = result.new_ones(1, dtype=torch.bool)
+                self.sampler.observe_step(result[None, 1 : 2 + depth], result[:1], decoding)
         host = torch.cat([result, new_level]).tolist()  # the one host sync
         predictions = None
         if self.predictions and config.verifies:  # as the static engine does (engine.py)
@@ -199,14 +201,3 @@ class EagerStep:
         commit_path_kv(self.cache, layout.size, layout.lookahead_size + path)
         scores = torch.cat([logits[:1], tree_logits[path]])
         return outcome._replace(scores=scores)
-
-    def _choices(self, next_logits: torch.Tensor, tree_logits: torch.Tensor, nodes: TreeTensors, t: int,
-                 max_depth: int) -> torch.Tensor:
-        """The token chosen [1 + B] after the current token (at position t) and after each tree node: the argmax,
-        or the sequence's draw (as `engine.StaticStep._choices`)."""
-        verified = torch.cat([next_logits, tree_logits])
-        if self.sampler is None:
-            return verified.argmax(dim=-1)
-        batched = TreeTensors(*(part[None] for part in nodes))
-        current = torch.tensor([t], device=verified.device)
-        return self.sampler.choose_in_tree(verified[None], batched, current, max_depth)[0]

@@ -2,8 +2,9 @@
 
 A verifier gets the logits after the current token and after every tree node, and returns one packed int64
 tensor (`pack`: accepted draft tokens m, the committed tokens padded to K+1, the accepted path's nodes padded to
-K), so the loop fetches the outcome with a single host sync. Greedy verification lives here; sampling
-verification in `sampling.py`.
+K), so the loop fetches the outcome with a single host sync. `verify_greedy` lives here: it verifies drafts against
+the token each position chooses (the argmax, or a row's seeded draw, `row_sampler.py`). The host verifiers for
+logits processors are in `sampling.py`.
 """
 
 from __future__ import annotations
@@ -30,13 +31,6 @@ class Verifier(Protocol):
 def pack(accepted: torch.Tensor, committed: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
     """[1 + (K+1) + K]: accepted m, committed tokens (m+1 real), the accepted path's nodes (m real)."""
     return torch.cat([accepted.view(1), committed, path])
-
-
-class GreedyVerifier:
-    """Exact greedy verification: argmax everywhere, the deepest node whose whole path matches wins."""
-
-    def __call__(self, next_logits, tree, tree_logits, max_depth, history) -> torch.Tensor:
-        return verify_greedy(next_logits.argmax(-1), tree_logits.argmax(-1), tree, max_depth)
 
 
 def verify_greedy(next_token: torch.Tensor, node_preds: torch.Tensor, tree: TreeTensors, max_depth: int) -> torch.Tensor:
