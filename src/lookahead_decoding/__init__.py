@@ -16,9 +16,11 @@ _EXPORTS = {
     "CandidateSource": "drafting",
     "CombinedSource": "drafting",
     "Draft": "drafting",
+    "DraftMemory": "drafting",
     "GenerationStats": "state",
     "LookaheadConfig": "config",
     "LookaheadOutput": "decoding",
+    "MemorySource": "drafting",
     "NGramPoolSource": "drafting",
     "RecycledTopKSource": "drafting",
     "Request": "scheduler",
@@ -63,7 +65,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .config import LookaheadConfig
     from .decoding import LookaheadOutput, RowOutput, generate
     from .state import GenerationStats
-    from .drafting import CandidateSource, CombinedSource, Draft, NGramPoolSource, RecycledTopKSource, SuffixSource
+    from .drafting import (CandidateSource, CombinedSource, Draft, DraftMemory, MemorySource, NGramPoolSource,
+                           RecycledTopKSource, SuffixSource)
     from .engine import StaticStep
     from .tuning import StepPlan
     from .hf_integration import lookahead_generate

@@ -21,7 +21,7 @@ import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from .config import LookaheadConfig
-from .drafting import CandidateSource
+from .drafting import CandidateSource, DraftMemory
 from .drafting.sources import SOURCE_NAMES, make_source
 from .engine import check_batch_size
 from .model_adapter import ModelAdapter
@@ -260,14 +260,25 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def make_sources(source, shapes, predictions: int | None, count: int) -> Callable[[], CandidateSource]:
-    """A factory of one draft source per sequence from `ld.generate`'s `source` (see `make_source`); a source
-    object holds one sequence's state, so a batch needs names (or None)."""
+def make_sources(source, shapes, predictions: int | None, count: int) -> Callable[..., CandidateSource]:
+    """A factory of one draft source per sequence from `ld.generate`'s `source` (see `make_source`), called with
+    the DraftMemory the sequence drafts from, if any; a source object holds one sequence's state, so a batch needs
+    names (or None)."""
     given = [source] if isinstance(source, CandidateSource) else source if isinstance(source, (list, tuple)) else []
     if count > 1 and any(isinstance(part, CandidateSource) for part in given):
         raise ValueError(f"a CandidateSource object drafts for one sequence; for a batch of {count} prompts pass "
                          f"source names ({', '.join(SOURCE_NAMES)}) or None")
-    return lambda: make_source(source, shapes, predictions)
+    return lambda memory=None: make_source(source, shapes, predictions, memory)
+
+
+def check_memory(memory, model) -> None:
+    """Tie `memory` (a DraftMemory, or None for none) to `model` before any work: one that holds another model's
+    text is refused (ValueError), and so is anything else (TypeError)."""
+    if memory is None:
+        return
+    if not isinstance(memory, DraftMemory):
+        raise TypeError(f"memory must be a DraftMemory or None, got {type(memory).__name__}")
+    memory.bind(model)
 
 
 def schedule(
@@ -285,12 +296,14 @@ def schedule(
     runner: StepRunner | None = None,
     batch_size: int | None = None,
     sampling: Sequence[SamplingParams | None] | None = None,
+    memory: DraftMemory | None = None,
 ) -> BatchScheduler:
     """Check everything, pick the plan and the runner, and queue `prompts` (token lists; tagged by their index)
     for lookahead decoding `batch_size` at a time (default: all at once), each up to its `max_new_tokens` (one
     int for all, or one per prompt); greedy unless `sampling` gives prompts their `SamplingParams` (one per prompt,
-    None: greedy) or a `verifier` decides under logits processors (see `sampling.make_verifier`).
-    `scheduler.run()` then yields each result as it finishes.
+    None: greedy) or a `verifier` decides under logits processors (see `sampling.make_verifier`), drafting from
+    `memory` too when given (and adding every result to it). `scheduler.run()` then yields each result as it
+    finishes.
 
     `config` is resolved by `resolve_plan`; "auto" keeps only the shapes that fit these prompts (`fitting_plan`),
     while the user's own shapes that do not fit are refused. `stream_prompt=False` when the caller already sent
@@ -300,6 +313,7 @@ def schedule(
     adapter = ModelAdapter(model)
     limits = new_token_limits(max_new_tokens, len(prompts))
     _check_inputs(adapter, prompts, limits)
+    check_memory(memory, model)
     if streamer is not None and len(prompts) > 1:
         raise ValueError(f"a streamer follows one sequence; got a batch of {len(prompts)} prompts")
     if runner is not None and runner.adapter.model is not model:
@@ -338,19 +352,22 @@ def schedule(
                          f"does not fit this engine's max_length {max_length}")
     if streamer is not None and stream_prompt:
         streamer.put(torch.tensor(prompts))
-    scheduler = BatchScheduler(runner, plan, make_row_source)
+    scheduler = BatchScheduler(runner, plan, make_row_source, memory)
     for request in requests_from(prompts, limits, eos_set(model, eos_token_id), stopping_criteria, window_seed,
                                  streamer, sampling):
         scheduler.submit(request)
     return scheduler
 
 
-def open_scheduler(model, batch_size: int, max_length: int, config=AUTO, source=None) -> BatchScheduler:
+def open_scheduler(model, batch_size: int, max_length: int, config=AUTO, source=None,
+                   memory: DraftMemory | None = None) -> BatchScheduler:
     """A scheduler for requests that arrive over time (a server's): `batch_size` rows of an engine for sequences of
     up to `max_length` tokens (prompt + new), which samples with each request's `SamplingParams` (greedy where it
     has none), with the step plan for `config` ("auto": calibrated for this batch size). Submit
-    `scheduler.Request`s and call `step()`."""
+    `scheduler.Request`s and call `step()`. With a `memory` (a DraftMemory of this model), requests draft from
+    the text of earlier ones and add their own when they finish, except those with `use_memory=False`."""
     check_batch_size(batch_size)
+    check_memory(memory, model)
     adapter = ModelAdapter(model)
     if adapter.context_length is not None and max_length > adapter.context_length:
         raise ValueError(f"max_length {max_length} exceeds the model's context length of {adapter.context_length}")
@@ -358,7 +375,7 @@ def open_scheduler(model, batch_size: int, max_length: int, config=AUTO, source=
     make_row_source = make_sources(source, plan.shapes, None, batch_size)
     wanted = make_row_source().predictions_wanted
     runner = runner_for(model, plan.shapes, max_length, predictions=wanted, batch_size=batch_size, sampling=True)
-    return BatchScheduler(runner, plan, make_row_source)
+    return BatchScheduler(runner, plan, make_row_source, memory)
 
 
 def decode(model, prompts: list[list[int]], max_new_tokens: int | Sequence[int], *args, **kwargs
@@ -445,6 +462,7 @@ def generate(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     seed: int | Sequence[int] | None = None,
+    memory: DraftMemory | None = None,
 ) -> LookaheadOutput:
     """Lookahead decoding with the output distribution of `model.generate`, in fewer forward passes.
 
@@ -486,6 +504,10 @@ def generate(
     name ("pool": the Jacobi window's and the text's n-grams; "suffix": the longest suffix match in the prompt
     and output; "recycled": the model's own recent top-k next tokens), or a list of those. Default: all three.
     A source object drafts for one sequence: a batch takes names.
+
+    memory: a `DraftMemory` to draft from the text of earlier requests too, and to add this call's prompts and
+    outputs to (as each finishes, so later rows of a batch draft from earlier ones). It carries the recycled
+    source's table across calls. None (the default) keeps the call isolated: nothing outlives it.
     """
     check_sampling_args(do_sample, temperature, top_k, top_p, logits_processor, generator, model.device)
     input_ids, attention_mask = batch_input(input_ids, attention_mask)
@@ -502,7 +524,7 @@ def generate(
                          "processors (build a StaticStep with sampling=True to sample)")
     results, stats, plan = decode(
         model, prompts, max_new_tokens, config, streamer, stopping_criteria, eos_token_id, source=source,
-        verifier=verifier, runner=runner, batch_size=batch_size, sampling=sampling,
+        verifier=verifier, runner=runner, batch_size=batch_size, sampling=sampling, memory=memory,
     )
     device = input_ids.device if isinstance(input_ids, torch.Tensor) else model.device
     sequences = batch_sequences(input_ids, prompts, results, pad_token(model), device)

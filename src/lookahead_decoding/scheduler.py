@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .drafting.base import CandidateSource
+from .drafting.memory import DraftMemory
 from .drafting.tree import EMPTY_TREE
 from .sampling_params import SamplingParams
 from .shape_choice import BatchYield, StepCosts, batch_expected_tokens, choose_for_batch
@@ -41,12 +42,14 @@ class Request:
     max_new_tokens: int
     eos_ids: set[int] = field(default_factory=set)
     stopping_criteria: Any = None  # transformers StoppingCriteriaList (or callable) applied to this row alone
-    source: CandidateSource | None = None  # its own draft source (None: the scheduler's `make_source()`)
+    source: CandidateSource | None = None  # its own draft source (None: the scheduler's `make_source`)
     window_seed: int = 0  # the Jacobi window's initial guesses (they change how fast it goes, never its tokens)
     streamer: Any = None
     tag: Any = None  # the caller's name for the request, handed back with its result
     sampling: SamplingParams | None = None  # how it chooses its tokens, its seed included (None: greedy)
     lookahead: bool = True  # False: plain decoding for this request (the same tokens, one per step)
+    # False: isolated from the scheduler's DraftMemory; it neither drafts from it nor adds its text to it.
+    use_memory: bool = True
 
 
 @dataclass
@@ -68,12 +71,19 @@ class _Row:
 class BatchScheduler:
     """Admits requests into the free rows of `runner` between steps, decodes all rows with one step shape per
     step, retires rows whose sequence stopped. `stats` counts the batched forwards (steps) and every row's
-    tokens (new_tokens; accepted_histogram: {tokens a row committed in a step: row-steps})."""
+    tokens (new_tokens; accepted_histogram: {tokens a row committed in a step: row-steps}).
 
-    def __init__(self, runner: StepRunner, plan: StepPlan, make_source: Callable[[], CandidateSource]) -> None:
+    `make_source()` makes a row's draft source. With a `memory`, the rows of requests that use it draft from it
+    too (their source is `make_source(memory)`), and every such request's text is added to it when it finishes.
+    """
+
+    def __init__(self, runner: StepRunner, plan: StepPlan, make_source: Callable[..., CandidateSource],
+                 memory: DraftMemory | None = None) -> None:
         if tuple(layout.config for layout in runner.layouts) != plan.shapes:
             raise ValueError("the plan's shapes are not the runner's")
-        self.runner, self.plan, self.make_source = runner, plan, make_source
+        if memory is not None:
+            memory.bind(runner.adapter.model)
+        self.runner, self.plan, self.make_source, self.memory = runner, plan, make_source, memory
         self.rows: list[_Row | None] = [None] * runner.batch_size
         self.waiting: deque[Request] = deque()
         self.stats = GenerationStats()  # steps: batched forwards; new_tokens: over all rows
@@ -194,7 +204,12 @@ class BatchScheduler:
             request = self.waiting.popleft()
             emitter = Emitter(list(request.prompt), request.max_new_tokens, request.eos_ids,
                               request.stopping_criteria, request.streamer, self.runner.adapter.device)
-            source = request.source if request.source is not None else self.make_source()
+            if request.source is not None:
+                source = request.source
+            elif self.memory is not None and request.use_memory:
+                source = self.make_source(self.memory)
+            else:
+                source = self.make_source()
             sequence = SequenceState(request.prompt, self.plan, source, emitter, random.Random(request.window_seed),
                                      request.lookahead)
             row = _Row(request, sequence, time.perf_counter())
@@ -213,6 +228,8 @@ class BatchScheduler:
 
     def _result(self, row: _Row) -> Finished:
         stats = row.sequence.finish(time.perf_counter() - row.admitted)
+        if self.memory is not None and row.request.use_memory:
+            self.memory.add(row.sequence.history)
         if row.request.streamer is not None:
             row.request.streamer.end()
         return Finished(row.request.tag, row.sequence.history, stats)

@@ -26,17 +26,23 @@ class RecycledTopKSource(CandidateSource):
     Each step reports the top `top_k` next tokens at every row it computed; the table keeps, per input token, only
     the latest report. With `keep_across_generations` (the default) the table outlives `begin`, so a new generation
     starts from what earlier ones saw of the same model; a source shared between models must turn it off.
-    Nodes whose path probability falls below `min_probability` are not drafted.
+    `table` shares the table with other sources: a DraftMemory's (`memory.recycled`), which carries it across
+    requests and between the rows of a batch. Nodes whose path probability falls below `min_probability` are not
+    drafted.
     """
 
-    def __init__(self, top_k: int = 8, min_probability: float = 0.01, keep_across_generations: bool = True) -> None:
+    def __init__(self, top_k: int = 8, min_probability: float = 0.01, keep_across_generations: bool = True,
+                 table: dict[int, tuple[Sequence[int], Sequence[float]]] | None = None) -> None:
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
+        if table is not None and not keep_across_generations:
+            raise ValueError("a shared table is kept across generations: keep_across_generations=False would clear "
+                             "it for every source that shares it")
         self.predictions_wanted = top_k
         self.min_probability = min_probability
         self.keep_across_generations = keep_across_generations
         # token -> (its latest top-k next tokens, most likely first; their probabilities), as reported
-        self.table: dict[int, tuple[Sequence[int], Sequence[float]]] = {}
+        self.table: dict[int, tuple[Sequence[int], Sequence[float]]] = {} if table is None else table
 
     def begin(self, prompt: Sequence[int]) -> None:
         if not self.keep_across_generations:

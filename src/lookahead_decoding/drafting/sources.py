@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from ..config import LookaheadConfig
 from .base import CandidateSource, CombinedSource, NoDrafts
+from .memory import DraftMemory, MemorySource
 from .ngram_pool import NGramPool
 from .pool import NGramPoolSource
 from .recycling import RecycledTopKSource
@@ -24,33 +25,36 @@ def pool_source(shapes: Sequence[LookaheadConfig]) -> NGramPoolSource:
     return NGramPoolSource(NGramPool(length, capacity), from_text=from_text)
 
 
-def named_source(name: str, shapes: Sequence[LookaheadConfig]) -> CandidateSource:
+def named_source(name: str, shapes: Sequence[LookaheadConfig], memory: DraftMemory | None = None
+                 ) -> CandidateSource:
+    """The source called `name`; with a `memory`, the recycled source keeps its table in the memory."""
     if name == "pool":
         return pool_source(shapes)
     if name == "suffix":
         return SuffixSource()
     if name == "recycled":
-        return RecycledTopKSource()
+        return RecycledTopKSource(table=None if memory is None else memory.recycled)
     raise ValueError(f"unknown candidate source {name!r}; the sources are {', '.join(SOURCE_NAMES)}")
 
 
-def make_source(source, shapes: Sequence[LookaheadConfig], predictions: int | None = None) -> CandidateSource:
+def make_source(source, shapes: Sequence[LookaheadConfig], predictions: int | None = None,
+                memory: DraftMemory | None = None) -> CandidateSource:
     """A CandidateSource from `source`: None (the default sources), a CandidateSource, a name in SOURCE_NAMES, or
     a sequence of those (combined into one tree). `predictions`: how many of the model's top next tokens the step
     runner reports, when it is fixed already; default sources that need more are left out. Where no shape
-    verifies drafts (plain decoding), the default is no source at all."""
+    verifies drafts (plain decoding), the default is no source at all. A `memory` adds its `MemorySource` to the
+    sources, and carries the recycled source's table."""
     if source is None and not any(shape.verifies for shape in shapes):
         return NoDrafts()
     if source is None:
-        defaults = [named_source(name, shapes) for name in DEFAULT_SOURCES]
-        usable = [s for s in defaults if predictions is None or s.predictions_wanted <= predictions]
-        return usable[0] if len(usable) == 1 else CombinedSource(usable)
-    if isinstance(source, CandidateSource):
-        return source
-    if isinstance(source, str):
-        return named_source(source, shapes)
-    if isinstance(source, Sequence) and source and all(isinstance(s, (str, CandidateSource)) for s in source):
-        parts = [make_source(s, shapes) for s in source]
-        return parts[0] if len(parts) == 1 else CombinedSource(parts)
-    raise TypeError(f"source must be a CandidateSource, one of {', '.join(SOURCE_NAMES)} or a non-empty list of "
-                    f"those, got {source!r}")
+        parts = [named_source(name, shapes, memory) for name in DEFAULT_SOURCES]
+        parts = [s for s in parts if predictions is None or s.predictions_wanted <= predictions]
+    else:
+        given = [source] if isinstance(source, (str, CandidateSource)) else source
+        if not (isinstance(given, Sequence) and given and all(isinstance(s, (str, CandidateSource)) for s in given)):
+            raise TypeError(f"source must be a CandidateSource, one of {', '.join(SOURCE_NAMES)} or a non-empty "
+                            f"list of those, got {source!r}")
+        parts = [s if isinstance(s, CandidateSource) else named_source(s, shapes, memory) for s in given]
+    if memory is not None:
+        parts.append(MemorySource(memory))
+    return parts[0] if len(parts) == 1 else CombinedSource(parts)

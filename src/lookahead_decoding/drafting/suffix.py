@@ -1,17 +1,92 @@
-"""Drafts from the text's own repetitions: what followed earlier occurrences of the longest matching suffix.
+"""Drafts from repetitions: what followed earlier occurrences of the longest suffix of the history that matches.
 
 The idea of SuffixDecoding (arXiv 2411.04975) and of SAM-Decoding's exact suffix matching (arXiv 2411.10666):
-the text (prompt, then committed output) is indexed by every k-gram (a trie of reversed k-grams), the longest
-suffix of the history that occurred before is looked up, and the tokens that followed its occurrences are merged
-into a trie whose counts score them.
+a text is indexed by every k-gram (a trie of reversed k-grams), the longest suffix of the history that occurred
+there is looked up, and the tokens that followed its occurrences are merged into a trie whose counts score them.
+`SuffixSource` searches the sequence's own text (prompt, then committed output); `memory.MemorySource` searches
+the text of earlier requests. Both draft through `SuffixMatchSource`.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from abc import abstractmethod
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
 
 from .base import CandidateSource, Draft
+
+SEPARATOR = -1  # ends a document in an index's text; no token id is negative, so no history ever matches it
+
+
+class SuffixIndex:
+    """Where every k-gram (1 <= k <= max_match) of a token text ends, for longest-suffix lookups.
+
+    Each k-gram, read backwards from its last token, is a path in a trie; a node holds the positions where its
+    k-gram ends, ascending, then its children (the preceding token). Indexing a token walks one path of small-int
+    keys rather than hashing max_match tuples. A position is indexed when the token after it arrives, so every
+    occurrence found has a continuation.
+
+    The text may hold several documents, each closed by `end_document`: no k-gram and no continuation crosses
+    from one into the next. Positions before `first_live` are forgotten (their documents were evicted): lookups
+    skip them, without anything being deleted from the trie.
+    """
+
+    def __init__(self, max_match: int) -> None:
+        self.max_match = max_match
+        self.text: list[int] = []
+        self.first_live = 0
+        self.documents = 0  # documents closed so far
+        self._document_start = 0
+        self._trie: dict[int, tuple[list[int], dict]] = {}
+
+    def extend(self, tokens: Iterable[int]) -> None:
+        """Append `tokens` to the current document."""
+        text, trie, max_match = self.text, self._trie, self.max_match
+        for token in tokens:
+            end = len(text) - 1  # now followed by `token`: the k-grams that end there are indexed
+            text.append(token)
+            children = trie
+            for position in range(end, max(self._document_start, end - max_match + 1) - 1, -1):
+                node = children.get(text[position])
+                if node is None:
+                    node = children[text[position]] = ([], {})
+                node[0].append(end)
+                children = node[1]
+
+    def end_document(self) -> None:
+        self.text.append(SEPARATOR)
+        self._document_start = len(self.text)
+        self.documents += 1
+
+    def find_match(self, history: Sequence[int], limit: int | None = None) -> tuple[int, list[int]]:
+        """The longest suffix of `history` (at most `max_match` tokens) that occurs in the live text with a token
+        after it: its length, and the positions where it ends, most recent first, at most `limit` of them (0 and
+        [] if none)."""
+        length, ends = 0, None
+        children, first_live = self._trie, self.first_live
+        for k in range(1, min(self.max_match, len(history)) + 1):
+            node = children.get(history[-k])
+            # Without a live occurrence of the k-token suffix, no longer suffix has one: stop at the first miss.
+            if node is None or node[0][-1] < first_live:
+                break
+            length, ends = k, node[0]
+            children = node[1]
+        if ends is None:
+            return 0, []
+        start = bisect_left(ends, first_live) if first_live else 0
+        if limit is not None:
+            start = max(start, len(ends) - limit)
+        return length, ends[start:][::-1]
+
+    def continuations(self, ends: Iterable[int], max_length: int) -> Iterator[list[int]]:
+        """What follows each of `ends`: up to `max_length` tokens, cut at the end of its document."""
+        text = self.text
+        for end in ends:
+            continuation = text[end + 1: end + 1 + max_length]
+            if SEPARATOR in continuation:
+                del continuation[continuation.index(SEPARATOR):]
+            yield continuation
 
 
 class _TrieNode:
@@ -22,8 +97,8 @@ class _TrieNode:
         self.children: dict[int, _TrieNode] = {}
 
 
-class SuffixSource(CandidateSource):
-    """Continuations of the longest suffix of the history that occurs earlier in the text.
+class SuffixMatchSource(CandidateSource):
+    """Drafts the continuations of the longest suffix of the history found in some indexed text (`find`).
 
     Only the longest match is used, with no back-off to shorter ones: a shorter suffix's continuations ignore the
     context that the longer one saw (and one-token keys are the n-gram pool's job). `min_match` defaults to 2 for
@@ -34,65 +109,30 @@ class SuffixSource(CandidateSource):
     floor, the `budget` most probable are kept, and each draft is the path to one of them that has no kept child.
     """
 
-    def __init__(self, max_match: int = 16, min_match: int = 2, max_occurrences: int = 64,
-                 min_probability: float = 0.1, confidence_offset: float = 1.0) -> None:
-        if not 1 <= min_match <= max_match:
-            raise ValueError(f"need 1 <= min_match <= max_match, got {min_match} and {max_match}")
-        self.max_match = max_match
+    def __init__(self, min_match: int = 2, max_occurrences: int = 64, min_probability: float = 0.1,
+                 confidence_offset: float = 1.0) -> None:
+        if min_match < 1:
+            raise ValueError(f"min_match must be at least 1, got {min_match}")
         self.min_match = min_match
         self.max_occurrences = max_occurrences
         self.min_probability = min_probability
         self.confidence_offset = confidence_offset
-        self._text: list[int] = []
-        # Every k-gram (1 <= k <= max_match) of the text, read backwards from its last token, as a path in a trie;
-        # a node holds the positions where its k-gram ends, ascending, then its children (the preceding token).
-        # Indexing a token walks one path of small-int keys rather than hashing max_match tuples.
-        self._trie: dict[int, tuple[list[int], dict]] = {}
 
-    def begin(self, prompt: Sequence[int]) -> None:
-        self._text = []
-        self._trie = {}
-        self._extend(prompt)
-
-    def observe(self, history: Sequence[int], num_new: int) -> None:
-        # The text is always a prefix of the history: index whatever it does not hold yet.
-        self._extend(history[len(self._text):])
-
-    def _extend(self, tokens: Sequence[int]) -> None:
-        text = self._text
-        for token in tokens:
-            text.append(token)
-            end = len(text) - 1
-            children = self._trie
-            for position in range(end, max(-1, end - self.max_match), -1):
-                node = children.get(text[position])
-                if node is None:
-                    node = children[text[position]] = ([], {})
-                node[0].append(end)
-                children = node[1]
-
-    def find_match(self, history: Sequence[int]) -> tuple[int, list[int]]:
-        """The longest suffix of `history` (at most `max_match` tokens) that ends earlier in the text with a
-        token after it: its length, and the positions where it ends, most recent first (0 and [] if none)."""
-        length, ends = 0, []
-        children = self._trie
-        for k in range(1, min(self.max_match, len(history)) + 1):
-            node = children.get(history[-k])
-            # If the k-token suffix has no followed occurrence, no longer suffix has one: stop at the first miss.
-            if node is None or node[0][0] + 1 >= len(self._text):
-                break
-            length, ends = k, node[0]
-            children = node[1]
-        return length, [end for end in reversed(ends) if end + 1 < len(self._text)]
+    @abstractmethod
+    def find(self, history: Sequence[int], max_length: int) -> tuple[int, Iterable[Sequence[int]]]:
+        """The longest suffix of `history` found: its length, and what followed its `max_occurrences` most recent
+        occurrences, up to `max_length` tokens each (0 and nothing if none)."""
 
     def propose(self, history: Sequence[int], max_length: int, budget: int) -> list[Draft]:
-        match_length, ends = self.find_match(history)
-        if match_length < self.min_match or max_length < 1 or budget < 1:
+        if max_length < 1 or budget < 1:
+            return []
+        match_length, continuations = self.find(history, max_length)
+        if match_length < self.min_match:
             return []
         root = _TrieNode()
-        for end in ends[: self.max_occurrences]:
+        for continuation in continuations:
             node = root
-            for token in self._text[end + 1: end + 1 + max_length]:
+            for token in continuation:
                 node = node.children.setdefault(token, _TrieNode())
                 node.count += 1
         confidence = match_length / (match_length + self.confidence_offset)
@@ -122,3 +162,33 @@ class SuffixSource(CandidateSource):
             has_kept_child.add(tokens[:-1])
             push_children(-negative_path, tokens, probabilities, node)
         return [draft for draft in kept if draft.tokens not in has_kept_child]
+
+
+class SuffixSource(SuffixMatchSource):
+    """Continuations of the longest suffix of the history that occurs earlier in the sequence's own text (prompt,
+    then committed output), at most `max_match` tokens long; see `SuffixMatchSource` for the scores."""
+
+    def __init__(self, max_match: int = 16, min_match: int = 2, max_occurrences: int = 64,
+                 min_probability: float = 0.1, confidence_offset: float = 1.0) -> None:
+        if not 1 <= min_match <= max_match:
+            raise ValueError(f"need 1 <= min_match <= max_match, got {min_match} and {max_match}")
+        super().__init__(min_match, max_occurrences, min_probability, confidence_offset)
+        self.max_match = max_match
+        self.index = SuffixIndex(max_match)
+
+    def begin(self, prompt: Sequence[int]) -> None:
+        self.index = SuffixIndex(self.max_match)
+        self.index.extend(prompt)
+
+    def observe(self, history: Sequence[int], num_new: int) -> None:
+        # The text is always a prefix of the history: index whatever it does not hold yet.
+        self.index.extend(history[len(self.index.text):])
+
+    def find_match(self, history: Sequence[int]) -> tuple[int, list[int]]:
+        """The longest suffix of `history` (at most `max_match` tokens) that ends earlier in the text with a
+        token after it: its length, and the positions where it ends, most recent first (0 and [] if none)."""
+        return self.index.find_match(history)
+
+    def find(self, history, max_length):
+        match_length, ends = self.index.find_match(history, self.max_occurrences)
+        return match_length, self.index.continuations(ends, max_length)
