@@ -31,12 +31,20 @@ class RunError(Exception):
 
 
 def positive_int(text: str) -> int:
+    return _integer_from(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _integer_from(text, 0, "a non-negative integer")
+
+
+def _integer_from(text: str, minimum: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
     return value
 
 

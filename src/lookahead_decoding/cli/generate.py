@@ -25,6 +25,7 @@ from .common import (
     config_from_args,
     encode_prompt,
     load_from_args,
+    non_negative_int,
     positive_int,
     sampling_from_args,
 )
@@ -37,7 +38,9 @@ HISTOGRAM_WIDTH = 40
 DECODE_KWARGS = {"skip_special_tokens": True}  # the text without BOS/EOS markers
 SINGLE_PROMPT_OPTIONS = ("compare", "json")  # what --prompts-file does not do
 # What a single prompt does not do, and why.
-BULK_OPTIONS = {"out": "a single prompt's result is printed", "batch_size": "a single prompt is decoded alone"}
+BULK_OPTIONS = {"out": "a single prompt's result is printed", "batch_size": "a single prompt is decoded alone",
+                "draft_memory": "a single prompt has no earlier prompts to draft from"}
+DEFAULT_DRAFT_MEMORY = 256  # prompts (with their outputs) that --prompts-file drafts from
 
 
 def add_generate_command(commands) -> None:
@@ -75,6 +78,14 @@ def add_generate_command(commands) -> None:
         metavar="B",
         help="with --prompts-file: decode B prompts side by side (continuous batching: a prompt that finishes "
         "hands its row to the next one), so results may be written out of input order; default: 1",
+    )
+    parser.add_argument(
+        "--draft-memory",
+        type=non_negative_int,
+        metavar="N",
+        help="with --prompts-file: also draft from the last N prompts of this run and their outputs (a draft "
+        "memory: text seen in earlier prompts is proposed again, and verified like any draft, so the output is the "
+        f"same); 0 turns it off; default: {DEFAULT_DRAFT_MEMORY}",
     )
     add_model_arguments(parser)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
@@ -329,13 +340,15 @@ def _schedule_pending(args: argparse.Namespace, model, config, pending: list[Pro
                       token_ids: list[list[int]], sampling):
     """The library's scheduler with every pending prompt queued (tagged by its index in `pending`), decoding
     --batch-size of them side by side, each up to its own max_new_tokens and with its own SamplingParams
-    (`sampling`, None: greedy)."""
+    (`sampling`, None: greedy), all drafting from one DraftMemory of the last --draft-memory prompts (0: none)."""
     from ..decoding import schedule
+    from ..drafting import DraftMemory
 
     limits = [entry.max_new_tokens for entry in pending]
+    size = DEFAULT_DRAFT_MEMORY if args.draft_memory is None else args.draft_memory
     try:
         return schedule(model, token_ids, limits, config, source=args.source, batch_size=args.batch_size or 1,
-                        sampling=sampling)
+                        sampling=sampling, memory=DraftMemory(max_requests=size) if size else None)
     except (ValueError, TypeError) as err:  # e.g. a step shape too large for the longest prompt
         raise CommandError(f"{args.prompts_file}: {err}") from err
 
