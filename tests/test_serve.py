@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import socket
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -21,6 +23,7 @@ import uvicorn
 import lookahead_decoding as ld
 from lookahead_decoding.cli.common import encode_prompt
 from lookahead_decoding.cli.serve import build_app
+from serving import free_port, stream_across_sigterm, wait_until_serving
 
 pytestmark = pytest.mark.slow
 KEY = "test-key"
@@ -38,9 +41,7 @@ def served():
                               candidate_length=None, tree_nodes=None)
     app, engine = build_app(model, tokenizer, args)
     engine.start()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -251,41 +252,18 @@ def test_metrics_after_a_run(served, client):
 
 
 def test_sigterm_lets_requests_in_flight_finish_then_exits_0(served, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "lookahead_decoding.cli", "serve", "--port", str(port), "--batch-size", "2",
          "--max-tokens", "48", "--max-prompt-tokens", "64", "--window", "3", "--ngram", "3", "--guesses", "3"],
         env={**os.environ, "LOOKAHEAD_CACHE_DIR": str(tmp_path)}, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
+    body = {"model": MODEL, "prompt": "Write a poem about the sea.", "max_tokens": 48, "temperature": 0}
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        lines = []
-        body = {"model": MODEL, "prompt": "Write a poem about the sea.", "max_tokens": 48, "temperature": 0,
-                "stream": True}
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
-            for line in response.iter_lines():
-                if not lines:
-                    server.send_signal(signal.SIGTERM)  # mid-stream
-                lines.append(line)
-        assert server.wait(timeout=60) == 0, server.stderr.read()
+        wait_until_serving(url, server, 120)
+        text = stream_across_sigterm(url, server, body)
     finally:
         server.kill()
-    events = [line for line in lines if line.startswith("data: ")]
-    assert events[-1] == "data: [DONE]"
-    text = "".join(json.loads(event[len("data: "):])["choices"][0]["text"] for event in events[:-1])
     assert text == expected_text(served, body["prompt"], 48)  # the whole answer: not cut short
 
 
@@ -305,3 +283,10 @@ def test_bench_serve_loads_the_server_with_lookahead_on_and_off(served, tmp_path
     for setting in settings:
         assert setting["errors"] == 0 and setting["requests"] == 3 and 3 <= setting["tokens"] <= 18
         assert setting["ttft_p50"] > 0 and setting["tokens_per_second"] > 0
+
+
+def test_ray_address_needs_replicas(capsys):
+    from lookahead_decoding.cli import main
+
+    assert main(["serve", "--ray-address", "auto"]) == 2
+    assert capsys.readouterr().err == "lookahead: error: --ray-address needs --replicas\n"

@@ -1,9 +1,11 @@
-"""`lookahead serve`: the OpenAI-compatible server (the `serve` extra: fastapi, uvicorn)."""
+"""`lookahead serve`: the OpenAI-compatible server (the `serve` extra: fastapi, uvicorn); with `--replicas N`,
+N of them behind Ray Serve (the `ray` extra)."""
 
 from __future__ import annotations
 
 import argparse
 import signal
+import threading
 from pathlib import Path
 
 from .common import (CommandError, add_lookahead_arguments, add_model_arguments, config_from_args, load_from_args,
@@ -35,6 +37,11 @@ def add_serve_command(commands) -> None:
     parser.add_argument("--model-name", help="the model id clients ask for (default: derived from --model)")
     parser.add_argument("--drain-seconds", type=positive_int, default=60, metavar="S",
                         help="on SIGTERM, how long requests in flight may take to finish (default: 60)")
+    parser.add_argument("--replicas", type=positive_int, metavar="N",
+                        help="run N servers behind Ray Serve's router, each with its own model, engine and device "
+                        "(one GPU each on CUDA, else one CPU); needs the ray extra (default: one server, no Ray)")
+    parser.add_argument("--ray-address", metavar="ADDRESS",
+                        help="with --replicas: the Ray cluster to join (default: start one on this machine)")
     parser.set_defaults(func=run_serve)
 
 
@@ -68,7 +75,14 @@ def build_app(model, tokenizer, args: argparse.Namespace):
     engine = EngineLoop(scheduler, args.max_queue)
     limits = Limits(max_prompt, args.max_tokens, ModelAdapter(model).vocab)
     app = create_app(engine, tokenizer, model_name(args), limits, eos_set(model), args.api_key)
+    app.state.model = model  # the engine refers to its model weakly: the app keeps it alive as long as it serves
     return app, engine
+
+
+def wants_cuda(args: argparse.Namespace) -> bool:
+    import torch
+
+    return args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -76,6 +90,10 @@ def run_serve(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise CommandError("lookahead serve needs the serve extra: pip install 'lookahead-decoding[serve]'") from None
+    if args.ray_address is not None and args.replicas is None:
+        raise CommandError("--ray-address needs --replicas")
+    if args.replicas is not None:
+        return run_replicas(args)
     model, tokenizer = load_from_args(args)
     app, engine = build_app(model, tokenizer, args)
     # uvicorn drains on SIGTERM and then raises it again under the handler it found: with this one, a drained
@@ -89,4 +107,34 @@ def run_serve(args: argparse.Namespace) -> int:
                     timeout_graceful_shutdown=args.drain_seconds)
     finally:
         engine.stop()
+    return 0
+
+
+def run_replicas(args: argparse.Namespace) -> int:
+    """--replicas N: N servers on Ray Serve, on this machine's Ray (or --ray-address's), until SIGTERM or Ctrl-C;
+    then Ray drains every replica (up to --drain-seconds) and the command exits 0."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise CommandError("lookahead serve --replicas needs the ray extra: "
+                           "pip install 'lookahead-decoding[serve,ray]'") from None
+    from ..serve.replicas import replica_application
+
+    cuda = wants_cuda(args)
+    ray.init(address=args.ray_address, include_dashboard=False, logging_level="warning")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(replica_application(args, cuda), name="lookahead", route_prefix="/")
+        print(f"lookahead: {args.replicas} replica(s) serving on http://{args.host}:{args.port}", flush=True)
+        stop.wait()
+        # Deleting the application first drains its replicas while the proxy still delivers their answers (the
+        # proxy refuses new requests meanwhile); shutting Serve down at once would cut the requests in flight.
+        serve.delete("lookahead")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
     return 0

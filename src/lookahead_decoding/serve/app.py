@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
 from fastapi import FastAPI, Request as HTTPRequest
@@ -48,7 +49,8 @@ def create_app(engine: EngineLoop, tokenizer, model_name: str, limits: Limits, e
     async def health():
         if engine.error is not None:
             return JSONResponse({"status": "error", "error": str(engine.error)}, status_code=503)
-        return {"status": "ok", "running_rows": engine.running_rows, "queued": engine.queued}
+        # The process id tells replicas apart behind a router.
+        return {"status": "ok", "running_rows": engine.running_rows, "queued": engine.queued, "pid": os.getpid()}
 
     @app.get("/metrics")
     async def prometheus():
