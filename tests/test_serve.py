@@ -290,3 +290,21 @@ def test_ray_address_needs_replicas(capsys):
 
     assert main(["serve", "--ray-address", "auto"]) == 2
     assert capsys.readouterr().err == "lookahead: error: --ray-address needs --replicas\n"
+
+
+def test_bench_serve_soak_counts_every_request_once_with_hang_ups(served, tmp_path):
+    from pathlib import Path
+
+    from lookahead_decoding.cli import main
+
+    data = Path(__file__).parent / "fixtures" / "HumanEval.jsonl.gz"
+    out, plot = tmp_path / "soak.json", tmp_path / "soak.png"
+    code = main(["bench-serve", "--url", served[0], "--api-key", KEY, "--dataset", "humaneval", "--data-file",
+                 str(data), "--limit", "2", "--concurrency", "3", "--max-tokens", "8", "--soak", "6",
+                 "--disconnect-share", "0.4", "--out", str(out), "--plot", str(plot)])
+    assert code == 0 and plot.stat().st_size > 0
+    soak = json.loads(out.read_text())["soak"]
+    assert soak["errors"] == 0 and soak["cut"] > 0 and soak["done"] > 0
+    assert soak["sent"] == soak["done"] + soak["cut"] == soak["server_answered"]
+    assert soak["bodies_with_differing_answers"] == 0  # float32: every greedy or seeded answer repeats exactly
+    assert soak["memory"] and soak["memory"][0]["rss"] > 0

@@ -5,13 +5,21 @@ the others through completions), at most `concurrency` at a time. Per request: t
 chunk with text), time per output token after it, tokens (the usage the server reports). Per setting: p50 / p95 of
 both, requests and tokens per second over the wall time of the whole setting, and errors. Lookahead on and off
 run against the same server, so their ratio is the speedup a client sees.
+
+`--soak SECONDS` instead keeps `--concurrency` requests in flight for that long: each prompt greedy and sampled
+(temperature 0.7, seeded by its index), and a `--disconnect-share` of them hung up after a few chunks. It checks
+that nothing is lost or doubled (every stream not hung up ends with one finish reason and one `[DONE]`, and the
+server counted every request once), that every answer to one request body is the same text (exact in float32:
+lower precisions move with the batch), and watches the server's memory (`/metrics`) for growth after warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import random
 import statistics
 import time
 
@@ -23,6 +31,12 @@ def percentile(values: list[float], share: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+def event_text(event: dict) -> str:
+    """The text of one completions or chat-completions chunk."""
+    return "".join(choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                   for choice in event.get("choices", []))
 
 
 async def one_request(client, url: str, body: dict) -> dict:
@@ -40,10 +54,8 @@ async def one_request(client, url: str, body: dict) -> dict:
                 event = json.loads(line[len("data: "):])
                 if event.get("usage"):
                     usage = event["usage"]
-                for choice in event.get("choices", []):
-                    text = choice.get("text") or (choice.get("delta") or {}).get("content")
-                    if text and first is None:
-                        first = time.perf_counter()
+                if first is None and event_text(event):
+                    first = time.perf_counter()
     except Exception as err:  # a load test reports failures, it does not stop at the first
         return {"error": f"{type(err).__name__}: {err}"}
     ended = time.perf_counter()
@@ -79,21 +91,145 @@ async def run_setting(base: str, headers: dict, bodies: list[tuple[str, dict]], 
             "tpot_mean": statistics.fmean(tpot) if tpot else None}
 
 
-def request_bodies(args, model: str, lookahead: bool) -> list[tuple[str, dict]]:
+def request_bodies(args, model: str, lookahead: bool, temperature: float | None = None,
+                   seeded: bool = False) -> list[tuple[str, dict]]:
+    """(route, body) of every prompt; `seeded`: prompt i asks for seed i."""
     prompts = load_prompts(args.dataset, args.data_file, args.limit)
-    common = {"model": model, "max_tokens": args.max_tokens, "temperature": args.temperature, "stream": True,
+    common = {"model": model, "max_tokens": args.max_tokens, "stream": True,
+              "temperature": args.temperature if temperature is None else temperature,
               "stream_options": {"include_usage": True}, "lookahead": {"enabled": lookahead}}
-    if DATASETS[args.dataset].chat:
-        return [("/v1/chat/completions", {**common, "messages": [{"role": "user", "content": p.text}]})
-                for p in prompts]
-    return [("/v1/completions", {**common, "prompt": p.text}) for p in prompts]
+    chat = DATASETS[args.dataset].chat
+    return [("/v1/chat/completions" if chat else "/v1/completions",
+             {**common, **({"seed": p.index} if seeded else {}),
+              **({"messages": [{"role": "user", "content": p.text}]} if chat else {"prompt": p.text})})
+            for p in prompts]
+
+
+async def soak_request(client, url: str, body: dict, hang_up_after: int | None) -> dict:
+    """Stream one request, hanging up after `hang_up_after` chunks if given. Outcome "done" with its text, "cut",
+    or "error": a stream must end with exactly one finish reason and one [DONE]."""
+    pieces, finishes, dones, chunks = [], 0, 0, 0
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                return {"outcome": "error",
+                        "error": f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"}
+            async for line in response.aiter_lines():
+                if line == "data: [DONE]":
+                    dones += 1
+                elif line.startswith("data: "):
+                    event = json.loads(line[len("data: "):])
+                    pieces.append(event_text(event))
+                    finishes += sum(choice.get("finish_reason") is not None for choice in event.get("choices", []))
+                    chunks += 1
+                    if hang_up_after is not None and chunks >= hang_up_after:
+                        return {"outcome": "cut"}
+    except Exception as err:
+        return {"outcome": "error", "error": f"{type(err).__name__}: {err}"}
+    if (finishes, dones) != (1, 1):
+        return {"outcome": "error", "error": f"the stream ended with {finishes} finish reasons and {dones} [DONE]"}
+    return {"outcome": "done", "text": "".join(pieces)}
+
+
+def scrape(metrics_text: str) -> dict[str, float]:
+    """The soak's server figures from a /metrics page: requests answered 200, resident and device memory."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {("lookahead_requests_total", "200"): "answered", ("process_resident_memory_bytes", None): "rss",
+              ("lookahead_device_memory_bytes", None): "device"}
+    found = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            key = (sample.name, sample.labels.get("status"))
+            if key in wanted:
+                found[wanted[key]] = sample.value
+    return found
+
+
+async def soak(base: str, headers: dict, bodies: list[tuple[str, dict]], concurrency: int, seconds: float,
+               disconnect_share: float, interval: float = 10.0) -> dict:
+    import httpx
+
+    choices = random.Random(0)
+    next_body = itertools.cycle(range(len(bodies)))
+    texts: dict[int, set[str]] = {}
+    outcomes = {"done": 0, "cut": 0, "error": 0}
+    errors: set[str] = set()
+    memory: list[dict] = []
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=600) as client:
+        async def server_figures() -> dict:
+            return scrape((await client.get("/metrics")).text)
+
+        async def worker(deadline: float) -> None:
+            while time.perf_counter() < deadline:
+                index = next(next_body)
+                hang_up = choices.randint(1, 8) if choices.random() < disconnect_share else None
+                result = await soak_request(client, *bodies[index], hang_up)
+                outcomes[result["outcome"]] += 1
+                if result["outcome"] == "done":
+                    texts.setdefault(index, set()).add(result["text"])
+                elif result["outcome"] == "error":
+                    errors.add(result["error"])
+
+        async def watch(began: float, deadline: float) -> None:
+            while time.perf_counter() < deadline:
+                memory.append({"seconds": time.perf_counter() - began, **await server_figures()})
+                await asyncio.sleep(interval)
+
+        before = await server_figures()
+        began = time.perf_counter()
+        deadline = began + seconds
+        await asyncio.gather(watch(began, deadline), *(worker(deadline) for _ in range(concurrency)))
+        wall = time.perf_counter() - began
+        await asyncio.sleep(1.0)  # the server counts a request when its response ends
+        after = await server_figures()
+        memory.append({"seconds": time.perf_counter() - began, **after})
+    sent = sum(outcomes.values())
+    warm = [sample for sample in memory if sample["seconds"] >= seconds / 5] or memory
+    growth = {f"{kind}_growth_mb": (warm[-1][kind] - warm[0][kind]) / 2**20
+              for kind in ("rss", "device") if kind in warm[0]}
+    return {"concurrency": concurrency, "seconds": wall, "sent": sent, "done": outcomes["done"],
+            "cut": outcomes["cut"], "errors": outcomes["error"],
+            "error_messages": sorted(errors)[:5], "server_answered": after["answered"] - before.get("answered", 0),
+            "bodies_with_differing_answers": sum(len(answers) > 1 for answers in texts.values()),
+            "requests_per_second": sent / wall, **growth, "memory": memory}
+
+
+def served_model(args, headers: dict) -> str:
+    import httpx
+
+    return args.model_name or httpx.get(f"{args.url}/v1/models", headers=headers).json()["data"][0]["id"]
+
+
+def config_of(args) -> dict:
+    return {key: value for key, value in vars(args).items() if key != "func"}
+
+
+def measure_soak(args) -> dict:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    model = served_model(args, headers)
+    bodies = (request_bodies(args, model, True, temperature=0.0)
+              + request_bodies(args, model, True, temperature=0.7, seeded=True))
+    result = asyncio.run(soak(args.url, headers, bodies, args.concurrency[0], args.soak, args.disconnect_share))
+    return {"config": config_of(args), "model": model, "soak": result}
+
+
+def soak_report(result: dict) -> str:
+    s = result["soak"]
+    lost = s["sent"] - s["server_answered"]
+    lines = [f"soak: {s['seconds']:.0f} s at concurrency {s['concurrency']}: {s['sent']} requests sent, {s['done']} "
+             f"answered whole, {s['cut']} hung up on purpose, {s['errors']} errors; the server answered "
+             f"{s['server_answered']:.0f} ({'none lost or doubled' if lost == 0 else f'{lost:+.0f} against sent'})",
+             f"request bodies with differing answers: {s['bodies_with_differing_answers']}"]
+    lines += [f"{kind} memory after warm-up: {s[f'{kind}_growth_mb']:+.1f} MB" for kind in ("rss", "device")
+              if f"{kind}_growth_mb" in s]
+    lines += [f"error: {message}" for message in s["error_messages"]]
+    return "\n".join(lines)
 
 
 def measure(args) -> dict:
-    import httpx
-
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    model = args.model_name or httpx.get(f"{args.url}/v1/models", headers=headers).json()["data"][0]["id"]
+    model = served_model(args, headers)
     settings = []
     for lookahead in (True, False):
         bodies = request_bodies(args, model, lookahead)
@@ -103,8 +239,7 @@ def measure(args) -> dict:
             print(f"lookahead {'on ' if lookahead else 'off'} concurrency {concurrency:3d}: "
                   f"{result['tokens_per_second']:8.1f} tok/s, TTFT p50 {result['ttft_p50']}, "
                   f"TPOT p50 {result['tpot_p50']}, errors {result['errors']}", flush=True)
-    return {"config": {key: value for key, value in vars(args).items() if key != "func"}, "model": model,
-            "settings": settings}
+    return {"config": config_of(args), "model": model, "settings": settings}
 
 
 def report(result: dict) -> str:
@@ -118,11 +253,31 @@ def report(result: dict) -> str:
     return "\n".join(rows)
 
 
-def plot(result: dict, path: str) -> None:
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def soak_plot(result: dict, path: str) -> None:
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(6, 4))
+    memory = result["soak"]["memory"]
+    for kind, label in (("rss", "resident (host)"), ("device", "device (torch)")):
+        if memory and kind in memory[0]:
+            axes.plot([m["seconds"] for m in memory], [m[kind] / 2**20 for m in memory], "o-", label=label)
+    axes.set(xlabel="seconds into the soak", ylabel="server memory (MiB)")
+    axes.legend()
+    figure.suptitle(f"lookahead serve soak, concurrency {result['soak']['concurrency']}, {result['model']}")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def plot(result: dict, path: str) -> None:
+    plt = pyplot()
 
     figure, (throughput, latency) = plt.subplots(1, 2, figsize=(10, 4))
     for lookahead in (True, False):
@@ -150,6 +305,12 @@ def add_bench_serve_parser(subparsers) -> None:
             raise argparse.ArgumentTypeError(f"concurrencies must be positive integers, got {text!r}")
         return values
 
+    def share(text: str) -> float:
+        value = float(text)
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"a share is between 0 and 1, got {text!r}")
+        return value
+
     parser = subparsers.add_parser("bench-serve", help="load a running `lookahead serve` at several concurrencies",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
@@ -162,17 +323,23 @@ def add_bench_serve_parser(subparsers) -> None:
                         help="requests in flight at once (default: 1,8,32,64)")
     parser.add_argument("--max-tokens", type=positive_int, default=256, metavar="M")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    parser.add_argument("--soak", type=positive_int, metavar="SECONDS",
+                        help="instead of the sweep: a soak test of this many seconds at the first --concurrency "
+                        "(greedy and sampled requests, some hung up on; see above)")
+    parser.add_argument("--disconnect-share", type=share, default=0.1, metavar="P",
+                        help="with --soak: the share of requests hung up on mid-stream (default: 0.1)")
     parser.add_argument("--out", metavar="PATH", help="write the results as JSON")
-    parser.add_argument("--plot", metavar="PATH", help="write a PNG: throughput and TPOT against concurrency")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG: throughput and TPOT against concurrency "
+                        "(with --soak: the server's memory over time)")
     parser.set_defaults(func=run_bench_serve)
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
-    result = measure(args)
-    print(report(result))
+    result = measure_soak(args) if args.soak else measure(args)
+    print(soak_report(result) if args.soak else report(result))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as out:
             json.dump(result, out, indent=1)
     if args.plot:
-        plot(result, args.plot)
+        (soak_plot if args.soak else plot)(result, args.plot)
     return 0

@@ -2,12 +2,14 @@
 
 Per request (observed on the HTTP side): requests by status, time to first token, time per output token. Of the
 engine (read from the scheduler when scraped): queue depth, running rows, tokens generated, batched forwards,
-tokens committed per row and step, and steps by shape.
+tokens committed per row and step, and steps by shape. Of the process: its memory (resident and, on CUDA, what
+torch has allocated on the device), which a soak test watches for leaks.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -56,3 +58,8 @@ class Metrics:
         Gauge("lookahead_running_rows", "Rows decoding a request", registry=self.registry).set_function(
             lambda: engine.running_rows)
         self.registry.register(SchedulerCollector(engine.scheduler))
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and the other process_* series
+        device = engine.scheduler.runner.adapter.device
+        if device.type == "cuda":
+            Gauge("lookahead_device_memory_bytes", "Device memory torch has allocated",
+                  registry=self.registry).set_function(lambda: torch.cuda.memory_allocated(device))
