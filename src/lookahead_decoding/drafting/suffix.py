@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import heapq
 from abc import abstractmethod
-from bisect import bisect_left
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 
 from .base import CandidateSource, Draft
 
 SEPARATOR = -1  # ends a document in an index's text; no token id is negative, so no history ever matches it
+TOKEN_BITS = 32  # a trie edge's key is (parent node << TOKEN_BITS) | token
 
 
 class SuffixIndex:
     """Where every k-gram (1 <= k <= max_match) of a token text ends, for longest-suffix lookups.
 
-    Each k-gram, read backwards from its last token, is a path in a trie; a node holds the positions where its
-    k-gram ends, ascending, then its children (the preceding token). Indexing a token walks one path of small-int
-    keys rather than hashing max_match tuples. A position is indexed when the token after it arrives, so every
-    occurrence found has a continuation.
+    Each k-gram, read backwards from its last token, is a path in a trie; a node knows its latest occurrence, and
+    each occurrence where its k-gram ends and the node's occurrence before it. Indexing a token walks one path of
+    int keys rather than hashing max_match tuples. The whole index is one dict of ints and a few int arrays, which
+    Python's cyclic garbage collector does not walk object by object: a memory of many requests costs the
+    collector nothing. A position is indexed when the token after it arrives, so every occurrence found has a
+    continuation.
 
     The text may hold several documents, each closed by `end_document`: no k-gram and no continuation crosses
     from one into the next. Positions before `first_live` are forgotten (their documents were evicted): lookups
@@ -34,25 +37,31 @@ class SuffixIndex:
 
     def __init__(self, max_match: int) -> None:
         self.max_match = max_match
-        self.text: list[int] = []
+        self.text = array("q")
         self.first_live = 0
         self.documents = 0  # documents closed so far
         self._document_start = 0
-        self._trie: dict[int, tuple[list[int], dict]] = {}
+        self._children: dict[int, int] = {}  # (node << TOKEN_BITS) | token -> child node; node 0 is the root
+        self._latest = array("q", [-1])  # node -> its latest occurrence (-1: none)
+        self._end = array("q")  # occurrence -> where its k-gram ends
+        self._previous = array("q")  # occurrence -> the same node's occurrence before it (-1: none)
 
     def extend(self, tokens: Iterable[int]) -> None:
         """Append `tokens` to the current document."""
-        text, trie, max_match = self.text, self._trie, self.max_match
+        text, children, latest, ends, previous = self.text, self._children, self._latest, self._end, self._previous
         for token in tokens:
             end = len(text) - 1  # now followed by `token`: the k-grams that end there are indexed
             text.append(token)
-            children = trie
-            for position in range(end, max(self._document_start, end - max_match + 1) - 1, -1):
-                node = children.get(text[position])
-                if node is None:
-                    node = children[text[position]] = ([], {})
-                node[0].append(end)
-                children = node[1]
+            node = 0
+            for position in range(end, max(self._document_start, end - self.max_match + 1) - 1, -1):
+                key = node << TOKEN_BITS | text[position]
+                node = children.get(key, 0)
+                if not node:
+                    node = children[key] = len(latest)
+                    latest.append(-1)
+                previous.append(latest[node])
+                latest[node] = len(ends)
+                ends.append(end)
 
     def end_document(self) -> None:
         self.text.append(SEPARATOR)
@@ -63,27 +72,25 @@ class SuffixIndex:
         """The longest suffix of `history` (at most `max_match` tokens) that occurs in the live text with a token
         after it: its length, and the positions where it ends, most recent first, at most `limit` of them (0 and
         [] if none)."""
-        length, ends = 0, None
-        children, first_live = self._trie, self.first_live
+        length, occurrence = 0, -1
+        node, children, latest, ends, first_live = 0, self._children, self._latest, self._end, self.first_live
         for k in range(1, min(self.max_match, len(history)) + 1):
-            node = children.get(history[-k])
+            node = children.get(node << TOKEN_BITS | history[-k], 0)
             # Without a live occurrence of the k-token suffix, no longer suffix has one: stop at the first miss.
-            if node is None or node[0][-1] < first_live:
+            if not node or ends[latest[node]] < first_live:
                 break
-            length, ends = k, node[0]
-            children = node[1]
-        if ends is None:
-            return 0, []
-        start = bisect_left(ends, first_live) if first_live else 0
-        if limit is not None:
-            start = max(start, len(ends) - limit)
-        return length, ends[start:][::-1]
+            length, occurrence = k, latest[node]
+        positions: list[int] = []
+        while occurrence >= 0 and len(positions) != limit and ends[occurrence] >= first_live:
+            positions.append(ends[occurrence])
+            occurrence = self._previous[occurrence]
+        return length, positions
 
     def continuations(self, ends: Iterable[int], max_length: int) -> Iterator[list[int]]:
         """What follows each of `ends`: up to `max_length` tokens, cut at the end of its document."""
         text = self.text
         for end in ends:
-            continuation = text[end + 1: end + 1 + max_length]
+            continuation = text[end + 1: end + 1 + max_length].tolist()
             if SEPARATOR in continuation:
                 del continuation[continuation.index(SEPARATOR):]
             yield continuation
