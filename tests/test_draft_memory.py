@@ -4,6 +4,7 @@ repeated request's text so that it decodes in fewer steps."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lookahead_decoding as ld
+from lookahead_decoding.bench.memory import FILES
+from lookahead_decoding.bench.memory import main as bench_memory
 from lookahead_decoding.cli import main
 from lookahead_decoding.decoding import open_scheduler
 from lookahead_decoding.drafting.memory import BLOCKS, MAX_MATCH, MemorySource
@@ -19,6 +22,7 @@ from lookahead_decoding.scheduler import Request
 
 CONFIG = ld.LookaheadConfig(window=3, ngram=3, guesses=2, candidate_length=8)  # one fixed shape: no calibration
 EXACTNESS_ARCHITECTURES = ["llama", "gpt2", "qwen3", "mistral"]  # mistral: a sliding window the output crosses
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def live_texts(texts, max_requests, max_tokens):
@@ -249,3 +253,27 @@ def test_draft_memory_option_errors(capsys, argv, message):
     assert main(["generate", *argv]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.endswith(message)
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+
+
+def test_memory_benchmark_smoke_run(cli_model, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in FILES.values():
+        (data / name).write_bytes((FIXTURES / name).read_bytes())
+    out, plot = tmp_path / "memory.json", tmp_path / "memory.png"
+    assert bench_memory(["--data-dir", str(data), "--model", cli_model, "--limit", "2", "--max-new-tokens", "6",
+                         "--window", "3", "--ngram", "3", "--out", str(out), "--plot", str(plot)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["phase"], r["item"]) for r in result["requests"]] == [
+        ("humaneval", 0), ("humaneval", 1), ("mtbench-turn-1", 0), ("mtbench-turn-1", 1), ("mtbench-turn-2", 0),
+        ("mtbench-turn-2", 1)]
+    turn_2, turn_1 = result["requests"][4], result["requests"][2]
+    assert turn_2["on"]["prompt_tokens"] > turn_1["on"]["prompt_tokens"] + turn_1["on"]["new_tokens"]  # the chat
+    overall = result["summary"]["all"]
+    assert (overall["n"], overall["identical"]) == (6, 6)
+    assert overall["tokens_per_step_ratio"] == overall["on"]["tokens_per_step"] / overall["off"]["tokens_per_step"]
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert "| all | 6 |" in capsys.readouterr().out

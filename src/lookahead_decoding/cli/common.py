@@ -205,16 +205,23 @@ def load_from_args(args: argparse.Namespace):
         return models.load_model(args.model, device=args.device, dtype=args.dtype)
 
 
-def encode_prompt(tokenizer, prompt: str, chat: bool, no_template: str = "--chat: this model's tokenizer has no chat template"):
+NO_CHAT_TEMPLATE = "--chat: this model's tokenizer has no chat template"
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool, no_template: str = NO_CHAT_TEMPLATE):
     """input_ids [1, prompt_len] for a plain prompt, or for one user turn through the chat template; `no_template`
     is the error when the tokenizer has none."""
     check_text(prompt, "the prompt")
     if not chat:
         return tokenizer(prompt, return_tensors="pt").input_ids
+    return encode_chat(tokenizer, [{"role": "user", "content": prompt}], no_template)
+
+
+def encode_chat(tokenizer, messages: list[dict], no_template: str = NO_CHAT_TEMPLATE):
+    """input_ids [1, prompt_len] for a conversation ({"role", "content"} messages) through the chat template,
+    ending where the assistant's next turn begins; `no_template` is the error when the tokenizer has none."""
     if not getattr(tokenizer, "chat_template", None):
         raise CommandError(no_template)
-    encoded = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
-    )
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
     # transformers 5 returns a BatchEncoding here, earlier versions a bare tensor.
     return encoded["input_ids"] if hasattr(encoded, "keys") else encoded
