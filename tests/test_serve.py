@@ -275,14 +275,18 @@ def test_bench_serve_loads_the_server_with_lookahead_on_and_off(served, tmp_path
     data = Path(__file__).parent / "fixtures" / "HumanEval.jsonl.gz"
     out, plot = tmp_path / "load.json", tmp_path / "load.png"
     code = main(["bench-serve", "--url", served[0], "--api-key", KEY, "--dataset", "humaneval", "--data-file",
-                 str(data), "--limit", "3", "--concurrency", "1,3", "--max-tokens", "6", "--out", str(out),
-                 "--plot", str(plot)])
+                 str(data), "--limit", "3", "--concurrency", "1,3", "--max-tokens", "6", "--warmup", "1", "--out",
+                 str(out), "--plot", str(plot)])
     assert code == 0 and plot.stat().st_size > 0
     settings = json.loads(out.read_text())["settings"]
     assert [(s["lookahead"], s["concurrency"]) for s in settings] == [(True, 1), (True, 3), (False, 1), (False, 3)]
     for setting in settings:
         assert setting["errors"] == 0 and setting["requests"] == 3 and 3 <= setting["tokens"] <= 18
         assert setting["ttft_p50"] > 0 and setting["tokens_per_second"] > 0
+        # The server's steps of the setting (its warm-up not counted): off, a row commits one token per step.
+        steps = sum(setting["steps_by_shape"].values())
+        assert 0 < steps <= setting["tokens"]
+        assert setting["lookahead"] or steps * setting["concurrency"] >= setting["tokens"]
 
 
 def test_ray_address_needs_replicas(capsys):

@@ -3,7 +3,9 @@
 Every prompt of a dataset goes to the server as one streamed request (chat datasets through chat completions,
 the others through completions), at most `concurrency` at a time. Per request: time to first token (the first
 chunk with text), time per output token after it, tokens (the usage the server reports). Per setting: p50 / p95 of
-both, requests and tokens per second over the wall time of the whole setting, and errors. Lookahead on and off
+both, requests and tokens per second over the wall time of the whole setting, errors, and the server's steps by
+shape (from /metrics). Each setting first sends its first `--warmup` requests untimed: a server records a step
+shape's CUDA graph the first time it takes that shape. Lookahead on and off
 run against the same server, so their ratio is the speedup a client sees.
 
 `--soak SECONDS` instead keeps `--concurrency` requests in flight for that long: each prompt greedy and sampled
@@ -131,6 +133,16 @@ async def soak_request(client, url: str, body: dict, hang_up_after: int | None) 
     return {"outcome": "done", "text": "".join(pieces)}
 
 
+def shapes_taken(base: str) -> dict[str, float]:
+    """The server's batched steps so far, by step shape (its /metrics)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    page = httpx.get(f"{base}/metrics", timeout=60).text
+    return {sample.labels["shape"]: sample.value for family in text_string_to_metric_families(page)
+            for sample in family.samples if sample.name == "lookahead_step_shapes_total"}
+
+
 def scrape(metrics_text: str) -> dict[str, float]:
     """The soak's server figures from a /metrics page: requests answered 200, resident and device memory."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -234,7 +246,13 @@ def measure(args) -> dict:
     for lookahead in (True, False):
         bodies = request_bodies(args, model, lookahead)
         for concurrency in args.concurrency:
+            if args.warmup:  # untimed: the server records a step shape's graph the first time it takes it
+                asyncio.run(run_setting(args.url, headers, bodies[:args.warmup], concurrency))
+            before = shapes_taken(args.url)
             result = asyncio.run(run_setting(args.url, headers, bodies, concurrency))
+            after = shapes_taken(args.url)
+            result["steps_by_shape"] = {shape: steps - before.get(shape, 0) for shape, steps in after.items()
+                                        if steps > before.get(shape, 0)}
             settings.append({"lookahead": lookahead, **result})
             print(f"lookahead {'on ' if lookahead else 'off'} concurrency {concurrency:3d}: "
                   f"{result['tokens_per_second']:8.1f} tok/s, TTFT p50 {result['ttft_p50']}, "
@@ -296,7 +314,7 @@ def plot(result: dict, path: str) -> None:
 
 
 def add_bench_serve_parser(subparsers) -> None:
-    from ..cli.common import positive_int
+    from ..cli.common import non_negative_int, positive_int
     from .cli import int_list
 
     def concurrency_list(text: str) -> list[int]:
@@ -323,6 +341,8 @@ def add_bench_serve_parser(subparsers) -> None:
                         help="requests in flight at once (default: 1,8,32,64)")
     parser.add_argument("--max-tokens", type=positive_int, default=256, metavar="M")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    parser.add_argument("--warmup", type=non_negative_int, default=16, metavar="K",
+                        help="before each setting, its first K requests once, untimed (default: 16; 0: none)")
     parser.add_argument("--soak", type=positive_int, metavar="SECONDS",
                         help="instead of the sweep: a soak test of this many seconds at the first --concurrency "
                         "(greedy and sampled requests, some hung up on; see above)")
