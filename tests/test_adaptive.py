@@ -17,7 +17,8 @@ from lookahead_decoding import decoding, plan_cache, runners, scheduler
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.model_adapter import ModelAdapter
-from lookahead_decoding.shape_choice import AcceptancePrior, BatchYield, ShapeChooser, choose_for_batch
+from lookahead_decoding.shape_choice import (AcceptancePrior, BatchYield, PlainChooser, ShapeChooser,
+                                             choose_for_batch)
 from lookahead_decoding.step import EagerStep
 from lookahead_decoding.tuning import StepPlan, verify_only
 
@@ -123,6 +124,15 @@ def test_a_batch_corrects_what_its_rows_overestimate():
         batch_yield.observe(0, expected=8.0, committed=8)
         steps += 1
     assert 5 < steps < 60  # tried again later
+
+
+def test_rows_without_lookahead_take_the_cheapest_step_whatever_the_batch_learnt():
+    batch_yield = BatchYield(3)
+    for _ in range(10):  # learnt while other rows drafted: the wide step delivered twice what they expected
+        batch_yield.observe(2, expected=8.0, committed=16)
+    assert 8 * batch_yield.ratios[2] / 1.8 > 8 / 1.0  # scaled by it, one token per row would favour the wide step
+    plain = [PlainChooser(SHAPES[:3], (1.0, 1.4, 1.8)) for _ in range(8)]
+    assert choose_for_batch(plain, [0] * 8, (1.0, 1.4, 1.8), batch_yield.ratios) == 0
 
 
 def test_chooser_rejects_bad_costs():

@@ -119,6 +119,10 @@ def choose_for_batch(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int],
     `BatchYield`) per millisecond of the batched step (`costs_ms`: measured at this batch size; default: the
     choosers' own)."""
     costs = choosers[0].costs if costs_ms is None else costs_ms
+    if all(isinstance(chooser, PlainChooser) for chooser in choosers):
+        # One token per row from any shape: the cheapest. (A yield ratio learnt while other rows drafted would
+        # otherwise still favour a wide step for rows that draft nothing.)
+        return 0
     yields = [1.0] * len(costs) if yields is None else yields
     rates = [batch_expected_tokens(choosers, num_nodes, shape) * yields[shape] / cost
              for shape, cost in enumerate(costs)]
