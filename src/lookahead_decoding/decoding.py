@@ -367,8 +367,8 @@ def open_scheduler(model, batch_size: int, max_length: int, config=AUTO, source=
     `scheduler.Request`s and call `step()`. With a `memory` (a DraftMemory of this model), requests draft from
     the text of earlier ones and add their own when they finish, except those with `use_memory=False`."""
     check_batch_size(batch_size)
-    check_memory(memory, model)
     adapter = ModelAdapter(model)
+    check_memory(memory, model)
     if adapter.context_length is not None and max_length > adapter.context_length:
         raise ValueError(f"max_length {max_length} exceeds the model's context length of {adapter.context_length}")
     plan = resolve_plan(model, config, None, None, batch_size, sampling=True)

@@ -197,7 +197,7 @@ def plot(result: dict, path: str | Path) -> None:
     axis.set_xlabel("request (in the order run)")
     axis.set_ylabel("tokens per step")
     axis.set_ylim(bottom=0)
-    axis.legend(loc="lower right")
+    axis.legend(loc="best")
     figure.suptitle(_subtitle(result), fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

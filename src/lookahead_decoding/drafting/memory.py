@@ -128,9 +128,13 @@ class DraftMemory:
 class MemorySource(SuffixMatchSource):
     """Drafts for one sequence from a DraftMemory: the continuations of the longest suffix of its history found
     in earlier requests' text, scored as `SuffixMatchSource` scores them. The memory learns from the scheduler,
-    when a request finishes; the sequence's own text is `SuffixSource`'s."""
+    when a request finishes; the sequence's own text is `SuffixSource`'s.
 
-    def __init__(self, memory: DraftMemory, min_match: int = 2, max_occurrences: int = 32,
+    The defaults committed the most tokens per step on 24 HumanEval prompts in a row (SmolLM2-135M, one fixed
+    shape of a 32-node tree): min_match 2 rather than 1 or 3, 16 occurrences rather than 8 or 32, a confidence
+    offset of 1 rather than 0.5 or 2, a floor of 0.1 rather than 0.05."""
+
+    def __init__(self, memory: DraftMemory, min_match: int = 2, max_occurrences: int = 16,
                  min_probability: float = 0.1, confidence_offset: float = 1.0) -> None:
         super().__init__(min_match, max_occurrences, min_probability, confidence_offset)
         self.memory = memory
