@@ -9,7 +9,7 @@ shape's CUDA graph the first time it takes that shape. Lookahead on and off
 run against the same server, so their ratio is the speedup a client sees.
 
 `--soak SECONDS` instead keeps `--concurrency` requests in flight for that long: each prompt greedy and sampled
-(temperature 0.7, seeded by its index), and a `--disconnect-share` of them hung up after a few chunks. It checks
+(temperature 0.7, seeded by its index), and a `--disconnect-share` of them hung up after 1 to 3 chunks. It checks
 that nothing is lost or doubled (every stream not hung up ends with one finish reason and one `[DONE]`, and the
 server counted every request once), that every answer to one request body is the same text (exact in float32:
 lower precisions move with the batch), and watches the server's memory (`/metrics`) for growth after warm-up.
@@ -175,7 +175,7 @@ async def soak(base: str, headers: dict, bodies: list[tuple[str, dict]], concurr
         async def worker(deadline: float) -> None:
             while time.perf_counter() < deadline:
                 index = next(next_body)
-                hang_up = choices.randint(1, 8) if choices.random() < disconnect_share else None
+                hang_up = choices.randint(1, 3) if choices.random() < disconnect_share else None
                 result = await soak_request(client, *bodies[index], hang_up)
                 outcomes[result["outcome"]] += 1
                 if result["outcome"] == "done":

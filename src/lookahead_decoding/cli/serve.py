@@ -9,7 +9,8 @@ import threading
 from pathlib import Path
 
 from .common import (CommandError, add_lookahead_arguments, add_model_arguments, config_from_args, load_from_args,
-                     positive_int)
+                     non_negative_int, positive_int)
+from .generate import DEFAULT_DRAFT_MEMORY
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -37,6 +38,9 @@ def add_serve_command(commands) -> None:
     parser.add_argument("--model-name", help="the model id clients ask for (default: derived from --model)")
     parser.add_argument("--drain-seconds", type=positive_int, default=60, metavar="S",
                         help="on SIGTERM, how long requests in flight may take to finish (default: 60)")
+    parser.add_argument("--draft-memory", type=non_negative_int, default=DEFAULT_DRAFT_MEMORY, metavar="N",
+                        help="draft from the text of the last N requests (a request opts out with "
+                        "\"lookahead\": {\"draft_memory\": false}); 0 turns it off (default: %(default)s)")
     parser.add_argument("--replicas", type=positive_int, metavar="N",
                         help="run N servers behind Ray Serve's router, each with its own model, engine and device "
                         "(one GPU each on CUDA, else one CPU); needs the ray extra (default: one server, no Ray)")
@@ -57,6 +61,7 @@ def model_name(args: argparse.Namespace) -> str:
 def build_app(model, tokenizer, args: argparse.Namespace):
     """(FastAPI app, EngineLoop) for a loaded model and the serve options."""
     from ..decoding import AUTO, eos_set, open_scheduler
+    from ..drafting.memory import DraftMemory
     from ..model_adapter import ModelAdapter
     from ..serve.app import create_app
     from ..serve.engine_loop import EngineLoop
@@ -70,8 +75,9 @@ def build_app(model, tokenizer, args: argparse.Namespace):
     if context is not None and max_prompt + args.max_tokens > context:
         raise CommandError(f"--max-prompt-tokens {max_prompt} + --max-tokens {args.max_tokens} exceeds the model's "
                            f"context of {context} tokens")
+    memory = DraftMemory(args.draft_memory) if args.draft_memory else None
     scheduler = open_scheduler(model, args.batch_size, max_prompt + args.max_tokens, config_from_args(args) or AUTO,
-                               args.source)
+                               args.source, memory)
     engine = EngineLoop(scheduler, args.max_queue)
     limits = Limits(max_prompt, args.max_tokens, ModelAdapter(model).vocab)
     app = create_app(engine, tokenizer, model_name(args), limits, eos_set(model), args.api_key)

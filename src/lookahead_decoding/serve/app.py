@@ -1,6 +1,6 @@
 """The HTTP routes: OpenAI's completions and chat completions (streamed as server-sent events or answered whole),
-the model list, a health check and the Prometheus metrics. Requests are checked and tokenized here, decoded by the engine thread
-(`engine_loop.py`), and their tokens turned into text here as they arrive (`text.py`)."""
+the model list, a health check and the Prometheus metrics. Requests are checked and tokenized here, decoded by
+the engine thread (`engine_loop.py`), and their tokens turned into text here as they arrive (`text.py`)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ def create_app(engine: EngineLoop, tokenizer, model_name: str, limits: Limits, e
         generation = await asyncio.to_thread(parse, kind, body, tokenizer, model_name, limits)
         stream = TokenStream(asyncio.get_running_loop())
         decoded = Request(generation.prompt_ids, generation.max_tokens, eos_ids, tag=generation.id,
-                          sampling=generation.sampling, lookahead=generation.lookahead)
+                          sampling=generation.sampling, lookahead=generation.lookahead,
+                          use_memory=generation.draft_memory)
         if not engine.submit(decoded, stream):
             raise APIError(429, "the server's queue is full; retry later", kind="rate_limit_error",
                            headers={"Retry-After": "1"})

@@ -2,7 +2,8 @@
 
 Every field a request carries is either used or refused with a 400 that names it: nothing is silently ignored.
 Defaults follow the OpenAI API (temperature 1, top_p 1; completions stop after 16 tokens, chat at the server's
-limit). Extensions: top_k, min_p, repetition_penalty, and `"lookahead": {"enabled": false}` for plain decoding.
+limit). Extensions: top_k, min_p, repetition_penalty, and `"lookahead": {"enabled": false}` for plain decoding
+(`"draft_memory": false` in it: neither draft from earlier requests nor be remembered).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Generation:
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage
     lookahead: bool
+    draft_memory: bool  # draft from the server's memory of earlier requests, and add this one to it
     id: str
     created: int
 
@@ -138,9 +140,10 @@ def parse(kind: str, body, tokenizer, model_name: str, limits: Limits) -> Genera
     if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"}:
         raise APIError(400, "'stream_options' may only hold 'include_usage'", "stream_options")
     lookahead = body.get("lookahead") or {}
-    if not isinstance(lookahead, dict) or set(lookahead) - {"enabled"} or not isinstance(
-            lookahead.get("enabled", True), bool):
-        raise APIError(400, "'lookahead' must be {\"enabled\": true or false}", "lookahead")
+    if not isinstance(lookahead, dict) or set(lookahead) - {"enabled", "draft_memory"} or not all(
+            isinstance(lookahead.get(key, True), bool) for key in ("enabled", "draft_memory")):
+        raise APIError(400, "'lookahead' must be {\"enabled\": true or false, \"draft_memory\": true or false}",
+                       "lookahead")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be true or false", "stream")
@@ -158,7 +161,7 @@ def parse(kind: str, body, tokenizer, model_name: str, limits: Limits) -> Genera
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     return Generation(kind, model_name, prompt_ids, max_tokens, sampling, _stop(body), stream,
                       bool(stream_options.get("include_usage")), lookahead.get("enabled", True),
-                      f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
+                      lookahead.get("draft_memory", True), f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
 
 
 def usage(generation: Generation, completion_tokens: int, stats) -> dict:
