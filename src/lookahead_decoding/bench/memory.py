@@ -5,7 +5,8 @@ the requests before it (as `lookahead generate --prompts-file` does by default, 
 A second turn's prompt is the conversation so far: the first question, the model's own answer to it (from the
 same mode's run) and the second question. Reported per request and per phase: tokens per step (new tokens per
 forward pass after the prefill), tokens/s, and whether both modes produced the same tokens; as a markdown table,
-JSON (--out) and a plot of tokens per step against request index (--plot).
+JSON (--out) and a plot of tokens per step against request index (--plot). Without shape options the step plan is
+"auto"'s, calibrated (or read from the cache) once: every request of both modes runs with that one plan.
 
     python scripts/bench_memory.py --data-dir DIR --out memory.json --plot memory.png [--limit K] [--model ...]
 """
@@ -60,9 +61,10 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
     import torch
 
     from ..cli.common import encode_chat, encode_prompt, load_from_args, quiet_transformers
-    from ..decoding import generate
+    from ..decoding import AUTO, generate, resolve_plan
     from ..drafting import DraftMemory
     from .methods import lookahead_config
+    from ..tuning import StepPlan
     from .runner import environment, no_template_message, run_config, stopwatch, tokens_per_step
 
     from tqdm import tqdm
@@ -78,6 +80,8 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
         model, tokenizer = load_from_args(args)
     quiet_transformers()
     config = lookahead_config(args)
+    if config == AUTO:  # one plan for the whole run: measuring it again between the two modes would confound them
+        config = resolve_plan(model, AUTO)
     memory = DraftMemory(max_requests=args.draft_memory)
     no_template = no_template_message(Prompt("mtbench", 0, conversations[0][0], chat=True))
     device = model.device
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
         return generate(model, input_ids, args.max_new_tokens, config, source=args.source,
                         memory=memory if mode == "on" else None)
 
-    decode(encode("humaneval", 0, "off")[:, :WARMUP_TOKENS], "off")  # calibrates "auto", outside the figures
+    decode(encode("humaneval", 0, "off")[:, :WARMUP_TOKENS], "off")  # one-off costs, outside the figures
     order = [("humaneval", i) for i in range(len(code))] + [
         (phase, i) for phase in PHASES[1:] for i in range(len(conversations))]
     records: list[dict] = []
@@ -116,8 +120,8 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
         record["identical"] = sequences["on"] == sequences["off"]
         records.append(record)
     return {
-        "config": {**run_config(args), "lookahead": config if isinstance(config, str) else config_dict(config),
-                   "counts": counts},
+        "config": {**run_config(args), "counts": counts,
+                   "lookahead": config.as_dict() if isinstance(config, StepPlan) else config_dict(config)},
         "environment": environment(model, args),
         "requests": records,
         "summary": summarize(records),
@@ -197,7 +201,7 @@ def plot(result: dict, path: str | Path) -> None:
     axis.set_xlabel("request (in the order run)")
     axis.set_ylabel("tokens per step")
     axis.set_ylim(bottom=0)
-    axis.legend(loc="best")
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     figure.suptitle(_subtitle(result), fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
