@@ -246,7 +246,7 @@ def test_a_full_queue_answers_429_with_retry_after():
     from lookahead_decoding.serve.app import create_app
     from lookahead_decoding.serve.protocol import Limits
 
-    scheduler = argparse.Namespace(stats=ld.GenerationStats(), steps_by_shape={},
+    scheduler = argparse.Namespace(stats=ld.GenerationStats(), steps_by_shape={}, memory=None,
                                    runner=argparse.Namespace(adapter=argparse.Namespace(device=torch.device("cpu"))))
     full = argparse.Namespace(submit=lambda request, stream: False, error=None, running_rows=4, queued=8,
                               scheduler=scheduler)
@@ -268,6 +268,10 @@ def test_metrics_after_a_run(served, client):
     assert values["lookahead_tokens_per_step_count"] >= values["lookahead_forwards_total"]
     assert values["lookahead_running_rows"] == 0 and values["lookahead_queue_depth"] == 0
     assert any(name.startswith("lookahead_step_shapes_total{shape=") for name in values)
+    memory = served[3].scheduler.memory  # the request above is in the draft memory now
+    assert values["lookahead_draft_memory_requests"] == len(memory) >= 1
+    assert values["lookahead_draft_memory_tokens"] == memory.tokens >= 8
+    assert values["process_resident_memory_bytes"] > 0
 
 
 def test_sigterm_lets_requests_in_flight_finish_then_exits_0(served, tmp_path):

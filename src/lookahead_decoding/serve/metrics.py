@@ -2,8 +2,8 @@
 
 Per request (observed on the HTTP side): requests by status, time to first token, time per output token. Of the
 engine (read from the scheduler when scraped): queue depth, running rows, tokens generated, batched forwards,
-tokens committed per row and step, and steps by shape. Of the process: its memory (resident and, on CUDA, what
-torch has allocated on the device), which a soak test watches for leaks.
+tokens committed per row and step, steps by shape, and the draft memory's size. Of the process: its memory
+(resident and, on CUDA, what torch has allocated on the device), which a soak test watches for leaks.
 """
 
 from __future__ import annotations
@@ -58,6 +58,12 @@ class Metrics:
         Gauge("lookahead_running_rows", "Rows decoding a request", registry=self.registry).set_function(
             lambda: engine.running_rows)
         self.registry.register(SchedulerCollector(engine.scheduler))
+        memory = engine.scheduler.memory
+        if memory is not None:
+            Gauge("lookahead_draft_memory_requests", "Earlier requests the draft memory holds",
+                  registry=self.registry).set_function(lambda: len(memory))
+            Gauge("lookahead_draft_memory_tokens", "Tokens of the requests the draft memory holds",
+                  registry=self.registry).set_function(lambda: memory.tokens)
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and the other process_* series
         device = engine.scheduler.runner.adapter.device
         if device.type == "cuda":
