@@ -311,6 +311,8 @@ def test_bench_serve_loads_the_server_with_lookahead_on_and_off(served, tmp_path
         steps = sum(setting["steps_by_shape"].values())
         assert 0 < steps <= setting["tokens"]
         assert setting["lookahead"] or steps * setting["concurrency"] >= setting["tokens"] - setting["requests"]
+    # float32 greedy: with lookahead on, every answer is the one the same prompt got with it off
+    assert [s.get("same_text_as_off") for s in settings] == [3, 3, None, None]
 
 
 def test_ray_address_needs_replicas(capsys):

@@ -3,10 +3,11 @@
 Every prompt of a dataset goes to the server as one streamed request (chat datasets through chat completions,
 the others through completions), at most `concurrency` at a time. Per request: time to first token (the first
 chunk with text), time per output token after it, tokens (the usage the server reports). Per setting: p50 / p95 of
-both, requests and tokens per second over the wall time of the whole setting, errors, and the server's steps by
-shape (from /metrics). Each setting first sends its first `--warmup` requests untimed: a server records a step
-shape's CUDA graph the first time it takes that shape. Lookahead on and off
-run against the same server, so their ratio is the speedup a client sees.
+both, requests and tokens per second over the wall time of the whole setting, errors, the server's steps by
+shape (from /metrics), and how many answers with lookahead on equal the same prompt's answer with it off
+(prompt i asks for seed i, so sampled answers compare too). Each setting first sends its first `--warmup`
+requests untimed: a server records a step shape's CUDA graph the first time it takes that shape. Lookahead on and
+off run against the same server, so their ratio is the speedup a client sees.
 
 `--soak SECONDS` instead keeps `--concurrency` requests in flight for that long: each prompt greedy and sampled
 (temperature 0.7, seeded by its index), and a `--disconnect-share` of them hung up after 1 to 3 chunks. It checks
@@ -46,6 +47,7 @@ async def one_request(client, url: str, body: dict) -> dict:
     began = time.perf_counter()
     first = None
     usage = None
+    pieces = []
     try:
         async with client.stream("POST", url, json=body) as response:
             if response.status_code != 200:
@@ -56,13 +58,14 @@ async def one_request(client, url: str, body: dict) -> dict:
                 event = json.loads(line[len("data: "):])
                 if event.get("usage"):
                     usage = event["usage"]
-                if first is None and event_text(event):
+                pieces.append(event_text(event))
+                if first is None and pieces[-1]:
                     first = time.perf_counter()
     except Exception as err:  # a load test reports failures, it does not stop at the first
         return {"error": f"{type(err).__name__}: {err}"}
     ended = time.perf_counter()
     tokens = usage["completion_tokens"] if usage else 0
-    return {"error": None, "seconds": ended - began, "tokens": tokens,
+    return {"error": None, "seconds": ended - began, "tokens": tokens, "text": "".join(pieces),
             "ttft": None if first is None else first - began,
             "tpot": None if first is None or tokens < 2 else (ended - first) / (tokens - 1),
             "forwards": usage["lookahead"]["forwards"] if usage else 0}
@@ -90,7 +93,8 @@ async def run_setting(base: str, headers: dict, bodies: list[tuple[str, dict]], 
             "tokens": tokens, "tokens_per_step": tokens / max(sum(r["forwards"] for r in done), 1),
             "ttft_p50": percentile(ttft, 0.5), "ttft_p95": percentile(ttft, 0.95),
             "tpot_p50": percentile(tpot, 0.5), "tpot_p95": percentile(tpot, 0.95),
-            "tpot_mean": statistics.fmean(tpot) if tpot else None}
+            "tpot_mean": statistics.fmean(tpot) if tpot else None,
+            "texts": [r.get("text") for r in results]}  # in request order; compared across settings, not kept
 
 
 def request_bodies(args, model: str, lookahead: bool, temperature: float | None = None,
@@ -244,7 +248,7 @@ def measure(args) -> dict:
     model = served_model(args, headers)
     settings = []
     for lookahead in (True, False):
-        bodies = request_bodies(args, model, lookahead)
+        bodies = request_bodies(args, model, lookahead, seeded=True)
         for concurrency in args.concurrency:
             if args.warmup:  # untimed: the server records a step shape's graph the first time it takes it
                 asyncio.run(run_setting(args.url, headers, bodies[:args.warmup], concurrency))
@@ -257,17 +261,29 @@ def measure(args) -> dict:
             print(f"lookahead {'on ' if lookahead else 'off'} concurrency {concurrency:3d}: "
                   f"{result['tokens_per_second']:8.1f} tok/s, TTFT p50 {result['ttft_p50']}, "
                   f"TPOT p50 {result['tpot_p50']}, errors {result['errors']}", flush=True)
+    # Lookahead is exact: each "on" setting's answers against the same prompts' "off" answers at its concurrency
+    # (greedy: the same text, up to the low-precision noise of other batch shapes; sampled: the same seed only).
+    texts = {(s["lookahead"], s["concurrency"]): s.pop("texts") for s in settings}
+    for setting in settings:
+        if setting["lookahead"]:
+            pairs = zip(texts[True, setting["concurrency"]], texts[False, setting["concurrency"]])
+            setting["same_text_as_off"] = sum(on is not None and on == off for on, off in pairs)
     return {"config": config_of(args), "model": model, "settings": settings}
+
+
+def same_text(setting: dict) -> str:
+    return f"{setting['same_text_as_off']}/{setting['requests']}" if "same_text_as_off" in setting else "-"
 
 
 def report(result: dict) -> str:
     rows = ["| lookahead | concurrency | tok/s | req/s | TTFT p50 / p95 (ms) | TPOT p50 / p95 (ms) | tokens/step | "
-            "errors |", "|---|---|---|---|---|---|---|---|"]
+            "same text as off | errors |", "|---|---|---|---|---|---|---|---|---|"]
     ms = lambda value: "-" if value is None else f"{value * 1e3:.1f}"  # noqa: E731
     for s in result["settings"]:
         rows.append(f"| {'on' if s['lookahead'] else 'off'} | {s['concurrency']} | {s['tokens_per_second']:.1f} | "
                     f"{s['requests_per_second']:.2f} | {ms(s['ttft_p50'])} / {ms(s['ttft_p95'])} | "
-                    f"{ms(s['tpot_p50'])} / {ms(s['tpot_p95'])} | {s['tokens_per_step']:.2f} | {s['errors']} |")
+                    f"{ms(s['tpot_p50'])} / {ms(s['tpot_p95'])} | {s['tokens_per_step']:.2f} | "
+                    f"{same_text(s)} | {s['errors']} |")
     return "\n".join(rows)
 
 
