@@ -42,31 +42,36 @@ def event_text(event: dict) -> str:
                    for choice in event.get("choices", []))
 
 
-async def one_request(client, url: str, body: dict) -> dict:
-    """Send one streamed request; its timings, tokens and error (None when it succeeded)."""
+async def stream_request(client, url: str, body: dict, hang_up_after: int | None = None) -> dict:
+    """Send one streamed request (hanging up after `hang_up_after` chunks, if given). Its error (None when it was
+    answered), whether it was hung up on, its text, finish reasons and [DONE]s counted, and its timings and
+    tokens."""
     began = time.perf_counter()
-    first = None
-    usage = None
-    pieces = []
+    first, usage, pieces, finishes, dones = None, None, [], 0, 0
     try:
         async with client.stream("POST", url, json=body) as response:
             if response.status_code != 200:
                 return {"error": f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"}
             async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+                if line == "data: [DONE]":
+                    dones += 1
+                    continue
+                if not line.startswith("data: "):
                     continue
                 event = json.loads(line[len("data: "):])
-                if event.get("usage"):
-                    usage = event["usage"]
+                usage = event.get("usage") or usage
                 pieces.append(event_text(event))
+                finishes += sum(choice.get("finish_reason") is not None for choice in event.get("choices", []))
                 if first is None and pieces[-1]:
                     first = time.perf_counter()
+                if hang_up_after is not None and len(pieces) >= hang_up_after:
+                    return {"error": None, "cut": True}
     except Exception as err:  # a load test reports failures, it does not stop at the first
         return {"error": f"{type(err).__name__}: {err}"}
     ended = time.perf_counter()
     tokens = usage["completion_tokens"] if usage else 0
-    return {"error": None, "seconds": ended - began, "tokens": tokens, "text": "".join(pieces),
-            "ttft": None if first is None else first - began,
+    return {"error": None, "cut": False, "seconds": ended - began, "tokens": tokens, "text": "".join(pieces),
+            "finishes": finishes, "dones": dones, "ttft": None if first is None else first - began,
             "tpot": None if first is None or tokens < 2 else (ended - first) / (tokens - 1),
             "forwards": usage["lookahead"]["forwards"] if usage else 0}
 
@@ -78,7 +83,7 @@ async def run_setting(base: str, headers: dict, bodies: list[tuple[str, dict]], 
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=600) as client:
         async def gated(path, body):
             async with gate:
-                return await one_request(client, path, body)
+                return await stream_request(client, path, body)
 
         began = time.perf_counter()
         results = await asyncio.gather(*(gated(path, body) for path, body in bodies))
@@ -112,54 +117,41 @@ def request_bodies(args, model: str, lookahead: bool, temperature: float | None 
 
 
 async def soak_request(client, url: str, body: dict, hang_up_after: int | None) -> dict:
-    """Stream one request, hanging up after `hang_up_after` chunks if given. Outcome "done" with its text, "cut",
-    or "error": a stream must end with exactly one finish reason and one [DONE]."""
-    pieces, finishes, dones, chunks = [], 0, 0, 0
-    try:
-        async with client.stream("POST", url, json=body) as response:
-            if response.status_code != 200:
-                return {"outcome": "error",
-                        "error": f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"}
-            async for line in response.aiter_lines():
-                if line == "data: [DONE]":
-                    dones += 1
-                elif line.startswith("data: "):
-                    event = json.loads(line[len("data: "):])
-                    pieces.append(event_text(event))
-                    finishes += sum(choice.get("finish_reason") is not None for choice in event.get("choices", []))
-                    chunks += 1
-                    if hang_up_after is not None and chunks >= hang_up_after:
-                        return {"outcome": "cut"}
-    except Exception as err:
-        return {"outcome": "error", "error": f"{type(err).__name__}: {err}"}
-    if (finishes, dones) != (1, 1):
-        return {"outcome": "error", "error": f"the stream ended with {finishes} finish reasons and {dones} [DONE]"}
-    return {"outcome": "done", "text": "".join(pieces)}
+    """`stream_request`'s outcome for the soak: "done" with its text, "cut", or "error" (a stream must end with
+    exactly one finish reason and one [DONE])."""
+    result = await stream_request(client, url, body, hang_up_after)
+    if result["error"] is not None:
+        return {"outcome": "error", "error": result["error"]}
+    if result["cut"]:
+        return {"outcome": "cut"}
+    if (result["finishes"], result["dones"]) != (1, 1):
+        return {"outcome": "error",
+                "error": f"the stream ended with {result['finishes']} finish reasons and {result['dones']} [DONE]"}
+    return {"outcome": "done", "text": result["text"]}
+
+
+def metric_samples(page: str):
+    """The samples of a Prometheus /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [sample for family in text_string_to_metric_families(page) for sample in family.samples]
 
 
 def shapes_taken(base: str) -> dict[str, float]:
     """The server's batched steps so far, by step shape (its /metrics)."""
     import httpx
-    from prometheus_client.parser import text_string_to_metric_families
 
     page = httpx.get(f"{base}/metrics", timeout=60).text
-    return {sample.labels["shape"]: sample.value for family in text_string_to_metric_families(page)
-            for sample in family.samples if sample.name == "lookahead_step_shapes_total"}
+    return {sample.labels["shape"]: sample.value for sample in metric_samples(page)
+            if sample.name == "lookahead_step_shapes_total"}
 
 
 def scrape(metrics_text: str) -> dict[str, float]:
     """The soak's server figures from a /metrics page: requests answered 200, resident and device memory."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     wanted = {("lookahead_requests_total", "200"): "answered", ("process_resident_memory_bytes", None): "rss",
               ("lookahead_device_memory_bytes", None): "device"}
-    found = {}
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            key = (sample.name, sample.labels.get("status"))
-            if key in wanted:
-                found[wanted[key]] = sample.value
-    return found
+    return {wanted[sample.name, sample.labels.get("status")]: sample.value for sample in metric_samples(metrics_text)
+            if (sample.name, sample.labels.get("status")) in wanted}
 
 
 async def soak(base: str, headers: dict, bodies: list[tuple[str, dict]], concurrency: int, seconds: float,
