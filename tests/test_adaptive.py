@@ -29,7 +29,7 @@ SHAPES = (AUTOREGRESSIVE, verify_only(2 * K, K), ld.LookaheadConfig(4, 4, 4), ld
 def random_schedule(seed: int):
     """A stand-in for `choose_for_batch` that picks a random shape every step, whatever the statistics say."""
     rng = random.Random(seed)
-    return lambda choosers, num_nodes, costs_ms=None, yields=None: rng.randrange(len(costs_ms))
+    return lambda choosers, num_nodes, costs_ms=None, yields=None, trees=None: rng.randrange(len(costs_ms))
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

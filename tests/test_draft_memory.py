@@ -115,8 +115,8 @@ def test_memory_source_drafts_what_followed_the_match_in_earlier_requests():
     memory = filled([[1, 2, 3, 4, 5], [9, 2, 3, 4, 6], [7, 7, 2, 3, 4, 5]])
     source = MemorySource(memory)
     # "2 3 4" was followed by 5 twice and by 6 once; a 3-token match has confidence 3/4.
-    assert source.propose([8, 2, 3, 4], 4, 10) == [((5,), (pytest.approx(2 / 3 * 3 / 4),)),
-                                                   ((6,), (pytest.approx(1 / 3 * 3 / 4),))]
+    assert source.propose([8, 2, 3, 4], 4, 10) == [((5,), (pytest.approx(2 / 3 * 3 / 4),), ("memory", 3)),
+                                                   ((6,), (pytest.approx(1 / 3 * 3 / 4),), ("memory", 3))]
     assert source.propose([8, 8, 8, 3], 4, 10) == []  # a 1-token match is below min_match
 
 

@@ -44,7 +44,7 @@ torch.set_num_threads(1)
 
 VOCAB = 12
 NEW_TOKENS = 3  # the joint distribution of the first three new tokens is compared: VOCAB**3 cells
-SAMPLES = 5000
+SAMPLES = 2500
 ALPHA = 0.01
 
 

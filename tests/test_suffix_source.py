@@ -49,7 +49,7 @@ def test_continuations_and_scores_come_from_the_text(text, max_length):
     drafts = source.propose(text, max_length, budget=10_000)
     assert {draft.tokens for draft in drafts} == maximal
     confidence = match_length / (match_length + 1)
-    for tokens, probabilities in drafts:
+    for tokens, probabilities, _ in drafts:
         assert 1 <= len(tokens) <= max_length
         for i, probability in enumerate(probabilities):
             going_on = [c for c in continuations if len(c) > i and c[:i] == tokens[:i]]
@@ -72,7 +72,8 @@ def test_frequency_score_is_the_count_ratio():
     text = [1, 2, 7, 3, 1, 2, 7, 4, 1, 2, 8, 5, 1, 2, 7, 6, 9, 1, 2]
     drafts = indexed(text).propose(text, max_length=1, budget=10)
     confidence = 2 / 3
-    assert drafts == [((7,), (pytest.approx(0.75 * confidence),)), ((8,), (pytest.approx(0.25 * confidence),))]
+    assert drafts == [((7,), (pytest.approx(0.75 * confidence),), ("suffix", 2)),
+                      ((8,), (pytest.approx(0.25 * confidence),), ("suffix", 2))]  # evidence: a match of 2 tokens
 
 
 def test_the_floor_stops_drafts():
@@ -89,7 +90,7 @@ def test_max_length_and_budget_cut_drafts():
 
 def test_longer_matches_are_trusted_more():
     text = [5, 1, 2, 3, 4, 9, 5, 1, 2, 3]
-    assert indexed(text).propose(text, 1, 10) == [((4,), (pytest.approx(4 / 5),))]
+    assert indexed(text).propose(text, 1, 10) == [((4,), (pytest.approx(4 / 5),), ("suffix", 4))]
 
 
 @settings(max_examples=200, deadline=None)

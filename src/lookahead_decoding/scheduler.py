@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .drafting.base import CandidateSource
+from .drafting.confidence import Confidences
 from .drafting.memory import DraftMemory
 from .drafting.tree import EMPTY_TREE
 from .sampling_params import SamplingParams
@@ -75,6 +76,8 @@ class BatchScheduler:
 
     `make_source()` makes a row's draft source. With a `memory`, the rows of requests that use it draft from it
     too (their source is `make_source(memory)`), and every such request's text is added to it when it finishes.
+    The rows share one `Confidences` of their drafts' confidences (the memory's, with a memory: it carries what
+    earlier calls measured), except rows isolated from the memory, which share the scheduler's own.
     """
 
     def __init__(self, runner: StepRunner, plan: StepPlan, make_source: Callable[..., CandidateSource],
@@ -84,6 +87,7 @@ class BatchScheduler:
         if memory is not None:
             memory.bind(runner.adapter.model)
         self.runner, self.plan, self.make_source, self.memory = runner, plan, make_source, memory
+        self.confidences = Confidences()
         self.rows: list[_Row | None] = [None] * runner.batch_size
         self.waiting: deque[Request] = deque()
         self.stats = GenerationStats()  # steps: batched forwards; new_tokens: over all rows
@@ -164,9 +168,11 @@ class BatchScheduler:
         shape = choose_for_batch(choosers, [row.sequence.largest_tree for _, row in live], costs, yields)
         if self.plan.shapes[shape].verifies:
             trees = {index: row.sequence.draft() for index, row in live}
-            shape = choose_for_batch(choosers, [len(trees[index]) for index, _ in live], costs, yields)
+            row_trees = [trees[index] for index, _ in live]
+            shape = choose_for_batch(choosers, [len(tree) for tree in row_trees], costs, yields, row_trees)
         else:
             trees = dict.fromkeys((index for index, _ in live), EMPTY_TREE)
+            row_trees = [EMPTY_TREE] * len(live)
         steps: list = [None] * len(self.rows)
         histories: list = [None] * len(self.rows)
         for index, row in live:
@@ -179,7 +185,7 @@ class BatchScheduler:
                 sequence.observe_text()
 
         expected = None if self.batch_yield is None else batch_expected_tokens(
-            choosers, [len(trees[index]) for index, _ in live], shape)  # before `record` updates the choosers
+            choosers, [len(tree) for tree in row_trees], shape, row_trees)  # before `record` updates the choosers
         drafted = self.plan.shapes[shape].verifies
         outcomes = self.runner.step_rows(shape, steps, histories, overlap=observe_text if drafted else None)
         self.stats.steps += 1
@@ -204,14 +210,16 @@ class BatchScheduler:
             request = self.waiting.popleft()
             emitter = Emitter(list(request.prompt), request.max_new_tokens, request.eos_ids,
                               request.stopping_criteria, request.streamer, self.runner.adapter.device)
+            confidences = self.confidences
             if request.source is not None:
                 source = request.source
             elif self.memory is not None and request.use_memory:
-                source = self.make_source(self.memory)
+                source, confidences = self.make_source(self.memory), self.memory.confidences
             else:
                 source = self.make_source()
+            sampled = request.sampling is not None and request.sampling.samples
             sequence = SequenceState(request.prompt, self.plan, source, emitter, random.Random(request.window_seed),
-                                     request.lookahead)
+                                     request.lookahead, confidences, sampled)
             row = _Row(request, sequence, time.perf_counter())
             if sequence.done:  # max_new_tokens=0: nothing to decode, no row needed
                 finished.append(self._result(row))

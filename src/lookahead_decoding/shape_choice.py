@@ -3,16 +3,19 @@
 Expected committed tokens, per kind of shape:
 
 * plain one-token step: 1;
-* a step that only verifies drafts: 1 + a_s when the token tree has nodes (else 1), where a_s is the recent
-  mean of accepted draft tokens, kept apart for steps after a verification that accepted something and after
-  one that did not: acceptance comes in runs (a stretch of text being copied, then none). One verified step
-  tells what every other verifying shape would have accepted (a smaller tree is a prefix of the node list, so
+* a step that only verifies drafts: 1 + the tokens its part of the token tree is expected to accept, from the
+  tree's calibrated scores (`TokenTree.expected_accepted`) once the tree is drafted. Before that (deciding whether
+  drafting is worth its host time at all): 1 + a_s, the recent mean of accepted draft tokens, kept apart for steps
+  after a verification that accepted something and after one that did not (acceptance comes in runs). One verified
+  step tells what every other verifying shape would have accepted (a smaller tree is a prefix of the node list, so
   it gets the part of the accepted path inside its budget; a larger one at least as much), so every verifying
   shape learns from every step;
-* a step that runs the Jacobi window: the recent mean of tokens its own steps committed. The window pays mostly
-  later, through the n-grams it adds to the pool, so its yield is measured where it runs, whatever the pool holds
-  at the moment. It starts from `expected_tokens`, a prior that grows with the step's rows, and while other
-  shapes run it drifts back to that prior, so the window is retried now and then and measured again.
+* a step that runs the Jacobi window: what its own steps committed now, plus what it commits later. Now: the recent
+  mean of the tokens its steps committed, apart from those only window n-grams drafted. It starts from
+  `expected_tokens`, a prior that grows with the step's rows, and while other shapes run it drifts back to that
+  prior, so the window is retried now and then and measured again. Later: the window feeds the pool with n-grams
+  that later steps verify; the tokens accepted from n-grams only the window produced (on any step), per window step
+  run, are what a window step is worth later.
 
 Each divided by the shape's measured cost. When nothing pays, the plain one-token step wins.
 """
@@ -26,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .config import LookaheadConfig
+from .drafting.tree import TokenTree
 
 # Tokens committed per lookahead step against its rows, 1 + 0.22·log2(1 + rows): a rough fit to the sweeps of
 # docs/benchmarks.md across datasets and devices. It ranks shapes in calibration and is where a window's yield
@@ -48,10 +52,14 @@ class AcceptancePrior:
 class ShapeChooser:
     def __init__(self, shapes: Sequence[LookaheadConfig], costs_ms: Sequence[float],
                  prior: AcceptancePrior = AcceptancePrior(), decay: float = 0.9, window_decay: float = 0.8,
-                 retry: float = 0.98) -> None:
+                 retry: float = 0.98, credit_decay: float = 0.95, min_window_rate: float = 0.05) -> None:
         """decay: weight of the past in the acceptance means; window_decay: the same for the window's yield (it
         must learn fast: a short answer is over in a few dozen steps); retry: per step another shape runs, how
-        much of a window shape's measured yield is kept (the rest moves back to the prior)."""
+        much of a window shape's measured yield is kept (the rest moves back to the prior); credit_decay: weight
+        of the past in the rates of window-drafted tokens accepted and of window steps run (pooled n-grams are
+        verified over the following tens of steps); min_window_rate: the least window-step rate the later value
+        is divided by, so that stale window n-grams still accepted while other shapes run make the window worth
+        retrying, without dividing by nothing."""
         if len(shapes) != len(costs_ms) or not shapes:
             raise ValueError("ShapeChooser needs one cost per shape")
         if any(not cost > 0 for cost in costs_ms):
@@ -64,28 +72,45 @@ class ShapeChooser:
         self.window_prior = [expected_tokens(shape) if prior.window_tokens is None else prior.window_tokens
                              for shape in shapes]
         self.window_tokens = list(self.window_prior)
+        self.credit_decay, self.min_window_rate = credit_decay, min_window_rate
+        self.window_credit = 0.0  # recent mean, over all steps, of tokens accepted that only window n-grams drafted
+        self.window_rate = 0.0  # recent share of steps that ran a window
 
-    def expected_tokens(self, shape: int, num_nodes: int) -> float:
+    @property
+    def window_value(self) -> float:
+        """Tokens a window step is expected to commit later, through the n-grams it adds to the pool."""
+        return self.window_credit / max(self.window_rate, self.min_window_rate)
+
+    def expected_tokens(self, shape: int, num_nodes: int, tree: TokenTree | None = None) -> float:
+        """Tokens a step of `shape` is expected to commit, given a token tree of `num_nodes` nodes (`tree`: the
+        tree itself, once drafted)."""
         config = self.shapes[shape]
         if config.has_window:
-            return self.window_tokens[shape]
+            return self.window_tokens[shape] + self.window_value
         if config.verifies and num_nodes > 0:
+            if tree is not None:
+                return 1.0 + tree.expected_accepted(config.tree_nodes)
             return 1.0 + self.accepted[self.in_run][shape]
         return 1.0
 
-    def choose(self, num_nodes: int) -> int:
-        """The shape for the next step, given how many nodes the token tree has."""
-        return choose_for_batch([self], [num_nodes])
+    def choose(self, num_nodes: int, tree: TokenTree | None = None) -> int:
+        """The shape for the next step, given how many nodes the token tree has (and the tree, once drafted)."""
+        return choose_for_batch([self], [num_nodes], trees=None if tree is None else [tree])
 
-    def observe(self, shape: int, num_nodes: int, path: Sequence[int]) -> None:
-        """After a step of `shape` verified a tree of `num_nodes` nodes and accepted the nodes `path`."""
+    def observe(self, shape: int, num_nodes: int, path: Sequence[int], window_credit: int = 0) -> None:
+        """After a step of `shape` verified a tree of `num_nodes` nodes and accepted the nodes `path`, of which
+        `window_credit` only n-grams of the window had drafted."""
         accepted = len(path)
         decay, accepted_now = self.decay, self.accepted[self.in_run]
+        kept = self.credit_decay
+        self.window_credit = self.window_credit * kept + window_credit * (1 - kept)
+        self.window_rate = self.window_rate * kept + self.shapes[shape].has_window * (1 - kept)
         for other, config in enumerate(self.shapes):
             if config.has_window:
                 if other == shape:
                     kept = self.window_decay
-                    self.window_tokens[other] = self.window_tokens[other] * kept + (1 + accepted) * (1 - kept)
+                    now = 1 + accepted - window_credit  # the window's later value is counted apart
+                    self.window_tokens[other] = self.window_tokens[other] * kept + now * (1 - kept)
                 else:
                     self.window_tokens[other] = (self.window_tokens[other] * self.retry
                                                  + self.window_prior[other] * (1 - self.retry))
@@ -100,31 +125,33 @@ class ShapeChooser:
 class PlainChooser(ShapeChooser):
     """The statistics of a sequence decoded without lookahead: one token from any step, nothing to learn."""
 
-    def expected_tokens(self, shape: int, num_nodes: int) -> float:
+    def expected_tokens(self, shape: int, num_nodes: int, tree: TokenTree | None = None) -> float:
         return 1.0
 
-    def observe(self, shape: int, num_nodes: int, path: Sequence[int]) -> None:
+    def observe(self, shape: int, num_nodes: int, path: Sequence[int], window_credit: int = 0) -> None:
         pass
 
 
-def batch_expected_tokens(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int], shape: int) -> float:
-    """Tokens a step of `shape` is expected to commit over all rows, each by its own statistics."""
-    return sum(chooser.expected_tokens(shape, nodes) for chooser, nodes in zip(choosers, num_nodes))
+def batch_expected_tokens(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int], shape: int,
+                          trees: Sequence[TokenTree] | None = None) -> float:
+    """Tokens a step of `shape` is expected to commit over all rows, each by its own statistics (and tree)."""
+    trees = [None] * len(choosers) if trees is None else trees
+    return sum(chooser.expected_tokens(shape, nodes, tree) for chooser, nodes, tree in zip(choosers, num_nodes, trees))
 
 
 def choose_for_batch(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int], costs_ms: Sequence[float] | None = None,
-                     yields: Sequence[float] | None = None) -> int:
+                     yields: Sequence[float] | None = None, trees: Sequence[TokenTree] | None = None) -> int:
     """The one shape for a step that decodes several sequences side by side: the most tokens expected over all
-    of them (each by its own statistics and token tree of `num_nodes`, scaled by the shape's `yields`, see
-    `BatchYield`) per millisecond of the batched step (`costs_ms`: measured at this batch size; default: the
-    choosers' own)."""
+    of them (each by its own statistics and token tree of `num_nodes`, or the `trees` once drafted, scaled by the
+    shape's `yields`, see `BatchYield`) per millisecond of the batched step (`costs_ms`: measured at this batch
+    size; default: the choosers' own)."""
     costs = choosers[0].costs if costs_ms is None else costs_ms
     if all(isinstance(chooser, PlainChooser) for chooser in choosers):
         # One token per row from any shape: the cheapest. (A yield ratio learnt while other rows drafted would
         # otherwise still favour a wide step for rows that draft nothing.)
         return 0
     yields = [1.0] * len(costs) if yields is None else yields
-    rates = [batch_expected_tokens(choosers, num_nodes, shape) * yields[shape] / cost
+    rates = [batch_expected_tokens(choosers, num_nodes, shape, trees) * yields[shape] / cost
              for shape, cost in enumerate(costs)]
     return max(range(len(rates)), key=rates.__getitem__)  # first best: shapes are listed cheapest first
 

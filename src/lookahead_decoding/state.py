@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .drafting.base import CandidateSource
+from .drafting.confidence import Confidences, evidence_of
+from .drafting.pool import FROM_WINDOW
 from .drafting.tree import EMPTY_TREE, TokenTree, build_tree
 from .layout import StepLayout
 from .shape_choice import PlainChooser, ShapeChooser
@@ -95,10 +97,14 @@ class SequenceState:
     """Drafting, shape choice and bookkeeping of one sequence; the forward runs elsewhere."""
 
     def __init__(self, prompt: Sequence[int], plan: StepPlan, source: CandidateSource, emitter: Emitter,
-                 rng: random.Random, lookahead: bool = True) -> None:
+                 rng: random.Random, lookahead: bool = True, confidences: Confidences | None = None,
+                 sampled: bool = False) -> None:
         """lookahead=False: the sequence never drafts and expects one token from every step (plain decoding, even
-        in a step whose shape other rows use for lookahead)."""
+        in a step whose shape other rows use for lookahead). `confidences`: the drafts' confidences, learned from
+        this sequence's verifications and (when shared) other sequences'; `sampled`: whether the sequence samples
+        (sampled tokens match drafts less often, so their outcomes are counted apart)."""
         self.plan, self.source, self.emitter = plan, source, emitter
+        self.confidences, self.sampled = confidences, sampled
         shapes = plan.shapes
         self.draft_depth = next((shape.candidate_length for shape in shapes if shape.verifies), 1)  # K, shared
         self.largest_tree = max(shape.tree_nodes for shape in shapes) if lookahead else 0
@@ -145,7 +151,8 @@ class SequenceState:
             self.source.begin(self.history[: self.prompt_length])
             self.observed = self.prompt_length
         drafts = self.source.propose(self.history, self.draft_depth, self.largest_tree)
-        return build_tree(drafts, self.largest_tree, self.draft_depth)
+        return build_tree(drafts, self.largest_tree, self.draft_depth, self.confidences,
+                          (self.sampled, self.chooser.in_run))
 
     def plan_step(self, shape: int, tree: TokenTree, layouts: Sequence[StepLayout]) -> PlannedStep:
         """Lay out the step's input for `shape`: the current token, the shape's window and the tree cut to its
@@ -160,7 +167,16 @@ class SequenceState:
     def record(self, step: PlannedStep, outcome: StepOutcome) -> None:
         """Learn from the step and commit its tokens (up to where generation stops)."""
         current = self.history[-1]
-        self.chooser.observe(step.shape, len(step.tree), outcome.path)
+        tree, path = step.tree, outcome.path
+        if tree.keys and self.confidences is not None:
+            accepted = set(path)
+            for node in tree.tested(path):
+                for node_key in tree.keys[node]:
+                    self.confidences.record(node_key, node in accepted)
+        # Accepted tokens that only the window's n-grams drafted: what the window steps before were worth.
+        window_credit = sum(bool(tree.keys[node]) and all(evidence_of(k) == FROM_WINDOW for k in tree.keys[node])
+                            for node in path) if tree.keys else 0
+        self.chooser.observe(step.shape, len(tree), path, window_credit)
         window = self.windows[step.shape]
         if window:
             self.source.observe_window(window.advance(current, outcome.new_level))

@@ -10,7 +10,7 @@ A new source is one subclass of `CandidateSource`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import NamedTuple
 
 
@@ -20,6 +20,10 @@ class Draft(NamedTuple):
     tokens: tuple[int, ...]
     # probabilities[i]: the source's estimate that tokens[i] is right, given that tokens[:i] are right.
     probabilities: tuple[float, ...]
+    # What kind of guess this is (any hashable, e.g. a source's name and how long a match it found). Drafts with
+    # evidence get their probabilities calibrated against what verification accepted (`confidence.py`), kept
+    # apart per evidence; None: the probabilities are used as given.
+    evidence: Hashable = None
 
 
 class ModelPredictions(NamedTuple):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
+from .confidence import Confidences
 from .suffix import SuffixIndex, SuffixMatchSource
 
 # Requests are indexed in blocks of about max_requests / BLOCKS. Evicting a request only hides its text from
@@ -35,8 +36,9 @@ def _describe(identity: tuple[str, str, int]) -> str:
 
 class DraftMemory:
     """The prompts and outputs of the last `max_requests` requests (and at most `max_tokens` tokens, when given)
-    to one model, the oldest evicted first, with a suffix index over them; and the model's latest top-k next
-    tokens after every token it has seen (the recycled source's table, bounded by the vocabulary).
+    to one model, the oldest evicted first, with a suffix index over them; the model's latest top-k next tokens
+    after every token it has seen (the recycled source's table, bounded by the vocabulary); and the confidences in
+    drafts that verification measured (`confidence.py`, bounded by its keys).
 
     `ld.generate(..., memory=memory)` drafts from it and adds every finished request's text to it; so does a
     scheduler opened with it (`decoding.open_scheduler(..., memory=memory)`), except for requests with
@@ -57,6 +59,7 @@ class DraftMemory:
         self.tokens = 0  # in the requests held
         # token -> (the model's latest top-k next tokens after it, their probabilities): RecycledTopKSource's table
         self.recycled: dict[int, tuple[Sequence[int], Sequence[float]]] = {}
+        self.confidences = Confidences()
         self._block_size = -(-max_requests // BLOCKS)  # requests per block
         self._blocks: deque[SuffixIndex] = deque()  # oldest first; requests are added to the last
         # The requests held, oldest first: (their block, where their text ends in it, their tokens).
@@ -133,6 +136,8 @@ class MemorySource(SuffixMatchSource):
     The defaults committed the most tokens per step on 24 HumanEval prompts in a row (SmolLM2-135M, one fixed
     shape of a 32-node tree): min_match 2 rather than 1 or 3, 16 occurrences rather than 8 or 32, a confidence
     offset of 1 rather than 0.5 or 2, a floor of 0.1 rather than 0.05."""
+
+    name = "memory"
 
     def __init__(self, memory: DraftMemory, min_match: int = 2, max_occurrences: int = 16,
                  min_probability: float = 0.1, confidence_offset: float = 1.0) -> None:

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 class NGramPool:
     """Maps a token to at most `capacity` continuations of `continuation_length` tokens, newest last.
 
-    Re-inserting a continuation refreshes it; inserting into a full key evicts the least recently seen one.
+    Re-inserting a continuation refreshes it; inserting into a full key evicts the least recently seen one. Each
+    continuation remembers whether only the Jacobi window ever produced it (`from_window`), or the text too.
     A longer continuation is cut to length; a shorter one is padded by repeating its last token, a guess that
     verification accepts only where it is right.
     """
@@ -17,12 +18,12 @@ class NGramPool:
     def __init__(self, continuation_length: int, capacity: int) -> None:
         self.continuation_length = continuation_length
         self.capacity = capacity
-        self._table: dict[int, OrderedDict[tuple[int, ...], None]] = {}
+        self._table: dict[int, OrderedDict[tuple[int, ...], bool]] = {}  # continuation -> only from the window
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._table.values())
 
-    def add(self, key: int, continuation: Sequence[int]) -> None:
+    def add(self, key: int, continuation: Sequence[int], from_window: bool = False) -> None:
         if self.capacity == 0:
             return
         continuation = tuple(continuation[: self.continuation_length])
@@ -30,8 +31,9 @@ class NGramPool:
         entries = self._table.setdefault(key, OrderedDict())
         if continuation in entries:
             entries.move_to_end(continuation)
+            entries[continuation] = entries[continuation] and from_window
             return
-        entries[continuation] = None
+        entries[continuation] = from_window
         if len(entries) > self.capacity:
             entries.popitem(last=False)
 
@@ -45,3 +47,8 @@ class NGramPool:
         """Continuations stored under `key`, most recently seen first."""
         entries = self._table.get(key)
         return list(reversed(entries)) if entries else []
+
+    def lookup_origins(self, key: int) -> list[tuple[tuple[int, ...], bool]]:
+        """(continuation, whether only the window produced it) under `key`, most recently seen first."""
+        entries = self._table.get(key)
+        return list(reversed(entries.items())) if entries else []

@@ -10,6 +10,9 @@ from typing import NamedTuple
 from .base import CandidateSource, Draft, ModelPredictions
 
 
+EVIDENCE = "recycled"  # the drafts' evidence: the model's own softmax, which calibration corrects per bin
+
+
 class _Node(NamedTuple):
     """One token of the draft tree."""
 
@@ -92,5 +95,5 @@ class RecycledTopKSource(CandidateSource):
                 tokens.append(node.token)
                 probabilities.append(node.probability)
                 index = node.parent
-            drafts.append(Draft(tuple(reversed(tokens)), tuple(reversed(probabilities))))
+            drafts.append(Draft(tuple(reversed(tokens)), tuple(reversed(probabilities)), EVIDENCE))
         return drafts

@@ -18,6 +18,7 @@ from .base import CandidateSource, Draft
 
 SEPARATOR = -1  # ends a document in an index's text; no token id is negative, so no history ever matches it
 TOKEN_BITS = 32  # a trie edge's key is (parent node << TOKEN_BITS) | token
+MATCH_EVIDENCE = 6  # matches this long or longer share one confidence key
 
 
 class SuffixIndex:
@@ -111,10 +112,14 @@ class SuffixMatchSource(CandidateSource):
     context that the longer one saw (and one-token keys are the n-gram pool's job). `min_match` defaults to 2 for
     the same reason. A token's probability is the share of the continuations through its parent that go on with
     it (continuations cut short by the end of the text do not count against it), times the heuristic confidence
-    `m / (m + confidence_offset)` for a match of m tokens: a longer matched context predicts more reliably.
+    `m / (m + confidence_offset)` for a match of m tokens: a longer matched context predicts more reliably. That
+    heuristic is the prior: a draft's evidence is (`name`, the match length, capped at MATCH_EVIDENCE), and
+    calibration learns per match length what verification accepts.
     A draft stops where its path probability would drop below `min_probability`; of the trie nodes above that
     floor, the `budget` most probable are kept, and each draft is the path to one of them that has no kept child.
     """
+
+    name = "suffix"
 
     def __init__(self, min_match: int = 2, max_occurrences: int = 64, min_probability: float = 0.1,
                  confidence_offset: float = 1.0) -> None:
@@ -143,6 +148,7 @@ class SuffixMatchSource(CandidateSource):
                 node = node.children.setdefault(token, _TrieNode())
                 node.count += 1
         confidence = match_length / (match_length + self.confidence_offset)
+        evidence = (self.name, min(match_length, MATCH_EVIDENCE))
 
         # Best first over the trie: a child is never more probable than its parent, so nodes leave the heap in
         # order of path probability and the kept nodes form a subtree.
@@ -165,7 +171,7 @@ class SuffixMatchSource(CandidateSource):
         has_kept_child: set[tuple[int, ...]] = set()
         while heap and len(kept) < budget:
             negative_path, _, tokens, probabilities, node = heapq.heappop(heap)
-            kept.append(Draft(tokens, probabilities))
+            kept.append(Draft(tokens, probabilities, evidence))
             has_kept_child.add(tokens[:-1])
             push_children(-negative_path, tokens, probabilities, node)
         return [draft for draft in kept if draft.tokens not in has_kept_child]

@@ -9,10 +9,11 @@ list is therefore the best tree of that smaller budget, which lets step shapes o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from .base import Draft
+from .confidence import Confidences, Key, key
 
 ROOT = -1  # the parent of the nodes that follow the current token directly
 
@@ -24,13 +25,22 @@ class TokenTree:
     tokens: tuple[int, ...]
     parents: tuple[int, ...]  # index of each node's parent node, or ROOT
     scores: tuple[float, ...]  # each node's estimated probability of being accepted
+    # expected[b - 1]: the tokens verification is expected to accept from the first b nodes (see `build_tree`)
+    expected: tuple[float, ...] = ()
+    # keys[i]: the confidence keys of the drafts through node i, whose claims its verification tests
+    keys: tuple[tuple[Key, ...], ...] = ()
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def truncated(self, budget: int) -> "TokenTree":
         """The best `budget` nodes (still a tree: parents come first)."""
-        return TokenTree(self.tokens[:budget], self.parents[:budget], self.scores[:budget])
+        return TokenTree(self.tokens[:budget], self.parents[:budget], self.scores[:budget], self.expected[:budget],
+                         self.keys[:budget])
+
+    def expected_accepted(self, budget: int) -> float:
+        """Draft tokens the best `budget` nodes are expected to have accepted."""
+        return self.expected[min(budget, len(self.expected)) - 1] if budget > 0 and self.expected else 0.0
 
     def path(self, node: int) -> list[int]:
         """The nodes from depth 1 down to `node`."""
@@ -40,32 +50,58 @@ class TokenTree:
             node = self.parents[node]
         return nodes[::-1]
 
+    def tested(self, path: Sequence[int]) -> list[int]:
+        """The nodes whose verification says something once `path` was accepted: the children of the current
+        token and of the nodes on the path (the others were not reached)."""
+        reached = {ROOT, *path}
+        return [node for node, parent in enumerate(self.parents) if parent in reached]
+
 
 EMPTY_TREE = TokenTree((), (), ())
 
 
-def build_tree(drafts: Sequence[Draft], budget: int, max_length: int) -> TokenTree:
-    """Merge `drafts` into a tree of at most `budget` nodes and depth `max_length`, best nodes first."""
+def build_tree(drafts: Sequence[Draft], budget: int, max_length: int, confidences: Confidences | None = None,
+               context: Hashable = None) -> TokenTree:
+    """Merge `drafts` into a tree of at most `budget` nodes and depth `max_length`, best nodes first.
+
+    With `confidences`, the probabilities of drafts that name their evidence are its calibrated ones for the
+    row's `context` (see `confidence.key`). A tree's expected accepted tokens: at most one node per depth is
+    accepted, so the chance that verification accepts a depth is the sum of its nodes' scores, at most 1."""
     if budget <= 0 or not drafts:
         return EMPTY_TREE
-    # Trie over all drafts: node key = (parent key, token); value = [score, depth, first seen].
+    # Trie over all drafts: node key = (parent key, token); value = [score, depth, first seen, confidence keys].
     nodes: dict[tuple, list] = {}
     for draft in drafts:
         parent, probability = None, 1.0
+        evidence = draft.evidence if confidences is not None else None
         for depth, (token, p) in enumerate(zip(draft.tokens[:max_length], draft.probabilities), start=1):
+            if evidence is not None:
+                token_key = key(context, evidence, depth, p)
+                p = confidences.probability(token_key, p)
             probability *= p
-            key = (parent, token)
-            node = nodes.get(key)
+            node_key = (parent, token)
+            node = nodes.get(node_key)
             if node is None:
-                nodes[key] = [probability, depth, len(nodes)]
+                node = nodes[node_key] = [probability, depth, len(nodes), []]
             elif probability > node[0]:
                 node[0] = probability
-            parent = key
+            if evidence is not None:
+                node[3].append(token_key)
+            parent = node_key
     # Best first; a parent scores at least as high as its children and is shallower, so it sorts before them.
     best = sorted(nodes.items(), key=lambda item: (-item[1][0], item[1][1], item[1][2]))[:budget]
-    index = {key: i for i, (key, _) in enumerate(best)}
+    index = {node_key: i for i, (node_key, _) in enumerate(best)}
+    depth_sums = [0.0] * (max_length + 1)
+    expected, total = [], 0.0
+    for _, (score, depth, _, _) in best:
+        before = depth_sums[depth]
+        depth_sums[depth] = before + score
+        total += min(1.0, before + score) - min(1.0, before)
+        expected.append(total)
     return TokenTree(
-        tokens=tuple(key[1] for key, _ in best),
-        parents=tuple(ROOT if key[0] is None else index[key[0]] for key, _ in best),
+        tokens=tuple(node_key[1] for node_key, _ in best),
+        parents=tuple(ROOT if node_key[0] is None else index[node_key[0]] for node_key, _ in best),
         scores=tuple(node[0] for _, node in best),
+        expected=tuple(expected),
+        keys=tuple(tuple(node[3]) for _, node in best),
     )
