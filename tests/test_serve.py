@@ -290,6 +290,13 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0(served, tmp_path):
     assert text == expected_text(served, body["prompt"], 48)  # the whole answer: not cut short
 
 
+def draft_memory_requests(url: str) -> float:
+    from lookahead_decoding.bench.serve_load import metric_samples
+
+    page = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    return next(s.value for s in metric_samples(page) if s.name == "lookahead_draft_memory_requests")
+
+
 def test_bench_serve_loads_the_server_with_lookahead_on_and_off(served, tmp_path):
     from pathlib import Path
 
@@ -297,10 +304,13 @@ def test_bench_serve_loads_the_server_with_lookahead_on_and_off(served, tmp_path
 
     data = Path(__file__).parent / "fixtures" / "HumanEval.jsonl.gz"
     out, plot = tmp_path / "load.json", tmp_path / "load.png"
+    remembered = draft_memory_requests(served[0])
     code = main(["bench-serve", "--url", served[0], "--api-key", KEY, "--dataset", "humaneval", "--data-file",
                  str(data), "--limit", "3", "--concurrency", "1,3", "--max-tokens", "6", "--warmup", "1", "--out",
                  str(out), "--plot", str(plot)])
     assert code == 0 and plot.stat().st_size > 0
+    # The sweep repeats its prompts: none of its requests may reach the draft memory.
+    assert draft_memory_requests(served[0]) == remembered
     settings = json.loads(out.read_text())["settings"]
     assert [(s["lookahead"], s["concurrency"]) for s in settings] == [(True, 1), (True, 3), (False, 1), (False, 3)]
     for setting in settings:

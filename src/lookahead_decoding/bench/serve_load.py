@@ -7,7 +7,10 @@ both, requests and tokens per second over the wall time of the whole setting, er
 shape (from /metrics), and how many answers with lookahead on equal the same prompt's answer with it off
 (prompt i asks for seed i, so sampled answers compare too). Each setting first sends its first `--warmup`
 requests untimed: a server records a step shape's CUDA graph the first time it takes that shape. Lookahead on and
-off run against the same server, so their ratio is the speedup a client sees.
+off run against the same server, so their ratio is the speedup a client sees. Every request of the sweep opts out
+of the server's draft memory (`"lookahead": {"draft_memory": false}`): the warm-up and every setting send the same
+prompts, and a memory would draft each answer from the same prompt's earlier one. `--draft-memory` lets the
+measured requests (not the warm-up) use it, for a sweep of one setting on prompts the server has not seen.
 
 `--soak SECONDS` instead keeps `--concurrency` requests in flight for that long: each prompt greedy and sampled
 (temperature 0.7, seeded by its index), and a `--disconnect-share` of them hung up after 1 to 3 chunks. It checks
@@ -103,12 +106,14 @@ async def run_setting(base: str, headers: dict, bodies: list[tuple[str, dict]], 
 
 
 def request_bodies(args, model: str, lookahead: bool, temperature: float | None = None,
-                   seeded: bool = False) -> list[tuple[str, dict]]:
-    """(route, body) of every prompt; `seeded`: prompt i asks for seed i."""
+                   seeded: bool = False, draft_memory: bool = True) -> list[tuple[str, dict]]:
+    """(route, body) of every prompt; `seeded`: prompt i asks for seed i; `draft_memory`: whether the requests
+    draft from (and add to) the server's draft memory."""
     prompts = load_prompts(args.dataset, args.data_file, args.limit)
     common = {"model": model, "max_tokens": args.max_tokens, "stream": True,
               "temperature": args.temperature if temperature is None else temperature,
-              "stream_options": {"include_usage": True}, "lookahead": {"enabled": lookahead}}
+              "stream_options": {"include_usage": True},
+              "lookahead": {"enabled": lookahead, "draft_memory": draft_memory}}
     chat = DATASETS[args.dataset].chat
     return [("/v1/chat/completions" if chat else "/v1/completions",
              {**common, **({"seed": p.index} if seeded else {}),
@@ -240,10 +245,11 @@ def measure(args) -> dict:
     model = served_model(args, headers)
     settings = []
     for lookahead in (True, False):
-        bodies = request_bodies(args, model, lookahead, seeded=True)
+        bodies = request_bodies(args, model, lookahead, seeded=True, draft_memory=args.draft_memory)
+        warmup = request_bodies(args, model, lookahead, seeded=True, draft_memory=False)[:args.warmup]
         for concurrency in args.concurrency:
-            if args.warmup:  # untimed: the server records a step shape's graph the first time it takes it
-                asyncio.run(run_setting(args.url, headers, bodies[:args.warmup], concurrency))
+            if warmup:  # untimed: the server records a step shape's graph the first time it takes it
+                asyncio.run(run_setting(args.url, headers, warmup, concurrency))
             before = shapes_taken(args.url)
             result = asyncio.run(run_setting(args.url, headers, bodies, concurrency))
             after = shapes_taken(args.url)
@@ -351,6 +357,9 @@ def add_bench_serve_parser(subparsers) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--warmup", type=non_negative_int, default=16, metavar="K",
                         help="before each setting, its first K requests once, untimed (default: 16; 0: none)")
+    parser.add_argument("--draft-memory", action="store_true",
+                        help="let the sweep's measured requests use the server's draft memory (default: they opt "
+                        "out; every setting repeats the same prompts; the soak always uses it)")
     parser.add_argument("--soak", type=positive_int, metavar="SECONDS",
                         help="instead of the sweep: a soak test of this many seconds at the first --concurrency "
                         "(greedy and sampled requests, some hung up on; see above)")
