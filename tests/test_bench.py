@@ -724,3 +724,20 @@ def test_real_model_bench(smollm, tmp_path):
     assert result["environment"]["dtype"] == "float32"
     lookahead_rows = [row for row in result["rows"] if row["method"] == "lookahead"]
     assert all(sum(row["accepted_histogram"].values()) == row["steps"] for row in lookahead_rows)
+
+
+def test_replay_script_counts_the_steps_of_a_fixed_plan(cli_model):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "replay_plan.py"
+    data = Path(__file__).parent / "fixtures" / "HumanEval.jsonl.gz"
+    run = [sys.executable, str(script), "--model", cli_model, "--data-file", str(data), "--limit", "3",
+           "--max-new-tokens", "12", "--batch-size", "2", "--threads", "1"]
+    done = subprocess.run([*run, "--shapes", "plain:1,3:4:3:4:6:1.5"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    steps = result["batched_steps_by_shape"]
+    assert result["plan"] == "plain 1.00 ms, lookahead W=3 N=4 G=3 K=4 B=6 1.50 ms"
+    assert result["projected_device_ms"] == steps.get("plain", 0) * 1.0 + steps.get("lookahead W=3 N=4 G=3 K=4 B=6", 0) * 1.5
+    assert 0 < result["tokens"] <= 36 and result["tokens_per_step_per_row"] >= 1
+    done = subprocess.run([*run, "--shapes", "plain:1,3:4:3:1.5"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.endswith("argument --shapes: '3:4:3:1.5' is neither plain:MS nor W:N:G:K:B:MS with a cost MS > 0\n")

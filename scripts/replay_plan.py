@@ -1,0 +1,80 @@
+"""The shape choice of another device, replayed here: a step plan with that device's step costs, held fixed.
+
+Which shapes the loop chooses depends on the plan's costs and on what the drafts yield, not on how fast this
+machine runs the steps. This script decodes the embedded model (float32) with a given plan whose costs are taken
+as measured, never re-measured (in batches the scheduler would otherwise time the steps on this machine), and
+reports the steps of each shape, tokens per step, and the time those steps would take at the given costs
+(device steps only: a projection, not a measurement of the other device). E.g. the H200's batch-1 plan:
+
+    python scripts/replay_plan.py --data-file HumanEval.jsonl.gz --limit 6 --max-new-tokens 160 \\
+        --shapes plain:3.35,20:7:20:12:120:5.40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+import torch
+
+import lookahead_decoding as ld
+from lookahead_decoding.bench.data import DATASETS, load_prompts
+from lookahead_decoding.bench.runner import encode_all
+from lookahead_decoding.config import AUTOREGRESSIVE, LookaheadConfig
+from lookahead_decoding.decoding import eos_set, open_scheduler
+from lookahead_decoding.scheduler import Request
+from lookahead_decoding.tuning import StepPlan, shape_name
+
+
+def parse_plan(text: str) -> StepPlan:
+    """`plain:MS,W:N:G:K:B:MS,...` -> the plan, cheapest first as given."""
+    shapes, costs = [], []
+    for item in text.split(","):
+        *fields, cost = item.split(":")
+        try:
+            shapes.append(AUTOREGRESSIVE if fields == ["plain"] else LookaheadConfig(
+                *map(int, fields[:3]), candidate_length=int(fields[3]), tree_nodes=int(fields[4])))
+            costs.append(float(cost))
+            if len(fields) not in (1, 5) or not costs[-1] > 0:
+                raise ValueError
+        except (ValueError, TypeError, IndexError):
+            raise argparse.ArgumentTypeError(f"{item!r} is neither plain:MS nor W:N:G:K:B:MS with a cost MS > 0")
+    return StepPlan(tuple(shapes), tuple(costs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="humaneval", choices=list(DATASETS))
+    parser.add_argument("--data-file", required=True)
+    parser.add_argument("--limit", type=int, default=6)
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--shapes", required=True, type=parse_plan,
+                        help="plain:MS,W:N:G:K:B:MS,... (a step's cost in ms)")
+    parser.add_argument("--model", help="a local model folder or .gguf file (default: the embedded model)")
+    parser.add_argument("--draft-memory", type=int, default=0, help="requests a DraftMemory holds (0: none)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    plan = args.shapes
+    model, tokenizer = ld.load_default_model(path=args.model)
+    prompts = encode_all(tokenizer, load_prompts(args.dataset, args.data_file, args.limit), "cpu")
+    longest = max(p.input_ids.shape[1] for p in prompts) + args.max_new_tokens
+    memory = ld.DraftMemory(args.draft_memory) if args.draft_memory else None
+    scheduler = open_scheduler(model, args.batch_size, longest, plan, memory=memory)
+    scheduler.costs.measured = False  # the given costs stand for the other device's
+    for index, prompt in enumerate(prompts):
+        scheduler.submit(Request(prompt.input_ids[0].tolist(), args.max_new_tokens, eos_set(model), tag=index))
+    finished = list(scheduler.run())
+    steps = Counter(scheduler.steps_by_shape)
+    cost = dict(zip(map(shape_name, plan.shapes), plan.costs_ms))
+    row_steps = sum(result.stats.steps for result in finished)
+    print(json.dumps({"plan": plan.describe(), "batched_steps_by_shape": dict(steps),
+                      "tokens": scheduler.stats.new_tokens,
+                      "tokens_per_step_per_row": scheduler.stats.new_tokens / max(row_steps, 1),
+                      "projected_device_ms": sum(n * cost[shape] for shape, n in steps.items())}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
