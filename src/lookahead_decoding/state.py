@@ -93,6 +93,11 @@ class Emitter:
         return bool(self.stopping_criteria(ids, token_scores).any())
 
 
+def only_from_window(keys) -> bool:
+    """Whether a tree node's drafts (their confidence keys) were all n-grams that only the Jacobi window found."""
+    return bool(keys) and all(evidence_of(k) == FROM_WINDOW for k in keys)
+
+
 class SequenceState:
     """Drafting, shape choice and bookkeeping of one sequence; the forward runs elsewhere."""
 
@@ -174,8 +179,7 @@ class SequenceState:
                 for node_key in tree.keys[node]:
                     self.confidences.record(node_key, node in accepted)
         # Accepted tokens that only the window's n-grams drafted: what the window steps before were worth.
-        window_credit = sum(bool(tree.keys[node]) and all(evidence_of(k) == FROM_WINDOW for k in tree.keys[node])
-                            for node in path) if tree.keys else 0
+        window_credit = sum(only_from_window(tree.keys[node]) for node in path) if tree.keys else 0
         self.chooser.observe(step.shape, len(tree), path, window_credit)
         window = self.windows[step.shape]
         if window:
