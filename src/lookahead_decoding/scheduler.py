@@ -167,16 +167,14 @@ class BatchScheduler:
         # Drafting costs host time per row: skip it when the plain step wins even against full trees.
         shape = choose_for_batch(choosers, [row.sequence.largest_tree for _, row in live], costs, yields)
         if self.plan.shapes[shape].verifies:
-            trees = {index: row.sequence.draft() for index, row in live}
-            row_trees = [trees[index] for index, _ in live]
+            row_trees = [row.sequence.draft() for _, row in live]
             shape = choose_for_batch(choosers, [len(tree) for tree in row_trees], costs, yields, row_trees)
         else:
-            trees = dict.fromkeys((index for index, _ in live), EMPTY_TREE)
             row_trees = [EMPTY_TREE] * len(live)
         steps: list = [None] * len(self.rows)
         histories: list = [None] * len(self.rows)
-        for index, row in live:
-            steps[index] = row.sequence.plan_step(shape, trees[index], self.runner.layouts)
+        for (index, row), tree in zip(live, row_trees):
+            steps[index] = row.sequence.plan_step(shape, tree, self.runner.layouts)
             histories[index] = row.sequence.history
         sequences = [row.sequence for _, row in live]
 

@@ -246,7 +246,8 @@ def measure(args) -> dict:
     settings = []
     for lookahead in (True, False):
         bodies = request_bodies(args, model, lookahead, seeded=True, draft_memory=args.draft_memory)
-        warmup = request_bodies(args, model, lookahead, seeded=True, draft_memory=False)[:args.warmup]
+        warmup = [(route, {**body, "lookahead": {**body["lookahead"], "draft_memory": False}})
+                  for route, body in bodies[:args.warmup]]
         for concurrency in args.concurrency:
             if warmup:  # untimed: the server records a step shape's graph the first time it takes it
                 asyncio.run(run_setting(args.url, headers, warmup, concurrency))
