@@ -28,7 +28,7 @@ from .drafting.confidence import Confidences
 from .drafting.memory import DraftMemory
 from .drafting.tree import EMPTY_TREE
 from .sampling_params import SamplingParams
-from .shape_choice import BatchYield, StepCosts, batch_expected_tokens, choose_for_batch
+from .shape_choice import BatchYield, StepCosts, batch_extra_tokens, choose_for_batch
 from .state import Emitter, GenerationStats, SequenceState
 from .step import StepRunner
 from .plan_cache import check_drift
@@ -182,7 +182,7 @@ class BatchScheduler:
             for sequence in sequences:
                 sequence.observe_text()
 
-        expected = None if self.batch_yield is None else batch_expected_tokens(
+        expected_extra = None if self.batch_yield is None else batch_extra_tokens(
             choosers, [len(tree) for tree in row_trees], shape, row_trees)  # before `record` updates the choosers
         drafted = self.plan.shapes[shape].verifies
         outcomes = self.runner.step_rows(shape, steps, histories, overlap=observe_text if drafted else None)
@@ -198,7 +198,7 @@ class BatchScheduler:
         self.stats.new_tokens += step_tokens
         self.costs.observe(shape, (time.perf_counter() - began) * 1e3)
         if self.batch_yield is not None:
-            self.batch_yield.observe(shape, expected, step_tokens)
+            self.batch_yield.observe(shape, expected_extra, step_tokens - len(live))
         return finished + self._retire()
 
     def _admit(self) -> list[Finished]:

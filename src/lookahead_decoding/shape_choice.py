@@ -18,6 +18,10 @@ Expected committed tokens, per kind of shape:
   run, are what a window step is worth later.
 
 Each divided by the shape's measured cost. When nothing pays, the plain one-token step wins.
+
+A batch sums its rows' estimates. Every row commits its one token from any shape; what the rows expect beyond
+that, now, is scaled by what the shape's batched steps delivered beyond it (`BatchYield`); the window's later
+value is added unscaled, since no step delivers it at once.
 """
 
 from __future__ import annotations
@@ -82,16 +86,24 @@ class ShapeChooser:
         return self.window_credit / max(self.window_rate, self.min_window_rate)
 
     def expected_tokens(self, shape: int, num_nodes: int, tree: TokenTree | None = None) -> float:
-        """Tokens a step of `shape` is expected to commit, given a token tree of `num_nodes` nodes (`tree`: the
-        tree itself, once drafted)."""
+        """Tokens a step of `shape` is expected to commit, now and later, given a token tree of `num_nodes` nodes
+        (`tree`: the tree itself, once drafted)."""
+        return self.expected_now(shape, num_nodes, tree) + self.expected_later(shape)
+
+    def expected_now(self, shape: int, num_nodes: int, tree: TokenTree | None = None) -> float:
+        """Tokens a step of `shape` is expected to commit itself (at least the one every step commits)."""
         config = self.shapes[shape]
         if config.has_window:
-            return self.window_tokens[shape] + self.window_value
+            return self.window_tokens[shape]
         if config.verifies and num_nodes > 0:
             if tree is not None:
                 return 1.0 + tree.expected_accepted(config.tree_nodes)
             return 1.0 + self.accepted[self.in_run][shape]
         return 1.0
+
+    def expected_later(self, shape: int) -> float:
+        """Tokens a step of `shape` is expected to let later steps commit: a window step's n-grams."""
+        return self.window_value if self.shapes[shape].has_window else 0.0
 
     def choose(self, num_nodes: int, tree: TokenTree | None = None) -> int:
         """The shape for the next step, given how many nodes the token tree has (and the tree, once drafted)."""
@@ -125,54 +137,62 @@ class ShapeChooser:
 class PlainChooser(ShapeChooser):
     """The statistics of a sequence decoded without lookahead: one token from any step, nothing to learn."""
 
-    def expected_tokens(self, shape: int, num_nodes: int, tree: TokenTree | None = None) -> float:
+    def expected_now(self, shape: int, num_nodes: int, tree: TokenTree | None = None) -> float:
         return 1.0
+
+    def expected_later(self, shape: int) -> float:
+        return 0.0
 
     def observe(self, shape: int, num_nodes: int, path: Sequence[int], window_credit: int = 0) -> None:
         pass
 
 
-def batch_expected_tokens(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int], shape: int,
-                          trees: Sequence[TokenTree] | None = None) -> float:
-    """Tokens a step of `shape` is expected to commit over all rows, each by its own statistics (and tree)."""
+def batch_extra_tokens(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int], shape: int,
+                       trees: Sequence[TokenTree] | None = None) -> float:
+    """Tokens beyond one per row that a step of `shape` is expected to commit now, over all rows, each by its own
+    statistics (and tree)."""
     trees = [None] * len(choosers) if trees is None else trees
-    return sum(chooser.expected_tokens(shape, nodes, tree) for chooser, nodes, tree in zip(choosers, num_nodes, trees))
+    return sum(chooser.expected_now(shape, nodes, tree) - 1.0
+               for chooser, nodes, tree in zip(choosers, num_nodes, trees))
 
 
 def choose_for_batch(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int], costs_ms: Sequence[float] | None = None,
                      yields: Sequence[float] | None = None, trees: Sequence[TokenTree] | None = None) -> int:
     """The one shape for a step that decodes several sequences side by side: the most tokens expected over all
-    of them (each by its own statistics and token tree of `num_nodes`, or the `trees` once drafted, scaled by the
-    shape's `yields`, see `BatchYield`) per millisecond of the batched step (`costs_ms`: measured at this batch
-    size; default: the choosers' own)."""
+    of them per millisecond of the batched step (`costs_ms`: measured at this batch size; default: the choosers'
+    own). A shape's tokens: one per row, plus what the rows expect beyond it now (each by its own statistics and
+    token tree of `num_nodes`, or the `trees` once drafted) scaled by the shape's `yields` (see `BatchYield`),
+    plus the window's later value."""
     costs = choosers[0].costs if costs_ms is None else costs_ms
-    if all(isinstance(chooser, PlainChooser) for chooser in choosers):
-        # One token per row from any shape: the cheapest. (A yield ratio learnt while other rows drafted would
-        # otherwise still favour a wide step for rows that draft nothing.)
-        return 0
     yields = [1.0] * len(costs) if yields is None else yields
-    rates = [batch_expected_tokens(choosers, num_nodes, shape, trees) * yields[shape] / cost
+    rates = [(len(choosers) + batch_extra_tokens(choosers, num_nodes, shape, trees) * yields[shape]
+              + sum(chooser.expected_later(shape) for chooser in choosers)) / cost
              for shape, cost in enumerate(costs)]
     return max(range(len(rates)), key=rates.__getitem__)  # first best: shapes are listed cheapest first
 
 
 class BatchYield:
-    """Per shape, the tokens its batched steps committed over the tokens the rows' choosers expected of them.
+    """Per shape, the tokens beyond one per row that its batched steps committed, over those the rows' choosers
+    expected of them now.
 
     Each chooser estimates for its own row. Summed over a batch, a bias that every row shares adds up: sampled
     rows accept fewer drafts than the greedy-shaped priors assume, and short runs of acceptance look longer than
-    they are. The ratio corrects the batch's sum with what its steps delivered. A shape that is not chosen moves
-    back to 1 (by `retry` per step), so a shape that lost is tried again now and then."""
+    they are. The ratio corrects the batch's sum with what its steps delivered. Only the tokens beyond the one
+    every step commits per row are compared (rows that draft nothing, or a plain step, tell nothing about drafts),
+    and only what the rows expected now (a window's later value is not delivered by the step that earns it). A
+    shape that is not chosen moves back to 1 (by `retry` per step), so a shape that lost is tried again now and
+    then."""
 
     def __init__(self, shapes: int, decay: float = 0.8, retry: float = 0.98) -> None:
         self.ratios, self.decay, self.retry = [1.0] * shapes, decay, retry
 
-    def observe(self, shape: int, expected: float, committed: int) -> None:
+    def observe(self, shape: int, expected_extra: float, committed_extra: int) -> None:
         for other in range(len(self.ratios)):
-            if other == shape:
-                self.ratios[other] = self.ratios[other] * self.decay + committed / expected * (1 - self.decay)
-            else:
+            if other != shape:
                 self.ratios[other] = self.ratios[other] * self.retry + (1 - self.retry)
+            elif expected_extra > 0:
+                ratio = committed_extra / expected_extra
+                self.ratios[other] = self.ratios[other] * self.decay + ratio * (1 - self.decay)
 
 
 class StepCosts:
