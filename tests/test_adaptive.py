@@ -347,3 +347,22 @@ def test_batch_step_costs_survive_one_slow_first_step():
     unmeasured = StepCosts([1.0, 3.0], measured=False)
     unmeasured.observe(1, 9.0)
     assert unmeasured.costs_ms == [1.0, 3.0]
+    assert unmeasured.recent_ms == [[], [9.0]]
+
+
+def test_a_batch_step_cost_measured_in_a_burst_expires_so_the_shape_is_tried_again():
+    from lookahead_decoding.shape_choice import StepCosts
+
+    costs = StepCosts([1.0, 3.0], measured=True, max_age=50)
+    for _ in range(3):
+        costs.observe(1, 30.0)  # every row indexing its prompt at once: the wide shape looks 10x dearer
+    assert costs.costs_ms == [1.0, 30.0]
+    for _ in range(47):
+        costs.observe(0, 1.2)
+    assert costs.costs_ms == [1.2, 30.0]  # still remembered after 50 steps
+    costs.observe(0, 1.2)
+    assert costs.costs_ms == [1.2, 3.0]  # the first sample has expired, too few are left: back at its calibrated cost, to be measured again
+    assert costs.recent_ms[1] == [30.0, 30.0]
+    for _ in range(3):
+        costs.observe(1, 3.5)
+    assert costs.costs_ms == [1.2, 3.5]

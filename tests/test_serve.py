@@ -246,7 +246,8 @@ def test_a_full_queue_answers_429_with_retry_after():
     from lookahead_decoding.serve.app import create_app
     from lookahead_decoding.serve.protocol import Limits
 
-    scheduler = argparse.Namespace(stats=ld.GenerationStats(), steps_by_shape={}, memory=None,
+    scheduler = argparse.Namespace(stats=ld.GenerationStats(), steps_by_shape={}, step_costs_ms={}, step_yields={},
+                                   memory=None,
                                    runner=argparse.Namespace(adapter=argparse.Namespace(device=torch.device("cpu"))))
     full = argparse.Namespace(submit=lambda request, stream: False, error=None, running_rows=4, queued=8,
                               scheduler=scheduler)
@@ -268,6 +269,11 @@ def test_metrics_after_a_run(served, client):
     assert values["lookahead_tokens_per_step_count"] >= values["lookahead_forwards_total"]
     assert values["lookahead_running_rows"] == 0 and values["lookahead_queue_depth"] == 0
     assert any(name.startswith("lookahead_step_shapes_total{shape=") for name in values)
+    scheduler = served[3].scheduler  # 4 rows: costs measured as they run, yields learnt
+    for shape, cost in scheduler.step_costs_ms.items():
+        assert values[f'lookahead_step_cost_milliseconds{{shape="{shape}"}}'] == pytest.approx(cost) and cost > 0
+        assert values[f'lookahead_step_yield_ratio{{shape="{shape}"}}'] >= 0
+    assert len(scheduler.step_costs_ms) == len(scheduler.plan.shapes)
     memory = served[3].scheduler.memory  # the request above is in the draft memory now
     assert values["lookahead_draft_memory_requests"] == len(memory) >= 1
     assert values["lookahead_draft_memory_tokens"] == memory.tokens >= 8
@@ -321,6 +327,9 @@ def test_bench_serve_loads_the_server_with_lookahead_on_and_off(served, tmp_path
         steps = sum(setting["steps_by_shape"].values())
         assert 0 < steps <= setting["tokens"]
         assert setting["lookahead"] or steps * setting["concurrency"] >= setting["tokens"] - setting["requests"]
+        assert setting["step_cost_ms"].keys() == served[3].scheduler.step_costs_ms.keys()  # at the setting's end
+        assert all(cost > 0 for cost in setting["step_cost_ms"].values())
+    assert settings[-1]["step_cost_ms"] == pytest.approx(served[3].scheduler.step_costs_ms)
     # float32 greedy: with lookahead on, every answer is the one the same prompt got with it off
     assert [s.get("same_text_as_off") for s in settings] == [3, 3, None, None]
 

@@ -125,6 +125,20 @@ class BatchScheduler:
         """Batched steps run so far, by step shape (its name)."""
         return {shape_name(shape): n for shape, n in zip(self.plan.shapes, self._steps_by_shape) if n}
 
+    @property
+    def step_costs_ms(self) -> dict[str, float]:
+        """What the shape choice takes a step of each shape (its name) to cost now, in ms: calibrated, or in a
+        batch the median of its recent steps' wall times."""
+        return {shape_name(shape): cost for shape, cost in zip(self.plan.shapes, self.costs.costs_ms)}
+
+    @property
+    def step_yields(self) -> dict[str, float]:
+        """In a batch, per step shape, what its steps delivered beyond one token per row over what the rows
+        expected (`BatchYield`); empty for one sequence."""
+        if self.batch_yield is None:
+            return {}
+        return {shape_name(shape): ratio for shape, ratio in zip(self.plan.shapes, self.batch_yield.ratios)}
+
     def cancel(self, tag) -> Finished | None:
         """Stop the request tagged `tag`. A waiting one leaves the queue: its result (the prompt, no new tokens) is
         returned now. A decoding one frees its row at the next step, whose results include it with the tokens it

@@ -201,18 +201,36 @@ class StepCosts:
     barely does, so with `measured` a shape's cost becomes the median wall time of its recent steps, host work
     included. A shape keeps its calibrated cost, which is lower than its wall time, until it has run
     `min_samples` steps, and the median ignores single slow steps: one slow first sample (a page fault, a
-    collection, a noisy neighbour) must not switch a shape off for the rest of a run, since a shape that is not
-    chosen is not measured again."""
+    collection, a noisy neighbour) must not switch a shape off for the rest of a run.
+
+    A sample expires `max_age` steps (of any shape) after it was taken. A shape that stops being chosen is not
+    measured again, so without expiry a cost measured during a burst (many rows starting at once, each indexing
+    its prompt on its first draft; a busy host) would keep it off for good, even after the batch has changed.
+    Once its samples have expired it is back at its calibrated cost, tried again, and measured afresh."""
 
     def __init__(self, calibrated_ms: Sequence[float], measured: bool, min_samples: int = 3,
-                 recent: int = 15) -> None:
+                 recent: int = 15, max_age: int = 200) -> None:
+        self.calibrated_ms = tuple(calibrated_ms)
         self.costs_ms = list(calibrated_ms)
-        self.measured, self.min_samples = measured, min_samples
-        # Kept without `measured` too: `plan_cache.check_drift` compares them with the calibrated costs.
-        self.recent_ms = [deque(maxlen=recent) for _ in self.costs_ms]
+        self.measured, self.min_samples, self.max_age = measured, min_samples, max_age
+        self.steps = 0
+        # Per shape: (step, ms) of its recent steps. Kept without `measured` too: `plan_cache.check_drift`
+        # compares them with the calibrated costs.
+        self.samples = [deque(maxlen=recent) for _ in self.costs_ms]
+
+    @property
+    def recent_ms(self) -> list[list[float]]:
+        """Per shape, the wall times of its recent steps that have not expired."""
+        return [[ms for _, ms in samples] for samples in self.samples]
 
     def observe(self, shape: int, wall_ms: float) -> None:
-        samples = self.recent_ms[shape]
-        samples.append(wall_ms)
-        if self.measured and len(samples) >= self.min_samples:
-            self.costs_ms[shape] = statistics.median(samples)
+        self.steps += 1
+        self.samples[shape].append((self.steps, wall_ms))
+        for other, samples in enumerate(self.samples):
+            expired = False
+            while samples and samples[0][0] <= self.steps - self.max_age:
+                samples.popleft()
+                expired = True
+            if self.measured and (expired or other == shape):
+                self.costs_ms[other] = (statistics.median(ms for _, ms in samples) if len(samples) >= self.min_samples
+                                        else self.calibrated_ms[other])

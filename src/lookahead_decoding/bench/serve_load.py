@@ -142,13 +142,21 @@ def metric_samples(page: str):
     return [sample for family in text_string_to_metric_families(page) for sample in family.samples]
 
 
-def shapes_taken(base: str) -> dict[str, float]:
-    """The server's batched steps so far, by step shape (its /metrics)."""
+STEP_METRICS = {"lookahead_step_shapes_total": "steps_by_shape", "lookahead_step_cost_milliseconds": "step_cost_ms",
+                "lookahead_step_yield_ratio": "step_yield"}
+
+
+def step_figures(base: str) -> dict[str, dict[str, float]]:
+    """The server's step figures by step shape, from its /metrics: batched steps so far, and what its shape
+    choice takes each shape to cost (ms) and to yield now."""
     import httpx
 
     page = httpx.get(f"{base}/metrics", timeout=60).text
-    return {sample.labels["shape"]: sample.value for sample in metric_samples(page)
-            if sample.name == "lookahead_step_shapes_total"}
+    figures: dict[str, dict[str, float]] = {key: {} for key in STEP_METRICS.values()}
+    for sample in metric_samples(page):
+        if sample.name in STEP_METRICS:
+            figures[STEP_METRICS[sample.name]][sample.labels["shape"]] = sample.value
+    return figures
 
 
 def scrape(metrics_text: str) -> dict[str, float]:
@@ -251,11 +259,13 @@ def measure(args) -> dict:
         for concurrency in args.concurrency:
             if warmup:  # untimed: the server records a step shape's graph the first time it takes it
                 asyncio.run(run_setting(args.url, headers, warmup, concurrency))
-            before = shapes_taken(args.url)
+            before = step_figures(args.url)["steps_by_shape"]
             result = asyncio.run(run_setting(args.url, headers, bodies, concurrency))
-            after = shapes_taken(args.url)
-            result["steps_by_shape"] = {shape: steps - before.get(shape, 0) for shape, steps in after.items()
+            after = step_figures(args.url)
+            result["steps_by_shape"] = {shape: steps - before.get(shape, 0)
+                                        for shape, steps in after["steps_by_shape"].items()
                                         if steps > before.get(shape, 0)}
+            result["step_cost_ms"], result["step_yield"] = after["step_cost_ms"], after["step_yield"]  # at its end
             settings.append({"lookahead": lookahead, **result})
             print(f"lookahead {'on ' if lookahead else 'off'} concurrency {concurrency:3d}: "
                   f"{result['tokens_per_second']:8.1f} tok/s, TTFT p50 {result['ttft_p50']}, "

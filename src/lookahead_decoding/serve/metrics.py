@@ -2,7 +2,8 @@
 
 Per request (observed on the HTTP side): requests by status, time to first token, time per output token. Of the
 engine (read from the scheduler when scraped): queue depth, running rows, tokens generated, batched forwards,
-tokens committed per row and step, steps by shape, and the draft memory's size. Of the process: its memory
+tokens committed per row and step, steps by shape, what the shape choice takes each shape to cost and
+to yield, and the draft memory's size. Of the process: its memory
 (resident and, on CUDA, what torch has allocated on the device), which a soak test watches for leaks.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -40,6 +41,16 @@ class SchedulerCollector:
         for shape, steps in self.scheduler.steps_by_shape.items():
             shapes.add_metric([shape], steps)
         yield shapes
+        costs = GaugeMetricFamily("lookahead_step_cost_milliseconds", "What the shape choice takes a step of each "
+                                  "shape to cost now (calibrated, or measured in a batch)", labels=["shape"])
+        for shape, cost in self.scheduler.step_costs_ms.items():
+            costs.add_metric([shape], cost)
+        yield costs
+        yields = GaugeMetricFamily("lookahead_step_yield_ratio", "Per step shape, tokens beyond one per row that "
+                                   "its batched steps delivered over what the rows expected", labels=["shape"])
+        for shape, ratio in self.scheduler.step_yields.items():
+            yields.add_metric([shape], ratio)
+        yield yields
 
 
 class Metrics:
