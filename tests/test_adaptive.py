@@ -134,6 +134,7 @@ def test_a_batch_scales_what_its_rows_expect_now_and_adds_the_window_later_value
     choosers = [chooser(accepted=0.0, window_tokens=2.0) for _ in range(8)]
     for pick in choosers:
         pick.window_credit, pick.window_rate = 0.25, 0.25  # one token later per window step
+        pick.refresh()
     assert choosers[0].expected_tokens(2, 0) == pytest.approx(3.0)
     assert batch_extra_tokens(choosers, [0] * 8, 2) == pytest.approx(8.0)  # now, beyond one per row
     batch_yield = BatchYield(3)

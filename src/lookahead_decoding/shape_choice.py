@@ -79,6 +79,26 @@ class ShapeChooser:
         self.credit_decay, self.min_window_rate = credit_decay, min_window_rate
         self.window_credit = 0.0  # recent mean, over all steps, of tokens accepted that only window n-grams drafted
         self.window_rate = 0.0  # recent share of steps that ran a window
+        # The shapes by kind, looked up on every step of every row.
+        self.window_shapes = [i for i, shape in enumerate(self.shapes) if shape.has_window]
+        self.verify_budgets = [(i, shape.tree_nodes) for i, shape in enumerate(self.shapes)
+                               if shape.verifies and not shape.has_window]
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute the per-shape estimates that the batch's choice sums over rows (after the statistics
+        change): `extra_before_draft`, the tokens beyond one each shape is expected to commit now, before the
+        tree is drafted (with nodes to verify), and `later`, what each is expected to let later steps commit."""
+        extra = [0.0] * len(self.shapes)
+        later = [0.0] * len(self.shapes)
+        value = self.window_value
+        for shape in self.window_shapes:
+            extra[shape] = self.window_tokens[shape] - 1.0
+            later[shape] = value
+        accepted = self.accepted[self.in_run]
+        for shape, _ in self.verify_budgets:
+            extra[shape] = accepted[shape]
+        self.extra_before_draft, self.later = extra, later
 
     @property
     def window_value(self) -> float:
@@ -88,22 +108,17 @@ class ShapeChooser:
     def expected_tokens(self, shape: int, num_nodes: int, tree: TokenTree | None = None) -> float:
         """Tokens a step of `shape` is expected to commit, now and later, given a token tree of `num_nodes` nodes
         (`tree`: the tree itself, once drafted)."""
-        return self.expected_now(shape, num_nodes, tree) + self.expected_later(shape)
+        return 1.0 + self.extra_tokens(num_nodes, tree)[shape] + self.later[shape]
 
-    def expected_now(self, shape: int, num_nodes: int, tree: TokenTree | None = None) -> float:
-        """Tokens a step of `shape` is expected to commit itself (at least the one every step commits)."""
-        config = self.shapes[shape]
-        if config.has_window:
-            return self.window_tokens[shape]
-        if config.verifies and num_nodes > 0:
-            if tree is not None:
-                return 1.0 + tree.expected_accepted(config.tree_nodes)
-            return 1.0 + self.accepted[self.in_run][shape]
-        return 1.0
-
-    def expected_later(self, shape: int) -> float:
-        """Tokens a step of `shape` is expected to let later steps commit: a window step's n-grams."""
-        return self.window_value if self.shapes[shape].has_window else 0.0
+    def extra_tokens(self, num_nodes: int, tree: TokenTree | None = None) -> list[float]:
+        """Per shape, the tokens beyond one that a step of it is expected to commit itself, given a token tree of
+        `num_nodes` nodes (`tree`: the tree itself, once drafted)."""
+        if tree is None and num_nodes > 0:
+            return self.extra_before_draft
+        extra = list(self.extra_before_draft)
+        for shape, budget in self.verify_budgets:
+            extra[shape] = 0.0 if num_nodes == 0 else tree.expected_accepted(budget)
+        return extra
 
     def choose(self, num_nodes: int, tree: TokenTree | None = None) -> int:
         """The shape for the next step, given how many nodes the token tree has (and the tree, once drafted)."""
@@ -113,35 +128,37 @@ class ShapeChooser:
         """After a step of `shape` verified a tree of `num_nodes` nodes and accepted the nodes `path`, of which
         `window_credit` only n-grams of the window had drafted."""
         accepted = len(path)
-        decay, accepted_now = self.decay, self.accepted[self.in_run]
         kept = self.credit_decay
+        ran_window = self.shapes[shape].has_window
         self.window_credit = self.window_credit * kept + window_credit * (1 - kept)
-        self.window_rate = self.window_rate * kept + self.shapes[shape].has_window * (1 - kept)
-        for other, config in enumerate(self.shapes):
-            if config.has_window:
-                if other == shape:
-                    kept = self.window_decay
-                    now = 1 + accepted - window_credit  # the window's later value is counted apart
-                    self.window_tokens[other] = self.window_tokens[other] * kept + now * (1 - kept)
-                else:
-                    self.window_tokens[other] = (self.window_tokens[other] * self.retry
-                                                 + self.window_prior[other] * (1 - self.retry))
-            elif config.verifies and num_nodes > 0:
+        self.window_rate = self.window_rate * kept + ran_window * (1 - kept)
+        retry, tokens, prior = self.retry, self.window_tokens, self.window_prior
+        for other in self.window_shapes:
+            if other == shape:
+                kept = self.window_decay
+                now = 1 + accepted - window_credit  # the window's later value is counted apart
+                tokens[other] = tokens[other] * kept + now * (1 - kept)
+            else:
+                tokens[other] = tokens[other] * retry + prior[other] * (1 - retry)
+        if num_nodes > 0:
+            decay, accepted_now = self.decay, self.accepted[self.in_run]
+            for other, budget in self.verify_budgets:
                 # What `other` would have accepted with its own budget (its tree is a prefix of the node list).
-                would_accept = sum(node < config.tree_nodes for node in path)
+                would_accept = sum(node < budget for node in path)
                 accepted_now[other] = accepted_now[other] * decay + would_accept * (1 - decay)
-        if num_nodes > 0 and self.shapes[shape].verifies:
-            self.in_run = accepted > 0
+            if self.shapes[shape].verifies:
+                self.in_run = accepted > 0
+        self.refresh()
 
 
 class PlainChooser(ShapeChooser):
     """The statistics of a sequence decoded without lookahead: one token from any step, nothing to learn."""
 
-    def expected_now(self, shape: int, num_nodes: int, tree: TokenTree | None = None) -> float:
-        return 1.0
+    def refresh(self) -> None:
+        self.extra_before_draft = self.later = [0.0] * len(self.shapes)
 
-    def expected_later(self, shape: int) -> float:
-        return 0.0
+    def extra_tokens(self, num_nodes: int, tree: TokenTree | None = None) -> list[float]:
+        return self.extra_before_draft
 
     def observe(self, shape: int, num_nodes: int, path: Sequence[int], window_credit: int = 0) -> None:
         pass
@@ -152,8 +169,7 @@ def batch_extra_tokens(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int
     """Tokens beyond one per row that a step of `shape` is expected to commit now, over all rows, each by its own
     statistics (and tree)."""
     trees = [None] * len(choosers) if trees is None else trees
-    return sum(chooser.expected_now(shape, nodes, tree) - 1.0
-               for chooser, nodes, tree in zip(choosers, num_nodes, trees))
+    return sum(chooser.extra_tokens(nodes, tree)[shape] for chooser, nodes, tree in zip(choosers, num_nodes, trees))
 
 
 def choose_for_batch(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int], costs_ms: Sequence[float] | None = None,
@@ -165,9 +181,14 @@ def choose_for_batch(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int],
     plus the window's later value."""
     costs = choosers[0].costs if costs_ms is None else costs_ms
     yields = [1.0] * len(costs) if yields is None else yields
-    rates = [(len(choosers) + batch_extra_tokens(choosers, num_nodes, shape, trees) * yields[shape]
-              + sum(chooser.expected_later(shape) for chooser in choosers)) / cost
-             for shape, cost in enumerate(costs)]
+    trees = [None] * len(choosers) if trees is None else trees
+    # Column sums of per-row lists: one call per row, not one per row and shape (this runs before every step).
+    extra = map(sum, zip(*(chooser.extra_tokens(nodes, tree)
+                           for chooser, nodes, tree in zip(choosers, num_nodes, trees))))
+    later = map(sum, zip(*(chooser.later for chooser in choosers)))
+    rows = len(choosers)
+    rates = [(rows + shape_extra * shape_yield + shape_later) / cost
+             for shape_extra, shape_later, shape_yield, cost in zip(extra, later, yields, costs)]
     return max(range(len(rates)), key=rates.__getitem__)  # first best: shapes are listed cheapest first
 
 

@@ -26,12 +26,17 @@ class NGramPool:
     def add(self, key: int, continuation: Sequence[int], from_window: bool = False) -> None:
         if self.capacity == 0:
             return
-        continuation = tuple(continuation[: self.continuation_length])
-        continuation += continuation[-1:] * (self.continuation_length - len(continuation))
-        entries = self._table.setdefault(key, OrderedDict())
-        if continuation in entries:
+        length = self.continuation_length
+        continuation = tuple(continuation[:length])
+        if len(continuation) < length:
+            continuation += continuation[-1:] * (length - len(continuation))
+        entries = self._table.get(key)
+        if entries is None:  # (not setdefault: that would build an OrderedDict on every call)
+            entries = self._table[key] = OrderedDict()
+        elif continuation in entries:
             entries.move_to_end(continuation)
-            entries[continuation] = entries[continuation] and from_window
+            if not from_window:  # the text produced it too
+                entries[continuation] = False
             return
         entries[continuation] = from_window
         if len(entries) > self.capacity:
