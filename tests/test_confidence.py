@@ -151,3 +151,30 @@ def test_the_window_is_worth_what_its_ngrams_are_accepted_for_later():
     assert valued.window_value == pytest.approx(valued.window_credit / valued.window_rate)
     assert valued.window_value > 3.0  # ~1.5 credited tokens per step over a quarter of steps with the window
     assert worthless.choose(0) != 2 and valued.choose(0) == 2
+
+
+def test_a_step_reports_the_accepted_tokens_only_window_ngrams_drafted():
+    """The batch's yield ratio compares a window step's tokens apart from these (the window's later value stands
+    for them), so the sequence hands them back with what it committed."""
+    from lookahead_decoding.config import AUTOREGRESSIVE
+    from lookahead_decoding.state import Emitter, Recorded, SequenceState
+    from lookahead_decoding.step import PlannedStep, StepOutcome
+    from lookahead_decoding.tuning import StepPlan
+
+    class Silent(CandidateSource):
+        def propose(self, history, max_length, budget):
+            return []
+
+    wide = LookaheadConfig(window=2, ngram=3, guesses=2, candidate_length=2, tree_nodes=4)
+    plan = StepPlan((AUTOREGRESSIVE, wide), (1.0, 1.5))
+    confidences = Confidences()
+    sequence = SequenceState([1, 2, 3], plan, Silent(), Emitter([1, 2, 3], 10, set(), None, None, "cpu"),
+                             random.Random(0), confidences=confidences)
+    # Node 0 (token 7) was drafted by the window's n-gram and the text's; its children only by one or the other.
+    tree = build_tree([Draft((7, 8), (0.9, 0.9), FROM_WINDOW), Draft((7, 9), (0.5, 0.5), FROM_TEXT)], 4, 2,
+                      confidences, (False, False))
+    assert tree.tokens[:3] == (7, 8, 9)
+    accepted_8 = StepOutcome(2, [0, 1], [7, 8, 5], [4, 4])
+    assert sequence.record(PlannedStep(1, [], tree), accepted_8) == Recorded(committed=3, window_credit=1)
+    accepted_9 = StepOutcome(2, [0, 2], [7, 9, 5], [4, 4])
+    assert sequence.record(PlannedStep(1, [], tree), accepted_9) == Recorded(committed=3, window_credit=0)

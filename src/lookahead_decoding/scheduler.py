@@ -202,17 +202,19 @@ class BatchScheduler:
         outcomes = self.runner.step_rows(shape, steps, histories, overlap=observe_text if drafted else None)
         self.stats.steps += 1
         self._steps_by_shape[shape] += 1
-        step_tokens = 0
+        has_window = self.plan.shapes[shape].has_window
+        step_tokens = extra_now = 0
         for index, row in live:
-            before = len(row.sequence.history)
-            row.sequence.record(steps[index], outcomes[index])
-            committed = len(row.sequence.history) - before
-            step_tokens += committed
-            self.stats.accepted_histogram[committed] += 1
+            recorded = row.sequence.record(steps[index], outcomes[index])
+            step_tokens += recorded.committed
+            self.stats.accepted_histogram[recorded.committed] += 1
+            # What the rows expected of the step now: beyond its one token, and for a window step apart from the
+            # tokens only window n-grams drafted, which the window's later value stands for.
+            extra_now += max(recorded.committed - 1 - has_window * recorded.window_credit, 0)
         self.stats.new_tokens += step_tokens
         self.costs.observe(shape, (time.perf_counter() - began) * 1e3)
         if self.batch_yield is not None:
-            self.batch_yield.observe(shape, expected_extra, step_tokens - len(live))
+            self.batch_yield.observe(shape, expected_extra, extra_now)
         return finished + self._retire()
 
     def _admit(self) -> list[Finished]:

@@ -193,7 +193,8 @@ def choose_for_batch(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int],
 
 
 class BatchYield:
-    """Per shape, the tokens beyond one per row that its batched steps committed, over those the rows' choosers
+    """Per shape, the tokens beyond one per row that its batched steps committed (a window step's apart from those
+    only window n-grams drafted, which the window's later value stands for), over those the rows' choosers
     expected of them now.
 
     Each chooser estimates for its own row. Summed over a batch, a bias that every row shares adds up: sampled

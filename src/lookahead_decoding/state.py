@@ -12,6 +12,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -93,6 +94,14 @@ class Emitter:
         return bool(self.stopping_criteria(ids, token_scores).any())
 
 
+class Recorded(NamedTuple):
+    """What one step did for a sequence: the tokens it committed, and how many of the draft tokens it accepted only
+    n-grams of the Jacobi window had drafted (what earlier window steps were worth)."""
+
+    committed: int
+    window_credit: int
+
+
 def only_from_window(keys) -> bool:
     """Whether a tree node's drafts (their confidence keys) were all n-grams that only the Jacobi window found."""
     return bool(keys) and all(evidence_of(k) == FROM_WINDOW for k in keys)
@@ -169,7 +178,7 @@ class SequenceState:
         ids = layouts[shape].input_ids(current, window.tokens() if window else [], [*tree.tokens, *padding])
         return PlannedStep(shape, ids, tree)
 
-    def record(self, step: PlannedStep, outcome: StepOutcome) -> None:
+    def record(self, step: PlannedStep, outcome: StepOutcome) -> Recorded:
         """Learn from the step and commit its tokens (up to where generation stops)."""
         current = self.history[-1]
         tree, path = step.tree, outcome.path
@@ -190,6 +199,7 @@ class SequenceState:
         self.stats.steps += 1
         self.stats.accepted_histogram[num_new] += 1
         self.steps_by_shape[step.shape] += 1
+        return Recorded(num_new, window_credit)
 
     def finish(self, seconds: float) -> GenerationStats:
         self.stats.seconds = seconds
