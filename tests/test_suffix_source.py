@@ -38,6 +38,22 @@ def test_longest_match_equals_brute_force(text, max_match):
     assert indexed(text, max_match=max_match, min_match=1).find_match(text) == brute_force_match(text, max_match)
 
 
+@settings(max_examples=100, deadline=None)
+@given(motif=st.lists(st.integers(0, 5), min_size=1, max_size=9), edits=st.lists(st.tuples(st.integers(0, 80),
+       st.integers(0, 5)), max_size=6), max_match=st.integers(6, 16))
+def test_long_repeats_match_as_far_as_the_text_repeats(motif, edits, max_match):
+    """Repeated text with a few changed tokens: k-grams seen once stay leaves until they recur, so lookups after
+    every token, deep into the repeats, must still find the longest match and all of its positions."""
+    text = (motif * (80 // len(motif) + 1))[:80]
+    for position, token in edits:
+        text[position] = token
+    source = SuffixSource(max_match=max_match, min_match=1)
+    source.begin(text[:1])
+    for end in range(2, len(text) + 1):
+        source.observe(text[:end], 1)
+        assert source.find_match(text[:end]) == brute_force_match(text[:end], max_match)
+
+
 @settings(max_examples=300, deadline=None)
 @given(texts, st.integers(1, 6))
 def test_continuations_and_scores_come_from_the_text(text, max_length):

@@ -25,11 +25,13 @@ class SuffixIndex:
     """Where every k-gram (1 <= k <= max_match) of a token text ends, for longest-suffix lookups.
 
     Each k-gram, read backwards from its last token, is a path in a trie; a node knows its latest occurrence, and
-    each occurrence where its k-gram ends and the node's occurrence before it. Indexing a token walks one path of
-    int keys rather than hashing max_match tuples. The whole index is one dict of ints and a few int arrays, which
-    Python's cyclic garbage collector does not walk object by object: a memory of many requests costs the
-    collector nothing. A position is indexed when the token after it arrives, so every occurrence found has a
-    continuation.
+    each occurrence where its k-gram ends and the node's occurrence before it. The trie is kept only as deep as it
+    needs to be: a k-gram seen once is a leaf, and the longer k-grams through that one occurrence stay implicit
+    (the text itself says how far a lookup matches there). A leaf grows a level when its k-gram occurs a second
+    time. So indexing a token walks only as deep as the text has repeated itself, usually a few levels rather
+    than max_match. The whole index is one dict of ints and a few int arrays, which Python's cyclic garbage
+    collector does not walk object by object: a memory of many requests costs the collector nothing. A position
+    is indexed when the token after it arrives, so every occurrence found has a continuation.
 
     The text may hold several documents, each closed by `end_document`: no k-gram and no continuation crosses
     from one into the next. Positions before `first_live` are forgotten (their documents were evicted): lookups
@@ -43,26 +45,46 @@ class SuffixIndex:
         self.documents = 0  # documents closed so far
         self._document_start = 0
         self._children: dict[int, int] = {}  # (node << TOKEN_BITS) | token -> child node; node 0 is the root
-        self._latest = array("q", [-1])  # node -> its latest occurrence (-1: none)
+        self._latest = array("q", [-1])  # node -> its latest occurrence
         self._end = array("q")  # occurrence -> where its k-gram ends
         self._previous = array("q")  # occurrence -> the same node's occurrence before it (-1: none)
+
+    def _occur(self, node: int, end: int) -> None:
+        """Record that `node`'s k-gram ends at `end` (its newest occurrence)."""
+        self._previous.append(self._latest[node])
+        self._latest[node] = len(self._end)
+        self._end.append(end)
+
+    def _new_node(self, key: int, end: int) -> int:
+        """A node under `key` whose k-gram has occurred once, ending at `end`: a leaf."""
+        node = self._children[key] = len(self._latest)
+        self._latest.append(-1)
+        self._occur(node, end)
+        return node
 
     def extend(self, tokens: Iterable[int]) -> None:
         """Append `tokens` to the current document."""
         text, children, latest, ends, previous = self.text, self._children, self._latest, self._end, self._previous
+        max_match = self.max_match
         for token in tokens:
             end = len(text) - 1  # now followed by `token`: the k-grams that end there are indexed
             text.append(token)
-            node = 0
-            for position in range(end, max(self._document_start, end - self.max_match + 1) - 1, -1):
+            node, depth = 0, 0
+            for position in range(end, max(self._document_start, end - max_match + 1) - 1, -1):
                 key = node << TOKEN_BITS | text[position]
-                node = children.get(key, 0)
-                if not node:
-                    node = children[key] = len(latest)
-                    latest.append(-1)
-                previous.append(latest[node])
-                latest[node] = len(ends)
-                ends.append(end)
+                child = children.get(key, 0)
+                if not child:  # a k-gram new to the text: a leaf, the longer ones through it stay implicit
+                    self._new_node(key, end)
+                    break
+                depth += 1
+                first = latest[child]
+                if previous[first] == -1 and depth < max_match:
+                    # A leaf seen a second time: its first occurrence gets its next level before this one does.
+                    before = ends[first] - depth
+                    if before >= 0 and text[before] != SEPARATOR:
+                        self._new_node(child << TOKEN_BITS | text[before], ends[first])
+                self._occur(child, end)
+                node = child
 
     def end_document(self) -> None:
         self.text.append(SEPARATOR)
@@ -75,12 +97,18 @@ class SuffixIndex:
         [] if none)."""
         length, occurrence = 0, -1
         node, children, latest, ends, first_live = 0, self._children, self._latest, self._end, self.first_live
-        for k in range(1, min(self.max_match, len(history)) + 1):
+        longest = min(self.max_match, len(history))
+        for k in range(1, longest + 1):
             node = children.get(node << TOKEN_BITS | history[-k], 0)
             # Without a live occurrence of the k-token suffix, no longer suffix has one: stop at the first miss.
             if not node or ends[latest[node]] < first_live:
                 break
             length, occurrence = k, latest[node]
+            if self._previous[occurrence] == -1:  # a leaf: the text at its one occurrence says how far it goes
+                end, text = ends[occurrence], self.text
+                while length < longest and end - length >= 0 and text[end - length] == history[-length - 1]:
+                    length += 1
+                break
         positions: list[int] = []
         while occurrence >= 0 and len(positions) != limit and ends[occurrence] >= first_live:
             positions.append(ends[occurrence])
