@@ -39,7 +39,7 @@ def test_longest_match_equals_brute_force(text, max_match):
 
 
 @settings(max_examples=100, deadline=None)
-@given(motif=st.lists(st.integers(0, 5), min_size=1, max_size=9), edits=st.lists(st.tuples(st.integers(0, 80),
+@given(motif=st.lists(st.integers(0, 5), min_size=1, max_size=9), edits=st.lists(st.tuples(st.integers(0, 79),
        st.integers(0, 5)), max_size=6), max_match=st.integers(6, 16))
 def test_long_repeats_match_as_far_as_the_text_repeats(motif, edits, max_match):
     """Repeated text with a few changed tokens: k-grams seen once stay leaves until they recur, so lookups after
