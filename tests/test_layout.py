@@ -1,7 +1,6 @@
 """The fused step's layout and mask against a brute-force reading of the rules in docs/algorithm.md ("The step's
 input layout and attention mask"), with the verification branch as a token tree."""
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
