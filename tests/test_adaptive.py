@@ -135,7 +135,7 @@ def test_a_batch_scales_what_its_rows_expect_now_and_adds_the_window_later_value
     for pick in choosers:
         pick.window_credit, pick.window_rate = 0.25, 0.25  # one token later per window step
         pick.refresh()
-    assert choosers[0].expected_tokens(2, 0) == pytest.approx(3.0)
+    assert 1 + choosers[0].extra_tokens(0)[2] + choosers[0].later[2] == pytest.approx(3.0)  # now and later
     assert batch_extra_tokens(choosers, [0] * 8, 2) == pytest.approx(8.0)  # now, beyond one per row
     batch_yield = BatchYield(3)
     batch_yield.observe(2, expected_extra=8.0, committed_extra=8)  # the window delivered what it promised now

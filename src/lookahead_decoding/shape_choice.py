@@ -105,11 +105,6 @@ class ShapeChooser:
         """Tokens a window step is expected to commit later, through the n-grams it adds to the pool."""
         return self.window_credit / max(self.window_rate, self.min_window_rate)
 
-    def expected_tokens(self, shape: int, num_nodes: int, tree: TokenTree | None = None) -> float:
-        """Tokens a step of `shape` is expected to commit, now and later, given a token tree of `num_nodes` nodes
-        (`tree`: the tree itself, once drafted)."""
-        return 1.0 + self.extra_tokens(num_nodes, tree)[shape] + self.later[shape]
-
     def extra_tokens(self, num_nodes: int, tree: TokenTree | None = None) -> list[float]:
         """Per shape, the tokens beyond one that a step of it is expected to commit itself, given a token tree of
         `num_nodes` nodes (`tree`: the tree itself, once drafted)."""
