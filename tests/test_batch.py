@@ -351,3 +351,46 @@ def test_plain_steps_do_no_work_for_the_sources(wide_cost):
     assert sum(told) == source.told - len(prompt) and source.told >= len(out.rows[0].tokens) - 2
     predictions = [n for kind, n in source.calls if kind == "predictions"]
     assert len(predictions) == out.stats.shape_steps[shape_name(wide)]
+
+
+class BusyDevice:
+    """The CPU engine, made to answer that its device still computes for the first `answers` questions of each
+    step (as a CUDA step does while it runs)."""
+
+    def __init__(self, runner: StaticStep, answers: int):
+        self.runner, self.answers = runner, answers
+        self.layouts, self.adapter, self.batch_size = runner.layouts, runner.adapter, runner.batch_size
+        self.predictions, self.max_length, self.sampler = runner.predictions, runner.max_length, runner.sampler
+
+    def prefill_rows(self, prompts, sampling=None):
+        return self.runner.prefill_rows(prompts, sampling)
+
+    def step_rows(self, shape, steps, histories, overlap=None):
+        answered = iter(range(self.answers))
+        return self.runner.step_rows(shape, steps, histories,
+                                     lambda device_busy: overlap(lambda: next(answered, None) is not None))
+
+
+def test_sources_catch_up_while_the_device_computes_a_plain_step():
+    """While the device computes a plain step, the host would only wait: the rows' sources begin from their
+    prompts and hear of every committed token then, row by row, until the device is done. The row the device
+    leaves no time for is not touched (its source begins at its first draft), and no row is asked for drafts."""
+    model = tiny_model("llama", seed=4)
+    wide = ld.LookaheadConfig(window=3, ngram=3, guesses=3)
+    plan = StepPlan((AUTOREGRESSIVE, wide), (1.0, 1000.0))  # the plain step always wins
+    runner = BusyDevice(StaticStep(model, plan.shapes, 64, batch_size=3, predictions=4), answers=2)
+    scheduler = BatchScheduler(runner, plan, lambda memory=None: make_source(None, plan.shapes))
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8], [1, 6, 1, 8, 0, 3]]
+    sources = [CountingSource() for _ in prompts]
+    for tag, (prompt, source) in enumerate(zip(prompts, sources)):
+        scheduler.submit(Request(prompt, 12, source=source, tag=tag))
+    results = sorted(scheduler.run(), key=lambda finished: finished.tag)
+    for prompt, result in zip(prompts, results):
+        assert result.tokens == reference_tokens(model, prompt, 12)
+    assert scheduler.steps_by_shape == {"plain": scheduler.stats.steps}
+    for prompt, source in zip(prompts[:2], sources):
+        told = [n for kind, n in source.calls[1:] if kind == "observe"]
+        assert source.calls[0] == ("begin", len(prompt)) and len(told) == len(source.calls) - 1
+        # Told during each step of what the steps before it committed: all but the last step's token.
+        assert sum(told) == 12 - 1 and source.told == len(prompt) + 12 - 1
+    assert sources[2].calls == []

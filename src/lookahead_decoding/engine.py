@@ -31,7 +31,8 @@ from .layout import TreeTensors, tree_tensors
 from .model_adapter import ModelAdapter, UnsupportedModelError
 from .row_sampler import RowSampler, choose_tokens
 from .sampling_params import SamplingParams
-from .step import PlannedStep, StepOutcome, build_layouts, host_predictions, top_predictions, tree_parents
+from .step import (DeviceBusy, PlannedStep, StepOutcome, build_layouts, host_predictions, never_busy, top_predictions,
+                   tree_parents)
 from .verification import Verifier, verify_greedy
 
 # Prompt tokens per prefill chunk. The prefill runs as fixed-shape chunks so that it, too, is one captured graph
@@ -150,6 +151,7 @@ class StaticStep:
         # (shape, or PREFILL; the sampler's stages) -> the step as run for that: a sampling engine records one
         # graph per set of stages its rows use, so that a step does only what its rows ask for.
         self._replayables: dict[tuple, Replayable] = {}
+        self._launched: torch.cuda.Event | None = None  # recorded behind each launched step (CUDA)
 
     @property
     def captured(self) -> bool:
@@ -228,10 +230,11 @@ class StaticStep:
         return outcomes
 
     def step_rows(self, shape: int, steps: Sequence[PlannedStep | None], histories: Sequence[Sequence[int] | None],
-                  overlap: Callable[[], None] | None = None) -> list[StepOutcome | None]:
+                  overlap: Callable[[DeviceBusy], None] | None = None) -> list[StepOutcome | None]:
         """One step of `shape` for every row: steps[row] is the row's planned step, or None for a row that is not
         decoding; histories[row] its committed tokens (the current token last). `overlap` runs on the host while
-        the device computes the step (on CUDA the step is launched asynchronously). Outcomes by row."""
+        the device computes the step (on CUDA the step is launched asynchronously), told whether it still does.
+        Outcomes by row."""
         if len(steps) != self.batch_size or len(histories) != self.batch_size:
             raise ValueError(f"a step of this engine takes {self.batch_size} rows, got {len(steps)}")
         layout = self.layouts[shape]
@@ -253,11 +256,22 @@ class StaticStep:
         else:
             packed, scores, top = self._verified_step(shape, steps, histories)
         if overlap is not None:
-            overlap()
+            overlap(self._device_busy())
         values = packed.tolist()  # the one host sync
         predictions = [None] * self.batch_size if top is None else host_predictions(*top)
         return [None if step is None else StepOutcome.from_host(values[row], config, scores[row], predictions[row])
                 for row, step in enumerate(steps)]
+
+    def _device_busy(self) -> DeviceBusy:
+        """Whether the step just launched still runs: an event recorded behind it, on CUDA; elsewhere the step ran
+        as it was called."""
+        if self.adapter.device.type != "cuda":
+            return never_busy
+        if self._launched is None:
+            self._launched = torch.cuda.Event()
+        launched = self._launched
+        launched.record()
+        return lambda: not launched.query()
 
     # ------------------------------------------------------------------------------------------ on the device
 

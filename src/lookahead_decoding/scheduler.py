@@ -30,7 +30,7 @@ from .drafting.tree import EMPTY_TREE
 from .sampling_params import SamplingParams
 from .shape_choice import BatchYield, StepCosts, batch_extra_tokens, choose_for_batch
 from .state import Emitter, GenerationStats, SequenceState
-from .step import StepRunner
+from .step import DeviceBusy, StepRunner
 from .plan_cache import check_drift
 from .tuning import StepPlan, shape_name
 
@@ -191,15 +191,22 @@ class BatchScheduler:
             steps[index] = row.sequence.plan_step(shape, tree, self.runner.layouts)
             histories[index] = row.sequence.history
         sequences = [row.sequence for _, row in live]
+        drafted = self.plan.shapes[shape].verifies
 
-        def observe_text() -> None:
+        def use_device_time(device_busy: DeviceBusy) -> None:
+            # The rows that drafted read their text at their next draft. Sources the step did not use catch up
+            # only while the device computes: time the host would spend waiting (never on a synchronous device).
             for sequence in sequences:
-                sequence.observe_text()
+                if drafted:
+                    sequence.observe_text()
+                elif device_busy():
+                    sequence.catch_up()
+                else:
+                    break
 
         expected_extra = None if self.batch_yield is None else batch_extra_tokens(
             choosers, [len(tree) for tree in row_trees], shape, row_trees)  # before `record` updates the choosers
-        drafted = self.plan.shapes[shape].verifies
-        outcomes = self.runner.step_rows(shape, steps, histories, overlap=observe_text if drafted else None)
+        outcomes = self.runner.step_rows(shape, steps, histories, overlap=use_device_time)
         self.stats.steps += 1
         self._steps_by_shape[shape] += 1
         has_window = self.plan.shapes[shape].has_window

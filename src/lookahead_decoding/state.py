@@ -127,8 +127,7 @@ class SequenceState:
         self.stats = GenerationStats()
         self.steps_by_shape = [0] * len(shapes)
         self.prompt_length = len(prompt)
-        # Tokens of the history the source has been told of; None until its first draft, when it gets the prompt
-        # (a sequence decoded with plain steps only never indexes its prompt).
+        # Tokens of the history the source has been told of; None until it begins from the prompt (`catch_up`).
         self.observed: int | None = None
         for window in filter(None, self.windows):
             window.begin(prompt)
@@ -145,14 +144,26 @@ class SequenceState:
         """Tell the source of the tokens committed since it was last told. The loop runs this while the device
         computes a drafting step (it does not depend on that step), so the text the source indexes is behind the
         history it drafts from by the steps since the last drafting step; the step's own data (window n-grams,
-        predictions) reach it at once. Plain steps tell it nothing: a batch that has settled on plain steps pays
-        nothing per row for sources it does not use."""
-        if self.observed is None:  # nothing drafted yet: the source has not begun
+        predictions) reach it at once. A source that has not begun is told nothing: see `catch_up`."""
+        if self.observed is None:
             return
         new = len(self.history) - self.observed
         if new:
             self.source.observe(self.history, new)
             self.observed = len(self.history)
+
+    def catch_up(self) -> None:
+        """Begin the source (from the prompt) if this sequence may draft, and tell it of everything committed
+        since. The loop runs this only while the device would leave the host waiting: otherwise a sequence's
+        source begins at its first draft, and one decoded with plain steps only never indexes its prompt."""
+        if self.largest_tree:
+            self._begin_source()
+            self.observe_text()
+
+    def _begin_source(self) -> None:
+        if self.observed is None:
+            self.source.begin(self.history[: self.prompt_length])
+            self.observed = self.prompt_length
 
     def record_prefill(self, outcome: StepOutcome) -> None:
         self.emitter.emit(outcome.committed, outcome.scores)
@@ -161,9 +172,7 @@ class SequenceState:
         """The token tree of drafts for the next step, as large as the plan's largest shape verifies."""
         if self.largest_tree == 0:  # no shape verifies drafts: nothing to propose
             return EMPTY_TREE
-        if self.observed is None:  # the first draft: the source starts from the prompt
-            self.source.begin(self.history[: self.prompt_length])
-            self.observed = self.prompt_length
+        self._begin_source()
         drafts = self.source.propose(self.history, self.draft_depth, self.largest_tree)
         return build_tree(drafts, self.largest_tree, self.draft_depth, self.confidences,
                           (self.sampled, self.chooser.in_run))

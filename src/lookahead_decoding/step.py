@@ -56,6 +56,15 @@ class PlannedStep(NamedTuple):
     tree: TokenTree  # the tree whose tokens `ids` carries after the window
 
 
+# Whether the device is still computing the step just launched (always False where steps run synchronously).
+DeviceBusy = Callable[[], bool]
+
+
+def never_busy() -> bool:
+    """The `DeviceBusy` of a runner whose steps have finished when they return (eager, or on the CPU)."""
+    return False
+
+
 class StepRunner(Protocol):
     layouts: tuple[StepLayout, ...]  # the step shapes this runner can run, by index
     adapter: ModelAdapter
@@ -75,9 +84,10 @@ class StepRunner(Protocol):
         parameters (missing or None: greedy); outcomes by row."""
 
     def step_rows(self, shape: int, steps: Sequence[PlannedStep | None], histories: Sequence[Sequence[int] | None],
-                  overlap: Callable[[], None] | None = None) -> list[StepOutcome | None]:
+                  overlap: Callable[[DeviceBusy], None] | None = None) -> list[StepOutcome | None]:
         """One step of `shape` for every row (None: the row is not decoding); outcomes by row. `overlap` is host
-        work that does not depend on the step: the runner runs it while the device computes, where it can."""
+        work that does not depend on the step: the runner runs it while the device computes, where it can, and
+        hands it a `DeviceBusy` so that work it may put off stops once the host would no longer wait anyway."""
 
 
 def build_layouts(shapes: Sequence[LookaheadConfig], device) -> tuple[StepLayout, ...]:
@@ -139,10 +149,10 @@ class EagerStep:
         return {row: self.prefill(torch.tensor(prompt, device=self.adapter.device), prompt)}
 
     def step_rows(self, shape: int, steps: Sequence[PlannedStep | None], histories: Sequence[Sequence[int] | None],
-                  overlap: Callable[[], None] | None = None) -> list[StepOutcome | None]:
+                  overlap: Callable[[DeviceBusy], None] | None = None) -> list[StepOutcome | None]:
         (step,), (history,) = steps, histories
         if overlap is not None:
-            overlap()
+            overlap(never_busy)
         return [None if step is None else self.step(shape, step.ids, step.tree, history)]
 
     def prefill(self, prompt: torch.Tensor, history: Sequence[int]) -> StepOutcome:

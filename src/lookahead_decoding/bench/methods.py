@@ -200,10 +200,10 @@ class TimedRunner:
         # The overlapped host work is the loop's, not the model's: its time is taken back out.
         host_seconds = 0.0
 
-        def timed_overlap():
+        def timed_overlap(device_busy):
             nonlocal host_seconds
             start = time.perf_counter()
-            overlap()
+            overlap(device_busy)
             host_seconds += time.perf_counter() - start
 
         outcomes = self._timed(self.runner.step_rows, shape, steps, histories,
