@@ -36,6 +36,7 @@ from lookahead_decoding.bench.cli import config_list, int_list
 from lookahead_decoding.bench.methods import parse_methods
 from lookahead_decoding.jsonl import JsonLinesError
 from lookahead_decoding.sampling_params import SamplingParams
+from lookahead_decoding.tuning import shape_name
 
 torch.set_num_threads(1)
 
@@ -504,7 +505,7 @@ def test_sampling_input_errors_exit_2_before_any_work(tmp_path, capsys, extra, m
 
 
 BATCHED_KEYS = {"dataset", "batch_size", "batch_rows", "method", "reference", "prompts", "new_tokens", "seconds",
-                "throughput_tokens_per_s", "speedup", "tokens_per_step_per_row", "forwards", "identical",
+                "throughput_tokens_per_s", "speedup", "tokens_per_step_per_row", "forwards", "steps_by_shape", "identical",
                 "different_prompts", "plan"}
 BATCHED_ARGS = ["--dataset", "humaneval", "--data-file", str(FIXTURES / FILES["humaneval"]), "--limit", "4",
                 "--max-new-tokens", "12", "--batch-size", "1,3", "--window", "3", "--ngram", "3", "--guesses", "3"]
@@ -546,6 +547,8 @@ def test_batched_records(batched_run):
     assert plain_one["forwards"] == 4 * 11  # one row: a forward per token after each prompt's prefill
     assert plain_three["forwards"] < plain_one["forwards"]  # three rows share each forward
     assert plain_one["plan"] == "plain 1.00 ms" and lookahead_one["plan"].startswith("lookahead W=3 N=3 G=3")
+    assert plain_three["steps_by_shape"] == {"plain": plain_three["forwards"]}
+    assert lookahead_one["steps_by_shape"] == {shape_name(ld.LookaheadConfig(3, 3, 3)): lookahead_one["forwards"]}
 
 
 def test_batched_table_and_plot(batched_run):

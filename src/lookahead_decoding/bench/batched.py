@@ -3,7 +3,8 @@ go through one call of B rows, decoded as `ld.generate` decodes them, with conti
 takes the next prompt); with --temperature, every row samples, seeded as in the unbatched benchmark.
 
 Reported per batch size and method: throughput over all rows, speedup over the reference at the same batch size,
-the rows' mean tokens per step, the batched forwards, and how many rows equal the reference's tokens."""
+the rows' mean tokens per step, the batched forwards (and how many were of each step shape), and how many rows
+equal the reference's tokens."""
 
 from __future__ import annotations
 
@@ -113,6 +114,7 @@ def batch_record(dataset: str, batch_size: int, method: str, run: TimedRun, refe
         "speedup": run.throughput / reference_run.throughput if reference_run.throughput > 0 else None,
         "tokens_per_step_per_row": statistics.fmean(row.stats.tokens_per_step for row in rows),
         "forwards": stats.steps,
+        "steps_by_shape": dict(stats.shape_steps),
         "identical": sum(identical),
         "different_prompts": [index for index, same in zip(prompt_indices, identical) if not same],
         "plan": run.plan.describe(),
