@@ -221,13 +221,9 @@ class StepCosts:
     collection, a noisy neighbour) must not switch a shape off for the rest of a run.
 
     A sample expires `max_age` steps (of any shape) after it was taken. A shape that stops being chosen is not
-    measured again, so without expiry a cost measured during a burst (many rows starting at once; a busy host)
-    would keep it off for good, even after the batch has changed. Once too few of its samples are left, its cost
-    goes back toward the calibrated one, from the median it last measured: the ratio between the two is
-    square-rooted every `max_age` steps since its newest sample. A shape whose steps really cost more than
-    calibration says (at 64 rows a wide step's wall time runs 2-4x its calibrated cost) is thus not retried at a
-    cost it never reaches every time its samples expire, while one measured in a burst is tried again within a few
-    `max_age`."""
+    measured again, so without expiry a cost measured during a burst (many rows starting at once, each indexing
+    its prompt on its first draft; a busy host) would keep it off for good, even after the batch has changed.
+    Once its samples have expired it is back at its calibrated cost, tried again, and measured afresh."""
 
     def __init__(self, calibrated_ms: Sequence[float], measured: bool, min_samples: int = 3,
                  recent: int = 15, max_age: int = 200) -> None:
@@ -238,8 +234,6 @@ class StepCosts:
         # Per shape: (step, ms) of its recent steps. Kept without `measured` too: `plan_cache.check_drift`
         # compares them with the calibrated costs.
         self.samples = [deque(maxlen=recent) for _ in self.costs_ms]
-        # Per shape: (the median of its last full set of samples, the step of its newest sample), once it has one.
-        self.last_measured: list[tuple[float, int] | None] = [None] * len(self.costs_ms)
 
     @property
     def recent_ms(self) -> list[list[float]]:
@@ -254,14 +248,6 @@ class StepCosts:
             while samples and samples[0][0] <= self.steps - self.max_age:
                 samples.popleft()
                 expired = True
-            if not self.measured:
-                continue
-            if len(samples) >= self.min_samples:
-                if expired or other == shape:
-                    median = statistics.median(ms for _, ms in samples)
-                    self.costs_ms[other], self.last_measured[other] = median, (median, samples[-1][0])
-            elif self.last_measured[other] is not None:
-                median, newest = self.last_measured[other]
-                calibrated = self.calibrated_ms[other]
-                halvings = (self.steps - newest) / self.max_age
-                self.costs_ms[other] = calibrated * (median / calibrated) ** (0.5 ** halvings)
+            if self.measured and (expired or other == shape):
+                self.costs_ms[other] = (statistics.median(ms for _, ms in samples) if len(samples) >= self.min_samples
+                                        else self.calibrated_ms[other])
