@@ -265,7 +265,7 @@ class StaticStep:
     def _device_busy(self) -> DeviceBusy:
         """Whether the step just launched still runs: an event recorded behind it, on CUDA; elsewhere the step ran
         as it was called."""
-        if self.adapter.device.type != "cuda":
+        if self.lengths.device.type != "cuda":  # (the model's `device` walks its parameters: not on every step)
             return never_busy
         if self._launched is None:
             self._launched = torch.cuda.Event()

@@ -221,8 +221,8 @@ class StepCosts:
     collection, a noisy neighbour) must not switch a shape off for the rest of a run.
 
     A sample expires `max_age` steps (of any shape) after it was taken. A shape that stops being chosen is not
-    measured again, so without expiry a cost measured during a burst (many rows starting at once, each indexing
-    its prompt on its first draft; a busy host) would keep it off for good, even after the batch has changed.
+    measured again, so without expiry a cost measured during a burst (many rows starting at once; a busy host)
+    would keep it off for good, even after the batch has changed.
     Once its samples have expired it is back at its calibrated cost, tried again, and measured afresh."""
 
     def __init__(self, calibrated_ms: Sequence[float], measured: bool, min_samples: int = 3,
