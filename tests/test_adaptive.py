@@ -18,7 +18,7 @@ from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.model_adapter import ModelAdapter
 from lookahead_decoding.shape_choice import (AcceptancePrior, BatchYield, PlainChooser, ShapeChooser,
-                                             batch_extra_tokens, choose_for_batch)
+                                             batch_extra, choose_for_batch)
 from lookahead_decoding.step import EagerStep
 from lookahead_decoding.tuning import StepPlan, verify_only
 
@@ -115,14 +115,15 @@ def test_a_batch_corrects_what_its_rows_overestimate():
     choosers = [chooser(accepted=1.0, window_tokens=1.0) for _ in range(8)]
     nodes = [4] * 8
     batch_yield = BatchYield(3)
-    assert choose_for_batch(choosers, nodes, (1.0, 1.4, 2.0), batch_yield.ratios) == 1  # 16 / 1.4 > 8 / 1
-    assert batch_extra_tokens(choosers, nodes, 1) == pytest.approx(8.0)
+    extra = batch_extra(choosers, nodes)
+    assert choose_for_batch(choosers, extra, (1.0, 1.4, 2.0), batch_yield.ratios) == 1  # 16 / 1.4 > 8 / 1
+    assert extra[1] == pytest.approx(8.0)
     for _ in range(20):
         batch_yield.observe(1, expected_extra=8.0, committed_extra=2)
     assert batch_yield.ratios[1] == pytest.approx(2 / 8, abs=0.05)
-    assert choose_for_batch(choosers, nodes, (1.0, 1.4, 2.0), batch_yield.ratios) == 0  # 10 / 1.4 < 8 / 1
+    assert choose_for_batch(choosers, extra, (1.0, 1.4, 2.0), batch_yield.ratios) == 0  # 10 / 1.4 < 8 / 1
     steps = 0
-    while choose_for_batch(choosers, nodes, (1.0, 1.4, 2.0), batch_yield.ratios) == 0:
+    while choose_for_batch(choosers, extra, (1.0, 1.4, 2.0), batch_yield.ratios) == 0:
         batch_yield.observe(0, expected_extra=0.0, committed_extra=0)
         steps += 1
     assert 5 < steps < 60  # tried again later
@@ -136,12 +137,12 @@ def test_a_batch_scales_what_its_rows_expect_now_and_adds_the_window_later_value
         pick.window_credit, pick.window_rate = 0.25, 0.25  # one token later per window step
         pick.refresh()
     assert 1 + choosers[0].extra_tokens(0)[2] + choosers[0].later[2] == pytest.approx(3.0)  # now and later
-    assert batch_extra_tokens(choosers, [0] * 8, 2) == pytest.approx(8.0)  # now, beyond one per row
+    assert batch_extra(choosers, [0] * 8)[2] == pytest.approx(8.0)  # now, beyond one per row
     batch_yield = BatchYield(3)
     batch_yield.observe(2, expected_extra=8.0, committed_extra=8)  # the window delivered what it promised now
     assert batch_yield.ratios[2] == pytest.approx(1.0)
     # 8 rows + 8 now + 8 later = 24 tokens for 2.9 ms beats 8 for 1 ms; without the later value 16 / 2.9 would not.
-    assert choose_for_batch(choosers, [0] * 8, (1.0, 1.4, 2.9), batch_yield.ratios) == 2
+    assert choose_for_batch(choosers, batch_extra(choosers, [0] * 8), (1.0, 1.4, 2.9), batch_yield.ratios) == 2
     batch_yield.observe(2, expected_extra=8.0, committed_extra=0)  # the window committed nothing beyond one per row
     assert batch_yield.ratios[2] == pytest.approx(0.8)
 
@@ -152,8 +153,8 @@ def test_rows_without_lookahead_take_the_cheapest_step_whatever_the_batch_learnt
         batch_yield.observe(2, expected_extra=8.0, committed_extra=16)
     assert batch_yield.ratios[2] > 1.8
     plain = [PlainChooser(SHAPES[:3], (1.0, 1.4, 1.8)) for _ in range(8)]
-    assert choose_for_batch(plain, [0] * 8, (1.0, 1.4, 1.8), batch_yield.ratios) == 0
-    assert batch_extra_tokens(plain, [0] * 8, 2) == 0
+    assert choose_for_batch(plain, batch_extra(plain, [0] * 8), (1.0, 1.4, 1.8), batch_yield.ratios) == 0
+    assert batch_extra(plain, [0] * 8)[2] == 0
 
 
 def test_chooser_rejects_bad_costs():

@@ -28,7 +28,7 @@ from .drafting.confidence import Confidences
 from .drafting.memory import DraftMemory
 from .drafting.tree import EMPTY_TREE
 from .sampling_params import SamplingParams
-from .shape_choice import BatchYield, StepCosts, batch_extra_tokens, choose_for_batch
+from .shape_choice import BatchYield, StepCosts, batch_extra, choose_for_batch
 from .state import Emitter, GenerationStats, SequenceState
 from .step import DeviceBusy, StepRunner
 from .plan_cache import check_drift
@@ -179,10 +179,12 @@ class BatchScheduler:
         costs = self.costs.costs_ms
         yields = None if self.batch_yield is None else self.batch_yield.ratios
         # Drafting costs host time per row: skip it when the plain step wins even against full trees.
-        shape = choose_for_batch(choosers, [row.sequence.largest_tree for _, row in live], costs, yields)
+        extra = batch_extra(choosers, [row.sequence.largest_tree for _, row in live])
+        shape = choose_for_batch(choosers, extra, costs, yields)
         if self.plan.shapes[shape].verifies:
             row_trees = [row.sequence.draft() for _, row in live]
-            shape = choose_for_batch(choosers, [len(tree) for tree in row_trees], costs, yields, row_trees)
+            extra = batch_extra(choosers, [len(tree) for tree in row_trees], row_trees)
+            shape = choose_for_batch(choosers, extra, costs, yields)
         else:
             row_trees = [EMPTY_TREE] * len(live)
         steps: list = [None] * len(self.rows)
@@ -204,8 +206,6 @@ class BatchScheduler:
                 else:
                     break
 
-        expected_extra = None if self.batch_yield is None else batch_extra_tokens(
-            choosers, [len(tree) for tree in row_trees], shape, row_trees)  # before `record` updates the choosers
         outcomes = self.runner.step_rows(shape, steps, histories, overlap=use_device_time)
         self.stats.steps += 1
         self._steps_by_shape[shape] += 1
@@ -221,7 +221,7 @@ class BatchScheduler:
         self.stats.new_tokens += step_tokens
         self.costs.observe(shape, (time.perf_counter() - began) * 1e3)
         if self.batch_yield is not None:
-            self.batch_yield.observe(shape, expected_extra, extra_now)
+            self.batch_yield.observe(shape, extra[shape], extra_now)  # what the rows expected before `record`
         return finished + self._retire()
 
     def _admit(self) -> list[Finished]:

@@ -117,7 +117,7 @@ class ShapeChooser:
 
     def choose(self, num_nodes: int, tree: TokenTree | None = None) -> int:
         """The shape for the next step, given how many nodes the token tree has (and the tree, once drafted)."""
-        return choose_for_batch([self], [num_nodes], trees=None if tree is None else [tree])
+        return choose_for_batch([self], batch_extra([self], [num_nodes], None if tree is None else [tree]))
 
     def observe(self, shape: int, num_nodes: int, path: Sequence[int], window_credit: int = 0) -> None:
         """After a step of `shape` verified a tree of `num_nodes` nodes and accepted the nodes `path`, of which
@@ -159,27 +159,24 @@ class PlainChooser(ShapeChooser):
         pass
 
 
-def batch_extra_tokens(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int], shape: int,
-                       trees: Sequence[TokenTree] | None = None) -> float:
-    """Tokens beyond one per row that a step of `shape` is expected to commit now, over all rows, each by its own
-    statistics (and tree)."""
-    trees = [None] * len(choosers) if trees is None else trees
-    return sum(chooser.extra_tokens(nodes, tree)[shape] for chooser, nodes, tree in zip(choosers, num_nodes, trees))
-
-
-def choose_for_batch(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int], costs_ms: Sequence[float] | None = None,
-                     yields: Sequence[float] | None = None, trees: Sequence[TokenTree] | None = None) -> int:
-    """The one shape for a step that decodes several sequences side by side: the most tokens expected over all
-    of them per millisecond of the batched step (`costs_ms`: measured at this batch size; default: the choosers'
-    own). A shape's tokens: one per row, plus what the rows expect beyond it now (each by its own statistics and
-    token tree of `num_nodes`, or the `trees` once drafted) scaled by the shape's `yields` (see `BatchYield`),
-    plus the window's later value."""
-    costs = choosers[0].costs if costs_ms is None else costs_ms
-    yields = [1.0] * len(costs) if yields is None else yields
+def batch_extra(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int],
+                trees: Sequence[TokenTree] | None = None) -> list[float]:
+    """Per shape, the tokens beyond one per row that a step of it is expected to commit now, summed over the rows,
+    each by its own statistics and token tree of `num_nodes` (or the `trees` once drafted)."""
     trees = [None] * len(choosers) if trees is None else trees
     # Column sums of per-row lists: one call per row, not one per row and shape (this runs before every step).
-    extra = map(sum, zip(*(chooser.extra_tokens(nodes, tree)
-                           for chooser, nodes, tree in zip(choosers, num_nodes, trees))))
+    return [sum(column) for column in zip(*(chooser.extra_tokens(nodes, tree)
+                                             for chooser, nodes, tree in zip(choosers, num_nodes, trees)))]
+
+
+def choose_for_batch(choosers: Sequence[ShapeChooser], extra: Sequence[float], costs_ms: Sequence[float] | None = None,
+                     yields: Sequence[float] | None = None) -> int:
+    """The one shape for a step that decodes several sequences side by side: the most tokens expected over all
+    of them per millisecond of the batched step (`costs_ms`: measured at this batch size; default: the choosers'
+    own). A shape's tokens: one per row, plus what the rows expect beyond it now (`extra`, their `batch_extra`)
+    scaled by the shape's `yields` (see `BatchYield`), plus the window's later value."""
+    costs = choosers[0].costs if costs_ms is None else costs_ms
+    yields = [1.0] * len(costs) if yields is None else yields
     later = map(sum, zip(*(chooser.later for chooser in choosers)))
     rows = len(choosers)
     rates = [(rows + shape_extra * shape_yield + shape_later) / cost
