@@ -151,7 +151,8 @@ class StaticStep:
         # (shape, or PREFILL; the sampler's stages) -> the step as run for that: a sampling engine records one
         # graph per set of stages its rows use, so that a step does only what its rows ask for.
         self._replayables: dict[tuple, Replayable] = {}
-        self._launched: torch.cuda.Event | None = None  # recorded behind each launched step (CUDA)
+        # Recorded behind each launched step, where steps run asynchronously (CUDA).
+        self._launched = torch.cuda.Event() if device.type == "cuda" else None
 
     @property
     def captured(self) -> bool:
@@ -265,11 +266,9 @@ class StaticStep:
     def _device_busy(self) -> DeviceBusy:
         """Whether the step just launched still runs: an event recorded behind it, on CUDA; elsewhere the step ran
         as it was called."""
-        if self.lengths.device.type != "cuda":  # (the model's `device` walks its parameters: not on every step)
-            return never_busy
-        if self._launched is None:
-            self._launched = torch.cuda.Event()
         launched = self._launched
+        if launched is None:
+            return never_busy
         launched.record()
         return lambda: not launched.query()
 

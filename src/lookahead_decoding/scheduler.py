@@ -192,21 +192,22 @@ class BatchScheduler:
         for (index, row), tree in zip(live, row_trees):
             steps[index] = row.sequence.plan_step(shape, tree, self.runner.layouts)
             histories[index] = row.sequence.history
-        sequences = [row.sequence for _, row in live]
         drafted = self.plan.shapes[shape].verifies
+        may_draft = [row.sequence for _, row in live if row.sequence.largest_tree]
 
         def use_device_time(device_busy: DeviceBusy) -> None:
-            # The rows that drafted read their text at their next draft. Sources the step did not use catch up
-            # only while the device computes: time the host would spend waiting (never on a synchronous device).
-            for sequence in sequences:
-                if drafted:
+            # The rows that drafted read their text at their next draft. On other steps the sources catch up only
+            # while the device computes: time the host would spend waiting (never on a synchronous device).
+            if drafted:
+                for sequence in may_draft:
                     sequence.observe_text()
-                elif device_busy():
-                    sequence.catch_up()
-                else:
-                    break
+                return
+            for sequence in may_draft:
+                if not device_busy():
+                    return
+                sequence.catch_up()
 
-        outcomes = self.runner.step_rows(shape, steps, histories, overlap=use_device_time)
+        outcomes = self.runner.step_rows(shape, steps, histories, overlap=use_device_time if may_draft else None)
         self.stats.steps += 1
         self._steps_by_shape[shape] += 1
         has_window = self.plan.shapes[shape].has_window

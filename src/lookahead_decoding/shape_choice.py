@@ -219,8 +219,8 @@ class StepCosts:
 
     A sample expires `max_age` steps (of any shape) after it was taken. A shape that stops being chosen is not
     measured again, so without expiry a cost measured during a burst (many rows starting at once; a busy host)
-    would keep it off for good, even after the batch has changed.
-    Once its samples have expired it is back at its calibrated cost, tried again, and measured afresh."""
+    would keep it off for good, even after the batch has changed. Once its samples have expired it is back at its
+    calibrated cost, tried again, and measured afresh."""
 
     def __init__(self, calibrated_ms: Sequence[float], measured: bool, min_samples: int = 3,
                  recent: int = 15, max_age: int = 200) -> None:
