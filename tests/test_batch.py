@@ -187,6 +187,43 @@ def test_sampling_a_batch_is_reproducible_from_one_seed():
     assert sample(8) != first
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_refill_runs_its_prefill_on_the_new_rows_alone(sampled):
+    """Rows admitted mid-batch are prefilled by forwards on them (their number rounded up to a power of two: the
+    others are rows that ride along mid-decode), not on the whole batch; every row's tokens stay its own."""
+    model = tiny_model("llama")
+    config = AUTOREGRESSIVE  # one token per step: the rows finish when their budgets say
+    runner = StaticStep(model, config, 64, batch_size=5, prefill_chunk=4, sampling=sampled)
+    forward, batches = runner.adapter.forward, []
+
+    def counting_forward(ids, *args, **kwargs):
+        batches.append(ids.shape[0])
+        return forward(ids, *args, **kwargs)
+
+    runner.adapter.forward = counting_forward
+    scheduler = BatchScheduler(runner, StepPlan((config,), (1.0,)), lambda: make_source(None, (config,)))
+    generator = torch.Generator().manual_seed(3)
+    # Budgets that free one row, then two, then three at once; prompts of one to three prefill chunks.
+    budgets = [2, 40, 6, 6, 40, 9, 5, 5, 12, 12, 12]
+    prompts = [torch.randint(0, VOCAB, (int(n),), generator=generator).tolist()
+               for n in torch.randint(1, 12, (len(budgets),), generator=generator)]
+    params = [ld.SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.2, seed=tag) if sampled else None
+              for tag in range(len(prompts))]
+    for tag, (prompt, budget) in enumerate(zip(prompts, budgets)):
+        scheduler.submit(Request(prompt, budget, tag=tag, sampling=params[tag]))
+    prefills, results = [], {}
+    while not scheduler.idle:
+        waiting, before = len(scheduler.waiting), len(batches)
+        results.update((result.tag, result.tokens) for result in scheduler.step())
+        if len(scheduler.waiting) < waiting:  # the step's own forward is its last
+            prefills.append((waiting - len(scheduler.waiting), set(batches[before:-1])))
+    assert prefills == [(5, {5}), (1, {1}), (2, {2}), (3, {4})]
+    for tag, prompt in enumerate(prompts):
+        alone = ld.generate(model, [prompt], budgets[tag], AUTOREGRESSIVE, **(
+            dict(do_sample=True, temperature=0.8, top_p=0.9, repetition_penalty=1.2, seed=[tag]) if sampled else {}))
+        assert results[tag] == alone.rows[0].tokens
+
+
 class StopAfter(transformers.StoppingCriteria):
     def __init__(self, token: int) -> None:
         self.token = token

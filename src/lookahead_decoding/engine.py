@@ -3,7 +3,8 @@
 Everything a greedy step does — building the mask, the forward, verification and moving the winners' KV into
 place — is a device op on fixed-shape buffers, with the cache lengths kept as a device tensor. On CUDA the step
 is therefore captured once as a CUDA graph and replayed: one host-to-device copy of the step's ids, one replay,
-one device-to-host copy of the outcome. The prompt goes in as fixed-size chunks through a second graph.
+one device-to-host copy of the outcome. Prompts go in as fixed-size chunks through further graphs, one per number
+of rows a prefill runs on: rows refilled mid-batch are prefilled without the rest of the batch.
 Elsewhere the same functions run eagerly, with identical results.
 
 A batch is B rows of the cache, each holding one sequence at its own length (`kv_cache.RowCache`): every row
@@ -132,7 +133,7 @@ class StaticStep:
         largest = max(layout.size for layout in self.layouts)
         # A step's rows, or a padded prefill chunk, are written after the last committed token: spare slots.
         cache_length = max_length + max(largest, prefill_chunk, max(s.candidate_length for s in shapes) + 1)
-        self.cache = RowCache(model.config, cache_length)
+        self.cache = RowCache(model.config, cache_length, batch_size)
         self.key_index = torch.arange(cache_length, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached, per row
         # Per shape, one line per row: step ids, the tree's parents, its number of real nodes, 1 if the row decodes.
@@ -140,16 +141,18 @@ class StaticStep:
         self.inputs = [torch.zeros(batch_size, size, dtype=torch.long, device=device) for size in sizes]
         self.host_inputs = [torch.zeros(batch_size, size, dtype=torch.long, pin_memory=device.type == "cuda")
                             for size in sizes]
-        # Prefill: per row, the chunk's ids aligned to its end (so that every row's last token is the last
-        # column), then the number of real ids (0: the row takes no part), then 1 if the chunk ends the prompt.
-        self.chunk_inputs = torch.zeros(batch_size, prefill_chunk + 2, dtype=torch.long, device=device)
+        # Prefill, by number of entries (`prefill_entries`): per entry, the chunk's ids aligned to its end (so that
+        # every entry's last token is the last column), the number of real ids (0: the entry's row takes no part),
+        # 1 if the chunk ends the prompt, and the entry's cache row.
+        self.chunk_inputs: dict[int, torch.Tensor] = {}
         self.chunk_columns = torch.arange(prefill_chunk, device=device)
         self.last_position = (adapter.context_length or 2**62) - 1
         self.use_graph = device.type == "cuda" and verifier is None if cuda_graph is None else cuda_graph
         steps = [functools.partial(self._device_step, shape) for shape in range(len(self.layouts))]
         self._step_functions = [torch.compile(fn, dynamic=False) if compile else fn for fn in steps]
-        # (shape, or PREFILL; the sampler's stages) -> the step as run for that: a sampling engine records one
-        # graph per set of stages its rows use, so that a step does only what its rows ask for.
+        # (shape, or None for the prefill; its entries; the sampler's stages) -> the step or prefill chunk as run
+        # for that: a sampling engine records one graph per set of stages its rows use, so that a step does only what
+        # its rows ask for.
         self._replayables: dict[tuple, Replayable] = {}
         # Recorded behind each launched step, where steps run asynchronously (CUDA).
         self._launched = torch.cuda.Event() if device.type == "cuda" else None
@@ -158,13 +161,19 @@ class StaticStep:
     def captured(self) -> bool:
         return any(replayable.graph is not None for replayable in self._replayables.values())
 
-    def replayable(self, shape: int | None) -> Replayable:
-        """The step of `shape` (None: the prefill chunk) for the rows' current sampling stages; recorded as a CUDA
-        graph on first use once the engine captures."""
+    def replayable(self, shape: int | None, entries: int | None = None) -> Replayable:
+        """The step of `shape` (None: the prefill chunk, of `entries` rows, all by default) for the rows' current
+        sampling stages; recorded as a CUDA graph on first use once the engine captures."""
         stages = () if self.sampler is None else self.sampler.stages
-        key = (shape, stages)
+        entries = self.batch_size if shape is None and entries is None else entries
+        key = (shape, entries, stages)
         if key not in self._replayables:
-            function = self._device_prefill_chunk if shape is None else self._step_functions[shape]
+            if shape is None:
+                self.chunk_inputs.setdefault(entries, torch.zeros(entries, self.prefill_chunk + 3, dtype=torch.long,
+                                                                  device=self.lengths.device))
+                function = functools.partial(self._device_prefill_chunk, entries)
+            else:
+                function = self._step_functions[shape]
             self._replayables[key] = Replayable(function)
             if self.use_graph and self.captured:
                 self._capture([self._replayables[key]])
@@ -194,11 +203,17 @@ class StaticStep:
 
     # ------------------------------------------------------------------------------------------ a batch
 
+    def prefill_entries(self, rows: int) -> int:
+        """How many rows a prefill of `rows` new prompts runs on: the next power of two, at most the batch. The
+        rows that are not starting ride along without changing; a forward on every row would cost a long prompt's
+        chunks over the whole batch each time one row is refilled."""
+        return min(1 << (rows - 1).bit_length(), self.batch_size)
+
     def prefill_rows(self, prompts: dict[int, Sequence[int]],
                      sampling: dict[int, SamplingParams | None] | None = None) -> dict[int, StepOutcome]:
         """Start a sequence in each given row: cache its prompt (tokens) in place of what the row held, and take
         its `sampling` parameters (missing or None: greedy). The other rows keep their sequences. Each outcome
-        commits that row's first new token."""
+        commits that row's first new token. The forwards run on the given rows only (`prefill_entries`)."""
         sampling = sampling or {}
         if self.sampler is None and any(p is not None and not p.is_plain_greedy for p in sampling.values()):
             raise ValueError("this engine decodes greedily; build it with sampling=True to sample or apply penalties")
@@ -212,22 +227,29 @@ class StaticStep:
         self.lengths.index_fill_(0, torch.tensor(list(prompts), device=self.lengths.device), 0)
         if self.sampler is not None:
             self.sampler.start_rows({row: sampling.get(row) for row in prompts})
+        entries = self.prefill_entries(len(prompts))
+        if entries == self.batch_size:  # every row, in order
+            rows = list(range(self.batch_size))
+        else:  # the new prompts' rows, then rows that ride along
+            rows = sorted(prompts)
+            rows += [row for row in range(self.batch_size) if row not in prompts][: entries - len(rows)]
+        prefill = self.replayable(None, entries)
         outcomes = {}
         for begin in range(0, max(len(prompt) for prompt in prompts.values()), chunk):
-            lines = [[0] * (chunk + 2) for _ in range(self.batch_size)]
-            for row, prompt in prompts.items():
-                ids = prompt[begin : begin + chunk]
-                lines[row][chunk - len(ids) : chunk] = ids
-                lines[row][chunk] = len(ids)
-                lines[row][chunk + 1] = int(begin < len(prompt) <= begin + chunk)
-            self.chunk_inputs.copy_(torch.tensor(lines))
-            first, scores = self.replayable(None)()
+            lines = [[0] * (chunk + 2) + [row] for row in rows]
+            for line, row in zip(lines, rows):
+                ids = prompts.get(row, ())[begin : begin + chunk]
+                line[chunk - len(ids) : chunk] = ids
+                line[chunk] = len(ids)
+                line[chunk + 1] = int(row in prompts and begin < len(prompts[row]) <= begin + chunk)
+            self.chunk_inputs[entries].copy_(torch.tensor(lines))
+            first, scores = prefill()
             firsts = first.tolist()
-            for row, prompt in prompts.items():
-                if begin < len(prompt) <= begin + chunk:  # the prompt's last chunk
-                    outcomes[row] = StepOutcome(0, [], [firsts[row]], [], scores[row : row + 1].clone())
+            for entry, (line, row) in enumerate(zip(lines, rows)):
+                if line[chunk + 1]:  # the prompt's last chunk
+                    outcomes[row] = StepOutcome(0, [], [firsts[entry]], [], scores[entry : entry + 1].clone())
         if self.use_graph and not self.captured:  # only now: the cache allocates its buffers on first use
-            self._capture([self.replayable(shape) for shape in (None, *range(len(self.layouts)))])
+            self._capture([prefill, *(self.replayable(shape) for shape in range(len(self.layouts)))])
         return outcomes
 
     def step_rows(self, shape: int, steps: Sequence[PlannedStep | None], histories: Sequence[Sequence[int] | None],
@@ -274,28 +296,29 @@ class StaticStep:
 
     # ------------------------------------------------------------------------------------------ on the device
 
-    def _device_prefill_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append each row's chunk of prompt tokens to its cache; the token chosen after every row's last token
-        (the argmax, or the row's draw), and the logits [batch, V] that chose it. A row's real ids go to its next
-        slots, its padding (the chunk's first columns) to slots past them, which later writes replace; every column
-        sees the slots up to its own, so real tokens see exactly their row's prompt so far."""
-        chunk = self.prefill_chunk
-        ids, count = self.chunk_inputs[:, :chunk], self.chunk_inputs[:, chunk : chunk + 1]
-        ends_prompt = self.chunk_inputs[:, chunk + 1 :] > 0
-        start = self.lengths[:, None]
+    def _device_prefill_chunk(self, entries: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append each entry's chunk of prompt tokens to its row's cache; the token chosen after every entry's last
+        token (the argmax, or the row's draw), and the logits [entries, V] that chose it. An entry's real ids go to
+        its row's next slots, its padding (the chunk's first columns) to slots past them, which later writes
+        replace; every column sees the slots up to its own, so real tokens see exactly their row's prompt so far."""
+        chunk, inputs = self.prefill_chunk, self.chunk_inputs[entries]
+        ids, count, rows = inputs[:, :chunk], inputs[:, chunk : chunk + 1], inputs[:, chunk + 2]
+        ends_prompt = inputs[:, chunk + 1 : chunk + 2] > 0
+        start = self.lengths[rows][:, None]
         offset = self.chunk_columns - (chunk - count)  # >= 0 for the real ids
         slots = torch.where(offset >= 0, start + offset, start + count + self.chunk_columns)
         positions = slots.clamp(max=self.last_position)
         allowed = self.key_index <= slots[:, :, None]
-        self.cache.write_at(slots)
+        self.cache.write_at(slots, None if entries == self.batch_size else rows)
         mask = self.adapter.attention_mask(allowed, positions, None)
         logits = self.adapter.forward(ids, positions, mask, self.cache, 1)[:, 0]
-        self.lengths.add_(count[:, 0])
+        self.lengths.index_add_(0, rows, count[:, 0])
         if self.sampler is None:
             return logits.argmax(dim=-1), logits
-        self.sampler.observe_prompt(ids, offset >= 0)
-        first = self.sampler.choose(logits[:, None], self.lengths[:, None])  # the first new token's position
-        self.sampler.observe_output(first, ends_prompt)
+        self.sampler.observe_prompt(ids, offset >= 0, rows)
+        after = self.lengths[rows][:, None]  # the first new token's position
+        first = self.sampler.select(rows).choose(logits[:, None], after)
+        self.sampler.observe_output(first, ends_prompt, rows)
         return first[:, 0], logits
 
     def _device_forward(self, shape: int):

@@ -30,35 +30,49 @@ def commit_path_kv(cache: Cache, step_size: int, path_rows: torch.Tensor) -> Non
 
 
 class RowLayer(StaticLayer):
-    """A static layer that writes each batch row's new keys and values at that row's own slots."""
+    """A static layer of `batch_size` rows that writes each row's new keys and values at that row's own slots. A
+    forward may also run on some of the rows only (`rows`): it then attends over those rows' keys and values."""
 
-    slots: torch.Tensor  # [batch, new tokens]: where the next forward's tokens go, per row
+    slots: torch.Tensor  # [inputs, new tokens]: where the next forward's tokens go, per input row
+    rows: torch.Tensor | None = None  # [inputs]: the cache row of each input row (None: input row i is row i)
+
+    def __init__(self, max_cache_len: int, batch_size: int) -> None:
+        super().__init__(max_cache_len)
+        self.batch_size = batch_size
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        slots = self.slots[:, None, :, None]
-        self.keys.scatter_(2, slots.expand_as(key_states), key_states)
-        self.values.scatter_(2, slots.expand_as(value_states), value_states)
-        return self.keys, self.values
+        if not self.is_initialized:  # every row, whichever rows the first forward runs on
+            every_row = (self.batch_size, -1, -1, -1)
+            self.lazy_initialization(key_states[:1].expand(every_row), value_states[:1].expand(every_row))
+        if self.rows is None:
+            slots = self.slots[:, None, :, None]
+            self.keys.scatter_(2, slots.expand_as(key_states), key_states)
+            self.values.scatter_(2, slots.expand_as(value_states), value_states)
+            return self.keys, self.values
+        heads = torch.arange(key_states.shape[1], device=key_states.device)
+        where = (self.rows[:, None, None], heads[None, :, None], self.slots[:, None, :])
+        self.keys.index_put_(where, key_states)
+        self.values.index_put_(where, value_states)
+        return self.keys.index_select(0, self.rows), self.values.index_select(0, self.rows)
 
 
 class RowCache(Cache):
-    """A preallocated KV cache of `max_cache_len` slots per batch row, every row at its own length.
+    """A preallocated KV cache of `batch_size` rows of `max_cache_len` slots, every row at its own length.
 
     The lengths live with the engine; before each forward it says where every row's new tokens go (`write_at`),
     and the attention mask it builds says which slots each row sees. transformers' StaticCache keeps one length
     for the whole batch, so it cannot hold sequences that accept different numbers of tokens.
     """
 
-    def __init__(self, config, max_cache_len: int) -> None:
+    def __init__(self, config, max_cache_len: int, batch_size: int) -> None:
         text_config = config.get_text_config(decoder=True)
-        super().__init__(layers=[RowLayer(max_cache_len) for _ in range(text_config.num_hidden_layers)])
+        super().__init__(layers=[RowLayer(max_cache_len, batch_size) for _ in range(text_config.num_hidden_layers)])
 
-    def write_at(self, slots: torch.Tensor) -> None:
-        """slots: [batch, tokens] cache slots of the next forward's tokens, per row (a device tensor)."""
+    def write_at(self, slots: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """slots: [inputs, tokens] cache slots of the next forward's tokens, per input row (a device tensor); rows:
+        [inputs] the cache row each input row belongs to, for a forward on some rows only (None: all, in order)."""
         for layer in self.layers:
-            layer.slots = slots
+            layer.slots, layer.rows = slots, rows
 
     def move_kv(self, sources: torch.Tensor, targets: torch.Tensor) -> None:
         """Copy each row's KV at slots `sources` [batch, n] to slots `targets` [batch, n]."""

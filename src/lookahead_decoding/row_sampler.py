@@ -11,6 +11,7 @@ device op over all rows, so it runs inside the captured step with no host work p
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -95,14 +96,34 @@ class RowSampler:
     def _uses(self, stage: str) -> bool:
         return stage in self.stages
 
-    def observe_prompt(self, ids: torch.Tensor, real: torch.Tensor) -> None:
-        """Prompt tokens ids [rows, C] where `real` [rows, C] (bool) is set: the repetition penalty covers them."""
+    def observe_prompt(self, ids: torch.Tensor, real: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Prompt tokens ids [rows, C] where `real` [rows, C] (bool) is set: the repetition penalty covers them.
+        `rows` [n]: the ids are of these rows only (ids [n, C])."""
         # Ids that are not real go to a spare last column, so no write of False can race a write of True.
-        self.in_prompt.scatter_(1, torch.where(real, ids, self.vocab), True)
+        columns = torch.where(real, ids, self.vocab)
+        if rows is None:
+            self.in_prompt.scatter_(1, columns, True)
+        else:
+            self.in_prompt.index_put_((rows[:, None], columns), self.in_prompt.new_ones(()))
 
-    def observe_output(self, tokens: torch.Tensor, real: torch.Tensor) -> None:
-        """Committed output tokens [rows, T] where `real` [rows, T] (bool) is set."""
-        self.output_counts.scatter_add_(1, tokens, real.to(self.output_counts.dtype))
+    def observe_output(self, tokens: torch.Tensor, real: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Committed output tokens [rows, T] where `real` [rows, T] (bool) is set; of the rows `rows` [n] only
+        (tokens [n, T]) where given."""
+        counts = real.to(self.output_counts.dtype)
+        if rows is None:
+            self.output_counts.scatter_add_(1, tokens, counts)
+        else:
+            self.output_counts.index_put_((rows[:, None], tokens), counts, accumulate=True)
+
+    def select(self, rows: torch.Tensor) -> "RowSampler":
+        """A sampler of the rows `rows` [n] alone, their parameters and counts copied out: it chooses their tokens
+        (`choose`) as this one would; what it observes stays its own."""
+        selected = copy.copy(self)
+        selected.rows = rows.shape[0]
+        for name in ("temperature", "top_p", "min_p", "repetition", "presence", "frequency", "top_k", "seed_keys",
+                     "output_counts", "in_prompt"):
+            setattr(selected, name, getattr(self, name)[rows])
+        return selected
 
     def observe_step(self, committed: torch.Tensor, accepted: torch.Tensor, decoding: torch.Tensor) -> None:
         """A step's committed tokens [rows, K+1], of which accepted [rows] + 1 are real, in the rows that decode
