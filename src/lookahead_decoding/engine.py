@@ -249,7 +249,10 @@ class StaticStep:
                 if line[chunk + 1]:  # the prompt's last chunk
                     outcomes[row] = StepOutcome(0, [], [firsts[entry]], [], scores[entry : entry + 1].clone())
         if self.use_graph and not self.captured:  # only now: the cache allocates its buffers on first use
-            self._capture([prefill, *(self.replayable(shape) for shape in range(len(self.layouts)))])
+            # Every prefill size now too: a capture while rows decode would stall them.
+            sizes = {self.prefill_entries(rows) for rows in range(1, self.batch_size + 1)}
+            self._capture([*(self.replayable(None, entries) for entries in sorted(sizes)),
+                           *(self.replayable(shape) for shape in range(len(self.layouts)))])
         return outcomes
 
     def step_rows(self, shape: int, steps: Sequence[PlannedStep | None], histories: Sequence[Sequence[int] | None],
