@@ -173,6 +173,19 @@ def test_steps_slower_than_calibrated_keep_the_plan(cache_dir, calibrations):
     assert not calibrations
 
 
+def test_a_shape_whose_recent_times_have_all_expired_tells_nothing_of_drift(cache_dir):
+    """A batch's shape that ran many steps early on and none in its last 200 has no recent times left."""
+    key = "key"
+    plan_cache.store_plan(key, PLAN)
+    plan_cache._drift_checked[PLAN] = (key, cache_dir / plan_cache.CACHE_FILE)
+    plan_cache.check_drift(PLAN, [300, 40, 0], [[1e-3] * 15, [], []])  # plain ran far faster than calibrated
+    assert plan_cache.is_stale(key)
+    plan_cache._drift_checked[PLAN] = (key, cache_dir / plan_cache.CACHE_FILE)
+    plan_cache._stale_keys.clear()
+    plan_cache.check_drift(PLAN, [300, 40, 0], [[], [], []])
+    assert not plan_cache.is_stale(key)
+
+
 # ------------------------------------------------------------------------------------------ failed writes
 
 

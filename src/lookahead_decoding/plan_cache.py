@@ -128,7 +128,8 @@ def check_drift(plan: StepPlan, steps: Sequence[int], recent_ms: Sequence[Sequen
     if where is None:
         return
     for shape, cost, count, times in zip(plan.shapes, plan.costs_ms, steps, recent_ms):
-        if count >= DRIFT_MIN_STEPS and statistics.median(times) * DRIFT_FACTOR < cost:
+        # A shape that ran early in a batch and not since has no recent times (they expire): it tells nothing.
+        if count >= DRIFT_MIN_STEPS and times and statistics.median(times) * DRIFT_FACTOR < cost:
             key, path = where
             del _drift_checked[plan]
             _stale_keys.add(key)
