@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from itertools import chain
 
 
 class JacobiWindow:
@@ -30,13 +31,13 @@ class JacobiWindow:
 
     def tokens(self) -> list[int]:
         """Window tokens in layout order (level 0 without the current token, then levels 1..N-2)."""
-        return [token for level in self.levels for token in level]
+        return list(chain.from_iterable(self.levels))
 
     def advance(self, current: int, new_level: Sequence[int]) -> list[tuple[int, tuple[int, ...]]]:
         """Record the model's predictions for the last level; return the W finished n-grams as (key, rest)."""
-        row0 = [current, *self.levels[0]]
         upper = self.levels[1:]
-        ngrams = [(row0[c], (*(level[c] for level in upper), new_level[c])) for c in range(self.window)]
+        # Column c, top to bottom: its row-0 token, then its guesses on every level, then the new prediction.
+        ngrams = [(column[0], column[1:]) for column in zip([current, *self.levels[0]], *upper, new_level)]
         shifted = [*upper, list(new_level)]
         self.levels = [shifted[0][1:], *shifted[1:]]
         return ngrams

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 
 class NGramPool:
@@ -24,29 +24,34 @@ class NGramPool:
         return sum(len(entries) for entries in self._table.values())
 
     def add(self, key: int, continuation: Sequence[int], from_window: bool = False) -> None:
+        self.add_all(((key, continuation),), from_window)
+
+    def add_all(self, ngrams: Iterable[tuple[int, Sequence[int]]], from_window: bool = False) -> None:
+        """Add each (key, continuation) of `ngrams`, in order (one call per step's n-grams: this runs for every
+        row of every step)."""
         if self.capacity == 0:
             return
-        length = self.continuation_length
-        continuation = tuple(continuation[:length])
-        if len(continuation) < length:
-            continuation += continuation[-1:] * (length - len(continuation))
-        entries = self._table.get(key)
-        if entries is None:  # (not setdefault: that would build an OrderedDict on every call)
-            entries = self._table[key] = OrderedDict()
-        elif continuation in entries:
-            entries.move_to_end(continuation)
-            if not from_window:  # the text produced it too
-                entries[continuation] = False
-            return
-        entries[continuation] = from_window
-        if len(entries) > self.capacity:
-            entries.popitem(last=False)
+        length, capacity, table = self.continuation_length, self.capacity, self._table
+        for key, continuation in ngrams:
+            continuation = tuple(continuation[:length])
+            if len(continuation) < length:
+                continuation += continuation[-1:] * (length - len(continuation))
+            entries = table.get(key)
+            if entries is None:  # (not setdefault: that would build an OrderedDict on every call)
+                entries = table[key] = OrderedDict()
+            elif continuation in entries:
+                entries.move_to_end(continuation)
+                if not from_window:  # the text produced it too
+                    entries[continuation] = False
+                continue
+            entries[continuation] = from_window
+            if len(entries) > capacity:
+                entries.popitem(last=False)
 
     def add_ngrams(self, tokens: Sequence[int], start: int = 0) -> None:
         """Add every n-gram of `tokens` that begins at index >= start."""
         n = self.continuation_length + 1
-        for i in range(start, len(tokens) - n + 1):
-            self.add(tokens[i], tokens[i + 1 : i + n])
+        self.add_all((tokens[i], tokens[i + 1 : i + n]) for i in range(start, len(tokens) - n + 1))
 
     def lookup(self, key: int) -> list[tuple[int, ...]]:
         """Continuations stored under `key`, most recently seen first."""

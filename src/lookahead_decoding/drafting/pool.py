@@ -53,5 +53,4 @@ class NGramPoolSource(CandidateSource):
             self.pool.add_ngrams(history, start=max(0, len(history) - num_new - n + 1))
 
     def observe_window(self, ngrams: Sequence[tuple[int, tuple[int, ...]]]) -> None:
-        for key, continuation in ngrams:
-            self.pool.add(key, continuation, from_window=True)
+        self.pool.add_all(ngrams, from_window=True)

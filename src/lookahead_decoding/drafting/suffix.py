@@ -49,23 +49,13 @@ class SuffixIndex:
         self._end = array("q")  # occurrence -> where its k-gram ends
         self._previous = array("q")  # occurrence -> the same node's occurrence before it (-1: none)
 
-    def _occur(self, node: int, end: int) -> None:
-        """Record that `node`'s k-gram ends at `end` (its newest occurrence)."""
-        self._previous.append(self._latest[node])
-        self._latest[node] = len(self._end)
-        self._end.append(end)
-
-    def _new_node(self, key: int, end: int) -> int:
-        """A node under `key` whose k-gram has occurred once, ending at `end`: a leaf."""
-        node = self._children[key] = len(self._latest)
-        self._latest.append(-1)
-        self._occur(node, end)
-        return node
-
     def extend(self, tokens: Iterable[int]) -> None:
         """Append `tokens` to the current document."""
         text, children, latest, ends, previous = self.text, self._children, self._latest, self._end, self._previous
         max_match = self.max_match
+        # Inlined below, since this runs for every token of every row: "node's k-gram ends at `end`" appends an
+        # occurrence (its end, and the node's previous occurrence) and makes it the node's latest; a new node is a
+        # leaf under its key whose k-gram has occurred once.
         for token in tokens:
             end = len(text) - 1  # now followed by `token`: the k-grams that end there are indexed
             text.append(token)
@@ -74,7 +64,10 @@ class SuffixIndex:
                 key = node << TOKEN_BITS | text[position]
                 child = children.get(key, 0)
                 if not child:  # a k-gram new to the text: a leaf, the longer ones through it stay implicit
-                    self._new_node(key, end)
+                    children[key] = len(latest)
+                    latest.append(len(ends))
+                    previous.append(-1)
+                    ends.append(end)
                     break
                 depth += 1
                 first = latest[child]
@@ -82,8 +75,13 @@ class SuffixIndex:
                     # A leaf seen a second time: its first occurrence gets its next level before this one does.
                     before = ends[first] - depth
                     if before >= 0 and text[before] != SEPARATOR:
-                        self._new_node(child << TOKEN_BITS | text[before], ends[first])
-                self._occur(child, end)
+                        children[child << TOKEN_BITS | text[before]] = len(latest)
+                        latest.append(len(ends))
+                        previous.append(-1)
+                        ends.append(ends[first])
+                previous.append(latest[child])
+                latest[child] = len(ends)
+                ends.append(end)
                 node = child
 
     def end_document(self) -> None:
