@@ -1,6 +1,6 @@
 """`lookahead serve --replicas 2` on a local Ray instance (the ray extra), with two CPU replicas: both serve, their
 answers equal `ld.generate`'s (greedy, float32), and SIGTERM drains a stream in flight before the command exits
-0. Skipped where ray is not installed (it is not in the test extra: see README, "Server")."""
+0. Skipped where ray is not installed (the test extra installs it)."""
 
 from __future__ import annotations
 
