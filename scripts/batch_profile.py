@@ -1,0 +1,80 @@
+"""Where a batch's wall time goes, method against method: `ld.generate` of many prompts through B rows, timed, then
+once more under cProfile, for plain decoding on the engine (`ar-graph`) and for lookahead (`auto`).
+
+Printed per method: steps, tokens, wall time per step, then the cumulative and own time per step of the decoding
+loop's parts (admitting rows, the step's one host sync, drafting, recording) and the largest own times. On CUDA
+the sync (`tolist`) is where the host waits for the device. The prompts go through the chat template as
+`lookahead bench` sends them.
+
+    python scripts/batch_profile.py --model SmolLM2-135M-Instruct.Q4_1.gguf --device cuda --dataset gsm8k \
+        --data-file test.jsonl --limit 256 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import time
+
+import torch
+
+import lookahead_decoding as ld
+from lookahead_decoding.bench.data import load_prompts
+from lookahead_decoding.bench.runner import encode_all
+from lookahead_decoding.cli.common import load_from_args
+from lookahead_decoding.config import AUTOREGRESSIVE
+
+METHODS = {"ar-graph": AUTOREGRESSIVE, "lookahead": "auto"}
+PARTS = ("tolist", "_admit", "prefill_rows", "step_rows", "use_device_time", "catch_up", "observe_text", "draft",
+         "build_tree", "record", "plan_step", "batch_extra", "choose_for_batch", "_retire")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a GGUF file or a local model folder (default: the embedded model)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dataset", required=True, choices=("humaneval", "gsm8k", "mtbench"))
+    parser.add_argument("--data-file", required=True)
+    parser.add_argument("--limit", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    args = parser.parse_args()
+    model, tokenizer = load_from_args(args)
+    device = torch.device(args.device)
+    prompts = [encoded.input_ids[0].tolist()
+               for encoded in encode_all(tokenizer, load_prompts(args.dataset, args.data_file, args.limit), "cpu")]
+    for config in METHODS.values():  # calibration, engine build and capture, outside the timing
+        ld.generate(model, prompts[: args.batch_size], max_new_tokens=8, batch_size=args.batch_size, config=config)
+    for name, config in METHODS.items():
+        synchronize(device)
+        began = time.perf_counter()
+        out = ld.generate(model, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                          config=config)
+        synchronize(device)
+        seconds = time.perf_counter() - began
+        steps = out.stats.steps
+        print(f"{name}: {steps} steps, {out.stats.new_tokens} tokens, {seconds:.2f} s, "
+              f"{seconds / steps * 1e3:.2f} ms per step, {dict(out.stats.shape_steps)}")
+        profiler = cProfile.Profile()
+        profiler.enable()
+        ld.generate(model, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, config=config)
+        synchronize(device)
+        profiler.disable()
+        stats = pstats.Stats(profiler).stats
+        print("  under cProfile, per step (ms): cumulative / own")
+        for (path, _, function), (_, calls, own, cumulative, _) in sorted(stats.items(), key=lambda kv: -kv[1][3]):
+            label = f"{os.path.basename(path)}:{function}"
+            if function in PARTS or label.endswith("tolist' of 'torch._C.TensorBase' objects>"):
+                print(f"  {cumulative / steps * 1e3:8.3f} {own / steps * 1e3:8.3f}  {calls:7d} calls  {label}")
+
+
+if __name__ == "__main__":
+    main()
