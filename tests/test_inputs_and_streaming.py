@@ -45,6 +45,31 @@ def test_stopping_criteria_cut_inside_an_accepted_block(llama):
     assert max(out.stats.accepted_histogram) > 1  # the stop landed in a run of multi-token steps
 
 
+class RecordIds(StoppingCriteria):
+    """Never stops; keeps every input_ids it is given (and so their storage alive)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.seen.append(input_ids)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def test_stopping_criteria_see_every_token_from_one_copy_of_the_ids_per_step(llama):
+    """After every committed token, as HF generate checks them; the ids of one step's tokens are views of one
+    tensor made for the step, not the whole history copied for each token."""
+    input_ids = repetitive_prompt()
+    criterion = RecordIds()
+    out = ld.generate(llama, input_ids, 30, ld.LookaheadConfig(4, 5, 4), stopping_criteria=StoppingCriteriaList([criterion]))
+    final = out.sequences[0].tolist()
+    # Every new token but the last, which max_new_tokens stops at before the criteria are asked.
+    assert [ids[0].tolist() for ids in criterion.seen] == [final[:length] for length in range(17, len(final))]
+    copies = {ids.untyped_storage().data_ptr() for ids in criterion.seen}
+    # At most one per step and the prefill's token (not one per token: multi-token steps happened)
+    assert len(copies) <= out.stats.steps + 1 < len(criterion.seen)
+
+
 class RecordScores(StoppingCriteria):
     """Stops once the chosen token's logit falls below a threshold, recording every scores tensor it gets. HF
     generate passes a [batch, V] tensor, as StoppingCriteria documents, or, with output_scores, the tuple of

@@ -73,7 +73,12 @@ class Emitter:
 
     def emit(self, tokens: Sequence[int], scores: torch.Tensor | None = None) -> int:
         """Commit tokens until one of them stops generation; returns how many were committed. scores[i] holds the
-        logits that chose tokens[i]: stopping criteria get them as HF generate passes its scores, [1, V] float32."""
+        logits that chose tokens[i]: stopping criteria get them as HF generate passes its scores, [1, V] float32,
+        after every token (as HF generate checks them), with the ids so far: views of one copy of the history and
+        the step's tokens, made once per step."""
+        committed = None
+        if self.stopping_criteria is not None and tokens:
+            committed = torch.tensor([[*self.history, *tokens]], device=self.device)
         count = 0
         for i, token in enumerate(tokens):
             self.history.append(token)
@@ -81,15 +86,17 @@ class Emitter:
             count += 1
             if self.streamer is not None:
                 self.streamer.put(torch.tensor([token]))
-            if self.remaining == 0 or token in self.eos_ids or self._criteria_met(scores, i):
+            if self.remaining == 0 or token in self.eos_ids or self._criteria_met(committed, scores, i):
                 self.done = True
                 break
         return count
 
-    def _criteria_met(self, scores: torch.Tensor | None, index: int) -> bool:
-        if self.stopping_criteria is None:
+    def _criteria_met(self, committed: torch.Tensor | None, scores: torch.Tensor | None, index: int) -> bool:
+        """Whether the stopping criteria stop after the step's token `index` (`committed`: [1, history + the
+        step's tokens] ids, None without criteria)."""
+        if committed is None:
             return False
-        ids = torch.tensor([self.history], device=self.device)
+        ids = committed[:, : len(self.history)]
         token_scores = None if scores is None else scores[index : index + 1].float()
         return bool(self.stopping_criteria(ids, token_scores).any())
 
