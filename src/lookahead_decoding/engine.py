@@ -169,8 +169,9 @@ class StaticStep:
         key = (shape, entries, stages)
         if key not in self._replayables:
             if shape is None:
-                self.chunk_inputs.setdefault(entries, torch.zeros(entries, self.prefill_chunk + 3, dtype=torch.long,
-                                                                  device=self.lengths.device))
+                if entries not in self.chunk_inputs:  # one buffer per size, whatever the stages
+                    self.chunk_inputs[entries] = torch.zeros(entries, self.prefill_chunk + 3, dtype=torch.long,
+                                                             device=self.lengths.device)
                 function = functools.partial(self._device_prefill_chunk, entries)
             else:
                 function = self._step_functions[shape]
@@ -250,8 +251,8 @@ class StaticStep:
                     outcomes[row] = StepOutcome(0, [], [firsts[entry]], [], scores[entry : entry + 1].clone())
         if self.use_graph and not self.captured:  # only now: the cache allocates its buffers on first use
             # Every prefill size now too: a capture while rows decode would stall them.
-            sizes = {self.prefill_entries(rows) for rows in range(1, self.batch_size + 1)}
-            self._capture([*(self.replayable(None, entries) for entries in sorted(sizes)),
+            sizes = {self.prefill_entries(count) for count in range(1, self.batch_size + 1)}
+            self._capture([*(self.replayable(None, size) for size in sorted(sizes)),
                            *(self.replayable(shape) for shape in range(len(self.layouts)))])
         return outcomes
 
@@ -312,16 +313,17 @@ class StaticStep:
         slots = torch.where(offset >= 0, start + offset, start + count + self.chunk_columns)
         positions = slots.clamp(max=self.last_position)
         allowed = self.key_index <= slots[:, :, None]
-        self.cache.write_at(slots, None if entries == self.batch_size else rows)
+        some_rows = None if entries == self.batch_size else rows  # (the whole batch comes in row order)
+        self.cache.write_at(slots, some_rows)
         mask = self.adapter.attention_mask(allowed, positions, None)
         logits = self.adapter.forward(ids, positions, mask, self.cache, 1)[:, 0]
         self.lengths.index_add_(0, rows, count[:, 0])
         if self.sampler is None:
             return logits.argmax(dim=-1), logits
-        self.sampler.observe_prompt(ids, offset >= 0, rows)
-        after = self.lengths[rows][:, None]  # the first new token's position
-        first = self.sampler.select(rows).choose(logits[:, None], after)
-        self.sampler.observe_output(first, ends_prompt, rows)
+        self.sampler.observe_prompt(ids, offset >= 0, some_rows)
+        sampler = self.sampler if some_rows is None else self.sampler.select(some_rows)
+        first = sampler.choose(logits[:, None], self.lengths[rows][:, None])  # the first new token's position
+        self.sampler.observe_output(first, ends_prompt, some_rows)
         return first[:, 0], logits
 
     def _device_forward(self, shape: int):
