@@ -1,6 +1,7 @@
 """Batched lookahead decoding: every row of a batch (continuous batching included) equals its own greedy decode,
 rows stop on their own, and the scheduler admits and retires requests row by row."""
 
+import functools
 import random
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lookahead_decoding as ld
+from lookahead_decoding import runners
 from lookahead_decoding import scheduler as scheduler_module
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.drafting.sources import make_source
@@ -46,6 +48,30 @@ def expected_sequences(prompts, rows, pad):
     return [[pad] * (longest - len(p)) + p + n + [pad] * (width - len(n)) for p, n in zip(prompts, new)]
 
 
+def recorded_chains(runner: StaticStep) -> list[dict]:
+    """The changes handed to every `chain_plain` of `runner` from now on (one entry per chained step)."""
+    calls, chain = [], runner.chain_plain
+
+    def recording(previous, changes):
+        calls.append(dict(changes))
+        return chain(previous, changes)
+
+    runner.chain_plain = recording
+    return calls
+
+
+def counted_forwards(runner: StaticStep) -> list[int]:
+    """The batch size of every forward `runner` runs from now on."""
+    batches, forward = [], runner.adapter.forward
+
+    def counting(ids, *args, **kwargs):
+        batches.append(ids.shape[0])
+        return forward(ids, *args, **kwargs)
+
+    runner.adapter.forward = counting
+    return batches
+
+
 prompt_strategy = st.one_of(
     st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=30),
     st.builds(lambda motif, length: (motif * 30)[:length],
@@ -53,7 +79,7 @@ prompt_strategy = st.one_of(
 )
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(
     arch=st.sampled_from(["llama", "qwen3", "gpt2", "gpt_neox", "phi3"]),
     prompts=st.lists(prompt_strategy, min_size=1, max_size=6),
@@ -62,9 +88,11 @@ prompt_strategy = st.one_of(
     max_new_tokens=st.integers(1, 30),
     eos_position=st.one_of(st.none(), st.integers(0, 29)),
     schedule_seed=st.integers(0, 10**6),
+    pipelined=st.booleans(),
 )
 def test_every_row_of_a_batch_equals_its_own_greedy_decode(arch, prompts, data, plan_name, max_new_tokens,
-                                                         eos_position, schedule_seed):
+                                                         eos_position, schedule_seed, pipelined):
+    """Pipelined: plain steps launched behind unread ones (on CUDA by default), here on the CPU's batch engine."""
     model = tiny_model(arch)
     batch_size = data.draw(st.integers(1, len(prompts)), label="batch_size")
     eos = None
@@ -73,6 +101,7 @@ def test_every_row_of_a_batch_equals_its_own_greedy_decode(arch, prompts, data, 
         eos = first[min(eos_position, len(first) - 1)]
     expected = [reference_tokens(model, prompt, max_new_tokens, eos_token_id=eos) for prompt in prompts]
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runners, "StaticStep", functools.partial(StaticStep, pipeline=pipelined))
         if plan_name == "mixed":
             config = StepPlan(MIXED, (1.0,) * len(MIXED))
             patch.setattr(scheduler_module, "choose_for_batch", shuffled_shapes(schedule_seed, len(MIXED)))
@@ -187,20 +216,15 @@ def test_sampling_a_batch_is_reproducible_from_one_seed():
     assert sample(8) != first
 
 
-@pytest.mark.parametrize("sampled", [False, True])
-def test_a_refill_runs_its_prefill_on_the_new_rows_alone(sampled):
+@pytest.mark.parametrize("sampled, pipelined", [(False, False), (True, False), (False, True), (True, True)])
+def test_a_refill_runs_its_prefill_on_the_new_rows_alone(sampled, pipelined):
     """Rows admitted mid-batch are prefilled by forwards on them (their number rounded up to a power of two: the
-    others are rows that ride along mid-decode), not on the whole batch; every row's tokens stay its own."""
+    others are rows that ride along mid-decode), not on the whole batch; every row's tokens stay its own, sampled
+    or not, with plain steps pipelined or not."""
     model = tiny_model("llama")
     config = AUTOREGRESSIVE  # one token per step: the rows finish when their budgets say
-    runner = StaticStep(model, config, 64, batch_size=5, prefill_chunk=4, sampling=sampled)
-    forward, batches = runner.adapter.forward, []
-
-    def counting_forward(ids, *args, **kwargs):
-        batches.append(ids.shape[0])
-        return forward(ids, *args, **kwargs)
-
-    runner.adapter.forward = counting_forward
+    runner = StaticStep(model, config, 64, batch_size=5, prefill_chunk=4, sampling=sampled, pipeline=pipelined)
+    batches = counted_forwards(runner)
     scheduler = BatchScheduler(runner, StepPlan((config,), (1.0,)), lambda: make_source(None, (config,)))
     generator = torch.Generator().manual_seed(3)
     # Budgets that free one row, then two, then three at once; prompts of one to three prefill chunks.
@@ -246,6 +270,58 @@ def test_a_stopping_criterion_stops_only_its_row():
     assert 25 in lengths  # some row never meets the criterion and runs to max_new_tokens
     for row, prompt, length in zip(out.rows, prompts, lengths):
         assert length == 25 or row.tokens[-1] == stop
+
+
+@pytest.mark.parametrize("stops_on_eos", [False, True])
+def test_pipelined_plain_steps_decode_one_step_more_only_after_an_end_of_sequence(stops_on_eos):
+    """Every plain step after the first is launched behind the one before, before the host reads it. A sequence
+    that reaches max_new_tokens is known to stop and is left out in time; one that stops on an EOS token has
+    decoded one step more, which costs a forward and is thrown away (it is not counted as a step)."""
+    model = tiny_model("llama")
+    prompt = [3, 1, 4, 1, 5]
+    new = reference_tokens(model, prompt, 20)[len(prompt):]
+    eos = new[9] if stops_on_eos else None
+    expected = reference_tokens(model, prompt, 20, eos_token_id=eos)
+    runner = StaticStep(model, AUTOREGRESSIVE, 32, pipeline=True)
+    chains, forwards = recorded_chains(runner), counted_forwards(runner)
+    out = ld.generate(model, [prompt], 20, AUTOREGRESSIVE, runner=runner, eos_token_id=eos)
+    assert out.rows[0].tokens == expected
+    assert out.stats.steps == len(expected) - len(prompt) - 1  # the prefill commits the first token
+    assert len(forwards) == 1 + out.stats.steps + stops_on_eos
+    assert chains == [{}] * (out.stats.steps - 1 + stops_on_eos)
+
+
+def test_pipelined_rows_start_and_stop_through_the_chained_steps():
+    """Rows refilled, stopped by EOS or by their budgets while plain steps are pipelined: each row's tokens are its
+    own greedy decode; a row that starts enters a chained step with its prefill's token, one that stops leaves."""
+    model = tiny_model("qwen3")
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, VOCAB, (int(n),), generator=generator).tolist()
+               for n in torch.randint(1, 9, (9,), generator=generator)]
+    budgets = [3, 17, 6, 9, 2, 12, 5, 8, 14]
+    eos = reference_tokens(model, prompts[1], 17)[len(prompts[1]) + 4]  # stops row 1 (and maybe others) early
+    runner = StaticStep(model, AUTOREGRESSIVE, 48, batch_size=3, pipeline=True)
+    chains = recorded_chains(runner)
+    out = ld.generate(model, prompts, budgets, AUTOREGRESSIVE, runner=runner, eos_token_id=eos)
+    assert [row.tokens for row in out.rows] == [reference_tokens(model, prompt, budget, eos_token_id=eos)
+                                                for prompt, budget in zip(prompts, budgets)]
+    changes = [row_change for chain in chains for row_change in chain.values()]
+    assert None in changes and any(token is not None for token in changes)
+    assert len(chains) > out.stats.steps / 2
+
+
+def test_a_row_with_stopping_criteria_is_never_pipelined():
+    """Stopping criteria read a step's logits, which a step launched behind it would overwrite on the device."""
+    model = tiny_model("llama")
+    prompts = [[2, 3, 4, 2, 3], [50, 51, 52]]
+    stop = reference_tokens(model, prompts[0], 12)[len(prompts[0]) + 3]
+    criteria = transformers.StoppingCriteriaList([StopAfter(stop)])
+    runner = StaticStep(model, AUTOREGRESSIVE, 32, batch_size=2, pipeline=True)
+    chains = recorded_chains(runner)
+    out = ld.generate(model, prompts, 12, AUTOREGRESSIVE, runner=runner, stopping_criteria=criteria)
+    assert [row.tokens for row in out.rows] == [reference_tokens(model, p, 12, stopping_criteria=criteria)
+                                                for p in prompts]
+    assert chains == []
 
 
 def test_a_sliding_window_model_cannot_batch():

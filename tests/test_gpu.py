@@ -54,6 +54,34 @@ def test_a_captured_batch_with_refills_equals_each_rows_greedy(arch):
     assert [engine.batch_size for engine in engines] == [3] and engines[0].captured
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_pipelined_plain_steps_on_captured_graphs_equal_each_rows_decode(sampled):
+    """On CUDA plain steps are pipelined by default: each launched, through its graph, before the host has read
+    the one before. Rows refilled, ended by EOS and by their budgets still get their own tokens, greedy or
+    sampled (as the eager engine, which reads every step, samples them)."""
+    model = cuda_model("llama")
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, VOCAB, (int(length),), generator=generator).tolist()
+               for length in torch.randint(2, 20, (8,), generator=generator)]
+    budgets = [30, 6, 18, 3, 25, 9, 14, 30]
+    kwargs = dict(seed=list(range(8)), **SAMPLING) if sampled else {}
+    alone = dict(seed=[0], **SAMPLING) if sampled else {}
+    first = ld.generate(model, [prompts[0]], 30, AUTOREGRESSIVE, **alone).rows[0].tokens
+    eos = first[len(prompts[0]) + 7]
+    captured = StaticStep(model, AUTOREGRESSIVE, 96, batch_size=3, sampling=sampled)
+    chained, chain = [], captured.chain_plain
+    captured.chain_plain = lambda previous, changes: chained.append(changes) or chain(previous, changes)
+    eager = StaticStep(model, AUTOREGRESSIVE, 96, batch_size=3, sampling=sampled, cuda_graph=False, pipeline=False)
+    outs = [ld.generate(model, prompts, budgets, AUTOREGRESSIVE, runner=runner, eos_token_id=eos, **kwargs)
+            for runner in (captured, eager)]
+    assert [row.tokens for row in outs[0].rows] == [row.tokens for row in outs[1].rows]
+    if not sampled:
+        for prompt, budget, row in zip(prompts, budgets, outs[0].rows):
+            expected = greedy_reference(model, torch.tensor([prompt], device="cuda"), budget, eos_token_id=eos)
+            assert row.tokens == expected[0].tolist()
+    assert captured.captured and captured.pipelined and len(chained) > outs[0].stats.steps / 2
+
+
 def test_default_path_runs_on_the_engine():
     model = cuda_model("llama")
     runners._engines.pop(model, None)  # engines other tests built for this model

@@ -15,6 +15,10 @@ length, so rows can be refilled between steps without recapturing anything.
 
 With window=1, ngram=2, guesses=0 the step is plain autoregressive decoding on the same engine (`ar-graph` in
 the benchmarks), so lookahead can be compared against an equally optimised baseline.
+
+Plain steps can be pipelined (`chain_plain`): the next plain step is launched behind one whose outcome the host
+has not read yet, each row's input taken on the device from the token that step commits. The host then reads and
+records a step while the device computes the next, instead of leaving the device idle in between.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import functools
 import gc
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -32,7 +37,7 @@ from .layout import TreeTensors, tree_tensors
 from .model_adapter import ModelAdapter, UnsupportedModelError
 from .row_sampler import RowSampler, choose_tokens
 from .sampling_params import SamplingParams
-from .step import (DeviceBusy, PlannedStep, StepOutcome, build_layouts, host_predictions, never_busy, top_predictions,
+from .step import (DeviceBusy, PlannedStep, StepOutcome, build_layouts, host_predictions, top_predictions,
                    tree_parents)
 from .verification import Verifier, verify_greedy
 
@@ -79,6 +84,22 @@ class Replayable:
         return self.output
 
 
+class LaunchedStep(NamedTuple):
+    """A step launched on the device whose outcome the host has not read yet (`StaticStep.finish_rows`)."""
+
+    shape: int
+    decoding: list[bool]  # by row: whether the row decodes in this step
+    outputs: torch.Tensor  # the packed outcomes on the device, as the step wrote them
+    host_outputs: torch.Tensor  # their copy on the host, complete once `done` has fired
+    scores: torch.Tensor | None  # the logits along the accepted paths, None once a later step has replaced them
+    top: tuple | None  # the top predictions, when the shape reports them
+    done: torch.cuda.Event | None  # recorded behind the copy; None where steps run synchronously
+
+    def busy(self) -> bool:
+        """Whether the device still computes the step (a `DeviceBusy`)."""
+        return self.done is not None and not self.done.query()
+
+
 def check_max_length(max_length) -> None:
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an integer >= 2 (prompt + new tokens), got {max_length!r}")
@@ -103,11 +124,14 @@ class StaticStep:
         self, model, shapes: LookaheadConfig | Sequence[LookaheadConfig], max_length: int,
         cuda_graph: bool | None = None, compile: bool = False, prefill_chunk: int = PREFILL_CHUNK,
         predictions: int = 0, batch_size: int = 1, verifier: Verifier | None = None, sampling: bool = False,
+        pipeline: bool | None = None,
     ) -> None:
         """cuda_graph: capture the steps and the prefill as CUDA graphs (default: on CUDA devices, when greedy).
         compile: fuse each step's kernels with torch.compile first (slow to start; worth it for long runs).
         prefill_chunk: prompt tokens per prefill forward. predictions: how many of the model's top next tokens to
-        report at every computed row (0: none). batch_size: sequences decoded side by side, one cache row each."""
+        report at every computed row (0: none). batch_size: sequences decoded side by side, one cache row each.
+        pipeline: whether the decoding loop should launch plain steps behind unread ones (`chain_plain`; default:
+        on CUDA, where steps run asynchronously; elsewhere it only adds a step after a row's end)."""
         adapter = ModelAdapter(model)
         if adapter.sliding_window is not None:
             raise UnsupportedModelError(
@@ -124,6 +148,9 @@ class StaticStep:
             raise ValueError("a step runner with a verifier runs eagerly: it cannot capture CUDA graphs or compile")
         if verifier is not None and sampling:
             raise ValueError("a step runner samples either with its rows' SamplingParams or with a verifier, not both")
+        if verifier is not None and pipeline:
+            raise ValueError("a step runner with a verifier reads every step's outcome before the next: it cannot "
+                             "pipeline steps")
         device = adapter.device
         shapes = (shapes,) if isinstance(shapes, LookaheadConfig) else tuple(shapes)
         self.adapter, self.layouts = adapter, build_layouts(shapes, device)
@@ -148,14 +175,17 @@ class StaticStep:
         self.chunk_columns = torch.arange(prefill_chunk, device=device)
         self.last_position = (adapter.context_length or 2**62) - 1
         self.use_graph = device.type == "cuda" and verifier is None if cuda_graph is None else cuda_graph
+        self.pipelined = device.type == "cuda" and verifier is None if pipeline is None else pipeline
         steps = [functools.partial(self._device_step, shape) for shape in range(len(self.layouts))]
         self._step_functions = [torch.compile(fn, dynamic=False) if compile else fn for fn in steps]
         # (shape, or None for the prefill; its entries; the sampler's stages) -> the step or prefill chunk as run
         # for that: a sampling engine records one graph per set of stages its rows use, so that a step does only what
         # its rows ask for.
         self._replayables: dict[tuple, Replayable] = {}
-        # Recorded behind each launched step, where steps run asynchronously (CUDA).
-        self._launched = torch.cuda.Event() if device.type == "cuda" else None
+        # Where steps run asynchronously (CUDA), each shape's outcomes are copied to one of two pinned host buffers
+        # in turn, an event recorded behind the copy: a step can be launched while the one before is still unread.
+        self._host_outputs: list[list] = [[] for _ in self.layouts]
+        self._turn = [0] * len(self.layouts)
 
     @property
     def captured(self) -> bool:
@@ -262,6 +292,14 @@ class StaticStep:
         decoding; histories[row] its committed tokens (the current token last). `overlap` runs on the host while
         the device computes the step (on CUDA the step is launched asynchronously), told whether it still does.
         Outcomes by row."""
+        launched = self.launch_rows(shape, steps, histories)
+        if overlap is not None:
+            overlap(launched.busy)
+        return self.finish_rows(launched)
+
+    def launch_rows(self, shape: int, steps: Sequence[PlannedStep | None],
+                    histories: Sequence[Sequence[int] | None]) -> LaunchedStep:
+        """Launch `step_rows`'s step without reading its outcome."""
         if len(steps) != self.batch_size or len(histories) != self.batch_size:
             raise ValueError(f"a step of this engine takes {self.batch_size} rows, got {len(steps)}")
         layout = self.layouts[shape]
@@ -282,21 +320,53 @@ class StaticStep:
             packed, scores, top = self.replayable(shape)()
         else:
             packed, scores, top = self._verified_step(shape, steps, histories)
-        if overlap is not None:
-            overlap(self._device_busy())
-        values = packed.tolist()  # the one host sync
-        predictions = [None] * self.batch_size if top is None else host_predictions(*top)
-        return [None if step is None else StepOutcome.from_host(values[row], config, scores[row], predictions[row])
-                for row, step in enumerate(steps)]
+        return self._launched(shape, [step is not None for step in steps], packed, scores, top)
 
-    def _device_busy(self) -> DeviceBusy:
-        """Whether the step just launched still runs: an event recorded behind it, on CUDA; elsewhere the step ran
-        as it was called."""
-        launched = self._launched
-        if launched is None:
-            return never_busy
-        launched.record()
-        return lambda: not launched.query()
+    def chain_plain(self, previous: LaunchedStep, changes: dict[int, int | None]) -> LaunchedStep:
+        """Launch a plain step behind `previous`, a plain step whose outcome the host has not read: each row that
+        decoded in it goes on from the token it commits, taken on the device. `changes` by row: the current token
+        of a row that starts decoding (its prefill has committed it), or None for a row that stops."""
+        shape = previous.shape
+        layout = self.layouts[shape]
+        if layout.size != 1 or layout.config.tree_nodes:
+            raise ValueError(f"only a plain step can be chained, not {layout.config}")
+        inputs = self.inputs[shape]  # [the current token, 0 tree nodes, 1 if the row decodes]
+        inputs[:, 0].copy_(previous.outputs[:, 1])  # the step's one committed token
+        decoding = list(previous.decoding)
+        if changes:
+            for row, token in changes.items():
+                decoding[row] = token is not None
+            # From pinned memory: a pageable copy would wait for the steps in flight.
+            host = torch.tensor([[row, token or 0, token is not None] for row, token in changes.items()],
+                                pin_memory=self.host_inputs[shape].is_pinned())
+            update = host.to(inputs.device, non_blocking=True)
+            inputs[update[:, 0], 0] = update[:, 1]
+            inputs[update[:, 0], -1] = update[:, 2]
+        packed, scores, top = self.replayable(shape)()
+        return self._launched(shape, decoding, packed, scores, top)
+
+    def _launched(self, shape: int, decoding: list[bool], packed, scores, top) -> LaunchedStep:
+        """The launched step, its outcomes on their way to the host."""
+        if packed.device.type != "cuda":  # the step has run
+            return LaunchedStep(shape, decoding, packed, packed, scores, top, None)
+        buffers, turn = self._host_outputs[shape], self._turn[shape]
+        if len(buffers) <= turn:
+            buffers.append((torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True), torch.cuda.Event()))
+        self._turn[shape] = 1 - turn
+        host, done = buffers[turn]
+        host.copy_(packed, non_blocking=True)
+        done.record()
+        return LaunchedStep(shape, decoding, packed, host, scores, top, done)
+
+    def finish_rows(self, launched: LaunchedStep) -> list[StepOutcome | None]:
+        """Read a launched step's outcomes (waiting for the device): by row, None where the row did not decode."""
+        if launched.done is not None:
+            launched.done.synchronize()
+        values = launched.host_outputs.tolist()
+        predictions = [None] * self.batch_size if launched.top is None else host_predictions(*launched.top)
+        config, scores = self.layouts[launched.shape].config, launched.scores
+        return [StepOutcome.from_host(values[row], config, None if scores is None else scores[row], predictions[row])
+                if decoding else None for row, decoding in enumerate(launched.decoding)]
 
     # ------------------------------------------------------------------------------------------ on the device
 

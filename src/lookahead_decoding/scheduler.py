@@ -9,6 +9,12 @@
 A row that stops mid-batch is refilled by the next request at the next step, without recapturing anything (the
 runner's shapes do not depend on which rows decode). One sequence is a batch of one: `decoding.decode` runs
 here too.
+
+Plain steps are pipelined where the runner can (`engine.StaticStep.chain_plain`): while the batch keeps choosing
+the plain step, the next one is launched before the host reads the last one's outcome, so that reading,
+recording and the shape choice run while the device computes. The choice is then made a step late, and a row
+that stops on an end-of-sequence token (or a cancel) has decoded one step more, which is thrown away; a row that
+reaches its max_new_tokens is known to stop and is left out in time.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from .drafting.tree import EMPTY_TREE
 from .sampling_params import SamplingParams
 from .shape_choice import BatchYield, StepCosts, batch_extra, choose_for_batch
 from .state import Emitter, GenerationStats, SequenceState
-from .step import DeviceBusy, StepRunner
+from .step import DeviceBusy, PlannedStep, StepRunner
 from .plan_cache import check_drift
 from .tuning import StepPlan, shape_name
 
@@ -69,6 +75,15 @@ class _Row:
     admitted: float  # time.perf_counter() at admission
 
 
+@dataclass
+class _Pending:
+    """A plain step launched and not read yet."""
+
+    launched: Any  # the runner's `engine.LaunchedStep`
+    rows: list[_Row | None]  # who held each row when it was launched
+    steps: list  # each row's PlannedStep (None: not decoding)
+
+
 class BatchScheduler:
     """Admits requests into the free rows of `runner` between steps, decodes all rows with one step shape per
     step, retires rows whose sequence stopped. `stats` counts the batched forwards (steps) and every row's
@@ -96,6 +111,10 @@ class BatchScheduler:
         self.costs = StepCosts(plan.costs_ms, measured=runner.batch_size > 1)
         self.batch_yield = BatchYield(len(plan.shapes)) if runner.batch_size > 1 else None
         self._steps_by_shape = [0] * len(plan.shapes)
+        # The plain step, if the plan has one and the runner pipelines it; then the step launched and not yet read.
+        self._chained = next((index for index, shape in enumerate(plan.shapes) if shape.tokens_per_step == 1), None) \
+            if getattr(runner, "pipelined", False) else None
+        self._pending: _Pending | None = None
 
     @property
     def idle(self) -> bool:
@@ -169,9 +188,12 @@ class BatchScheduler:
 
     @torch.inference_mode()
     def step(self) -> list[Finished]:
-        """Admit what fits, run one batched step (if any row decodes), retire what stopped."""
+        """Admit what fits, run one batched step (if any row decodes), retire what stopped. With a plain step
+        pending, launch the next behind it if the batch goes on with plain steps, then read and record it."""
         finished = self._admit()
         live = [(index, row) for index, row in enumerate(self.rows) if row is not None]
+        if self._pending is not None:
+            return finished + self._step_behind(live)
         if not live:
             return finished
         began = time.perf_counter()
@@ -192,6 +214,9 @@ class BatchScheduler:
         for (index, row), tree in zip(live, row_trees):
             steps[index] = row.sequence.plan_step(shape, tree, self.runner.layouts)
             histories[index] = row.sequence.history
+        if shape == self._chained and self._may_chain(live):  # read at the next step, behind the one launched then
+            self._pending = _Pending(self.runner.launch_rows(shape, steps, histories), list(self.rows), steps)
+            return finished
         drafted = self.plan.shapes[shape].verifies
         may_draft = [row.sequence for _, row in live if row.sequence.largest_tree]
 
@@ -202,14 +227,66 @@ class BatchScheduler:
                 for sequence in may_draft:
                     sequence.observe_text()
                 return
-            for sequence in may_draft:
-                if not device_busy():
-                    return
-                sequence.catch_up()
+            self._catch_up(may_draft, device_busy)
 
         outcomes = self.runner.step_rows(shape, steps, histories, overlap=use_device_time if may_draft else None)
-        self.stats.steps += 1
-        self._steps_by_shape[shape] += 1
+        return finished + self._record(shape, live, steps, outcomes, extra[shape], began)
+
+    def _may_chain(self, live) -> bool:
+        """Whether the next step may be launched before this one is read: no row's stopping criteria need its
+        logits (a later step replaces them on the device)."""
+        return all(row.request.stopping_criteria is None for _, row in live)
+
+    def _step_behind(self, live) -> list[Finished]:
+        """Launch the next plain step behind the pending one if the batch would choose it, then read and record
+        the pending step while the device computes."""
+        began = time.perf_counter()
+        pending, self._pending = self._pending, None
+        plain = self._chained
+        if live and self._may_chain(live):
+            choosers = [row.sequence.chooser for _, row in live]
+            yields = None if self.batch_yield is None else self.batch_yield.ratios
+            extra = batch_extra(choosers, [row.sequence.largest_tree for _, row in live])
+            if choose_for_batch(choosers, extra, self.costs.costs_ms, yields) == plain:
+                self._chain(pending)
+        self._catch_up([row.sequence for _, row in live if row.sequence.largest_tree], pending.launched.busy)
+        outcomes = self.runner.finish_rows(pending.launched)
+        # Rows whose request changed since the launch decoded for the one before: their outcomes are not theirs.
+        decoded = [(index, row) for index, row in enumerate(pending.rows)
+                   if outcomes[index] is not None and self.rows[index] is row and not row.sequence.done]
+        return self._record(plain, decoded, pending.steps, outcomes, 0.0, began)
+
+    def _chain(self, pending: _Pending) -> None:
+        """Launch a plain step behind `pending` for the rows that go on decoding after it."""
+        plain, launched = self._chained, pending.launched
+        changes = {}
+        for index, row in enumerate(self.rows):
+            if row is not pending.rows[index]:  # started or freed since
+                changes[index] = None if row is None else row.sequence.history[-1]
+            elif row is not None and (row.sequence.done or row.sequence.emitter.remaining == 1):
+                changes[index] = None  # the pending step commits its last token, or it was cancelled
+        decoding = [changes[index] is not None if index in changes else decodes
+                    for index, decodes in enumerate(launched.decoding)]
+        if not any(decoding):
+            return
+        chained = self.runner.chain_plain(launched, changes)
+        plain_step = PlannedStep(plain, [], EMPTY_TREE)
+        self._pending = _Pending(chained, list(self.rows), [plain_step if decodes else None for decodes in decoding])
+        pending.launched = launched._replace(scores=None)  # the chained step writes its logits where these were
+
+    @staticmethod
+    def _catch_up(sequences: list[SequenceState], device_busy: DeviceBusy) -> None:
+        """Begin the sources of rows that may draft and tell them of new text, while the device computes."""
+        for sequence in sequences:
+            if not device_busy():
+                return
+            sequence.catch_up()
+
+    def _record(self, shape: int, live, steps, outcomes, expected_extra: float, began: float) -> list[Finished]:
+        """Hand each row its outcome, count the step, and retire the rows that stopped."""
+        if live:
+            self.stats.steps += 1
+            self._steps_by_shape[shape] += 1
         has_window = self.plan.shapes[shape].has_window
         step_tokens = extra_now = 0
         for index, row in live:
@@ -220,10 +297,11 @@ class BatchScheduler:
             # tokens only window n-grams drafted, which the window's later value stands for.
             extra_now += max(recorded.committed - 1 - has_window * recorded.window_credit, 0)
         self.stats.new_tokens += step_tokens
-        self.costs.observe(shape, (time.perf_counter() - began) * 1e3)
-        if self.batch_yield is not None:
-            self.batch_yield.observe(shape, extra[shape], extra_now)  # what the rows expected before `record`
-        return finished + self._retire()
+        if live:
+            self.costs.observe(shape, (time.perf_counter() - began) * 1e3)
+            if self.batch_yield is not None:
+                self.batch_yield.observe(shape, expected_extra, extra_now)  # what the rows expected before `record`
+        return self._retire()
 
     def _admit(self) -> list[Finished]:
         free = [index for index, row in enumerate(self.rows) if row is None]
@@ -270,6 +348,8 @@ class BatchScheduler:
             if row is not None and row.sequence.done:
                 finished.append(self._result(row))
                 self.rows[index] = None
+        if self._pending is not None and all(row is None for row in self.rows):
+            self._pending = None  # it decodes for rows that have all stopped
         return finished
 
     def finish(self, seconds: float) -> GenerationStats:
