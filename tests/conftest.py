@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import pytest
 import torch
 import transformers
 
 import lookahead_decoding as ld
+from lookahead_decoding.drafting import CandidateSource, Draft
 
 torch.set_num_threads(1)  # tiny models on 2 cores: intra-op threads only add contention
 
@@ -87,3 +89,18 @@ def cli_model(tmp_path_factory) -> str:
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+class OracleSource(CandidateSource):
+    """Proposes the true greedy continuation, behind `decoys` wrong branches that look likelier to the tree."""
+
+    def __init__(self, reference: Sequence[int], decoys: int = 0) -> None:
+        self.reference, self.decoys = list(reference), decoys
+
+    def propose(self, history, max_length, budget):
+        guess = tuple(self.reference[len(history) : len(history) + max_length])
+        guess += (0,) * (max_length - len(guess))
+        # Decoys share the true path's first i tokens and then go wrong, so the tree branches at every depth.
+        decoys = [Draft(guess[:i] + ((guess[i] + 1) % VOCAB,), (1.0,) * (i + 1))
+                  for i in range(min(self.decoys, max_length))]
+        return decoys + [Draft(guess, (1.0,) * (max_length - 1) + (0.5,))]

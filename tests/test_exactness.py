@@ -1,15 +1,12 @@
 """Greedy lookahead decoding equals `model.generate(do_sample=False)` token for token, on every architecture."""
 
-from collections.abc import Sequence
-
 import pytest
 import torch
-from conftest import ARCHITECTURES, VOCAB, greedy_reference, tiny_model
+from conftest import ARCHITECTURES, VOCAB, OracleSource, greedy_reference, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lookahead_decoding as ld
-from lookahead_decoding.drafting import CandidateSource, Draft
 from lookahead_decoding.engine import StaticStep
 
 
@@ -52,21 +49,6 @@ def test_equals_greedy(arch, window, ngram, guesses, candidate_length, tree_node
     assert sum(out.stats.accepted_histogram.values()) == out.stats.steps
     assert sum(k * v for k, v in out.stats.accepted_histogram.items()) + 1 == out.stats.new_tokens
     assert max(out.stats.accepted_histogram, default=1) <= config.candidate_length + 1
-
-
-class OracleSource(CandidateSource):
-    """Proposes the true greedy continuation, behind `decoys` wrong branches that look likelier to the tree."""
-
-    def __init__(self, reference: Sequence[int], decoys: int = 0) -> None:
-        self.reference, self.decoys = list(reference), decoys
-
-    def propose(self, history, max_length, budget):
-        guess = tuple(self.reference[len(history) : len(history) + max_length])
-        guess += (0,) * (max_length - len(guess))
-        # Decoys share the true path's first i tokens and then go wrong, so the tree branches at every depth.
-        decoys = [Draft(guess[:i] + ((guess[i] + 1) % VOCAB,), (1.0,) * (i + 1))
-                  for i in range(min(self.decoys, max_length))]
-        return decoys + [Draft(guess, (1.0,) * (max_length - 1) + (0.5,))]
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

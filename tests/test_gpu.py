@@ -70,7 +70,7 @@ def test_pipelined_plain_steps_on_captured_graphs_equal_each_rows_decode(sampled
     eos = first[len(prompts[0]) + 7]
     captured = StaticStep(model, AUTOREGRESSIVE, 96, batch_size=3, sampling=sampled)
     chained, chain = [], captured.chain_plain
-    captured.chain_plain = lambda previous, changes: chained.append(changes) or chain(previous, changes)
+    captured.chain_plain = lambda *args: chained.append(args) or chain(*args)
     eager = StaticStep(model, AUTOREGRESSIVE, 96, batch_size=3, sampling=sampled, cuda_graph=False, pipeline=False)
     outs = [ld.generate(model, prompts, budgets, AUTOREGRESSIVE, runner=runner, eos_token_id=eos, **kwargs)
             for runner in (captured, eager)]

@@ -10,11 +10,11 @@ A row that stops mid-batch is refilled by the next request at the next step, wit
 runner's shapes do not depend on which rows decode). One sequence is a batch of one: `decoding.decode` runs
 here too.
 
-Plain steps are pipelined where the runner can (`engine.StaticStep.chain_plain`): while the batch keeps choosing
-the plain step, the next one is launched before the host reads the last one's outcome, so that reading,
-recording and the shape choice run while the device computes. The choice is then made a step late, and a row
-that stops on an end-of-sequence token (or a cancel) has decoded one step more, which is thrown away; a row that
-reaches its max_new_tokens is known to stop and is left out in time.
+Plain steps are pipelined where the runner can (`engine.StaticStep.chain_plain`): while the batch would choose
+the plain step, it is launched before the host reads the outcome of the step before (of any shape), so that
+reading, recording and the shape choice run while the device computes. That choice is made a step late, and a
+row that stops on an end-of-sequence token (or a cancel) has decoded one step more, which is thrown away; a row
+that reaches its max_new_tokens at a plain step is known to stop and is left out in time.
 """
 
 from __future__ import annotations
@@ -214,9 +214,6 @@ class BatchScheduler:
         for (index, row), tree in zip(live, row_trees):
             steps[index] = row.sequence.plan_step(shape, tree, self.runner.layouts)
             histories[index] = row.sequence.history
-        if shape == self._chained and self._may_chain(live):  # read at the next step, behind the one launched then
-            self._pending = _Pending(self.runner.launch_rows(shape, steps, histories), list(self.rows), steps)
-            return finished
         drafted = self.plan.shapes[shape].verifies
         may_draft = [row.sequence for _, row in live if row.sequence.largest_tree]
 
@@ -229,7 +226,17 @@ class BatchScheduler:
                 return
             self._catch_up(may_draft, device_busy)
 
-        outcomes = self.runner.step_rows(shape, steps, histories, overlap=use_device_time if may_draft else None)
+        if self._chained is None or not self._may_chain(live):
+            outcomes = self.runner.step_rows(shape, steps, histories, overlap=use_device_time if may_draft else None)
+            return finished + self._record(shape, live, steps, outcomes, extra[shape], began)
+        pending = _Pending(self.runner.launch_rows(shape, steps, histories), list(self.rows), steps)
+        if shape == self._chained:  # read at the next step, behind the one launched then
+            self._pending = pending
+            return finished
+        if self._plain_next(live):  # a plain step next: launched now, behind this one
+            self._chain(pending)
+        use_device_time(pending.launched.busy)
+        outcomes = self.runner.finish_rows(pending.launched)
         return finished + self._record(shape, live, steps, outcomes, extra[shape], began)
 
     def _may_chain(self, live) -> bool:
@@ -243,12 +250,8 @@ class BatchScheduler:
         began = time.perf_counter()
         pending, self._pending = self._pending, None
         plain = self._chained
-        if live and self._may_chain(live):
-            choosers = [row.sequence.chooser for _, row in live]
-            yields = None if self.batch_yield is None else self.batch_yield.ratios
-            extra = batch_extra(choosers, [row.sequence.largest_tree for _, row in live])
-            if choose_for_batch(choosers, extra, self.costs.costs_ms, yields) == plain:
-                self._chain(pending)
+        if live and self._may_chain(live) and self._plain_next(live):
+            self._chain(pending)
         self._catch_up([row.sequence for _, row in live if row.sequence.largest_tree], pending.launched.busy)
         outcomes = self.runner.finish_rows(pending.launched)
         # Rows whose request changed since the launch decoded for the one before: their outcomes are not theirs.
@@ -256,8 +259,17 @@ class BatchScheduler:
                    if outcomes[index] is not None and self.rows[index] is row and not row.sequence.done]
         return self._record(plain, decoded, pending.steps, outcomes, 0.0, began)
 
+    def _plain_next(self, live) -> bool:
+        """Whether the batch would choose the plain step before drafting, by the rows' statistics so far (those of
+        a step not yet read are not in them)."""
+        choosers = [row.sequence.chooser for _, row in live]
+        yields = None if self.batch_yield is None else self.batch_yield.ratios
+        extra = batch_extra(choosers, [row.sequence.largest_tree for _, row in live])
+        return choose_for_batch(choosers, extra, self.costs.costs_ms, yields) == self._chained
+
     def _chain(self, pending: _Pending) -> None:
-        """Launch a plain step behind `pending` for the rows that go on decoding after it."""
+        """Launch a plain step behind `pending` for the rows that go on decoding after it (a row that may stop
+        within it, by EOS or within a multi-token step, decodes for nothing)."""
         plain, launched = self._chained, pending.launched
         changes = {}
         for index, row in enumerate(self.rows):
@@ -269,7 +281,7 @@ class BatchScheduler:
                     for index, decodes in enumerate(launched.decoding)]
         if not any(decoding):
             return
-        chained = self.runner.chain_plain(launched, changes)
+        chained = self.runner.chain_plain(plain, launched, changes)
         plain_step = PlannedStep(plain, [], EMPTY_TREE)
         self._pending = _Pending(chained, list(self.rows), [plain_step if decodes else None for decodes in decoding])
         pending.launched = launched._replace(scores=None)  # the chained step writes its logits where these were
