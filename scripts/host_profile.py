@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--data-file", required=True, help="a local HumanEval.jsonl.gz")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--top", type=int, default=12, help="how many of the largest contributors to list")
     args = parser.parse_args()
     torch.set_num_threads(1)
     gguf = ld.default_model_path()
@@ -53,7 +54,7 @@ def main() -> None:
     total = sum(seconds for seconds, _ in own)
     print(f"{out.stats.steps} steps of {args.batch_size} rows: {total / row_steps * 1e6:.1f} us of project host "
           "Python per row and step (under cProfile)")
-    for seconds, name in sorted(own, reverse=True)[:12]:
+    for seconds, name in sorted(own, reverse=True)[:args.top]:
         print(f"  {seconds / row_steps * 1e6:7.1f} us  {name}")
 
 

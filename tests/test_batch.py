@@ -496,8 +496,8 @@ class BusyDevice:
     """The CPU engine, made to answer that its device still computes for the first `answers` questions of each
     step (as a CUDA step does while it runs)."""
 
-    def __init__(self, runner: StaticStep, answers: int):
-        self.runner, self.answers = runner, answers
+    def __init__(self, runner: StaticStep, answers: int, asynchronous: bool = False):
+        self.runner, self.answers, self.asynchronous = runner, answers, asynchronous
         self.layouts, self.adapter, self.batch_size = runner.layouts, runner.adapter, runner.batch_size
         self.predictions, self.max_length, self.sampler = runner.predictions, runner.max_length, runner.sampler
 
@@ -533,3 +533,24 @@ def test_sources_catch_up_while_the_device_computes_a_plain_step():
         # Told during each step of what the steps before it committed: all but the last step's token.
         assert sum(told) == 12 - 1 and source.told == len(prompt) + 12 - 1
     assert sources[2].calls == []
+
+
+def test_a_source_begins_while_the_device_computes_never_in_a_drafting_step():
+    """Where steps run asynchronously, a row whose source has not indexed its prompt drafts nothing in a lookahead
+    step (indexing would hold the step up): it begins while the device computes, and drafts from the next step."""
+    model = tiny_model("llama", seed=4)
+    wide = ld.LookaheadConfig(window=3, ngram=3, guesses=3)
+    plan = StepPlan((wide,), (1.0,))  # every step drafts
+    runner = BusyDevice(StaticStep(model, plan.shapes, 64, batch_size=3, predictions=4), answers=3, asynchronous=True)
+    scheduler = BatchScheduler(runner, plan, None)
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8], [1, 6, 1, 8, 0, 3]]
+    sources = [CountingSource() for _ in prompts]
+    for tag, (prompt, source) in enumerate(zip(prompts, sources)):
+        scheduler.submit(Request(prompt, 12, source=source, tag=tag))
+    results = sorted(scheduler.run(), key=lambda finished: finished.tag)
+    assert [result.tokens for result in results] == [reference_tokens(model, prompt, 12) for prompt in prompts]
+    for prompt, source in zip(prompts, sources):
+        proposals = [n for kind, n in source.calls if kind == "propose"]
+        assert source.calls[0] == ("begin", len(prompt))
+        assert len(proposals) == scheduler.stats.steps - 1  # not at the first step, at every one after
+

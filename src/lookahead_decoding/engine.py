@@ -188,6 +188,11 @@ class StaticStep:
         self._turn = [0] * len(self.layouts)
 
     @property
+    def asynchronous(self) -> bool:
+        """Whether a launched step returns before the device has computed it (CUDA)."""
+        return self.adapter.device.type == "cuda"
+
+    @property
     def captured(self) -> bool:
         return any(replayable.graph is not None for replayable in self._replayables.values())
 

@@ -115,6 +115,8 @@ class BatchScheduler:
         self._chained = next((index for index, shape in enumerate(plan.shapes) if shape.tokens_per_step == 1), None) \
             if getattr(runner, "pipelined", False) else None
         self._pending: _Pending | None = None
+        # Where the device computes while the host goes on, sources begin (index their prompts) only then.
+        self._asynchronous = getattr(runner, "asynchronous", False)
 
     @property
     def idle(self) -> bool:
@@ -204,7 +206,7 @@ class BatchScheduler:
         extra = batch_extra(choosers, [row.sequence.largest_tree for _, row in live])
         shape = choose_for_batch(choosers, extra, costs, yields)
         if self.plan.shapes[shape].verifies:
-            row_trees = [row.sequence.draft() for _, row in live]
+            row_trees = [row.sequence.draft(begin=not self._asynchronous) for _, row in live]
             extra = batch_extra(choosers, [len(tree) for tree in row_trees], row_trees)
             shape = choose_for_batch(choosers, extra, costs, yields)
         else:
@@ -218,12 +220,11 @@ class BatchScheduler:
         may_draft = [row.sequence for _, row in live if row.sequence.largest_tree]
 
         def use_device_time(device_busy: DeviceBusy) -> None:
-            # The rows that drafted read their text at their next draft. On other steps the sources catch up only
-            # while the device computes: time the host would spend waiting (never on a synchronous device).
+            # The rows that drafted read their text at their next draft. Otherwise the sources catch up only while
+            # the device computes: time the host would spend waiting (never on a synchronous device).
             if drafted:
                 for sequence in may_draft:
                     sequence.observe_text()
-                return
             self._catch_up(may_draft, device_busy)
 
         if self._chained is None or not self._may_chain(live):

@@ -175,9 +175,11 @@ class SequenceState:
     def record_prefill(self, outcome: StepOutcome) -> None:
         self.emitter.emit(outcome.committed, outcome.scores)
 
-    def draft(self) -> TokenTree:
-        """The token tree of drafts for the next step, as large as the plan's largest shape verifies."""
-        if self.largest_tree == 0:  # no shape verifies drafts: nothing to propose
+    def draft(self, begin: bool = True) -> TokenTree:
+        """The token tree of drafts for the next step, as large as the plan's largest shape verifies. begin=False:
+        a source that has not begun yet proposes nothing now (indexing a prompt would hold up the step); it begins
+        while the device computes (`catch_up`)."""
+        if self.largest_tree == 0 or (not begin and self.observed is None):
             return EMPTY_TREE
         self._begin_source()
         drafts = self.source.propose(self.history, self.draft_depth, self.largest_tree)
