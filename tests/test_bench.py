@@ -33,6 +33,10 @@ from lookahead_decoding.bench import (
     summarize,
 )
 from lookahead_decoding.bench.cli import config_list, int_list
+from lookahead_decoding.bench.profile import StepClock
+from lookahead_decoding.config import AUTOREGRESSIVE
+from lookahead_decoding.decoding import decode
+from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.bench.methods import parse_methods
 from lookahead_decoding.jsonl import JsonLinesError
 from lookahead_decoding.sampling_params import SamplingParams
@@ -400,6 +404,15 @@ def test_tiny_profile_of_a_batch(tiny, tmp_path, capsys):
     assert "step profile (eager, uncaptured, batch 3)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--profile --batch-size 9 needs 9 prompts, the dataset gave 4"):
         main([*argv[:-2], "--batch-size", "9"], model=model, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_the_step_clock_times_every_step_pipelined_or_not(tiny, pipelined):
+    """`--profile`'s wall time per step: pipelined steps (CUDA's default) are launched and read apart, and count."""
+    model, _ = tiny
+    clock = StepClock(StaticStep(model, AUTOREGRESSIVE, 32, pipeline=pipelined))
+    _, stats, _ = decode(model, [[3, 1, 4, 1, 5]], 12, AUTOREGRESSIVE, runner=clock)
+    assert clock.steps == stats.steps == 11 and clock.ms_per_step > 0
 
 
 def test_profile_errors(tiny, capsys):

@@ -69,7 +69,8 @@ class ProfiledRunner:
 
 class StepClock:
     """A StepRunner wrapper that times decoding from its first step to its last, host work between steps
-    included and the prefill not."""
+    included and the prefill not; pipelined steps too (each launch is a step; the clock stops when the last
+    outcome has been read)."""
 
     def __init__(self, runner) -> None:
         self.runner, self.steps, self.began, self.ended = runner, 0, 0.0, 0.0
@@ -77,11 +78,27 @@ class StepClock:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def step_rows(self, *args, **kwargs):
+    def _launching(self) -> None:
         if self.steps == 0:
             self.began = time.perf_counter()
-        outcomes = self.runner.step_rows(*args, **kwargs)
         self.steps += 1
+
+    def step_rows(self, *args, **kwargs):
+        self._launching()
+        outcomes = self.runner.step_rows(*args, **kwargs)
+        self.ended = time.perf_counter()
+        return outcomes
+
+    def launch_rows(self, *args):
+        self._launching()
+        return self.runner.launch_rows(*args)
+
+    def chain_plain(self, *args):
+        self._launching()
+        return self.runner.chain_plain(*args)
+
+    def finish_rows(self, launched):
+        outcomes = self.runner.finish_rows(launched)
         self.ended = time.perf_counter()
         return outcomes
 
