@@ -336,6 +336,32 @@ def test_plain_steps_are_chained_behind_lookahead_steps_too():
     assert any(shape > 0 and accepted > 0 for shape, accepted in behind)
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_cancelled_request_frees_its_row_for_the_next(pipelined):
+    """A server cancels the request of a client that went away: a waiting one leaves the queue at once with no new
+    tokens; a decoding one stops at the next step with a prefix of its own decode (a step launched behind it is
+    thrown away), and its row goes to the next request; the other rows are unaffected."""
+    model = tiny_model("llama")
+    runner = StaticStep(model, AUTOREGRESSIVE, 64, batch_size=2, pipeline=pipelined)
+    scheduler = BatchScheduler(runner, StepPlan((AUTOREGRESSIVE,), (1.0,)),
+                               lambda: make_source(None, (AUTOREGRESSIVE,)))
+    prompts = {"a": [3, 1, 4, 1, 5], "b": [2, 7, 1, 8], "c": [1, 6, 1, 8, 0], "d": [9, 9, 8]}
+    for tag, prompt in prompts.items():
+        scheduler.submit(Request(prompt, 20, tag=tag))
+    results = {}
+    for _ in range(6):
+        results.update((result.tag, result) for result in scheduler.step())
+    assert scheduler.cancel("d").tokens == prompts["d"]
+    assert scheduler.cancel("a") is None
+    while not scheduler.idle:
+        results.update((result.tag, result) for result in scheduler.step())
+    cancelled = results["a"].tokens
+    assert 5 <= len(cancelled) - len(prompts["a"]) < 20
+    assert cancelled == reference_tokens(model, prompts["a"], 20)[: len(cancelled)]
+    assert [results[tag].tokens for tag in "bc"] == [reference_tokens(model, prompts[tag], 20) for tag in "bc"]
+    assert sorted(results) == ["a", "b", "c"]
+
+
 def test_a_row_with_stopping_criteria_is_never_pipelined():
     """Stopping criteria read a step's logits, which a step launched behind it would overwrite on the device."""
     model = tiny_model("llama")
