@@ -69,39 +69,51 @@ def build_tree(drafts: Sequence[Draft], budget: int, max_length: int, confidence
     accepted, so the chance that verification accepts a depth is the sum of its nodes' scores, at most 1."""
     if budget <= 0 or not drafts:
         return EMPTY_TREE
-    # Trie over all drafts: node key = (parent key, token); value = [score, depth, first seen, confidence keys].
-    nodes: dict[tuple, list] = {}
+    # Trie over all drafts, its nodes numbered as first seen: (parent's number, token) -> number, and per number
+    # the token, parent, score, depth and the drafts' confidence keys. (Numbers, not paths, as keys: hashing a
+    # path costs its depth.)
+    children: dict[tuple[int, int], int] = {}
+    tokens: list[int] = []
+    parents: list[int] = []
+    scores: list[float] = []
+    depths: list[int] = []
+    keys: list[list[Key]] = []
     for draft in drafts:
-        parent, probability = None, 1.0
+        parent, probability = ROOT, 1.0
         evidence = draft.evidence if confidences is not None else None
         for depth, (token, p) in enumerate(zip(draft.tokens[:max_length], draft.probabilities), start=1):
             if evidence is not None:
                 token_key = key(context, evidence, depth, p)
                 p = confidences.probability(token_key, p)
             probability *= p
-            node_key = (parent, token)
-            node = nodes.get(node_key)
+            node = children.get((parent, token))
             if node is None:
-                node = nodes[node_key] = [probability, depth, len(nodes), []]
-            elif probability > node[0]:
-                node[0] = probability
+                node = children[parent, token] = len(tokens)
+                tokens.append(token)
+                parents.append(parent)
+                scores.append(probability)
+                depths.append(depth)
+                keys.append([])
+            elif probability > scores[node]:
+                scores[node] = probability
             if evidence is not None:
-                node[3].append(token_key)
-            parent = node_key
+                keys[node].append(token_key)
+            parent = node
     # Best first; a parent scores at least as high as its children and is shallower, so it sorts before them.
-    best = sorted(nodes.items(), key=lambda item: (-item[1][0], item[1][1], item[1][2]))[:budget]
-    index = {node_key: i for i, (node_key, _) in enumerate(best)}
+    best = [node for _, _, node in sorted(zip([-score for score in scores], depths, range(len(tokens))))[:budget]]
+    index = {node: i for i, node in enumerate(best)}
     depth_sums = [0.0] * (max_length + 1)
     expected, total = [], 0.0
-    for _, (score, depth, _, _) in best:
+    for node in best:
+        depth, score = depths[node], scores[node]
         before = depth_sums[depth]
         depth_sums[depth] = before + score
         total += min(1.0, before + score) - min(1.0, before)
         expected.append(total)
     return TokenTree(
-        tokens=tuple(node_key[1] for node_key, _ in best),
-        parents=tuple(ROOT if node_key[0] is None else index[node_key[0]] for node_key, _ in best),
-        scores=tuple(node[0] for _, node in best),
+        tokens=tuple(tokens[node] for node in best),
+        parents=tuple(ROOT if parents[node] == ROOT else index[parents[node]] for node in best),
+        scores=tuple(scores[node] for node in best),
         expected=tuple(expected),
-        keys=tuple(tuple(node[3]) for _, node in best),
+        keys=tuple(tuple(keys[node]) for node in best),
     )
