@@ -12,8 +12,10 @@ VOCAB = 5
 
 
 def source_with(table, **kwargs):
-    """A source that has observed `table` (token -> list of (next token, probability)) as one step's predictions."""
+    """A source that has observed `table` (token -> list of (next token, probability)) as one step's predictions,
+    each token's next tokens most likely first (as `ModelPredictions` lists them)."""
     source = RecycledTopKSource(**kwargs)
+    table = {token: sorted(row, key=lambda item: -item[1]) for token, row in table.items()}
     tokens = list(table)
     source.observe_predictions(ModelPredictions(
         tokens, [[t for t, _ in table[token]] for token in tokens], [[p for _, p in table[token]] for token in tokens]))

@@ -14,13 +14,11 @@ EVIDENCE = "recycled"  # the drafts' evidence: the model's own softmax, which ca
 
 
 class _Node(NamedTuple):
-    """One token of the draft tree."""
+    """One kept token of the draft tree."""
 
     parent: int  # index of the parent node; -1: the parent is the last committed token
     token: int
     probability: float  # the table's probability of `token` after the parent's token
-    path_probability: float  # product of the probabilities from the root down to this node
-    depth: int
 
 
 class RecycledTopKSource(CandidateSource):
@@ -61,31 +59,40 @@ class RecycledTopKSource(CandidateSource):
                               for token, next_tokens, probabilities in zip(*predictions))
 
     def propose(self, history: Sequence[int], max_length: int, budget: int) -> list[Draft]:
-        nodes: list[_Node] = []
-        frontier: list[tuple[float, int]] = []  # (-path probability, node index): heapq pops the likeliest first
+        table, min_probability = self.table, self.min_probability
+        nodes: list[_Node] = []  # the kept nodes, in the order they were kept
+        # Candidates: (-path probability, order, parent node, rank of the token among the parent token's next
+        # tokens, those next tokens and probabilities, the parent's path probability, depth). A table row lists
+        # next tokens most likely first, so a token's next sibling is never likelier than it: the sibling becomes
+        # a candidate only once the token is kept, and a node's first child once the node is kept.
+        frontier: list[tuple] = []
+        order = 0
 
-        def push_children(parent: int, token: int, path_probability: float, depth: int) -> None:
-            if depth >= max_length or token not in self.table:
-                return
-            for child_token, probability in zip(*self.table[token]):
-                child_path_probability = path_probability * probability
-                if child_path_probability >= self.min_probability:
-                    heapq.heappush(frontier, (-child_path_probability, len(nodes)))
-                    nodes.append(_Node(parent, child_token, probability, child_path_probability, depth + 1))
+        def offer(parent: int, rank: int, row: tuple[Sequence[int], Sequence[float]], path: float, depth: int) -> None:
+            nonlocal order
+            probability = path * row[1][rank]
+            if probability >= min_probability:
+                heapq.heappush(frontier, (-probability, order, parent, rank, row, path, depth))
+                order += 1
 
-        push_children(-1, history[-1], 1.0, 0)
-        kept: list[int] = []
+        root_row = table.get(history[-1]) if max_length > 0 else None
+        if root_row:
+            offer(-1, 0, root_row, 1.0, 1)
         parents_of_kept: set[int] = set()
-        # Path probabilities never grow down a path, so popping the likeliest first keeps the `budget` likeliest nodes.
-        while frontier and len(kept) < budget:
-            _, index = heapq.heappop(frontier)
-            node = nodes[index]
-            kept.append(index)
-            parents_of_kept.add(node.parent)
-            push_children(index, node.token, node.path_probability, node.depth)
+        # Path probabilities never grow down a path, so keeping the likeliest first keeps the `budget` likeliest.
+        while frontier and len(nodes) < budget:
+            negative, _, parent, rank, row, path, depth = heapq.heappop(frontier)
+            token = row[0][rank]
+            nodes.append(_Node(parent, token, row[1][rank]))
+            parents_of_kept.add(parent)
+            if rank + 1 < len(row[0]):
+                offer(parent, rank + 1, row, path, depth)
+            child_row = table.get(token) if depth < max_length else None
+            if child_row:
+                offer(len(nodes) - 1, 0, child_row, -negative, depth + 1)
 
         drafts = []
-        for index in kept:  # in pop order, so the drafts come out best first
+        for index in range(len(nodes)):  # in the order kept, so the drafts come out best first
             if index in parents_of_kept:
                 continue  # not a leaf: a longer draft covers it
             tokens: list[int] = []
