@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 import transformers
-from conftest import VOCAB, OracleSource, greedy_reference, tiny_model
+from conftest import VOCAB, greedy_reference, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -52,9 +52,9 @@ def recorded_chains(runner: StaticStep) -> list[dict]:
     """The changes handed to every `chain_plain` of `runner` from now on (one entry per chained step)."""
     calls, chain = [], runner.chain_plain
 
-    def recording(shape, previous, changes):
+    def recording(previous, changes):
         calls.append(dict(changes))
-        return chain(shape, previous, changes)
+        return chain(previous, changes)
 
     runner.chain_plain = recording
     return calls
@@ -308,32 +308,6 @@ def test_pipelined_rows_start_and_stop_through_the_chained_steps():
     changes = [row_change for chain in chains for row_change in chain.values()]
     assert None in changes and any(token is not None for token in changes)
     assert len(chains) > out.stats.steps / 2
-
-
-def test_plain_steps_are_chained_behind_lookahead_steps_too():
-    """A plain step follows a step of any shape before the host reads it: its rows go on from the last token each
-    committed, however many that step accepted (the sources draft the true continuation, so steps that verify
-    accept whole drafts)."""
-    model = tiny_model("llama")
-    generator = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, VOCAB, (9,), generator=generator).tolist() for _ in range(5)]
-    runner = StaticStep(model, MIXED, 64, batch_size=3, pipeline=True)
-    behind, chain = [], runner.chain_plain
-
-    def recording(shape, previous, changes):
-        behind.append((previous.shape, max(previous.outputs[:, 0].tolist())))
-        return chain(shape, previous, changes)
-
-    runner.chain_plain = recording
-    scheduler = BatchScheduler(runner, StepPlan(MIXED, (1.0,) * len(MIXED)), None)
-    expected = [reference_tokens(model, prompt, 24) for prompt in prompts]
-    for tag, (prompt, reference) in enumerate(zip(prompts, expected)):
-        scheduler.submit(Request(prompt, 24, source=OracleSource(reference), tag=tag))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(scheduler_module, "choose_for_batch", shuffled_shapes(11, len(MIXED)))
-        results = sorted(scheduler.run(), key=lambda finished: finished.tag)
-    assert [result.tokens for result in results] == expected
-    assert any(shape > 0 and accepted > 0 for shape, accepted in behind)
 
 
 @pytest.mark.parametrize("pipelined", [False, True])

@@ -16,8 +16,8 @@ length, so rows can be refilled between steps without recapturing anything.
 With window=1, ngram=2, guesses=0 the step is plain autoregressive decoding on the same engine (`ar-graph` in
 the benchmarks), so lookahead can be compared against an equally optimised baseline.
 
-Plain steps can be pipelined (`chain_plain`): a plain step is launched behind one whose outcome the host has not
-read yet, each row's input taken on the device from the last token that step commits. The host then reads and
+Plain steps can be pipelined (`chain_plain`): the next plain step is launched behind one whose outcome the host
+has not read yet, each row's input taken on the device from the token that step commits. The host then reads and
 records a step while the device computes the next, instead of leaving the device idle in between.
 """
 
@@ -327,29 +327,26 @@ class StaticStep:
             packed, scores, top = self._verified_step(shape, steps, histories)
         return self._launched(shape, [step is not None for step in steps], packed, scores, top)
 
-    def chain_plain(self, shape: int, previous: LaunchedStep, changes: dict[int, int | None]) -> LaunchedStep:
-        """Launch a step of the plain `shape` behind `previous`, a step whose outcome the host has not read: each row
-        that decoded in it goes on from the last token it commits, taken on the device. `changes` by row: the
-        current token of a row that starts decoding (its prefill has committed it), or None for a row that stops."""
+    def chain_plain(self, previous: LaunchedStep, changes: dict[int, int | None]) -> LaunchedStep:
+        """Launch a plain step behind `previous`, a plain step whose outcome the host has not read: each row that
+        decoded in it goes on from the token it commits, taken on the device. `changes` by row: the current token
+        of a row that starts decoding (its prefill has committed it), or None for a row that stops."""
+        shape = previous.shape
         layout = self.layouts[shape]
         if layout.size != 1 or layout.config.tree_nodes:
             raise ValueError(f"only a plain step can be chained, not {layout.config}")
         inputs = self.inputs[shape]  # [the current token, 0 tree nodes, 1 if the row decodes]
-        depth = self.layouts[previous.shape].config.candidate_length
-        accepted, committed = previous.outputs[:, :1], previous.outputs[:, 1 : 2 + depth]
-        inputs[:, 0].copy_(committed.gather(1, accepted)[:, 0])
+        inputs[:, 0].copy_(previous.outputs[:, 1])  # the one token each row committed
         decoding = list(previous.decoding)
-        for row, token in changes.items():
-            decoding[row] = token is not None
-        # From pinned memory: a pageable copy would wait for the steps in flight.
-        pinned = self.host_inputs[shape].is_pinned()
-        if changes or previous.shape != shape:  # the rows that decode differ from the last plain step's
-            flags = torch.tensor(decoding, dtype=torch.long, pin_memory=pinned)
-            inputs[:, -1].copy_(flags, non_blocking=True)
-        started = [(row, token) for row, token in changes.items() if token is not None]
-        if started:
-            update = torch.tensor(started, pin_memory=pinned).to(inputs.device, non_blocking=True)
+        if changes:
+            for row, token in changes.items():
+                decoding[row] = token is not None
+            # From pinned memory: a pageable copy would wait for the steps in flight.
+            host = torch.tensor([[row, token or 0, token is not None] for row, token in changes.items()],
+                                pin_memory=self.host_inputs[shape].is_pinned())
+            update = host.to(inputs.device, non_blocking=True)
             inputs[update[:, 0], 0] = update[:, 1]
+            inputs[update[:, 0], -1] = update[:, 2]
         packed, scores, top = self.replayable(shape)()
         return self._launched(shape, decoding, packed, scores, top)
 

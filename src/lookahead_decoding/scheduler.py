@@ -11,10 +11,11 @@ runner's shapes do not depend on which rows decode). One sequence is a batch of 
 here too.
 
 Plain steps are pipelined where the runner can (`engine.StaticStep.chain_plain`): while the batch would choose
-the plain step, it is launched before the host reads the outcome of the step before (of any shape), so that
-reading, recording and the shape choice run while the device computes. That choice is made a step late, and a
-row that stops on an end-of-sequence token (or a cancel) has decoded one step more, which is thrown away; a row
-that reaches its max_new_tokens at a plain step is known to stop and is left out in time.
+the plain step, the next one is launched before the host reads the last one's outcome, so that reading,
+recording and the shape choice run while the device computes. That choice is made a step late, and a row that
+stops on an end-of-sequence token (or a cancel) has decoded one step more, which is thrown away; a row that
+reaches its max_new_tokens is known to stop and is left out in time. (A lookahead step is not followed this way:
+the choice before its drafts had chosen it, and nothing else is known until its outcome is read.)
 """
 
 from __future__ import annotations
@@ -216,6 +217,9 @@ class BatchScheduler:
         for (index, row), tree in zip(live, row_trees):
             steps[index] = row.sequence.plan_step(shape, tree, self.runner.layouts)
             histories[index] = row.sequence.history
+        if shape == self._chained and self._may_chain(live):  # read at the next step, behind the one launched then
+            self._pending = _Pending(self.runner.launch_rows(shape, steps, histories), list(self.rows), steps)
+            return finished
         drafted = self.plan.shapes[shape].verifies
         may_draft = [row.sequence for _, row in live if row.sequence.largest_tree]
 
@@ -227,17 +231,7 @@ class BatchScheduler:
                     sequence.observe_text()
             self._catch_up(may_draft, device_busy)
 
-        if self._chained is None or not self._may_chain(live):
-            outcomes = self.runner.step_rows(shape, steps, histories, overlap=use_device_time if may_draft else None)
-            return finished + self._record(shape, live, steps, outcomes, extra[shape], began)
-        pending = _Pending(self.runner.launch_rows(shape, steps, histories), list(self.rows), steps)
-        if shape == self._chained:  # read at the next step, behind the one launched then
-            self._pending = pending
-            return finished
-        if self._plain_next(live):  # a plain step next: launched now, behind this one
-            self._chain(pending)
-        use_device_time(pending.launched.busy)
-        outcomes = self.runner.finish_rows(pending.launched)
+        outcomes = self.runner.step_rows(shape, steps, histories, overlap=use_device_time if may_draft else None)
         return finished + self._record(shape, live, steps, outcomes, extra[shape], began)
 
     def _may_chain(self, live) -> bool:
@@ -262,15 +256,15 @@ class BatchScheduler:
 
     def _plain_next(self, live) -> bool:
         """Whether the batch would choose the plain step before drafting, by the rows' statistics so far (those of
-        a step not yet read are not in them)."""
+        the pending step are not in them yet)."""
         choosers = [row.sequence.chooser for _, row in live]
         yields = None if self.batch_yield is None else self.batch_yield.ratios
         extra = batch_extra(choosers, [row.sequence.largest_tree for _, row in live])
         return choose_for_batch(choosers, extra, self.costs.costs_ms, yields) == self._chained
 
     def _chain(self, pending: _Pending) -> None:
-        """Launch a plain step behind `pending` for the rows that go on decoding after it (a row that may stop
-        within it, by EOS or within a multi-token step, decodes for nothing)."""
+        """Launch a plain step behind `pending` for the rows that go on decoding after it (a row that stops on EOS
+        in it decodes for nothing)."""
         plain, launched = self._chained, pending.launched
         changes = {}
         for index, row in enumerate(self.rows):
@@ -282,7 +276,7 @@ class BatchScheduler:
                     for index, decodes in enumerate(launched.decoding)]
         if not any(decoding):
             return
-        chained = self.runner.chain_plain(plain, launched, changes)
+        chained = self.runner.chain_plain(launched, changes)
         plain_step = PlannedStep(plain, [], EMPTY_TREE)
         self._pending = _Pending(chained, list(self.rows), [plain_step if decodes else None for decodes in decoding])
         pending.launched = launched._replace(scores=None)  # the chained step writes its logits where these were
