@@ -78,15 +78,22 @@ def build_tree(drafts: Sequence[Draft], budget: int, max_length: int, confidence
     scores: list[float] = []
     depths: list[int] = []
     keys: list[list[Key]] = []
+    # (node, evidence) -> (the source's probability, the path's before it, after it): drafts of one source that
+    # share a prefix make the same claims along it, calibrated once and tested once.
+    claims: dict[tuple[int, Hashable], tuple[float, float, float]] = {}
     for draft in drafts:
         parent, probability = ROOT, 1.0
         evidence = draft.evidence if confidences is not None else None
         for depth, (token, p) in enumerate(zip(draft.tokens[:max_length], draft.probabilities), start=1):
-            if evidence is not None:
-                token_key = key(context, evidence, depth, p)
-                p = confidences.probability(token_key, p)
-            probability *= p
             node = children.get((parent, token))
+            if evidence is not None:
+                claim = None if node is None else claims.get((node, evidence))
+                if claim is not None and claim[0] == p and claim[1] == probability:
+                    parent, probability = node, claim[2]
+                    continue
+                token_key = key(context, evidence, depth, p)
+                before, p = probability, confidences.probability(token_key, p)
+            probability *= p
             if node is None:
                 node = children[parent, token] = len(tokens)
                 tokens.append(token)
@@ -98,6 +105,7 @@ def build_tree(drafts: Sequence[Draft], budget: int, max_length: int, confidence
                 scores[node] = probability
             if evidence is not None:
                 keys[node].append(token_key)
+                claims[node, evidence] = (draft.probabilities[depth - 1], before, probability)
             parent = node
     # Best first; a parent scores at least as high as its children and is shallower, so it sorts before them.
     best = [node for _, _, node in sorted(zip([-score for score in scores], depths, range(len(tokens))))[:budget]]
