@@ -3,10 +3,12 @@
 For each batch size, one engine per attention is built over the same model, every row is prefilled with a prompt
 of --prompt-tokens tokens, and each step shape is replayed back to back (device time; a CUDA graph on CUDA) and
 then run as decoding runs it, one host sync per step. Rows ride along idle during the timed replays, so the cache
-lengths stay put and every replay does the same work.
+lengths stay put and every replay does the same work. With --kernels K, the K kernels that take the most device
+time in an uncaptured step of each shape are listed too (torch.profiler).
 
     python scripts/attention_ab.py --model SmolLM2-135M-Instruct.Q4_1.gguf --batch-size 1,8,64 --out ab.json
     python scripts/attention_ab.py --random-shape llama-3-8b --batch-size 1,8 --out ab8b.json
+    python scripts/attention_ab.py --random-shape llama-3-8b --batch-size 1 --attention ours --kernels 12 --out k.json
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ import argparse
 import json
 import time
 
+import contextlib
+
 import torch
+from torch.autograd import DeviceType
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
 
 from lookahead_decoding import LookaheadConfig, load_model
 from lookahead_decoding.attention import NAME
@@ -33,7 +40,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def step_costs(model, attention: str, batch_size: int, prompt_tokens: int, replays: int) -> dict:
+def top_kernels(step, device: torch.device, steps: int, count: int) -> dict[str, float]:
+    """Device microseconds per step of the `count` costliest kernels of `step` (an uncaptured step function)."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    per_kernel: dict[str, float] = {}
+    for event in profiler.events():
+        if event.device_type == DeviceType.CUDA:
+            per_kernel[event.name] = per_kernel.get(event.name, 0.0) + event.time_range.elapsed_us() / steps
+    top = sorted(per_kernel.items(), key=lambda item: -item[1])[:count]
+    return {"kernel_us_per_step": round(sum(per_kernel.values()), 1),
+            "top_kernels_us": {name[:120]: round(us, 1) for name, us in top}}
+
+
+def step_costs(model, attention: str, batch_size: int, prompt_tokens: int, replays: int, kernels: int) -> dict:
     engine = StaticStep(model, list(SHAPES.values()), max_length=prompt_tokens + 64, batch_size=batch_size)
     model.set_attn_implementation(attention)  # after the engine chose ours: the A/B switch
     prompt = [(7 * i) % 1000 + 10 for i in range(prompt_tokens)]
@@ -42,19 +64,22 @@ def step_costs(model, attention: str, batch_size: int, prompt_tokens: int, repla
         result = {}
         for index, name in enumerate(SHAPES):
             engine.inputs[index].zero_()  # idle rows: the same work, lengths unchanged
+            step = engine.replayable(index)
             for _ in range(3):
-                engine.run_step[index]()
+                step()
             synchronize(engine.adapter.device)
             began = time.perf_counter()
             for _ in range(replays):
-                engine.run_step[index]()
+                step()
             synchronize(engine.adapter.device)
             replayed = (time.perf_counter() - began) / replays * 1e3
             began = time.perf_counter()
             for _ in range(replays):
-                engine.run_step[index]()[0].tolist()
+                step()[0].tolist()
             with_sync = (time.perf_counter() - began) / replays * 1e3
             result[name] = {"replayed_ms": round(replayed, 4), "with_host_sync_ms": round(with_sync, 4)}
+            if kernels and engine.adapter.device.type == "cuda":
+                result[name].update(top_kernels(step.fn, engine.adapter.device, 5, kernels))
     model.set_attn_implementation(NAME)
     return result
 
@@ -68,6 +93,13 @@ def main() -> None:
     parser.add_argument("--batch-size", default="1,8,64")
     parser.add_argument("--prompt-tokens", type=int, default=600)
     parser.add_argument("--replays", type=int, default=50)
+    parser.add_argument("--attention", choices=("both", "sdpa", "ours"), default="both",
+                        help="transformers' SDPA, ours (attention.py), or both side by side (default)")
+    parser.add_argument("--sdpa-backends", default="default", metavar="NAME[,NAME...]",
+                        help="time each step under each of these SDPA backends (default: PyTorch's choice; others: "
+                        "cudnn_attention, efficient_attention, math)")
+    parser.add_argument("--kernels", type=int, default=0, metavar="K",
+                        help="also list the K costliest kernels of each uncaptured step (CUDA)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.random_shape:
@@ -76,9 +108,11 @@ def main() -> None:
         model, _ = load_model(args.model, device=args.device, dtype=args.dtype)
     rows = []
     for batch_size in (int(b) for b in args.batch_size.split(",")):
-        for attention in ("sdpa", NAME):
-            costs = step_costs(model, attention, batch_size, args.prompt_tokens, args.replays)
-            rows.append({"batch_size": batch_size, "attention": attention, **costs})
+        for attention in {"both": ("sdpa", NAME), "sdpa": ("sdpa",), "ours": (NAME,)}[args.attention]:
+            for backend in args.sdpa_backends.split(","):
+                with contextlib.nullcontext() if backend == "default" else sdpa_kernel(getattr(SDPBackend, backend.upper())):
+                    costs = step_costs(model, attention, batch_size, args.prompt_tokens, args.replays, args.kernels)
+                rows.append({"batch_size": batch_size, "attention": attention, "sdpa_backend": backend, **costs})
             print(json.dumps(rows[-1]), flush=True)
     record = {"model": args.random_shape or args.model, "dtype": args.dtype, "prompt_tokens": args.prompt_tokens,
               "torch": torch.__version__, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",

@@ -27,8 +27,9 @@ from lookahead_decoding.cli.common import load_from_args
 from lookahead_decoding.config import AUTOREGRESSIVE
 
 METHODS = {"ar-graph": AUTOREGRESSIVE, "lookahead": "auto"}
-PARTS = ("tolist", "_admit", "prefill_rows", "step_rows", "use_device_time", "catch_up", "observe_text", "draft",
-         "build_tree", "record", "plan_step", "batch_extra", "choose_for_batch", "_retire")
+PARTS = ("tolist", "_admit", "prefill_rows", "step_rows", "launch_rows", "chain", "finish_rows", "synchronize",
+         "_step_behind", "use_device_time", "catch_up", "observe_text", "draft", "propose", "build_tree", "record",
+         "plan_step", "batch_extra", "choose_for_batch", "_retire")
 
 
 def synchronize(device: torch.device) -> None:
