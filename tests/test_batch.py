@@ -25,8 +25,10 @@ FIXED = {
     "small": ld.LookaheadConfig(2, 3, 2),
     "wide": ld.LookaheadConfig(4, 4, 3),
     "verify": verify_only(6, 3),
+    "device": ld.LookaheadConfig(1, 2, 1, candidate_length=3, tree_nodes=8, device_drafts=True),
 }
-MIXED = (AUTOREGRESSIVE, verify_only(4, 2), ld.LookaheadConfig(3, 3, 2), ld.LookaheadConfig(2, 2, 3, candidate_length=2))
+MIXED = (AUTOREGRESSIVE, verify_only(4, 2), ld.LookaheadConfig(3, 3, 2), ld.LookaheadConfig(2, 2, 3, candidate_length=2),
+         ld.LookaheadConfig(1, 2, 1, candidate_length=2, tree_nodes=6, device_drafts=True))
 
 
 def reference_tokens(model, prompt, max_new_tokens, **kwargs) -> list[int]:
@@ -49,14 +51,14 @@ def expected_sequences(prompts, rows, pad):
 
 
 def recorded_chains(runner: StaticStep) -> list[dict]:
-    """The changes handed to every `chain_plain` of `runner` from now on (one entry per chained step)."""
-    calls, chain = [], runner.chain_plain
+    """The changes handed to every `chain` of `runner` from now on (one entry per chained step)."""
+    calls, chain = [], runner.chain
 
     def recording(previous, changes):
         calls.append(dict(changes))
         return chain(previous, changes)
 
-    runner.chain_plain = recording
+    runner.chain = recording
     return calls
 
 
@@ -92,7 +94,8 @@ prompt_strategy = st.one_of(
 )
 def test_every_row_of_a_batch_equals_its_own_greedy_decode(arch, prompts, data, plan_name, max_new_tokens,
                                                          eos_position, schedule_seed, pipelined):
-    """Pipelined: plain steps launched behind unread ones (on CUDA by default), here on the CPU's batch engine."""
+    """Pipelined: plain steps and steps that draft on the device launched behind unread ones (on CUDA by
+    default), here on the CPU's batch engine."""
     model = tiny_model(arch)
     batch_size = data.draw(st.integers(1, len(prompts)), label="batch_size")
     eos = None

@@ -13,7 +13,9 @@ from lookahead_decoding.tuning import StepPlan, verify_only
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-SHAPES = (AUTOREGRESSIVE, verify_only(6, 3), ld.LookaheadConfig(4, 4, 4))
+DEVICE_DRAFTS = ld.LookaheadConfig(1, 2, 1, candidate_length=3, tree_nodes=8, device_drafts=True)
+SHAPES = (AUTOREGRESSIVE, verify_only(6, 3), ld.LookaheadConfig(4, 4, 4), DEVICE_DRAFTS)
+COSTS = (1.0, 1.2, 1.5, 1.1)
 
 
 def cuda_model(arch):
@@ -34,7 +36,7 @@ def test_captured_graph_equals_eager(arch, shape):
         single = StaticStep(model, SHAPES[shape], 96)
         assert ld.generate(model, prompt, 40, plan, runner=single).sequences.tolist() == expected.tolist()
         for runner in (captured, eager):  # every shape of one multi-shape engine, switched between
-            out = ld.generate(model, prompt, 40, StepPlan(SHAPES, (1.0, 1.2, 1.5)), runner=runner)
+            out = ld.generate(model, prompt, 40, StepPlan(SHAPES, COSTS), runner=runner)
             assert out.sequences.tolist() == expected.tolist()
     assert captured.captured and not eager.captured
 
@@ -47,18 +49,19 @@ def test_a_captured_batch_with_refills_equals_each_rows_greedy(arch):
     lengths = torch.randint(2, 30, (7,), generator=generator).tolist()
     prompts = [torch.randint(0, VOCAB, (length,), generator=generator).tolist() for length in lengths]
     prompts[2] = (prompts[2][:3] * 10)[:25]  # repetitive: long acceptances in one row
-    out = ld.generate(model, prompts, 40, StepPlan(SHAPES, (1.0, 1.2, 1.5)), batch_size=3)
+    out = ld.generate(model, prompts, 40, StepPlan(SHAPES, COSTS), batch_size=3)
     for prompt, row in zip(prompts, out.rows):
         assert row.tokens == greedy_reference(model, torch.tensor([prompt], device="cuda"), 40)[0].tolist()
     engines = list(runners._engines[model].values())
     assert [engine.batch_size for engine in engines] == [3] and engines[0].captured
 
 
+@pytest.mark.parametrize("config", [AUTOREGRESSIVE, DEVICE_DRAFTS], ids=["plain", "device drafts"])
 @pytest.mark.parametrize("sampled", [False, True])
-def test_pipelined_plain_steps_on_captured_graphs_equal_each_rows_decode(sampled):
-    """On CUDA plain steps are pipelined by default: each launched, through its graph, before the host has read
-    the one before. Rows refilled, ended by EOS and by their budgets still get their own tokens, greedy or
-    sampled (as the eager engine, which reads every step, samples them)."""
+def test_pipelined_steps_on_captured_graphs_equal_each_rows_decode(sampled, config):
+    """On CUDA plain steps and steps that draft on the device are pipelined by default: each launched, through its
+    graph, before the host has read the one before. Rows refilled, ended by EOS and by their budgets still get
+    their own tokens, greedy or sampled (as the eager engine, which reads every step, samples them)."""
     model = cuda_model("llama")
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, VOCAB, (int(length),), generator=generator).tolist()
@@ -68,11 +71,11 @@ def test_pipelined_plain_steps_on_captured_graphs_equal_each_rows_decode(sampled
     alone = dict(seed=[0], **SAMPLING) if sampled else {}
     first = ld.generate(model, [prompts[0]], 30, AUTOREGRESSIVE, **alone).rows[0].tokens
     eos = first[len(prompts[0]) + 7]
-    captured = StaticStep(model, AUTOREGRESSIVE, 96, batch_size=3, sampling=sampled)
-    chained, chain = [], captured.chain_plain
-    captured.chain_plain = lambda *args: chained.append(args) or chain(*args)
-    eager = StaticStep(model, AUTOREGRESSIVE, 96, batch_size=3, sampling=sampled, cuda_graph=False, pipeline=False)
-    outs = [ld.generate(model, prompts, budgets, AUTOREGRESSIVE, runner=runner, eos_token_id=eos, **kwargs)
+    captured = StaticStep(model, config, 96, batch_size=3, sampling=sampled)
+    chained, chain = [], captured.chain
+    captured.chain = lambda *args: chained.append(args) or chain(*args)
+    eager = StaticStep(model, config, 96, batch_size=3, sampling=sampled, cuda_graph=False, pipeline=False)
+    outs = [ld.generate(model, prompts, budgets, config, runner=runner, eos_token_id=eos, **kwargs)
             for runner in (captured, eager)]
     assert [row.tokens for row in outs[0].rows] == [row.tokens for row in outs[1].rows]
     if not sampled:

@@ -499,7 +499,8 @@ SEEDED = dict(do_sample=True, temperature=0.6, top_p=0.95, repetition_penalty=1.
 @given(
     arch=st.sampled_from(["llama", "qwen3", "gpt2", "gpt_neox", "phi3"]),
     motifs=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=4), min_size=1, max_size=5),
-    config=st.sampled_from([ld.LookaheadConfig(2, 3, 2), ld.LookaheadConfig(4, 4, 3), ld.LookaheadConfig(3, 2, 4)]),
+    config=st.sampled_from([ld.LookaheadConfig(2, 3, 2), ld.LookaheadConfig(4, 4, 3), ld.LookaheadConfig(3, 2, 4),
+                            ld.LookaheadConfig(1, 2, 1, candidate_length=3, tree_nodes=8, device_drafts=True)]),
     data=st.data(),
     sampling=st.sampled_from([SEEDED, dict(do_sample=True, temperature=1.1, top_k=4, min_p=0.05),
                               dict(do_sample=False, repetition_penalty=1.3, frequency_penalty=0.4)]),

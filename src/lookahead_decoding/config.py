@@ -25,6 +25,9 @@ class LookaheadConfig:
         fewer steps.
     tree_nodes: draft tokens verified per step, as one token tree; default G·K, the rows of G separate
         candidates of K tokens (the paper's verification branch). Drafts that share a prefix share its nodes.
+    device_drafts: the step drafts its own tree on the device, from the model's latest top-k predictions after
+        each token (`device_drafts.py`), instead of verifying the host's drafts: no host work per row, and the
+        step can be launched before the one before it is read. Only for a step without a window (W=1, N=2).
 
     Defaults suit small models on launch-bound hardware, where extra tokens per step cost almost nothing.
     """
@@ -35,6 +38,7 @@ class LookaheadConfig:
     pool_from_prompt: bool = True
     candidate_length: int | None = None
     tree_nodes: int | None = None
+    device_drafts: bool = False
 
     def __post_init__(self) -> None:
         _check_int("window", self.window, 1)
@@ -48,6 +52,12 @@ class LookaheadConfig:
         if self.tree_nodes is None:
             object.__setattr__(self, "tree_nodes", self.guesses * self.candidate_length)
         _check_int("tree_nodes", self.tree_nodes, 0)
+        if not isinstance(self.device_drafts, bool):
+            raise TypeError(f"LookaheadConfig.device_drafts must be a bool, got {self.device_drafts!r}")
+        if self.device_drafts and (self.has_window or self.tree_nodes == 0):
+            raise ValueError("LookaheadConfig.device_drafts needs a step without a window (window=1, ngram=2) and "
+                             f"with tree nodes, got window={self.window}, ngram={self.ngram}, "
+                             f"tree_nodes={self.tree_nodes}")
 
     @property
     def levels(self) -> int:
@@ -68,6 +78,17 @@ class LookaheadConfig:
     def verifies(self) -> bool:
         """Whether the step verifies drafts (has tree nodes)."""
         return self.tree_nodes > 0
+
+    @property
+    def host_drafts(self) -> bool:
+        """Whether the step verifies a tree the host drafted (the sources' drafts)."""
+        return self.verifies and not self.device_drafts
+
+    @property
+    def follows_on_device(self) -> bool:
+        """Whether the step needs nothing from the host but each row's last committed token, which the step
+        before left on the device: a plain step, or one that drafts on the device."""
+        return not self.has_window and not self.host_drafts
 
 
 # Plain one-token greedy decoding as a lookahead step: no window, no candidates.

@@ -16,9 +16,10 @@ length, so rows can be refilled between steps without recapturing anything.
 With window=1, ngram=2, guesses=0 the step is plain autoregressive decoding on the same engine (`ar-graph` in
 the benchmarks), so lookahead can be compared against an equally optimised baseline.
 
-Plain steps can be pipelined (`chain_plain`): the next plain step is launched behind one whose outcome the host
-has not read yet, each row's input taken on the device from the token that step commits. The host then reads and
-records a step while the device computes the next, instead of leaving the device idle in between.
+Plain steps, and steps that draft on the device (`device_drafts.py`), can be pipelined (`chain`): the next step
+is launched behind one whose outcome the host has not read yet, each row's input taken on the device from the
+last token that step commits. The host then reads and records a step while the device computes the next, instead
+of leaving the device idle in between.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import NamedTuple
 import torch
 
 from .config import LookaheadConfig
+from .device_drafts import DeviceDrafter, template_tree
 from .drafting.tree import TokenTree
 from .kv_cache import RowCache
 from .layout import TreeTensors, tree_tensors
@@ -130,7 +132,7 @@ class StaticStep:
         compile: fuse each step's kernels with torch.compile first (slow to start; worth it for long runs).
         prefill_chunk: prompt tokens per prefill forward. predictions: how many of the model's top next tokens to
         report at every computed row (0: none). batch_size: sequences decoded side by side, one cache row each.
-        pipeline: whether the decoding loop should launch plain steps behind unread ones (`chain_plain`; default:
+        pipeline: whether the decoding loop should launch steps behind unread ones where it can (`chain`; default:
         on CUDA, where steps run asynchronously; elsewhere it only adds a step after a row's end)."""
         adapter = ModelAdapter(model)
         if adapter.sliding_window is not None:
@@ -157,6 +159,12 @@ class StaticStep:
         self.max_length, self.prefill_chunk, self.predictions = max_length, prefill_chunk, predictions
         self.batch_size, self.verifier = batch_size, verifier
         self.sampler = RowSampler(batch_size, adapter.vocab, device) if sampling else None
+        self.drafter = DeviceDrafter(adapter.vocab, device) if any(shape.device_drafts for shape in shapes) else None
+        # Per shape that drafts on the device: its template's input line (parents, nodes), for rows chained in.
+        self._template_lines = {
+            index: torch.tensor([*tree_parents(template_tree(shape.tree_nodes, shape.candidate_length),
+                                               shape.tree_nodes), shape.tree_nodes], device=device)
+            for index, shape in enumerate(shapes) if shape.device_drafts}
         largest = max(layout.size for layout in self.layouts)
         # A step's rows, or a padded prefill chunk, are written after the last committed token: spare slots.
         cache_length = max_length + max(largest, prefill_chunk, max(s.candidate_length for s in shapes) + 1)
@@ -327,16 +335,19 @@ class StaticStep:
             packed, scores, top = self._verified_step(shape, steps, histories)
         return self._launched(shape, [step is not None for step in steps], packed, scores, top)
 
-    def chain_plain(self, previous: LaunchedStep, changes: dict[int, int | None]) -> LaunchedStep:
-        """Launch a plain step behind `previous`, a plain step whose outcome the host has not read: each row that
-        decoded in it goes on from the token it commits, taken on the device. `changes` by row: the current token
-        of a row that starts decoding (its prefill has committed it), or None for a row that stops."""
+    def chain(self, previous: LaunchedStep, changes: dict[int, int | None]) -> LaunchedStep:
+        """Launch a step of `previous`'s shape behind it, `previous` being a step whose outcome the host has not
+        read: each row that decoded in it goes on from the last token it commits, taken on the device. `changes`
+        by row: the current token of a row that starts decoding (its prefill has committed it; where the shape
+        drafts on the device, the row drafts), or None for a row that stops. Only a shape that needs nothing else
+        from the host: plain, or drafting on the device."""
         shape = previous.shape
-        layout = self.layouts[shape]
-        if layout.size != 1 or layout.config.tree_nodes:
-            raise ValueError(f"only a plain step can be chained, not {layout.config}")
-        inputs = self.inputs[shape]  # [the current token, 0 tree nodes, 1 if the row decodes]
-        inputs[:, 0].copy_(previous.outputs[:, 1])  # the one token each row committed
+        config = self.layouts[shape].config
+        if not config.follows_on_device:
+            raise ValueError(f"only a plain step or one that drafts on the device can be chained, not {config}")
+        inputs = self.inputs[shape]  # [the current token, (tree ids, parents, nodes: the device's), 1 if decoding]
+        accepted, committed = previous.outputs[:, :1], previous.outputs[:, 1:]
+        inputs[:, 0].copy_(committed.gather(1, accepted)[:, 0])  # the last token each row committed
         decoding = list(previous.decoding)
         if changes:
             for row, token in changes.items():
@@ -347,6 +358,9 @@ class StaticStep:
             update = host.to(inputs.device, non_blocking=True)
             inputs[update[:, 0], 0] = update[:, 1]
             inputs[update[:, 0], -1] = update[:, 2]
+            if shape in self._template_lines:
+                size = self.layouts[shape].size
+                inputs[update[:, 0], size : size + config.tree_nodes + 1] = self._template_lines[shape]
         packed, scores, top = self.replayable(shape)()
         return self._launched(shape, decoding, packed, scores, top)
 
@@ -409,6 +423,8 @@ class StaticStep:
         size, nodes, depth = layout.size, config.tree_nodes, config.candidate_length  # depth: K
         inputs = self.inputs[shape]
         step_ids, parents, num_nodes = inputs[:, :size], inputs[:, size : size + nodes], inputs[:, size + nodes]
+        if config.device_drafts:  # the host sent the template's tree (or none); its tokens are drafted here
+            step_ids = torch.cat([step_ids[:, :1], self.drafter.draft(step_ids[:, 0], nodes, depth)], dim=1)
         tree = torch.vmap(functools.partial(tree_tensors, max_depth=depth))(step_ids[:, layout.tree_rows], parents,
                                                                             num_nodes)
         start = self.lengths.clone()  # tokens cached before this step; the current token goes there
@@ -423,6 +439,8 @@ class StaticStep:
         self.cache.write_at(slots)
         mask = self.adapter.attention_mask(allowed, positions, None)
         logits = self.adapter.forward(step_ids, positions, mask, self.cache, layout.logit_rows)
+        if config.device_drafts:
+            self.drafter.learn(step_ids[:, layout.logit_rows], logits)
         return logits, tree, start, step_ids
 
     def _device_commit(self, shape: int, start: torch.Tensor, result: torch.Tensor) -> None:
@@ -452,8 +470,8 @@ class StaticStep:
             committed_logits = torch.cat([committed_logits, along_path], dim=1)
         top = None
         # A plain step's one row per sequence adds little to a recycled table; computing and reading it back
-        # would cost every step.
-        if self.predictions and layout.config.verifies:
+        # would cost every step. A step that drafts on the device keeps its own table there.
+        if self.predictions and layout.config.host_drafts:
             top = (step_ids[:, layout.logit_rows], *top_predictions(logits, self.predictions))
         return torch.cat([result, new_level], dim=1), committed_logits, top
 

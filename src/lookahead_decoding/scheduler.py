@@ -10,12 +10,14 @@ A row that stops mid-batch is refilled by the next request at the next step, wit
 runner's shapes do not depend on which rows decode). One sequence is a batch of one: `decoding.decode` runs
 here too.
 
-Plain steps are pipelined where the runner can (`engine.StaticStep.chain_plain`): while the batch would choose
-the plain step, the next one is launched before the host reads the last one's outcome, so that reading,
-recording and the shape choice run while the device computes. That choice is made a step late, and a row that
-stops on an end-of-sequence token (or a cancel) has decoded one step more, which is thrown away; a row that
-reaches its max_new_tokens is known to stop and is left out in time. (A lookahead step is not followed this way:
-the choice before its drafts had chosen it, and nothing else is known until its outcome is read.)
+Plain steps, and steps that draft on the device, are pipelined where the runner can (`engine.StaticStep.chain`):
+while the batch would choose the same such shape again, the next step is launched before the host reads the last
+one's outcome, so that reading, recording and the shape choice run while the device computes. That choice is made
+a step late, and a row that stops on an end-of-sequence token (or a cancel, or its max_new_tokens inside a step
+that commits several tokens) has decoded one step more, which is thrown away; a row that reaches its
+max_new_tokens with the step's one token is known to stop and is left out in time. (A step that verifies the
+host's drafts is not followed this way: the choice before its drafts had chosen it, and nothing else is known
+until its outcome is read.)
 """
 
 from __future__ import annotations
@@ -78,11 +80,12 @@ class _Row:
 
 @dataclass
 class _Pending:
-    """A plain step launched and not read yet."""
+    """A step launched and not read yet."""
 
     launched: Any  # the runner's `engine.LaunchedStep`
     rows: list[_Row | None]  # who held each row when it was launched
     steps: list  # each row's PlannedStep (None: not decoding)
+    expected_extra: float  # the tokens beyond one per row that the rows expected of it when it was chosen
 
 
 class BatchScheduler:
@@ -112,9 +115,10 @@ class BatchScheduler:
         self.costs = StepCosts(plan.costs_ms, measured=runner.batch_size > 1)
         self.batch_yield = BatchYield(len(plan.shapes)) if runner.batch_size > 1 else None
         self._steps_by_shape = [0] * len(plan.shapes)
-        # The plain step, if the plan has one and the runner pipelines it; then the step launched and not yet read.
-        self._chained = next((index for index, shape in enumerate(plan.shapes) if shape.tokens_per_step == 1), None) \
-            if getattr(runner, "pipelined", False) else None
+        # The shapes whose steps can follow unread ones, if the runner pipelines; then the step launched and not
+        # yet read.
+        self._chainable = {index for index, shape in enumerate(plan.shapes) if shape.follows_on_device} \
+            if getattr(runner, "pipelined", False) else set()
         self._pending: _Pending | None = None
         # Where the device computes while the host goes on, sources begin (index their prompts) only then.
         self._asynchronous = getattr(runner, "asynchronous", False)
@@ -206,7 +210,7 @@ class BatchScheduler:
         # Drafting costs host time per row: skip it when the plain step wins even against full trees.
         extra = batch_extra(choosers, [row.sequence.largest_tree for _, row in live])
         shape = choose_for_batch(choosers, extra, costs, yields)
-        if self.plan.shapes[shape].verifies:
+        if self.plan.shapes[shape].host_drafts:
             row_trees = [row.sequence.draft(begin=not self._asynchronous) for _, row in live]
             extra = batch_extra(choosers, [len(tree) for tree in row_trees], row_trees)
             shape = choose_for_batch(choosers, extra, costs, yields)
@@ -217,10 +221,11 @@ class BatchScheduler:
         for (index, row), tree in zip(live, row_trees):
             steps[index] = row.sequence.plan_step(shape, tree, self.runner.layouts)
             histories[index] = row.sequence.history
-        if shape == self._chained and self._may_chain(live):  # read at the next step, behind the one launched then
-            self._pending = _Pending(self.runner.launch_rows(shape, steps, histories), list(self.rows), steps)
+        if shape in self._chainable and self._may_chain(live):  # read at the next step, behind the one launched then
+            self._pending = _Pending(self.runner.launch_rows(shape, steps, histories), list(self.rows), steps,
+                                     extra[shape])
             return finished
-        drafted = self.plan.shapes[shape].verifies
+        drafted = self.plan.shapes[shape].host_drafts
         may_draft = [row.sequence for _, row in live if row.sequence.largest_tree]
 
         def use_device_time(device_busy: DeviceBusy) -> None:
@@ -240,32 +245,34 @@ class BatchScheduler:
         return all(row.request.stopping_criteria is None for _, row in live)
 
     def _step_behind(self, live) -> list[Finished]:
-        """Launch the next plain step behind the pending one if the batch would choose it, then read and record
-        the pending step while the device computes."""
+        """Launch the next step behind the pending one if the batch would choose its shape again, then read and
+        record the pending step while the device computes."""
         began = time.perf_counter()
         pending, self._pending = self._pending, None
-        plain = self._chained
-        if live and self._may_chain(live) and self._plain_next(live):
-            self._chain(pending)
+        shape = pending.launched.shape
+        if live and self._may_chain(live):
+            extra = self._same_next(live, shape)
+            if extra is not None:
+                self._chain(pending, extra)
         self._catch_up([row.sequence for _, row in live if row.sequence.largest_tree], pending.launched.busy)
         outcomes = self.runner.finish_rows(pending.launched)
         # Rows whose request changed since the launch decoded for the one before: their outcomes are not theirs.
         decoded = [(index, row) for index, row in enumerate(pending.rows)
                    if outcomes[index] is not None and self.rows[index] is row and not row.sequence.done]
-        return self._record(plain, decoded, pending.steps, outcomes, 0.0, began)
+        return self._record(shape, decoded, pending.steps, outcomes, pending.expected_extra, began)
 
-    def _plain_next(self, live) -> bool:
-        """Whether the batch would choose the plain step before drafting, by the rows' statistics so far (those of
-        the pending step are not in them yet)."""
+    def _same_next(self, live, shape: int) -> float | None:
+        """If the batch would choose `shape` again before drafting, by the rows' statistics so far (those of the
+        pending step are not in them yet): the tokens beyond one per row they expect of it; else None."""
         choosers = [row.sequence.chooser for _, row in live]
         yields = None if self.batch_yield is None else self.batch_yield.ratios
         extra = batch_extra(choosers, [row.sequence.largest_tree for _, row in live])
-        return choose_for_batch(choosers, extra, self.costs.costs_ms, yields) == self._chained
+        return extra[shape] if choose_for_batch(choosers, extra, self.costs.costs_ms, yields) == shape else None
 
-    def _chain(self, pending: _Pending) -> None:
-        """Launch a plain step behind `pending` for the rows that go on decoding after it (a row that stops on EOS
-        in it decodes for nothing)."""
-        plain, launched = self._chained, pending.launched
+    def _chain(self, pending: _Pending, expected_extra: float) -> None:
+        """Launch a step of `pending`'s shape behind it for the rows that go on decoding after it (a row that
+        stops in it on EOS, or on its budget within several tokens, decodes for nothing)."""
+        shape, launched = pending.launched.shape, pending.launched
         changes = {}
         for index, row in enumerate(self.rows):
             if row is not pending.rows[index]:  # started or freed since
@@ -276,9 +283,15 @@ class BatchScheduler:
                     for index, decodes in enumerate(launched.decoding)]
         if not any(decoding):
             return
-        chained = self.runner.chain_plain(launched, changes)
-        plain_step = PlannedStep(plain, [], EMPTY_TREE)
-        self._pending = _Pending(chained, list(self.rows), [plain_step if decodes else None for decodes in decoding])
+        if self.plan.shapes[shape].device_drafts and any(
+                token is not None and self.rows[index].sequence.device_trees[shape] is None
+                for index, token in changes.items()):
+            return  # a row that starts without lookahead: launched from the host, with no tree
+        chained = self.runner.chain(launched, changes)
+        # The step's input is on the device; the host keeps what recording needs: the row's tree (a template's).
+        steps = [PlannedStep(shape, [], row.sequence.device_trees[shape] or EMPTY_TREE) if decodes else None
+                 for row, decodes in zip(self.rows, decoding)]
+        self._pending = _Pending(chained, list(self.rows), steps, expected_extra)
         pending.launched = launched._replace(scores=None)  # the chained step writes its logits where these were
 
     @staticmethod

@@ -10,6 +10,8 @@ Expected committed tokens, per kind of shape:
   step tells what every other verifying shape would have accepted (a smaller tree is a prefix of the node list, so
   it gets the part of the accepted path inside its budget; a larger one at least as much), so every verifying
   shape learns from every step;
+* a step that drafts on the device: 1 + the recent mean of what its own steps accepted (kept apart in the same
+  way), since the host never sees its tree;
 * a step that runs the Jacobi window: what its own steps committed now, plus what it commits later. Now: the recent
   mean of the tokens its steps committed, apart from those only window n-grams drafted. It starts from
   `expected_tokens`, a prior that grows with the step's rows, and while other shapes run it drifts back to that
@@ -82,7 +84,8 @@ class ShapeChooser:
         # The shapes by kind, looked up on every step of every row.
         self.window_shapes = [i for i, shape in enumerate(self.shapes) if shape.has_window]
         self.verify_budgets = [(i, shape.tree_nodes) for i, shape in enumerate(self.shapes)
-                               if shape.verifies and not shape.has_window]
+                               if shape.host_drafts and not shape.has_window]
+        self.device_shapes = [i for i, shape in enumerate(self.shapes) if shape.device_drafts]
         self.refresh()
 
     def refresh(self) -> None:
@@ -97,6 +100,8 @@ class ShapeChooser:
             later[shape] = value
         accepted = self.accepted[self.in_run]
         for shape, _ in self.verify_budgets:
+            extra[shape] = accepted[shape]
+        for shape in self.device_shapes:
             extra[shape] = accepted[shape]
         self.extra_before_draft, self.later = extra, later
 
@@ -135,7 +140,7 @@ class ShapeChooser:
                 tokens[other] = tokens[other] * kept + now * (1 - kept)
             else:
                 tokens[other] = tokens[other] * retry + prior[other] * (1 - retry)
-        if num_nodes > 0:
+        if num_nodes > 0 and not self.shapes[shape].device_drafts:
             decay, accepted_now = self.decay, self.accepted[self.in_run]
             for other, budget in self.verify_budgets:
                 # What `other` would have accepted with its own budget (its tree is a prefix of the node list).
@@ -143,6 +148,10 @@ class ShapeChooser:
                 accepted_now[other] = accepted_now[other] * decay + would_accept * (1 - decay)
             if self.shapes[shape].verifies:
                 self.in_run = accepted > 0
+        if self.shapes[shape].device_drafts:  # its own tree: what it accepted says nothing of the host's drafts
+            accepted_now = self.accepted[self.in_run]
+            accepted_now[shape] = accepted_now[shape] * self.decay + accepted * (1 - self.decay)
+            self.in_run = accepted > 0
         self.refresh()
 
 

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from .device_drafts import template_tree
 from .drafting.base import CandidateSource
 from .drafting.confidence import Confidences, evidence_of
 from .drafting.pool import FROM_WINDOW
@@ -127,8 +128,12 @@ class SequenceState:
         self.plan, self.source, self.emitter = plan, source, emitter
         self.confidences, self.sampled = confidences, sampled
         shapes = plan.shapes
-        self.draft_depth = next((shape.candidate_length for shape in shapes if shape.verifies), 1)  # K, shared
-        self.largest_tree = max(shape.tree_nodes for shape in shapes) if lookahead else 0
+        self.draft_depth = next((shape.candidate_length for shape in shapes if shape.host_drafts), 1)  # K, shared
+        # The host's drafts (0: it drafts none); shapes that draft on the device get their template's tree.
+        self.largest_tree = max((shape.tree_nodes for shape in shapes if shape.host_drafts), default=0) \
+            if lookahead else 0
+        self.device_trees = [template_tree(shape.tree_nodes, shape.candidate_length)
+                             if shape.device_drafts and lookahead else None for shape in shapes]
         self.windows = [JacobiWindow(shape.window, shape.levels, rng) if shape.has_window else None for shape in shapes]
         self.chooser = ShapeChooser(shapes, plan.costs_ms) if lookahead else PlainChooser(shapes, plan.costs_ms)
         self.stats = GenerationStats()
@@ -188,9 +193,11 @@ class SequenceState:
 
     def plan_step(self, shape: int, tree: TokenTree, layouts: Sequence[StepLayout]) -> PlannedStep:
         """Lay out the step's input for `shape`: the current token, the shape's window and the tree cut to its
-        budget."""
+        budget (for a shape that drafts on the device, its template's tree, whose tokens the device fills in)."""
         current = self.history[-1]
         config, window = self.plan.shapes[shape], self.windows[shape]
+        if config.device_drafts:
+            tree = self.device_trees[shape] or EMPTY_TREE
         tree = tree.truncated(config.tree_nodes)
         padding = [current] * (config.tree_nodes - len(tree))
         ids = layouts[shape].input_ids(current, window.tokens() if window else [], [*tree.tokens, *padding])

@@ -129,6 +129,9 @@ class EagerStep:
         """predictions: how many of the model's top next tokens to report at every computed row (0: none)."""
         if verifier is not None and sampling:
             raise ValueError("a step runner samples either with its rows' SamplingParams or with a verifier, not both")
+        if any(shape.device_drafts for shape in shapes):
+            raise ValueError("steps that draft on the device run on the static engine (engine.StaticStep), not on a "
+                             "dynamic cache")
         self.adapter, self.layouts = adapter, build_layouts(shapes, adapter.device)
         self.verifier, self.predictions = verifier, predictions
         self.sampler = RowSampler(1, adapter.vocab, adapter.device) if sampling else None

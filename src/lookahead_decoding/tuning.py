@@ -98,6 +98,8 @@ class StepPlan:
 def shape_name(config: LookaheadConfig) -> str:
     if config.guesses == 0 and not config.has_window:
         return "plain"
+    if config.device_drafts:
+        return f"device drafts B={config.tree_nodes} K={config.candidate_length}"
     if not config.has_window:
         return f"verify B={config.tree_nodes} K={config.candidate_length}"
     return (f"lookahead W={config.window} N={config.ngram} G={config.guesses} K={config.candidate_length} "

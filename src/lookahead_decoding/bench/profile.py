@@ -93,9 +93,9 @@ class StepClock:
         self._launching()
         return self.runner.launch_rows(*args)
 
-    def chain_plain(self, *args):
+    def chain(self, *args):
         self._launching()
-        return self.runner.chain_plain(*args)
+        return self.runner.chain(*args)
 
     def finish_rows(self, launched):
         outcomes = self.runner.finish_rows(launched)

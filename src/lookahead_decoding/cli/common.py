@@ -15,7 +15,7 @@ from pathlib import Path
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-LOOKAHEAD_OPTIONS = ("window", "ngram", "guesses", "candidate_length", "tree_nodes")
+LOOKAHEAD_OPTIONS = ("window", "ngram", "guesses", "candidate_length", "tree_nodes", "device_drafts")
 WARPER_OPTIONS = ("top_k", "top_p", "min_p")  # shape the sampled distribution: only used when sampling
 PENALTY_OPTIONS = ("repetition_penalty", "presence_penalty", "frequency_penalty")  # greedy decoding too
 SOURCE_NAMES = ("pool", "suffix", "recycled")  # drafting.sources.SOURCE_NAMES, without importing torch
@@ -65,8 +65,8 @@ def add_model_arguments(parser) -> None:
 
 
 def add_lookahead_arguments(parser) -> None:
-    """--window/--ngram/--guesses/--candidate-length/--tree-nodes and --source. Each defaults to None: the library
-    decides."""
+    """--window/--ngram/--guesses/--candidate-length/--tree-nodes/--device-drafts and --source. Each defaults to
+    None: the library decides."""
     parser.add_argument("--window", type=int, metavar="W", help="Jacobi window columns (default: the library's)")
     parser.add_argument("--ngram", type=int, metavar="N", help="n-gram size, >= 2 (default: the library's)")
     parser.add_argument("--guesses", type=int, metavar="G",
@@ -75,6 +75,9 @@ def add_lookahead_arguments(parser) -> None:
                         help="the longest draft verified (the tree's depth), >= 1 (default: N-1)")
     parser.add_argument("--tree-nodes", type=int, metavar="B",
                         help="draft tokens verified per step, as one token tree, >= 0 (default: G*K)")
+    parser.add_argument("--device-drafts", action="store_true", default=None,
+                        help="draft the tree on the device from the model's recent top-k predictions instead of "
+                        "the sources (a step without a window: --window and --ngram default to 1 and 2)")
     parser.add_argument("--source", type=source_list, metavar="NAME[,NAME...]",
                         help=f"where drafts come from: {', '.join(SOURCE_NAMES)}, or several joined by commas "
                              "(default: all three)")
@@ -95,6 +98,8 @@ def config_from_args(args: argparse.Namespace):
     given = {name: value for name, value in given.items() if value is not None}
     if not given:
         return None
+    if given.get("device_drafts"):
+        given = {"window": 1, "ngram": 2, **given}
     from ..config import LookaheadConfig
 
     return LookaheadConfig(**given)

@@ -42,9 +42,9 @@ def make_source(source, shapes: Sequence[LookaheadConfig], predictions: int | No
     """A CandidateSource from `source`: None (the default sources), a CandidateSource, a name in SOURCE_NAMES, or
     a sequence of those (combined into one tree). `predictions`: how many of the model's top next tokens the step
     runner reports, when it is fixed already; default sources that need more are left out. Where no shape
-    verifies drafts (plain decoding), the default is no source at all. A `memory` adds its `MemorySource` to the
-    sources, and carries the recycled source's table."""
-    if source is None and not any(shape.verifies for shape in shapes):
+    verifies the host's drafts (plain decoding, or drafting on the device), the default is no source at all. A
+    `memory` adds its `MemorySource` to the sources, and carries the recycled source's table."""
+    if source is None and not any(shape.host_drafts for shape in shapes):
         return NoDrafts()
     if source is None:
         parts = [named_source(name, shapes, memory) for name in DEFAULT_SOURCES]

@@ -1,0 +1,100 @@
+"""Drafts made on the device: a tree of the model's own latest top-k predictions, filled in inside the step.
+
+Token Recycling (arXiv 2408.08696) keeps, for every token, the model's latest top-k next tokens, and drafts by
+following them from the last committed token along a fixed tree template: a node is the rank-r next token after
+its parent's token. Here the table is a [V, k] tensor on the device that every such step updates from all the
+rows it computed, and the template is fixed per step shape, so a row's whole draft is one gather per depth inside
+the step (captured with it as a CUDA graph). The host drafts nothing and the step needs from it nothing but each
+row's last committed token, which the step before left on the device: such a step can be launched before the
+host has read the one before (`engine.StaticStep.chain`).
+
+The drafts only decide how many tokens a step commits, never which: verification keeps exactly what the model
+chooses, whatever the table holds (it starts as zeros, and it is shared by all rows and requests of an engine).
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import NamedTuple
+
+import torch
+
+from .drafting.tree import TokenTree
+
+# The chance that the rank-r next token of the table is right, given that its parent is: a prior set by hand
+# (the most likely token is right most often, the others fall off fast), which only shapes the template.
+RANK_ACCEPTANCE = (0.6, 0.15, 0.08, 0.05, 0.03, 0.02, 0.015, 0.01)
+TOP_K = len(RANK_ACCEPTANCE)  # next tokens the table keeps per token
+
+
+class DraftTemplate(NamedTuple):
+    """A fixed tree, nodes best first (every parent before its children)."""
+
+    parents: tuple[int, ...]  # the parent node, ROOT (-1) for the children of the last committed token
+    ranks: tuple[int, ...]  # which of its parent token's next tokens (0: the most likely) a node drafts
+    depths: tuple[int, ...]  # 1 for the children of the last committed token
+
+
+def draft_template(nodes: int, max_depth: int) -> DraftTemplate:
+    """The `nodes` likeliest nodes, at most `max_depth` deep, of the tree in which the rank-r child of every node
+    is right with RANK_ACCEPTANCE[r] given its parent (path probabilities never grow down a path, so taking
+    the likeliest first keeps a tree)."""
+    parents: list[int] = []
+    ranks: list[int] = []
+    depths: list[int] = []
+    frontier = [(-RANK_ACCEPTANCE[0], -1, 0, 1)]  # (-path probability, parent, rank, depth)
+    while frontier and len(parents) < nodes:
+        negative, parent, rank, depth = heapq.heappop(frontier)
+        parents.append(parent)
+        ranks.append(rank)
+        depths.append(depth)
+        node = len(parents) - 1
+        if rank + 1 < TOP_K:  # the next sibling: never likelier than this node
+            sibling = negative / RANK_ACCEPTANCE[rank] * RANK_ACCEPTANCE[rank + 1]
+            heapq.heappush(frontier, (sibling, parent, rank + 1, depth))
+        if depth < max_depth:
+            heapq.heappush(frontier, (negative * RANK_ACCEPTANCE[0], node, 0, depth + 1))
+    return DraftTemplate(tuple(parents), tuple(ranks), tuple(depths))
+
+
+def template_tree(nodes: int, max_depth: int) -> TokenTree:
+    """The template as the host hands a step its tree: the topology, tokens unknown until the device drafts them
+    (a row whose step gets this tree drafts on the device; one that gets an empty tree decodes one token)."""
+    template = draft_template(nodes, max_depth)
+    return TokenTree(tokens=(0,) * nodes, parents=template.parents, scores=(0.0,) * nodes)
+
+
+class DeviceDrafter:
+    """The table of latest top-k next tokens, and the step shapes' templates, on the device."""
+
+    def __init__(self, vocab: int, device: torch.device) -> None:
+        self.table = torch.zeros(vocab, TOP_K, dtype=torch.long, device=device)  # token -> its top-k next tokens
+        self.device = device
+        self._levels: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+
+    def draft(self, current: torch.Tensor, nodes: int, max_depth: int) -> torch.Tensor:
+        """Every row's tree tokens [batch, nodes] after its last committed token (`current`, [batch])."""
+        if (nodes, max_depth) not in self._levels:
+            self._levels[nodes, max_depth] = self._by_depth(draft_template(nodes, max_depth))
+        # Column `nodes` holds the current token: the template's root.
+        tokens = current[:, None].expand(-1, nodes + 1).clone()
+        for where, parents, ranks in self._levels[nodes, max_depth]:
+            tokens[:, where] = self.table[tokens[:, parents], ranks]
+        return tokens[:, :nodes]
+
+    def learn(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        """Keep the top-k next tokens after each of `tokens` [batch, R], as `logits` [batch, R, V] rank them (a token
+        that occurs twice keeps one of its rows)."""
+        self.table[tokens] = logits.topk(TOP_K, dim=-1).indices
+
+    def _by_depth(self, template: DraftTemplate) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per depth, the template's nodes there, their parents (the root as `nodes`) and ranks, as tensors."""
+        nodes = len(template.parents)
+        levels = []
+        for depth in range(1, max(template.depths, default=0) + 1):
+            at = [node for node in range(nodes) if template.depths[node] == depth]
+            levels.append((torch.tensor(at, device=self.device),
+                           torch.tensor([nodes if template.parents[n] < 0 else template.parents[n] for n in at],
+                                        device=self.device),
+                           torch.tensor([template.ranks[n] for n in at], device=self.device)))
+        return levels

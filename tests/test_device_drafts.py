@@ -1,0 +1,113 @@
+"""Drafting on the device: the template, the table's drafts and updates, and exact decoding through such steps."""
+
+import functools
+import itertools
+
+import pytest
+import torch
+from conftest import VOCAB, greedy_reference, tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lookahead_decoding as ld
+from lookahead_decoding.device_drafts import RANK_ACCEPTANCE, TOP_K, DeviceDrafter, draft_template
+from lookahead_decoding.drafting.base import NoDrafts
+from lookahead_decoding.engine import StaticStep
+from lookahead_decoding.model_adapter import ModelAdapter
+from lookahead_decoding.scheduler import BatchScheduler, Request
+from lookahead_decoding.step import EagerStep
+from lookahead_decoding.tuning import StepPlan
+
+DEVICE_SHAPE = ld.LookaheadConfig(1, 2, 1, candidate_length=4, tree_nodes=10, device_drafts=True)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(nodes=st.integers(0, 40), max_depth=st.integers(1, 5))
+def test_the_template_is_the_likeliest_nodes_of_the_rank_tree(nodes, max_depth):
+    template = draft_template(nodes, max_depth)
+    # Brute force: every path of ranks up to max_depth, its probability the product of the ranks' priors.
+    paths = [ranks for depth in range(1, max_depth + 1) for ranks in itertools.product(range(TOP_K), repeat=depth)]
+    probability = {ranks: functools.reduce(lambda p, r: p * RANK_ACCEPTANCE[r], ranks, 1.0) for ranks in paths}
+    kept = []
+    for node, (parent, rank) in enumerate(zip(template.parents, template.ranks)):
+        assert parent < node  # parents first
+        kept.append((kept[parent] if parent >= 0 else ()) + (rank,))
+        assert len(kept[-1]) == template.depths[node] <= max_depth
+    assert len(set(kept)) == len(kept) == min(nodes, len(paths))
+    best = sorted(probability.values(), reverse=True)[: len(kept)]
+    assert sorted((probability[path] for path in kept), reverse=True) == pytest.approx(best)
+
+
+def test_a_draft_follows_the_table_from_the_last_committed_token():
+    drafter = DeviceDrafter(50, torch.device("cpu"))
+    drafter.table = torch.randint(0, 50, (50, TOP_K), generator=torch.Generator().manual_seed(0))
+    current = torch.tensor([3, 17, 42])
+    template = draft_template(12, 4)
+    drafted = drafter.draft(current, 12, 4).tolist()
+    for row, token in enumerate(current.tolist()):
+        for node, (parent, rank) in enumerate(zip(template.parents, template.ranks)):
+            parent_token = token if parent < 0 else drafted[row][parent]
+            assert drafted[row][node] == drafter.table[parent_token, rank]
+
+
+def test_the_table_keeps_the_latest_top_k_after_each_token():
+    drafter = DeviceDrafter(30, torch.device("cpu"))
+    logits = torch.randn(2, 3, 30, generator=torch.Generator().manual_seed(1))
+    tokens = torch.tensor([[4, 5, 6], [7, 8, 9]])
+    drafter.learn(tokens, logits)
+    for row, column in itertools.product(range(2), range(3)):
+        assert drafter.table[tokens[row, column]].tolist() == logits[row, column].topk(TOP_K).indices.tolist()
+    assert not drafter.table[10].any()  # untouched tokens keep their (empty) drafts
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "gpt_neox"])
+def test_steps_that_draft_on_the_device_give_greedy_tokens_and_accept_drafts(arch):
+    model = tiny_model(arch)
+    prompts = [[5, 6, 7] * 4, [1, 2, 3, 4, 5]]
+    out = ld.generate(model, prompts, 40, DEVICE_SHAPE)
+    for prompt, row in zip(prompts, out.rows):
+        assert row.tokens == greedy_reference(model, torch.tensor([prompt]), 40)[0].tolist()
+    assert out.stats.tokens_per_step > 1.0  # the table learned enough of the text to be right sometimes
+    assert set(out.stats.shape_steps) == {"device drafts B=10 K=4"}
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_refills_budgets_and_eos_through_steps_that_draft_on_the_device(pipelined):
+    model = tiny_model("llama")
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, VOCAB, (int(n),), generator=generator).tolist() for n in (3, 9, 5, 12, 4)]
+    prompts[2] = prompts[2][:2] * 5  # repetitive: long acceptances
+    budgets = [30, 6, 25, 3, 17]
+    eos = greedy_reference(model, torch.tensor([prompts[0]]), 30)[0, len(prompts[0]) + 12].item()
+    runner = StaticStep(model, DEVICE_SHAPE, 96, batch_size=2, pipeline=pipelined)
+    chains, chain = [], runner.chain
+    runner.chain = lambda *args: chains.append(args) or chain(*args)
+    out = ld.generate(model, prompts, budgets, DEVICE_SHAPE, runner=runner, eos_token_id=eos)
+    for prompt, budget, row in zip(prompts, budgets, out.rows):
+        expected = greedy_reference(model, torch.tensor([prompt]), budget, eos_token_id=eos)[0].tolist()
+        assert row.tokens == expected
+    assert bool(chains) == pipelined
+
+
+def test_a_request_without_lookahead_takes_one_token_per_step_of_a_device_drafting_plan():
+    model = tiny_model("llama")
+    runner = StaticStep(model, DEVICE_SHAPE, 96, batch_size=2, pipeline=True)
+    prompt = [5, 6, 7] * 4
+    scheduler = BatchScheduler(runner, StepPlan((DEVICE_SHAPE,), (1.0,)), lambda memory=None: NoDrafts())
+    scheduler.submit(Request(list(prompt), 20, tag="on"))
+    scheduler.submit(Request(list(prompt), 20, tag="off", lookahead=False))
+    results = {finished.tag: finished for finished in scheduler.run()}
+    expected = greedy_reference(model, torch.tensor([prompt]), 20)[0].tolist()
+    assert results["on"].tokens == results["off"].tokens == expected
+    assert results["off"].stats.steps == 19  # one token per step after the prefill's
+    assert results["on"].stats.steps < 19
+
+
+def test_device_drafts_need_a_step_without_window_and_the_static_engine(llama):
+    with pytest.raises(ValueError, match=r"device_drafts needs a step without a window \(window=1, ngram=2\) and "
+                                         r"with tree nodes, got window=3, ngram=2, tree_nodes=3"):
+        ld.LookaheadConfig(3, 2, 3, device_drafts=True)
+    with pytest.raises(TypeError, match="LookaheadConfig.device_drafts must be a bool, got 1"):
+        ld.LookaheadConfig(1, 2, 1, device_drafts=1)
+    with pytest.raises(ValueError, match="steps that draft on the device run on the static engine"):
+        EagerStep(ModelAdapter(llama), [DEVICE_SHAPE])
