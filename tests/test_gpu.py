@@ -133,7 +133,7 @@ def test_captured_sampling_equals_eager_and_plain_sampling(arch):
     prompts[1] = (prompts[1][:3] * 8)[:20]
     seeds = list(range(100, 106))
     plain = ld.generate(model, prompts, 40, AUTOREGRESSIVE, seed=seeds, **SAMPLING)
-    plan = StepPlan(SHAPES, (1.0, 1.2, 1.5))
+    plan = StepPlan(SHAPES, COSTS)
     captured = StaticStep(model, SHAPES, 96, batch_size=3, sampling=True)
     eager = StaticStep(model, SHAPES, 96, batch_size=3, sampling=True, cuda_graph=False)
     for runner in (captured, eager):
