@@ -133,8 +133,10 @@ def test_no_command_is_a_usage_error(capsys):
     "options, passed",
     [([], None), (["--guesses", "2"], ld.LookaheadConfig(guesses=2)),
      (["--window", "3", "--ngram", "4", "--guesses", "2", "--candidate-length", "5"],
-      ld.LookaheadConfig(3, 4, 2, candidate_length=5))],
-    ids=["none", "one", "all"],
+      ld.LookaheadConfig(3, 4, 2, candidate_length=5)),
+     (["--device-drafts", "--candidate-length", "3", "--tree-nodes", "6"],
+      ld.LookaheadConfig(1, 2, candidate_length=3, tree_nodes=6, device_drafts=True))],
+    ids=["none", "one", "all", "device drafts"],
 )
 def test_shape_options_left_out_leave_the_choice_to_the_library(cli_model, capsys, monkeypatch, options, passed):
     """generate gets config=None (auto) without options; the report shows the shapes of the plan the output used."""
@@ -154,7 +156,8 @@ def test_shape_options_left_out_leave_the_choice_to_the_library(cli_model, capsy
     assert result["config"] == ("auto" if passed is None else {"window": passed.window, "ngram": passed.ngram,
                                                                  "guesses": passed.guesses,
                                                                  "candidate_length": passed.candidate_length,
-                                                                 "tree_nodes": passed.tree_nodes})
+                                                                 "tree_nodes": passed.tree_nodes,
+                                                                 "device_drafts": passed.device_drafts})
     assert [entry["cost_ms"] for entry in result["shapes"]] == list(plans[0].costs_ms)
 
 

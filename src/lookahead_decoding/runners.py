@@ -70,11 +70,12 @@ def runner_for(model, shapes: Sequence[LookaheadConfig], length: int, verifier: 
     """The runner for a generation of up to `length` tokens with these step shapes; `predictions`: the model's
     top next tokens to report at every computed row, for the sources that recycle them; `sampling`: some row
     samples or has penalties (its `SamplingParams` come with its prompt). A batch runs on the static engine (its
-    rows hold sequences of different lengths), and so do shapes that draft on the device; with a verifier (logits
-    processors), eagerly."""
-    if uses_static_engine(model, verifier):
+    rows hold sequences of different lengths), and so do shapes that draft on the device (on the cached engine, whose
+    table outlives the call); with a verifier (logits processors), eagerly."""
+    device_drafts = any(shape.device_drafts for shape in shapes)  # (drafting on the device needs the engine's table)
+    if uses_static_engine(model, verifier) or (device_drafts and verifier is None):
         return static_engine(model, shapes, length, compile, predictions, batch_size, sampling)
-    if batch_size > 1 or any(shape.device_drafts for shape in shapes):  # (drafting on the device needs its table)
+    if batch_size > 1 or device_drafts:
         return StaticStep(model, shapes, engine_length(model, length), compile=compile, predictions=predictions,
                           batch_size=batch_size, verifier=verifier, cuda_graph=False, sampling=sampling)
     return EagerStep(ModelAdapter(model), shapes, verifier, predictions, sampling)
