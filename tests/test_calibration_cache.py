@@ -217,10 +217,10 @@ def test_an_unwritable_cache_prints_one_line_on_stderr(tmp_path):
 class FakeRunner:
     """A runner whose steps take no time but advance `clock` by `cost_ms(rows of the batched step)`."""
 
-    def __init__(self, shapes, clock, cost_ms, batch_size, device, context_length, pipelined=False):
+    def __init__(self, shapes, clock, cost_ms, batch_size, device, context_length):
         self.layouts = tuple(SimpleNamespace(config=shape, size=shape.tokens_per_step) for shape in shapes)
         self.adapter = SimpleNamespace(device=torch.device(device), context_length=context_length)
-        self.batch_size, self.clock, self.cost_ms, self.pipelined = batch_size, clock, cost_ms, pipelined
+        self.batch_size, self.clock, self.cost_ms = batch_size, clock, cost_ms
 
     def prefill_rows(self, prompts, sampling=None):
         return {row: SimpleNamespace(committed=[0]) for row in prompts}
@@ -231,15 +231,14 @@ class FakeRunner:
         return SimpleNamespace(committed=[0])
 
 
-def fake_calibration(monkeypatch, cost_ms, batch_size=1, device="cpu", context_length=None, pipelined=False,
-                     **kwargs):
+def fake_calibration(monkeypatch, cost_ms, batch_size=1, device="cpu", context_length=None, **kwargs):
     """Calibrate on fake runners with a fake clock; (the calibration, steps it ran, shapes it measured)."""
     clock = SimpleNamespace(now=0.0, steps=0, shapes=[])
     monkeypatch.setattr(tuning, "time", SimpleNamespace(perf_counter=lambda: clock.now))
 
     def make_runner(shapes):
         clock.shapes.extend(shapes)
-        return FakeRunner(shapes, clock, cost_ms, batch_size, device, context_length, pipelined)
+        return FakeRunner(shapes, clock, cost_ms, batch_size, device, context_length)
 
     calibration = tuning.calibrate(make_runner, 96, **kwargs)
     return calibration, clock.steps, clock.shapes
@@ -255,18 +254,6 @@ def test_calibration_shows_its_progress_on_stderr(monkeypatch, capsys):
     assert "calibrating step shapes for batch 4" in err and "shape" in err
     assert "lookahead W=3 N=4 G=3" in err  # what is measured
     assert "0/7" in err  # how many shapes are left: plain, the 2 wide shapes a CPU batch tries, 4 narrow ones
-
-
-@pytest.mark.parametrize("batch_size, pipelined, included", [(1, True, True), (1, False, False), (4, True, False)])
-def test_a_pipelining_runner_of_one_sequence_gets_a_step_that_drafts_on_the_device(monkeypatch, batch_size,
-                                                                                   pipelined, included):
-    flat = lambda rows: 10.0 + 0.01 * rows  # noqa: E731  launch-bound
-    calibration, _, _ = fake_calibration(monkeypatch, flat, batch_size=batch_size, pipelined=pipelined)
-    device = [shape for shape in calibration.plan.shapes if shape.device_drafts]
-    assert device == ([ld.LookaheadConfig(1, 2, 1, candidate_length=tuning.DRAFT_DEPTH, tree_nodes=63,
-                                          device_drafts=True)] if included else [])
-    assert calibration.plan.shapes[0] == AUTOREGRESSIVE and calibration.plan.shapes[-1].has_window
-    calibration.plan.check_calibrated(None)
 
 
 def test_calibration_skips_what_clearly_loses_and_chooses_the_same(monkeypatch):

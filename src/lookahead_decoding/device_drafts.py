@@ -2,8 +2,8 @@
 
 Token Recycling (arXiv 2408.08696) keeps, for every token, the model's latest top-k next tokens, and drafts by
 following them from the last committed token along a fixed tree template: a node is the rank-r next token after
-its parent's token. Here the table is a [V, k] tensor on the device that every step of an engine with such a
-shape updates from all the rows it computed, and the template is fixed per step shape, so a row's whole draft is one gather per depth inside
+its parent's token. Here the table is a [V, k] tensor on the device that every such step updates from all the
+rows it computed, and the template is fixed per step shape, so a row's whole draft is one gather per depth inside
 the step (captured with it as a CUDA graph). The host drafts nothing and the step needs from it nothing but each
 row's last committed token, which the step before left on the device: such a step can be launched before the
 host has read the one before (`engine.StaticStep.chain`).

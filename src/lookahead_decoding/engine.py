@@ -439,7 +439,7 @@ class StaticStep:
         self.cache.write_at(slots)
         mask = self.adapter.attention_mask(allowed, positions, None)
         logits = self.adapter.forward(step_ids, positions, mask, self.cache, layout.logit_rows)
-        if self.drafter is not None:  # every step's predictions keep the table fresh for the drafting steps
+        if config.device_drafts:
             self.drafter.learn(step_ids[:, layout.logit_rows], logits)
         return logits, tree, start, step_ids
 

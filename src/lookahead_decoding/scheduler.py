@@ -111,11 +111,8 @@ class BatchScheduler:
         self.waiting: deque[Request] = deque()
         self.stats = GenerationStats()  # steps: batched forwards; new_tokens: over all rows
         # One sequence: the calibrated costs and its chooser's estimates. A batch: costs measured as it runs, host
-        # work per row included, and the rows' summed estimates corrected by what the batch's steps delivered. A
-        # plan with a step that drafts on the device measures too: calibration times steps alone, and the host's
-        # drafting, which such a step does without, would not count.
-        device_drafts = any(shape.device_drafts for shape in plan.shapes)
-        self.costs = StepCosts(plan.costs_ms, measured=runner.batch_size > 1 or device_drafts)
+        # work per row included, and the rows' summed estimates corrected by what the batch's steps delivered.
+        self.costs = StepCosts(plan.costs_ms, measured=runner.batch_size > 1)
         self.batch_yield = BatchYield(len(plan.shapes)) if runner.batch_size > 1 else None
         self._steps_by_shape = [0] * len(plan.shapes)
         # The shapes whose steps can follow unread ones, if the runner pipelines; then the step launched and not

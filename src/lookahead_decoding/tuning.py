@@ -1,8 +1,8 @@
 """config="auto": the step shapes for this device, model and dtype, chosen by measuring what each step costs.
 
-A plan holds the plain one-token step, a narrow step that only verifies a small token tree, for one sequence on a
-runner that pipelines (CUDA) a step that drafts on the device, and a wide lookahead step (Jacobi window + tree);
-`shape_choice.ShapeChooser` picks one of them before every step. Calibration times each candidate shape on the runner decoding will use, then keeps the wide shape with the
+A plan holds the plain one-token step, a narrow step that only verifies a small token tree and a wide lookahead
+step (Jacobi window + tree), cheapest first; `shape_choice.ShapeChooser` picks one of them before every
+step. Calibration times each candidate shape on the runner decoding will use, then keeps the wide shape with the
 most expected tokens per millisecond (`shape_choice.expected_tokens` grows with the step's rows) and the widest
 narrow step that costs little more than the cheapest one, if it is clearly cheaper than the wide step. Timing a
 shape stops early once it clearly loses, and the ladder stops where wider shapes cannot win.
@@ -37,9 +37,6 @@ WIDEST_ROWS = max((n - 1) * w + b for w, n, _, b in WIDE_LADDER)  # no cached pl
 # fp32, 16 prompts per dataset"); wider ones take minutes to time and cannot win.
 CPU_BATCH_LADDER = WIDE_LADDER[:2]
 NARROW_NODES = (4, 8, 16, 32)
-# The step that drafts on the device (`device_drafts.py`), for one sequence on a runner that pipelines: it costs
-# the host nothing per step, so it is worth a place next to the host-drafted steps.
-DEVICE_DRAFT_NODES = 63
 # The longest draft a calibrated shape verifies: text copied from the prompt or the output is often longer than an
 # n-gram, and depth costs no rows (docs/benchmarks.md, "Token tree").
 DRAFT_DEPTH = 12
@@ -176,11 +173,8 @@ def calibrate(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_
                                 for w, n, g, b in ladder)
             if context is None or shape.tokens_per_step < context]  # what `check_calibrated` accepts
     narrow = [verify_only(nodes, DRAFT_DEPTH) for nodes in NARROW_NODES]
-    device = [LookaheadConfig(1, 2, 1, candidate_length=DRAFT_DEPTH, tree_nodes=DEVICE_DRAFT_NODES,
-                              device_drafts=True)] if getattr(plain_runner, "pipelined", False) and batch_size == 1 else []
     what = "calibrating step shapes" + (f" for batch {batch_size}" if batch_size > 1 else "")
-    with tqdm(total=1 + len(wide) + len(narrow) + len(device), desc=what, unit="shape", file=sys.stderr,
-              leave=False) as progress:
+    with tqdm(total=1 + len(wide) + len(narrow), desc=what, unit="shape", file=sys.stderr, leave=False) as progress:
         (plain_cost,) = time_steps(plain_runner, vocab_size, progress=progress, sampling=sampling)
         wide_costs: list[float] = []
         best_rate = 0.0  # expected tokens per ms of the best wide shape so far
@@ -203,17 +197,13 @@ def calibrate(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_
         unaffordable = None if exhaustive else lambda _, times, costs: (
             min(times) > NARROW_COST_SLACK * min(costs, default=math.inf))
         narrow_costs = time_steps(make_runner(narrow), vocab_size, unaffordable, progress, sampling)
-        device_costs = time_steps(make_runner(device), vocab_size, None, progress, sampling) if device else []
     affordable = [i for i, cost in enumerate(narrow_costs) if cost <= NARROW_COST_SLACK * min(narrow_costs)]
     pick = affordable[-1]
     shapes, costs = [AUTOREGRESSIVE], [plain_cost]
     if narrow_costs[pick] <= NARROW_SHARE_OF_WIDE * wide_cost:
         shapes.append(narrow[pick])
         costs.append(narrow_costs[pick])
-    shapes.extend(device)  # the shape choice tries it and measures what it accepts
-    costs.extend(device_costs)
     shapes.append(chosen_wide)
     costs.append(wide_cost)
-    measured = tuple(zip([AUTOREGRESSIVE, *wide, *narrow, *device], [plain_cost, *wide_costs, *narrow_costs,
-                                                                      *device_costs]))
+    measured = tuple(zip([AUTOREGRESSIVE, *wide, *narrow], [plain_cost, *wide_costs, *narrow_costs]))
     return Calibration(measured, StepPlan(tuple(shapes), tuple(costs)))
