@@ -39,7 +39,7 @@ def test_the_template_is_the_likeliest_nodes_of_the_rank_tree(nodes, max_depth):
 
 
 def test_a_draft_follows_the_table_from_the_last_committed_token():
-    drafter = DeviceDrafter(50, torch.device("cpu"))
+    drafter = DeviceDrafter(50, torch.device("cpu"), [(12, 4)])
     drafter.table = torch.randint(0, 50, (50, TOP_K), generator=torch.Generator().manual_seed(0))
     current = torch.tensor([3, 17, 42])
     template = draft_template(12, 4)
@@ -51,7 +51,7 @@ def test_a_draft_follows_the_table_from_the_last_committed_token():
 
 
 def test_the_table_keeps_the_latest_top_k_after_each_token():
-    drafter = DeviceDrafter(30, torch.device("cpu"))
+    drafter = DeviceDrafter(30, torch.device("cpu"), [])
     logits = torch.randn(2, 3, 30, generator=torch.Generator().manual_seed(1))
     tokens = torch.tensor([[4, 5, 6], [7, 8, 9]])
     drafter.learn(tokens, logits)

@@ -346,13 +346,15 @@ def test_tiny_temperature_is_greedy(ngram, candidate_length):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
-@pytest.mark.parametrize("ngram, candidate_length", [(2, None), (3, None), (5, None), (3, 6)])
-def test_greedy_with_logits_processors_equals_hf(arch, ngram, candidate_length):
+@pytest.mark.parametrize("ngram, candidate_length, device_drafts",
+                         [(2, None, False), (3, None, False), (5, None, False), (3, 6, False), (2, 6, True)])
+def test_greedy_with_logits_processors_equals_hf(arch, ngram, candidate_length, device_drafts):
     model = tiny_model(arch)
     prompt = torch.tensor([[5, 6, 7, 8] * 5])
     processors = [RepetitionPenaltyLogitsProcessor(1.3), NoRepeatNGramLogitsProcessor(4)]
     expected = greedy_reference(model, prompt, 40, logits_processor=LogitsProcessorList(processors))
-    config = ld.LookaheadConfig(window=4, ngram=ngram, guesses=5, candidate_length=candidate_length)
+    config = ld.LookaheadConfig(window=1 if device_drafts else 4, ngram=ngram, guesses=5,
+                                candidate_length=candidate_length, device_drafts=device_drafts)
     out = ld.generate(model, prompt, 40, config, logits_processor=LogitsProcessorList(processors))
     assert out.sequences.tolist() == expected.tolist()
     assert expected.tolist() != greedy_reference(model, prompt, 40).tolist()  # the processors mattered

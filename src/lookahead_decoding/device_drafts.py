@@ -14,7 +14,9 @@ chooses, whatever the table holds (it starts as zeros, and it is shared by all r
 
 from __future__ import annotations
 
+import functools
 import heapq
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -37,6 +39,7 @@ class DraftTemplate(NamedTuple):
     depths: tuple[int, ...]  # 1 for the children of the last committed token
 
 
+@functools.lru_cache(maxsize=None)  # one per step shape, asked for by every sequence that decodes with it
 def draft_template(nodes: int, max_depth: int) -> DraftTemplate:
     """The `nodes` likeliest nodes, at most `max_depth` deep, of the tree in which the rank-r child of every node
     is right with RANK_ACCEPTANCE[r] given its parent (path probabilities never grow down a path, so taking
@@ -59,6 +62,7 @@ def draft_template(nodes: int, max_depth: int) -> DraftTemplate:
     return DraftTemplate(tuple(parents), tuple(ranks), tuple(depths))
 
 
+@functools.lru_cache(maxsize=None)
 def template_tree(nodes: int, max_depth: int) -> TokenTree:
     """The template as the host hands a step its tree: the topology, tokens unknown until the device drafts them
     (a row whose step gets this tree drafts on the device; one that gets an empty tree decodes one token)."""
@@ -67,17 +71,17 @@ def template_tree(nodes: int, max_depth: int) -> TokenTree:
 
 
 class DeviceDrafter:
-    """The table of latest top-k next tokens, and the step shapes' templates, on the device."""
+    """The table of latest top-k next tokens, and the templates of `shapes` ((nodes, max depth) each), on the
+    device."""
 
-    def __init__(self, vocab: int, device: torch.device) -> None:
+    def __init__(self, vocab: int, device: torch.device, shapes: Iterable[tuple[int, int]]) -> None:
         self.table = torch.zeros(vocab, TOP_K, dtype=torch.long, device=device)  # token -> its top-k next tokens
         self.device = device
-        self._levels: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        # Built now, not while a step is captured as a CUDA graph.
+        self._levels = {shape: self._by_depth(draft_template(*shape)) for shape in shapes}
 
     def draft(self, current: torch.Tensor, nodes: int, max_depth: int) -> torch.Tensor:
         """Every row's tree tokens [batch, nodes] after its last committed token (`current`, [batch])."""
-        if (nodes, max_depth) not in self._levels:
-            self._levels[nodes, max_depth] = self._by_depth(draft_template(nodes, max_depth))
         # Column `nodes` holds the current token: the template's root.
         tokens = current[:, None].expand(-1, nodes + 1).clone()
         for where, parents, ranks in self._levels[nodes, max_depth]:

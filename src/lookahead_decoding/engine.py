@@ -159,7 +159,8 @@ class StaticStep:
         self.max_length, self.prefill_chunk, self.predictions = max_length, prefill_chunk, predictions
         self.batch_size, self.verifier = batch_size, verifier
         self.sampler = RowSampler(batch_size, adapter.vocab, device) if sampling else None
-        self.drafter = DeviceDrafter(adapter.vocab, device) if any(shape.device_drafts for shape in shapes) else None
+        drafting = [(shape.tree_nodes, shape.candidate_length) for shape in shapes if shape.device_drafts]
+        self.drafter = DeviceDrafter(adapter.vocab, device, drafting) if drafting else None
         # Per shape that drafts on the device: its template's input line (parents, nodes), for rows chained in.
         self._template_lines = {
             index: torch.tensor([*tree_parents(template_tree(shape.tree_nodes, shape.candidate_length),
