@@ -305,7 +305,7 @@ def test_tiny_bench_end_to_end(tiny, tmp_path, capsys):
     check_result(result, "gsm8k", ["greedy", "lookahead", "pld"], 2)
     assert result["summary"]["gsm8k"]["lookahead"]["identical_to_greedy"] == 1.0
     assert result["config"]["lookahead_config"] == {"window": 3, "ngram": 3, "guesses": 3, "candidate_length": 2,
-                                                    "tree_nodes": 6}
+                                                    "tree_nodes": 6, "device_drafts": False}
     assert plot.read_bytes().startswith(b"\x89PNG")
     assert result["config"]["sampling"] is None
     table = capsys.readouterr().out
