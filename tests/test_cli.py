@@ -65,6 +65,14 @@ def test_streamed_text_is_the_final_text(cli_model, capsys, chat):
     assert "identical        yes, token for token" in report
 
 
+def test_a_device_drafting_run_says_so_and_equals_greedy(cli_model, capsys):
+    code, out, err = run(capsys, "Once upon a time", "--model", cli_model, "--max-new-tokens", "16", "--device-drafts",
+                         "--candidate-length", "4", "--tree-nodes", "10", "--compare")
+    assert code == 0, err
+    assert "\n-- lookahead decoding, drafted on the device, tree nodes 10, candidate length 4\n" in out
+    assert "device drafts B=10 K=4" in out and "identical        yes, token for token" in out
+
+
 def test_chat_wraps_the_prompt_in_the_template(cli_model, capsys):
     tokenizer = AutoTokenizer.from_pretrained(cli_model)
     results = {}
