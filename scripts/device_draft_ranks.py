@@ -1,10 +1,10 @@
 """How often a drafted node of each rank is accepted when its parent is: the numbers behind the template's prior
 (`device_drafts.RANK_ACCEPTANCE`), measured on steps that draft on the device.
 
-The embedded model decodes a few prompts of each dataset (greedy, one at a time, on the static engine, which keeps
-its table across prompts) with one device-drafting shape; after every step, each template node whose parent was
-accepted (or that hangs from the current token) counts as tested, and as accepted if it is on the accepted path.
-Printed: per rank over all depths, then rank 0 per depth.
+The embedded model decodes a few prompts of each dataset (greedy, one at a time, on one static engine per dataset,
+which keeps its tables across prompts) with one device-drafting shape; after every step, each template node whose
+parent was accepted (or that hangs from the current token) counts as tested, and as accepted if it is on the
+accepted path. Printed: tokens per step per dataset, then per rank over all depths, then rank 0 per depth.
 
     python scripts/device_draft_ranks.py --data-dir ../shared/data --prompts 3 --offset 20
 """
@@ -57,8 +57,11 @@ def main() -> None:
             return outcomes
 
         runner.finish_rows = counting
+        steps = tokens = 0
         for encoded in encode_all(tokenizer, prompts, "cpu"):
-            ld.generate(model, encoded.input_ids, args.max_new_tokens, shape, runner=runner)
+            stats = ld.generate(model, encoded.input_ids, args.max_new_tokens, shape, runner=runner).stats
+            steps, tokens = steps + stats.steps, tokens + stats.new_tokens
+        print(f"{dataset}: {tokens / steps:.3f} tokens per step", flush=True)
     print("rank: tested, accepted, accepted share (all depths)")
     for rank in range(TOP_K):
         tried = sum(count for (_, r), count in tested.items() if r == rank)

@@ -38,26 +38,40 @@ def test_the_template_is_the_likeliest_nodes_of_the_rank_tree(nodes, max_depth):
     assert sorted((probability[path] for path in kept), reverse=True) == pytest.approx(best)
 
 
-def test_a_draft_follows_the_table_from_the_last_committed_token():
+def test_a_draft_follows_the_pairs_seen_and_the_single_tokens_elsewhere():
     drafter = DeviceDrafter(50, torch.device("cpu"), [(12, 4)])
-    drafter.table = torch.randint(0, 50, (50, TOP_K), generator=torch.Generator().manual_seed(0))
-    current = torch.tensor([3, 17, 42])
+    generator = torch.Generator().manual_seed(0)
+    drafter.table = torch.randint(0, 50, (50, TOP_K), generator=generator)
+    # Teach it the pairs after a few (token before, token): their own rows, unlike the one-token table's.
+    befores, tokens = torch.tensor([[3, 9, 17]]), torch.tensor([[17, 42, 5]])
+    drafter.learn(tokens, befores, torch.randn(1, 3, 50, generator=generator))
+    pairs = {(b, t): drafter.pair_table[drafter._pair(torch.tensor(b), torch.tensor(t))[1]].tolist()
+             for b, t in zip(befores[0].tolist(), tokens[0].tolist())}
+    current, before = torch.tensor([17, 42, 8]), torch.tensor([3, 9, 8])
     template = draft_template(12, 4)
-    drafted = drafter.draft(current, 12, 4).tolist()
-    for row, token in enumerate(current.tolist()):
+    drafted = drafter.draft(current, before, 12, 4).tolist()
+    for row, (token, token_before) in enumerate(zip(current.tolist(), before.tolist())):
         for node, (parent, rank) in enumerate(zip(template.parents, template.ranks)):
             parent_token = token if parent < 0 else drafted[row][parent]
-            assert drafted[row][node] == drafter.table[parent_token, rank]
+            grandparent = template.parents[parent] if parent >= 0 else None
+            pair_before = token_before if parent < 0 else token if grandparent < 0 else drafted[row][grandparent]
+            row_of = pairs.get((pair_before, parent_token), drafter.table[parent_token].tolist())
+            assert drafted[row][node] == row_of[rank]
+    assert drafted[0][0] == pairs[3, 17][0] and drafted[1][0] == pairs[9, 42][0]  # the pairs were used
 
 
-def test_the_table_keeps_the_latest_top_k_after_each_token():
+def test_the_tables_keep_the_latest_top_k_after_each_token_and_pair():
     drafter = DeviceDrafter(30, torch.device("cpu"), [])
     logits = torch.randn(2, 3, 30, generator=torch.Generator().manual_seed(1))
-    tokens = torch.tensor([[4, 5, 6], [7, 8, 9]])
-    drafter.learn(tokens, logits)
+    tokens, befores = torch.tensor([[4, 5, 6], [7, 8, 9]]), torch.tensor([[1, 4, 5], [2, 7, 8]])
+    drafter.learn(tokens, befores, logits)
     for row, column in itertools.product(range(2), range(3)):
-        assert drafter.table[tokens[row, column]].tolist() == logits[row, column].topk(TOP_K).indices.tolist()
+        top = logits[row, column].topk(TOP_K).indices.tolist()
+        assert drafter.table[tokens[row, column]].tolist() == top
+        key, slot = drafter._pair(befores[row, column], tokens[row, column])
+        assert drafter.pair_keys[slot] == key and drafter.pair_table[slot].tolist() == top
     assert not drafter.table[10].any()  # untouched tokens keep their (empty) drafts
+    assert (drafter.pair_keys >= 0).sum() == 6
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "gpt_neox"])

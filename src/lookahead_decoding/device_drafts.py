@@ -4,9 +4,12 @@ Token Recycling (arXiv 2408.08696) keeps, for every token, the model's latest to
 following them from the last committed token along a fixed tree template: a node is the rank-r next token after
 its parent's token. Here the table is a [V, k] tensor on the device that every such step updates from all the
 rows it computed, and the template is fixed per step shape, so a row's whole draft is one gather per depth inside
-the step (captured with it as a CUDA graph). The host drafts nothing and the step needs from it nothing but each
-row's last committed token, which the step before left on the device: such a step can be launched before the
-host has read the one before (`engine.StaticStep.chain`).
+the step (captured with it as a CUDA graph). A second table keys the same predictions by the pair (the token
+before, the token): where the pair has been seen, a node follows it instead, since one token of context more
+predicts better (docs/benchmarks.md, "H200, seventh session": 5-11% more tokens per step). Its slots are a hash of
+the pair; a slot remembers which pair wrote it, so a collision falls back to the one-token table. The host drafts
+nothing and the step needs from it nothing but each row's last two committed tokens, which the step before left
+on the device: such a step can be launched before the host has read the one before (`engine.StaticStep.chain`).
 
 The drafts only decide how many tokens a step commits, never which: verification keeps exactly what the model
 chooses, whatever the table holds (it starts as zeros, and it is shared by all rows and requests of an engine).
@@ -29,6 +32,8 @@ from .drafting.tree import TokenTree
 # others fall off fast.
 RANK_ACCEPTANCE = (0.405, 0.087, 0.035, 0.027, 0.018, 0.013, 0.010, 0.006)
 TOP_K = len(RANK_ACCEPTANCE)  # next tokens the table keeps per token
+PAIR_SLOTS = 1 << 18  # slots of the pair table (a pair's slot: a multiplicative hash of it)
+PAIR_HASH = 1_000_003
 
 
 class DraftTemplate(NamedTuple):
@@ -75,23 +80,41 @@ class DeviceDrafter:
     device."""
 
     def __init__(self, vocab: int, device: torch.device, shapes: Iterable[tuple[int, int]]) -> None:
+        self.vocab, self.device = vocab, device
         self.table = torch.zeros(vocab, TOP_K, dtype=torch.long, device=device)  # token -> its top-k next tokens
-        self.device = device
+        # slot -> the top-k next tokens after the pair that wrote it last, and that pair (-1: none yet)
+        self.pair_table = torch.zeros(PAIR_SLOTS, TOP_K, dtype=torch.long, device=device)
+        self.pair_keys = torch.full((PAIR_SLOTS,), -1, dtype=torch.long, device=device)
         # Built now, not while a step is captured as a CUDA graph.
         self._levels = {shape: self._by_depth(draft_template(*shape)) for shape in shapes}
 
-    def draft(self, current: torch.Tensor, nodes: int, max_depth: int) -> torch.Tensor:
-        """Every row's tree tokens [batch, nodes] after its last committed token (`current`, [batch])."""
-        # Column `nodes` holds the current token: the template's root.
+    def _pair(self, before: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair's key and its slot in the pair table."""
+        key = before * self.vocab + token
+        return key, key * PAIR_HASH % PAIR_SLOTS
+
+    def draft(self, current: torch.Tensor, before: torch.Tensor, nodes: int, max_depth: int) -> torch.Tensor:
+        """Every row's tree tokens [batch, nodes] after its last committed token (`current`, [batch]), the token
+        `before` it ([batch]) giving the first node's pair."""
+        # Column `nodes` stands for the current token: the template's root. `befores`: each column's parent token.
         tokens = current[:, None].expand(-1, nodes + 1).clone()
+        befores = before[:, None].expand(-1, nodes + 1).clone()
         for where, parents, ranks in self._levels[nodes, max_depth]:
-            tokens[:, where] = self.table[tokens[:, parents], ranks]
+            parent_tokens = tokens[:, parents]
+            key, slot = self._pair(befores[:, parents], parent_tokens)
+            seen = self.pair_keys[slot] == key
+            tokens[:, where] = torch.where(seen, self.pair_table[slot, ranks], self.table[parent_tokens, ranks])
+            befores[:, where] = parent_tokens
         return tokens[:, :nodes]
 
-    def learn(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
-        """Keep the top-k next tokens after each of `tokens` [batch, R], as `logits` [batch, R, V] rank them (a token
-        that occurs twice keeps one of its rows)."""
-        self.table[tokens] = logits.topk(TOP_K, dim=-1).indices
+    def learn(self, tokens: torch.Tensor, befores: torch.Tensor, logits: torch.Tensor) -> None:
+        """Keep the top-k next tokens after each of `tokens` [batch, R], and after each pair (`befores`, `tokens`),
+        as `logits` [batch, R, V] rank them (a token or slot written twice keeps one of its rows)."""
+        top = logits.topk(TOP_K, dim=-1).indices
+        self.table[tokens] = top
+        key, slot = self._pair(befores, tokens)
+        self.pair_table[slot] = top
+        self.pair_keys[slot] = key
 
     def _by_depth(self, template: DraftTemplate) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per depth, the template's nodes there, their parents (the root as `nodes`) and ranks, as tensors."""

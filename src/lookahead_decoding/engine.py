@@ -348,6 +348,9 @@ class StaticStep:
             raise ValueError(f"only a plain step or one that drafts on the device can be chained, not {config}")
         inputs = self.inputs[shape]  # [the current token, (tree ids, parents, nodes: the device's), 1 if decoding]
         accepted, committed = previous.outputs[:, :1], previous.outputs[:, 1:]
+        if config.device_drafts:  # the token before the last committed one: the first draft's pair
+            before = committed.gather(1, (accepted - 1).clamp(min=0))[:, 0]
+            inputs[:, 1].copy_(torch.where(accepted[:, 0] > 0, before, inputs[:, 0]))
         inputs[:, 0].copy_(committed.gather(1, accepted)[:, 0])  # the last token each row committed
         decoding = list(previous.decoding)
         if changes:
@@ -359,8 +362,9 @@ class StaticStep:
             update = host.to(inputs.device, non_blocking=True)
             inputs[update[:, 0], 0] = update[:, 1]
             inputs[update[:, 0], -1] = update[:, 2]
-            if shape in self._template_lines:
+            if shape in self._template_lines:  # (a row starting here drafts its first step without a pair)
                 size = self.layouts[shape].size
+                inputs[update[:, 0], 1] = update[:, 1]
                 inputs[update[:, 0], size : size + config.tree_nodes + 1] = self._template_lines[shape]
         packed, scores, top = self.replayable(shape)()
         return self._launched(shape, decoding, packed, scores, top)
@@ -424,8 +428,11 @@ class StaticStep:
         size, nodes, depth = layout.size, config.tree_nodes, config.candidate_length  # depth: K
         inputs = self.inputs[shape]
         step_ids, parents, num_nodes = inputs[:, :size], inputs[:, size : size + nodes], inputs[:, size + nodes]
-        if config.device_drafts:  # the host sent the template's tree (or none); its tokens are drafted here
-            step_ids = torch.cat([step_ids[:, :1], self.drafter.draft(step_ids[:, 0], nodes, depth)], dim=1)
+        if config.device_drafts:
+            # The host sent the template's tree (or none), and in the tree's first column the token before the
+            # current one; the tree's tokens are drafted here.
+            before = step_ids[:, 1]
+            step_ids = torch.cat([step_ids[:, :1], self.drafter.draft(step_ids[:, 0], before, nodes, depth)], dim=1)
         tree = torch.vmap(functools.partial(tree_tensors, max_depth=depth))(step_ids[:, layout.tree_rows], parents,
                                                                             num_nodes)
         start = self.lengths.clone()  # tokens cached before this step; the current token goes there
@@ -440,8 +447,10 @@ class StaticStep:
         self.cache.write_at(slots)
         mask = self.adapter.attention_mask(allowed, positions, None)
         logits = self.adapter.forward(step_ids, positions, mask, self.cache, layout.logit_rows)
-        if config.device_drafts:
-            self.drafter.learn(step_ids[:, layout.logit_rows], logits)
+        if config.device_drafts:  # each computed row's token, after its parent's (the current one's: `before`)
+            nodes_then_current = torch.cat([step_ids[:, 1:], step_ids[:, :1]], dim=1)  # the root is column `nodes`
+            befores = torch.cat([before[:, None], nodes_then_current.gather(1, parents.clamp(max=nodes))], dim=1)
+            self.drafter.learn(step_ids[:, layout.logit_rows], befores, logits)
         return logits, tree, start, step_ids
 
     def _device_commit(self, shape: int, start: torch.Tensor, result: torch.Tensor) -> None:

@@ -193,11 +193,13 @@ class SequenceState:
 
     def plan_step(self, shape: int, tree: TokenTree, layouts: Sequence[StepLayout]) -> PlannedStep:
         """Lay out the step's input for `shape`: the current token, the shape's window and the tree cut to its
-        budget (for a shape that drafts on the device, its template's tree, whose tokens the device fills in)."""
+        budget (for a shape that drafts on the device, its template's tree, whose tokens the device drafts)."""
         current = self.history[-1]
         config, window = self.plan.shapes[shape], self.windows[shape]
-        if config.device_drafts:
-            tree = self.device_trees[shape] or EMPTY_TREE
+        if config.device_drafts:  # the tree's columns carry the token before the current one, for the first draft
+            before = self.history[-2] if len(self.history) > 1 else current
+            ids = layouts[shape].input_ids(current, [], [before] * config.tree_nodes)
+            return PlannedStep(shape, ids, self.device_trees[shape] or EMPTY_TREE)
         tree = tree.truncated(config.tree_nodes)
         padding = [current] * (config.tree_nodes - len(tree))
         ids = layouts[shape].input_ids(current, window.tokens() if window else [], [*tree.tokens, *padding])
