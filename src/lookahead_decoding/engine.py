@@ -449,7 +449,7 @@ class StaticStep:
         logits = self.adapter.forward(step_ids, positions, mask, self.cache, layout.logit_rows)
         if config.device_drafts:  # each computed row's token, after its parent's (the current one's: `before`)
             nodes_then_current = torch.cat([step_ids[:, 1:], step_ids[:, :1]], dim=1)  # the root is column `nodes`
-            befores = torch.cat([before[:, None], nodes_then_current.gather(1, parents.clamp(max=nodes))], dim=1)
+            befores = torch.cat([before[:, None], nodes_then_current.gather(1, parents)], dim=1)
             self.drafter.learn(step_ids[:, layout.logit_rows], befores, logits)
         return logits, tree, start, step_ids
 

@@ -284,13 +284,14 @@ class BatchScheduler:
         if not any(decoding):
             return
         if self.plan.shapes[shape].device_drafts and any(
-                token is not None and self.rows[index].sequence.device_trees[shape] is None
+                token is not None and not self.rows[index].sequence.device_tree(shape)
                 for index, token in changes.items()):
             return  # a row that starts without lookahead: launched from the host, with no tree
         chained = self.runner.chain(launched, changes)
         # The step's input is on the device; the host keeps what recording needs: the row's tree (a template's).
-        steps = [PlannedStep(shape, [], row.sequence.device_trees[shape] or EMPTY_TREE) if decodes else None
-                 for row, decodes in zip(self.rows, decoding)]
+        device_drafts = self.plan.shapes[shape].device_drafts
+        steps = [PlannedStep(shape, [], row.sequence.device_tree(shape) if device_drafts else EMPTY_TREE)
+                 if decodes else None for row, decodes in zip(self.rows, decoding)]
         self._pending = _Pending(chained, list(self.rows), steps, expected_extra)
         pending.launched = launched._replace(scores=None)  # the chained step writes its logits where these were
 

@@ -191,6 +191,12 @@ class SequenceState:
         return build_tree(drafts, self.largest_tree, self.draft_depth, self.confidences,
                           (self.sampled, self.chooser.in_run))
 
+    def device_tree(self, shape: int) -> TokenTree:
+        """The tree a step of `shape`, which drafts on the device, verifies for this sequence: the shape's template,
+        or none for a sequence decoded without lookahead."""
+        template = self.device_trees[shape]
+        return EMPTY_TREE if template is None else template
+
     def plan_step(self, shape: int, tree: TokenTree, layouts: Sequence[StepLayout]) -> PlannedStep:
         """Lay out the step's input for `shape`: the current token, the shape's window and the tree cut to its
         budget (for a shape that drafts on the device, its template's tree, whose tokens the device drafts)."""
@@ -199,7 +205,7 @@ class SequenceState:
         if config.device_drafts:  # the tree's columns carry the token before the current one, for the first draft
             before = self.history[-2] if len(self.history) > 1 else current
             ids = layouts[shape].input_ids(current, [], [before] * config.tree_nodes)
-            return PlannedStep(shape, ids, self.device_trees[shape] or EMPTY_TREE)
+            return PlannedStep(shape, ids, self.device_tree(shape))
         tree = tree.truncated(config.tree_nodes)
         padding = [current] * (config.tree_nodes - len(tree))
         ids = layouts[shape].input_ids(current, window.tokens() if window else [], [*tree.tokens, *padding])
