@@ -6,11 +6,13 @@ import itertools
 import pytest
 import torch
 from conftest import VOCAB, greedy_reference, tiny_model
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import lookahead_decoding as ld
-from lookahead_decoding.device_drafts import RANK_ACCEPTANCE, TOP_K, DeviceDrafter, draft_template
+from lookahead_decoding.device_drafts import (
+    COPY, COPY_MATCH, RANK_ACCEPTANCE, TOP_K, DeviceDrafter, copy_length, draft_template, template_capacity,
+)
 from lookahead_decoding.drafting.base import NoDrafts
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.model_adapter import ModelAdapter
@@ -23,23 +25,60 @@ DEVICE_SHAPE = ld.LookaheadConfig(1, 2, 1, candidate_length=4, tree_nodes=10, de
 
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(nodes=st.integers(0, 40), max_depth=st.integers(1, 5))
-def test_the_template_is_the_likeliest_nodes_of_the_rank_tree(nodes, max_depth):
+def test_the_template_is_the_likeliest_nodes_of_the_rank_tree_and_a_copying_chain(nodes, max_depth):
+    assume(nodes <= template_capacity(max_depth))
     template = draft_template(nodes, max_depth)
+    chain = copy_length(nodes, max_depth)
+    ranked = len(template.parents) - chain
+    assert len(template.parents) == nodes and chain == min(max_depth, nodes // 2)
+    # The chain: the last `chain` nodes, one path down from the current token.
+    assert template.ranks[ranked:] == (COPY,) * chain and template.depths[ranked:] == tuple(range(1, chain + 1))
+    assert template.parents[ranked:] == tuple([-1, *range(ranked, nodes - 1)][:chain])
     # Brute force: every path of ranks up to max_depth, its probability the product of the ranks' priors.
     paths = [ranks for depth in range(1, max_depth + 1) for ranks in itertools.product(range(TOP_K), repeat=depth)]
     probability = {ranks: functools.reduce(lambda p, r: p * RANK_ACCEPTANCE[r], ranks, 1.0) for ranks in paths}
     kept = []
-    for node, (parent, rank) in enumerate(zip(template.parents, template.ranks)):
+    for node, (parent, rank) in enumerate(zip(template.parents[:ranked], template.ranks)):
         assert parent < node  # parents first
         kept.append((kept[parent] if parent >= 0 else ()) + (rank,))
         assert len(kept[-1]) == template.depths[node] <= max_depth
-    assert len(set(kept)) == len(kept) == min(nodes, len(paths))
+    assert len(set(kept)) == len(kept) == ranked <= len(paths)
     best = sorted(probability.values(), reverse=True)[: len(kept)]
     assert sorted((probability[path] for path in kept), reverse=True) == pytest.approx(best)
 
 
-def test_a_draft_follows_the_pairs_seen_and_the_single_tokens_elsewhere():
-    drafter = DeviceDrafter(50, torch.device("cpu"), [(12, 4)])
+def copied_reference(text: list[int], end: int, count: int) -> list[int]:
+    """What copying drafts, one row at a time in Python: the continuation of the latest earlier occurrence of the
+    longest suffix (up to COPY_MATCH tokens) of text[: end + 1], extended with its period past the end."""
+    best, best_length = None, 0
+    for i in range(end):
+        length = 0
+        while length < COPY_MATCH and length <= i and text[i - length] == text[end - length]:
+            length += 1
+        if length and length >= best_length:
+            best, best_length = i, length
+    if best is None:
+        return [text[end]] * count
+    extended = list(text[: end + 1])
+    while len(extended) < best + 1 + count:
+        extended.append(extended[len(extended) - (end - best)])
+    return extended[best + 1 : best + 1 + count]
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(texts=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=24), min_size=1, max_size=4),
+       count=st.integers(1, 6), stale=st.integers(0, 3))
+def test_copying_drafts_what_followed_the_latest_longest_match(texts, count, stale):
+    drafter = DeviceDrafter(4, torch.device("cpu"), [], rows=len(texts), length=30)
+    drafter.text.fill_(stale)  # what lies past a row's text never counts
+    for row, text in enumerate(texts):
+        drafter.write_text(torch.arange(len(text))[None], torch.tensor([text]), torch.tensor([row]))
+    drafted = drafter.copy_drafts(torch.tensor([len(text) - 1 for text in texts]), count).tolist()
+    assert drafted == [copied_reference(text, len(text) - 1, count) for text in texts]
+
+
+def test_a_draft_follows_the_pairs_seen_the_single_tokens_elsewhere_and_copies_on_its_chain():
+    drafter = DeviceDrafter(50, torch.device("cpu"), [(12, 4)], rows=3, length=16)
     generator = torch.Generator().manual_seed(0)
     drafter.table = torch.randint(0, 50, (50, TOP_K), generator=generator)
     # Teach it the pairs after a few (token before, token): their own rows, unlike the one-token table's.
@@ -48,16 +87,25 @@ def test_a_draft_follows_the_pairs_seen_and_the_single_tokens_elsewhere():
     pairs = {(b, t): drafter.pair_table[drafter._pair(torch.tensor(b), torch.tensor(t))[1]].tolist()
              for b, t in zip(befores[0].tolist(), tokens[0].tolist())}
     current, before = torch.tensor([17, 42, 8]), torch.tensor([3, 9, 8])
+    texts = [[3, 17, 1, 2, 3, 17], [30, 31, 9, 42], [8, 8]]
+    for row, text in enumerate(texts):
+        drafter.write_text(torch.arange(len(text))[None], torch.tensor([text]), torch.tensor([row]))
+    ends = torch.tensor([len(text) - 1 for text in texts])
     template = draft_template(12, 4)
-    drafted = drafter.draft(current, before, 12, 4).tolist()
+    drafted = drafter.draft(current, before, ends, 12, 4).tolist()
     for row, (token, token_before) in enumerate(zip(current.tolist(), before.tolist())):
+        chain = [node for node, rank in enumerate(template.ranks) if rank == COPY]
+        assert [drafted[row][node] for node in chain] == copied_reference(texts[row], ends[row], len(chain))
         for node, (parent, rank) in enumerate(zip(template.parents, template.ranks)):
+            if rank == COPY:
+                continue
             parent_token = token if parent < 0 else drafted[row][parent]
             grandparent = template.parents[parent] if parent >= 0 else None
             pair_before = token_before if parent < 0 else token if grandparent < 0 else drafted[row][grandparent]
             row_of = pairs.get((pair_before, parent_token), drafter.table[parent_token].tolist())
             assert drafted[row][node] == row_of[rank]
     assert drafted[0][0] == pairs[3, 17][0] and drafted[1][0] == pairs[9, 42][0]  # the pairs were used
+    assert [drafted[0][node] for node in chain] == [1, 2, 3, 17]  # the copy of what followed 3 17
 
 
 def test_the_tables_keep_the_latest_top_k_after_each_token_and_pair():
@@ -103,6 +151,18 @@ def test_refills_budgets_and_eos_through_steps_that_draft_on_the_device(pipeline
     assert bool(chains) == pipelined
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_the_engine_keeps_each_rows_text_on_the_device_as_its_cache_holds_it(pipelined):
+    model = tiny_model("llama")
+    prompts = [[3, 4, 5, 6] * 3, [9, 2, 7]]
+    runner = StaticStep(model, DEVICE_SHAPE, 96, batch_size=2, pipeline=pipelined)
+    out = ld.generate(model, prompts, [40, 25], DEVICE_SHAPE, runner=runner)
+    for row, (prompt, result) in enumerate(zip(prompts, out.rows)):
+        cached = result.tokens[:-1]  # the prompt and the new tokens but the last, not yet run through the model
+        assert runner.drafter.text[row, : len(cached)].tolist() == cached
+        assert runner.lengths[row] >= len(cached)  # (a last step may accept past the budget)
+
+
 def test_a_request_without_lookahead_takes_one_token_per_step_of_a_device_drafting_plan():
     model = tiny_model("llama")
     runner = StaticStep(model, DEVICE_SHAPE, 96, batch_size=2, pipeline=True)
@@ -123,5 +183,9 @@ def test_device_drafts_need_a_step_without_window_and_the_static_engine(llama):
         ld.LookaheadConfig(3, 2, 3, device_drafts=True)
     with pytest.raises(TypeError, match="LookaheadConfig.device_drafts must be a bool, got 1"):
         ld.LookaheadConfig(1, 2, 1, device_drafts=1)
+    with pytest.raises(ValueError, match="LookaheadConfig.device_drafts drafts at most 9 tree nodes with "
+                                         "candidate_length=1, got tree_nodes=10"):
+        ld.LookaheadConfig(1, 2, 1, candidate_length=1, tree_nodes=10, device_drafts=True)
+    ld.LookaheadConfig(1, 2, 1, candidate_length=1, tree_nodes=9, device_drafts=True)  # 8 ranks and the copy
     with pytest.raises(ValueError, match="steps that draft on the device run on the static engine"):
         EagerStep(ModelAdapter(llama), [DEVICE_SHAPE])

@@ -58,6 +58,13 @@ class LookaheadConfig:
             raise ValueError("LookaheadConfig.device_drafts needs a step without a window (window=1, ngram=2) and "
                              f"with tree nodes, got window={self.window}, ngram={self.ngram}, "
                              f"tree_nodes={self.tree_nodes}")
+        if self.device_drafts:
+            from .device_drafts import template_capacity  # (it imports torch; this module does not)
+
+            if self.tree_nodes > template_capacity(self.candidate_length):
+                raise ValueError(f"LookaheadConfig.device_drafts drafts at most "
+                                 f"{template_capacity(self.candidate_length)} tree nodes with candidate_length="
+                                 f"{self.candidate_length}, got tree_nodes={self.tree_nodes}")
 
     @property
     def levels(self) -> int:

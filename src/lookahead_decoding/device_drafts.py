@@ -11,6 +11,12 @@ the pair; a slot remembers which pair wrote it, so a collision falls back to the
 nothing and the step needs from it nothing but each row's last two committed tokens, which the step before left
 on the device: such a step can be launched before the host has read the one before (`engine.StaticStep.chain`).
 
+A table only knows one token ahead at a time. Text that repeats (code, quoted spans, lists) is drafted best by
+copying: prompt lookup (Saxena 2023) and SuffixDecoding (arXiv 2411.04975) take what followed an earlier occurrence
+of the sequence's last tokens. So the template also holds a chain that copies: every row's text lives on the device
+too (`text`, written by the prefill and by every step's commit), and the chain is the continuation of the latest
+earlier place where the longest suffix of the text, up to COPY_MATCH tokens, occurred (`copy_drafts`).
+
 The drafts only decide how many tokens a step commits, never which: verification keeps exactly what the model
 chooses, whatever the table holds (it starts as zeros, and it is shared by all rows and requests of an engine).
 """
@@ -34,21 +40,46 @@ RANK_ACCEPTANCE = (0.405, 0.087, 0.035, 0.027, 0.018, 0.013, 0.010, 0.006)
 TOP_K = len(RANK_ACCEPTANCE)  # next tokens the table keeps per token
 PAIR_SLOTS = 1 << 18  # slots of the pair table (a pair's slot: a multiplicative hash of it)
 PAIR_HASH = 1_000_003
+COPY = -1  # the rank of a template node that copies: its token is the copied continuation's, at its depth
+COPY_MATCH = 4  # the longest suffix of a row's text looked up when copying
 
 
 class DraftTemplate(NamedTuple):
-    """A fixed tree, nodes best first (every parent before its children)."""
+    """A fixed tree: the table's nodes best first (every parent before its children), then the copying chain."""
 
     parents: tuple[int, ...]  # the parent node, ROOT (-1) for the children of the last committed token
-    ranks: tuple[int, ...]  # which of its parent token's next tokens (0: the most likely) a node drafts
+    ranks: tuple[int, ...]  # which of its parent token's next tokens (0: the most likely) a node drafts, or COPY
     depths: tuple[int, ...]  # 1 for the children of the last committed token
+
+
+def copy_length(nodes: int, max_depth: int) -> int:
+    """The copying chain's nodes in a template of `nodes`: as deep as the step verifies, at most half the nodes."""
+    return min(max_depth, nodes // 2)
+
+
+def template_capacity(max_depth: int) -> int:
+    """The most nodes a template of depth `max_depth` has: every path of ranks, and the copying chain."""
+    return sum(TOP_K**depth for depth in range(1, max_depth + 1)) + max_depth
 
 
 @functools.lru_cache(maxsize=None)  # one per step shape, asked for by every sequence that decodes with it
 def draft_template(nodes: int, max_depth: int) -> DraftTemplate:
-    """The `nodes` likeliest nodes, at most `max_depth` deep, of the tree in which the rank-r child of every node
-    is right with RANK_ACCEPTANCE[r] given its parent (path probabilities never grow down a path, so taking
-    the likeliest first keeps a tree)."""
+    """The likeliest nodes, at most `max_depth` deep, of the tree in which the rank-r child of every node is right
+    with RANK_ACCEPTANCE[r] given its parent (path probabilities never grow down a path, so taking the likeliest
+    first keeps a tree), followed by the copying chain (`copy_length`): `nodes` in all, at most the capacity."""
+    if nodes > template_capacity(max_depth):
+        raise ValueError(f"a template of depth {max_depth} holds at most {template_capacity(max_depth)} nodes, "
+                         f"not {nodes}")
+    chain = copy_length(nodes, max_depth)
+    ranked = table_template(nodes - chain, max_depth)
+    first = len(ranked.parents)
+    chain_parents = (-1, *range(first, first + chain - 1))[:chain]  # from the current token down
+    return DraftTemplate(ranked.parents + chain_parents, ranked.ranks + (COPY,) * chain,
+                         ranked.depths + tuple(range(1, chain + 1)))
+
+
+def table_template(nodes: int, max_depth: int) -> DraftTemplate:
+    """The table's part of `draft_template`."""
     parents: list[int] = []
     ranks: list[int] = []
     depths: list[int] = []
@@ -76,26 +107,63 @@ def template_tree(nodes: int, max_depth: int) -> TokenTree:
 
 
 class DeviceDrafter:
-    """The table of latest top-k next tokens, and the templates of `shapes` ((nodes, max depth) each), on the
-    device."""
+    """The tables of latest top-k next tokens, every row's text, and the templates of `shapes` ((nodes, max depth)
+    each), on the device, for a batch of `rows` rows of up to `length` tokens."""
 
-    def __init__(self, vocab: int, device: torch.device, shapes: Iterable[tuple[int, int]]) -> None:
+    def __init__(self, vocab: int, device: torch.device, shapes: Iterable[tuple[int, int]], rows: int = 1,
+                 length: int = 1) -> None:
         self.vocab, self.device = vocab, device
         self.table = torch.zeros(vocab, TOP_K, dtype=torch.long, device=device)  # token -> its top-k next tokens
         # slot -> the top-k next tokens after the pair that wrote it last, and that pair (-1: none yet)
         self.pair_table = torch.zeros(PAIR_SLOTS, TOP_K, dtype=torch.long, device=device)
         self.pair_keys = torch.full((PAIR_SLOTS,), -1, dtype=torch.long, device=device)
+        # Each row's tokens by position, as its cache holds their keys and values (past a row's length: stale).
+        self.text = torch.zeros(rows, length, dtype=torch.long, device=device)
+        self._positions = torch.arange(length, device=device)
         # Built now, not while a step is captured as a CUDA graph.
         self._levels = {shape: self._by_depth(draft_template(*shape)) for shape in shapes}
+        self._chains = {shape: torch.tensor([node for node, rank in enumerate(draft_template(*shape).ranks)
+                                             if rank == COPY], dtype=torch.long, device=device) for shape in shapes}
 
     def _pair(self, before: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pair's key and its slot in the pair table."""
         key = before * self.vocab + token
         return key, key * PAIR_HASH % PAIR_SLOTS
 
-    def draft(self, current: torch.Tensor, before: torch.Tensor, nodes: int, max_depth: int) -> torch.Tensor:
-        """Every row's tree tokens [batch, nodes] after its last committed token (`current`, [batch]), the token
-        `before` it ([batch]) giving the first node's pair."""
+    def write_text(self, positions: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Put `tokens` [entries, n] at `positions` [entries, n] of the rows' texts (rows: [entries], the text row
+        of each entry; None: entry i is row i)."""
+        rows = torch.arange(tokens.shape[0], device=tokens.device) if rows is None else rows
+        self.text[rows[:, None].expand_as(positions), positions] = tokens
+
+    def copy_drafts(self, ends: torch.Tensor, count: int) -> torch.Tensor:
+        """Per row, the `count` tokens [batch, count] that followed the latest earlier occurrence of the longest
+        suffix (up to COPY_MATCH tokens) of the row's text up to position `ends` [batch] (the current token).
+        Where the copy would run past the current token it repeats the text from the match on (a pattern that
+        continues with its period); without any match it drafts the current token again."""
+        text, positions = self.text, self._positions
+        ends = ends[:, None]
+        # match[i]: how many of the last tokens up to `ends` also stand, in order, right up to position i.
+        suffix = text.gather(1, (ends - torch.arange(COPY_MATCH, device=text.device)).clamp(min=0))
+        running = positions[None, :] < ends  # earlier occurrences only
+        match = torch.zeros_like(text)
+        for back in range(COPY_MATCH):
+            earlier = torch.nn.functional.pad(text[:, : text.shape[1] - back], (back, 0))  # text[i - back] at i
+            running = running & (earlier == suffix[:, back : back + 1]) & (positions >= back) & (ends >= back)
+            match += running
+        # The longest match, the latest among equals; scores of non-matches stay below every match's.
+        best = (match * text.shape[1] + positions).argmax(dim=1, keepdim=True)
+        period = ends - best  # >= 1 where a match exists
+        follow = best + 1 + torch.arange(count, device=text.device)
+        follow = torch.where(follow > ends, ends - period + (follow - ends - 1) % period.clamp(min=1) + 1, follow)
+        drafted = text.gather(1, follow.clamp(0, text.shape[1] - 1))
+        found = match.gather(1, best) > 0
+        return torch.where(found, drafted, text.gather(1, ends))
+
+    def draft(self, current: torch.Tensor, before: torch.Tensor, ends: torch.Tensor, nodes: int,
+              max_depth: int) -> torch.Tensor:
+        """Every row's tree tokens [batch, nodes] after its last committed token (`current`, [batch], which stands
+        at position `ends` [batch] of its text), the token `before` it ([batch]) giving the first node's pair."""
         # Column `nodes` stands for the current token: the template's root. `befores`: each column's parent token.
         tokens = current[:, None].expand(-1, nodes + 1).clone()
         befores = before[:, None].expand(-1, nodes + 1).clone()
@@ -105,6 +173,9 @@ class DeviceDrafter:
             seen = self.pair_keys[slot] == key
             tokens[:, where] = torch.where(seen, self.pair_table[slot, ranks], self.table[parent_tokens, ranks])
             befores[:, where] = parent_tokens
+        chain = self._chains[nodes, max_depth]
+        if chain.numel():
+            tokens[:, chain] = self.copy_drafts(ends, chain.numel())
         return tokens[:, :nodes]
 
     def learn(self, tokens: torch.Tensor, befores: torch.Tensor, logits: torch.Tensor) -> None:
@@ -117,11 +188,14 @@ class DeviceDrafter:
         self.pair_keys[slot] = key
 
     def _by_depth(self, template: DraftTemplate) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per depth, the template's nodes there, their parents (the root as `nodes`) and ranks, as tensors."""
+        """Per depth, the template's nodes there that follow the tables, their parents (the root as `nodes`) and
+        ranks, as tensors."""
         nodes = len(template.parents)
         levels = []
         for depth in range(1, max(template.depths, default=0) + 1):
-            at = [node for node in range(nodes) if template.depths[node] == depth]
+            at = [node for node in range(nodes) if template.depths[node] == depth and template.ranks[node] != COPY]
+            if not at:
+                continue
             levels.append((torch.tensor(at, device=self.device),
                            torch.tensor([nodes if template.parents[n] < 0 else template.parents[n] for n in at],
                                         device=self.device),

@@ -159,8 +159,6 @@ class StaticStep:
         self.max_length, self.prefill_chunk, self.predictions = max_length, prefill_chunk, predictions
         self.batch_size, self.verifier = batch_size, verifier
         self.sampler = RowSampler(batch_size, adapter.vocab, device) if sampling else None
-        drafting = [(shape.tree_nodes, shape.candidate_length) for shape in shapes if shape.device_drafts]
-        self.drafter = DeviceDrafter(adapter.vocab, device, drafting) if drafting else None
         # Per shape that drafts on the device: its template's input line (parents, nodes), for rows chained in.
         self._template_lines = {
             index: torch.tensor([*tree_parents(template_tree(shape.tree_nodes, shape.candidate_length),
@@ -170,6 +168,10 @@ class StaticStep:
         # A step's rows, or a padded prefill chunk, are written after the last committed token: spare slots.
         cache_length = max_length + max(largest, prefill_chunk, max(s.candidate_length for s in shapes) + 1)
         self.cache = RowCache(model.config, cache_length, batch_size)
+        drafting = [(shape.tree_nodes, shape.candidate_length) for shape in shapes if shape.device_drafts]
+        # Its texts hold what the cache does, and a step's committed tokens past the cache's end (K at most).
+        self.drafter = DeviceDrafter(adapter.vocab, device, drafting, batch_size,
+                                     cache_length + max(s.candidate_length for s in shapes)) if drafting else None
         self.key_index = torch.arange(cache_length, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached, per row
         # Per shape, one line per row: step ids, the tree's parents, its number of real nodes, 1 if the row decodes.
@@ -412,6 +414,8 @@ class StaticStep:
         mask = self.adapter.attention_mask(allowed, positions, None)
         logits = self.adapter.forward(ids, positions, mask, self.cache, 1)[:, 0]
         self.lengths.index_add_(0, rows, count[:, 0])
+        if self.drafter is not None:
+            self.drafter.write_text(slots, ids, rows)
         if self.sampler is None:
             return logits.argmax(dim=-1), logits
         self.sampler.observe_prompt(ids, offset >= 0, some_rows)
@@ -428,14 +432,17 @@ class StaticStep:
         size, nodes, depth = layout.size, config.tree_nodes, config.candidate_length  # depth: K
         inputs = self.inputs[shape]
         step_ids, parents, num_nodes = inputs[:, :size], inputs[:, size : size + nodes], inputs[:, size + nodes]
+        start = self.lengths.clone()  # tokens cached before this step; the current token goes there
+        if self.drafter is not None:
+            self.drafter.write_text(start[:, None], step_ids[:, :1])
         if config.device_drafts:
             # The host sent the template's tree (or none), and in the tree's first column the token before the
             # current one; the tree's tokens are drafted here.
             before = step_ids[:, 1]
-            step_ids = torch.cat([step_ids[:, :1], self.drafter.draft(step_ids[:, 0], before, nodes, depth)], dim=1)
+            drafts = self.drafter.draft(step_ids[:, 0], before, start, nodes, depth)
+            step_ids = torch.cat([step_ids[:, :1], drafts], dim=1)
         tree = torch.vmap(functools.partial(tree_tensors, max_depth=depth))(step_ids[:, layout.tree_rows], parents,
                                                                             num_nodes)
-        start = self.lengths.clone()  # tokens cached before this step; the current token goes there
         positions = (torch.vmap(layout.positions)(tree) + start[:, None]).clamp(max=self.last_position)
         slots = start[:, None] + torch.arange(size, device=start.device)
         # A row sees its cache before `start` and, among its step rows, what the layout allows.
@@ -465,6 +472,8 @@ class StaticStep:
             behind = start[:, None] + 1 + torch.arange(depth, device=start.device)
             self.cache.move_kv(start[:, None] + layout.lookahead_size + path, behind)
         self.lengths.copy_(start + (1 + accepted) * active)
+        if self.drafter is not None:  # (past what a row committed, stale tokens that later steps replace)
+            self.drafter.write_text(start[:, None] + 1 + torch.arange(depth + 1, device=start.device), committed)
         if self.sampler is not None:
             self.sampler.observe_step(committed, accepted, active > 0)
 
