@@ -28,18 +28,23 @@ from lookahead_decoding.tuning import StepPlan, shape_name
 
 
 def parse_plan(text: str) -> StepPlan:
-    """`plain:MS,W:N:G:K:B:MS,...` -> the plan, cheapest first as given."""
+    """`plain:MS,W:N:G:K:B:MS,device:B:K:MS,...` -> the plan, cheapest first as given (`device`: a step that drafts
+    B nodes K deep on the device)."""
     shapes, costs = [], []
     for item in text.split(","):
         *fields, cost = item.split(":")
         try:
-            shapes.append(AUTOREGRESSIVE if fields == ["plain"] else LookaheadConfig(
-                *map(int, fields[:3]), candidate_length=int(fields[3]), tree_nodes=int(fields[4])))
+            if fields[0] == "device":
+                shapes.append(LookaheadConfig(1, 2, 1, candidate_length=int(fields[2]), tree_nodes=int(fields[1]),
+                                              device_drafts=True))
+            else:
+                shapes.append(AUTOREGRESSIVE if fields == ["plain"] else LookaheadConfig(
+                    *map(int, fields[:3]), candidate_length=int(fields[3]), tree_nodes=int(fields[4])))
             costs.append(float(cost))
-            if len(fields) not in (1, 5) or not costs[-1] > 0:
+            if len(fields) not in (1, 3, 5) or not costs[-1] > 0:
                 raise ValueError
         except (ValueError, TypeError, IndexError):
-            raise argparse.ArgumentTypeError(f"{item!r} is neither plain:MS nor W:N:G:K:B:MS with a cost MS > 0")
+            raise argparse.ArgumentTypeError(f"{item!r} is none of plain:MS, W:N:G:K:B:MS and device:B:K:MS with a cost MS > 0")
     return StepPlan(tuple(shapes), tuple(costs))
 
 
@@ -51,7 +56,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--shapes", required=True, type=parse_plan,
-                        help="plain:MS,W:N:G:K:B:MS,... (a step's cost in ms)")
+                        help="plain:MS,W:N:G:K:B:MS,device:B:K:MS,... (a step's cost in ms)")
     parser.add_argument("--model", help="a local model folder or .gguf file (default: the embedded model)")
     parser.add_argument("--draft-memory", type=int, default=0, help="requests a DraftMemory holds (0: none)")
     parser.add_argument("--threads", type=int, default=2)

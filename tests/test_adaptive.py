@@ -100,6 +100,27 @@ def test_acceptance_is_estimated_apart_after_hits_and_after_misses():
     assert pick.choose(num_nodes=2) == 0  # after a miss: plain
 
 
+def test_a_device_drafting_step_keeps_one_slow_mean_and_is_retried_after_plain_steps():
+    device = ld.LookaheadConfig(1, 2, 1, candidate_length=K, tree_nodes=15, device_drafts=True)
+    pick = ShapeChooser((AUTOREGRESSIVE, device), (1.0, 1.6))  # the prior (1 accepted per step) pays for it
+    assert pick.choose(num_nodes=0) == 1
+    pick.observe(1, num_nodes=15, path=[])
+    assert pick.choose(num_nodes=0) == 1  # one miss is not enough to give it up
+    misses = 1
+    while pick.choose(num_nodes=0) == 1:
+        pick.observe(1, num_nodes=15, path=[])
+        misses += 1
+    assert 10 < misses < 30 and pick.accepted[False][1] == pick.accepted[True][1]  # one mean, hit or miss
+    chosen = []
+    for _ in range(300):  # it finds nothing: while plain steps run its estimate drifts back, and it is retried
+        chosen.append(pick.choose(num_nodes=0))
+        pick.observe(chosen[-1], num_nodes=15 if chosen[-1] else 0, path=[])
+    assert 0.03 < sum(chosen) / len(chosen) < 0.25
+    for _ in range(50):
+        pick.observe(1, num_nodes=15, path=[0, 1])
+    assert pick.accepted[False][1] == pytest.approx(2, abs=0.5)
+
+
 def test_a_narrow_step_learns_nothing_from_a_path_outside_its_budget():
     pick = chooser(accepted=0.0)
     for _ in range(20):

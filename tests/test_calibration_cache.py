@@ -217,10 +217,10 @@ def test_an_unwritable_cache_prints_one_line_on_stderr(tmp_path):
 class FakeRunner:
     """A runner whose steps take no time but advance `clock` by `cost_ms(rows of the batched step)`."""
 
-    def __init__(self, shapes, clock, cost_ms, batch_size, device, context_length):
+    def __init__(self, shapes, clock, cost_ms, batch_size, device, context_length, pipelined=False):
         self.layouts = tuple(SimpleNamespace(config=shape, size=shape.tokens_per_step) for shape in shapes)
         self.adapter = SimpleNamespace(device=torch.device(device), context_length=context_length)
-        self.batch_size, self.clock, self.cost_ms = batch_size, clock, cost_ms
+        self.batch_size, self.clock, self.cost_ms, self.pipelined = batch_size, clock, cost_ms, pipelined
 
     def prefill_rows(self, prompts, sampling=None):
         return {row: SimpleNamespace(committed=[0]) for row in prompts}
@@ -231,14 +231,15 @@ class FakeRunner:
         return SimpleNamespace(committed=[0])
 
 
-def fake_calibration(monkeypatch, cost_ms, batch_size=1, device="cpu", context_length=None, **kwargs):
+def fake_calibration(monkeypatch, cost_ms, batch_size=1, device="cpu", context_length=None, pipelined=False,
+                     **kwargs):
     """Calibrate on fake runners with a fake clock; (the calibration, steps it ran, shapes it measured)."""
     clock = SimpleNamespace(now=0.0, steps=0, shapes=[])
     monkeypatch.setattr(tuning, "time", SimpleNamespace(perf_counter=lambda: clock.now))
 
     def make_runner(shapes):
         clock.shapes.extend(shapes)
-        return FakeRunner(shapes, clock, cost_ms, batch_size, device, context_length)
+        return FakeRunner(shapes, clock, cost_ms, batch_size, device, context_length, pipelined)
 
     calibration = tuning.calibrate(make_runner, 96, **kwargs)
     return calibration, clock.steps, clock.shapes
@@ -277,3 +278,26 @@ def test_a_short_context_tries_only_the_shapes_it_has_room_for(monkeypatch):
     calibration, _, shapes = fake_calibration(monkeypatch, flat, context_length=100)
     assert max(shape.tokens_per_step for shape in shapes) < 100
     calibration.plan.check_calibrated(100)  # what it chose is a plan the cache accepts on load
+
+
+@pytest.mark.parametrize(("cost_ms", "chosen"), [
+    (lambda rows: 10.0, 63),  # launch-bound: the largest tree costs no more and commits the most
+    (lambda rows: 10.0 if rows <= 128 else 20.0, 31),
+    (lambda rows: 5.0 + 0.1 * rows, 15),  # every row costs: the smallest tree commits the most per ms
+])
+def test_a_runner_that_pipelines_gets_the_plain_step_and_the_device_drafting_tree_with_most_tokens_per_ms(
+        monkeypatch, cost_ms, chosen):
+    calibration, _, shapes = fake_calibration(monkeypatch, cost_ms, batch_size=4, pipelined=True)
+    trees = [tuning.device_drafting(nodes) for nodes in tuning.DEVICE_TREES]
+    assert shapes == [AUTOREGRESSIVE, *trees]  # measured: plain, then every tree, none of the host's shapes
+    assert calibration.plan.shapes == (AUTOREGRESSIVE, tuning.device_drafting(chosen))
+    rows = 4 * (1 + chosen)
+    assert calibration.plan.costs_ms == pytest.approx((cost_ms(4), cost_ms(rows)))
+    calibration.plan.check_calibrated(None)  # a plan the cache accepts on load
+
+
+def test_a_short_context_keeps_the_device_drafting_trees_it_has_room_for(monkeypatch):
+    calibration, _, shapes = fake_calibration(monkeypatch, lambda rows: 10.0, pipelined=True,
+                                              context_length=40)
+    assert shapes == [AUTOREGRESSIVE, tuning.device_drafting(15), tuning.device_drafting(31)]
+    assert calibration.plan.shapes == (AUTOREGRESSIVE, tuning.device_drafting(31))

@@ -458,6 +458,9 @@ class StaticStep:
             nodes_then_current = torch.cat([step_ids[:, 1:], step_ids[:, :1]], dim=1)  # the root is column `nodes`
             befores = torch.cat([before[:, None], nodes_then_current.gather(1, parents)], dim=1)
             self.drafter.learn(step_ids[:, layout.logit_rows], befores, logits)
+        elif self.drafter is not None and layout.size == 1:  # a plain step keeps the tables fresh too
+            before = self.drafter.text.gather(1, (start[:, None] - 1).clamp(min=0))
+            self.drafter.learn(step_ids[:, :1], before, logits[:, :1])
         return logits, tree, start, step_ids
 
     def _device_commit(self, shape: int, start: torch.Tensor, result: torch.Tensor) -> None:

@@ -11,7 +11,8 @@ Expected committed tokens, per kind of shape:
   it gets the part of the accepted path inside its budget; a larger one at least as much), so every verifying
   shape learns from every step;
 * a step that drafts on the device: 1 + the recent mean of what its own steps accepted (kept apart in the same
-  way), since the host never sees its tree;
+  way), since the host never sees its tree. While other shapes run it drifts back to its prior, like a window
+  shape's, so that a few steps that accepted nothing do not end the drafting for the rest of the sequence;
 * a step that runs the Jacobi window: what its own steps committed now, plus what it commits later. Now: the recent
   mean of the tokens its steps committed, apart from those only window n-grams drafted. It starts from
   `expected_tokens`, a prior that grows with the step's rows, and while other shapes run it drifts back to that
@@ -58,22 +59,29 @@ class AcceptancePrior:
 class ShapeChooser:
     def __init__(self, shapes: Sequence[LookaheadConfig], costs_ms: Sequence[float],
                  prior: AcceptancePrior = AcceptancePrior(), decay: float = 0.9, window_decay: float = 0.8,
-                 retry: float = 0.98, credit_decay: float = 0.95, min_window_rate: float = 0.05) -> None:
+                 retry: float = 0.98, credit_decay: float = 0.95, min_window_rate: float = 0.05,
+                 device_decay: float = 0.97, device_retry: float = 0.995) -> None:
         """decay: weight of the past in the acceptance means; window_decay: the same for the window's yield (it
         must learn fast: a short answer is over in a few dozen steps); retry: per step another shape runs, how
         much of a window shape's measured yield is kept (the rest moves back to the prior); credit_decay: weight
         of the past in the rates of window-drafted tokens accepted and of window steps run (pooled n-grams are
         verified over the following tens of steps); min_window_rate: the least window-step rate the later value
         is divided by, so that stale window n-grams still accepted while other shapes run make the window worth
-        retrying, without dividing by nothing."""
+        retrying, without dividing by nothing. device_decay and device_retry: `decay` and `retry` for a step that
+        drafts on the device, both slower. A few misses say little of its next tree, which it drafts afresh from
+        tables that every step keeps teaching (with 0.9, a replay of the H200's batch-1 plan took plain steps on
+        a third of HumanEval's steps and lost 8% to the device step alone); where its tree finds nothing, it runs
+        on about one step in ten."""
         if len(shapes) != len(costs_ms) or not shapes:
             raise ValueError("ShapeChooser needs one cost per shape")
         if any(not cost > 0 for cost in costs_ms):
             raise ValueError(f"step costs must be positive, got {list(costs_ms)}")
         self.shapes, self.costs = tuple(shapes), tuple(costs_ms)
         self.decay, self.window_decay, self.retry = decay, window_decay, retry
+        self.device_decay, self.device_retry = device_decay, device_retry
         # [after a verification that accepted nothing, after one that accepted something][shape]
         self.accepted = [[prior.accepted] * len(shapes) for _ in range(2)]
+        self.accepted_prior = prior.accepted
         self.in_run = False  # whether the last verification accepted something
         self.window_prior = [expected_tokens(shape) if prior.window_tokens is None else prior.window_tokens
                              for shape in shapes]
@@ -149,9 +157,13 @@ class ShapeChooser:
             if self.shapes[shape].verifies:
                 self.in_run = accepted > 0
         if self.shapes[shape].device_drafts:  # its own tree: what it accepted says nothing of the host's drafts
-            accepted_now = self.accepted[self.in_run]
-            accepted_now[shape] = accepted_now[shape] * self.decay + accepted * (1 - self.decay)
+            for means in self.accepted:  # one mean: after a miss its tree is drafted afresh, unlike the host's
+                means[shape] = means[shape] * self.device_decay + accepted * (1 - self.device_decay)
             self.in_run = accepted > 0
+        for other in self.device_shapes:
+            if other != shape:
+                for means in self.accepted:
+                    means[other] = means[other] * self.device_retry + self.accepted_prior * (1 - self.device_retry)
         self.refresh()
 
 

@@ -1,11 +1,19 @@
 """config="auto": the step shapes for this device, model and dtype, chosen by measuring what each step costs.
 
-A plan holds the plain one-token step, a narrow step that only verifies a small token tree and a wide lookahead
-step (Jacobi window + tree), cheapest first; `shape_choice.ShapeChooser` picks one of them before every
-step. Calibration times each candidate shape on the runner decoding will use, then keeps the wide shape with the
-most expected tokens per millisecond (`shape_choice.expected_tokens` grows with the step's rows) and the widest
-narrow step that costs little more than the cheapest one, if it is clearly cheaper than the wide step. Timing a
-shape stops early once it clearly loses, and the ladder stops where wider shapes cannot win.
+On a runner that pipelines its steps (the static engine on CUDA), a plan holds the plain one-token step and a step
+that drafts on the device (`device_drafts.py`): such a step costs the host nothing, can be launched before the one
+before it is read, and there it commits more tokens per millisecond than the host's drafts at every batch size
+measured (docs/benchmarks.md, "H200, eighth session"). Calibration times a few tree sizes and keeps the one with
+the most tokens per millisecond by the tokens per step measured with each (`DEVICE_TREES`).
+
+Elsewhere a plan holds the plain one-token step, a narrow step that only verifies a small token tree and a wide
+lookahead step (Jacobi window + tree), cheapest first. Calibration times each candidate shape on the runner
+decoding will use, then keeps the wide shape with the most expected tokens per millisecond
+(`shape_choice.expected_tokens` grows with the step's rows) and the widest narrow step that costs little more than
+the cheapest one, if it is clearly cheaper than the wide step. Timing a shape stops early once it clearly loses, and
+the ladder stops where wider shapes cannot win.
+
+Either way `shape_choice.ShapeChooser` picks one of the plan's shapes before every step.
 
 Plans are cached by `plan_cache.py`.
 """
@@ -47,6 +55,10 @@ NARROW_COST_SLACK = 1.15
 # feed the pool (docs/benchmarks.md, "Adaptive steps": where every multi-token step costs about the same, runs
 # with such a narrow step committed fewer tokens per step than runs without it).
 NARROW_SHARE_OF_WIDE = 0.9
+# Steps that draft on the device: their tree sizes, each with the tokens per step it committed on the H200 (bf16,
+# SmolLM2-135M, 256 new tokens, on GSM8K, the lowest of the three datasets; 63 nodes at batch 1, 15 and 31 at batch
+# 64; docs/benchmarks.md, "H200, eighth session"). What a tree costs grows with the batch, what it commits little.
+DEVICE_TREES = {15: 2.8, 31: 3.0, 63: 3.6}
 CALIBRATION_PROMPT_TOKENS = 64
 WARMUP_STEPS, TIMED_STEPS = 2, 7
 # Timed steps before a shape may be given up as clearly losing: even its fastest one could not make it win.
@@ -165,6 +177,8 @@ def calibrate(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_
     on stderr. Unless `exhaustive`, shapes that clearly lose are timed in fewer steps or not at all, and a batch
     on a CPU tries a shorter ladder. `sampling`: the parameters the timed steps decode with (None: greedy)."""
     plain_runner = make_runner([AUTOREGRESSIVE])
+    if getattr(plain_runner, "pipelined", False):
+        return calibrate_device_drafts(make_runner, plain_runner, vocab_size, sampling)
     batch_size = plain_runner.batch_size
     cpu_batch = plain_runner.adapter.device.type == "cpu" and batch_size > 1
     ladder = CPU_BATCH_LADDER if cpu_batch and not exhaustive else WIDE_LADDER
@@ -207,3 +221,27 @@ def calibrate(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_
     costs.append(wide_cost)
     measured = tuple(zip([AUTOREGRESSIVE, *wide, *narrow], [plain_cost, *wide_costs, *narrow_costs]))
     return Calibration(measured, StepPlan(tuple(shapes), tuple(costs)))
+
+
+def device_drafting(tree_nodes: int) -> LookaheadConfig:
+    """A step that drafts a tree of `tree_nodes` nodes on the device."""
+    return LookaheadConfig(1, 2, 1, candidate_length=DRAFT_DEPTH, tree_nodes=tree_nodes, device_drafts=True)
+
+
+def calibrate_device_drafts(make_runner: Callable[[Sequence[LookaheadConfig]], object], plain_runner,
+                            vocab_size: int, sampling: SamplingParams | None) -> Calibration:
+    """`calibrate` for a runner that pipelines: the plain step and the device-drafting tree with the most tokens per
+    millisecond."""
+    context = plain_runner.adapter.context_length
+    trees = [device_drafting(nodes) for nodes in DEVICE_TREES
+             if context is None or device_drafting(nodes).tokens_per_step < context]
+    batch_size = plain_runner.batch_size
+    what = "calibrating step shapes" + (f" for batch {batch_size}" if batch_size > 1 else "")
+    with tqdm(total=1 + len(trees), desc=what, unit="shape", file=sys.stderr, leave=False) as progress:
+        (plain_cost,) = time_steps(plain_runner, vocab_size, progress=progress, sampling=sampling)
+        tree_costs = time_steps(make_runner(trees), vocab_size, None, progress, sampling) if trees else []
+    measured = tuple(zip([AUTOREGRESSIVE, *trees], [plain_cost, *tree_costs]))
+    if not trees:
+        return Calibration(measured, StepPlan((AUTOREGRESSIVE,), (plain_cost,)))
+    best = max(range(len(trees)), key=lambda i: DEVICE_TREES[trees[i].tree_nodes] / tree_costs[i])
+    return Calibration(measured, StepPlan((AUTOREGRESSIVE, trees[best]), (plain_cost, tree_costs[best])))
