@@ -13,7 +13,9 @@ import lookahead_decoding as ld
 from lookahead_decoding.device_drafts import (
     COPY, COPY_MATCH, RANK_ACCEPTANCE, TOP_K, DeviceDrafter, copy_length, draft_template, template_capacity,
 )
+from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.drafting.base import NoDrafts
+from lookahead_decoding.drafting.tree import EMPTY_TREE
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.model_adapter import ModelAdapter
 from lookahead_decoding.scheduler import BatchScheduler, Request
@@ -161,6 +163,18 @@ def test_the_engine_keeps_each_rows_text_on_the_device_as_its_cache_holds_it(pip
         cached = result.tokens[:-1]  # the prompt and the new tokens but the last, not yet run through the model
         assert runner.drafter.text[row, : len(cached)].tolist() == cached
         assert runner.lengths[row] >= len(cached)  # (a last step may accept past the budget)
+
+
+def test_plain_steps_of_an_engine_that_drafts_on_the_device_teach_its_tables(llama):
+    runner = StaticStep(llama, [AUTOREGRESSIVE, DEVICE_SHAPE], 64)
+    history = [5, 6, 7, 8]
+    history += runner.prefill_rows({0: list(history)})[0].committed
+    before, current = history[-2:]
+    outcome = runner.step(0, [current], EMPTY_TREE, history)  # plain
+    top = outcome.scores[0].topk(TOP_K).indices.tolist()  # the logits that chose the token after `current`
+    assert runner.drafter.table[current].tolist() == top
+    key, slot = runner.drafter._pair(torch.tensor(before), torch.tensor(current))
+    assert runner.drafter.pair_keys[slot] == key and runner.drafter.pair_table[slot].tolist() == top
 
 
 def test_a_request_without_lookahead_takes_one_token_per_step_of_a_device_drafting_plan():
