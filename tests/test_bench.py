@@ -756,4 +756,8 @@ def test_replay_script_counts_the_steps_of_a_fixed_plan(cli_model):
     assert 0 < result["tokens"] <= 36 and result["tokens_per_step_per_row"] >= 1
     done = subprocess.run([*run, "--shapes", "plain:1,3:4:3:1.5"], capture_output=True, text=True)
     assert done.returncode == 2
-    assert done.stderr.endswith("argument --shapes: '3:4:3:1.5' is neither plain:MS nor W:N:G:K:B:MS with a cost MS > 0\n")
+    assert done.stderr.endswith("argument --shapes: '3:4:3:1.5' is none of plain:MS, W:N:G:K:B:MS and device:B:K:MS "
+                                "with a cost MS > 0\n")
+    done = subprocess.run([*run, "--shapes", "plain:1,device:6:3:1.5"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["plan"] == "plain 1.00 ms, device drafts B=6 K=3 1.50 ms"

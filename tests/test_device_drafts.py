@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 import lookahead_decoding as ld
 from lookahead_decoding.device_drafts import (
-    COPY, COPY_MATCH, RANK_ACCEPTANCE, TOP_K, DeviceDrafter, copy_length, draft_template, template_capacity,
+    COPY, COPY_MATCH, RANK_ACCEPTANCE, SEPARATOR, TOP_K, DeviceDrafter, copy_length, draft_template,
+    template_capacity,
 )
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.drafting.base import NoDrafts
@@ -49,22 +50,37 @@ def test_the_template_is_the_likeliest_nodes_of_the_rank_tree_and_a_copying_chai
     assert sorted((probability[path] for path in kept), reverse=True) == pytest.approx(best)
 
 
-def copied_reference(text: list[int], end: int, count: int) -> list[int]:
+def copied_reference(text: list[int], end: int, count: int, ring: list[int] | None = None,
+                     ring_end: int = 0) -> list[int]:
     """What copying drafts, one row at a time in Python: the continuation of the latest earlier occurrence of the
-    longest suffix (up to COPY_MATCH tokens) of text[: end + 1], extended with its period past the end."""
+    longest suffix (up to COPY_MATCH tokens) of text[: end + 1], extended with its period past the end; or, where
+    the suffix matches the memory's `ring` (newest text ending before `ring_end`) for longer, the continuation of
+    its newest such occurrence there, separators drafting the current token."""
+    def suffix_length(haystack: list[int], i: int) -> int:
+        length = 0
+        while length < COPY_MATCH and length <= min(i, end) and haystack[i - length] == text[end - length]:
+            length += 1
+        return length
+
     best, best_length = None, 0
     for i in range(end):
-        length = 0
-        while length < COPY_MATCH and length <= i and text[i - length] == text[end - length]:
-            length += 1
+        length = suffix_length(text, i)
         if length and length >= best_length:
             best, best_length = i, length
     if best is None:
-        return [text[end]] * count
-    extended = list(text[: end + 1])
-    while len(extended) < best + 1 + count:
-        extended.append(extended[len(extended) - (end - best)])
-    return extended[best + 1 : best + 1 + count]
+        drafted = [text[end]] * count
+    else:
+        extended = list(text[: end + 1])
+        while len(extended) < best + 1 + count:
+            extended.append(extended[len(extended) - (end - best)])
+        drafted = extended[best + 1 : best + 1 + count]
+    if ring:
+        size = len(ring)
+        newest_first = sorted(range(size), key=lambda i: (ring_end - 1 - i) % size)
+        length, at = max(((suffix_length(ring, i), i) for i in newest_first), key=lambda pair: pair[0])
+        if length > best_length:
+            drafted = [ring[(at + 1 + c) % size] for c in range(count)]
+    return [text[end] if token == SEPARATOR else token for token in drafted]
 
 
 @settings(max_examples=80, deadline=None, derandomize=True)
@@ -77,6 +93,43 @@ def test_copying_drafts_what_followed_the_latest_longest_match(texts, count, sta
         drafter.write_text(torch.arange(len(text))[None], torch.tensor([text]), torch.tensor([row]))
     drafted = drafter.copy_drafts(torch.tensor([len(text) - 1 for text in texts]), count).tolist()
     assert drafted == [copied_reference(text, len(text) - 1, count) for text in texts]
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(texts=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=12), min_size=1, max_size=3),
+       requests=st.lists(st.lists(st.integers(0, 3), min_size=0, max_size=9), max_size=5),
+       shares=st.lists(st.booleans(), min_size=3, max_size=3), count=st.integers(1, 5))
+def test_rows_that_share_the_memory_copy_from_it_where_it_matches_longer(texts, requests, shares, count):
+    drafter = DeviceDrafter(4, torch.device("cpu"), [], rows=len(texts), length=20, memory_tokens=16)
+    memory = ld.DraftMemory(max_requests=8)
+    for request in requests:  # written as the scheduler does: the memory first, then its ring
+        memory.add(request)
+        drafter.remember(memory, request)
+    ring, ring_end = drafter.memory.tolist(), int(drafter.memory_end)
+    for row, text in enumerate(texts):
+        drafter.write_text(torch.arange(len(text))[None], torch.tensor([text]), torch.tensor([row]))
+        drafter.share_memory(row, shares[row])
+    drafted = drafter.copy_drafts(torch.tensor([len(text) - 1 for text in texts]), count).tolist()
+    assert drafted == [copied_reference(text, len(text) - 1, count, ring if shares[row] else None, ring_end)
+                       for row, text in enumerate(texts)]
+
+
+def test_the_ring_mirrors_its_memory_and_is_rebuilt_for_another_one():
+    drafter = DeviceDrafter(10, torch.device("cpu"), [], memory_tokens=12)
+    memory = ld.DraftMemory(max_requests=2)
+    for request in ([1, 2, 3], [4, 5], [6, 7, 8, 9]):
+        memory.add(request)
+        drafter.remember(memory, request)
+    # A ring of 12: the three texts and their separators (12 tokens) fill it once, oldest first.
+    assert drafter.memory.tolist() == [1, 2, 3, -1, 4, 5, -1, 6, 7, 8, 9, -1] and int(drafter.memory_end) == 0
+    other = ld.DraftMemory()
+    other.add([5, 5])
+    drafter.mirror(other)  # another memory: its requests only
+    assert drafter.memory.tolist()[:3] == [5, 5, -1] and set(drafter.memory.tolist()[3:]) == {-1}
+    memory.add([3, 3])  # given a request elsewhere: the next `remember` rebuilds from what it holds (2 requests)
+    memory.add([2, 2])
+    drafter.remember(memory, [2, 2])
+    assert drafter.memory.tolist()[:6] == [3, 3, -1, 2, 2, -1]
 
 
 def test_a_draft_follows_the_pairs_seen_the_single_tokens_elsewhere_and_copies_on_its_chain():
@@ -175,6 +228,50 @@ def test_plain_steps_of_an_engine_that_drafts_on_the_device_teach_its_tables(lla
     assert runner.drafter.table[current].tolist() == top
     key, slot = runner.drafter._pair(torch.tensor(before), torch.tensor(current))
     assert runner.drafter.pair_keys[slot] == key and runner.drafter.pair_table[slot].tolist() == top
+
+
+def test_a_request_copies_on_the_device_from_earlier_requests_of_its_memory():
+    model = tiny_model("llama")
+    prompt = torch.randint(0, VOCAB, (10,), generator=torch.Generator().manual_seed(3)).tolist()
+    expected = greedy_reference(model, torch.tensor([prompt]), 40)[0].tolist()
+    second_steps = {}
+    for memory in (None, ld.DraftMemory()):
+        runner = StaticStep(model, DEVICE_SHAPE, 96)
+        for _ in range(2):  # the same request twice: the second one's text is all in the memory
+            out = ld.generate(model, [prompt], 40, DEVICE_SHAPE, runner=runner, memory=memory)
+            assert out.rows[0].tokens == expected
+        second_steps[memory is not None] = out.stats.steps
+        assert bool(runner.drafter.memory_rows.any()) == (memory is not None)  # no memory, no row reads the ring
+    assert second_steps[True] < second_steps[False]
+
+
+def test_only_requests_that_use_the_memory_read_its_ring():
+    model = tiny_model("llama")
+    runner = StaticStep(model, DEVICE_SHAPE, 96, batch_size=2)
+    memory = ld.DraftMemory()
+    memory.add([1, 2, 3])
+    scheduler = BatchScheduler(runner, StepPlan((DEVICE_SHAPE,), (1.0,)), lambda memory=None: NoDrafts(), memory)
+    assert runner.drafter.memory.tolist()[:4] == [1, 2, 3, SEPARATOR]  # the ring mirrors the memory from the start
+    scheduler.submit(Request([5, 6, 7], 8, tag="shares"))
+    scheduler.submit(Request([5, 6, 7], 8, tag="isolated", use_memory=False))
+    scheduler.step()
+    assert runner.drafter.memory_rows.tolist() == [True, False]
+    finished = {result.tag: result for result in scheduler.run()}
+    assert memory.texts() == [[1, 2, 3], finished["shares"].tokens]  # the isolated request was not added
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_poisoned_memory_changes_no_token(pipelined):
+    model = tiny_model("llama")
+    generator = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (6, 9, 4)]
+    memory = ld.DraftMemory()
+    for prompt in prompts * 4:  # every prompt's end, continued at random: long matches, wrong continuations
+        memory.add(prompt[-COPY_MATCH:] + torch.randint(0, VOCAB, (12,), generator=generator).tolist())
+    runner = StaticStep(model, DEVICE_SHAPE, 96, batch_size=2, pipeline=pipelined)
+    out = ld.generate(model, prompts, [25, 30, 20], DEVICE_SHAPE, runner=runner, memory=memory)
+    for prompt, limit, row in zip(prompts, [25, 30, 20], out.rows):
+        assert row.tokens == greedy_reference(model, torch.tensor([prompt]), limit)[0].tolist()
 
 
 def test_a_request_without_lookahead_takes_one_token_per_step_of_a_device_drafting_plan():

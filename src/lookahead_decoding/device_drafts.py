@@ -15,7 +15,9 @@ A table only knows one token ahead at a time. Text that repeats (code, quoted sp
 copying: prompt lookup (Saxena 2023) and SuffixDecoding (arXiv 2411.04975) take what followed an earlier occurrence
 of the sequence's last tokens. So the template also holds a chain that copies: every row's text lives on the device
 too (`text`, written by the prefill and by every step's commit), and the chain is the continuation of the latest
-earlier place where the longest suffix of the text, up to COPY_MATCH tokens, occurred (`copy_drafts`).
+earlier place where the longest suffix of the text, up to COPY_MATCH tokens, occurred (`copy_drafts`). Rows that
+share a draft memory (`drafting.memory.DraftMemory`) also copy from the text of earlier requests, a ring of the
+last MEMORY_TOKENS tokens of the memory's requests, wherever the suffix matches there for longer.
 
 The drafts only decide how many tokens a step commits, never which: verification keeps exactly what the model
 chooses, whatever the table holds (it starts as zeros, and it is shared by all rows and requests of an engine).
@@ -25,7 +27,8 @@ from __future__ import annotations
 
 import functools
 import heapq
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -42,6 +45,8 @@ PAIR_SLOTS = 1 << 18  # slots of the pair table (a pair's slot: a multiplicative
 PAIR_HASH = 1_000_003
 COPY = -1  # the rank of a template node that copies: its token is the copied continuation's, at its depth
 COPY_MATCH = 4  # the longest suffix of a row's text looked up when copying
+MEMORY_TOKENS = 1 << 15  # tokens of earlier requests' text a drafter keeps to copy from (a ring)
+SEPARATOR = -1  # ends a request's text in the ring (no match crosses it), and marks what was never written
 
 
 class DraftTemplate(NamedTuple):
@@ -106,12 +111,25 @@ def template_tree(nodes: int, max_depth: int) -> TokenTree:
     return TokenTree(tokens=(0,) * nodes, parents=template.parents, scores=(0.0,) * nodes)
 
 
+def matched_lengths(text: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
+    """For each row's suffix (suffix[:, j]: its j-th token from the end) and each position i of `text` ([rows or 1,
+    L]): how many of the suffix's last tokens stand, in order, in the text right up to position i ([rows, L])."""
+    match = running = None
+    for back in range(suffix.shape[1]):
+        earlier = torch.nn.functional.pad(text[:, : text.shape[1] - back], (back, 0), value=SEPARATOR - 2)
+        hit = earlier == suffix[:, back : back + 1]  # text[i - back] is the suffix's token `back` from the end
+        running = hit if running is None else running & hit
+        match = running.long() if match is None else match + running
+    return match
+
+
 class DeviceDrafter:
-    """The tables of latest top-k next tokens, every row's text, and the templates of `shapes` ((nodes, max depth)
-    each), on the device, for a batch of `rows` rows of up to `length` tokens."""
+    """The tables of latest top-k next tokens, every row's text, the ring of `memory_tokens` tokens of earlier
+    requests' text, and the templates of `shapes` ((nodes, max depth) each), on the device, for a batch of `rows`
+    rows of up to `length` tokens."""
 
     def __init__(self, vocab: int, device: torch.device, shapes: Iterable[tuple[int, int]], rows: int = 1,
-                 length: int = 1) -> None:
+                 length: int = 1, memory_tokens: int = MEMORY_TOKENS) -> None:
         self.vocab, self.device = vocab, device
         self.table = torch.zeros(vocab, TOP_K, dtype=torch.long, device=device)  # token -> its top-k next tokens
         # slot -> the top-k next tokens after the pair that wrote it last, and that pair (-1: none yet)
@@ -120,6 +138,14 @@ class DeviceDrafter:
         # Each row's tokens by position, as its cache holds their keys and values (past a row's length: stale).
         self.text = torch.zeros(rows, length, dtype=torch.long, device=device)
         self._positions = torch.arange(length, device=device)
+        # The ring of earlier requests' text, where it is written next (the newest text ends before it), which rows
+        # copy from it, and which memory it mirrors (the memory, and how many requests it had been given).
+        self.memory = torch.full((memory_tokens,), SEPARATOR, dtype=torch.long, device=device)
+        self.memory_end = torch.zeros((), dtype=torch.long, device=device)
+        self.memory_rows = torch.zeros(rows, dtype=torch.bool, device=device)
+        self._memory_positions = torch.arange(memory_tokens, device=device)
+        self._written = 0  # tokens written into the ring so far
+        self._mirrors: tuple[weakref.ref, int] | None = None
         # Built now, not while a step is captured as a CUDA graph.
         self._levels = {shape: self._by_depth(draft_template(*shape)) for shape in shapes}
         self._chains = {shape: torch.tensor([node for node, rank in enumerate(draft_template(*shape).ranks)
@@ -140,25 +166,68 @@ class DeviceDrafter:
         """Per row, the `count` tokens [batch, count] that followed the latest earlier occurrence of the longest
         suffix (up to COPY_MATCH tokens) of the row's text up to position `ends` [batch] (the current token).
         Where the copy would run past the current token it repeats the text from the match on (a pattern that
-        continues with its period); without any match it drafts the current token again."""
+        continues with its period). A row that shares the memory copies from the memory's newest occurrence
+        instead where the suffix matches there for longer. Without any match, or where a copy from the memory
+        runs past a request's end, it drafts the current token."""
         text, positions = self.text, self._positions
         ends = ends[:, None]
-        # match[i]: how many of the last tokens up to `ends` also stand, in order, right up to position i.
-        suffix = text.gather(1, (ends - torch.arange(COPY_MATCH, device=text.device)).clamp(min=0))
-        running = positions[None, :] < ends  # earlier occurrences only
-        match = torch.zeros_like(text)
-        for back in range(COPY_MATCH):
-            earlier = torch.nn.functional.pad(text[:, : text.shape[1] - back], (back, 0))  # text[i - back] at i
-            running = running & (earlier == suffix[:, back : back + 1]) & (positions >= back) & (ends >= back)
-            match += running
+        back = torch.arange(COPY_MATCH, device=text.device)
+        # The suffix, last token first; before the text's start, a value that matches nothing.
+        suffix = torch.where(back <= ends, text.gather(1, (ends - back).clamp(min=0)), SEPARATOR - 1)
+        current = text.gather(1, ends)
+        match = matched_lengths(text, suffix) * (positions < ends)  # earlier occurrences only
         # The longest match, the latest among equals; scores of non-matches stay below every match's.
         best = (match * text.shape[1] + positions).argmax(dim=1, keepdim=True)
+        length = match.gather(1, best)
         period = ends - best  # >= 1 where a match exists
         follow = best + 1 + torch.arange(count, device=text.device)
         follow = torch.where(follow > ends, ends - period + (follow - ends - 1) % period.clamp(min=1) + 1, follow)
-        drafted = text.gather(1, follow.clamp(0, text.shape[1] - 1))
-        found = match.gather(1, best) > 0
-        return torch.where(found, drafted, text.gather(1, ends))
+        drafted = torch.where(length > 0, text.gather(1, follow.clamp(0, text.shape[1] - 1)), current)
+        # The memory: the newest of its longest matches (age: tokens written since).
+        ring, size = self.memory, self.memory.shape[0]
+        remembered = matched_lengths(ring[None], suffix) * self.memory_rows[:, None]
+        age = (self.memory_end - 1 - self._memory_positions) % size
+        newest = (remembered * size - age).argmax(dim=1, keepdim=True)
+        copied = ring[(newest + 1 + torch.arange(count, device=text.device)) % size]
+        drafted = torch.where(remembered.gather(1, newest) > length, copied, drafted)
+        return torch.where(drafted == SEPARATOR, current, drafted)
+
+    def share_memory(self, row: int, shares: bool) -> None:
+        """Whether the sequence now in `row` copies from the memory's ring."""
+        self.memory_rows[row] = shares
+
+    def mirror(self, memory) -> None:
+        """Make the ring hold `memory`'s requests (a `DraftMemory`), unless it already does."""
+        if self._mirrors is not None and self._mirrors[0]() is memory and self._mirrors[1] == memory.added:
+            return
+        self.memory.fill_(SEPARATOR)
+        self._written = 0
+        self._append([token for text in memory.texts() for token in (*text, SEPARATOR)])
+        self._mirrors = (weakref.ref(memory), memory.added)
+
+    def remember(self, memory, tokens: Sequence[int]) -> None:
+        """Add a finished request's text, which `memory` has just been given, to the ring that mirrors it (as
+        much of it as the memory keeps)."""
+        if self._mirrors is None or self._mirrors[0]() is not memory or self._mirrors[1] != memory.added - 1:
+            self.mirror(memory)  # it was given requests elsewhere too: all of them, afresh
+            return
+        self._append([*(tokens if memory.max_tokens is None else tokens[-memory.max_tokens:]), SEPARATOR])
+        self._mirrors = (self._mirrors[0], memory.added)
+
+    def _append(self, tokens: Sequence[int]) -> None:
+        """Append tokens to the ring (the last that fit), overwriting the oldest: one copy from pinned host
+        memory, which does not wait for the steps in flight."""
+        size = self.memory.shape[0]
+        tokens = tokens[-size:]
+        if not tokens:
+            return
+        where = [(self._written + i) % size for i in range(len(tokens))]
+        self._written += len(tokens)
+        pinned = self.memory.device.type == "cuda"
+        host = torch.tensor([[*where, self._written % size], [*tokens, 0]], pin_memory=pinned)
+        update = host.to(self.memory.device, non_blocking=pinned)
+        self.memory.index_copy_(0, update[0, :-1], update[1, :-1])
+        self.memory_end.copy_(update[0, -1])
 
     def draft(self, current: torch.Tensor, before: torch.Tensor, ends: torch.Tensor, nodes: int,
               max_depth: int) -> torch.Tensor:

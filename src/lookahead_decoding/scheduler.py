@@ -96,7 +96,9 @@ class BatchScheduler:
     `make_source()` makes a row's draft source. With a `memory`, the rows of requests that use it draft from it
     too (their source is `make_source(memory)`), and every such request's text is added to it when it finishes.
     The rows share one `Confidences` of their drafts' confidences (the memory's, with a memory: it carries what
-    earlier calls measured), except rows isolated from the memory, which share the scheduler's own.
+    earlier calls measured), except rows isolated from the memory, which share the scheduler's own. On a runner
+    that drafts on the device, the rows of requests that use the memory copy from its text there too
+    (`device_drafts.DeviceDrafter.mirror`); the others never read it.
     """
 
     def __init__(self, runner: StepRunner, plan: StepPlan, make_source: Callable[..., CandidateSource],
@@ -122,6 +124,11 @@ class BatchScheduler:
         self._pending: _Pending | None = None
         # Where the device computes while the host goes on, sources begin (index their prompts) only then.
         self._asynchronous = getattr(runner, "asynchronous", False)
+        # A runner that drafts on the device, and its copy of the memory's text (None without a memory).
+        self._drafter = getattr(runner, "drafter", None)
+        self._device_memory = self._drafter if memory is not None else None
+        if self._device_memory is not None:
+            self._device_memory.mirror(memory)
 
     @property
     def idle(self) -> bool:
@@ -348,6 +355,8 @@ class BatchScheduler:
             index = free.pop(0)
             self.rows[index] = row
             admitted[index] = request.prompt
+            if self._drafter is not None:
+                self._drafter.share_memory(index, self._device_memory is not None and request.use_memory)
         if admitted:
             sampling = {index: self.rows[index].request.sampling for index in admitted}
             for index, outcome in self.runner.prefill_rows(admitted, sampling).items():
@@ -359,6 +368,8 @@ class BatchScheduler:
         stats = row.sequence.finish(time.perf_counter() - row.admitted)
         if self.memory is not None and row.request.use_memory:
             self.memory.add(row.sequence.history)
+            if self._device_memory is not None:
+                self._device_memory.remember(self.memory, row.sequence.history)
         if row.request.streamer is not None:
             row.request.streamer.end()
         return Finished(row.request.tag, row.sequence.history, stats)

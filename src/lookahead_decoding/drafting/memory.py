@@ -57,6 +57,7 @@ class DraftMemory:
         self.max_requests = max_requests
         self.max_tokens = max_tokens
         self.tokens = 0  # in the requests held
+        self.added = 0  # requests ever added
         # token -> (the model's latest top-k next tokens after it, their probabilities): RecycledTopKSource's table
         self.recycled: dict[int, tuple[Sequence[int], Sequence[float]]] = {}
         self.confidences = Confidences()
@@ -100,9 +101,14 @@ class DraftMemory:
         block.end_document()
         self._requests.append((block, len(block.text), len(tokens)))
         self.tokens += len(tokens)
+        self.added += 1
         while len(self._requests) > self.max_requests or (self.max_tokens is not None
                                                            and self.tokens > self.max_tokens):
             self._evict_oldest()
+
+    def texts(self) -> list[list[int]]:
+        """The texts of the requests held, oldest first (what a step that drafts on the device copies from)."""
+        return [list(block.text[end - 1 - tokens : end - 1]) for block, end, tokens in self._requests]
 
     def _evict_oldest(self) -> None:
         block, end, tokens = self._requests.popleft()
