@@ -390,6 +390,18 @@ def test_tiny_profile(tiny, tmp_path, capsys):
     assert "| tokens in the step | 1 | 10 |" in table and "| total cpu time (µs) |" in table
 
 
+def test_tiny_profile_of_a_step_that_drafts_on_the_device(tiny, tmp_path):
+    model, tokenizer = tiny
+    out = tmp_path / "p.json"
+    argv = ["--dataset", "humaneval", "--data-file", str(FIXTURES / FILES["humaneval"]), "--max-new-tokens", "24",
+            "--profile", "--profile-steps", "4", "--device-drafts", "--candidate-length", "8", "--tree-nodes", "15",
+            "--out", str(out)]
+    # The replays that time the step decode no row: a step whose drafts are accepted must not run off the cache.
+    assert main(argv, model=model, tokenizer=tokenizer) == 0
+    entry = json.loads(out.read_text())["profile"]["methods"]["lookahead"]
+    assert entry["device_drafts"] and entry["step_tokens"] == 16 and entry["captured_step_ms"] > 0
+
+
 def test_tiny_profile_of_a_batch(tiny, tmp_path, capsys):
     model, tokenizer = tiny
     out = tmp_path / "p.json"

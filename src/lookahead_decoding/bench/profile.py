@@ -165,15 +165,16 @@ def profile_config(model, prompts: list[list[int]], max_new_tokens: int, engine:
 
 def time_captured_step(engine: StaticStep, prompts: list[list[int]]) -> float:
     """Milliseconds per step of `engine`'s step as decoding runs it (captured on CUDA), replayed back to back
-    after the prompts' prefill, host sync excluded: the device-only cost. The step's inputs stay zeros with no
-    candidates, so each replay commits at most one token per row: the cost is the same for any inputs (fixed
-    shapes)."""
+    after the prompts' prefill, host sync excluded: the device-only cost. The step's inputs are zeros, which
+    decode no row, so no replay moves a row on (a step that drafts on the device would otherwise accept its own
+    drafts and run past the cache): the cost is the same for any inputs (fixed shapes)."""
     device = engine.adapter.device
     if device.type == "cuda":
         engine.capture()  # already compiled, if asked
-    replays = min(TIMED_REPLAYS, engine.max_length - max(map(len, prompts)))
+    replays = TIMED_REPLAYS
     with torch.inference_mode():
         engine.prefill_rows(dict(enumerate(prompts)))
+        engine.inputs[0].zero_()  # what the decoding before left there decodes its rows
         engine.replayable(0)()  # a first run outside the timing
         synchronize(device)
         start = time.perf_counter()
