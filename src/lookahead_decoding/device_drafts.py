@@ -8,8 +8,9 @@ the step (captured with it as a CUDA graph). A second table keys the same predic
 before, the token): where the pair has been seen, a node follows it instead, since one token of context more
 predicts better (docs/benchmarks.md, "H200, seventh session": 5-11% more tokens per step). Its slots are a hash of
 the pair; a slot remembers which pair wrote it, so a collision falls back to the one-token table. The host drafts
-nothing and the step needs from it nothing but each row's last two committed tokens, which the step before left
-on the device: such a step can be launched before the host has read the one before (`engine.StaticStep.chain`).
+nothing and the step needs from it nothing but each row's last committed token, which the step before left on the
+device (the token before it is in the row's text, below): such a step can be launched before the host has read the
+one before (`engine.StaticStep.chain`).
 
 A table only knows one token ahead at a time. Text that repeats (code, quoted spans, lists) is drafted best by
 copying: prompt lookup (Saxena 2023) and SuffixDecoding (arXiv 2411.04975) take what followed an earlier occurrence

@@ -350,9 +350,6 @@ class StaticStep:
             raise ValueError(f"only a plain step or one that drafts on the device can be chained, not {config}")
         inputs = self.inputs[shape]  # [the current token, (tree ids, parents, nodes: the device's), 1 if decoding]
         accepted, committed = previous.outputs[:, :1], previous.outputs[:, 1:]
-        if config.device_drafts:  # the token before the last committed one: the first draft's pair
-            before = committed.gather(1, (accepted - 1).clamp(min=0))[:, 0]
-            inputs[:, 1].copy_(torch.where(accepted[:, 0] > 0, before, inputs[:, 0]))
         inputs[:, 0].copy_(committed.gather(1, accepted)[:, 0])  # the last token each row committed
         decoding = list(previous.decoding)
         if changes:
@@ -364,9 +361,8 @@ class StaticStep:
             update = host.to(inputs.device, non_blocking=True)
             inputs[update[:, 0], 0] = update[:, 1]
             inputs[update[:, 0], -1] = update[:, 2]
-            if shape in self._template_lines:  # (a row starting here drafts its first step without a pair)
+            if shape in self._template_lines:
                 size = self.layouts[shape].size
-                inputs[update[:, 0], 1] = update[:, 1]
                 inputs[update[:, 0], size : size + config.tree_nodes + 1] = self._template_lines[shape]
         packed, scores, top = self.replayable(shape)()
         return self._launched(shape, decoding, packed, scores, top)
@@ -435,10 +431,8 @@ class StaticStep:
         start = self.lengths.clone()  # tokens cached before this step; the current token goes there
         if self.drafter is not None:
             self.drafter.write_text(start[:, None], step_ids[:, :1])
-        if config.device_drafts:
-            # The host sent the template's tree (or none), and in the tree's first column the token before the
-            # current one; the tree's tokens are drafted here.
-            before = step_ids[:, 1]
+            before = self.drafter.text.gather(1, (start[:, None] - 1).clamp(min=0))[:, 0]  # the current's pair
+        if config.device_drafts:  # the host sent the template's tree (or none); its tokens are drafted here
             drafts = self.drafter.draft(step_ids[:, 0], before, start, nodes, depth)
             step_ids = torch.cat([step_ids[:, :1], drafts], dim=1)
         tree = torch.vmap(functools.partial(tree_tensors, max_depth=depth))(step_ids[:, layout.tree_rows], parents,
@@ -459,8 +453,7 @@ class StaticStep:
             befores = torch.cat([before[:, None], nodes_then_current.gather(1, parents)], dim=1)
             self.drafter.learn(step_ids[:, layout.logit_rows], befores, logits)
         elif self.drafter is not None and layout.size == 1:  # a plain step keeps the tables fresh too
-            before = self.drafter.text.gather(1, (start[:, None] - 1).clamp(min=0))
-            self.drafter.learn(step_ids[:, :1], before, logits[:, :1])
+            self.drafter.learn(step_ids[:, :1], before[:, None], logits[:, :1])
         return logits, tree, start, step_ids
 
     def _device_commit(self, shape: int, start: torch.Tensor, result: torch.Tensor) -> None:

@@ -202,9 +202,8 @@ class SequenceState:
         budget (for a shape that drafts on the device, its template's tree, whose tokens the device drafts)."""
         current = self.history[-1]
         config, window = self.plan.shapes[shape], self.windows[shape]
-        if config.device_drafts:  # the tree's columns carry the token before the current one, for the first draft
-            before = self.history[-2] if len(self.history) > 1 else current
-            ids = layouts[shape].input_ids(current, [], [before] * config.tree_nodes)
+        if config.device_drafts:  # the tree's tokens are the device's to draft
+            ids = layouts[shape].input_ids(current, [], [current] * config.tree_nodes)
             return PlannedStep(shape, ids, self.device_tree(shape))
         tree = tree.truncated(config.tree_nodes)
         padding = [current] * (config.tree_nodes - len(tree))

@@ -163,6 +163,11 @@ def time_steps(runner, vocab_size: int, clearly_loses: Callable[[int, list[float
     return costs
 
 
+def progress_label(batch_size: int) -> str:
+    """What calibration's progress bar says."""
+    return "calibrating step shapes" + (f" for batch {batch_size}" if batch_size > 1 else "")
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Every shape measured (with its cost in ms) and the plan chosen from them."""
@@ -187,8 +192,8 @@ def calibrate(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_
                                 for w, n, g, b in ladder)
             if context is None or shape.tokens_per_step < context]  # what `check_calibrated` accepts
     narrow = [verify_only(nodes, DRAFT_DEPTH) for nodes in NARROW_NODES]
-    what = "calibrating step shapes" + (f" for batch {batch_size}" if batch_size > 1 else "")
-    with tqdm(total=1 + len(wide) + len(narrow), desc=what, unit="shape", file=sys.stderr, leave=False) as progress:
+    with tqdm(total=1 + len(wide) + len(narrow), desc=progress_label(batch_size), unit="shape", file=sys.stderr,
+              leave=False) as progress:
         (plain_cost,) = time_steps(plain_runner, vocab_size, progress=progress, sampling=sampling)
         wide_costs: list[float] = []
         best_rate = 0.0  # expected tokens per ms of the best wide shape so far
@@ -235,9 +240,8 @@ def calibrate_device_drafts(make_runner: Callable[[Sequence[LookaheadConfig]], o
     context = plain_runner.adapter.context_length
     trees = [device_drafting(nodes) for nodes in DEVICE_TREES
              if context is None or device_drafting(nodes).tokens_per_step < context]
-    batch_size = plain_runner.batch_size
-    what = "calibrating step shapes" + (f" for batch {batch_size}" if batch_size > 1 else "")
-    with tqdm(total=1 + len(trees), desc=what, unit="shape", file=sys.stderr, leave=False) as progress:
+    with tqdm(total=1 + len(trees), desc=progress_label(plain_runner.batch_size), unit="shape", file=sys.stderr,
+              leave=False) as progress:
         (plain_cost,) = time_steps(plain_runner, vocab_size, progress=progress, sampling=sampling)
         tree_costs = time_steps(make_runner(trees), vocab_size, None, progress, sampling) if trees else []
     measured = tuple(zip([AUTOREGRESSIVE, *trees], [plain_cost, *tree_costs]))
