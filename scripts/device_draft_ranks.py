@@ -1,5 +1,6 @@
 """How often a drafted node of each rank is accepted when its parent is: the numbers behind the template's prior
-(`device_drafts.RANK_ACCEPTANCE`), measured on steps that draft on the device.
+(`device_drafts.RANK_ACCEPTANCE`), measured on steps that draft on the device; and the same for the copying
+chain and, with a window, the pool's chains.
 
 The embedded model decodes a few prompts of each dataset (greedy, one at a time, on one static engine per dataset,
 which keeps its tables across prompts) with one device-drafting shape; after every step, each template node whose
@@ -19,7 +20,7 @@ import torch
 import lookahead_decoding as ld
 from lookahead_decoding.bench.data import load_prompts
 from lookahead_decoding.bench.runner import encode_all
-from lookahead_decoding.device_drafts import TOP_K, draft_template
+from lookahead_decoding.device_drafts import COPY, POOL, TOP_K, TemplateShape, draft_template
 from lookahead_decoding.engine import StaticStep
 
 FILES = {"humaneval": "HumanEval.jsonl.gz", "gsm8k": "test.jsonl", "mtbench": "question.jsonl"}
@@ -32,12 +33,16 @@ def main() -> None:
     parser.add_argument("--offset", type=int, default=0, help="skip this many prompts of each dataset first")
     parser.add_argument("--tree-nodes", type=int, default=120)
     parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--window", type=int, default=1, help="the device's Jacobi window (1: none)")
+    parser.add_argument("--ngram", type=int, default=2)
+    parser.add_argument("--guesses", type=int, default=1, help="the pool's n-grams verified per step")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(2)
     model, tokenizer = ld.load_default_model()
-    shape = ld.LookaheadConfig(1, 2, 1, candidate_length=args.depth, tree_nodes=args.tree_nodes, device_drafts=True)
-    template = draft_template(args.tree_nodes, args.depth)
+    shape = ld.LookaheadConfig(args.window, args.ngram, args.guesses, candidate_length=args.depth,
+                               tree_nodes=args.tree_nodes, device_drafts=True)
+    template = draft_template(*TemplateShape.of(shape))
     tested: collections.Counter = collections.Counter()  # (depth, rank) -> nodes whose parent was accepted
     accepted: collections.Counter = collections.Counter()
     for dataset, name in FILES.items():
@@ -70,6 +75,12 @@ def main() -> None:
     print("rank 0 by depth: tested, accepted, share")
     for depth in range(1, args.depth + 1):
         print(f"{depth}: {tested[depth, 0]} {accepted[depth, 0]} {accepted[depth, 0] / max(tested[depth, 0], 1):.3f}")
+    for name, rank in (("the copying chain", COPY), ("the pool's chains", POOL)):
+        print(f"{name} by depth: tested, accepted, share")
+        for depth in range(1, args.depth + 1):
+            if tested[depth, rank]:
+                print(f"{depth}: {tested[depth, rank]} {accepted[depth, rank]} "
+                      f"{accepted[depth, rank] / tested[depth, rank]:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Host work per row and step: the project's Python outside the device-side modules, under cProfile.
 
-A batch of `--batch-size` HumanEval prompts decodes with one lookahead shape on every step (W=5 N=4 G=5 K=12
-B=15, the default sources) on a 2-layer random Llama with SmolLM2's vocabulary, so the forward is cheap and the
-drafting sees real token streams. Reported: the summed own time (cProfile tottime) of every function in
-lookahead_decoding except the device-side modules (engine, layout, attention, kv_cache, verification, sampling),
-per row and step, and the largest contributors. cProfile inflates Python time: compare runs of this script only.
+A batch of `--batch-size` HumanEval prompts decodes with one step shape on every step on a 2-layer random Llama
+with SmolLM2's vocabulary, so the forward is cheap and the drafting sees real token streams. `--shape host` (the
+default): W=5 N=4 G=5 K=12 B=15 with the default sources, drafted on the host (what `auto` runs on a CPU);
+`device`: a tree of 15 nodes, K=12, drafted on the device (what `auto` runs on CUDA besides plain steps); `plain`:
+one token per step. Reported: the summed own time (cProfile tottime) of every function in lookahead_decoding except
+the device-side modules (engine, device_drafts, layout, attention, kv_cache, verification, sampling), per row and
+step, and the largest contributors. cProfile inflates Python time: compare runs of this script only.
 
-    python scripts/host_profile.py --data-file HumanEval.jsonl.gz --batch-size 16
+    python scripts/host_profile.py --data-file HumanEval.jsonl.gz --batch-size 16 [--shape device]
 """
 
 from __future__ import annotations
@@ -20,8 +22,14 @@ import transformers
 
 import lookahead_decoding as ld
 from lookahead_decoding.bench.data import load_prompts
+from lookahead_decoding.config import AUTOREGRESSIVE
 
-DEVICE_SIDE = ("engine.py", "layout.py", "attention.py", "kv_cache.py", "verification.py", "sampling.py")
+SHAPES = {
+    "host": ld.LookaheadConfig(window=5, ngram=4, guesses=5, candidate_length=12, tree_nodes=15),
+    "device": ld.LookaheadConfig(window=1, ngram=2, guesses=0, candidate_length=12, tree_nodes=15, device_drafts=True),
+    "plain": AUTOREGRESSIVE,
+}
+DEVICE_SIDE = ("engine.py", "device_drafts.py", "layout.py", "attention.py", "kv_cache.py", "verification.py", "sampling.py")
 
 
 def main() -> None:
@@ -30,6 +38,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--top", type=int, default=12, help="how many of the largest contributors to list")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="host", help="the step shape of every step")
     args = parser.parse_args()
     torch.set_num_threads(1)
     gguf = ld.default_model_path()
@@ -41,7 +50,7 @@ def main() -> None:
     model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
     model.generation_config.eos_token_id = None
     prompts = [tokenizer(prompt.text).input_ids for prompt in load_prompts("humaneval", args.data_file, args.batch_size)]
-    shape = ld.LookaheadConfig(window=5, ngram=4, guesses=5, candidate_length=12, tree_nodes=15)
+    shape = SHAPES[args.shape]
     ld.generate(model, prompts[:2], max_new_tokens=4, config=shape, batch_size=2)  # warm-up
     profiler = cProfile.Profile()
     profiler.enable()

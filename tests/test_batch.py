@@ -26,9 +26,11 @@ FIXED = {
     "wide": ld.LookaheadConfig(4, 4, 3),
     "verify": verify_only(6, 3),
     "device": ld.LookaheadConfig(1, 2, 1, candidate_length=3, tree_nodes=8, device_drafts=True),
+    "device window": ld.LookaheadConfig(3, 3, 2, candidate_length=3, tree_nodes=10, device_drafts=True),
 }
 MIXED = (AUTOREGRESSIVE, verify_only(4, 2), ld.LookaheadConfig(3, 3, 2), ld.LookaheadConfig(2, 2, 3, candidate_length=2),
-         ld.LookaheadConfig(1, 2, 1, candidate_length=2, tree_nodes=6, device_drafts=True))
+         ld.LookaheadConfig(1, 2, 1, candidate_length=2, tree_nodes=6, device_drafts=True),
+         ld.LookaheadConfig(2, 2, 2, candidate_length=2, tree_nodes=8, device_drafts=True))
 
 
 def reference_tokens(model, prompt, max_new_tokens, **kwargs) -> list[int]:

@@ -1,5 +1,6 @@
 """Drafting on the device: the template, the table's drafts and updates, and exact decoding through such steps."""
 
+import collections
 import functools
 import itertools
 
@@ -11,8 +12,8 @@ from hypothesis import strategies as st
 
 import lookahead_decoding as ld
 from lookahead_decoding.device_drafts import (
-    COPY, COPY_MATCH, RANK_ACCEPTANCE, SEPARATOR, TOP_K, DeviceDrafter, copy_length, draft_template,
-    template_capacity,
+    COPY, COPY_MATCH, POOL, RANK_ACCEPTANCE, SEPARATOR, TOP_K, DeviceDrafter, TemplateShape, copy_length,
+    draft_template, template_capacity,
 )
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.drafting.base import NoDrafts
@@ -22,21 +23,31 @@ from lookahead_decoding.model_adapter import ModelAdapter
 from lookahead_decoding.scheduler import BatchScheduler, Request
 from lookahead_decoding.step import EagerStep
 from lookahead_decoding.tuning import StepPlan
+from lookahead_decoding.window import JacobiWindow
 
 DEVICE_SHAPE = ld.LookaheadConfig(1, 2, 1, candidate_length=4, tree_nodes=10, device_drafts=True)
+# With a Jacobi window and its n-gram pool on the device: 2 of the pool's trigrams per step.
+WINDOW_SHAPE = ld.LookaheadConfig(3, 3, 2, candidate_length=4, tree_nodes=14, device_drafts=True)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
-@given(nodes=st.integers(0, 40), max_depth=st.integers(1, 5))
-def test_the_template_is_the_likeliest_nodes_of_the_rank_tree_and_a_copying_chain(nodes, max_depth):
-    assume(nodes <= template_capacity(max_depth))
-    template = draft_template(nodes, max_depth)
-    chain = copy_length(nodes, max_depth)
-    ranked = len(template.parents) - chain
-    assert len(template.parents) == nodes and chain == min(max_depth, nodes // 2)
-    # The chain: the last `chain` nodes, one path down from the current token.
-    assert template.ranks[ranked:] == (COPY,) * chain and template.depths[ranked:] == tuple(range(1, chain + 1))
-    assert template.parents[ranked:] == tuple([-1, *range(ranked, nodes - 1)][:chain])
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(nodes=st.integers(0, 40), max_depth=st.integers(1, 5), pool_chains=st.integers(0, 3),
+       pool_length=st.integers(1, 4))
+def test_the_template_is_the_likeliest_nodes_of_the_rank_tree_a_copying_chain_and_the_pools_chains(
+        nodes, max_depth, pool_chains, pool_length):
+    pool = pool_chains * pool_length
+    assume(pool <= nodes <= template_capacity(max_depth, pool))
+    template = draft_template(nodes, max_depth, pool_chains, pool_length)
+    chain = copy_length(nodes - pool, max_depth)
+    ranked = nodes - pool - chain
+    assert len(template.parents) == nodes and chain == min(max_depth, (nodes - pool) // 2)
+    # The chains: the copying one, then one per n-gram of the pool, each one path down from the current token.
+    first = ranked
+    for rank, length in [(COPY, chain), *[(POOL, pool_length)] * pool_chains]:
+        assert template.ranks[first : first + length] == (rank,) * length
+        assert template.depths[first : first + length] == tuple(range(1, length + 1))
+        assert template.parents[first : first + length] == tuple([-1, *range(first, first + length - 1)][:length])
+        first += length
     # Brute force: every path of ranks up to max_depth, its probability the product of the ranks' priors.
     paths = [ranks for depth in range(1, max_depth + 1) for ranks in itertools.product(range(TOP_K), repeat=depth)]
     probability = {ranks: functools.reduce(lambda p, r: p * RANK_ACCEPTANCE[r], ranks, 1.0) for ranks in paths}
@@ -133,7 +144,8 @@ def test_the_ring_mirrors_its_memory_and_is_rebuilt_for_another_one():
 
 
 def test_a_draft_follows_the_pairs_seen_the_single_tokens_elsewhere_and_copies_on_its_chain():
-    drafter = DeviceDrafter(50, torch.device("cpu"), [(12, 4)], rows=3, length=16)
+    shape = ld.LookaheadConfig(1, 2, 1, candidate_length=4, tree_nodes=12, device_drafts=True)
+    drafter = DeviceDrafter(50, torch.device("cpu"), [shape], rows=3, length=16)
     generator = torch.Generator().manual_seed(0)
     drafter.table = torch.randint(0, 50, (50, TOP_K), generator=generator)
     # Teach it the pairs after a few (token before, token): their own rows, unlike the one-token table's.
@@ -147,7 +159,7 @@ def test_a_draft_follows_the_pairs_seen_the_single_tokens_elsewhere_and_copies_o
         drafter.write_text(torch.arange(len(text))[None], torch.tensor([text]), torch.tensor([row]))
     ends = torch.tensor([len(text) - 1 for text in texts])
     template = draft_template(12, 4)
-    drafted = drafter.draft(current, before, ends, 12, 4).tolist()
+    drafted = drafter.draft(current, before, ends, shape).tolist()
     for row, (token, token_before) in enumerate(zip(current.tolist(), before.tolist())):
         chain = [node for node, rank in enumerate(template.ranks) if rank == COPY]
         assert [drafted[row][node] for node in chain] == copied_reference(texts[row], ends[row], len(chain))
@@ -161,6 +173,59 @@ def test_a_draft_follows_the_pairs_seen_the_single_tokens_elsewhere_and_copies_o
             assert drafted[row][node] == row_of[rank]
     assert drafted[0][0] == pairs[3, 17][0] and drafted[1][0] == pairs[9, 42][0]  # the pairs were used
     assert [drafted[0][node] for node in chain] == [1, 2, 3, 17]  # the copy of what followed 3 17
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(rows=st.integers(1, 3), window=st.integers(2, 4), levels=st.integers(1, 3), guesses=st.integers(1, 3),
+       data=st.data())
+def test_the_device_window_iterates_as_the_hosts_and_its_pool_keeps_the_latest_new_ngrams(rows, window, levels,
+                                                                                          guesses, data):
+    vocab = 12  # few tokens: n-grams repeat, so the pool meets n-grams it has
+    shape = ld.LookaheadConfig(window, levels + 1, guesses, candidate_length=levels, tree_nodes=guesses * levels,
+                               device_drafts=True)
+    drafter = DeviceDrafter(vocab, torch.device("cpu"), [shape], rows=rows)
+    start = data.draw(st.lists(st.integers(0, vocab - 1), min_size=rows * (levels * window - 1),
+                               max_size=rows * (levels * window - 1)))
+    drafter.windows[window, levels].copy_(torch.tensor(start).view(rows, -1))
+    hosts = []
+    for row in range(rows):  # the host's window, started from the same tokens
+        host = JacobiWindow(window, levels, None)
+        tokens = start[row * (levels * window - 1) : (row + 1) * (levels * window - 1)]
+        host.levels = [tokens[: window - 1]] + [tokens[window - 1 + l * window : window - 1 + (l + 1) * window]
+                                                for l in range(levels - 1)]
+        hosts.append(host)
+    pool: dict[int, list] = {}  # the reference: each key's n-grams in the order they were new
+    for _ in range(data.draw(st.integers(1, 4))):
+        current = data.draw(st.lists(st.integers(0, vocab - 1), min_size=rows, max_size=rows))
+        new_level = data.draw(st.lists(st.lists(st.integers(0, vocab - 1), min_size=window, max_size=window),
+                                       min_size=rows, max_size=rows))
+        ngrams = [ngram for row, host in enumerate(hosts) for ngram in host.advance(current[row], new_level[row])]
+        new = [(key, rest) for key, rest in dict.fromkeys(ngrams) if rest not in pool.get(key, [])]
+        assume(max(collections.Counter(key for key, _ in new).values(), default=0) <= guesses)  # (see `advance`)
+        for key, rest in new:
+            pool.setdefault(key, []).append(rest)
+        drafter.advance(window, levels, torch.tensor(current), torch.tensor(new_level))
+        assert drafter.window_tokens(window, levels).tolist() == [host.tokens() for host in hosts]
+    for key in range(vocab):
+        kept = pool.get(key, [])
+        assert drafter.pool_next[levels][key] == len(kept)
+        newest = drafter.pool_drafts(torch.tensor([key]), levels, guesses, levels).view(guesses, levels).tolist()
+        expected = [list(rest) for rest in kept[::-1][:guesses]]
+        assert newest == expected + [[key] * levels] * (guesses - len(expected))  # none yet: the current token
+
+
+def test_a_step_with_a_device_window_drafts_the_pools_newest_ngrams_on_its_chains():
+    shape = ld.LookaheadConfig(3, 3, 2, candidate_length=2, tree_nodes=8, device_drafts=True)
+    drafter = DeviceDrafter(20, torch.device("cpu"), [shape], rows=2, length=8)
+    template = draft_template(*TemplateShape.of(shape))
+    pool_nodes = [node for node, rank in enumerate(template.ranks) if rank == POOL]
+    assert len(pool_nodes) == 4
+    drafter.windows[3, 2].copy_(torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]))
+    drafter.advance(3, 2, torch.tensor([0, 11]), torch.tensor([[12, 13, 14], [15, 16, 17]]))
+    # Columns: (0; 3 12) (1; 4 13) (2; 5 14) for row 0, (11; 8 15) (6; 9 16) (7; 10 17) for row 1.
+    drafted = drafter.draft(torch.tensor([0, 6]), torch.tensor([0, 0]), torch.tensor([0, 0]), shape)
+    assert [drafted[0, node].item() for node in pool_nodes] == [3, 12, 0, 0]  # one n-gram for 0, none more
+    assert [drafted[1, node].item() for node in pool_nodes] == [9, 16, 6, 6]
 
 
 def test_the_tables_keep_the_latest_top_k_after_each_token_and_pair():
@@ -178,28 +243,31 @@ def test_the_tables_keep_the_latest_top_k_after_each_token_and_pair():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "gpt_neox"])
-def test_steps_that_draft_on_the_device_give_greedy_tokens_and_accept_drafts(arch):
+@pytest.mark.parametrize("shape", [DEVICE_SHAPE, WINDOW_SHAPE], ids=["tree", "window"])
+def test_steps_that_draft_on_the_device_give_greedy_tokens_and_accept_drafts(arch, shape):
     model = tiny_model(arch)
     prompts = [[5, 6, 7] * 4, [1, 2, 3, 4, 5]]
-    out = ld.generate(model, prompts, 40, DEVICE_SHAPE)
+    out = ld.generate(model, prompts, 40, shape)
     for prompt, row in zip(prompts, out.rows):
         assert row.tokens == greedy_reference(model, torch.tensor([prompt]), 40)[0].tolist()
     assert out.stats.tokens_per_step > 1.0  # the table learned enough of the text to be right sometimes
-    assert set(out.stats.shape_steps) == {"device drafts B=10 K=4"}
+    assert set(out.stats.shape_steps) == {"device drafts B=10 K=4" if shape is DEVICE_SHAPE else
+                                          "device drafts W=3 N=3 G=2 B=14 K=4"}
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
-def test_refills_budgets_and_eos_through_steps_that_draft_on_the_device(pipelined):
+@pytest.mark.parametrize("shape", [DEVICE_SHAPE, WINDOW_SHAPE], ids=["tree", "window"])
+def test_refills_budgets_and_eos_through_steps_that_draft_on_the_device(pipelined, shape):
     model = tiny_model("llama")
     generator = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, VOCAB, (int(n),), generator=generator).tolist() for n in (3, 9, 5, 12, 4)]
     prompts[2] = prompts[2][:2] * 5  # repetitive: long acceptances
     budgets = [30, 6, 25, 3, 17]
     eos = greedy_reference(model, torch.tensor([prompts[0]]), 30)[0, len(prompts[0]) + 12].item()
-    runner = StaticStep(model, DEVICE_SHAPE, 96, batch_size=2, pipeline=pipelined)
+    runner = StaticStep(model, shape, 96, batch_size=2, pipeline=pipelined)
     chains, chain = [], runner.chain
     runner.chain = lambda *args: chains.append(args) or chain(*args)
-    out = ld.generate(model, prompts, budgets, DEVICE_SHAPE, runner=runner, eos_token_id=eos)
+    out = ld.generate(model, prompts, budgets, shape, runner=runner, eos_token_id=eos)
     for prompt, budget, row in zip(prompts, budgets, out.rows):
         expected = greedy_reference(model, torch.tensor([prompt]), budget, eos_token_id=eos)[0].tolist()
         assert row.tokens == expected
@@ -288,15 +356,20 @@ def test_a_request_without_lookahead_takes_one_token_per_step_of_a_device_drafti
     assert results["on"].stats.steps < 19
 
 
-def test_device_drafts_need_a_step_without_window_and_the_static_engine(llama):
-    with pytest.raises(ValueError, match=r"device_drafts needs a step without a window \(window=1, ngram=2\) and "
-                                         r"with tree nodes, got window=3, ngram=2, tree_nodes=3"):
-        ld.LookaheadConfig(3, 2, 3, device_drafts=True)
+def test_device_drafts_need_tree_nodes_that_fit_the_template_and_the_static_engine(llama):
+    with pytest.raises(ValueError, match="LookaheadConfig.device_drafts needs tree nodes, got tree_nodes=0"):
+        ld.LookaheadConfig(1, 2, 0, device_drafts=True)
+    with pytest.raises(ValueError, match=r"LookaheadConfig.device_drafts with a window needs guesses >= 1 \(the "
+                                         r"n-grams of the pool verified per step\), got guesses=0"):
+        ld.LookaheadConfig(3, 2, 0, tree_nodes=4, device_drafts=True)
     with pytest.raises(TypeError, match="LookaheadConfig.device_drafts must be a bool, got 1"):
         ld.LookaheadConfig(1, 2, 1, device_drafts=1)
-    with pytest.raises(ValueError, match="LookaheadConfig.device_drafts drafts at most 9 tree nodes with "
-                                         "candidate_length=1, got tree_nodes=10"):
+    with pytest.raises(ValueError, match="LookaheadConfig.device_drafts drafts 0 to 9 tree nodes with "
+                                         "candidate_length=1, window=1, ngram=2 and guesses=1, got tree_nodes=10"):
         ld.LookaheadConfig(1, 2, 1, candidate_length=1, tree_nodes=10, device_drafts=True)
     ld.LookaheadConfig(1, 2, 1, candidate_length=1, tree_nodes=9, device_drafts=True)  # 8 ranks and the copy
+    with pytest.raises(ValueError, match="LookaheadConfig.device_drafts drafts 6 to 80 tree nodes with "
+                                         "candidate_length=2, window=4, ngram=4 and guesses=3, got tree_nodes=5"):
+        ld.LookaheadConfig(4, 4, 3, candidate_length=2, tree_nodes=5, device_drafts=True)  # 3 chains of 2
     with pytest.raises(ValueError, match="steps that draft on the device run on the static engine"):
         EagerStep(ModelAdapter(llama), [DEVICE_SHAPE])

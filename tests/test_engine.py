@@ -11,7 +11,8 @@ from lookahead_decoding.engine import StaticStep
 CONFIGS = [AUTOREGRESSIVE, ld.LookaheadConfig(1, 3, 2), ld.LookaheadConfig(3, 3, 3), ld.LookaheadConfig(5, 5, 5),
            ld.LookaheadConfig(4, 6, 0), ld.LookaheadConfig(2, 2, 8), ld.LookaheadConfig(3, 3, 3, candidate_length=6),
            ld.LookaheadConfig(2, 5, 4, candidate_length=1),
-           ld.LookaheadConfig(1, 2, 1, candidate_length=4, tree_nodes=10, device_drafts=True)]
+           ld.LookaheadConfig(1, 2, 1, candidate_length=4, tree_nodes=10, device_drafts=True),
+           ld.LookaheadConfig(3, 4, 2, candidate_length=4, tree_nodes=16, device_drafts=True)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox"])

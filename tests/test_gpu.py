@@ -14,8 +14,9 @@ from lookahead_decoding.tuning import StepPlan, verify_only
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 DEVICE_DRAFTS = ld.LookaheadConfig(1, 2, 1, candidate_length=3, tree_nodes=8, device_drafts=True)
-SHAPES = (AUTOREGRESSIVE, verify_only(6, 3), ld.LookaheadConfig(4, 4, 4), DEVICE_DRAFTS)
-COSTS = (1.0, 1.2, 1.5, 1.1)
+DEVICE_WINDOW = ld.LookaheadConfig(3, 3, 2, candidate_length=3, tree_nodes=10, device_drafts=True)
+SHAPES = (AUTOREGRESSIVE, verify_only(6, 3), ld.LookaheadConfig(4, 4, 4), DEVICE_DRAFTS, DEVICE_WINDOW)
+COSTS = (1.0, 1.2, 1.5, 1.1, 1.2)
 
 
 def cuda_model(arch):
@@ -56,7 +57,8 @@ def test_a_captured_batch_with_refills_equals_each_rows_greedy(arch):
     assert [engine.batch_size for engine in engines] == [3] and engines[0].captured
 
 
-@pytest.mark.parametrize("config", [AUTOREGRESSIVE, DEVICE_DRAFTS], ids=["plain", "device drafts"])
+@pytest.mark.parametrize("config", [AUTOREGRESSIVE, DEVICE_DRAFTS, DEVICE_WINDOW],
+                         ids=["plain", "device drafts", "device window"])
 @pytest.mark.parametrize("sampled", [False, True])
 def test_pipelined_steps_on_captured_graphs_equal_each_rows_decode(sampled, config):
     """On CUDA plain steps and steps that draft on the device are pipelined by default: each launched, through its

@@ -27,7 +27,8 @@ class LookaheadConfig:
         candidates of K tokens (the paper's verification branch). Drafts that share a prefix share its nodes.
     device_drafts: the step drafts its own tree on the device, from the model's latest top-k predictions after
         each token (`device_drafts.py`), instead of verifying the host's drafts: no host work per row, and the
-        step can be launched before the one before it is read. Only for a step without a window (W=1, N=2).
+        step can be launched before the one before it is read. With a window, the window and its n-gram pool live
+        on the device too, and the tree verifies G of the pool's n-grams besides.
 
     Defaults suit small models on launch-bound hardware, where extra tokens per step cost almost nothing.
     """
@@ -54,17 +55,23 @@ class LookaheadConfig:
         _check_int("tree_nodes", self.tree_nodes, 0)
         if not isinstance(self.device_drafts, bool):
             raise TypeError(f"LookaheadConfig.device_drafts must be a bool, got {self.device_drafts!r}")
-        if self.device_drafts and (self.has_window or self.tree_nodes == 0):
-            raise ValueError("LookaheadConfig.device_drafts needs a step without a window (window=1, ngram=2) and "
-                             f"with tree nodes, got window={self.window}, ngram={self.ngram}, "
-                             f"tree_nodes={self.tree_nodes}")
         if self.device_drafts:
-            from .device_drafts import template_capacity  # (it imports torch; this module does not)
+            self._check_device_template()
 
-            if self.tree_nodes > template_capacity(self.candidate_length):
-                raise ValueError(f"LookaheadConfig.device_drafts drafts at most "
-                                 f"{template_capacity(self.candidate_length)} tree nodes with candidate_length="
-                                 f"{self.candidate_length}, got tree_nodes={self.tree_nodes}")
+    def _check_device_template(self) -> None:
+        from .device_drafts import TemplateShape, template_capacity  # (it imports torch; this module does not)
+
+        if self.tree_nodes == 0:
+            raise ValueError("LookaheadConfig.device_drafts needs tree nodes, got tree_nodes=0")
+        if self.has_window and self.guesses == 0:
+            raise ValueError("LookaheadConfig.device_drafts with a window needs guesses >= 1 (the n-grams of the "
+                             "pool verified per step), got guesses=0")
+        pool_nodes = TemplateShape.of(self).pool_nodes
+        capacity = template_capacity(self.candidate_length, pool_nodes)
+        if not pool_nodes <= self.tree_nodes <= capacity:
+            raise ValueError(f"LookaheadConfig.device_drafts drafts {pool_nodes} to {capacity} tree nodes with "
+                             f"candidate_length={self.candidate_length}, window={self.window}, ngram={self.ngram} "
+                             f"and guesses={self.guesses}, got tree_nodes={self.tree_nodes}")
 
     @property
     def levels(self) -> int:
@@ -95,7 +102,7 @@ class LookaheadConfig:
     def follows_on_device(self) -> bool:
         """Whether the step needs nothing from the host but each row's last committed token, which the step
         before left on the device: a plain step, or one that drafts on the device."""
-        return not self.has_window and not self.host_drafts
+        return self.device_drafts or not (self.has_window or self.verifies)
 
 
 # Plain one-token greedy decoding as a lookahead step: no window, no candidates.

@@ -45,43 +45,74 @@ TOP_K = len(RANK_ACCEPTANCE)  # next tokens the table keeps per token
 PAIR_SLOTS = 1 << 18  # slots of the pair table (a pair's slot: a multiplicative hash of it)
 PAIR_HASH = 1_000_003
 COPY = -1  # the rank of a template node that copies: its token is the copied continuation's, at its depth
+POOL = -2  # the rank of a template node that follows an n-gram of the pool (the Jacobi window's), at its depth
 COPY_MATCH = 4  # the longest suffix of a row's text looked up when copying
 MEMORY_TOKENS = 1 << 15  # tokens of earlier requests' text a drafter keeps to copy from (a ring)
 SEPARATOR = -1  # ends a request's text in the ring (no match crosses it), and marks what was never written
 
 
 class DraftTemplate(NamedTuple):
-    """A fixed tree: the table's nodes best first (every parent before its children), then the copying chain."""
+    """A fixed tree: the table's nodes best first (every parent before its children), then the copying chain,
+    then one chain per n-gram of the pool that the step verifies."""
 
     parents: tuple[int, ...]  # the parent node, ROOT (-1) for the children of the last committed token
-    ranks: tuple[int, ...]  # which of its parent token's next tokens (0: the most likely) a node drafts, or COPY
+    ranks: tuple[int, ...]  # which of its parent token's next tokens (0: the most likely) a node drafts, COPY or POOL
     depths: tuple[int, ...]  # 1 for the children of the last committed token
 
 
+class TemplateShape(NamedTuple):
+    """What fixes a step's template: its nodes, its depth K, and the pool's n-grams it verifies (chains of
+    `pool_length` tokens each, 0 without a window)."""
+
+    nodes: int
+    max_depth: int
+    pool_chains: int = 0
+    pool_length: int = 0
+
+    @classmethod
+    def of(cls, shape) -> "TemplateShape":
+        """The template of a step shape (a `LookaheadConfig` that drafts on the device): with a window, one chain
+        per n-gram kept for a token (G), each as long as an n-gram's continuation (N-1) or K."""
+        if not shape.has_window:
+            return cls(shape.tree_nodes, shape.candidate_length)
+        return cls(shape.tree_nodes, shape.candidate_length, shape.guesses, min(shape.levels, shape.candidate_length))
+
+    @property
+    def pool_nodes(self) -> int:
+        return self.pool_chains * self.pool_length
+
+
 def copy_length(nodes: int, max_depth: int) -> int:
-    """The copying chain's nodes in a template of `nodes`: as deep as the step verifies, at most half the nodes."""
+    """The copying chain's nodes among a template's `nodes` (those not given to the pool): as deep as the step
+    verifies, at most half of them."""
     return min(max_depth, nodes // 2)
 
 
-def template_capacity(max_depth: int) -> int:
-    """The most nodes a template of depth `max_depth` has: every path of ranks, and the copying chain."""
-    return sum(TOP_K**depth for depth in range(1, max_depth + 1)) + max_depth
+def template_capacity(max_depth: int, pool_nodes: int = 0) -> int:
+    """The most nodes a template of depth `max_depth` has: every path of ranks, the copying chain, and the pool's
+    chains."""
+    return sum(TOP_K**depth for depth in range(1, max_depth + 1)) + max_depth + pool_nodes
 
 
 @functools.lru_cache(maxsize=None)  # one per step shape, asked for by every sequence that decodes with it
-def draft_template(nodes: int, max_depth: int) -> DraftTemplate:
+def draft_template(nodes: int, max_depth: int, pool_chains: int = 0, pool_length: int = 0) -> DraftTemplate:
     """The likeliest nodes, at most `max_depth` deep, of the tree in which the rank-r child of every node is right
     with RANK_ACCEPTANCE[r] given its parent (path probabilities never grow down a path, so taking the likeliest
-    first keeps a tree), followed by the copying chain (`copy_length`): `nodes` in all, at most the capacity."""
-    if nodes > template_capacity(max_depth):
-        raise ValueError(f"a template of depth {max_depth} holds at most {template_capacity(max_depth)} nodes, "
-                         f"not {nodes}")
-    chain = copy_length(nodes, max_depth)
-    ranked = table_template(nodes - chain, max_depth)
-    first = len(ranked.parents)
-    chain_parents = (-1, *range(first, first + chain - 1))[:chain]  # from the current token down
-    return DraftTemplate(ranked.parents + chain_parents, ranked.ranks + (COPY,) * chain,
-                         ranked.depths + tuple(range(1, chain + 1)))
+    first keeps a tree), followed by the copying chain (`copy_length`) and `pool_chains` chains of `pool_length`
+    nodes for the pool's n-grams: `nodes` in all, at least the pool's and at most the capacity."""
+    pool_nodes = pool_chains * pool_length
+    if not pool_nodes <= nodes <= template_capacity(max_depth, pool_nodes):
+        raise ValueError(f"a template of depth {max_depth} with {pool_nodes} nodes for the pool holds "
+                         f"{pool_nodes} to {template_capacity(max_depth, pool_nodes)} nodes, not {nodes}")
+    chain = copy_length(nodes - pool_nodes, max_depth)
+    ranked = table_template(nodes - pool_nodes - chain, max_depth)
+    parents, ranks, depths = list(ranked.parents), list(ranked.ranks), list(ranked.depths)
+    for rank, length in ((COPY, chain), *((POOL, pool_length),) * pool_chains):
+        first = len(parents)
+        parents += (-1, *range(first, first + length - 1))[:length]  # from the current token down
+        ranks += (rank,) * length
+        depths += range(1, length + 1)
+    return DraftTemplate(tuple(parents), tuple(ranks), tuple(depths))
 
 
 def table_template(nodes: int, max_depth: int) -> DraftTemplate:
@@ -105,11 +136,11 @@ def table_template(nodes: int, max_depth: int) -> DraftTemplate:
 
 
 @functools.lru_cache(maxsize=None)
-def template_tree(nodes: int, max_depth: int) -> TokenTree:
+def template_tree(shape: TemplateShape) -> TokenTree:
     """The template as the host hands a step its tree: the topology, tokens unknown until the device drafts them
     (a row whose step gets this tree drafts on the device; one that gets an empty tree decodes one token)."""
-    template = draft_template(nodes, max_depth)
-    return TokenTree(tokens=(0,) * nodes, parents=template.parents, scores=(0.0,) * nodes)
+    template = draft_template(*shape)
+    return TokenTree(tokens=(0,) * shape.nodes, parents=template.parents, scores=(0.0,) * shape.nodes)
 
 
 def matched_lengths(text: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
@@ -126,11 +157,12 @@ def matched_lengths(text: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
 
 class DeviceDrafter:
     """The tables of latest top-k next tokens, every row's text, the ring of `memory_tokens` tokens of earlier
-    requests' text, and the templates of `shapes` ((nodes, max depth) each), on the device, for a batch of `rows`
-    rows of up to `length` tokens."""
+    requests' text, the Jacobi windows and n-gram pools of the shapes with a window, and the templates of `shapes`
+    (the `LookaheadConfig`s that draft on the device), on the device, for a batch of `rows` rows of up to `length`
+    tokens."""
 
-    def __init__(self, vocab: int, device: torch.device, shapes: Iterable[tuple[int, int]], rows: int = 1,
-                 length: int = 1, memory_tokens: int = MEMORY_TOKENS) -> None:
+    def __init__(self, vocab: int, device: torch.device, shapes: Iterable, rows: int = 1, length: int = 1,
+                 memory_tokens: int = MEMORY_TOKENS) -> None:
         self.vocab, self.device = vocab, device
         self.table = torch.zeros(vocab, TOP_K, dtype=torch.long, device=device)  # token -> its top-k next tokens
         # slot -> the top-k next tokens after the pair that wrote it last, and that pair (-1: none yet)
@@ -147,10 +179,30 @@ class DeviceDrafter:
         self._memory_positions = torch.arange(memory_tokens, device=device)
         self._written = 0  # tokens written into the ring so far
         self._mirrors: tuple[weakref.ref, int] | None = None
+        shapes = list(shapes)
+        templates = {TemplateShape.of(shape) for shape in shapes}
+        # Per window (W, N-1): every row's window tokens in layout order (level 0 without the current token, then
+        # the levels above). Per n-gram continuation length N-1: the pool, token -> its G latest n-grams'
+        # continuations (SEPARATOR: none yet; a last token row where known n-grams are written, so writes need no
+        # branch), and where each token's next n-gram goes.
+        self.windows = {(shape.window, shape.levels): torch.zeros(rows, shape.levels * shape.window - 1,
+                                                                  dtype=torch.long, device=device)
+                        for shape in shapes if shape.has_window}
+        guesses: dict[int, int] = {}
+        for shape in shapes:
+            if shape.has_window:
+                guesses[shape.levels] = max(guesses.get(shape.levels, 0), shape.guesses)
+        self.pools = {levels: torch.full((vocab + 1, count, levels), SEPARATOR, dtype=torch.long, device=device)
+                      for levels, count in guesses.items()}
+        self.pool_next = {levels: torch.zeros(vocab + 1, dtype=torch.long, device=device) for levels in guesses}
         # Built now, not while a step is captured as a CUDA graph.
-        self._levels = {shape: self._by_depth(draft_template(*shape)) for shape in shapes}
-        self._chains = {shape: torch.tensor([node for node, rank in enumerate(draft_template(*shape).ranks)
-                                             if rank == COPY], dtype=torch.long, device=device) for shape in shapes}
+        self._levels = {template: self._by_depth(draft_template(*template)) for template in templates}
+        self._chains = {template: self._nodes_of(draft_template(*template), COPY) for template in templates}
+        self._pool_nodes = {template: self._nodes_of(draft_template(*template), POOL) for template in templates}
+
+    def _nodes_of(self, template: DraftTemplate, rank: int) -> torch.Tensor:
+        return torch.tensor([node for node, r in enumerate(template.ranks) if r == rank], dtype=torch.long,
+                            device=self.device)
 
     def _pair(self, before: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pair's key and its slot in the pair table."""
@@ -230,23 +282,62 @@ class DeviceDrafter:
         self.memory.index_copy_(0, update[0, :-1], update[1, :-1])
         self.memory_end.copy_(update[0, -1])
 
-    def draft(self, current: torch.Tensor, before: torch.Tensor, ends: torch.Tensor, nodes: int,
-              max_depth: int) -> torch.Tensor:
-        """Every row's tree tokens [batch, nodes] after its last committed token (`current`, [batch], which stands
-        at position `ends` [batch] of its text), the token `before` it ([batch]) giving the first node's pair."""
+    def window_tokens(self, window: int, levels: int) -> torch.Tensor:
+        """Every row's Jacobi window [rows, levels * window - 1], in the step's layout order."""
+        return self.windows[window, levels]
+
+    def advance(self, window: int, levels: int, current: torch.Tensor, new_level: torch.Tensor) -> None:
+        """One Jacobi iteration of every row's window (`window.JacobiWindow.advance`, on the device): `new_level`
+        [rows, W] is the model's prediction after the last level. Each column's trajectory, from its level-0 token
+        (the current token's for column 0) to the new prediction, is an n-gram that goes to the pool unless the
+        pool has it already; the window then moves up one level. (More than G new n-grams of one token in one step
+        overwrite each other in an order the device picks.)"""
+        rows = current.shape[0]
+        grid = torch.cat([current[:, None], self.windows[window, levels], new_level], dim=1).view(rows, levels + 1,
+                                                                                                 window)
+        keys, continuations = grid[:, 0].reshape(-1), grid[:, 1:].transpose(1, 2).reshape(-1, levels)
+        pool, next_slot = self.pools[levels], self.pool_next[levels]
+        # New: in neither the pool nor an earlier column of this step (rows in order); the new n-grams of one key
+        # take its next slots in that order.
+        same_key = keys[:, None] == keys[None, :]
+        earlier = torch.ones_like(same_key).tril(-1)  # [i, j]: column j comes before column i
+        repeated = (same_key & earlier & (continuations[:, None] == continuations[None, :]).all(dim=2)).any(dim=1)
+        new = ~(pool[keys] == continuations[:, None, :]).all(dim=2).any(dim=1) & ~repeated
+        slot = (next_slot[keys] + (same_key & earlier & new[None, :]).sum(dim=1)) % pool.shape[1]
+        pool[torch.where(new, keys, self.vocab), slot] = continuations  # (the others: to the spare row)
+        next_slot.index_add_(0, keys, new.long())
+        self.windows[window, levels].copy_(grid[:, 1:].reshape(rows, -1)[:, 1:])
+
+    def draft(self, current: torch.Tensor, before: torch.Tensor, ends: torch.Tensor, shape) -> torch.Tensor:
+        """Every row's tree tokens [batch, nodes] for a step of `shape` (a `LookaheadConfig` that drafts on the
+        device) after its last committed token (`current`, [batch], which stands at position `ends` [batch] of its
+        text), the token `before` it ([batch]) giving the first node's pair."""
+        template = TemplateShape.of(shape)
+        nodes = template.nodes
         # Column `nodes` stands for the current token: the template's root. `befores`: each column's parent token.
         tokens = current[:, None].expand(-1, nodes + 1).clone()
         befores = before[:, None].expand(-1, nodes + 1).clone()
-        for where, parents, ranks in self._levels[nodes, max_depth]:
+        for where, parents, ranks in self._levels[template]:
             parent_tokens = tokens[:, parents]
             key, slot = self._pair(befores[:, parents], parent_tokens)
             seen = self.pair_keys[slot] == key
             tokens[:, where] = torch.where(seen, self.pair_table[slot, ranks], self.table[parent_tokens, ranks])
             befores[:, where] = parent_tokens
-        chain = self._chains[nodes, max_depth]
+        chain = self._chains[template]
         if chain.numel():
             tokens[:, chain] = self.copy_drafts(ends, chain.numel())
+        if template.pool_chains:
+            tokens[:, self._pool_nodes[template]] = self.pool_drafts(current, shape.levels, template.pool_chains,
+                                                                     template.pool_length)
         return tokens[:, :nodes]
+
+    def pool_drafts(self, current: torch.Tensor, levels: int, count: int, length: int) -> torch.Tensor:
+        """Per row, the first `length` tokens of the `count` n-grams the pool got last for the current token,
+        newest first ([batch, count * length]); the current token where it has fewer."""
+        pool = self.pools[levels]
+        newest = self.pool_next[levels][current][:, None] - 1 - torch.arange(count, device=current.device)
+        drafted = pool[current[:, None], newest % pool.shape[1], :length]  # [batch, count, length]
+        return torch.where(drafted == SEPARATOR, current[:, None, None], drafted).reshape(current.shape[0], -1)
 
     def learn(self, tokens: torch.Tensor, befores: torch.Tensor, logits: torch.Tensor) -> None:
         """Keep the top-k next tokens after each of `tokens` [batch, R], and after each pair (`befores`, `tokens`),
@@ -263,7 +354,7 @@ class DeviceDrafter:
         nodes = len(template.parents)
         levels = []
         for depth in range(1, max(template.depths, default=0) + 1):
-            at = [node for node in range(nodes) if template.depths[node] == depth and template.ranks[node] != COPY]
+            at = [node for node in range(nodes) if template.depths[node] == depth and template.ranks[node] >= 0]
             if not at:
                 continue
             levels.append((torch.tensor(at, device=self.device),

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 from .config import LookaheadConfig
-from .device_drafts import DeviceDrafter, template_tree
+from .device_drafts import DeviceDrafter, TemplateShape, template_tree
 from .drafting.tree import TokenTree
 from .kv_cache import RowCache
 from .layout import TreeTensors, tree_tensors
@@ -161,14 +161,14 @@ class StaticStep:
         self.sampler = RowSampler(batch_size, adapter.vocab, device) if sampling else None
         # Per shape that drafts on the device: its template's input line (parents, nodes), for rows chained in.
         self._template_lines = {
-            index: torch.tensor([*tree_parents(template_tree(shape.tree_nodes, shape.candidate_length),
-                                               shape.tree_nodes), shape.tree_nodes], device=device)
+            index: torch.tensor([*tree_parents(template_tree(TemplateShape.of(shape)), shape.tree_nodes),
+                                 shape.tree_nodes], device=device)
             for index, shape in enumerate(shapes) if shape.device_drafts}
         largest = max(layout.size for layout in self.layouts)
         # A step's rows, or a padded prefill chunk, are written after the last committed token: spare slots.
         cache_length = max_length + max(largest, prefill_chunk, max(s.candidate_length for s in shapes) + 1)
         self.cache = RowCache(model.config, cache_length, batch_size)
-        drafting = [(shape.tree_nodes, shape.candidate_length) for shape in shapes if shape.device_drafts]
+        drafting = [shape for shape in shapes if shape.device_drafts]
         # Its texts hold what the cache does, and a step's committed tokens past the cache's end (K at most).
         self.drafter = DeviceDrafter(adapter.vocab, device, drafting, batch_size,
                                      cache_length + max(s.candidate_length for s in shapes)) if drafting else None
@@ -433,8 +433,9 @@ class StaticStep:
             self.drafter.write_text(start[:, None], step_ids[:, :1])
             before = self.drafter.text.gather(1, (start[:, None] - 1).clamp(min=0))[:, 0]  # the current's pair
         if config.device_drafts:  # the host sent the template's tree (or none); its tokens are drafted here
-            drafts = self.drafter.draft(step_ids[:, 0], before, start, nodes, depth)
-            step_ids = torch.cat([step_ids[:, :1], drafts], dim=1)
+            drafts = self.drafter.draft(step_ids[:, 0], before, start, config)
+            window = [self.drafter.window_tokens(config.window, config.levels)] if config.has_window else []
+            step_ids = torch.cat([step_ids[:, :1], *window, drafts], dim=1)
         tree = torch.vmap(functools.partial(tree_tensors, max_depth=depth))(step_ids[:, layout.tree_rows], parents,
                                                                             num_nodes)
         positions = (torch.vmap(layout.positions)(tree) + start[:, None]).clamp(max=self.last_position)
@@ -449,12 +450,27 @@ class StaticStep:
         mask = self.adapter.attention_mask(allowed, positions, None)
         logits = self.adapter.forward(step_ids, positions, mask, self.cache, layout.logit_rows)
         if config.device_drafts:  # each computed row's token, after its parent's (the current one's: `before`)
-            nodes_then_current = torch.cat([step_ids[:, 1:], step_ids[:, :1]], dim=1)  # the root is column `nodes`
+            tree_ids = step_ids[:, layout.tree_rows]
+            nodes_then_current = torch.cat([tree_ids, step_ids[:, :1]], dim=1)  # the root is column `nodes`
             befores = torch.cat([before[:, None], nodes_then_current.gather(1, parents)], dim=1)
-            self.drafter.learn(step_ids[:, layout.logit_rows], befores, logits)
+            self.drafter.learn(torch.cat([step_ids[:, :1], tree_ids], dim=1), befores,
+                               torch.cat([logits[:, :1], logits[:, layout.tree_logits]], dim=1))
+            if config.has_window:
+                self._window_step(config, step_ids, before, logits[:, layout.new_level_logits])
         elif self.drafter is not None and layout.size == 1:  # a plain step keeps the tables fresh too
             self.drafter.learn(step_ids[:, :1], before[:, None], logits[:, :1])
         return logits, tree, start, step_ids
+
+    def _window_step(self, config, step_ids: torch.Tensor, before: torch.Tensor, last_logits: torch.Tensor) -> None:
+        """A device-drafting step's Jacobi window: the tables learn what follows each token of its last level (after
+        the token below it in its column: the one it follows), then the window refines by argmax and its n-grams
+        go to the pool (`DeviceDrafter.advance`). Learnt after the tree, these predictions win where both wrote
+        (docs/benchmarks.md: more tokens per step that way)."""
+        window, levels = config.window, config.levels
+        grid = step_ids[:, : window * levels].view(-1, levels, window)  # level 0 starts with the current token
+        below = grid[:, -2] if levels >= 2 else torch.cat([before[:, None], grid[:, 0, :-1]], dim=1)
+        self.drafter.learn(grid[:, -1], below, last_logits)
+        self.drafter.advance(window, levels, step_ids[:, 0], last_logits.argmax(dim=-1))
 
     def _device_commit(self, shape: int, start: torch.Tensor, result: torch.Tensor) -> None:
         """Keep each decoding row's current token and accepted path (`result`: the packed outcomes): move the

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from .device_drafts import template_tree
+from .device_drafts import TemplateShape, template_tree
 from .drafting.base import CandidateSource
 from .drafting.confidence import Confidences, evidence_of
 from .drafting.pool import FROM_WINDOW
@@ -132,9 +132,11 @@ class SequenceState:
         # The host's drafts (0: it drafts none); shapes that draft on the device get their template's tree.
         self.largest_tree = max((shape.tree_nodes for shape in shapes if shape.host_drafts), default=0) \
             if lookahead else 0
-        self.device_trees = [template_tree(shape.tree_nodes, shape.candidate_length)
-                             if shape.device_drafts and lookahead else None for shape in shapes]
-        self.windows = [JacobiWindow(shape.window, shape.levels, rng) if shape.has_window else None for shape in shapes]
+        self.device_trees = [template_tree(TemplateShape.of(shape)) if shape.device_drafts and lookahead else None
+                             for shape in shapes]
+        # The host's Jacobi windows (a shape that drafts on the device keeps its window there).
+        self.windows = [JacobiWindow(shape.window, shape.levels, rng) if shape.has_window and not shape.device_drafts
+                        else None for shape in shapes]
         self.chooser = ShapeChooser(shapes, plan.costs_ms) if lookahead else PlainChooser(shapes, plan.costs_ms)
         self.stats = GenerationStats()
         self.steps_by_shape = [0] * len(shapes)
@@ -202,8 +204,9 @@ class SequenceState:
         budget (for a shape that drafts on the device, its template's tree, whose tokens the device drafts)."""
         current = self.history[-1]
         config, window = self.plan.shapes[shape], self.windows[shape]
-        if config.device_drafts:  # the tree's tokens are the device's to draft
-            ids = layouts[shape].input_ids(current, [], [current] * config.tree_nodes)
+        if config.device_drafts:  # the window's and the tree's tokens are the device's
+            ids = layouts[shape].input_ids(current, [current] * (layouts[shape].lookahead_size - 1),
+                                           [current] * config.tree_nodes)
             return PlannedStep(shape, ids, self.device_tree(shape))
         tree = tree.truncated(config.tree_nodes)
         padding = [current] * (config.tree_nodes - len(tree))

@@ -111,7 +111,8 @@ def shape_name(config: LookaheadConfig) -> str:
     if config.guesses == 0 and not config.has_window:
         return "plain"
     if config.device_drafts:
-        return f"device drafts B={config.tree_nodes} K={config.candidate_length}"
+        window = f" W={config.window} N={config.ngram} G={config.guesses}" if config.has_window else ""
+        return f"device drafts{window} B={config.tree_nodes} K={config.candidate_length}"
     if not config.has_window:
         return f"verify B={config.tree_nodes} K={config.candidate_length}"
     return (f"lookahead W={config.window} N={config.ngram} G={config.guesses} K={config.candidate_length} "

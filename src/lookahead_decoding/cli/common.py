@@ -76,8 +76,9 @@ def add_lookahead_arguments(parser) -> None:
     parser.add_argument("--tree-nodes", type=int, metavar="B",
                         help="draft tokens verified per step, as one token tree, >= 0 (default: G*K)")
     parser.add_argument("--device-drafts", action="store_true", default=None,
-                        help="draft the tree on the device from the model's recent top-k predictions instead of "
-                        "the sources (a step without a window: --window and --ngram default to 1 and 2)")
+                        help="draft the tree on the device (the model's recent top-k predictions, copies of the "
+                        "text, and with --window/--ngram the window's n-grams, G of them per step) instead of the "
+                        "sources (--window and --ngram default to 1 and 2: no window)")
     parser.add_argument("--source", type=source_list, metavar="NAME[,NAME...]",
                         help=f"where drafts come from: {', '.join(SOURCE_NAMES)}, or several joined by commas "
                              "(default: all three)")
