@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import lookahead_decoding as ld
 from lookahead_decoding.device_drafts import (
-    COPY, COPY_MATCH, POOL, RANK_ACCEPTANCE, SEPARATOR, TOP_K, DeviceDrafter, TemplateShape, copy_length,
+    COPY, COPY_MATCH, POOL, RANK_ACCEPTANCE, SEPARATOR, TOP_K, WINDOW_SPREAD, DeviceDrafter, TemplateShape, copy_length,
     draft_template, template_capacity,
 )
 from lookahead_decoding.config import AUTOREGRESSIVE
@@ -226,6 +226,20 @@ def test_a_step_with_a_device_window_drafts_the_pools_newest_ngrams_on_its_chain
     drafted = drafter.draft(torch.tensor([0, 6]), torch.tensor([0, 0]), torch.tensor([0, 0]), shape)
     assert [drafted[0, node].item() for node in pool_nodes] == [3, 12, 0, 0]  # one n-gram for 0, none more
     assert [drafted[1, node].item() for node in pool_nodes] == [9, 16, 6, 6]
+
+
+def test_a_row_starts_its_device_window_from_its_own_prompt(llama):
+    runner = StaticStep(llama, WINDOW_SHAPE, 64, batch_size=3, prefill_chunk=4)
+    prompts = {0: [5, 6, 7, 8, 9, 10], 2: [11, 12]}
+    runner.prefill_rows(prompts)
+    width = WINDOW_SHAPE.levels * WINDOW_SHAPE.window - 1
+    window = runner.drafter.window_tokens(WINDOW_SHAPE.window, WINDOW_SHAPE.levels)
+    for row, prompt in prompts.items():
+        assert window[row].tolist() == [prompt[(i * WINDOW_SPREAD + len(prompt)) % len(prompt)] for i in range(width)]
+    assert window[1].tolist() == [0] * width  # a row that did not start keeps its window
+    left = window[0].clone()
+    runner.prefill_rows({2: [20, 21, 22]})
+    assert window[0].tolist() == left.tolist() and set(window[2].tolist()) <= {20, 21, 22}
 
 
 def test_the_tables_keep_the_latest_top_k_after_each_token_and_pair():

@@ -48,6 +48,7 @@ COPY = -1  # the rank of a template node that copies: its token is the copied co
 POOL = -2  # the rank of a template node that follows an n-gram of the pool (the Jacobi window's), at its depth
 COPY_MATCH = 4  # the longest suffix of a row's text looked up when copying
 MEMORY_TOKENS = 1 << 15  # tokens of earlier requests' text a drafter keeps to copy from (a ring)
+WINDOW_SPREAD = 7919  # a new row's window takes the prompt's tokens this many positions apart (modulo its length)
 SEPARATOR = -1  # ends a request's text in the ring (no match crosses it), and marks what was never written
 
 
@@ -281,6 +282,14 @@ class DeviceDrafter:
         update = host.to(self.memory.device, non_blocking=pinned)
         self.memory.index_copy_(0, update[0, :-1], update[1, :-1])
         self.memory_end.copy_(update[0, -1])
+
+    def start_windows(self, rows: torch.Tensor, lengths: torch.Tensor, starting: torch.Tensor) -> None:
+        """Fill the windows of the `starting` ones of `rows` (their prompts, of `lengths` tokens, now in their
+        texts) with tokens of their prompts, spread over them, as the host's window starts from prompt tokens."""
+        for window in self.windows.values():
+            spread = torch.arange(window.shape[1], device=rows.device) * WINDOW_SPREAD
+            prompt_tokens = self.text[rows[:, None], (spread + lengths[:, None]) % lengths.clamp(min=1)[:, None]]
+            window[rows] = torch.where(starting[:, None], prompt_tokens, window[rows])
 
     def window_tokens(self, window: int, levels: int) -> torch.Tensor:
         """Every row's Jacobi window [rows, levels * window - 1], in the step's layout order."""

@@ -412,6 +412,7 @@ class StaticStep:
         self.lengths.index_add_(0, rows, count[:, 0])
         if self.drafter is not None:
             self.drafter.write_text(slots, ids, rows)
+            self.drafter.start_windows(rows, self.lengths[rows], ends_prompt[:, 0])
         if self.sampler is None:
             return logits.argmax(dim=-1), logits
         self.sampler.observe_prompt(ids, offset >= 0, some_rows)
