@@ -242,6 +242,21 @@ def test_a_row_starts_its_device_window_from_its_own_prompt(llama):
     assert window[0].tolist() == left.tolist() and set(window[2].tolist()) <= {20, 21, 22}
 
 
+def test_the_tables_learn_what_follows_every_token_of_the_device_window(llama):
+    runner = StaticStep(llama, WINDOW_SHAPE, 64)
+    history = [1, 2, 3, 4]
+    history += runner.prefill_rows({0: list(history)})[0].committed
+    window = runner.drafter.window_tokens(WINDOW_SHAPE.window, WINDOW_SHAPE.levels)
+    window.copy_(torch.arange(40, 40 + window.shape[1])[None])  # tokens no tree node or the text holds
+    runner.step(0, [history[-1]] * WINDOW_SHAPE.tokens_per_step, EMPTY_TREE, history)
+    levels = [[history[-1], 40, 41], [42, 43, 44]]  # level 0 (the current token first), level 1
+    befores = [[history[-2], history[-1], 40], levels[0]]  # left of it on level 0, below it above
+    for token, before in zip(levels[0][1:] + levels[1], befores[0][1:] + befores[1]):
+        key, slot = runner.drafter._pair(torch.tensor(before), torch.tensor(token))
+        assert runner.drafter.pair_keys[slot] == key
+        assert runner.drafter.pair_table[slot].tolist() == runner.drafter.table[token].tolist()
+
+
 def test_the_tables_keep_the_latest_top_k_after_each_token_and_pair():
     drafter = DeviceDrafter(30, torch.device("cpu"), [])
     logits = torch.randn(2, 3, 30, generator=torch.Generator().manual_seed(1))

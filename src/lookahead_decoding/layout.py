@@ -57,7 +57,9 @@ class StepLayout:
     lookahead_offsets: torch.Tensor  # [(N-1)·W] position of each lookahead row relative to the current token
     lookahead_allowed: torch.Tensor  # [(N-1)·W, S] bool: which step rows each lookahead row may attend to
     tree_sees_lookahead: torch.Tensor  # [B, (N-1)·W] bool: tree nodes see the current token only
-    logit_rows: torch.Tensor  # rows whose logits are used: current token, last level, tree nodes
+    # rows whose logits are used: current token, last level, tree nodes (every row, where the device drafts: its
+    # tables learn from the whole window)
+    logit_rows: torch.Tensor
 
     @property
     def size(self) -> int:
@@ -74,8 +76,11 @@ class StepLayout:
 
     # Rows of the step's logits (see `logit_rows`): the current token's, then the last level's, then the tree's.
     # With one level (N=2) the last level is level 0, whose first row is the current token's: it is kept once.
+    # Where the device drafts: every window row, the current token's first and the last level's last.
     @property
     def new_level_logits(self) -> slice:
+        if self.config.device_drafts:
+            return slice(self.lookahead_size - self.config.window, self.lookahead_size)
         first = 0 if self.config.levels == 1 else 1
         return slice(first, first + self.config.window)
 
@@ -109,7 +114,8 @@ class StepLayout:
 
         last_level = torch.arange((levels - 1) * window, lookahead)
         current = torch.zeros(0 if levels == 1 else 1, dtype=torch.long)  # level 0 already starts with it
-        logit_rows = torch.cat([current, last_level, torch.arange(lookahead, lookahead + nodes)])
+        logit_rows = torch.arange(lookahead + nodes) if config.device_drafts else \
+            torch.cat([current, last_level, torch.arange(lookahead, lookahead + nodes)])
         return cls(config, (level + column).to(device), lookahead_allowed.to(device), tree_sees_lookahead.to(device),
                    logit_rows.to(device))
 
