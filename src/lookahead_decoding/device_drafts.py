@@ -295,6 +295,20 @@ class DeviceDrafter:
         """Every row's Jacobi window [rows, levels * window - 1], in the step's layout order."""
         return self.windows[window, levels]
 
+    def iterate_window(self, window: int, levels: int, ids: torch.Tensor, before: torch.Tensor,
+                       logits: torch.Tensor) -> None:
+        """After a step's forward, with its window rows' `ids` and `logits` ([rows, levels * window], level 0 starting
+        with the current token, and [rows, levels * window, V]) and the token `before` the current one: the tables
+        learn what follows each window token (after the token it follows: the one below it in its column, or on
+        level 0 the one left of it), then the window advances (`advance`). Learnt after the tree's rows, where both
+        wrote the window's predictions stay (docs/benchmarks.md: more tokens per step that way)."""
+        rows = ids.shape[0]
+        grid = ids.view(rows, levels, window)
+        left = torch.cat([before[:, None], grid[:, 0, :-1]], dim=1)
+        below = torch.cat([left[:, None], grid[:, :-1]], dim=1)
+        self.learn(ids, below.reshape(rows, -1), logits)
+        self.advance(window, levels, ids[:, 0], logits[:, -window:].argmax(dim=-1))
+
     def advance(self, window: int, levels: int, current: torch.Tensor, new_level: torch.Tensor) -> None:
         """One Jacobi iteration of every row's window (`window.JacobiWindow.advance`, on the device): `new_level`
         [rows, W] is the model's prediction after the last level. Each column's trajectory, from its level-0 token

@@ -456,25 +456,12 @@ class StaticStep:
             befores = torch.cat([before[:, None], nodes_then_current.gather(1, parents)], dim=1)
             self.drafter.learn(torch.cat([step_ids[:, :1], tree_ids], dim=1), befores,
                                torch.cat([logits[:, :1], logits[:, layout.tree_logits]], dim=1))
-            if config.has_window:
-                self._window_step(config, step_ids, before, logits[:, : layout.lookahead_size])
+            if config.has_window:  # after the tree's: where both wrote, the window's predictions stay
+                self.drafter.iterate_window(config.window, config.levels, step_ids[:, : layout.lookahead_size],
+                                            before, logits[:, : layout.lookahead_size])
         elif self.drafter is not None and layout.size == 1:  # a plain step keeps the tables fresh too
             self.drafter.learn(step_ids[:, :1], before[:, None], logits[:, :1])
         return logits, tree, start, step_ids
-
-    def _window_step(self, config, step_ids: torch.Tensor, before: torch.Tensor, window_logits: torch.Tensor) -> None:
-        """A device-drafting step's Jacobi window (`window_logits`: the logits of all its rows): the tables learn what
-        follows each of its tokens (after the token it follows: the one below it in its column, or for level 0 the
-        one left of it), then the window refines by argmax and its n-grams go to the pool (`DeviceDrafter.advance`).
-        Learnt after the tree, these predictions win where both wrote (docs/benchmarks.md: more tokens per step
-        that way)."""
-        window, levels = config.window, config.levels
-        rows = step_ids.shape[0]
-        grid = step_ids[:, : window * levels].view(rows, levels, window)  # level 0 starts with the current token
-        left = torch.cat([before[:, None], grid[:, 0, :-1]], dim=1)
-        below = torch.cat([left[:, None], grid[:, :-1]], dim=1)
-        self.drafter.learn(grid.reshape(rows, -1), below.reshape(rows, -1), window_logits)
-        self.drafter.advance(window, levels, step_ids[:, 0], window_logits[:, -window:].argmax(dim=-1))
 
     def _device_commit(self, shape: int, start: torch.Tensor, result: torch.Tensor) -> None:
         """Keep each decoding row's current token and accepted path (`result`: the packed outcomes): move the
