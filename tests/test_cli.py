@@ -132,6 +132,15 @@ def test_argparse_rejects_malformed_options_with_exit_2(capsys, flag, value):
     assert flag in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, unrecognized", [(["--prompt", "hello"], "--prompt hello"),
+                                                 (["--max-new", "5"], "--max-new 5")])
+def test_an_abbreviated_option_is_unrecognized_not_taken_for_another(capsys, argv, unrecognized):
+    # `--prompt` begins --prompts-file: taken for it, the error said the prompt clashes with a file.
+    code, out, err = run(capsys, "hi", *argv)
+    assert code == 2 and out == ""
+    assert f"unrecognized arguments: {unrecognized}" in err and "prompts-file" not in err
+
+
 def test_no_command_is_a_usage_error(capsys):
     assert main([]) == 2
     assert "generate" in capsys.readouterr().err

@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_tune_command(commands)
     add_serve_command(commands)
     add_bench_serve_parser(commands)
+    # Options are spelled out: an abbreviation is taken for whichever option it begins (`--prompt` for
+    # --prompts-file), and the error that follows names the wrong one.
+    for command in (parser, *commands.choices.values()):
+        command.allow_abbrev = False
     return parser
 
 
