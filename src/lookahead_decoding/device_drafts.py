@@ -184,8 +184,8 @@ class DeviceDrafter:
         templates = {TemplateShape.of(shape) for shape in shapes}
         # Per window (W, N-1): every row's window tokens in layout order (level 0 without the current token, then
         # the levels above). Per n-gram continuation length N-1: the pool, token -> its G latest n-grams'
-        # continuations (SEPARATOR: none yet; a last token row where known n-grams are written, so writes need no
-        # branch), and where each token's next n-gram goes.
+        # continuations (SEPARATOR: none yet; a spare row V takes the writes of n-grams it holds already, so that
+        # writing needs no branch), and where each token's next n-gram goes.
         self.windows = {(shape.window, shape.levels): torch.zeros(rows, shape.levels * shape.window - 1,
                                                                   dtype=torch.long, device=device)
                         for shape in shapes if shape.has_window}

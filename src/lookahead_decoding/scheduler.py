@@ -124,11 +124,10 @@ class BatchScheduler:
         self._pending: _Pending | None = None
         # Where the device computes while the host goes on, sources begin (index their prompts) only then.
         self._asynchronous = getattr(runner, "asynchronous", False)
-        # A runner that drafts on the device, and its copy of the memory's text (None without a memory).
+        # A runner that drafts on the device: with a memory, it keeps a copy of the memory's text there.
         self._drafter = getattr(runner, "drafter", None)
-        self._device_memory = self._drafter if memory is not None else None
-        if self._device_memory is not None:
-            self._device_memory.mirror(memory)
+        if self._drafter is not None and memory is not None:
+            self._drafter.mirror(memory)
 
     @property
     def idle(self) -> bool:
@@ -356,7 +355,7 @@ class BatchScheduler:
             self.rows[index] = row
             admitted[index] = request.prompt
             if self._drafter is not None:
-                self._drafter.share_memory(index, self._device_memory is not None and request.use_memory)
+                self._drafter.share_memory(index, self.memory is not None and request.use_memory)
         if admitted:
             sampling = {index: self.rows[index].request.sampling for index in admitted}
             for index, outcome in self.runner.prefill_rows(admitted, sampling).items():
@@ -368,8 +367,8 @@ class BatchScheduler:
         stats = row.sequence.finish(time.perf_counter() - row.admitted)
         if self.memory is not None and row.request.use_memory:
             self.memory.add(row.sequence.history)
-            if self._device_memory is not None:
-                self._device_memory.remember(self.memory, row.sequence.history)
+            if self._drafter is not None:
+                self._drafter.remember(self.memory, row.sequence.history)
         if row.request.streamer is not None:
             row.request.streamer.end()
         return Finished(row.request.tag, row.sequence.history, stats)

@@ -372,7 +372,9 @@ def format_report(result: dict) -> str:
         title = "auto: step shapes calibrated for this device, one chosen before every step"
     elif config.get("device_drafts"):
         title = "drafted on the device, tree nodes {tree_nodes}, candidate length {candidate_length}".format(**config)
-        if config["window"] * (config["ngram"] - 1) > 1:
+        from ..config import LookaheadConfig
+
+        if LookaheadConfig(**config).has_window:
             title += ", window {window}, ngram {ngram}, guesses {guesses}".format(**config)
     else:
         title = "window {window}, ngram {ngram}, guesses {guesses}, candidate length {candidate_length}".format(**config)
