@@ -152,8 +152,9 @@ def test_no_command_is_a_usage_error(capsys):
      (["--window", "3", "--ngram", "4", "--guesses", "2", "--candidate-length", "5"],
       ld.LookaheadConfig(3, 4, 2, candidate_length=5)),
      (["--device-drafts", "--candidate-length", "3", "--tree-nodes", "6"],
-      ld.LookaheadConfig(1, 2, candidate_length=3, tree_nodes=6, device_drafts=True))],
-    ids=["none", "one", "all", "device drafts"],
+      ld.LookaheadConfig(1, 2, candidate_length=3, tree_nodes=6, device_drafts=True)),
+     (["--device-drafts"], ld.LookaheadConfig(device_drafts=True))],
+    ids=["none", "one", "all", "device drafts", "device drafts alone"],
 )
 def test_shape_options_left_out_leave_the_choice_to_the_library(cli_model, capsys, monkeypatch, options, passed):
     """generate gets config=None (auto) without options; the report shows the shapes of the plan the output used."""

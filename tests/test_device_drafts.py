@@ -15,14 +15,14 @@ from lookahead_decoding.device_drafts import (
     COPY, COPY_MATCH, POOL, RANK_ACCEPTANCE, SEPARATOR, TOP_K, WINDOW_SPREAD, DeviceDrafter, TemplateShape, copy_length,
     draft_template, template_capacity,
 )
-from lookahead_decoding.config import AUTOREGRESSIVE
+from lookahead_decoding.config import AUTOREGRESSIVE, DEVICE_TREE_NODES
 from lookahead_decoding.drafting.base import NoDrafts
 from lookahead_decoding.drafting.tree import EMPTY_TREE
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.model_adapter import ModelAdapter
 from lookahead_decoding.scheduler import BatchScheduler, Request
 from lookahead_decoding.step import EagerStep
-from lookahead_decoding.tuning import StepPlan
+from lookahead_decoding.tuning import StepPlan, device_drafting
 from lookahead_decoding.window import JacobiWindow
 
 DEVICE_SHAPE = ld.LookaheadConfig(1, 2, 1, candidate_length=4, tree_nodes=10, device_drafts=True)
@@ -385,9 +385,20 @@ def test_a_request_without_lookahead_takes_one_token_per_step_of_a_device_drafti
     assert results["on"].stats.steps < 19
 
 
+def test_a_device_drafting_config_left_to_its_defaults_is_the_step_auto_drafts_with_at_batch_1():
+    def shape(config):
+        return config.window, config.ngram, config.candidate_length, config.tree_nodes
+
+    assert shape(ld.LookaheadConfig(device_drafts=True)) == shape(device_drafting(DEVICE_TREE_NODES)) == (1, 2, 12, 63)
+    # With a window, the pool's chains (G of min(N-1, K) nodes) come on top of the tree's 63 nodes.
+    assert shape(ld.LookaheadConfig(8, 4, 4, device_drafts=True)) == (8, 4, 12, 63 + 4 * 3)
+    assert shape(ld.LookaheadConfig(8, 4, 4, candidate_length=2, device_drafts=True)) == (8, 4, 2, 63 + 4 * 2)
+    assert shape(ld.LookaheadConfig()) == (7, 5, 4, 28)  # the host's drafts: the paper's defaults, as before
+
+
 def test_device_drafts_need_tree_nodes_that_fit_the_template_and_the_static_engine(llama):
     with pytest.raises(ValueError, match="LookaheadConfig.device_drafts needs tree nodes, got tree_nodes=0"):
-        ld.LookaheadConfig(1, 2, 0, device_drafts=True)
+        ld.LookaheadConfig(1, 2, 0, tree_nodes=0, device_drafts=True)
     with pytest.raises(ValueError, match=r"LookaheadConfig.device_drafts with a window needs guesses >= 1 \(the "
                                          r"n-grams of the pool verified per step\), got guesses=0"):
         ld.LookaheadConfig(3, 2, 0, tree_nodes=4, device_drafts=True)

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from .config import AUTOREGRESSIVE, LookaheadConfig
+from .config import AUTOREGRESSIVE, DEVICE_TREE_NODES, DRAFT_DEPTH, LookaheadConfig
 from .drafting.tree import EMPTY_TREE
 from .sampling_params import SamplingParams
 from .shape_choice import expected_tokens
@@ -45,9 +45,8 @@ WIDEST_ROWS = max((n - 1) * w + b for w, n, _, b in WIDE_LADDER)  # no cached pl
 # fp32, 16 prompts per dataset"); wider ones take minutes to time and cannot win.
 CPU_BATCH_LADDER = WIDE_LADDER[:2]
 NARROW_NODES = (4, 8, 16, 32)
-# The longest draft a calibrated shape verifies: text copied from the prompt or the output is often longer than an
-# n-gram, and depth costs no rows (docs/benchmarks.md, "Token tree").
-DRAFT_DEPTH = 12
+# The longest draft a calibrated shape verifies is config.DRAFT_DEPTH: text copied from the prompt or the output is
+# often longer than an n-gram, and depth costs no rows (docs/benchmarks.md, "Token tree").
 # A narrow step may cost this much more than the cheapest one; it is meant to be nearly free.
 NARROW_COST_SLACK = 1.15
 # A narrow step joins the plan only if it costs at most this share of the wide step: one that saves little would
@@ -58,7 +57,7 @@ NARROW_SHARE_OF_WIDE = 0.9
 # Steps that draft on the device: their tree sizes, each with the tokens per step it committed on the H200 (bf16,
 # SmolLM2-135M, 256 new tokens, on GSM8K, the lowest of the three datasets; 63 nodes at batch 1, 15 and 31 at batch
 # 64; docs/benchmarks.md, "H200, eighth session"). What a tree costs grows with the batch, what it commits little.
-DEVICE_TREES = {15: 2.8, 31: 3.0, 63: 3.6}
+DEVICE_TREES = {15: 2.8, 31: 3.0, DEVICE_TREE_NODES: 3.6}
 CALIBRATION_PROMPT_TOKENS = 64
 WARMUP_STEPS, TIMED_STEPS = 2, 7
 # Timed steps before a shape may be given up as clearly losing: even its fastest one could not make it win.

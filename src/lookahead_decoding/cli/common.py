@@ -78,7 +78,7 @@ def add_lookahead_arguments(parser) -> None:
     parser.add_argument("--device-drafts", action="store_true", default=None,
                         help="draft the tree on the device (the model's recent top-k predictions, copies of the "
                         "text, and with --window/--ngram the window's n-grams, G of them per step) instead of the "
-                        "sources (--window and --ngram default to 1 and 2: no window)")
+                        "sources; alone, the step `auto` drafts with at batch 1 on CUDA (no window, K=12, B=63)")
     parser.add_argument("--source", type=source_list, metavar="NAME[,NAME...]",
                         help=f"where drafts come from: {', '.join(SOURCE_NAMES)}, or several joined by commas "
                              "(default: all three)")
@@ -99,8 +99,6 @@ def config_from_args(args: argparse.Namespace):
     given = {name: value for name, value in given.items() if value is not None}
     if not given:
         return None
-    if given.get("device_drafts"):
-        given = {"window": 1, "ngram": 2, **given}
     from ..config import LookaheadConfig
 
     return LookaheadConfig(**given)
