@@ -9,6 +9,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -339,6 +340,24 @@ def test_ray_address_needs_replicas(capsys):
 
     assert main(["serve", "--ray-address", "auto"]) == 2
     assert capsys.readouterr().err == "lookahead: error: --ray-address needs --replicas\n"
+
+
+def test_a_port_out_of_range_or_taken_is_refused_before_the_model_loads(capsys, monkeypatch):
+    from lookahead_decoding.cli import main, serve as serve_command
+
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "argument --port: must be a port number, 1 to 65535, got 70000" in capsys.readouterr().err
+
+    def no_loading(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(serve_command, "load_from_args", no_loading)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    assert capsys.readouterr().err == f"lookahead: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
 
 
 def test_bench_serve_soak_counts_every_request_once_with_hang_ups(served, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import threading
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def add_serve_command(commands) -> None:
     add_model_arguments(parser)
     add_lookahead_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
-    parser.add_argument("--port", type=positive_int, default=8000, help="default: 8000")
+    parser.add_argument("--port", type=port_number, default=8000, help="1 to 65535 (default: 8000)")
     parser.add_argument("--batch-size", type=positive_int, default=8, metavar="B",
                         help="requests decoded side by side (default: 8)")
     parser.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 routes")
@@ -47,6 +48,25 @@ def add_serve_command(commands) -> None:
     parser.add_argument("--ray-address", metavar="ADDRESS",
                         help="with --replicas: the Ray cluster to join (default: start one on this machine)")
     parser.set_defaults(func=run_serve)
+
+
+def port_number(text: str) -> int:
+    port = positive_int(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number, 1 to 65535, got {port}")
+    return port
+
+
+def check_listening(host: str, port: int) -> None:
+    """Fail now, before the model loads and the shapes are calibrated, if the server could not listen there (the
+    port is taken, or the address is not this machine's). The socket closes at once; uvicorn binds it again."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn sets it
+            probe.bind((host, port))
+    except OSError as error:
+        raise CommandError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
 
 
 def model_name(args: argparse.Namespace) -> str:
@@ -98,6 +118,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CommandError("lookahead serve needs the serve extra: pip install 'lookahead-decoding[serve]'") from None
     if args.ray_address is not None and args.replicas is None:
         raise CommandError("--ray-address needs --replicas")
+    if args.ray_address is None:  # the server listens on this machine
+        check_listening(args.host, args.port)
     if args.replicas is not None:
         return run_replicas(args)
     model, tokenizer = load_from_args(args)
