@@ -404,12 +404,13 @@ def test_device_drafts_need_tree_nodes_that_fit_the_template_and_the_static_engi
         ld.LookaheadConfig(3, 2, 0, tree_nodes=4, device_drafts=True)
     with pytest.raises(TypeError, match="LookaheadConfig.device_drafts must be a bool, got 1"):
         ld.LookaheadConfig(1, 2, 1, device_drafts=1)
-    with pytest.raises(ValueError, match="LookaheadConfig.device_drafts drafts 0 to 9 tree nodes with "
+    with pytest.raises(ValueError, match="LookaheadConfig.device_drafts drafts at most 9 tree nodes with "
                                          "candidate_length=1, window=1, ngram=2 and guesses=1, got tree_nodes=10"):
         ld.LookaheadConfig(1, 2, 1, candidate_length=1, tree_nodes=10, device_drafts=True)
     ld.LookaheadConfig(1, 2, 1, candidate_length=1, tree_nodes=9, device_drafts=True)  # 8 ranks and the copy
-    with pytest.raises(ValueError, match="LookaheadConfig.device_drafts drafts 6 to 80 tree nodes with "
-                                         "candidate_length=2, window=4, ngram=4 and guesses=3, got tree_nodes=5"):
+    with pytest.raises(ValueError, match=r"LookaheadConfig.device_drafts with candidate_length=2, window=4, ngram=4 "
+                                         r"and guesses=3 verifies 6 tree nodes of the pool's n-grams \(G chains of "
+                                         r"min\(N-1, K\) nodes\), so it needs tree_nodes >= 6, got tree_nodes=5"):
         ld.LookaheadConfig(4, 4, 3, candidate_length=2, tree_nodes=5, device_drafts=True)  # 3 chains of 2
     with pytest.raises(ValueError, match="steps that draft on the device run on the static engine"):
         EagerStep(ModelAdapter(llama), [DEVICE_SHAPE])

@@ -91,10 +91,15 @@ class LookaheadConfig:
                              "pool verified per step), got guesses=0")
         pool_nodes = self._device_pool_nodes()
         capacity = template_capacity(self.candidate_length, pool_nodes)
-        if not pool_nodes <= self.tree_nodes <= capacity:
-            raise ValueError(f"LookaheadConfig.device_drafts drafts {pool_nodes} to {capacity} tree nodes with "
-                             f"candidate_length={self.candidate_length}, window={self.window}, ngram={self.ngram} "
-                             f"and guesses={self.guesses}, got tree_nodes={self.tree_nodes}")
+        shape = (f"candidate_length={self.candidate_length}, window={self.window}, ngram={self.ngram} and "
+                 f"guesses={self.guesses}")
+        if self.tree_nodes < pool_nodes:
+            raise ValueError(f"LookaheadConfig.device_drafts with {shape} verifies {pool_nodes} tree nodes of the "
+                             f"pool's n-grams (G chains of min(N-1, K) nodes), so it needs tree_nodes >= {pool_nodes}, "
+                             f"got tree_nodes={self.tree_nodes}")
+        if self.tree_nodes > capacity:
+            raise ValueError(f"LookaheadConfig.device_drafts drafts at most {capacity} tree nodes with {shape}, got "
+                             f"tree_nodes={self.tree_nodes}")
 
     @property
     def levels(self) -> int:
