@@ -263,9 +263,11 @@ def test_batch_size_errors(capsys, no_model, argv, message):
          '3: the id "x" is already used on line 1'),
         (['{"prompt": "a", "id": 1.5}'], '1: "id" must be a string or an integer, got a JSON number'),
         (['{"prompt": "a", "max_new_tokens": 0}'], '1: "max_new_tokens" must be a positive integer, got 0'),
+        (['{"prompt": "a"}', '{"prompt": "b", "max_new_token": 50}'],
+         '2: unknown field "max_new_token"; a line has "prompt", "id", "max_new_tokens"'),
     ],
     ids=["invalid-json", "not-an-object", "no-prompt", "number-prompt", "empty-prompt", "lone-surrogate",
-         "duplicate-id", "float-id", "zero-max-new-tokens"],
+         "duplicate-id", "float-id", "zero-max-new-tokens", "misspelt-field"],
 )
 def test_a_bad_line_is_named_before_the_model_loads(files, capsys, no_model, lines, message):
     prompts, out = files
@@ -295,13 +297,15 @@ def test_bytes_that_are_not_utf8_name_their_line(files, capsys, no_model):
          '{out}:1: no "id" field: not a result line of --prompts-file (choose another --out)'),
         ('{"prompt": "a"}\n', '{"id": "b", "text": "c"}\n', [],
          '{out}:1: no "input_hash" field: not a result line of --prompts-file (choose another --out)'),
+        ('{"prompt": "a"}\n', "my notes, no newline at the end", [],
+         "{out}:1: not a result line of --prompts-file, and not the start of one cut short (choose another --out)"),
         ('{"prompt": "a"}\n', None, ["--compare"], "--compare works on a single prompt, not with --prompts-file"),
         ('{"prompt": "a"}\n', None, ["--json"], "--json works on a single prompt, not with --prompts-file"),
         ('{"prompt": "a"}\n{"prompt": "b"\n', None, ["--batch-size", "3"],
          "{prompts}:2: not valid JSON (Expecting ',' delimiter at column 15)"),
     ],
-    ids=["empty", "empty-batch", "blank-lines", "missing", "foreign-results", "results-without-hash", "compare", "json",
-         "bad-line-batch"],
+    ids=["empty", "empty-batch", "blank-lines", "missing", "foreign-results", "results-without-hash",
+         "foreign-text-without-newline", "compare", "json", "bad-line-batch"],
 )
 def test_file_errors_are_one_line_before_the_model_loads(files, capsys, no_model, prompts_text, results_text,
                                                          options, message):
@@ -313,6 +317,8 @@ def test_file_errors_are_one_line_before_the_model_loads(files, capsys, no_model
     code, stdout, err = run_file(capsys, "unused", prompts, out, *options)
     assert (code, stdout) == (2, "")
     assert err == f"lookahead: error: {message.format(prompts=prompts, out=out)}\n"
+    if results_text is not None:
+        assert out.read_text() == results_text  # left as it was
 
 
 def test_out_is_checked_before_the_model_loads(files, tmp_path, capsys, no_model):

@@ -302,7 +302,7 @@ def _run_pending(args: argparse.Namespace, config, sampling, prompts: list[Promp
             stats = finished.stats
             # The id says which prompt this is: with a batch, results come in the order they finish.
             seed = {"seed": row_sampling[finished.tag].seed} if sampling is not None and sampling.samples else {}
-            results.append({"id": entry.id, "prompt": entry.prompt,
+            results.append({"id": entry.id, "prompt": entry.prompt,  # the id first: results_file.LINE_START
                             "text": _new_text(tokenizer, finished.tokens[prompt_len:]),
                             "new_tokens": stats.new_tokens, "tokens_per_step": stats.tokens_per_step,
                             "seconds": stats.seconds, "input_hash": entry.input_hash, **seed})

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ..jsonl import JsonLinesError, json_type, read_objects
 from .common import check_prompt
 
+LINE_KEYS = ("prompt", "id", "max_new_tokens")
 INPUT_HASH_DIGITS = 16  # 64 bits: two different lines of one file as good as never share one
 
 
@@ -51,6 +52,10 @@ def read_prompts(path: str, max_new_tokens: int, chat: bool, sampling: dict | No
     for number, entry in read_objects(path):
         if "prompt" not in entry:
             raise JsonLinesError(path, number, 'no "prompt" field')
+        unknown = [key for key in entry if key not in LINE_KEYS]
+        if unknown:  # a misspelt "max_new_tokens" must not run with the default instead
+            raise JsonLinesError(path, number, f"unknown field {json.dumps(unknown[0], ensure_ascii=False)}; a line "
+                                               f"has {', '.join(map(json.dumps, LINE_KEYS))}")
         prompt = entry["prompt"]
         if not isinstance(prompt, str):
             raise JsonLinesError(path, number, f'"prompt" must be a string, got a JSON {json_type(prompt)}')

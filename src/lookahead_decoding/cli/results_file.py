@@ -22,11 +22,14 @@ from .prompts_file import WrittenResult, checked_id
 SPECIAL_FILES = ((stat.S_ISFIFO, "a pipe"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                  (stat.S_ISSOCK, "a socket"))
 RESULT_KEYS = ("id", "input_hash")  # what a rerun reads back
+LINE_START = b'{"id": '  # how every result line starts (`append` writes the id first)
 
 
 class ResultsFile:
     """--out, open for appending. `written` maps the id of every complete line to its WrittenResult. Text after the
-    last newline is a line cut short by an interrupted write: it is not counted, and drop_cut_line removes it."""
+    last newline that starts as a result line does is a line cut short by an interrupted write: it is not counted,
+    and drop_cut_line removes it. Any other text there is not ours, and the file is refused (removing it would lose
+    it)."""
 
     def __init__(self, path: str, file):
         self.path = path
@@ -35,7 +38,12 @@ class ResultsFile:
         data = file.read()
         self._complete_bytes = data.rfind(b"\n") + 1
         self.has_cut_line = self._complete_bytes < len(data)
-        self.written = _written(path, data[:self._complete_bytes].split(b"\n"))
+        lines = data[:self._complete_bytes].split(b"\n")
+        self.written = _written(path, lines)
+        cut = data[self._complete_bytes:]
+        if self.has_cut_line and not (cut.startswith(LINE_START) or LINE_START.startswith(cut)):
+            raise JsonLinesError(path, len(lines), "not a result line of --prompts-file, and not the start of one "
+                                                   "cut short (choose another --out)")
 
     def drop_cut_line(self) -> None:
         self._file.truncate(self._complete_bytes)
