@@ -272,7 +272,7 @@ def test_explicit_config_runs_that_shape_only(cache_dir):
 
 
 def test_config_of_the_wrong_type(cache_dir):
-    with pytest.raises(TypeError, match='config must be a LookaheadConfig, "auto" or None, got'):
+    with pytest.raises(TypeError, match='config must be a LookaheadConfig, a StepPlan, "auto" or None, got'):
         ld.generate(tiny_model("llama"), torch.tensor([[1, 2]]), 5, config=(7, 5, 7))
 
 
@@ -281,16 +281,18 @@ def test_config_of_the_wrong_type(cache_dir):
 
 def test_a_step_longer_than_the_context_is_refused_before_any_work(cache_dir):
     config = ld.LookaheadConfig(window=100, ngram=4, guesses=0)  # 300 rows, context 256
-    with pytest.raises(ValueError, match=r"a lookahead step of W=100, N=4, G=0 has 300 tokens, more than the model's "
-                       r"context of 256 leaves after the 3-token prompt; lower W, N or G"):
+    with pytest.raises(ValueError, match=r"a lookahead step of W=100, N=4, G=0, B=0 has 300 tokens, more than the "
+                       r"model's context of 256 leaves after the 3-token prompt; its rows are \(N-1\)·W \+ B: lower "
+                       r"W, N or tree_nodes \(B, by default G·K\)"):
         ld.generate(tiny_model("llama"), torch.tensor([[1, 2, 3]]), 5, config)
 
 
 def test_a_step_larger_than_memory_is_refused(cache_dir, monkeypatch):
     monkeypatch.setattr(decoding, "available_memory", lambda device: 2**16)
     config = ld.LookaheadConfig(window=60, ngram=3, guesses=10)  # 140 rows on a 256-token model
-    with pytest.raises(ValueError, match=r"a lookahead step of W=60, N=3, G=10 \(140 tokens\) needs about .* GiB, "
-                       r"more than the 0.0 GiB free on cpu; lower W, N or G"):
+    with pytest.raises(ValueError, match=r"a lookahead step of W=60, N=3, G=10, B=20 \(140 tokens\) needs about .* "
+                       r"GiB, more than the 0.0 GiB free on cpu; its rows are \(N-1\)·W \+ B: lower W, N or "
+                       r"tree_nodes"):
         ld.generate(tiny_model("llama"), torch.tensor([[1, 2, 3]]), 5, config)
 
 
@@ -342,8 +344,9 @@ def test_auto_falls_back_to_plain_steps_when_memory_is_short(monkeypatch):
                          ids=["config", "plan"])
 def test_an_explicit_shape_near_the_context_is_still_refused(config):
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match=r"^a lookahead step of W=3, N=4, G=3 has 18 tokens, more than the model's "
-                       r"context of 256 leaves after the 250-token prompt; lower W, N or G$"):
+    with pytest.raises(ValueError, match=r"^a lookahead step of W=3, N=4, G=3, B=9 has 18 tokens, more than the "
+                       r"model's context of 256 leaves after the 250-token prompt; its rows are \(N-1\)·W \+ B: "
+                       r"lower W, N or tree_nodes \(B, by default G·K\)$"):
         ld.generate(model, near_context_prompt(model, 6), 6, config)
 
 

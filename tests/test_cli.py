@@ -98,7 +98,7 @@ def test_chat_wraps_the_prompt_in_the_template(cli_model, capsys):
         (["hi", "--model", "{missing}"], "does not exist"),
         (["word " * 600, "--model", "{model}"], f"exceeds the model's context length of {CONTEXT}"),
         (["hi", "--model", "{model}", "--max-new-tokens", "600", "--compare"], f"context length of {CONTEXT}"),
-        (["hi", "--model", "{model}", "--window", "1000000"], "a lookahead step of W=1000000, N=5, G=7 has 4000028 "
+        (["hi", "--model", "{model}", "--window", "1000000"], "a lookahead step of W=1000000, N=5, G=7, B=28 has 4000028 "
          "tokens, more than the model's context"),
         (["hi", "--model", "{model}", "--window", "20000", "--ngram", "50"], "a lookahead step of W=20000, N=50, G=7"),
         (["hi", "--model", "{model}", "--temperature", "0.8", "--top-p", "2"],

@@ -45,6 +45,16 @@ def test_stopping_criteria_cut_inside_an_accepted_block(llama):
     assert max(out.stats.accepted_histogram) > 1  # the stop landed in a run of multi-token steps
 
 
+def test_stopping_criteria_may_be_a_plain_list_as_hf_generate_takes_them(llama):
+    input_ids = repetitive_prompt()
+    stop_token = int(greedy_reference(llama, input_ids, 40)[0, input_ids.shape[1] + 17])
+    as_list = ld.generate(llama, input_ids, 40, ld.LookaheadConfig(4, 5, 4), stopping_criteria=[StopOnToken(stop_token)])
+    expected = greedy_reference(llama, input_ids, 40, stopping_criteria=StoppingCriteriaList([StopOnToken(stop_token)]))
+    assert as_list.sequences.tolist() == expected.tolist()
+    with pytest.raises(TypeError, match="stopping_criteria must be a StoppingCriteria .* or a list of them, got 5"):
+        ld.generate(llama, input_ids, 4, stopping_criteria=5)
+
+
 class RecordIds(StoppingCriteria):
     """Never stops; keeps every input_ids it is given (and so their storage alive)."""
 
@@ -210,6 +220,45 @@ def test_encoder_decoder_model_is_rejected():
     model = transformers.T5ForConditionalGeneration(config)
     with pytest.raises(ld.UnsupportedModelError, match="T5ForConditionalGeneration is an encoder-decoder model"):
         ld.generate(model, torch.tensor([[1, 2]]), 5)
+
+
+@pytest.mark.parametrize("model, name", [("gpt2", "str"), (None, "NoneType"), (torch.nn.Linear(2, 2), "Linear")])
+def test_what_is_not_a_model_is_rejected_by_name(model, name):
+    with pytest.raises(ld.UnsupportedModelError, match=f"^{name} is not a transformers model"):
+        ld.generate(model, torch.tensor([[1, 2]]), 5)
+
+
+def test_a_runner_that_is_not_a_step_runner_is_rejected(llama):
+    with pytest.raises(TypeError, match="runner must be a step runner such as lookahead_decoding.StaticStep, got 5"):
+        ld.generate(llama, torch.tensor([[1, 2]]), 5, runner=5)
+
+
+def test_a_plan_is_checked_when_built_and_lists_make_the_same_plan():
+    plain, wide = ld.LookaheadConfig(1, 2, 0), ld.LookaheadConfig(3, 4, 3)
+    assert ld.StepPlan([plain, wide], [1.0, 2.0]) == ld.StepPlan((plain, wide), (1.0, 2.0))
+    for shapes, costs, error, message in [
+        ((), (), ValueError, "a plan needs one cost per shape, got 0 shapes and 0 costs"),
+        ((plain, wide), (1.0,), ValueError, "a plan needs one cost per shape, got 2 shapes and 1 costs"),
+        (("a",), (1.0,), TypeError, "a plan's shapes are LookaheadConfigs, got 'a'"),
+        ((plain,), (float("nan"),), ValueError, r"step costs must be positive and finite \(ms\), got \[nan\]"),
+        ((plain,), (-1.0,), ValueError, r"step costs must be positive and finite \(ms\), got \[-1.0\]"),
+    ]:
+        with pytest.raises(error, match=message):
+            ld.StepPlan(shapes, costs)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"predictions": 10**6}, ValueError, "predictions .* must be an integer from 0 to the vocabulary's 96, got 1000000"),
+    ({"predictions": -1}, ValueError, "predictions .* got -1"),
+    ({"predictions": 2.5}, ValueError, "predictions .* got 2.5"),
+    ({"compile": "yes"}, TypeError, "compile must be a bool, got 'yes'"),
+    ({"pipeline": 1}, TypeError, "pipeline must be a bool or None, got 1"),
+    ({"shapes": "x"}, TypeError, "a step runner's shapes are LookaheadConfigs, got 'x'"),
+])
+def test_static_engine_arguments_are_checked(llama, kwargs, error, message):
+    arguments = {"shapes": ld.LookaheadConfig(3, 4, 3), "max_length": 64, **kwargs}
+    with pytest.raises(error, match=message):
+        ld.StaticStep(llama, **arguments)
 
 
 def test_model_without_lm_head_is_rejected(llama):

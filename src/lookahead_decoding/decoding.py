@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy
 import torch
-from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StoppingCriteriaList
 
 from .config import LookaheadConfig
 from .drafting import CandidateSource, DraftMemory
@@ -173,6 +173,17 @@ def _check_inputs(adapter: ModelAdapter, prompts: list[list[int]], limits: list[
             raise ValueError(f"{name} holds token ids outside the model's vocabulary [0, {vocab})")
 
 
+def criteria_of(stopping_criteria):
+    """HF stopping criteria as the rows check them: one callable (a `StoppingCriteriaList` or a criterion), a list
+    of them (as `model.generate` takes), or None."""
+    if stopping_criteria is None or callable(stopping_criteria):
+        return stopping_criteria
+    if isinstance(stopping_criteria, (list, tuple)) and all(callable(c) for c in stopping_criteria):
+        return StoppingCriteriaList(stopping_criteria)
+    raise TypeError(f"stopping_criteria must be a StoppingCriteria (or any callable of input_ids and scores) or a "
+                    f"list of them, got {stopping_criteria!r}")
+
+
 def resolve_plan(model, config, verifier: Verifier | None = None, runner: StepRunner | None = None,
                  batch_size: int = 1, sampling: bool = False) -> StepPlan:
     """The step shapes for `config`: "auto" (or None) calibrates them for this device and batch size (see
@@ -183,7 +194,7 @@ def resolve_plan(model, config, verifier: Verifier | None = None, runner: StepRu
     if isinstance(config, LookaheadConfig):
         return StepPlan((config,), (1.0,))
     if config is not None and config != AUTO:
-        raise TypeError(f'config must be a LookaheadConfig, "auto" or None, got {config!r}')
+        raise TypeError(f'config must be a LookaheadConfig, a StepPlan, "auto" or None, got {config!r}')
     if runner is None:
         return auto_plan(model, verifier, batch_size, sampling)
     shapes = tuple(layout.config for layout in runner.layouts)
@@ -219,8 +230,9 @@ def check_step_fits(adapter: ModelAdapter, plan: StepPlan, prompt_len: int, max_
     for shape in plan.shapes:
         misfit = step_misfit(adapter, shape, prompt_len, max_new_tokens, batch_size, free)
         if misfit is not None:
-            raise ValueError(f"a lookahead step of W={shape.window}, N={shape.ngram}, G={shape.guesses} {misfit}; "
-                             "lower W, N or G")
+            raise ValueError(f"a lookahead step of W={shape.window}, N={shape.ngram}, G={shape.guesses}, "
+                             f"B={shape.tree_nodes} {misfit}; its rows are (N-1)·W + B: lower W, N or tree_nodes "
+                             "(B, by default G·K)")
 
 
 def fitting_plan(adapter: ModelAdapter, plan: StepPlan, prompt_len: int, max_new_tokens: int,
@@ -314,8 +326,11 @@ def schedule(
     limits = new_token_limits(max_new_tokens, len(prompts))
     _check_inputs(adapter, prompts, limits)
     check_memory(memory, model)
+    stopping_criteria = criteria_of(stopping_criteria)
     if streamer is not None and len(prompts) > 1:
         raise ValueError(f"a streamer follows one sequence; got a batch of {len(prompts)} prompts")
+    if runner is not None and not all(hasattr(runner, name) for name in ("adapter", "layouts", "batch_size")):
+        raise TypeError(f"runner must be a step runner such as lookahead_decoding.StaticStep, got {runner!r}")
     if runner is not None and runner.adapter.model is not model:
         raise ValueError(
             f"the step runner was built for another model ({type(runner.adapter.model).__name__} at "
@@ -509,6 +524,7 @@ def generate(
     outputs to (as each finishes, so later rows of a batch draft from earlier ones). It carries the recycled
     source's table across calls. None (the default) keeps the call isolated: nothing outlives it.
     """
+    ModelAdapter(model)  # UnsupportedModelError, naming it, for anything that is not a decoder-only LM
     check_sampling_args(do_sample, temperature, top_k, top_p, logits_processor, generator, model.device)
     input_ids, attention_mask = batch_input(input_ids, attention_mask)
     prompts = prompts_from(input_ids, attention_mask)

@@ -146,6 +146,13 @@ class StaticStep:
             raise ValueError(f"max_length {max_length} exceeds the model's context length of {adapter.context_length}")
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
+        if isinstance(predictions, bool) or not isinstance(predictions, int) or not 0 <= predictions <= adapter.vocab:
+            raise ValueError(f"predictions (the model's top next tokens reported per row) must be an integer from 0 "
+                             f"to the vocabulary's {adapter.vocab}, got {predictions!r}")
+        for name, flag, default in (("compile", compile, False), ("sampling", sampling, False),
+                                    ("cuda_graph", cuda_graph, None), ("pipeline", pipeline, None)):
+            if not isinstance(flag, bool) and flag is not default:
+                raise TypeError(f"{name} must be a bool{' or None' if default is None else ''}, got {flag!r}")
         if verifier is not None and (cuda_graph or compile):
             raise ValueError("a step runner with a verifier runs eagerly: it cannot capture CUDA graphs or compile")
         if verifier is not None and sampling:

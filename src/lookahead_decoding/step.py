@@ -93,6 +93,9 @@ class StepRunner(Protocol):
 def build_layouts(shapes: Sequence[LookaheadConfig], device) -> tuple[StepLayout, ...]:
     if not shapes:
         raise ValueError("a step runner needs at least one step shape")
+    for shape in shapes:
+        if not isinstance(shape, LookaheadConfig):
+            raise TypeError(f"a step runner's shapes are LookaheadConfigs, got {shape!r}")
     lengths = {shape.candidate_length for shape in shapes if shape.verifies}
     if len(lengths) > 1:
         raise ValueError(f"the step shapes verify drafts of different lengths {sorted(lengths)}; they share one "

@@ -71,6 +71,20 @@ class StepPlan:
     shapes: tuple[LookaheadConfig, ...]
     costs_ms: tuple[float, ...]
 
+    def __post_init__(self) -> None:
+        # Frozen; tuples, so that plans given as lists compare equal to the same plan given as tuples.
+        object.__setattr__(self, "shapes", tuple(self.shapes))
+        object.__setattr__(self, "costs_ms", tuple(self.costs_ms))
+        if not self.shapes or len(self.shapes) != len(self.costs_ms):
+            raise ValueError(f"a plan needs one cost per shape, got {len(self.shapes)} shapes and "
+                             f"{len(self.costs_ms)} costs")
+        for shape in self.shapes:
+            if not isinstance(shape, LookaheadConfig):
+                raise TypeError(f"a plan's shapes are LookaheadConfigs, got {shape!r}")
+        if not all(isinstance(cost, (int, float)) and not isinstance(cost, bool) and math.isfinite(cost) and cost > 0
+                   for cost in self.costs_ms):
+            raise ValueError(f"step costs must be positive and finite (ms), got {list(self.costs_ms)}")
+
     def describe(self) -> str:
         return ", ".join(f"{shape_name(s)} {c:.2f} ms" for s, c in zip(self.shapes, self.costs_ms))
 
@@ -82,13 +96,7 @@ class StepPlan:
         """The plan `as_dict` wrote; ValueError or TypeError saying what is wrong with anything else."""
         if not isinstance(data, dict) or not {"shapes", "costs_ms"} <= data.keys():
             raise ValueError("the entry is not an object with shapes and costs_ms")
-        shapes = tuple(LookaheadConfig(**shape) for shape in data["shapes"])
-        costs = tuple(float(c) for c in data["costs_ms"])
-        if not shapes or len(shapes) != len(costs):
-            raise ValueError(f"a plan needs one cost per shape, got {len(shapes)} shapes and {len(costs)} costs")
-        if not all(math.isfinite(c) and c > 0 for c in costs):
-            raise ValueError(f"step costs must be positive and finite, got {list(costs)}")
-        return cls(shapes, costs)
+        return cls(tuple(LookaheadConfig(**shape) for shape in data["shapes"]), tuple(float(c) for c in data["costs_ms"]))
 
     def check_calibrated(self, context_length: int | None) -> None:
         """ValueError unless calibration could have chosen this plan for a model of `context_length` tokens: the
