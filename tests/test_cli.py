@@ -124,7 +124,8 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(cli_model, tmp_path, capsys,
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("flag, value", [("--max-new-tokens", "0"), ("--window", "two"), ("--dtype", "int8")])
+@pytest.mark.parametrize("flag, value", [("--max-new-tokens", "0"), ("--window", "two"), ("--dtype", "int8"),
+                                         ("--source", "pool,,suffix")])
 def test_argparse_rejects_malformed_options_with_exit_2(capsys, flag, value):
     code, out, err = run(capsys, "hi", flag, value)
     assert code == 2
@@ -274,3 +275,9 @@ def test_tune_random_shape_is_measured_but_not_cached(tmp_path, capsys, monkeypa
     assert out.startswith("calibration of tiny-llama on cpu (float32, dynamic engine)")
     assert "| plain | 1 |" in out and "| lookahead W=3 N=4 G=3 K=12 B=9 | 18 |" in out and "\nplan: plain " in out
     assert not (tmp_path / "calibration.json").exists()
+
+
+def test_tune_random_shape_refuses_a_model_too(capsys):
+    code, _, err = run_command(capsys, "tune", "--random-shape", "llama-3-8b", "--model", "some/model")
+    assert code == 2
+    assert err == "lookahead: error: --random-shape builds a model of random weights: it cannot take --model too\n"

@@ -298,8 +298,10 @@ def test_broken_gguf(tmp_path):
         (torch.tensor([2.0]), TypeError, "eos_token_id must be an int, a list of ints or an integer tensor, got "
                                          "tensor([2.]) (Tensor)"),
         (-1, ValueError, "eos_token_id must hold token ids >= 0, got -1"),
+        ([2, 1000], ValueError, "eos_token_id [2, 1000] is outside the model's vocabulary [0, 96): such a token is "
+                                "never generated"),
     ],
-    ids=["str", "list-with-str", "float", "bool", "float-tensor", "negative"],
+    ids=["str", "list-with-str", "float", "bool", "float-tensor", "negative", "outside-vocabulary"],
 )
 def test_bad_eos_token_id(llama, eos, error, message):
     with pytest.raises(error) as info:

@@ -56,6 +56,7 @@ class LookaheadOutput:
 def eos_set(model, eos_token_id=None) -> set[int]:
     """EOS ids from `eos_token_id` (an int, a sequence of ints or an integer tensor), else from the model's
     generation config. Anything else is an error: a string such as "2" would never match a token."""
+    given_here = eos_token_id is not None
     if eos_token_id is None:
         eos_token_id = getattr(model.generation_config, "eos_token_id", None)
     if eos_token_id is None:
@@ -68,6 +69,10 @@ def eos_set(model, eos_token_id=None) -> set[int]:
                         f"({type(eos_token_id).__name__})")
     if any(i < 0 for i in ids):
         raise ValueError(f"eos_token_id must hold token ids >= 0, got {eos_token_id!r}")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if given_here and any(i >= vocab for i in ids):
+        raise ValueError(f"eos_token_id {eos_token_id!r} is outside the model's vocabulary [0, {vocab}): such a "
+                         "token is never generated")
     return {i.__index__() for i in ids}
 
 
@@ -156,6 +161,16 @@ def new_token_limits(max_new_tokens, count: int) -> list[int]:
     return limits
 
 
+def context_overflow(context: int | None, prompt_tokens: int, max_new_tokens: int) -> str | None:
+    """Why a prompt of `prompt_tokens` tokens and `max_new_tokens` new ones do not fit a model's `context` (said
+    after the prompt's name), or None where they do."""
+    total = prompt_tokens + max_new_tokens
+    if context is None or total <= context:
+        return None
+    return (f"({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens exceeds the model's "
+            f"context length of {context}")
+
+
 def _check_inputs(adapter: ModelAdapter, prompts: list[list[int]], limits: list[int]) -> None:
     vocab = adapter.vocab
     for index, (prompt, limit) in enumerate(zip(prompts, limits)):
@@ -163,12 +178,9 @@ def _check_inputs(adapter: ModelAdapter, prompts: list[list[int]], limits: list[
         if not prompt:
             raise ValueError("the prompt is empty: input_ids has no tokens" if len(prompts) == 1 else
                              f"prompt {index} is empty: it has no tokens")
-        total = len(prompt) + limit
-        if adapter.context_length is not None and total > adapter.context_length:
-            raise ValueError(
-                f"{name} ({len(prompt)} tokens) + max_new_tokens ({limit}) = {total} tokens exceeds the "
-                f"model's context length of {adapter.context_length}"
-            )
+        overflow = context_overflow(adapter.context_length, len(prompt), limit)
+        if overflow is not None:
+            raise ValueError(f"{name} {overflow}")
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"{name} holds token ids outside the model's vocabulary [0, {vocab})")
 

@@ -14,6 +14,7 @@ from ..cli.common import (
     add_model_arguments,
     add_sampling_arguments,
     check_writable,
+    non_negative_int,
     positive_int,
     sampling_from_args,
 )
@@ -30,6 +31,7 @@ SAMPLING_DEFAULT_REFERENCE = "ar-graph"
 BENCH_EXTRA = ("tqdm", "matplotlib")  # what `pip install lookahead-decoding[bench]` adds
 DEFAULT_SWEEP_WINDOW = "3,5,7,10,15"
 DEFAULT_SWEEP_NGRAM = "3,4,5,6"
+DEFAULT_PROFILE_STEPS = 32
 EXIT_WRITE_FAILED = 1
 
 DESCRIPTION = """\
@@ -48,12 +50,9 @@ by default) with the same seed."""
 def int_list(text: str) -> list[int]:
     """'3,5,7' -> [3, 5, 7]."""
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
+        return [int(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
 
 
 def batch_size_list(text: str) -> list[int]:
@@ -97,7 +96,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     add_model_arguments(run)
     run.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="M", help="default: 256")
-    run.add_argument("--seed", type=int, default=0,
+    run.add_argument("--seed", type=non_negative_int, default=0,
                      help="seeds python's and torch's generators; with --temperature, prompt i (of the dataset) "
                      "samples with seed SEED + i in every method (default: 0)")
     run.add_argument("--threads", type=positive_int, metavar="T", help="torch.set_num_threads(T) (default: torch's)")
@@ -133,10 +132,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
     grid = parser.add_argument_group("sweep")
     grid.add_argument("--sweep", action="store_true", help="compare lookahead configurations with greedy instead")
-    grid.add_argument("--sweep-window", type=int_list, default=int_list(DEFAULT_SWEEP_WINDOW), metavar="W,...",
-                      help=f"default: {DEFAULT_SWEEP_WINDOW}")
-    grid.add_argument("--sweep-ngram", type=int_list, default=int_list(DEFAULT_SWEEP_NGRAM), metavar="N,...",
-                      help=f"default: {DEFAULT_SWEEP_NGRAM}")
+    grid.add_argument("--sweep-window", type=int_list, metavar="W,...", help=f"default: {DEFAULT_SWEEP_WINDOW}")
+    grid.add_argument("--sweep-ngram", type=int_list, metavar="N,...", help=f"default: {DEFAULT_SWEEP_NGRAM}")
     grid.add_argument("--sweep-guesses", type=int_list, metavar="G,...",
                       help="a third axis of the grid (default: G = W for every configuration)")
     grid.add_argument("--sweep-configs", type=config_list, metavar="W:N:G[:K[:B]],...",
@@ -148,13 +145,17 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                            help="instead of benchmarking, profile the fused step of plain decoding and of lookahead "
                            "on the first prompt (the first B with --batch-size B): time per step by kind of work "
                            "(torch.profiler), the device-only step, its wall time while decoding and the host share")
-    profiling.add_argument("--profile-steps", type=positive_int, default=32, metavar="S",
-                           help="decode steps profiled, after a short warm-up (default: 32)")
+    profiling.add_argument("--profile-steps", type=positive_int, metavar="S",
+                           help=f"decode steps profiled, after a short warm-up (default: {DEFAULT_PROFILE_STEPS})")
 
 
 def run_command(args: argparse.Namespace, model=None, tokenizer=None) -> int:
     """The `bench` handler: run, print the markdown table, write --out and --plot. `model`/`tokenizer` reuse a
     loaded model instead of loading --model."""
+    for option, needs in (("sweep_window", "sweep"), ("sweep_ngram", "sweep"), ("sweep_guesses", "sweep"),
+                          ("sweep_configs", "sweep"), ("profile_steps", "profile")):
+        if getattr(args, option) is not None and not getattr(args, needs):
+            raise CommandError(f"--{option.replace('_', '-')} needs --{needs}")
     fill_mode_defaults(args)
     if args.profile and (args.sweep or args.plot):
         raise CommandError("--profile cannot be combined with --sweep or --plot")
@@ -181,6 +182,9 @@ def fill_mode_defaults(args: argparse.Namespace) -> None:
     """--methods and --reference default by mode (HF greedy cannot run batched, nor draw the library's samples);
     filled in on `args` so that the JSON's config records what ran."""
     batched = args.batch_size is not None
+    args.sweep_window = args.sweep_window or int_list(DEFAULT_SWEEP_WINDOW)
+    args.sweep_ngram = args.sweep_ngram or int_list(DEFAULT_SWEEP_NGRAM)
+    args.profile_steps = args.profile_steps or DEFAULT_PROFILE_STEPS
     if args.methods is None:
         args.methods = BATCHED_DEFAULT_METHODS if batched else DEFAULT_METHODS
     if args.reference is None:

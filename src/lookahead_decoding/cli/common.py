@@ -85,9 +85,9 @@ def add_lookahead_arguments(parser) -> None:
 
 
 def source_list(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    names = tuple(name.strip() for name in text.split(","))
     unknown = [name for name in names if name not in SOURCE_NAMES]
-    if not names or unknown:
+    if unknown:
         raise argparse.ArgumentTypeError(f"expected source names from {', '.join(SOURCE_NAMES)}, got {text!r}")
     return names
 

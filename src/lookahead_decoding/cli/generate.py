@@ -192,8 +192,10 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
-    from ..tuning import shape_name
+    from ..decoding import context_overflow
+    from ..model_adapter import context_length
     from ..models import default_model_path
+    from ..tuning import shape_name
 
     sampling = _with_drawn_seed(sampling, args.seed)
     lookahead = _lookahead_runner(args, config, sampling)
@@ -211,6 +213,9 @@ def run_generate(args: argparse.Namespace) -> int:
             streamer=streamer,
         )
 
+    overflow = context_overflow(context_length(model.config), prompt_len, args.max_new_tokens)
+    if overflow is not None:  # before the warm-up, which would calibrate first
+        raise CommandError(f"prompt {overflow}")
     if args.compare:
         # One-off costs (allocator, kernel selection, lazy init) land on the first calls: pay them for both.
         warmup = min(WARMUP_TOKENS, args.max_new_tokens)
@@ -312,17 +317,16 @@ def _run_pending(args: argparse.Namespace, config, sampling, prompts: list[Promp
 def _encode_pending(args: argparse.Namespace, model, tokenizer, pending: list[PromptLine]) -> list[list[int]]:
     """The token ids of every pending prompt, each checked against the model's context before any decoding: a
     prompt that cannot run must not stop a long run halfway, and the error names its line."""
+    from ..decoding import context_overflow
     from ..model_adapter import context_length
 
     context = context_length(model.config)
     token_ids = []
     for entry in pending:
         ids = encode_prompt(tokenizer, entry.prompt, args.chat)[0].tolist()
-        total = len(ids) + entry.max_new_tokens
-        if context is not None and total > context:
-            raise JsonLinesError(args.prompts_file, entry.line, f"prompt ({len(ids)} tokens) + max_new_tokens "
-                                 f"({entry.max_new_tokens}) = {total} tokens exceeds the model's context length of "
-                                 f"{context}")
+        overflow = context_overflow(context, len(ids), entry.max_new_tokens)
+        if overflow is not None:
+            raise JsonLinesError(args.prompts_file, entry.line, f"prompt {overflow}")
         token_ids.append(ids)
     return token_ids
 

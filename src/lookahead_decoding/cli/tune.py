@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import add_model_arguments, check_writable, load_from_args
+from .common import CommandError, add_model_arguments, check_writable, load_from_args
 
 # Named model shapes (public architecture hyper-parameters) for --random-shape.
 RANDOM_SHAPES = {
@@ -51,6 +51,8 @@ def random_model(name: str, device: str, dtype: str):
 
 
 def run_tune(args: argparse.Namespace) -> int:
+    if args.random_shape and args.model is not None:
+        raise CommandError("--random-shape builds a model of random weights: it cannot take --model too")
     if args.plot:
         check_writable("--plot", args.plot)
     from ..runners import calibrate_model, uses_static_engine
