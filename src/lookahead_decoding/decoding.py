@@ -69,8 +69,8 @@ def eos_set(model, eos_token_id=None) -> set[int]:
                         f"({type(eos_token_id).__name__})")
     if any(i < 0 for i in ids):
         raise ValueError(f"eos_token_id must hold token ids >= 0, got {eos_token_id!r}")
-    vocab = model.get_output_embeddings().weight.shape[0]
-    if given_here and any(i >= vocab for i in ids):
+    vocab = ModelAdapter(model).vocab if given_here else None  # the model's own config is not second-guessed
+    if vocab is not None and any(i >= vocab for i in ids):
         raise ValueError(f"eos_token_id {eos_token_id!r} is outside the model's vocabulary [0, {vocab}): such a "
                          "token is never generated")
     return {i.__index__() for i in ids}
