@@ -9,6 +9,8 @@ time in an uncaptured step of each shape are listed too (torch.profiler).
     python scripts/attention_ab.py --model SmolLM2-135M-Instruct.Q4_1.gguf --batch-size 1,8,64 --out ab.json
     python scripts/attention_ab.py --random-shape llama-3-8b --batch-size 1,8 --out ab8b.json
     python scripts/attention_ab.py --random-shape llama-3-8b --batch-size 1 --attention ours --kernels 12 --out k.json
+    python scripts/attention_ab.py --random-shape llama-3-8b --batch-size 1 --attention ours --shapes plain,device \
+        --compile --out c.json
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from lookahead_decoding.engine import StaticStep
 
 SHAPES = {"plain": AUTOREGRESSIVE,
           "W5 N4 G5 B15 K12": LookaheadConfig(5, 4, 5, candidate_length=12, tree_nodes=15),
-          "W20 N7 G20 B120 K12": LookaheadConfig(20, 7, 20, candidate_length=12, tree_nodes=120)}
+          "W20 N7 G20 B120 K12": LookaheadConfig(20, 7, 20, candidate_length=12, tree_nodes=120),
+          "device": LookaheadConfig(device_drafts=True)}  # auto's drafting step on CUDA at batch 1
 
 
 def synchronize(device: torch.device) -> None:
@@ -55,14 +58,16 @@ def top_kernels(step, device: torch.device, steps: int, count: int) -> dict[str,
             "top_kernels_us": {name[:120]: round(us, 1) for name, us in top}}
 
 
-def step_costs(model, attention: str, batch_size: int, prompt_tokens: int, replays: int, kernels: int) -> dict:
-    engine = StaticStep(model, list(SHAPES.values()), max_length=prompt_tokens + 64, batch_size=batch_size)
+def step_costs(model, attention: str, batch_size: int, prompt_tokens: int, replays: int, kernels: int,
+               shapes: dict[str, LookaheadConfig], compile: bool) -> dict:
+    engine = StaticStep(model, list(shapes.values()), max_length=prompt_tokens + 64, batch_size=batch_size,
+                        compile=compile)
     model.set_attn_implementation(attention)  # after the engine chose ours: the A/B switch
     prompt = [(7 * i) % 1000 + 10 for i in range(prompt_tokens)]
     with torch.inference_mode():
         engine.prefill_rows({row: prompt for row in range(batch_size)})
         result = {}
-        for index, name in enumerate(SHAPES):
+        for index, name in enumerate(shapes):
             engine.inputs[index].zero_()  # idle rows: the same work, lengths unchanged
             step = engine.replayable(index)
             for _ in range(3):
@@ -100,8 +105,15 @@ def main() -> None:
                         "cudnn_attention, efficient_attention, math)")
     parser.add_argument("--kernels", type=int, default=0, metavar="K",
                         help="also list the K costliest kernels of each uncaptured step (CUDA)")
+    parser.add_argument("--shapes", default="plain,W5 N4 G5 B15 K12,W20 N7 G20 B120 K12", metavar="NAME[,NAME...]",
+                        help=f"step shapes to time, of: {', '.join(SHAPES)}")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each step before capturing it")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    unknown = [name for name in args.shapes.split(",") if name not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
+    shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
     if args.random_shape:
         model = random_model(args.random_shape, args.device, args.dtype)
     else:
@@ -111,10 +123,12 @@ def main() -> None:
         for attention in {"both": ("sdpa", NAME), "sdpa": ("sdpa",), "ours": (NAME,)}[args.attention]:
             for backend in args.sdpa_backends.split(","):
                 with contextlib.nullcontext() if backend == "default" else sdpa_kernel(getattr(SDPBackend, backend.upper())):
-                    costs = step_costs(model, attention, batch_size, args.prompt_tokens, args.replays, args.kernels)
+                    costs = step_costs(model, attention, batch_size, args.prompt_tokens, args.replays, args.kernels,
+                                       shapes, args.compile)
                 rows.append({"batch_size": batch_size, "attention": attention, "sdpa_backend": backend, **costs})
             print(json.dumps(rows[-1]), flush=True)
     record = {"model": args.random_shape or args.model, "dtype": args.dtype, "prompt_tokens": args.prompt_tokens,
+              "compiled": args.compile,
               "torch": torch.__version__, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "rows": rows}
     with open(args.out, "w") as file:
