@@ -228,6 +228,17 @@ def test_what_is_not_a_model_is_rejected_by_name(model, name):
         ld.generate(model, torch.tensor([[1, 2]]), 5)
 
 
+def test_a_model_in_training_mode_is_warned_about_and_left_as_it_is(llama):
+    llama.train()
+    try:
+        with pytest.warns(UserWarning, match=r"^LlamaForCausalLM is in training mode \(dropout on\): call "
+                                             r"model\.eval\(\) before generating$"):
+            ld.generate(llama, torch.tensor([[1, 2]]), 2, ld.LookaheadConfig(2, 2, 2))
+        assert llama.training
+    finally:
+        llama.eval()
+
+
 def test_a_runner_that_is_not_a_step_runner_is_rejected(llama):
     with pytest.raises(TypeError, match="runner must be a step runner such as lookahead_decoding.StaticStep, got 5"):
         ld.generate(llama, torch.tensor([[1, 2]]), 5, runner=5)

@@ -12,6 +12,7 @@ shapes the result.
 from __future__ import annotations
 
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -537,6 +538,9 @@ def generate(
     source's table across calls. None (the default) keeps the call isolated: nothing outlives it.
     """
     ModelAdapter(model)  # UnsupportedModelError, naming it, for anything that is not a decoder-only LM
+    if model.training:  # dropout would make each forward's predictions random, and greedy output not greedy's
+        warnings.warn(f"{type(model).__name__} is in training mode (dropout on): call model.eval() before "
+                      "generating", stacklevel=2)
     check_sampling_args(do_sample, temperature, top_k, top_p, logits_processor, generator, model.device)
     input_ids, attention_mask = batch_input(input_ids, attention_mask)
     prompts = prompts_from(input_ids, attention_mask)
