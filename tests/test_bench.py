@@ -188,6 +188,11 @@ def test_cli_input_errors_are_one_line_and_exit_2(tmp_path, capsys):
         (["--data-file", str(bad), "--sweep-configs", "3:3:3"], "--sweep-configs needs --sweep"),
         (["--data-file", str(bad), "--sweep-window", "3"], "--sweep-window needs --sweep"),
         (["--data-file", str(bad), "--profile-steps", "5"], "--profile-steps needs --profile"),
+        (["--data-file", str(bad), "--methods", "greedy,pld", "--window", "5"],
+         "lookahead: error: --window sets how lookahead drafts, but --methods greedy,pld runs no lookahead method"),
+        (["--data-file", str(bad), "--batch-size", "2", "--methods", "ar-graph", "--device-drafts", "--tree-nodes",
+          "15"], "--tree-nodes, --device-drafts set how lookahead drafts, but --methods ar-graph runs no lookahead "
+                 "method"),
     ]
     for extra, message in cases:
         assert main(["--dataset", "gsm8k", *extra]) == 2

@@ -24,6 +24,9 @@ DEFAULT_METHODS = "greedy,pld,lookahead"
 DEFAULT_REFERENCE = "greedy"
 # HF generate decodes one prompt at a time here: batched runs compare the library's own engine with itself.
 BATCHED_DEFAULT_METHODS = "ar-graph,lookahead"
+# The built-in methods that never read the shape options below: a run of only these would ignore them.
+PLAIN_METHODS = frozenset({"greedy", "pld", "hf-compiled", "ar-graph"})
+SHAPE_OPTIONS = ("window", "ngram", "guesses", "candidate_length", "tree_nodes", "device_drafts", "source")
 BATCHED_DEFAULT_REFERENCE = "ar-graph"
 # HF generate samples from torch's RNG, the library by draws keyed by (seed, position, token): only plain sampling
 # on the library's engine commits the tokens that lookahead commits with the same seed.
@@ -157,6 +160,11 @@ def run_command(args: argparse.Namespace, model=None, tokenizer=None) -> int:
         if getattr(args, option) is not None and not getattr(args, needs):
             raise CommandError(f"--{option.replace('_', '-')} needs --{needs}")
     fill_mode_defaults(args)
+    shape_options = [f"--{name.replace('_', '-')}" for name in SHAPE_OPTIONS if getattr(args, name) is not None]
+    methods = {name.strip() for name in args.methods.split(",")}
+    if shape_options and not (args.sweep or args.profile) and methods <= PLAIN_METHODS:
+        raise CommandError(f"{', '.join(shape_options)} {'sets' if len(shape_options) == 1 else 'set'} how lookahead "
+                           f"drafts, but --methods {args.methods} runs no lookahead method")
     if args.profile and (args.sweep or args.plot):
         raise CommandError("--profile cannot be combined with --sweep or --plot")
     if args.profile and sampling_from_args(args, args.seed) is not None:
