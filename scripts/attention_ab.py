@@ -110,10 +110,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile each step before capturing it")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    unknown = [name for name in args.shapes.split(",") if name not in SHAPES]
+    names = args.shapes.split(",")
+    unknown = [name for name in names if name not in SHAPES]
     if unknown:
         parser.error(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
-    shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
+    shapes = {name: SHAPES[name] for name in names}
     if args.random_shape:
         model = random_model(args.random_shape, args.device, args.dtype)
     else:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..cli.common import (
+    LOOKAHEAD_OPTIONS,
     CommandError,
     add_lookahead_arguments,
     add_model_arguments,
@@ -24,10 +25,9 @@ DEFAULT_METHODS = "greedy,pld,lookahead"
 DEFAULT_REFERENCE = "greedy"
 # HF generate decodes one prompt at a time here: batched runs compare the library's own engine with itself.
 BATCHED_DEFAULT_METHODS = "ar-graph,lookahead"
-# The built-in methods that never read the shape options below: a run of only these would ignore them.
-PLAIN_METHODS = frozenset({"greedy", "pld", "hf-compiled", "ar-graph"})
-SHAPE_OPTIONS = ("window", "ngram", "guesses", "candidate_length", "tree_nodes", "device_drafts", "source")
 BATCHED_DEFAULT_REFERENCE = "ar-graph"
+# The built-in methods that never read the lookahead options or --source: a run of only these would ignore them.
+PLAIN_METHODS = frozenset({"greedy", "pld", "hf-compiled", "ar-graph"})
 # HF generate samples from torch's RNG, the library by draws keyed by (seed, position, token): only plain sampling
 # on the library's engine commits the tokens that lookahead commits with the same seed.
 SAMPLING_DEFAULT_REFERENCE = "ar-graph"
@@ -160,8 +160,9 @@ def run_command(args: argparse.Namespace, model=None, tokenizer=None) -> int:
         if getattr(args, option) is not None and not getattr(args, needs):
             raise CommandError(f"--{option.replace('_', '-')} needs --{needs}")
     fill_mode_defaults(args)
-    shape_options = [f"--{name.replace('_', '-')}" for name in SHAPE_OPTIONS if getattr(args, name) is not None]
-    methods = {name.strip() for name in args.methods.split(",")}
+    shape_options = [f"--{name.replace('_', '-')}" for name in (*LOOKAHEAD_OPTIONS, "source")
+                     if getattr(args, name) is not None]
+    methods = {name.strip() for name in args.methods.split(",") if name.strip()}  # as parse_methods reads them
     if shape_options and not (args.sweep or args.profile) and methods <= PLAIN_METHODS:
         raise CommandError(f"{', '.join(shape_options)} {'sets' if len(shape_options) == 1 else 'set'} how lookahead "
                            f"drafts, but --methods {args.methods} runs no lookahead method")
