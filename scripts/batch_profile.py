@@ -29,7 +29,7 @@ from lookahead_decoding.config import AUTOREGRESSIVE
 METHODS = {"ar-graph": AUTOREGRESSIVE, "lookahead": "auto"}
 PARTS = ("tolist", "_admit", "prefill_rows", "step_rows", "launch_rows", "chain", "finish_rows", "synchronize",
          "_step_behind", "use_device_time", "catch_up", "observe_text", "draft", "propose", "build_tree", "record",
-         "plan_step", "batch_extra", "choose_for_batch", "_retire")
+         "plan_step", "batch_extra", "best_shape", "_retire")
 
 
 def synchronize(device: torch.device) -> None:

@@ -27,9 +27,9 @@ SHAPES = (AUTOREGRESSIVE, verify_only(2 * K, K), ld.LookaheadConfig(4, 4, 4), ld
 
 
 def random_schedule(seed: int):
-    """A stand-in for `choose_for_batch` that picks a random shape every step, whatever the statistics say."""
+    """A stand-in for `best_shape` that picks a random shape every step, whatever the statistics say."""
     rng = random.Random(seed)
-    return lambda choosers, num_nodes, costs_ms=None, yields=None, trees=None: rng.randrange(len(costs_ms))
+    return lambda rows, extra, later, costs_ms, yields=None: rng.randrange(len(costs_ms))
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -47,7 +47,7 @@ def test_a_random_schedule_of_shapes_equals_greedy(arch, static, seed, motif, pr
     prompt = torch.tensor([(motif * 20)[:prompt_len]])
     runner = StaticStep(model, SHAPES, 64) if static else EagerStep(ModelAdapter(model), SHAPES)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(scheduler, "choose_for_batch", random_schedule(seed))
+        patch.setattr(scheduler, "best_shape", random_schedule(seed))
         out = ld.generate(model, prompt, max_new_tokens, StepPlan(SHAPES, (1.0,) * len(SHAPES)), runner=runner)
     assert out.sequences.tolist() == greedy_reference(model, prompt, max_new_tokens).tolist()
     assert sum(out.stats.shape_steps.values()) == out.stats.steps
@@ -156,7 +156,6 @@ def test_a_batch_scales_what_its_rows_expect_now_and_adds_the_window_later_value
     choosers = [chooser(accepted=0.0, window_tokens=2.0) for _ in range(8)]
     for pick in choosers:
         pick.window_credit, pick.window_rate = 0.25, 0.25  # one token later per window step
-        pick.refresh()
     assert 1 + choosers[0].extra_tokens(0)[2] + choosers[0].later[2] == pytest.approx(3.0)  # now and later
     assert batch_extra(choosers, [0] * 8)[2] == pytest.approx(8.0)  # now, beyond one per row
     batch_yield = BatchYield(3)

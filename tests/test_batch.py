@@ -2,7 +2,9 @@
 rows stop on their own, and the scheduler admits and retires requests row by row."""
 
 import functools
+import gc
 import random
+import sys
 
 import pytest
 import torch
@@ -40,7 +42,7 @@ def reference_tokens(model, prompt, max_new_tokens, **kwargs) -> list[int]:
 
 
 def shuffled_shapes(seed: int, count: int):
-    """Replaces `choose_for_batch`: any shape of the plan, at random, every time a shape is chosen."""
+    """Replaces `best_shape`: any shape of the plan, at random, every time a shape is chosen."""
     rng = random.Random(seed)
     return lambda *args, **kwargs: rng.randrange(count)
 
@@ -109,7 +111,7 @@ def test_every_row_of_a_batch_equals_its_own_greedy_decode(arch, prompts, data, 
         patch.setattr(runners, "StaticStep", functools.partial(StaticStep, pipeline=pipelined))
         if plan_name == "mixed":
             config = StepPlan(MIXED, (1.0,) * len(MIXED))
-            patch.setattr(scheduler_module, "choose_for_batch", shuffled_shapes(schedule_seed, len(MIXED)))
+            patch.setattr(scheduler_module, "best_shape", shuffled_shapes(schedule_seed, len(MIXED)))
         else:
             config = FIXED[plan_name]
         out = ld.generate(model, prompts, max_new_tokens, config, eos_token_id=eos, batch_size=batch_size)
@@ -559,3 +561,56 @@ def test_a_source_begins_while_the_device_computes_never_in_a_drafting_step():
         assert source.calls[0] == ("begin", len(prompt))
         assert len(proposals) == scheduler.stats.steps - 1  # not at the first step, at every one after
 
+
+
+DEVICE_TREE = ld.LookaheadConfig(window=1, ngram=2, guesses=0, candidate_length=4, tree_nodes=7, device_drafts=True)
+
+
+def python_calls_per_step(shape: ld.LookaheadConfig, batch: int, streamer=None) -> float:
+    """Python function calls (profiler "call" events, the model's forward included) per batched step of `shape`,
+    once every row decodes; `streamer`: given to the first row's request."""
+    model = tiny_model("llama", seed=2)
+    plan = StepPlan((shape,), (1.0,))
+    scheduler = BatchScheduler(StaticStep(model, plan.shapes, 160, batch_size=batch), plan,
+                               lambda memory=None: make_source(None, plan.shapes))
+    for tag in range(batch):
+        scheduler.submit(Request([3 + tag, 1, 4, 1, 5], 150, streamer=streamer if tag == 0 else None, tag=tag))
+    for _ in range(3):  # admission, prefill and the first steps
+        scheduler.step()
+    calls = 0
+
+    def count(frame, event, arg) -> None:
+        nonlocal calls
+        calls += event == "call"
+
+    gc.collect()
+    gc.disable()  # as `BatchScheduler.run` does; a collection would call other tests' finalizers
+    sys.setprofile(count)
+    try:
+        for _ in range(6):
+            assert not scheduler.step()  # no row stops meanwhile
+    finally:
+        sys.setprofile(None)
+        gc.enable()
+    return calls / 6
+
+
+@pytest.mark.parametrize("shape", [AUTOREGRESSIVE, DEVICE_TREE], ids=["plain", "device-drafted tree"])
+def test_a_step_that_drafts_nothing_on_the_host_runs_no_python_per_row(shape):
+    """Choosing the shape, laying out the step, committing each row's tokens, testing its budget and EOS and
+    counting its step are array work: batch 8 makes exactly the Python calls batch 2 does. A row with a streamer
+    needs Python after every token, so it costs more."""
+    torch.set_num_threads(1)
+    assert python_calls_per_step(shape, 8) == python_calls_per_step(shape, 2)
+    assert python_calls_per_step(shape, 8, streamer=CountingStreamer()) > python_calls_per_step(shape, 8)
+
+
+class CountingStreamer:
+    def __init__(self) -> None:
+        self.tokens = 0
+
+    def put(self, value) -> None:
+        self.tokens += value.numel()
+
+    def end(self) -> None:
+        pass

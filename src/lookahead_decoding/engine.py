@@ -29,6 +29,7 @@ import gc
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import numpy
 import torch
 
 from .config import LookaheadConfig
@@ -39,8 +40,8 @@ from .layout import TreeTensors, tree_tensors
 from .model_adapter import ModelAdapter, UnsupportedModelError
 from .row_sampler import RowSampler, choose_tokens
 from .sampling_params import SamplingParams
-from .step import (DeviceBusy, PlannedStep, StepOutcome, build_layouts, host_predictions, top_predictions,
-                   tree_parents)
+from .step import (DeviceBusy, PlannedStep, RowOutcomes, StepOutcome, TokenRows, build_layouts, host_predictions,
+                   top_predictions, tree_parents)
 from .verification import Verifier, verify_greedy
 
 # Prompt tokens per prefill chunk. The prefill runs as fixed-shape chunks so that it, too, is one captured graph
@@ -90,7 +91,7 @@ class LaunchedStep(NamedTuple):
     """A step launched on the device whose outcome the host has not read yet (`StaticStep.finish_rows`)."""
 
     shape: int
-    decoding: list[bool]  # by row: whether the row decodes in this step
+    decoding: Sequence[bool]  # by row: whether the row decodes in this step
     outputs: torch.Tensor  # the packed outcomes on the device, as the step wrote them
     host_outputs: torch.Tensor  # their copy on the host, complete once `done` has fired
     scores: torch.Tensor | None  # the logits along the accepted paths, None once a later step has replaced them
@@ -167,10 +168,12 @@ class StaticStep:
         self.batch_size, self.verifier = batch_size, verifier
         self.sampler = RowSampler(batch_size, adapter.vocab, device) if sampling else None
         # Per shape that drafts on the device: its template's input line (parents, nodes), for rows chained in.
-        self._template_lines = {
-            index: torch.tensor([*tree_parents(template_tree(TemplateShape.of(shape)), shape.tree_nodes),
-                                 shape.tree_nodes], device=device)
+        self._template_host_lines = {
+            index: numpy.array([*tree_parents(template_tree(TemplateShape.of(shape)), shape.tree_nodes),
+                                shape.tree_nodes])
             for index, shape in enumerate(shapes) if shape.device_drafts}
+        self._template_lines = {index: torch.tensor(line, device=device)
+                                for index, line in self._template_host_lines.items()}
         largest = max(layout.size for layout in self.layouts)
         # A step's rows, or a padded prefill chunk, are written after the last committed token: spare slots.
         cache_length = max_length + max(largest, prefill_chunk, max(s.candidate_length for s in shapes) + 1)
@@ -309,10 +312,12 @@ class StaticStep:
                            *(self.replayable(shape) for shape in range(len(self.layouts)))])
         return outcomes
 
-    def step_rows(self, shape: int, steps: Sequence[PlannedStep | None], histories: Sequence[Sequence[int] | None],
-                  overlap: Callable[[DeviceBusy], None] | None = None) -> list[StepOutcome | None]:
+    def step_rows(self, shape: int, steps: Sequence[PlannedStep | None] | TokenRows,
+                  histories: Sequence[Sequence[int] | None] | None,
+                  overlap: Callable[[DeviceBusy], None] | None = None) -> RowOutcomes:
         """One step of `shape` for every row: steps[row] is the row's planned step, or None for a row that is not
-        decoding; histories[row] its committed tokens (the current token last). `overlap` runs on the host while
+        decoding; histories[row] its committed tokens (the current token last). Or a `TokenRows` (histories None),
+        for a shape that drafts nothing on the host. `overlap` runs on the host while
         the device computes the step (on CUDA the step is launched asynchronously), told whether it still does.
         Outcomes by row."""
         launched = self.launch_rows(shape, steps, histories)
@@ -320,9 +325,30 @@ class StaticStep:
             overlap(launched.busy)
         return self.finish_rows(launched)
 
-    def launch_rows(self, shape: int, steps: Sequence[PlannedStep | None],
-                    histories: Sequence[Sequence[int] | None]) -> LaunchedStep:
-        """Launch `step_rows`'s step without reading its outcome."""
+    @property
+    def takes_token_rows(self) -> bool:
+        """Whether `launch_rows` and `step_rows` take a `TokenRows` for a shape that drafts nothing on the host
+        (not with a verifier, which reads every row's history)."""
+        return self.verifier is None
+
+    def launch_rows(self, shape: int, steps: Sequence[PlannedStep | None] | TokenRows,
+                    histories: Sequence[Sequence[int] | None] | None) -> LaunchedStep:
+        """Launch `step_rows`'s step without reading its outcome. `steps` may be a `TokenRows` (and `histories`
+        None) for a shape that drafts nothing on the host."""
+        if isinstance(steps, TokenRows):
+            decoding = self._write_token_rows(shape, steps)
+        else:
+            decoding = self._write_planned(shape, steps, histories)
+        self.inputs[shape].copy_(self.host_inputs[shape], non_blocking=True)
+        if self.verifier is None:
+            packed, scores, top = self.replayable(shape)()
+        else:
+            packed, scores, top = self._verified_step(shape, steps, histories)
+        return self._launched(shape, decoding, packed, scores, top)
+
+    def _write_planned(self, shape: int, steps: Sequence[PlannedStep | None],
+                       histories: Sequence[Sequence[int] | None]) -> list[bool]:
+        """Write each row's planned step into the shape's host input buffer; returns which rows decode."""
         if len(steps) != self.batch_size or len(histories) != self.batch_size:
             raise ValueError(f"a step of this engine takes {self.batch_size} rows, got {len(steps)}")
         layout = self.layouts[shape]
@@ -336,14 +362,30 @@ class StaticStep:
             if len(history) > self.max_length:  # the cache has no room for the step's rows
                 raise ValueError(f"generation ran past this engine's max_length {self.max_length}")
             lines.append([*step.ids, *tree_parents(step.tree, config.tree_nodes), len(step.tree), 1])
-        host = self.host_inputs[shape]
-        host.numpy()[:] = lines  # straight into the (pinned) buffer: no tensor built from Python lists
-        self.inputs[shape].copy_(host, non_blocking=True)
-        if self.verifier is None:
-            packed, scores, top = self.replayable(shape)()
-        else:
-            packed, scores, top = self._verified_step(shape, steps, histories)
-        return self._launched(shape, [step is not None for step in steps], packed, scores, top)
+        self.host_inputs[shape].numpy()[:] = lines  # straight into the (pinned) buffer: no tensor from lists
+        return [step is not None for step in steps]
+
+    def _write_token_rows(self, shape: int, rows: TokenRows) -> numpy.ndarray:
+        """Write a `TokenRows` step into the shape's host input buffer, as `_write_planned` would write each row's
+        planned step (every id the current token; the template's parents where the row drafts on the device, no
+        nodes elsewhere); returns which rows decode."""
+        layout = self.layouts[shape]
+        config = layout.config
+        if config.host_drafts:
+            raise ValueError(f"a step of {config} verifies the host's drafts: it needs each row's planned step")
+        if len(rows.current) != self.batch_size:
+            raise ValueError(f"a step of this engine takes {self.batch_size} rows, got {len(rows.current)}")
+        if (rows.lengths[rows.decoding] > self.max_length).any():  # the cache has no room for the step's rows
+            raise ValueError(f"generation ran past this engine's max_length {self.max_length}")
+        lines = self.host_inputs[shape].numpy()
+        lines[:, : layout.size] = rows.current[:, None]
+        lines[:, layout.size : layout.size + config.tree_nodes] = config.tree_nodes  # no parent: no node
+        lines[:, -2] = 0
+        if shape in self._template_host_lines:
+            lines[rows.drafting, layout.size : -1] = self._template_host_lines[shape]
+        lines[:, -1] = 1
+        lines[~rows.decoding] = 0
+        return rows.decoding.copy()
 
     def chain(self, previous: LaunchedStep, changes: dict[int, int | None]) -> LaunchedStep:
         """Launch a step of `previous`'s shape behind it, `previous` being a step whose outcome the host has not
@@ -374,7 +416,7 @@ class StaticStep:
         packed, scores, top = self.replayable(shape)()
         return self._launched(shape, decoding, packed, scores, top)
 
-    def _launched(self, shape: int, decoding: list[bool], packed, scores, top) -> LaunchedStep:
+    def _launched(self, shape: int, decoding: Sequence[bool], packed, scores, top) -> LaunchedStep:
         """The launched step, its outcomes on their way to the host."""
         if packed.device.type != "cuda":  # the step has run
             return LaunchedStep(shape, decoding, packed, packed, scores, top, None)
@@ -387,15 +429,13 @@ class StaticStep:
         done.record()
         return LaunchedStep(shape, decoding, packed, host, scores, top, done)
 
-    def finish_rows(self, launched: LaunchedStep) -> list[StepOutcome | None]:
+    def finish_rows(self, launched: LaunchedStep) -> RowOutcomes:
         """Read a launched step's outcomes (waiting for the device): by row, None where the row did not decode."""
         if launched.done is not None:
             launched.done.synchronize()
-        values = launched.host_outputs.tolist()
-        predictions = [None] * self.batch_size if launched.top is None else host_predictions(*launched.top)
-        config, scores = self.layouts[launched.shape].config, launched.scores
-        return [StepOutcome.from_host(values[row], config, None if scores is None else scores[row], predictions[row])
-                if decoding else None for row, decoding in enumerate(launched.decoding)]
+        predictions = None if launched.top is None else host_predictions(*launched.top)
+        return RowOutcomes(launched.host_outputs.numpy().copy(), launched.decoding, self.layouts[launched.shape].config,
+                           launched.scores, predictions)
 
     # ------------------------------------------------------------------------------------------ on the device
 

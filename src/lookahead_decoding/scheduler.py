@@ -10,6 +10,10 @@ A row that stops mid-batch is refilled by the next request at the next step, wit
 runner's shapes do not depend on which rows decode). One sequence is a batch of one: `decoding.decode` runs
 here too.
 
+Per-row state lives in arrays over the rows (`shape_choice.ChooserTable`, `row_arrays.RowArrays`), so that a step
+whose shape drafts nothing on the host is chosen, laid out (`step.TokenRows`) and recorded without Python per row,
+except for rows with a streamer or stopping criteria.
+
 Plain steps, and steps that draft on the device, are pipelined where the runner can (`engine.StaticStep.chain`):
 while the batch would choose the same such shape again, the next step is launched before the host reads the last
 one's outcome, so that reading, recording and the shape choice run while the device computes. That choice is made
@@ -25,11 +29,12 @@ from __future__ import annotations
 import gc
 import random
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy
 import torch
 
 from .drafting.base import CandidateSource
@@ -37,9 +42,10 @@ from .drafting.confidence import Confidences
 from .drafting.memory import DraftMemory
 from .drafting.tree import EMPTY_TREE
 from .sampling_params import SamplingParams
-from .shape_choice import BatchYield, StepCosts, batch_extra, choose_for_batch
+from .row_arrays import RowArrays
+from .shape_choice import BatchYield, ChooserTable, ShapeChooser, StepCosts, best_shape
 from .state import Emitter, GenerationStats, SequenceState
-from .step import DeviceBusy, PlannedStep, StepRunner
+from .step import DeviceBusy, PlannedStep, RowOutcomes, StepRunner, TokenRows
 from .plan_cache import check_drift
 from .tuning import StepPlan, shape_name
 
@@ -83,8 +89,8 @@ class _Pending:
     """A step launched and not read yet."""
 
     launched: Any  # the runner's `engine.LaunchedStep`
-    rows: list[_Row | None]  # who held each row when it was launched
-    steps: list  # each row's PlannedStep (None: not decoding)
+    admissions: numpy.ndarray  # the scheduler's `admissions` and `occupied` when it was launched: who held each row
+    occupied: numpy.ndarray
     expected_extra: float  # the tokens beyond one per row that the rows expected of it when it was chosen
 
 
@@ -110,6 +116,20 @@ class BatchScheduler:
         self.runner, self.plan, self.make_source, self.memory = runner, plan, make_source, memory
         self.confidences = Confidences()
         self.rows: list[_Row | None] = [None] * runner.batch_size
+        # Per row, as arrays (a step that drafts nothing on the host then needs no Python per row): its shape
+        # statistics, its tokens, budget and stopping state, whether it holds a request, how many requests it has
+        # held, the host's tree budget for it (0: it drafts nothing on the host), whether it decodes with
+        # lookahead, and whether it has stopping criteria.
+        batch, depth = runner.batch_size, max(shape.candidate_length for shape in plan.shapes)
+        self.choosers = ChooserTable(plan.shapes, plan.costs_ms, batch)
+        self.arrays = RowArrays(batch, len(plan.shapes), depth + 1)
+        self.occupied = numpy.zeros(batch, dtype=bool)
+        self.admissions = numpy.zeros(batch, dtype=numpy.int64)
+        self.largest_tree = numpy.zeros(batch, dtype=numpy.int64)
+        self.lookahead = numpy.zeros(batch, dtype=bool)
+        self.criteria = numpy.zeros(batch, dtype=bool)
+        # Whether the runner takes a step of a shape that drafts nothing on the host as `TokenRows`.
+        self._token_rows = getattr(runner, "takes_token_rows", False)
         self.waiting: deque[Request] = deque()
         self.stats = GenerationStats()  # steps: batched forwards; new_tokens: over all rows
         # One sequence: the calibrated costs and its chooser's estimates. A batch: costs measured as it runs, host
@@ -131,11 +151,11 @@ class BatchScheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and all(row is None for row in self.rows)
+        return not self.waiting and not self.occupied.any()
 
     @property
     def active(self) -> int:
-        return sum(row is not None for row in self.rows)
+        return int(self.occupied.sum())
 
     def submit(self, request: Request) -> None:
         """Queue `request`; one that cannot fit the runner is refused now, not when its row runs out of room."""
@@ -201,38 +221,25 @@ class BatchScheduler:
 
     @torch.inference_mode()
     def step(self) -> list[Finished]:
-        """Admit what fits, run one batched step (if any row decodes), retire what stopped. With a plain step
-        pending, launch the next behind it if the batch goes on with plain steps, then read and record it."""
+        """Admit what fits, run one batched step (if any row decodes), retire what stopped. With a step pending,
+        launch the next behind it if the batch goes on with the same shape, then read and record it."""
         finished = self._admit()
-        live = [(index, row) for index, row in enumerate(self.rows) if row is not None]
         if self._pending is not None:
-            return finished + self._step_behind(live)
-        if not live:
+            return finished + self._step_behind()
+        live = numpy.flatnonzero(self.occupied)
+        if not len(live):
             return finished
         began = time.perf_counter()
-        choosers = [row.sequence.chooser for _, row in live]
-        costs = self.costs.costs_ms
-        yields = None if self.batch_yield is None else self.batch_yield.ratios
         # Drafting costs host time per row: skip it when the plain step wins even against full trees.
-        extra = batch_extra(choosers, [row.sequence.largest_tree for _, row in live])
-        shape = choose_for_batch(choosers, extra, costs, yields)
+        extra = self.choosers.batch_extra(live, self.largest_tree[live])
+        shape = self._best(live, extra)
+        row_trees = None
         if self.plan.shapes[shape].host_drafts:
-            row_trees = [row.sequence.draft(begin=not self._asynchronous) for _, row in live]
-            extra = batch_extra(choosers, [len(tree) for tree in row_trees], row_trees)
-            shape = choose_for_batch(choosers, extra, costs, yields)
-        else:
-            row_trees = [EMPTY_TREE] * len(live)
-        steps: list = [None] * len(self.rows)
-        histories: list = [None] * len(self.rows)
-        for (index, row), tree in zip(live, row_trees):
-            steps[index] = row.sequence.plan_step(shape, tree, self.runner.layouts)
-            histories[index] = row.sequence.history
-        if shape in self._chainable and self._may_chain(live):  # read at the next step, behind the one launched then
-            self._pending = _Pending(self.runner.launch_rows(shape, steps, histories), list(self.rows), steps,
-                                     extra[shape])
-            return finished
-        drafted = self.plan.shapes[shape].host_drafts
-        may_draft = [row.sequence for _, row in live if row.sequence.largest_tree]
+            row_trees = [self.rows[index].sequence.draft(begin=not self._asynchronous) for index in live]
+            extra = self.choosers.batch_extra(live, [len(tree) for tree in row_trees], row_trees)
+            shape = self._best(live, extra)
+        drafted = row_trees is not None and self.plan.shapes[shape].host_drafts
+        may_draft = [self.rows[index].sequence for index in live[self.largest_tree[live] > 0]]
 
         def use_device_time(device_busy: DeviceBusy) -> None:
             # The rows that drafted read their text at their next draft. Otherwise the sources catch up only while
@@ -242,63 +249,84 @@ class BatchScheduler:
                     sequence.observe_text()
             self._catch_up(may_draft, device_busy)
 
-        outcomes = self.runner.step_rows(shape, steps, histories, overlap=use_device_time if may_draft else None)
-        return finished + self._record(shape, live, steps, outcomes, extra[shape], began)
+        overlap = use_device_time if may_draft else None
+        if self._token_rows and not self.plan.shapes[shape].host_drafts:
+            rows = TokenRows(self.arrays.last, self.occupied, self.occupied & self.lookahead, self.arrays.length)
+            if shape in self._chainable and self._may_chain(live):  # read at the next step, behind the one launched then
+                self._pending = _Pending(self.runner.launch_rows(shape, rows, None), self.admissions.copy(),
+                                         self.occupied.copy(), extra[shape])
+                return finished
+            outcomes = self.runner.step_rows(shape, rows, None, overlap=overlap)
+            return finished + self._record_rows(shape, live, outcomes, extra[shape], began)
+        row_trees = row_trees or [EMPTY_TREE] * len(live)
+        steps: list = [None] * len(self.rows)
+        histories: list = [None] * len(self.rows)
+        for index, tree in zip(live, row_trees):
+            sequence = self.rows[index].sequence
+            steps[index] = sequence.plan_step(shape, tree, self.runner.layouts)
+            histories[index] = sequence.history
+        outcomes = self.runner.step_rows(shape, steps, histories, overlap=overlap)
+        return finished + self._record_planned(shape, live, steps, outcomes, extra[shape], began)
 
-    def _may_chain(self, live) -> bool:
+    def _best(self, live: numpy.ndarray, extra) -> int:
+        """The shape for the rows `live`, who expect `extra` of each shape now."""
+        yields = None if self.batch_yield is None else self.batch_yield.ratios
+        return best_shape(len(live), extra, self.choosers.later(live).sum(axis=0), self.costs.costs_ms, yields)
+
+    def _may_chain(self, live: numpy.ndarray) -> bool:
         """Whether the next step may be launched before this one is read: no row's stopping criteria need its
         logits (a later step replaces them on the device)."""
-        return all(row.request.stopping_criteria is None for _, row in live)
+        return not self.criteria[live].any()
 
-    def _step_behind(self, live) -> list[Finished]:
+    def _step_behind(self) -> list[Finished]:
         """Launch the next step behind the pending one if the batch would choose its shape again, then read and
         record the pending step while the device computes."""
         began = time.perf_counter()
         pending, self._pending = self._pending, None
         shape = pending.launched.shape
-        if live and self._may_chain(live):
+        live = numpy.flatnonzero(self.occupied)
+        if len(live) and self._may_chain(live):
             extra = self._same_next(live, shape)
             if extra is not None:
                 self._chain(pending, extra)
-        self._catch_up([row.sequence for _, row in live if row.sequence.largest_tree], pending.launched.busy)
+        self._catch_up([self.rows[index].sequence for index in live[self.largest_tree[live] > 0]],
+                       pending.launched.busy)
         outcomes = self.runner.finish_rows(pending.launched)
         # Rows whose request changed since the launch decoded for the one before: their outcomes are not theirs.
-        decoded = [(index, row) for index, row in enumerate(pending.rows)
-                   if outcomes[index] is not None and self.rows[index] is row and not row.sequence.done]
-        return self._record(shape, decoded, pending.steps, outcomes, pending.expected_extra, began)
+        decoded = numpy.flatnonzero(numpy.asarray(pending.launched.decoding, dtype=bool) & self._unchanged(pending)
+                                    & ~self.arrays.done)
+        return self._record_rows(shape, decoded, outcomes, pending.expected_extra, began)
 
-    def _same_next(self, live, shape: int) -> float | None:
+    def _unchanged(self, pending: _Pending) -> numpy.ndarray:
+        """By row: whether it holds the same request as when `pending` was launched (and still decodes it)."""
+        return (self.admissions == pending.admissions) & (self.occupied == pending.occupied) & self.occupied
+
+    def _same_next(self, live: numpy.ndarray, shape: int) -> float | None:
         """If the batch would choose `shape` again before drafting, by the rows' statistics so far (those of the
         pending step are not in them yet): the tokens beyond one per row they expect of it; else None."""
-        choosers = [row.sequence.chooser for _, row in live]
-        yields = None if self.batch_yield is None else self.batch_yield.ratios
-        extra = batch_extra(choosers, [row.sequence.largest_tree for _, row in live])
-        return extra[shape] if choose_for_batch(choosers, extra, self.costs.costs_ms, yields) == shape else None
+        extra = self.choosers.batch_extra(live, self.largest_tree[live])
+        return extra[shape] if self._best(live, extra) == shape else None
 
     def _chain(self, pending: _Pending, expected_extra: float) -> None:
         """Launch a step of `pending`'s shape behind it for the rows that go on decoding after it (a row that
         stops in it on EOS, or on its budget within several tokens, decodes for nothing)."""
         shape, launched = pending.launched.shape, pending.launched
-        changes = {}
-        for index, row in enumerate(self.rows):
-            if row is not pending.rows[index]:  # started or freed since
-                changes[index] = None if row is None else row.sequence.history[-1]
-            elif row is not None and (row.sequence.done or row.sequence.emitter.remaining == 1):
-                changes[index] = None  # the pending step commits its last token, or it was cancelled
-        decoding = [changes[index] is not None if index in changes else decodes
-                    for index, decodes in enumerate(launched.decoding)]
-        if not any(decoding):
+        unchanged = self._unchanged(pending)
+        changes = {int(index): int(self.arrays.last[index]) if self.occupied[index] else None  # started or freed since
+                   for index in numpy.flatnonzero(~unchanged & (self.occupied | pending.occupied))}
+        # The pending step commits its last token, or it was cancelled.
+        ending = unchanged & (self.arrays.done | (self.arrays.remaining == 1))
+        changes.update((int(index), None) for index in numpy.flatnonzero(ending))
+        decoding = numpy.array(launched.decoding, dtype=bool)
+        for index, token in changes.items():
+            decoding[index] = token is not None
+        if not decoding.any():
             return
         if self.plan.shapes[shape].device_drafts and any(
-                token is not None and not self.rows[index].sequence.device_tree(shape)
-                for index, token in changes.items()):
+                token is not None and not self.lookahead[index] for index, token in changes.items()):
             return  # a row that starts without lookahead: launched from the host, with no tree
-        chained = self.runner.chain(launched, changes)
-        # The step's input is on the device; the host keeps what recording needs: the row's tree (a template's).
-        device_drafts = self.plan.shapes[shape].device_drafts
-        steps = [PlannedStep(shape, [], row.sequence.device_tree(shape) if device_drafts else EMPTY_TREE)
-                 if decodes else None for row, decodes in zip(self.rows, decoding)]
-        self._pending = _Pending(chained, list(self.rows), steps, expected_extra)
+        self._pending = _Pending(self.runner.chain(launched, changes), self.admissions.copy(), self.occupied.copy(),
+                                 expected_extra)
         pending.launched = launched._replace(scores=None)  # the chained step writes its logits where these were
 
     @staticmethod
@@ -309,34 +337,63 @@ class BatchScheduler:
                 return
             sequence.catch_up()
 
-    def _record(self, shape: int, live, steps, outcomes, expected_extra: float, began: float) -> list[Finished]:
-        """Hand each row its outcome, count the step, and retire the rows that stopped."""
-        if live:
-            self.stats.steps += 1
-            self._steps_by_shape[shape] += 1
+    def _record_rows(self, shape: int, decoded: numpy.ndarray, outcomes: RowOutcomes, expected_extra: float,
+                     began: float) -> list[Finished]:
+        """Record a step of a shape that drafts nothing on the host: the rows without a streamer or stopping
+        criteria all at once (`RowArrays.commit`, `ChooserTable.observe_rows`), the others one by one."""
+        config = self.plan.shapes[shape]
+        simple = self.arrays.simple[decoded]
+        rows, accepted = decoded[simple], outcomes.packed[decoded[simple], 0]
+        counts = self.arrays.commit(rows, shape, outcomes.packed[rows, 1 : 2 + config.candidate_length], accepted + 1)
+        self.choosers.observe_rows(rows, shape, accepted)
+        histogram = numpy.bincount(counts, minlength=config.candidate_length + 2)
+        for index in decoded[~simple]:
+            sequence = self.rows[index].sequence
+            tree = sequence.device_tree(shape) if config.device_drafts else EMPTY_TREE
+            histogram[sequence.record(PlannedStep(shape, [], tree), outcomes[index]).committed] += 1
+        # Beyond one token per row (no tokens that only window n-grams drafted: the host drafted nothing).
+        tokens = numpy.arange(len(histogram))
+        extra_now = int((histogram[2:] * tokens[1:-1]).sum())
+        return self._count(shape, {count: int(n) for count, n in enumerate(histogram) if n},
+                           int((histogram * tokens).sum()), extra_now, expected_extra, began)
+
+    def _record_planned(self, shape: int, live: numpy.ndarray, steps, outcomes, expected_extra: float,
+                        began: float) -> list[Finished]:
+        """Hand each row its outcome of a step laid out row by row."""
         has_window = self.plan.shapes[shape].has_window
-        step_tokens = extra_now = 0
-        for index, row in live:
-            recorded = row.sequence.record(steps[index], outcomes[index])
-            step_tokens += recorded.committed
-            self.stats.accepted_histogram[recorded.committed] += 1
+        histogram, tokens, extra_now = Counter(), 0, 0
+        for index in live:
+            recorded = self.rows[index].sequence.record(steps[index], outcomes[index])
+            histogram[recorded.committed] += 1
+            tokens += recorded.committed
             # What the rows expected of the step now: beyond its one token, and for a window step apart from the
             # tokens only window n-grams drafted, which the window's later value stands for.
             extra_now += max(recorded.committed - 1 - has_window * recorded.window_credit, 0)
-        self.stats.new_tokens += step_tokens
-        if live:
+        return self._count(shape, histogram, tokens, extra_now, expected_extra, began)
+
+    def _count(self, shape: int, histogram: Mapping[int, int], tokens: int, extra_now: int, expected_extra: float,
+               began: float) -> list[Finished]:
+        """Count the step (`histogram`: {tokens a row committed: rows}; `tokens`: all rows' tokens) and retire the
+        rows that stopped."""
+        if histogram:
+            self.stats.steps += 1
+            self._steps_by_shape[shape] += 1
+            self.stats.new_tokens += tokens
+            self.stats.accepted_histogram.update(histogram)
             self.costs.observe(shape, (time.perf_counter() - began) * 1e3)
             if self.batch_yield is not None:
-                self.batch_yield.observe(shape, expected_extra, extra_now)  # what the rows expected before `record`
+                self.batch_yield.observe(shape, expected_extra, extra_now)  # what the rows expected before the step
         return self._retire()
 
     def _admit(self) -> list[Finished]:
-        free = [index for index, row in enumerate(self.rows) if row is None]
+        free = numpy.flatnonzero(~self.occupied).tolist()
         admitted, finished = {}, []
         while free and self.waiting:
             request = self.waiting.popleft()
+            index = free[0]
             emitter = Emitter(list(request.prompt), request.max_new_tokens, request.eos_ids,
-                              request.stopping_criteria, request.streamer, self.runner.adapter.device)
+                              request.stopping_criteria, request.streamer, self.runner.adapter.device, self.arrays,
+                              index)
             confidences = self.confidences
             if request.source is not None:
                 source = request.source
@@ -345,14 +402,19 @@ class BatchScheduler:
             else:
                 source = self.make_source()
             sampled = request.sampling is not None and request.sampling.samples
+            self.choosers.reset(index, request.lookahead)
             sequence = SequenceState(request.prompt, self.plan, source, emitter, random.Random(request.window_seed),
-                                     request.lookahead, confidences, sampled)
+                                     request.lookahead, confidences, sampled, ShapeChooser.row_of(self.choosers, index))
             row = _Row(request, sequence, time.perf_counter())
             if sequence.done:  # max_new_tokens=0: nothing to decode, no row needed
                 finished.append(self._result(row))
                 continue
-            index = free.pop(0)
+            free.pop(0)
             self.rows[index] = row
+            self.occupied[index], self.lookahead[index] = True, request.lookahead
+            self.admissions[index] += 1
+            self.largest_tree[index] = sequence.largest_tree
+            self.criteria[index] = request.stopping_criteria is not None
             admitted[index] = request.prompt
             if self._drafter is not None:
                 self._drafter.share_memory(index, self.memory is not None and request.use_memory)
@@ -375,11 +437,11 @@ class BatchScheduler:
 
     def _retire(self) -> list[Finished]:
         finished = []
-        for index, row in enumerate(self.rows):
-            if row is not None and row.sequence.done:
-                finished.append(self._result(row))
-                self.rows[index] = None
-        if self._pending is not None and all(row is None for row in self.rows):
+        for index in numpy.flatnonzero(self.occupied & self.arrays.done):
+            finished.append(self._result(self.rows[index]))
+            self.rows[index] = None
+            self.occupied[index] = False
+        if self._pending is not None and not self.occupied.any():
             self._pending = None  # it decodes for rows that have all stopped
         return finished
 

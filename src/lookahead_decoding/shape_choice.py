@@ -35,6 +35,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy
+
 from .config import LookaheadConfig
 from .drafting.tree import TokenTree
 
@@ -56,8 +58,12 @@ class AcceptancePrior:
     window_tokens: float | None = None  # tokens committed per window step; None: expected_tokens(shape)
 
 
-class ShapeChooser:
-    def __init__(self, shapes: Sequence[LookaheadConfig], costs_ms: Sequence[float],
+class ChooserTable:
+    """The shape statistics of every row of a batch, as arrays (row r of each is row r's), so that choosing a
+    batch's shape, and learning from a step that drafted nothing on the host, are a few array operations whatever
+    the number of rows. `ShapeChooser` is one row's view."""
+
+    def __init__(self, shapes: Sequence[LookaheadConfig], costs_ms: Sequence[float], rows: int = 1,
                  prior: AcceptancePrior = AcceptancePrior(), decay: float = 0.9, window_decay: float = 0.8,
                  retry: float = 0.98, credit_decay: float = 0.95, min_window_rate: float = 0.05,
                  device_decay: float = 0.97, device_retry: float = 0.995) -> None:
@@ -79,54 +85,197 @@ class ShapeChooser:
         self.shapes, self.costs = tuple(shapes), tuple(costs_ms)
         self.decay, self.window_decay, self.retry = decay, window_decay, retry
         self.device_decay, self.device_retry = device_decay, device_retry
-        # [after a verification that accepted nothing, after one that accepted something][shape]
-        self.accepted = [[prior.accepted] * len(shapes) for _ in range(2)]
-        self.accepted_prior = prior.accepted
-        self.in_run = False  # whether the last verification accepted something
-        self.window_prior = [expected_tokens(shape) if prior.window_tokens is None else prior.window_tokens
-                             for shape in shapes]
-        self.window_tokens = list(self.window_prior)
         self.credit_decay, self.min_window_rate = credit_decay, min_window_rate
-        self.window_credit = 0.0  # recent mean, over all steps, of tokens accepted that only window n-grams drafted
-        self.window_rate = 0.0  # recent share of steps that ran a window
-        # The shapes by kind, looked up on every step of every row.
+        self.accepted_prior = prior.accepted
+        self.window_prior = numpy.array([expected_tokens(shape) if prior.window_tokens is None else prior.window_tokens
+                                         for shape in shapes])
+        # The shapes by kind.
         self.window_shapes = [i for i, shape in enumerate(self.shapes) if shape.has_window]
         self.verify_budgets = [(i, shape.tree_nodes) for i, shape in enumerate(self.shapes)
                                if shape.host_drafts and not shape.has_window]
         self.device_shapes = [i for i, shape in enumerate(self.shapes) if shape.device_drafts]
-        self.refresh()
+        self.is_window = numpy.array([shape.has_window for shape in self.shapes])
+        self.is_verify = numpy.isin(numpy.arange(len(shapes)), [shape for shape, _ in self.verify_budgets])
+        self.drafts = self.is_verify | numpy.array([shape.device_drafts for shape in self.shapes])
+        # Per row: [after a verification that accepted nothing, after one that accepted something][row][shape]
+        self.accepted = numpy.empty((2, rows, len(shapes)))
+        self.in_run = numpy.zeros(rows, dtype=bool)  # whether the row's last verification accepted something
+        self.window_tokens = numpy.empty((rows, len(shapes)))
+        self.window_credit = numpy.zeros(rows)  # recent mean, over all steps, of tokens accepted that only window
+        self.window_rate = numpy.zeros(rows)  # n-grams drafted; recent share of steps that ran a window
+        self.lookahead = numpy.ones(rows, dtype=bool)  # False: the row decodes plainly, one token from any step
+        for row in range(rows):
+            self.reset(row)
 
-    def refresh(self) -> None:
-        """Recompute the per-shape estimates that the batch's choice sums over rows (after the statistics
-        change): `extra_before_draft`, the tokens beyond one each shape is expected to commit now, before the
-        tree is drafted (with nodes to verify), and `later`, what each is expected to let later steps commit."""
-        extra = [0.0] * len(self.shapes)
-        later = [0.0] * len(self.shapes)
-        value = self.window_value
-        for shape in self.window_shapes:
-            extra[shape] = self.window_tokens[shape] - 1.0
-            later[shape] = value
-        accepted = self.accepted[self.in_run]
-        for shape, _ in self.verify_budgets:
-            extra[shape] = accepted[shape]
-        for shape in self.device_shapes:
-            extra[shape] = accepted[shape]
-        self.extra_before_draft, self.later = extra, later
+    def reset(self, row: int, lookahead: bool = True) -> None:
+        """Start `row`'s statistics afresh, for a sequence decoded with or without lookahead."""
+        self.accepted[:, row] = self.accepted_prior
+        self.in_run[row] = False
+        self.window_tokens[row] = self.window_prior
+        self.window_credit[row] = self.window_rate[row] = 0.0
+        self.lookahead[row] = lookahead
+
+    def extra_before_draft(self, rows: numpy.ndarray) -> numpy.ndarray:
+        """[rows, shapes]: the tokens beyond one a step of each shape is expected to commit now for each of
+        `rows`, before its tree is drafted (given it has nodes to verify)."""
+        extra = numpy.zeros((len(rows), len(self.shapes)))
+        extra[:, self.is_window] = self.window_tokens[rows][:, self.is_window] - 1.0
+        accepted = self.accepted[self.in_run[rows].astype(int), rows]
+        extra[:, self.drafts] = accepted[:, self.drafts]
+        extra[~self.lookahead[rows]] = 0.0
+        return extra
+
+    def later(self, rows: numpy.ndarray) -> numpy.ndarray:
+        """[rows, shapes]: the tokens a step of each shape is expected to let later steps commit, for each of
+        `rows`: a window step's, through the n-grams it adds to the pool."""
+        value = self.window_credit[rows] / numpy.maximum(self.window_rate[rows], self.min_window_rate)
+        later = numpy.zeros((len(rows), len(self.shapes)))
+        later[:, self.is_window] = value[:, None]
+        later[~self.lookahead[rows]] = 0.0
+        return later
+
+    def batch_extra(self, rows: numpy.ndarray, num_nodes: numpy.ndarray, trees: Sequence[TokenTree] | None = None
+                    ) -> numpy.ndarray:
+        """Per shape, the tokens beyond one per row that a step of it is expected to commit now, summed over
+        `rows`, each by its own statistics and token tree of `num_nodes` nodes (or its tree in `trees`, once
+        drafted: a verify step's expectation is then the tree's own)."""
+        extra = self.extra_before_draft(rows)
+        if trees is None:
+            extra[numpy.ix_(numpy.asarray(num_nodes) == 0, self.is_verify)] = 0.0
+        else:
+            for index, (row, nodes, tree) in enumerate(zip(rows, num_nodes, trees)):
+                if self.lookahead[row]:
+                    for shape, budget in self.verify_budgets:
+                        extra[index, shape] = tree.expected_accepted(budget) if nodes else 0.0
+        return extra.sum(axis=0)
+
+    def observe(self, row: int, shape: int, num_nodes: int, path: Sequence[int], window_credit: int = 0) -> None:
+        """After a step of `shape` verified a tree of `num_nodes` nodes for `row` and accepted the nodes `path`, of
+        which `window_credit` only n-grams of the window had drafted."""
+        if not self.lookahead[row]:
+            return
+        accepted, config = len(path), self.shapes[shape]
+        kept = self.credit_decay
+        self.window_credit[row] = self.window_credit[row] * kept + window_credit * (1 - kept)
+        self.window_rate[row] = self.window_rate[row] * kept + config.has_window * (1 - kept)
+        retry, tokens, prior = self.retry, self.window_tokens[row], self.window_prior
+        for other in self.window_shapes:
+            if other == shape:
+                kept = self.window_decay
+                now = 1 + accepted - window_credit  # the window's later value is counted apart
+                tokens[other] = tokens[other] * kept + now * (1 - kept)
+            else:
+                tokens[other] = tokens[other] * retry + prior[other] * (1 - retry)
+        if num_nodes > 0 and not config.device_drafts:
+            decay, accepted_now = self.decay, self.accepted[int(self.in_run[row]), row]
+            for other, budget in self.verify_budgets:
+                # What `other` would have accepted with its own budget (its tree is a prefix of the node list).
+                would_accept = sum(node < budget for node in path)
+                accepted_now[other] = accepted_now[other] * decay + would_accept * (1 - decay)
+            if config.verifies:
+                self.in_run[row] = accepted > 0
+        self._observe_device(numpy.array([row]), shape, numpy.array([accepted]))
+
+    def observe_rows(self, rows: numpy.ndarray, shape: int, accepted: numpy.ndarray) -> None:
+        """`observe` for every row of `rows` at once, after a step of `shape`, a shape that drafts nothing on the
+        host (plain, or drafting on the device: no window n-grams of the host to credit), which accepted
+        `accepted[i]` draft tokens for rows[i]."""
+        if self.shapes[shape].host_drafts:
+            raise ValueError(f"observe_rows takes steps that draft nothing on the host, not {self.shapes[shape]}")
+        keep = self.lookahead[rows]
+        rows, accepted = rows[keep], accepted[keep]
+        kept = self.credit_decay
+        self.window_credit[rows] *= kept
+        self.window_rate[rows] = self.window_rate[rows] * kept + self.shapes[shape].has_window * (1 - kept)
+        for other in self.window_shapes:
+            tokens = self.window_tokens[rows, other]
+            if other == shape:
+                now = 1 + accepted
+                self.window_tokens[rows, other] = tokens * self.window_decay + now * (1 - self.window_decay)
+            else:
+                self.window_tokens[rows, other] = tokens * self.retry + self.window_prior[other] * (1 - self.retry)
+        self._observe_device(rows, shape, accepted)
+
+    def _observe_device(self, rows: numpy.ndarray, shape: int, accepted: numpy.ndarray) -> None:
+        """A step that drafts on the device learns its own mean (one, hit or miss: after a miss its tree is drafted
+        afresh, unlike the host's); the other shapes that do drift back to the prior."""
+        if self.shapes[shape].device_drafts:  # its own tree: what it accepted says nothing of the host's drafts
+            means = self.accepted[:, rows, shape]
+            self.accepted[:, rows, shape] = means * self.device_decay + accepted * (1 - self.device_decay)
+            self.in_run[rows] = accepted > 0
+        for other in self.device_shapes:
+            if other != shape:
+                means = self.accepted[:, rows, other]
+                self.accepted[:, rows, other] = means * self.device_retry + self.accepted_prior * (1 - self.device_retry)
+
+
+class ShapeChooser:
+    """One sequence's shape statistics: a row of a `ChooserTable`, by default a table of its own (see it for the
+    arguments)."""
+
+    def __init__(self, shapes: Sequence[LookaheadConfig], costs_ms: Sequence[float],
+                 prior: AcceptancePrior = AcceptancePrior(), **rates: float) -> None:
+        self.table, self.row = ChooserTable(shapes, costs_ms, 1, prior, **rates), 0
+
+    @classmethod
+    def row_of(cls, table: ChooserTable, row: int) -> "ShapeChooser":
+        chooser = cls.__new__(cls)
+        chooser.table, chooser.row = table, row
+        return chooser
+
+    @property
+    def shapes(self) -> tuple[LookaheadConfig, ...]:
+        return self.table.shapes
+
+    @property
+    def costs(self) -> tuple[float, ...]:
+        return self.table.costs
+
+    @property
+    def in_run(self) -> bool:
+        """Whether the last verification accepted something."""
+        return bool(self.table.in_run[self.row])
+
+    @property
+    def accepted(self) -> list[list[float]]:
+        """The recent means of accepted draft tokens per shape: [after a miss, after a hit][shape]."""
+        return self.table.accepted[:, self.row].tolist()
+
+    @property
+    def window_tokens(self) -> numpy.ndarray:
+        return self.table.window_tokens[self.row]
+
+    @property
+    def window_credit(self) -> float:
+        return float(self.table.window_credit[self.row])
+
+    @window_credit.setter
+    def window_credit(self, value: float) -> None:
+        self.table.window_credit[self.row] = value
+
+    @property
+    def window_rate(self) -> float:
+        return float(self.table.window_rate[self.row])
+
+    @window_rate.setter
+    def window_rate(self, value: float) -> None:
+        self.table.window_rate[self.row] = value
 
     @property
     def window_value(self) -> float:
         """Tokens a window step is expected to commit later, through the n-grams it adds to the pool."""
-        return self.window_credit / max(self.window_rate, self.min_window_rate)
+        return self.window_credit / max(self.window_rate, self.table.min_window_rate)
+
+    @property
+    def later(self) -> list[float]:
+        """Per shape, what a step of it is expected to let later steps commit."""
+        return self.table.later(numpy.array([self.row]))[0].tolist()
 
     def extra_tokens(self, num_nodes: int, tree: TokenTree | None = None) -> list[float]:
         """Per shape, the tokens beyond one that a step of it is expected to commit itself, given a token tree of
         `num_nodes` nodes (`tree`: the tree itself, once drafted)."""
-        if tree is None and num_nodes > 0:
-            return self.extra_before_draft
-        extra = list(self.extra_before_draft)
-        for shape, budget in self.verify_budgets:
-            extra[shape] = 0.0 if num_nodes == 0 else tree.expected_accepted(budget)
-        return extra
+        rows = numpy.array([self.row])
+        return self.table.batch_extra(rows, [num_nodes], None if tree is None else [tree]).tolist()
 
     def choose(self, num_nodes: int, tree: TokenTree | None = None) -> int:
         """The shape for the next step, given how many nodes the token tree has (and the tree, once drafted)."""
@@ -135,49 +284,15 @@ class ShapeChooser:
     def observe(self, shape: int, num_nodes: int, path: Sequence[int], window_credit: int = 0) -> None:
         """After a step of `shape` verified a tree of `num_nodes` nodes and accepted the nodes `path`, of which
         `window_credit` only n-grams of the window had drafted."""
-        accepted = len(path)
-        kept = self.credit_decay
-        ran_window = self.shapes[shape].has_window
-        self.window_credit = self.window_credit * kept + window_credit * (1 - kept)
-        self.window_rate = self.window_rate * kept + ran_window * (1 - kept)
-        retry, tokens, prior = self.retry, self.window_tokens, self.window_prior
-        for other in self.window_shapes:
-            if other == shape:
-                kept = self.window_decay
-                now = 1 + accepted - window_credit  # the window's later value is counted apart
-                tokens[other] = tokens[other] * kept + now * (1 - kept)
-            else:
-                tokens[other] = tokens[other] * retry + prior[other] * (1 - retry)
-        if num_nodes > 0 and not self.shapes[shape].device_drafts:
-            decay, accepted_now = self.decay, self.accepted[self.in_run]
-            for other, budget in self.verify_budgets:
-                # What `other` would have accepted with its own budget (its tree is a prefix of the node list).
-                would_accept = sum(node < budget for node in path)
-                accepted_now[other] = accepted_now[other] * decay + would_accept * (1 - decay)
-            if self.shapes[shape].verifies:
-                self.in_run = accepted > 0
-        if self.shapes[shape].device_drafts:  # its own tree: what it accepted says nothing of the host's drafts
-            for means in self.accepted:  # one mean: after a miss its tree is drafted afresh, unlike the host's
-                means[shape] = means[shape] * self.device_decay + accepted * (1 - self.device_decay)
-            self.in_run = accepted > 0
-        for other in self.device_shapes:
-            if other != shape:
-                for means in self.accepted:
-                    means[other] = means[other] * self.device_retry + self.accepted_prior * (1 - self.device_retry)
-        self.refresh()
+        self.table.observe(self.row, shape, num_nodes, path, window_credit)
 
 
 class PlainChooser(ShapeChooser):
     """The statistics of a sequence decoded without lookahead: one token from any step, nothing to learn."""
 
-    def refresh(self) -> None:
-        self.extra_before_draft = self.later = [0.0] * len(self.shapes)
-
-    def extra_tokens(self, num_nodes: int, tree: TokenTree | None = None) -> list[float]:
-        return self.extra_before_draft
-
-    def observe(self, shape: int, num_nodes: int, path: Sequence[int], window_credit: int = 0) -> None:
-        pass
+    def __init__(self, shapes: Sequence[LookaheadConfig], costs_ms: Sequence[float]) -> None:
+        super().__init__(shapes, costs_ms)
+        self.table.reset(0, lookahead=False)
 
 
 def batch_extra(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int],
@@ -185,23 +300,26 @@ def batch_extra(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int],
     """Per shape, the tokens beyond one per row that a step of it is expected to commit now, summed over the rows,
     each by its own statistics and token tree of `num_nodes` (or the `trees` once drafted)."""
     trees = [None] * len(choosers) if trees is None else trees
-    # Column sums of per-row lists: one call per row, not one per row and shape (this runs before every step).
     return [sum(column) for column in zip(*(chooser.extra_tokens(nodes, tree)
                                              for chooser, nodes, tree in zip(choosers, num_nodes, trees)))]
 
 
 def choose_for_batch(choosers: Sequence[ShapeChooser], extra: Sequence[float], costs_ms: Sequence[float] | None = None,
                      yields: Sequence[float] | None = None) -> int:
-    """The one shape for a step that decodes several sequences side by side: the most tokens expected over all
-    of them per millisecond of the batched step (`costs_ms`: measured at this batch size; default: the choosers'
-    own). A shape's tokens: one per row, plus what the rows expect beyond it now (`extra`, their `batch_extra`)
-    scaled by the shape's `yields` (see `BatchYield`), plus the window's later value."""
-    costs = choosers[0].costs if costs_ms is None else costs_ms
-    yields = [1.0] * len(costs) if yields is None else yields
-    later = map(sum, zip(*(chooser.later for chooser in choosers)))
-    rows = len(choosers)
+    """`best_shape` for a batch of these rows' choosers (`costs_ms`: default, the choosers' own)."""
+    later = [sum(column) for column in zip(*(chooser.later for chooser in choosers))]
+    return best_shape(len(choosers), extra, later, choosers[0].costs if costs_ms is None else costs_ms, yields)
+
+
+def best_shape(rows: int, extra: Sequence[float], later: Sequence[float], costs_ms: Sequence[float],
+               yields: Sequence[float] | None = None) -> int:
+    """The one shape for a step that decodes `rows` sequences side by side: the most tokens expected over all of
+    them per millisecond of the batched step (`costs_ms`: measured at this batch size). A shape's tokens: one per
+    row, plus what the rows expect beyond it now (`extra`, their `batch_extra`) scaled by the shape's `yields` (see
+    `BatchYield`), plus what they expect it to let later steps commit (`later`, summed over the rows)."""
+    yields = [1.0] * len(costs_ms) if yields is None else yields
     rates = [(rows + shape_extra * shape_yield + shape_later) / cost
-             for shape_extra, shape_later, shape_yield, cost in zip(extra, later, yields, costs)]
+             for shape_extra, shape_later, shape_yield, cost in zip(extra, later, yields, costs_ms)]
     return max(range(len(rates)), key=rates.__getitem__)  # first best: shapes are listed cheapest first
 
 

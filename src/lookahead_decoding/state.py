@@ -22,6 +22,7 @@ from .drafting.confidence import Confidences, evidence_of
 from .drafting.pool import FROM_WINDOW
 from .drafting.tree import EMPTY_TREE, TokenTree, build_tree
 from .layout import StepLayout
+from .row_arrays import RowArrays
 from .shape_choice import PlainChooser, ShapeChooser
 from .step import PlannedStep, StepOutcome
 from .tuning import StepPlan, shape_name
@@ -61,43 +62,66 @@ class GenerationStats:
 
 
 class Emitter:
-    """Appends committed tokens one at a time and decides, token by token, whether generation stops."""
+    """Appends committed tokens one at a time and decides, token by token, whether generation stops. Its state is
+    row `row` of `arrays` (`row_arrays.RowArrays`, a table of its own by default), which steps that need no Python
+    per row commit to directly."""
 
-    def __init__(self, history: list[int], max_new_tokens: int, eos_ids: set[int], stopping_criteria, streamer, device):
-        self.history = history
-        self.remaining = max_new_tokens
+    def __init__(self, history: list[int], max_new_tokens: int, eos_ids: set[int], stopping_criteria, streamer, device,
+                 arrays: RowArrays | None = None, row: int = 0):
+        self.arrays, self.row = RowArrays(1) if arrays is None else arrays, row
         self.eos_ids = eos_ids
         self.stopping_criteria = stopping_criteria or None
         self.streamer = streamer
         self.device = device
-        self.done = max_new_tokens == 0
+        self.arrays.start(row, history, max_new_tokens, eos_ids, self.stopping_criteria is None and streamer is None)
+
+    @property
+    def history(self) -> list[int]:
+        return self.arrays.flush(self.row)
+
+    @property
+    def remaining(self) -> int:
+        return int(self.arrays.remaining[self.row])
+
+    @property
+    def done(self) -> bool:
+        return bool(self.arrays.done[self.row])
+
+    @done.setter
+    def done(self, value: bool) -> None:
+        self.arrays.done[self.row] = value
 
     def emit(self, tokens: Sequence[int], scores: torch.Tensor | None = None) -> int:
         """Commit tokens until one of them stops generation; returns how many were committed. scores[i] holds the
         logits that chose tokens[i]: stopping criteria get them as HF generate passes its scores, [1, V] float32,
         after every token (as HF generate checks them), with the ids so far: views of one copy of the history and
         the step's tokens, made once per step."""
+        history, remaining = self.history, self.remaining
         committed = None
         if self.stopping_criteria is not None and tokens:
-            committed = torch.tensor([[*self.history, *tokens]], device=self.device)
+            committed = torch.tensor([[*history, *tokens]], device=self.device)
         count = 0
         for i, token in enumerate(tokens):
-            self.history.append(token)
-            self.remaining -= 1
+            history.append(token)
+            remaining -= 1
             count += 1
             if self.streamer is not None:
                 self.streamer.put(torch.tensor([token]))
-            if self.remaining == 0 or token in self.eos_ids or self._criteria_met(committed, scores, i):
+            if remaining == 0 or token in self.eos_ids or self._criteria_met(committed, len(history), scores, i):
                 self.done = True
                 break
+        self.arrays.remaining[self.row] = remaining
+        if count:
+            self.arrays.last[self.row], self.arrays.length[self.row] = history[-1], len(history)
         return count
 
-    def _criteria_met(self, committed: torch.Tensor | None, scores: torch.Tensor | None, index: int) -> bool:
+    def _criteria_met(self, committed: torch.Tensor | None, length: int, scores: torch.Tensor | None,
+                      index: int) -> bool:
         """Whether the stopping criteria stop after the step's token `index` (`committed`: [1, history + the
-        step's tokens] ids, None without criteria)."""
+        step's tokens] ids, None without criteria; `length`: the history's length with that token)."""
         if committed is None:
             return False
-        ids = committed[:, : len(self.history)]
+        ids = committed[:, :length]
         token_scores = None if scores is None else scores[index : index + 1].float()
         return bool(self.stopping_criteria(ids, token_scores).any())
 
@@ -120,11 +144,12 @@ class SequenceState:
 
     def __init__(self, prompt: Sequence[int], plan: StepPlan, source: CandidateSource, emitter: Emitter,
                  rng: random.Random, lookahead: bool = True, confidences: Confidences | None = None,
-                 sampled: bool = False) -> None:
+                 sampled: bool = False, chooser: ShapeChooser | None = None) -> None:
         """lookahead=False: the sequence never drafts and expects one token from every step (plain decoding, even
         in a step whose shape other rows use for lookahead). `confidences`: the drafts' confidences, learned from
         this sequence's verifications and (when shared) other sequences'; `sampled`: whether the sequence samples
-        (sampled tokens match drafts less often, so their outcomes are counted apart)."""
+        (sampled tokens match drafts less often, so their outcomes are counted apart). `chooser`: its shape
+        statistics, a row of the batch's `ChooserTable` started for it (default: its own)."""
         self.plan, self.source, self.emitter = plan, source, emitter
         self.confidences, self.sampled = confidences, sampled
         shapes = plan.shapes
@@ -137,7 +162,9 @@ class SequenceState:
         # The host's Jacobi windows (a shape that drafts on the device keeps its window there).
         self.windows = [JacobiWindow(shape.window, shape.levels, rng) if shape.has_window and not shape.device_drafts
                         else None for shape in shapes]
-        self.chooser = ShapeChooser(shapes, plan.costs_ms) if lookahead else PlainChooser(shapes, plan.costs_ms)
+        if chooser is None:
+            chooser = ShapeChooser(shapes, plan.costs_ms) if lookahead else PlainChooser(shapes, plan.costs_ms)
+        self.chooser = chooser
         self.stats = GenerationStats()
         self.steps_by_shape = [0] * len(shapes)
         self.prompt_length = len(prompt)
@@ -237,8 +264,13 @@ class SequenceState:
         return Recorded(num_new, window_credit)
 
     def finish(self, seconds: float) -> GenerationStats:
+        """The sequence's statistics: the steps recorded here and those its row's arrays counted."""
+        arrays, row = self.emitter.arrays, self.emitter.row
         self.stats.seconds = seconds
         self.stats.new_tokens = len(self.history) - self.prompt_length
-        self.stats.shape_steps.update({shape_name(shape): n for shape, n in zip(self.plan.shapes, self.steps_by_shape)
-                                       if n})
+        self.stats.steps += int(arrays.steps[row])
+        self.stats.accepted_histogram.update({count: int(n) for count, n in enumerate(arrays.committed_steps[row])
+                                              if n})
+        steps_by_shape = [mine + int(counted) for mine, counted in zip(self.steps_by_shape, arrays.shape_steps[row])]
+        self.stats.shape_steps.update({shape_name(shape): n for shape, n in zip(self.plan.shapes, steps_by_shape) if n})
         return self.stats

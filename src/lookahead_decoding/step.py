@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
+import numpy
 import torch
 
 from .config import LookaheadConfig
@@ -46,6 +47,37 @@ class StepOutcome(NamedTuple):
         path = values[2 + depth : 2 + depth + accepted]
         new_level = values[2 + 2 * depth : 2 + 2 * depth + config.window]
         return cls(accepted, path, committed, new_level, scores, predictions)
+
+
+class RowOutcomes(Sequence):
+    """A step's outcomes for all rows, read from its one host copy: `packed` holds each row's as
+    `StepOutcome.from_host` reads it; row by row (indexing, iterating), a StepOutcome, or None where the row did not
+    decode. `scores`: [rows, K+1, V] on the device, the logits along each row's accepted path (None: replaced)."""
+
+    def __init__(self, packed: numpy.ndarray, decoding: Sequence[bool], config: LookaheadConfig,
+                 scores: torch.Tensor | None = None, predictions: Sequence[ModelPredictions] | None = None) -> None:
+        self.packed, self.decoding, self.config = packed, decoding, config
+        self.scores, self.predictions = scores, predictions
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def __getitem__(self, row: int) -> StepOutcome | None:
+        if not self.decoding[row]:
+            return None
+        return StepOutcome.from_host(self.packed[row].tolist(), self.config,
+                                     None if self.scores is None else self.scores[row],
+                                     None if self.predictions is None else self.predictions[row])
+
+
+class TokenRows(NamedTuple):
+    """A step of every row at once, of a shape that drafts nothing on the host (plain, or drafting on the device):
+    all it needs of a row is its current token, so it is laid out with array operations, not Python per row."""
+
+    current: numpy.ndarray  # [rows] each row's current token
+    decoding: numpy.ndarray  # [rows] bool: whether the row decodes
+    drafting: numpy.ndarray  # [rows] bool: whether it verifies the shape's device-drafted tree (else one token)
+    lengths: numpy.ndarray  # [rows] its tokens so far (prompt and committed)
 
 
 class PlannedStep(NamedTuple):

@@ -180,6 +180,7 @@ class TimedRunner:
         self.runner, self.layouts, self.adapter, self.model_seconds = runner, runner.layouts, runner.adapter, 0.0
         self.max_length, self.predictions = getattr(runner, "max_length", None), runner.predictions
         self.batch_size, self.sampler = runner.batch_size, getattr(runner, "sampler", None)
+        self.takes_token_rows = getattr(runner, "takes_token_rows", False)
 
     def _timed(self, call, *args):
         start = time.perf_counter()

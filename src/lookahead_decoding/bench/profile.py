@@ -54,6 +54,7 @@ class ProfiledRunner:
         self.runner, self.layouts, self.adapter, self.profiler, self.steps = runner, runner.layouts, runner.adapter, profiler, 0
         self.predictions, self.batch_size = runner.predictions, runner.batch_size
         self.sampler = getattr(runner, "sampler", None)
+        self.takes_token_rows = getattr(runner, "takes_token_rows", False)
 
     def prefill_rows(self, prompts, sampling=None):
         first = self.runner.prefill_rows(prompts, sampling)
