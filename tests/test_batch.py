@@ -6,6 +6,7 @@ import gc
 import random
 import sys
 
+import numpy
 import pytest
 import torch
 import transformers
@@ -17,10 +18,13 @@ import lookahead_decoding as ld
 from lookahead_decoding import runners
 from lookahead_decoding import scheduler as scheduler_module
 from lookahead_decoding.config import AUTOREGRESSIVE
+from lookahead_decoding.device_drafts import TemplateShape, template_tree
+from lookahead_decoding.drafting.tree import EMPTY_TREE
 from lookahead_decoding.drafting.sources import make_source
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.model_adapter import UnsupportedModelError
 from lookahead_decoding.scheduler import BatchScheduler, Request
+from lookahead_decoding.step import PlannedStep, TokenRows
 from lookahead_decoding.tuning import StepPlan, shape_name, verify_only
 
 FIXED = {
@@ -614,3 +618,22 @@ class CountingStreamer:
 
     def end(self) -> None:
         pass
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(rows=st.lists(st.tuples(st.integers(0, VOCAB - 1), st.booleans(), st.booleans()), min_size=3, max_size=3))
+def test_token_rows_lay_out_a_step_as_the_planned_steps_do(rows):
+    """A `TokenRows` step (each row's current token, whether it decodes, whether it drafts on the device) fills the
+    engine's input lines exactly as each row's planned step does."""
+    model = tiny_model("llama", seed=3)
+    engine = StaticStep(model, (AUTOREGRESSIVE, DEVICE_TREE), 32, batch_size=3)
+    template = template_tree(TemplateShape.of(DEVICE_TREE))
+    for shape, layout in enumerate(engine.layouts):
+        steps = [PlannedStep(shape, [token] * layout.size, template if drafts and layout.config.device_drafts
+                             else EMPTY_TREE) if decodes else None for token, decodes, drafts in rows]
+        engine._write_planned(shape, steps, [[token] for token, _, _ in rows])
+        planned = engine.host_inputs[shape].clone()
+        engine.host_inputs[shape].fill_(-1)
+        current, decoding, drafting = (numpy.array(column) for column in zip(*rows))
+        engine._write_token_rows(shape, TokenRows(current, decoding, drafting, numpy.ones(3, dtype=numpy.int64)))
+        assert engine.host_inputs[shape].tolist() == planned.tolist()
