@@ -6,6 +6,7 @@ import json
 import random
 import weakref
 
+import numpy
 import pytest
 import torch
 from conftest import VOCAB, greedy_reference, tiny_model
@@ -17,8 +18,7 @@ from lookahead_decoding import decoding, plan_cache, runners, scheduler
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.model_adapter import ModelAdapter
-from lookahead_decoding.shape_choice import (AcceptancePrior, BatchYield, PlainChooser, ShapeChooser,
-                                             batch_extra, choose_for_batch)
+from lookahead_decoding.shape_choice import AcceptancePrior, BatchYield, ChooserTable, ShapeChooser, best_shape
 from lookahead_decoding.step import EagerStep
 from lookahead_decoding.tuning import StepPlan, verify_only
 
@@ -129,22 +129,34 @@ def test_a_narrow_step_learns_nothing_from_a_path_outside_its_budget():
     assert pick.window_tokens[2] == pytest.approx(4, abs=0.5)
 
 
+ROWS = numpy.arange(8)
+
+
+def batch_table(**prior) -> ChooserTable:
+    """The statistics of 8 rows, with `chooser`'s shapes and calibrated costs."""
+    return ChooserTable(SHAPES[:3], (1.0, 1.1, 1.6), len(ROWS), AcceptancePrior(**prior))
+
+
+def choose(table: ChooserTable, extra, costs_ms, yields) -> int:
+    """The scheduler's choice for a step of all 8 rows."""
+    return best_shape(len(ROWS), extra, table.later(ROWS).sum(axis=0), costs_ms, yields)
+
+
 def test_a_batch_corrects_what_its_rows_overestimate():
     """Rows that all expect 2 tokens from a verify step that delivers 1.25: summed over 8 rows, the verify step
     looks better than plain until the batch's yield ratio says what it delivers beyond one token per row;
     unchosen, the ratio recovers."""
-    choosers = [chooser(accepted=1.0, window_tokens=1.0) for _ in range(8)]
-    nodes = [4] * 8
+    table = batch_table(accepted=1.0, window_tokens=1.0)
     batch_yield = BatchYield(3)
-    extra = batch_extra(choosers, nodes)
-    assert choose_for_batch(choosers, extra, (1.0, 1.4, 2.0), batch_yield.ratios) == 1  # 16 / 1.4 > 8 / 1
+    extra = table.batch_extra(ROWS, [4] * 8)
+    assert choose(table, extra, (1.0, 1.4, 2.0), batch_yield.ratios) == 1  # 16 / 1.4 > 8 / 1
     assert extra[1] == pytest.approx(8.0)
     for _ in range(20):
         batch_yield.observe(1, expected_extra=8.0, committed_extra=2)
     assert batch_yield.ratios[1] == pytest.approx(2 / 8, abs=0.05)
-    assert choose_for_batch(choosers, extra, (1.0, 1.4, 2.0), batch_yield.ratios) == 0  # 10 / 1.4 < 8 / 1
+    assert choose(table, extra, (1.0, 1.4, 2.0), batch_yield.ratios) == 0  # 10 / 1.4 < 8 / 1
     steps = 0
-    while choose_for_batch(choosers, extra, (1.0, 1.4, 2.0), batch_yield.ratios) == 0:
+    while choose(table, extra, (1.0, 1.4, 2.0), batch_yield.ratios) == 0:
         batch_yield.observe(0, expected_extra=0.0, committed_extra=0)
         steps += 1
     assert 5 < steps < 60  # tried again later
@@ -153,16 +165,16 @@ def test_a_batch_corrects_what_its_rows_overestimate():
 def test_a_batch_scales_what_its_rows_expect_now_and_adds_the_window_later_value():
     """A window step's later value is not delivered by the step itself: comparing it with what the step committed
     would shrink the window's yield ratio every time the window earns that value."""
-    choosers = [chooser(accepted=0.0, window_tokens=2.0) for _ in range(8)]
-    for pick in choosers:
-        pick.window_credit, pick.window_rate = 0.25, 0.25  # one token later per window step
-    assert 1 + choosers[0].extra_tokens(0)[2] + choosers[0].later[2] == pytest.approx(3.0)  # now and later
-    assert batch_extra(choosers, [0] * 8)[2] == pytest.approx(8.0)  # now, beyond one per row
+    table = batch_table(accepted=0.0, window_tokens=2.0)
+    table.window_credit[:] = table.window_rate[:] = 0.25  # one token later per window step
+    first = ROWS[:1]
+    assert 1 + table.batch_extra(first, [0])[2] + table.later(first)[0, 2] == pytest.approx(3.0)  # now and later
+    assert table.batch_extra(ROWS, [0] * 8)[2] == pytest.approx(8.0)  # now, beyond one per row
     batch_yield = BatchYield(3)
     batch_yield.observe(2, expected_extra=8.0, committed_extra=8)  # the window delivered what it promised now
     assert batch_yield.ratios[2] == pytest.approx(1.0)
     # 8 rows + 8 now + 8 later = 24 tokens for 2.9 ms beats 8 for 1 ms; without the later value 16 / 2.9 would not.
-    assert choose_for_batch(choosers, batch_extra(choosers, [0] * 8), (1.0, 1.4, 2.9), batch_yield.ratios) == 2
+    assert choose(table, table.batch_extra(ROWS, [0] * 8), (1.0, 1.4, 2.9), batch_yield.ratios) == 2
     batch_yield.observe(2, expected_extra=8.0, committed_extra=0)  # the window committed nothing beyond one per row
     assert batch_yield.ratios[2] == pytest.approx(0.8)
 
@@ -172,9 +184,29 @@ def test_rows_without_lookahead_take_the_cheapest_step_whatever_the_batch_learnt
     for _ in range(10):  # learnt while other rows drafted: the wide step delivered twice what they expected
         batch_yield.observe(2, expected_extra=8.0, committed_extra=16)
     assert batch_yield.ratios[2] > 1.8
-    plain = [PlainChooser(SHAPES[:3], (1.0, 1.4, 1.8)) for _ in range(8)]
-    assert choose_for_batch(plain, batch_extra(plain, [0] * 8), (1.0, 1.4, 1.8), batch_yield.ratios) == 0
-    assert batch_extra(plain, [0] * 8)[2] == 0
+    table = batch_table(accepted=1.0, window_tokens=3.0)
+    for row in ROWS:
+        table.reset(row, lookahead=False)
+    assert choose(table, table.batch_extra(ROWS, [4] * 8), (1.0, 1.4, 1.8), batch_yield.ratios) == 0
+    assert table.batch_extra(ROWS, [4] * 8).tolist() == [0.0, 0.0, 0.0]
+    table.observe_rows(ROWS, 0, numpy.zeros(8, dtype=int))  # nothing to learn
+    assert table.window_tokens[:, 2].tolist() == [3.0] * 8
+
+
+def test_a_step_teaches_every_row_at_once_as_it_teaches_each():
+    """`observe_rows` (a step that drafts nothing on the host, for every row at once) leaves each row's statistics
+    where `observe` for that row alone would, for a plain step and a device-drafted one."""
+    device = ld.LookaheadConfig(window=1, ngram=2, guesses=0, candidate_length=K, tree_nodes=7, device_drafts=True)
+    shapes, rng = (*SHAPES, device), random.Random(5)
+    together, alone = (ChooserTable(shapes, (1.0, 1.1, 1.6, 1.7, 1.5), len(ROWS)) for _ in range(2))
+    for _ in range(40):
+        shape = rng.choice([0, 4])
+        accepted = numpy.array([rng.randrange(K + 1) for _ in ROWS])
+        together.observe_rows(ROWS, shape, accepted)
+        for row in ROWS:
+            alone.observe(row, shape, 7 if shape else 0, list(range(accepted[row])))
+    for name in ("accepted", "in_run", "window_tokens", "window_credit", "window_rate"):
+        assert getattr(together, name).tolist() == getattr(alone, name).tolist(), name
 
 
 def test_chooser_rejects_bad_costs():

@@ -22,7 +22,7 @@ Expected committed tokens, per kind of shape:
 
 Each divided by the shape's measured cost. When nothing pays, the plain one-token step wins.
 
-A batch sums its rows' estimates. Every row commits its one token from any shape; what the rows expect beyond
+A batch sums its rows' estimates, which are held as arrays over its rows (`ChooserTable`). Every row commits its one token from any shape; what the rows expect beyond
 that, now, is scaled by what the shape's batched steps delivered beyond it (`BatchYield`); the window's later
 value is added unscaled, since no step delivers it at once.
 """
@@ -266,20 +266,11 @@ class ShapeChooser:
         """Tokens a window step is expected to commit later, through the n-grams it adds to the pool."""
         return self.window_credit / max(self.window_rate, self.table.min_window_rate)
 
-    @property
-    def later(self) -> list[float]:
-        """Per shape, what a step of it is expected to let later steps commit."""
-        return self.table.later(numpy.array([self.row]))[0].tolist()
-
-    def extra_tokens(self, num_nodes: int, tree: TokenTree | None = None) -> list[float]:
-        """Per shape, the tokens beyond one that a step of it is expected to commit itself, given a token tree of
-        `num_nodes` nodes (`tree`: the tree itself, once drafted)."""
-        rows = numpy.array([self.row])
-        return self.table.batch_extra(rows, [num_nodes], None if tree is None else [tree]).tolist()
-
     def choose(self, num_nodes: int, tree: TokenTree | None = None) -> int:
         """The shape for the next step, given how many nodes the token tree has (and the tree, once drafted)."""
-        return choose_for_batch([self], batch_extra([self], [num_nodes], None if tree is None else [tree]))
+        rows = numpy.array([self.row])
+        extra = self.table.batch_extra(rows, [num_nodes], None if tree is None else [tree])
+        return best_shape(1, extra, self.table.later(rows)[0], self.costs)
 
     def observe(self, shape: int, num_nodes: int, path: Sequence[int], window_credit: int = 0) -> None:
         """After a step of `shape` verified a tree of `num_nodes` nodes and accepted the nodes `path`, of which
@@ -295,28 +286,12 @@ class PlainChooser(ShapeChooser):
         self.table.reset(0, lookahead=False)
 
 
-def batch_extra(choosers: Sequence[ShapeChooser], num_nodes: Sequence[int],
-                trees: Sequence[TokenTree] | None = None) -> list[float]:
-    """Per shape, the tokens beyond one per row that a step of it is expected to commit now, summed over the rows,
-    each by its own statistics and token tree of `num_nodes` (or the `trees` once drafted)."""
-    trees = [None] * len(choosers) if trees is None else trees
-    return [sum(column) for column in zip(*(chooser.extra_tokens(nodes, tree)
-                                             for chooser, nodes, tree in zip(choosers, num_nodes, trees)))]
-
-
-def choose_for_batch(choosers: Sequence[ShapeChooser], extra: Sequence[float], costs_ms: Sequence[float] | None = None,
-                     yields: Sequence[float] | None = None) -> int:
-    """`best_shape` for a batch of these rows' choosers (`costs_ms`: default, the choosers' own)."""
-    later = [sum(column) for column in zip(*(chooser.later for chooser in choosers))]
-    return best_shape(len(choosers), extra, later, choosers[0].costs if costs_ms is None else costs_ms, yields)
-
-
 def best_shape(rows: int, extra: Sequence[float], later: Sequence[float], costs_ms: Sequence[float],
                yields: Sequence[float] | None = None) -> int:
     """The one shape for a step that decodes `rows` sequences side by side: the most tokens expected over all of
     them per millisecond of the batched step (`costs_ms`: measured at this batch size). A shape's tokens: one per
-    row, plus what the rows expect beyond it now (`extra`, their `batch_extra`) scaled by the shape's `yields` (see
-    `BatchYield`), plus what they expect it to let later steps commit (`later`, summed over the rows)."""
+    row, plus what the rows expect beyond it now (`extra`: `ChooserTable.batch_extra`) scaled by the shape's
+    `yields` (see `BatchYield`), plus what they expect it to let later steps commit (`later`, summed over rows)."""
     yields = [1.0] * len(costs_ms) if yields is None else yields
     rates = [(rows + shape_extra * shape_yield + shape_later) / cost
              for shape_extra, shape_later, shape_yield, cost in zip(extra, later, yields, costs_ms)]
