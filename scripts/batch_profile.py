@@ -29,7 +29,8 @@ from lookahead_decoding.config import AUTOREGRESSIVE
 METHODS = {"ar-graph": AUTOREGRESSIVE, "lookahead": "auto"}
 PARTS = ("tolist", "_admit", "prefill_rows", "step_rows", "launch_rows", "chain", "finish_rows", "synchronize",
          "_step_behind", "use_device_time", "catch_up", "observe_text", "draft", "propose", "build_tree", "record",
-         "plan_step", "batch_extra", "best_shape", "_retire")
+         "_record_rows", "_record_planned", "commit", "observe_rows", "plan_step", "batch_extra", "best_shape",
+         "_retire")
 
 
 def synchronize(device: torch.device) -> None:
