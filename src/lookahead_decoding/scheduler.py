@@ -238,7 +238,7 @@ class BatchScheduler:
             row_trees = [self.rows[index].sequence.draft(begin=not self._asynchronous) for index in live]
             extra = self.choosers.batch_extra(live, [len(tree) for tree in row_trees], row_trees)
             shape = self._best(live, extra)
-        drafted = row_trees is not None and self.plan.shapes[shape].host_drafts
+        drafted = self.plan.shapes[shape].host_drafts  # (then every row has drafted its tree)
         may_draft = [self.rows[index].sequence for index in live[self.largest_tree[live] > 0]]
 
         def use_device_time(device_busy: DeviceBusy) -> None:
