@@ -117,16 +117,15 @@ class BatchScheduler:
         self.confidences = Confidences()
         self.rows: list[_Row | None] = [None] * runner.batch_size
         # Per row, as arrays (a step that drafts nothing on the host then needs no Python per row): its shape
-        # statistics, its tokens, budget and stopping state, whether it holds a request, how many requests it has
-        # held, the host's tree budget for it (0: it drafts nothing on the host), whether it decodes with
-        # lookahead, and whether it has stopping criteria.
+        # statistics (with whether it decodes with lookahead), its tokens, budget and stopping state, whether it
+        # holds a request, how many requests it has held, the host's tree budget for it (0: it drafts nothing on the
+        # host), and whether it has stopping criteria.
         batch, depth = runner.batch_size, max(shape.candidate_length for shape in plan.shapes)
         self.choosers = ChooserTable(plan.shapes, plan.costs_ms, batch)
         self.arrays = RowArrays(batch, len(plan.shapes), depth + 1)
         self.occupied = numpy.zeros(batch, dtype=bool)
         self.admissions = numpy.zeros(batch, dtype=numpy.int64)
         self.largest_tree = numpy.zeros(batch, dtype=numpy.int64)
-        self.lookahead = numpy.zeros(batch, dtype=bool)
         self.criteria = numpy.zeros(batch, dtype=bool)
         # Whether the runner takes a step of a shape that drafts nothing on the host as `TokenRows`.
         self._token_rows = getattr(runner, "takes_token_rows", False)
@@ -251,7 +250,8 @@ class BatchScheduler:
 
         overlap = use_device_time if may_draft else None
         if self._token_rows and not self.plan.shapes[shape].host_drafts:
-            rows = TokenRows(self.arrays.last, self.occupied, self.occupied & self.lookahead, self.arrays.length)
+            rows = TokenRows(self.arrays.last, self.occupied, self.occupied & self.choosers.lookahead,
+                             self.arrays.length)
             if shape in self._chainable and self._may_chain(live):  # read at the next step, behind the one launched then
                 self._pending = _Pending(self.runner.launch_rows(shape, rows, None), self.admissions.copy(),
                                          self.occupied.copy(), extra[shape])
@@ -323,7 +323,7 @@ class BatchScheduler:
         if not decoding.any():
             return
         if self.plan.shapes[shape].device_drafts and any(
-                token is not None and not self.lookahead[index] for index, token in changes.items()):
+                token is not None and not self.choosers.lookahead[index] for index, token in changes.items()):
             return  # a row that starts without lookahead: launched from the host, with no tree
         self._pending = _Pending(self.runner.chain(launched, changes), self.admissions.copy(), self.occupied.copy(),
                                  expected_extra)
@@ -411,7 +411,7 @@ class BatchScheduler:
                 continue
             free.pop(0)
             self.rows[index] = row
-            self.occupied[index], self.lookahead[index] = True, request.lookahead
+            self.occupied[index] = True
             self.admissions[index] += 1
             self.largest_tree[index] = sequence.largest_tree
             self.criteria[index] = request.stopping_criteria is not None
