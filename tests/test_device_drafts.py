@@ -342,6 +342,33 @@ def test_a_request_copies_on_the_device_from_earlier_requests_of_its_memory():
     assert second_steps[True] < second_steps[False]
 
 
+def decode_in_turn(runners_and_memories, prompts, new_tokens=40):
+    """Each prompt through `ld.generate` on its (runner, memory), in order: each one's (tokens, steps)."""
+    outs = [ld.generate(runner.adapter.model, [prompt], new_tokens, DEVICE_SHAPE, runner=runner, memory=memory)
+            for (runner, memory), prompt in zip(runners_and_memories, prompts)]
+    return [(out.rows[0].tokens, out.stats.steps) for out in outs]
+
+
+def test_what_the_device_tables_learn_carries_over_only_through_a_memory():
+    model = tiny_model("llama")
+    generator = torch.Generator().manual_seed(5)
+    first, between, last = (torch.randint(0, VOCAB, (10,), generator=generator).tolist() for _ in range(3))
+    engine = functools.partial(StaticStep, model, DEVICE_SHAPE, 96)
+    alone = decode_in_turn([(engine(), None)], [last])[0]
+    runner = engine()
+    decode_in_turn([(runner, None)], [first])
+    assert runner.drafter.table.any()  # it learned from the first request...
+    assert decode_in_turn([(runner, None)], [last])[0] == alone  # ...and the next one without a memory starts blank
+    memory = ld.DraftMemory()
+    taught = decode_in_turn([(runner, memory), (runner, memory)], [first, last])[1]
+    assert taught != alone  # the memory's first request taught the tables something the last one drafts from
+    # The tables a memory taught come back after a request without it, and on another engine.
+    memory, runner = ld.DraftMemory(), engine()
+    assert decode_in_turn([(runner, memory), (runner, None), (runner, memory)], [first, between, last])[2] == taught
+    memory, other = ld.DraftMemory(), engine()
+    assert decode_in_turn([(engine(), memory), (other, None), (other, memory)], [first, between, last])[2] == taught
+
+
 def test_only_requests_that_use_the_memory_read_its_ring():
     model = tiny_model("llama")
     runner = StaticStep(model, DEVICE_SHAPE, 96, batch_size=2)

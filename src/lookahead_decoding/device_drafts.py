@@ -21,7 +21,10 @@ share a draft memory (`drafting.memory.DraftMemory`) also copy from the text of 
 last MEMORY_TOKENS tokens of the memory's requests, wherever the suffix matches there for longer.
 
 The drafts only decide how many tokens a step commits, never which: verification keeps exactly what the model
-chooses, whatever the table holds (it starts as zeros, and it is shared by all rows and requests of an engine).
+chooses, whatever the table holds. What the tables and pools learn carries over to later requests only through a
+draft memory, as the host's recycled table does (`learn_for`): a request that starts on an idle engine without one
+starts from blank tables, and one with a memory from what the memory's earlier requests taught them. Rows decoding
+side by side share the tables while they run (a table per row would cost a vocabulary's worth of memory each).
 """
 
 from __future__ import annotations
@@ -180,6 +183,7 @@ class DeviceDrafter:
         self._memory_positions = torch.arange(memory_tokens, device=device)
         self._written = 0  # tokens written into the ring so far
         self._mirrors: tuple[weakref.ref, int] | None = None
+        self._learner: weakref.ref | None = None  # the memory whose requests taught the tables (None: no memory's)
         shapes = list(shapes)
         templates = {TemplateShape.of(shape) for shape in shapes}
         # Per window (W, N-1): every row's window tokens in layout order (level 0 without the current token, then
@@ -282,6 +286,42 @@ class DeviceDrafter:
         update = host.to(self.memory.device, non_blocking=pinned)
         self.memory.index_copy_(0, update[0, :-1], update[1, :-1])
         self.memory_end.copy_(update[0, -1])
+
+    def _learned(self) -> dict[str, tuple[torch.Tensor, int]]:
+        """What the drafter learns from the requests it serves, by name, with each tensor's blank value."""
+        return {"table": (self.table, 0), "pair_table": (self.pair_table, 0), "pair_keys": (self.pair_keys, -1),
+                **{f"pool{levels}": (pool, SEPARATOR) for levels, pool in self.pools.items()},
+                **{f"pool_next{levels}": (where, 0) for levels, where in self.pool_next.items()}}
+
+    def learn_for(self, memory) -> None:
+        """Make the tables and pools those of `memory`'s requests (a `DraftMemory`), as they were when the memory
+        was last served (by this drafter or another's), or blank for a memory never served on this device; with
+        None, blank, for a request that keeps nothing across requests. Tables learned for another memory go back
+        to it first."""
+        owner = None if self._learner is None else self._learner()
+        if memory is not None and owner is memory:
+            return
+        if owner is not None:
+            self._give_back(owner)
+        holder = None if memory is None or memory.device_holder is None else memory.device_holder()
+        if holder is not None:  # another engine's drafter holds what the memory's requests taught last
+            holder._give_back(memory)
+        kept = {} if memory is None else memory.device_learned.get(str(self.device), {})
+        for name, (tensor, blank) in self._learned().items():
+            if name in kept and kept[name].shape == tensor.shape:
+                tensor.copy_(kept[name])
+            else:
+                tensor.fill_(blank)
+        self._learner = None if memory is None else weakref.ref(memory)
+        if memory is not None:
+            memory.device_holder = weakref.ref(self)
+
+    def _give_back(self, memory) -> None:
+        """Keep a copy of the tables in `memory`, which they were learned for, and serve it no longer."""
+        memory.device_learned[str(self.device)] = {name: tensor.clone()
+                                                   for name, (tensor, _) in self._learned().items()}
+        memory.device_holder = None
+        self._learner = None
 
     def start_windows(self, rows: torch.Tensor, lengths: torch.Tensor, starting: torch.Tensor) -> None:
         """Fill the windows of the `starting` ones of `rows` (their prompts, of `lengths` tokens, now in their

@@ -104,7 +104,9 @@ class BatchScheduler:
     The rows share one `Confidences` of their drafts' confidences (the memory's, with a memory: it carries what
     earlier calls measured), except rows isolated from the memory, which share the scheduler's own. On a runner
     that drafts on the device, the rows of requests that use the memory copy from its text there too
-    (`device_drafts.DeviceDrafter.mirror`); the others never read it.
+    (`device_drafts.DeviceDrafter.mirror`); the others never read it. There the request admitted to an idle runner
+    decides what the device's tables hold while it and the rows admitted beside it run: the memory's (with one that
+    it uses) or blank ones (`DeviceDrafter.learn_for`).
     """
 
     def __init__(self, runner: StepRunner, plan: StepPlan, make_source: Callable[..., CandidateSource],
@@ -387,6 +389,7 @@ class BatchScheduler:
 
     def _admit(self) -> list[Finished]:
         free = numpy.flatnonzero(~self.occupied).tolist()
+        idle = len(free) == len(self.rows)  # no row in flight: the first admitted decides what the tables hold
         admitted, finished = {}, []
         while free and self.waiting:
             request = self.waiting.popleft()
@@ -417,7 +420,10 @@ class BatchScheduler:
             self.criteria[index] = request.stopping_criteria is not None
             admitted[index] = request.prompt
             if self._drafter is not None:
-                self._drafter.share_memory(index, self.memory is not None and request.use_memory)
+                uses_memory = self.memory is not None and request.use_memory
+                if idle and len(admitted) == 1:
+                    self._drafter.learn_for(self.memory if uses_memory else None)
+                self._drafter.share_memory(index, uses_memory)
         if admitted:
             sampling = {index: self.rows[index].request.sampling for index in admitted}
             for index, outcome in self.runner.prefill_rows(admitted, sampling).items():

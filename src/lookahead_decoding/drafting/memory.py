@@ -37,8 +37,10 @@ def _describe(identity: tuple[str, str, int]) -> str:
 class DraftMemory:
     """The prompts and outputs of the last `max_requests` requests (and at most `max_tokens` tokens, when given)
     to one model, the oldest evicted first, with a suffix index over them; the model's latest top-k next tokens
-    after every token it has seen (the recycled source's table, bounded by the vocabulary); and the confidences in
-    drafts that verification measured (`confidence.py`, bounded by its keys).
+    after every token it has seen (the recycled source's table, bounded by the vocabulary); the confidences in
+    drafts that verification measured (`confidence.py`, bounded by its keys); and what an engine that drafts on
+    the device learned while it served the memory's requests (its tables and pools, a copy per device, kept here
+    while another engine or request uses that engine: `device_drafts.DeviceDrafter.learn_for`).
 
     `ld.generate(..., memory=memory)` drafts from it and adds every finished request's text to it; so does a
     scheduler opened with it (`decoding.open_scheduler(..., memory=memory)`), except for requests with
@@ -61,6 +63,10 @@ class DraftMemory:
         # token -> (the model's latest top-k next tokens after it, their probabilities): RecycledTopKSource's table
         self.recycled: dict[int, tuple[Sequence[int], Sequence[float]]] = {}
         self.confidences = Confidences()
+        # device -> the tables and pools an engine's drafter learned for this memory, and the drafter that holds
+        # newer ones than those, if any (both kept by the drafter)
+        self.device_learned: dict[str, dict] = {}
+        self.device_holder = None
         self._block_size = -(-max_requests // BLOCKS)  # requests per block
         self._blocks: deque[SuffixIndex] = deque()  # oldest first; requests are added to the last
         # The requests held, oldest first: (their block, where their text ends in it, their tokens).
