@@ -349,24 +349,31 @@ def decode_in_turn(runners_and_memories, prompts, new_tokens=40):
     return [(out.rows[0].tokens, out.stats.steps) for out in outs]
 
 
-def test_what_the_device_tables_learn_carries_over_only_through_a_memory():
+def test_the_device_tables_that_requests_with_a_memory_teach_are_the_memorys():
     model = tiny_model("llama")
     generator = torch.Generator().manual_seed(5)
     first, between, last = (torch.randint(0, VOCAB, (10,), generator=generator).tolist() for _ in range(3))
     engine = functools.partial(StaticStep, model, DEVICE_SHAPE, 96)
     alone = decode_in_turn([(engine(), None)], [last])[0]
     runner = engine()
-    decode_in_turn([(runner, None)], [first])
-    assert runner.drafter.table.any()  # it learned from the first request...
-    assert decode_in_turn([(runner, None)], [last])[0] == alone  # ...and the next one without a memory starts blank
+    after_first = decode_in_turn([(runner, None), (runner, None)], [first, last])[1]
+    assert after_first != alone  # requests without a memory share the engine's tables
+    runner = engine()
+    taught = decode_in_turn([(runner, ld.DraftMemory()), (runner, None)], [first, last])[1]
+    assert taught == alone  # the engine's own tables learned nothing from the memory's request
+    assert decode_in_turn([(runner, None)], [last])[0] != alone  # but from the request without one
     memory = ld.DraftMemory()
     taught = decode_in_turn([(runner, memory), (runner, memory)], [first, last])[1]
-    assert taught != alone  # the memory's first request taught the tables something the last one drafts from
-    # The tables a memory taught come back after a request without it, and on another engine.
+    assert taught != alone
+    # What the memory's requests taught comes back after a request without it, and on another engine; the
+    # engine's own tables come back after the memory's requests.
     memory, runner = ld.DraftMemory(), engine()
     assert decode_in_turn([(runner, memory), (runner, None), (runner, memory)], [first, between, last])[2] == taught
     memory, other = ld.DraftMemory(), engine()
     assert decode_in_turn([(engine(), memory), (other, None), (other, memory)], [first, between, last])[2] == taught
+    memory, runner = ld.DraftMemory(), engine()
+    assert decode_in_turn([(runner, None), (runner, memory), (runner, None)], [first, between, last])[2] \
+        == after_first
 
 
 def test_only_requests_that_use_the_memory_read_its_ring():

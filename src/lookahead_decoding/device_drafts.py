@@ -21,10 +21,10 @@ share a draft memory (`drafting.memory.DraftMemory`) also copy from the text of 
 last MEMORY_TOKENS tokens of the memory's requests, wherever the suffix matches there for longer.
 
 The drafts only decide how many tokens a step commits, never which: verification keeps exactly what the model
-chooses, whatever the table holds. What the tables and pools learn carries over to later requests only through a
-draft memory, as the host's recycled table does (`learn_for`): a request that starts on an idle engine without one
-starts from blank tables, and one with a memory from what the memory's earlier requests taught them. Rows decoding
-side by side share the tables while they run (a table per row would cost a vocabulary's worth of memory each).
+chooses, whatever the table holds. The tables and pools that requests with a draft memory learn are the memory's
+(`learn_for`): they follow the memory from engine to engine, and the engine's own, which requests without a memory
+share, learn nothing from them. Rows decoding side by side share the tables while they run (a table per row would
+cost a vocabulary's worth of memory each).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import heapq
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -53,6 +53,11 @@ COPY_MATCH = 4  # the longest suffix of a row's text looked up when copying
 MEMORY_TOKENS = 1 << 15  # tokens of earlier requests' text a drafter keeps to copy from (a ring)
 WINDOW_SPREAD = 7919  # a new row's window takes the prompt's tokens this many positions apart (modulo its length)
 SEPARATOR = -1  # ends a request's text in the ring (no match crosses it), and marks what was never written
+
+
+def _nobody() -> None:
+    """The learner of tables that were given back (as a dead weakref would answer)."""
+    return None
 
 
 class DraftTemplate(NamedTuple):
@@ -183,7 +188,10 @@ class DeviceDrafter:
         self._memory_positions = torch.arange(memory_tokens, device=device)
         self._written = 0  # tokens written into the ring so far
         self._mirrors: tuple[weakref.ref, int] | None = None
-        self._learner: weakref.ref | None = None  # the memory whose requests taught the tables (None: no memory's)
+        # Whose the tables are: None, the engine's own (requests without a memory); else (a weakref to) the memory
+        # whose requests taught them. The engine's own, while a memory's are held.
+        self._learner: Callable[[], object] | None = None
+        self._own: dict[str, torch.Tensor] = {}
         shapes = list(shapes)
         templates = {TemplateShape.of(shape) for shape in shapes}
         # Per window (W, N-1): every row's window tokens in layout order (level 0 without the current token, then
@@ -295,18 +303,20 @@ class DeviceDrafter:
 
     def learn_for(self, memory) -> None:
         """Make the tables and pools those of `memory`'s requests (a `DraftMemory`), as they were when the memory
-        was last served (by this drafter or another's), or blank for a memory never served on this device; with
-        None, blank, for a request that keeps nothing across requests. Tables learned for another memory go back
-        to it first."""
-        owner = None if self._learner is None else self._learner()
-        if memory is not None and owner is memory:
+        was last served on this device (by this drafter or another engine's; blank the first time), or with None
+        the engine's own, which requests without a memory share. The tables held go first to whom they were
+        learned for."""
+        if memory is None and self._learner is None or memory is not None and self._learner is not None \
+                and self._learner() is memory:
             return
-        if owner is not None:
+        if self._learner is None:
+            self._own = self._copy()
+        elif (owner := self._learner()) is not None:
             self._give_back(owner)
         holder = None if memory is None or memory.device_holder is None else memory.device_holder()
         if holder is not None:  # another engine's drafter holds what the memory's requests taught last
             holder._give_back(memory)
-        kept = {} if memory is None else memory.device_learned.get(str(self.device), {})
+        kept = self._own if memory is None else memory.device_learned.get(str(self.device), {})
         for name, (tensor, blank) in self._learned().items():
             if name in kept and kept[name].shape == tensor.shape:
                 tensor.copy_(kept[name])
@@ -316,12 +326,14 @@ class DeviceDrafter:
         if memory is not None:
             memory.device_holder = weakref.ref(self)
 
+    def _copy(self) -> dict[str, torch.Tensor]:
+        return {name: tensor.clone() for name, (tensor, _) in self._learned().items()}
+
     def _give_back(self, memory) -> None:
-        """Keep a copy of the tables in `memory`, which they were learned for, and serve it no longer."""
-        memory.device_learned[str(self.device)] = {name: tensor.clone()
-                                                   for name, (tensor, _) in self._learned().items()}
+        """Keep a copy of the tables in `memory`, which they were learned for; they are nobody's now."""
+        memory.device_learned[str(self.device)] = self._copy()
         memory.device_holder = None
-        self._learner = None
+        self._learner = _nobody
 
     def start_windows(self, rows: torch.Tensor, lengths: torch.Tensor, starting: torch.Tensor) -> None:
         """Fill the windows of the `starting` ones of `rows` (their prompts, of `lengths` tokens, now in their

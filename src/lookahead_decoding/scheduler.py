@@ -105,8 +105,8 @@ class BatchScheduler:
     earlier calls measured), except rows isolated from the memory, which share the scheduler's own. On a runner
     that drafts on the device, the rows of requests that use the memory copy from its text there too
     (`device_drafts.DeviceDrafter.mirror`); the others never read it. There the request admitted to an idle runner
-    decides what the device's tables hold while it and the rows admitted beside it run: the memory's (with one that
-    it uses) or blank ones (`DeviceDrafter.learn_for`).
+    decides whose the device's tables are while it and the rows admitted beside it run: the memory's (with one that
+    it uses) or the engine's own (`DeviceDrafter.learn_for`).
     """
 
     def __init__(self, runner: StepRunner, plan: StepPlan, make_source: Callable[..., CandidateSource],

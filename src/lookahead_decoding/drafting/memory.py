@@ -40,7 +40,7 @@ class DraftMemory:
     after every token it has seen (the recycled source's table, bounded by the vocabulary); the confidences in
     drafts that verification measured (`confidence.py`, bounded by its keys); and what an engine that drafts on
     the device learned while it served the memory's requests (its tables and pools, a copy per device, kept here
-    while another engine or request uses that engine: `device_drafts.DeviceDrafter.learn_for`).
+    while that engine serves other requests: `device_drafts.DeviceDrafter.learn_for`).
 
     `ld.generate(..., memory=memory)` drafts from it and adds every finished request's text to it; so does a
     scheduler opened with it (`decoding.open_scheduler(..., memory=memory)`), except for requests with
