@@ -306,8 +306,7 @@ class DeviceDrafter:
         was last served on this device (by this drafter or another engine's; blank the first time), or with None
         the engine's own, which requests without a memory share. The tables held go first to whom they were
         learned for."""
-        if memory is None and self._learner is None or memory is not None and self._learner is not None \
-                and self._learner() is memory:
+        if self._holds(memory):
             return
         if self._learner is None:
             self._own = self._copy()
@@ -325,6 +324,12 @@ class DeviceDrafter:
         self._learner = None if memory is None else weakref.ref(memory)
         if memory is not None:
             memory.device_holder = weakref.ref(self)
+
+    def _holds(self, memory) -> bool:
+        """Whether the tables are `memory`'s (None: the engine's own)."""
+        if self._learner is None:
+            return memory is None
+        return memory is not None and self._learner() is memory
 
     def _copy(self) -> dict[str, torch.Tensor]:
         return {name: tensor.clone() for name, (tensor, _) in self._learned().items()}
