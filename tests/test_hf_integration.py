@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import greedy_reference, tiny_model
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, StoppingCriteriaList, StopStringCriteria
+from transformers import (AutoTokenizer, EosTokenCriteria, LlamaConfig, LlamaForCausalLM, MaxLengthCriteria,
+                          MaxTimeCriteria, StoppingCriteriaList, StopStringCriteria)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 import lookahead_decoding as ld
+from lookahead_decoding import hf_integration
+from lookahead_decoding.decoding import decode
 
 THROUGH = dict(custom_generate=ld.lookahead_generate, lookahead_config=ld.LookaheadConfig(4, 3, 4))
 
@@ -132,3 +135,34 @@ def test_a_left_padded_batch_equals_hf_greedy_row_by_row(llama):
                          **kwargs)
     assert out.tolist() == expected.tolist()
     assert (out[1, width + 4:] == pad).all()  # stopped at its EOS, padded after it
+
+
+def test_the_length_and_eos_criteria_transformers_adds_are_left_to_the_rows(llama, monkeypatch):
+    """transformers always passes a MaxLengthCriteria and an EosTokenCriteria; the rows' budget and EOS ids apply
+    them already, so only the caller's own criteria reach the rows (which check those after every token)."""
+    handed_on = []
+
+    def spy(*args, **kwargs):
+        handed_on.append(kwargs["stopping_criteria"])
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(hf_integration, "decode", spy)
+    input_ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
+    free = greedy_reference(llama, input_ids, 24)
+    eos = int(free[0, input_ids.shape[1] + 9])  # a token greedy decoding commits: it stops there
+    expected = llama.generate(input_ids, do_sample=False, max_new_tokens=24, eos_token_id=eos)
+    assert expected.shape[1] < free.shape[1]
+    out = llama.generate(input_ids, do_sample=False, max_new_tokens=24, eos_token_id=eos, **THROUGH)
+    assert out.tolist() == expected.tolist() and handed_on == [None]
+    own = MaxLengthCriteria(input_ids.shape[1] + 5)  # tighter than the budget: the rows cannot apply it themselves
+    out = llama.generate(input_ids, do_sample=False, max_new_tokens=24, stopping_criteria=StoppingCriteriaList([own]),
+                         **THROUGH)
+    assert out.tolist() == free[:, : input_ids.shape[1] + 5].tolist() and list(handed_on[1]) == [own]
+
+
+def test_criteria_left_keeps_what_the_rows_do_not_apply():
+    other_eos, time_limit = EosTokenCriteria([3, 9]), MaxTimeCriteria(60.0)
+    given = [MaxLengthCriteria(30), EosTokenCriteria(torch.tensor(2)), other_eos, MaxLengthCriteria(12), time_limit]
+    assert list(hf_integration.criteria_left(given, 30, {2, 3})) == [other_eos, given[3], time_limit]
+    assert hf_integration.criteria_left(given[:2], 30, {2}) is None
+    assert hf_integration.criteria_left(None, 30, set()) is None

@@ -14,10 +14,11 @@ build its stop-string criterion, so `stop_strings` is taken here and refused wit
 from __future__ import annotations
 
 import torch
+from transformers import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .config import LookaheadConfig
-from .decoding import batch_sequences, decode, pad_token, prompts_from
+from .decoding import batch_sequences, decode, eos_set, pad_token, prompts_from
 from .sampling import ProcessedGreedyVerifier, SamplingVerifier, seeded_generator
 
 # Generation options this loop cannot honour: name -> (the values that leave it off, what it asks for). Refused
@@ -52,6 +53,17 @@ def check_generation_config(generation_config) -> None:
             f"model.generate(custom_generate=lookahead_generate) does not support {', '.join(refused)}: lookahead "
             "decoding returns one sequence per prompt, greedy or sampled, and no scores"
         )
+
+
+def criteria_left(stopping_criteria, max_length: int, eos_ids: set[int]) -> StoppingCriteriaList | None:
+    """The stopping criteria that the rows' budget (up to `max_length` tokens, prompt included) and their
+    end-of-sequence ids `eos_ids` do not already apply, or None if none is left. transformers always adds a
+    `MaxLengthCriteria` and an `EosTokenCriteria`; handed on, they would give every row Python after every token
+    (`state.Emitter`) and keep the next step from being launched before this one is read."""
+    left = [criterion for criterion in stopping_criteria or ()
+            if not (isinstance(criterion, MaxLengthCriteria) and criterion.max_length >= max_length)
+            and not (isinstance(criterion, EosTokenCriteria) and set(criterion.eos_token_id.flatten().tolist()) <= eos_ids)]
+    return StoppingCriteriaList(left) if left else None
 
 
 def lookahead_generate(
@@ -89,14 +101,15 @@ def lookahead_generate(
     prompts = prompts_from(input_ids, model_kwargs.get("attention_mask"))  # a left-padded batch: one list per row
     config = lookahead_config if lookahead_config is not None else "auto"  # calibrated shapes, as ld.generate
     max_new_tokens = generation_config.max_length - input_ids.shape[1]
+    eos_ids = eos_set(model, generation_config.eos_token_id)
     results, _, _ = decode(
         model,
         prompts,
         max_new_tokens,
         config,
         streamer=streamer,
-        stopping_criteria=stopping_criteria,
-        eos_token_id=generation_config.eos_token_id,
+        stopping_criteria=criteria_left(stopping_criteria, generation_config.max_length, eos_ids),
+        eos_token_id=list(eos_ids),
         source=lookahead_source,
         stream_prompt=False,  # transformers already streamed it
         verifier=verifier,
