@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 import lookahead_decoding as ld
 from lookahead_decoding.device_drafts import (
-    COPY, COPY_MATCH, POOL, RANK_ACCEPTANCE, SEPARATOR, TOP_K, WINDOW_SPREAD, DeviceDrafter, TemplateShape, copy_length,
-    draft_template, template_capacity,
+    COPY, COPY_MATCH, ISOLATED, POOL, RANK_ACCEPTANCE, SEPARATOR, TOP_K, WINDOW_SPREAD, DeviceDrafter, TemplateShape,
+    copy_length, draft_template, template_capacity,
 )
 from lookahead_decoding.config import AUTOREGRESSIVE, DEVICE_TREE_NODES
 from lookahead_decoding.drafting.base import NoDrafts
@@ -343,8 +343,10 @@ def test_a_request_copies_on_the_device_from_earlier_requests_of_its_memory():
 
 
 def decode_in_turn(runners_and_memories, prompts, new_tokens=40):
-    """Each prompt through `ld.generate` on its (runner, memory), in order: each one's (tokens, steps)."""
-    outs = [ld.generate(runner.adapter.model, [prompt], new_tokens, DEVICE_SHAPE, runner=runner, memory=memory)
+    """Each prompt through `ld.generate` on its (runner, memory), in order (memory ISOLATED: isolated=True): each
+    one's (tokens, steps)."""
+    outs = [ld.generate(runner.adapter.model, [prompt], new_tokens, DEVICE_SHAPE, runner=runner,
+                        **({"isolated": True} if memory is ISOLATED else {"memory": memory}))
             for (runner, memory), prompt in zip(runners_and_memories, prompts)]
     return [(out.rows[0].tokens, out.stats.steps) for out in outs]
 
@@ -374,6 +376,24 @@ def test_the_device_tables_that_requests_with_a_memory_teach_are_the_memorys():
     memory, runner = ld.DraftMemory(), engine()
     assert decode_in_turn([(runner, None), (runner, memory), (runner, None)], [first, between, last])[2] \
         == after_first
+
+
+def test_an_isolated_request_drafts_from_blank_tables_and_teaches_nobody():
+    model = tiny_model("llama")
+    generator = torch.Generator().manual_seed(5)
+    first, last = (torch.randint(0, VOCAB, (10,), generator=generator).tolist() for _ in range(2))
+    engine = functools.partial(StaticStep, model, DEVICE_SHAPE, 96)
+    alone = decode_in_turn([(engine(), None)], [last])[0]
+    runner = engine()
+    after_first = decode_in_turn([(runner, None), (runner, None)], [first, last])[1]
+    assert after_first != alone  # what `first` taught the engine's tables
+    runner, memory = engine(), ld.DraftMemory()
+    turns = [(runner, None), (runner, ISOLATED), (runner, ISOLATED), (runner, None)]
+    assert decode_in_turn(turns, [first, last, last, last])[1:] == [alone, alone, after_first]
+    taught = decode_in_turn([(engine(), memory), (engine(), memory)], [first, last])[1]  # the memory's, from `first`
+    memory = ld.DraftMemory()
+    assert decode_in_turn([(runner, memory), (runner, ISOLATED), (runner, memory)], [first, last, last])[1:] \
+        == [alone, taught]
 
 
 def test_only_requests_that_use_the_memory_read_its_ring():

@@ -143,6 +143,15 @@ def test_memory_must_be_a_draft_memory(llama):
         ld.generate(llama, [[1, 2, 3]], 4, CONFIG, memory=256)
 
 
+def test_an_isolated_call_takes_no_memory(llama):
+    message = (r"^isolated=True decodes apart from every other request, so it takes no memory: pass memory=None, or "
+               r"isolated=False to draft from the memory$")
+    with pytest.raises(ValueError, match=message):
+        ld.generate(llama, [[1, 2, 3]], 4, CONFIG, memory=ld.DraftMemory(), isolated=True)
+    with pytest.raises(TypeError, match="^isolated must be True or False, got 'yes'$"):
+        ld.generate(llama, [[1, 2, 3]], 4, CONFIG, isolated="yes")
+
+
 # ------------------------------------------------------------------------------------------------ exactness
 
 
@@ -240,6 +249,20 @@ def test_prompts_file_drafts_from_earlier_prompts_by_default(cli_model, tmp_path
     assert [r["text"] for r in runs["default"]] == [r["text"] for r in runs["off"]]
     assert runs["default"][0]["tokens_per_step"] == runs["off"][0]["tokens_per_step"]  # nothing earlier yet
     assert runs["default"][1]["tokens_per_step"] > 2 * runs["off"][1]["tokens_per_step"]
+
+
+def test_prompts_file_without_a_memory_decodes_each_prompt_as_if_alone(cli_model, tmp_path, capsys):
+    """--draft-memory 0 isolates the prompts: with drafting on the device too, where the engine's tables of the
+    model's predictions would otherwise carry what one prompt taught them to the next."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": "def add(a, b):\n    return"}) + "\n" for i in (1, 2)))
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--prompts-file", str(prompts), "--out", str(out), "--model", cli_model,
+                 "--max-new-tokens", "24", "--device-drafts", "--candidate-length", "6", "--tree-nodes", "15",
+                 "--draft-memory", "0"]) == 0
+    capsys.readouterr()
+    first, second = (json.loads(line) for line in out.read_text().splitlines())
+    assert first["text"] == second["text"] and first["tokens_per_step"] == second["tokens_per_step"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -322,13 +322,14 @@ def schedule(
     batch_size: int | None = None,
     sampling: Sequence[SamplingParams | None] | None = None,
     memory: DraftMemory | None = None,
+    isolated: bool = False,
 ) -> BatchScheduler:
     """Check everything, pick the plan and the runner, and queue `prompts` (token lists; tagged by their index)
     for lookahead decoding `batch_size` at a time (default: all at once), each up to its `max_new_tokens` (one
     int for all, or one per prompt); greedy unless `sampling` gives prompts their `SamplingParams` (one per prompt,
     None: greedy) or a `verifier` decides under logits processors (see `sampling.make_verifier`), drafting from
-    `memory` too when given (and adding every result to it). `scheduler.run()` then yields each result as it
-    finishes.
+    `memory` too when given (and adding every result to it), or each prompt apart from every other request when
+    `isolated`. `scheduler.run()` then yields each result as it finishes.
 
     `config` is resolved by `resolve_plan`; "auto" keeps only the shapes that fit these prompts (`fitting_plan`),
     while the user's own shapes that do not fit are refused. `stream_prompt=False` when the caller already sent
@@ -339,6 +340,11 @@ def schedule(
     limits = new_token_limits(max_new_tokens, len(prompts))
     _check_inputs(adapter, prompts, limits)
     check_memory(memory, model)
+    if not isinstance(isolated, bool):
+        raise TypeError(f"isolated must be True or False, got {isolated!r}")
+    if isolated and memory is not None:
+        raise ValueError("isolated=True decodes apart from every other request, so it takes no memory: pass "
+                         "memory=None, or isolated=False to draft from the memory")
     stopping_criteria = criteria_of(stopping_criteria)
     if streamer is not None and len(prompts) > 1:
         raise ValueError(f"a streamer follows one sequence; got a batch of {len(prompts)} prompts")
@@ -382,7 +388,7 @@ def schedule(
         streamer.put(torch.tensor(prompts))
     scheduler = BatchScheduler(runner, plan, make_row_source, memory)
     for request in requests_from(prompts, limits, eos_set(model, eos_token_id), stopping_criteria, window_seed,
-                                 streamer, sampling):
+                                 streamer, sampling, isolated):
         scheduler.submit(request)
     return scheduler
 
@@ -491,6 +497,7 @@ def generate(
     frequency_penalty: float = 0.0,
     seed: int | Sequence[int] | None = None,
     memory: DraftMemory | None = None,
+    isolated: bool = False,
 ) -> LookaheadOutput:
     """Lookahead decoding with the output distribution of `model.generate`, in fewer forward passes.
 
@@ -535,7 +542,13 @@ def generate(
 
     memory: a `DraftMemory` to draft from the text of earlier requests too, and to add this call's prompts and
     outputs to (as each finishes, so later rows of a batch draft from earlier ones). It carries the recycled
-    source's table across calls. None (the default) keeps the call isolated: nothing outlives it.
+    source's table across calls. With None (the default) the call's text outlives it nowhere, but a step that
+    drafts on the device (`auto` on CUDA) drafts from, and adds to, the engine's own tables of the model's
+    predictions, which every call without a memory shares.
+
+    isolated: True decodes apart from every other request: no memory, and a step that drafts on the device
+    starts from blank tables whenever a prompt starts on an idle engine (prompts decoding side by side share them
+    while they run).
     """
     ModelAdapter(model)  # UnsupportedModelError, naming it, for anything that is not a decoder-only LM
     if model.training:  # dropout would make each forward's predictions random, and greedy output not greedy's
@@ -556,7 +569,7 @@ def generate(
                          "processors (build a StaticStep with sampling=True to sample)")
     results, stats, plan = decode(
         model, prompts, max_new_tokens, config, streamer, stopping_criteria, eos_token_id, source=source,
-        verifier=verifier, runner=runner, batch_size=batch_size, sampling=sampling, memory=memory,
+        verifier=verifier, runner=runner, batch_size=batch_size, sampling=sampling, memory=memory, isolated=isolated,
     )
     device = input_ids.device if isinstance(input_ids, torch.Tensor) else model.device
     sequences = batch_sequences(input_ids, prompts, results, pad_token(model), device)

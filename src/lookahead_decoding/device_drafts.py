@@ -56,8 +56,12 @@ SEPARATOR = -1  # ends a request's text in the ring (no match crosses it), and m
 
 
 def _nobody() -> None:
-    """The learner of tables that were given back (as a dead weakref would answer)."""
+    """The learner of tables that were given back, or of blank ones for an isolated request (as a dead weakref
+    would answer)."""
     return None
+
+
+ISOLATED = "isolated"  # `DeviceDrafter.learn_for`: blank tables, for a request that asked for isolation
 
 
 class DraftTemplate(NamedTuple):
@@ -189,7 +193,7 @@ class DeviceDrafter:
         self._written = 0  # tokens written into the ring so far
         self._mirrors: tuple[weakref.ref, int] | None = None
         # Whose the tables are: None, the engine's own (requests without a memory); else (a weakref to) the memory
-        # whose requests taught them. The engine's own, while a memory's are held.
+        # whose requests taught them, or `_nobody`. The engine's own, while another's are held.
         self._learner: Callable[[], object] | None = None
         self._own: dict[str, torch.Tensor] = {}
         shapes = list(shapes)
@@ -303,27 +307,30 @@ class DeviceDrafter:
 
     def learn_for(self, memory) -> None:
         """Make the tables and pools those of `memory`'s requests (a `DraftMemory`), as they were when the memory
-        was last served on this device (by this drafter or another engine's; blank the first time), or with None
-        the engine's own, which requests without a memory share. The tables held go first to whom they were
-        learned for."""
-        if self._holds(memory):
+        was last served on this device (by this drafter or another engine's; blank the first time); with None the
+        engine's own, which requests without a memory share; with ISOLATED blank ones that nobody keeps, for a
+        request that asked for isolation. The tables held go first to whom they were learned for."""
+        if memory is not ISOLATED and self._holds(memory):
             return
         if self._learner is None:
             self._own = self._copy()
         elif (owner := self._learner()) is not None:
             self._give_back(owner)
-        holder = None if memory is None or memory.device_holder is None else memory.device_holder()
-        if holder is not None:  # another engine's drafter holds what the memory's requests taught last
-            holder._give_back(memory)
-        kept = self._own if memory is None else memory.device_learned.get(str(self.device), {})
+        if memory is ISOLATED:
+            kept, self._learner = {}, _nobody
+        else:
+            holder = None if memory is None or memory.device_holder is None else memory.device_holder()
+            if holder is not None:  # another engine's drafter holds what the memory's requests taught last
+                holder._give_back(memory)
+            kept = self._own if memory is None else memory.device_learned.get(str(self.device), {})
+            self._learner = None if memory is None else weakref.ref(memory)
+            if memory is not None:
+                memory.device_holder = weakref.ref(self)
         for name, (tensor, blank) in self._learned().items():
             if name in kept and kept[name].shape == tensor.shape:
                 tensor.copy_(kept[name])
             else:
                 tensor.fill_(blank)
-        self._learner = None if memory is None else weakref.ref(memory)
-        if memory is not None:
-            memory.device_holder = weakref.ref(self)
 
     def _holds(self, memory) -> bool:
         """Whether the tables are `memory`'s (None: the engine's own)."""

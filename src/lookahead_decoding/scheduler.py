@@ -37,6 +37,7 @@ from typing import Any
 import numpy
 import torch
 
+from .device_drafts import ISOLATED
 from .drafting.base import CandidateSource
 from .drafting.confidence import Confidences
 from .drafting.memory import DraftMemory
@@ -64,7 +65,9 @@ class Request:
     tag: Any = None  # the caller's name for the request, handed back with its result
     sampling: SamplingParams | None = None  # how it chooses its tokens, its seed included (None: greedy)
     lookahead: bool = True  # False: plain decoding for this request (the same tokens, one per step)
-    # False: isolated from the scheduler's DraftMemory; it neither drafts from it nor adds its text to it.
+    # False: isolated. It neither drafts from the scheduler's DraftMemory nor adds its text to it, and a step that
+    # drafts on the device starts it from blank tables of predictions (when it is admitted to an idle runner).
+    # True without a memory: it shares the engine's own tables with the other requests without one.
     use_memory: bool = True
 
 
@@ -106,7 +109,7 @@ class BatchScheduler:
     that drafts on the device, the rows of requests that use the memory copy from its text there too
     (`device_drafts.DeviceDrafter.mirror`); the others never read it. There the request admitted to an idle runner
     decides whose the device's tables are while it and the rows admitted beside it run: the memory's (with one that
-    it uses) or the engine's own (`DeviceDrafter.learn_for`).
+    it uses), blank ones (an isolated request) or the engine's own (`DeviceDrafter.learn_for`).
     """
 
     def __init__(self, runner: StepRunner, plan: StepPlan, make_source: Callable[..., CandidateSource],
@@ -422,7 +425,7 @@ class BatchScheduler:
             if self._drafter is not None:
                 uses_memory = self.memory is not None and request.use_memory
                 if idle and len(admitted) == 1:
-                    self._drafter.learn_for(self.memory if uses_memory else None)
+                    self._drafter.learn_for(self.memory if uses_memory else None if request.use_memory else ISOLATED)
                 self._drafter.share_memory(index, uses_memory)
         if admitted:
             sampling = {index: self.rows[index].request.sampling for index in admitted}
@@ -460,11 +463,11 @@ class BatchScheduler:
 
 
 def requests_from(prompts: Sequence[Sequence[int]], limits: Sequence[int], eos_ids: set[int], stopping_criteria,
-                  window_seed: int, streamer=None, sampling: Sequence[SamplingParams | None] | None = None
-                  ) -> list[Request]:
+                  window_seed: int, streamer=None, sampling: Sequence[SamplingParams | None] | None = None,
+                  isolated: bool = False) -> list[Request]:
     """One request per prompt with its own max_new_tokens (`limits`) and sampling parameters (None: greedy),
-    tagged with its index."""
+    tagged with its index; `isolated`: each one isolated (`Request.use_memory`)."""
     sampling = sampling or [None] * len(prompts)
     return [Request(list(prompt), limit, eos_ids, stopping_criteria, None, window_seed, streamer, tag=index,
-                    sampling=params)
+                    sampling=params, use_memory=not isolated)
             for index, (prompt, limit, params) in enumerate(zip(prompts, limits, sampling))]

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
 
     def decode(input_ids, mode: str):
         return generate(model, input_ids, args.max_new_tokens, config, source=args.source,
-                        memory=memory if mode == "on" else None)
+                        memory=memory if mode == "on" else None, isolated=mode == "off")
 
     decode(encode("humaneval", 0, "off")[:, :WARMUP_TOKENS], "off")  # one-off costs, outside the figures
     order = [("humaneval", i) for i in range(len(code))] + [

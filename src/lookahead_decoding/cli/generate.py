@@ -85,7 +85,7 @@ def add_generate_command(commands) -> None:
         metavar="N",
         help="with --prompts-file: also draft from the last N prompts of this run and their outputs (a draft "
         "memory: text seen in earlier prompts is proposed again, and verified like any draft, so the output is the "
-        f"same); 0 turns it off; default: {DEFAULT_DRAFT_MEMORY}",
+        f"same); 0 turns it off and decodes each prompt apart from the others; default: {DEFAULT_DRAFT_MEMORY}",
     )
     add_model_arguments(parser)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
@@ -344,7 +344,8 @@ def _schedule_pending(args: argparse.Namespace, model, config, pending: list[Pro
                       token_ids: list[list[int]], sampling):
     """The library's scheduler with every pending prompt queued (tagged by its index in `pending`), decoding
     --batch-size of them side by side, each up to its own max_new_tokens and with its own SamplingParams
-    (`sampling`, None: greedy), all drafting from one DraftMemory of the last --draft-memory prompts (0: none)."""
+    (`sampling`, None: greedy), all drafting from one DraftMemory of the last --draft-memory prompts (0: none,
+    each prompt isolated)."""
     from ..decoding import schedule
     from ..drafting import DraftMemory
 
@@ -352,7 +353,8 @@ def _schedule_pending(args: argparse.Namespace, model, config, pending: list[Pro
     size = DEFAULT_DRAFT_MEMORY if args.draft_memory is None else args.draft_memory
     try:
         return schedule(model, token_ids, limits, config, source=args.source, batch_size=args.batch_size or 1,
-                        sampling=sampling, memory=DraftMemory(max_requests=size) if size else None)
+                        sampling=sampling, memory=DraftMemory(max_requests=size) if size else None,
+                        isolated=not size)
     except (ValueError, TypeError) as err:  # e.g. a step shape too large for the longest prompt
         raise CommandError(f"{args.prompts_file}: {err}") from err
 

@@ -41,7 +41,8 @@ def add_serve_command(commands) -> None:
                         help="on SIGTERM, how long requests in flight may take to finish (default: 60)")
     parser.add_argument("--draft-memory", type=non_negative_int, default=DEFAULT_DRAFT_MEMORY, metavar="N",
                         help="draft from the text of the last N requests (a request opts out with "
-                        "\"lookahead\": {\"draft_memory\": false}); 0 turns it off (default: %(default)s)")
+                        "\"lookahead\": {\"draft_memory\": false}, which isolates it); 0 turns it off and "
+                        "isolates every request (default: %(default)s)")
     parser.add_argument("--replicas", type=positive_int, metavar="N",
                         help="run N servers behind Ray Serve's router, each with its own model, engine and device "
                         "(one GPU each on CUDA, else one CPU); needs the ray extra (default: one server, no Ray)")

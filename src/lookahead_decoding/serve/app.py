@@ -74,7 +74,7 @@ def create_app(engine: EngineLoop, tokenizer, model_name: str, limits: Limits, e
         stream = TokenStream(asyncio.get_running_loop())
         decoded = Request(generation.prompt_ids, generation.max_tokens, eos_ids, tag=generation.id,
                           sampling=generation.sampling, lookahead=generation.lookahead,
-                          use_memory=generation.draft_memory)
+                          use_memory=generation.draft_memory and engine.scheduler.memory is not None)
         if not engine.submit(decoded, stream):
             raise APIError(429, "the server's queue is full; retry later", kind="rate_limit_error",
                            headers={"Retry-After": "1"})
