@@ -415,6 +415,21 @@ def test_tiny_profile_of_a_step_that_drafts_on_the_device(tiny, tmp_path):
     assert entry["device_drafts"] and entry["step_tokens"] == 16 and entry["captured_step_ms"] > 0
 
 
+def test_isolated_runs_start_each_prompt_from_blank_device_tables(tiny):
+    """--isolated: a prompt decodes the same steps whatever the engine's tables learned from the prompts before."""
+    model, _ = tiny
+    config = ld.LookaheadConfig(1, 2, 1, candidate_length=8, tree_nodes=15, device_drafts=True)
+    generator = torch.Generator().manual_seed(3)
+    prompt, other = (torch.randint(0, 500, (1, 12), generator=generator) for _ in range(2))
+    steps = {}
+    for isolated in (True, False):
+        run = lookahead_with(config)
+        args = argparse.Namespace(isolated=isolated)
+        steps[isolated] = [run(model, ids, 40, args)[1] for ids in (prompt, other, prompt)]
+    assert steps[True][0] == steps[True][2]
+    assert steps[False][2] < steps[False][0]  # the second time, from what the first time taught the tables
+
+
 def test_tiny_profile_of_a_batch(tiny, tmp_path, capsys):
     model, tokenizer = tiny
     out = tmp_path / "p.json"

@@ -79,7 +79,8 @@ def batched_decode(model, method: str, args, prompts: list[list[int]], batch_siz
     runner = runner_for(model, plan.shapes, length, compile=bool(args.compile), predictions=predictions,
                         batch_size=rows, sampling=samples)
     return lambda count, max_new_tokens: decode(model, prompts[:count], max_new_tokens, plan, source=source,
-                                                runner=runner, sampling=sampling[:count] if samples else None)
+                                                runner=runner, sampling=sampling[:count] if samples else None,
+                                                isolated=bool(getattr(args, "isolated", False)))
 
 
 def timed_run(run: Decode, prompts: int, max_new_tokens: int, device: torch.device) -> TimedRun:

@@ -116,6 +116,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                      f"generate; with --batch-size or --temperature: {BATCHED_DEFAULT_REFERENCE})")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the fast engine's step before capturing it (ar-graph, lookahead)")
+    run.add_argument("--isolated", action="store_true",
+                     help="decode every prompt apart from the others (ld.generate's isolated=True): a step that "
+                     "drafts on the device (auto on CUDA) starts each prompt from blank tables of the model's "
+                     "predictions, as HF prompt lookup and the reference code start each prompt afresh; default: "
+                     "those tables carry what earlier prompts taught them (in batches, only a prompt that starts "
+                     "on an idle engine starts blank)")
     add_lookahead_arguments(run)
 
     sampling = parser.add_argument_group("sampling")

@@ -181,6 +181,7 @@ class TimedRunner:
         self.max_length, self.predictions = getattr(runner, "max_length", None), runner.predictions
         self.batch_size, self.sampler = runner.batch_size, getattr(runner, "sampler", None)
         self.takes_token_rows = getattr(runner, "takes_token_rows", False)
+        self.drafter = getattr(runner, "drafter", None)  # whose the device's tables are is the scheduler's choice
 
     def _timed(self, call, *args):
         start = time.perf_counter()
@@ -228,7 +229,7 @@ def lookahead_with(config: LookaheadConfig | str, source=None) -> Method:
         runner = TimedRunner(runner_for(model, plan.shapes, length, compile=bool(getattr(args, "compile", False)),
                                         predictions=drafts.predictions_wanted, sampling=samples))
         (result,), stats, _ = decode(model, input_ids.tolist(), max_new_tokens, plan, source=drafts, runner=runner,
-                                     sampling=one_row(sampling))
+                                     sampling=one_row(sampling), isolated=bool(getattr(args, "isolated", False)))
         sequences = torch.tensor([result.tokens], device=input_ids.device)
         return sequences, stats.steps, {"accepted_histogram": histogram(stats), "shape_steps": dict(stats.shape_steps),
                                         "model_seconds": runner.model_seconds, "plan": plan.describe()}
