@@ -376,3 +376,26 @@ def test_bench_serve_soak_counts_every_request_once_with_hang_ups(served, tmp_pa
     assert soak["sent"] == soak["done"] + soak["cut"] == soak["server_answered"]
     assert soak["bodies_with_differing_answers"] == 0  # float32: every greedy or seeded answer repeats exactly
     assert soak["memory"] and soak["memory"][0]["rss"] > 0
+
+
+def test_a_server_without_a_draft_memory_isolates_every_request():
+    """--draft-memory 0: with drafting on the device too, a request drafts from nothing an earlier one taught the
+    engine's tables, so the same request twice takes the same forwards."""
+    from fastapi.testclient import TestClient
+
+    torch.set_num_threads(1)
+    model, tokenizer = ld.load_default_model()
+    args = argparse.Namespace(model=None, model_name=None, max_tokens=24, max_prompt_tokens=64, batch_size=1,
+                              max_queue=4, api_key=None, source=None, window=1, ngram=2, guesses=1,
+                              candidate_length=6, tree_nodes=15, device_drafts=True, draft_memory=0)
+    app, engine = build_app(model, tokenizer, args)
+    engine.start()
+    try:
+        with TestClient(app) as http:
+            answers = [http.post("/v1/completions", json={"model": MODEL, "prompt": "def count_vowels(text):",
+                                                          "max_tokens": 24, "temperature": 0}).json()
+                       for _ in range(2)]
+    finally:
+        engine.stop()
+    assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]
+    assert answers[0]["usage"]["lookahead"]["forwards"] == answers[1]["usage"]["lookahead"]["forwards"]
