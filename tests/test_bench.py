@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import greedy_reference
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import lookahead_decoding as ld
@@ -428,6 +429,24 @@ def test_isolated_runs_start_each_prompt_from_blank_device_tables(tiny):
         steps[isolated] = [run(model, ids, 40, args)[1] for ids in (prompt, other, prompt)]
     assert steps[True][0] == steps[True][2]
     assert steps[False][2] < steps[False][0]  # the second time, from what the first time taught the tables
+
+
+def test_timed_runs_pipeline_as_the_library_does(tiny):
+    """The bench's timing wrapper keeps what the runner can do: steps launched behind unread ones where it
+    pipelines (on CUDA by default; here forced on the CPU), the same tokens, and the model's time counted."""
+    from lookahead_decoding.bench.methods import TimedRunner
+
+    model, _ = tiny
+    config = ld.LookaheadConfig(1, 2, 1, candidate_length=8, tree_nodes=15, device_drafts=True)
+    engine = StaticStep(model, [config], 96, pipeline=True)
+    chained = []
+    chain = engine.chain
+    engine.chain = lambda *args: chained.append(1) or chain(*args)
+    timed = TimedRunner(engine)
+    prompt = torch.randint(0, 500, (1, 12), generator=torch.Generator().manual_seed(4))
+    (result,), stats, _ = decode(model, prompt.tolist(), 40, config, runner=timed)
+    assert result.tokens == greedy_reference(model, prompt, 40)[0].tolist()
+    assert len(chained) > stats.steps // 2 and timed.model_seconds > 0
 
 
 def test_tiny_profile_of_a_batch(tiny, tmp_path, capsys):

@@ -174,7 +174,8 @@ def hf_compiled(model, input_ids, max_new_tokens, args, sampling=None):
 class TimedRunner:
     """A StepRunner wrapper adding up the seconds spent in the model: the prefill and every fused step (forward,
     verification, KV commit and the host sync that ends it). The rest of a run is host-side work: drafting,
-    window, pool, shape choice and stopping checks."""
+    window, pool, shape choice and stopping checks. Steps pipelined as the runner allows (on CUDA) count the
+    launch and the wait for the outcomes; the host work between them is the loop's."""
 
     def __init__(self, runner) -> None:
         self.runner, self.layouts, self.adapter, self.model_seconds = runner, runner.layouts, runner.adapter, 0.0
@@ -182,6 +183,7 @@ class TimedRunner:
         self.batch_size, self.sampler = runner.batch_size, getattr(runner, "sampler", None)
         self.takes_token_rows = getattr(runner, "takes_token_rows", False)
         self.drafter = getattr(runner, "drafter", None)  # whose the device's tables are is the scheduler's choice
+        self.pipelined, self.asynchronous = getattr(runner, "pipelined", False), getattr(runner, "asynchronous", False)
 
     def _timed(self, call, *args):
         start = time.perf_counter()
@@ -197,6 +199,15 @@ class TimedRunner:
 
     def prefill_rows(self, prompts, sampling=None):
         return self._timed(self.runner.prefill_rows, prompts, sampling)
+
+    def launch_rows(self, shape, steps, histories):
+        return self._timed(self.runner.launch_rows, shape, steps, histories)
+
+    def chain(self, launched, changes):
+        return self._timed(self.runner.chain, launched, changes)
+
+    def finish_rows(self, launched):
+        return self._timed(self.runner.finish_rows, launched)
 
     def step_rows(self, shape, steps, histories, overlap=None):
         # The overlapped host work is the loop's, not the model's: its time is taken back out.
