@@ -178,12 +178,10 @@ class TimedRunner:
     launch and the wait for the outcomes; the host work between them is the loop's."""
 
     def __init__(self, runner) -> None:
-        self.runner, self.layouts, self.adapter, self.model_seconds = runner, runner.layouts, runner.adapter, 0.0
-        self.max_length, self.predictions = getattr(runner, "max_length", None), runner.predictions
-        self.batch_size, self.sampler = runner.batch_size, getattr(runner, "sampler", None)
-        self.takes_token_rows = getattr(runner, "takes_token_rows", False)
-        self.drafter = getattr(runner, "drafter", None)  # whose the device's tables are is the scheduler's choice
-        self.pipelined, self.asynchronous = getattr(runner, "pipelined", False), getattr(runner, "asynchronous", False)
+        self.runner, self.model_seconds = runner, 0.0
+
+    def __getattr__(self, name):  # what the scheduler asks of a runner, as the runner has it (as StepClock does)
+        return getattr(self.runner, name)
 
     def _timed(self, call, *args):
         start = time.perf_counter()
