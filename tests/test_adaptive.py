@@ -53,9 +53,24 @@ def test_a_random_schedule_of_shapes_equals_greedy(arch, static, seed, motif, pr
     assert sum(out.stats.shape_steps.values()) == out.stats.steps
 
 
-def chooser(**prior):
-    # plain 1 ms, verify-only 1.1 ms, wide lookahead 1.6 ms
-    return ShapeChooser(SHAPES[:3], (1.0, 1.1, 1.6), AcceptancePrior(**prior))
+def chooser(window_probes=0, **prior):
+    # plain 1 ms, verify-only 1.1 ms, wide lookahead 1.6 ms; by default choosing by the estimates alone, without
+    # the window steps a sequence first runs to measure the window
+    return ShapeChooser(SHAPES[:3], (1.0, 1.1, 1.6), AcceptancePrior(**prior), window_probes=window_probes)
+
+
+def test_a_sequence_runs_the_window_before_its_prior_may_rule_it_out():
+    """The prior says the window commits 1 token per step at 1.6x a plain step's cost: a sequence alone still
+    runs it twice, and keeps it if it commits enough on this text."""
+    for committed, then in ((1, 0), (4, 2)):
+        pick = chooser(window_probes=2, accepted=0.0, window_tokens=1.0)
+        for _ in range(2):
+            assert pick.choose(num_nodes=0) == 2
+            pick.observe(2, num_nodes=0, path=list(range(committed - 1)))
+        # window estimate 0.64 * 1 + 0.36 * committed: 1 token for 1.6 ms, or 2.08 tokens for 1.6 ms
+        assert pick.choose(num_nodes=0) == then
+    table = ChooserTable(SHAPES[:3], (1.0, 1.1, 1.6), len(ROWS), AcceptancePrior(accepted=0.0, window_tokens=1.0))
+    assert table.later(ROWS).tolist() == [[0.0, 0.0, 0.0]] * 8  # a batch does not probe: its rows' prior decides
 
 
 def test_plain_steps_when_nothing_pays():
@@ -205,7 +220,7 @@ def test_a_step_teaches_every_row_at_once_as_it_teaches_each():
         together.observe_rows(ROWS, shape, accepted)
         for row in ROWS:
             alone.observe(row, shape, 7 if shape else 0, list(range(accepted[row])))
-    for name in ("accepted", "in_run", "window_tokens", "window_credit", "window_rate"):
+    for name in ("accepted", "in_run", "window_tokens", "window_credit", "window_rate", "window_runs"):
         assert getattr(together, name).tolist() == getattr(alone, name).tolist(), name
 
 
