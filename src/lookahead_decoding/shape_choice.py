@@ -93,7 +93,6 @@ class ChooserTable:
         self.credit_decay, self.min_window_rate = credit_decay, min_window_rate
         self.accepted_prior = prior.accepted
         self.window_probes = (2 if rows == 1 else 0) if window_probes is None else window_probes
-        self.most_tokens = numpy.array([1.0 + shape.candidate_length for shape in shapes])  # per step, all accepted
         self.window_prior = numpy.array([expected_tokens(shape) if prior.window_tokens is None else prior.window_tokens
                                          for shape in shapes])
         # The shapes by kind.
@@ -102,6 +101,8 @@ class ChooserTable:
                                if shape.host_drafts and not shape.has_window]
         self.device_shapes = [i for i, shape in enumerate(self.shapes) if shape.device_drafts]
         self.is_window = numpy.array([shape.has_window for shape in self.shapes])
+        # What a window step commits when every draft is accepted: its value until it has been measured.
+        self.window_most = numpy.array([1.0 + shape.candidate_length for shape in self.shapes])[self.is_window]
         self.is_verify = numpy.isin(numpy.arange(len(shapes)), [shape for shape, _ in self.verify_budgets])
         self.drafts = self.is_verify | numpy.array([shape.device_drafts for shape in self.shapes])
         # Per row: [after a verification that accepted nothing, after one that accepted something][row][shape]
@@ -141,10 +142,10 @@ class ChooserTable:
         value = self.window_credit[rows] / numpy.maximum(self.window_rate[rows], self.min_window_rate)
         later = numpy.zeros((len(rows), len(self.shapes)))
         later[:, self.is_window] = value[:, None]
-        unmeasured = self.window_runs[rows] < self.window_probes
-        if unmeasured.any():
+        unmeasured = self.window_runs[rows] < self.window_probes if self.window_probes else None
+        if unmeasured is not None and unmeasured.any():
             probing = numpy.ix_(unmeasured, self.is_window)
-            later[probing] = numpy.maximum(later[probing], self.most_tokens[self.is_window]
+            later[probing] = numpy.maximum(later[probing], self.window_most
                                            - self.window_tokens[rows[unmeasured]][:, self.is_window])
         later[~self.lookahead[rows]] = 0.0
         return later
