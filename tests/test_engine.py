@@ -7,6 +7,7 @@ from conftest import VOCAB, greedy_reference, tiny_model
 import lookahead_decoding as ld
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.engine import StaticStep
+from lookahead_decoding.kv_cache import LayerStack
 
 CONFIGS = [AUTOREGRESSIVE, ld.LookaheadConfig(1, 3, 2), ld.LookaheadConfig(3, 3, 3), ld.LookaheadConfig(5, 5, 5),
            ld.LookaheadConfig(4, 6, 0), ld.LookaheadConfig(2, 2, 8), ld.LookaheadConfig(3, 3, 3, candidate_length=6),
@@ -103,3 +104,30 @@ def test_generate_takes_a_prebuilt_engine(llama):
     sampled = ld.generate(llama, prompt, 30, config, runner=sampling_engine, do_sample=True, seed=4)
     plain = ld.generate(llama, prompt, 30, ld.LookaheadConfig(1, 2, 0), do_sample=True, seed=4)
     assert sampled.sequences.tolist() == plain.sequences.tolist()
+
+
+def test_every_layer_keeps_its_keys_and_values_in_one_tensor(llama):
+    engine = StaticStep(llama, ld.LookaheadConfig(3, 3, 3), max_length=32)
+    ld.generate(llama, torch.tensor([[3, 1, 4, 1, 5]]), 8, runner=engine)
+    (stack,) = engine.cache.stack.tensors  # so that a commit moves every layer's in one gather and one scatter
+    layers = engine.cache.layers
+    assert stack.shape == (2 * len(layers), *layers[0].keys.shape)
+    entries = [tensor for layer in layers for tensor in (layer.keys, layer.values)]
+    assert all(tensor.data_ptr() == stack[i].data_ptr() for i, tensor in enumerate(entries))
+
+
+def test_a_layer_of_another_shape_gets_a_tensor_of_its_own():
+    stack = LayerStack(layers=2)
+    first, second = stack.place(torch.zeros(1, 2, 8, 4)), stack.place(torch.zeros(1, 2, 8, 4))
+    odd = stack.place(torch.zeros(1, 3, 8, 4))
+    assert [tuple(tensor.shape) for tensor in stack.tensors] == [(4, 1, 2, 8, 4), (1, 1, 3, 8, 4)]
+    assert (first.data_ptr(), second.data_ptr(), odd.data_ptr()) == (
+        stack.tensors[0][0].data_ptr(), stack.tensors[0][1].data_ptr(), stack.tensors[1][0].data_ptr())
+    sources, targets = torch.tensor([[5, 6]]), torch.tensor([[1, 2]])
+    for tensor in (first, odd):
+        tensor.copy_(torch.randn(tensor.shape))
+    before = [first.clone(), odd.clone()]
+    stack.move(sources, targets)
+    for moved, original in zip((first, odd), before):
+        assert torch.equal(moved[:, :, [1, 2]], original[:, :, [5, 6]])
+        assert torch.equal(moved[:, :, [0, 3, 4, 5, 6, 7]], original[:, :, [0, 3, 4, 5, 6, 7]])

@@ -401,15 +401,14 @@ class DeviceDrafter:
         text), the token `before` it ([batch]) giving the first node's pair."""
         template = TemplateShape.of(shape)
         nodes = template.nodes
-        # Column `nodes` stands for the current token: the template's root. `befores`: each column's parent token.
-        tokens = current[:, None].expand(-1, nodes + 1).clone()
-        befores = before[:, None].expand(-1, nodes + 1).clone()
-        for where, parents, ranks in self._levels[template]:
+        # Column `nodes` stands for the current token, the template's root, and column `nodes + 1` for the token
+        # before it, the root's parent.
+        tokens = torch.cat([current[:, None].expand(-1, nodes + 1), before[:, None]], dim=1)
+        for where, parents, grandparents, ranks in self._levels[template]:
             parent_tokens = tokens[:, parents]
-            key, slot = self._pair(befores[:, parents], parent_tokens)
+            key, slot = self._pair(tokens[:, grandparents], parent_tokens)
             seen = self.pair_keys[slot] == key
             tokens[:, where] = torch.where(seen, self.pair_table[slot, ranks], self.table[parent_tokens, ranks])
-            befores[:, where] = parent_tokens
         chain = self._chains[template]
         if chain.numel():
             tokens[:, chain] = self.copy_drafts(ends, chain.numel())
@@ -435,17 +434,19 @@ class DeviceDrafter:
         self.pair_table[slot] = top
         self.pair_keys[slot] = key
 
-    def _by_depth(self, template: DraftTemplate) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per depth, the template's nodes there that follow the tables, their parents (the root as `nodes`) and
-        ranks, as tensors."""
+    def _by_depth(self, template: DraftTemplate) -> list[tuple[torch.Tensor, ...]]:
+        """Per depth, the template's nodes there that follow the tables, their parents and their parents' parents
+        (the root as `nodes`, its parent as `nodes + 1`) and their ranks, as tensors."""
         nodes = len(template.parents)
+
+        def parent(node: int) -> int:
+            return nodes + 1 if node == nodes else nodes if template.parents[node] < 0 else template.parents[node]
+
         levels = []
         for depth in range(1, max(template.depths, default=0) + 1):
             at = [node for node in range(nodes) if template.depths[node] == depth and template.ranks[node] >= 0]
             if not at:
                 continue
-            levels.append((torch.tensor(at, device=self.device),
-                           torch.tensor([nodes if template.parents[n] < 0 else template.parents[n] for n in at],
-                                        device=self.device),
-                           torch.tensor([template.ranks[n] for n in at], device=self.device)))
+            levels.append(tuple(torch.tensor(values, device=self.device) for values in (
+                at, [parent(n) for n in at], [parent(parent(n)) for n in at], [template.ranks[n] for n in at])))
         return levels

@@ -53,7 +53,8 @@ class Replayable:
     """A device function with fixed shapes, run eagerly or captured once as a CUDA graph and replayed."""
 
     def __init__(self, fn) -> None:
-        self.fn, self.graph, self.output = fn, None, None
+        # Never differentiated; and autograd would track the cache's layers, views of one tensor, as one graph.
+        self.fn, self.graph, self.output = torch.no_grad()(fn), None, None
 
     def capture(self, restore) -> None:
         """Record `fn` as a CUDA graph after warm-up runs (on a side stream, as capture requires); `restore`
@@ -174,6 +175,12 @@ class StaticStep:
             for index, shape in enumerate(shapes) if shape.device_drafts}
         self._template_lines = {index: torch.tensor(line, device=device)
                                 for index, line in self._template_host_lines.items()}
+        # Their trees, every node real: a row drafting on the device verifies the template, and one that does not
+        # (no nodes) accepts none of them whatever its tree is, so a step needs no tree built from its input.
+        self._template_trees = {
+            index: tree_tensors(torch.zeros(shapes[index].tree_nodes, dtype=torch.long, device=device),
+                                line[:-1], line[-1], shapes[index].candidate_length)
+            for index, line in self._template_lines.items()}
         largest = max(layout.size for layout in self.layouts)
         # A step's rows, or a padded prefill chunk, are written after the last committed token: spare slots.
         cache_length = max_length + max(largest, prefill_chunk, max(s.candidate_length for s in shapes) + 1)
@@ -484,8 +491,14 @@ class StaticStep:
             drafts = self.drafter.draft(step_ids[:, 0], before, start, config)
             window = [self.drafter.window_tokens(config.window, config.levels)] if config.has_window else []
             step_ids = torch.cat([step_ids[:, :1], *window, drafts], dim=1)
-        tree = torch.vmap(functools.partial(tree_tensors, max_depth=depth))(step_ids[:, layout.tree_rows], parents,
-                                                                            num_nodes)
+        if config.device_drafts:
+            template, rows = self._template_trees[shape], step_ids.shape[0]
+            tree = TreeTensors(step_ids[:, layout.tree_rows], template.parents.expand(rows, -1),
+                               template.ancestors.expand(rows, -1, -1), template.depths.expand(rows, -1),
+                               template.valid & (num_nodes[:, None] > 0))
+        else:
+            tree = torch.vmap(functools.partial(tree_tensors, max_depth=depth))(step_ids[:, layout.tree_rows],
+                                                                                parents, num_nodes)
         positions = (torch.vmap(layout.positions)(tree) + start[:, None]).clamp(max=self.last_position)
         slots = start[:, None] + torch.arange(size, device=start.device)
         # A row sees its cache before `start` and, among its step rows, what the layout allows.

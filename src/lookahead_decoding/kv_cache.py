@@ -6,7 +6,10 @@ current token and everything after it is dropped.
 
 * `commit_path_kv`: transformers' DynamicCache (one sequence), dropped through the cache's own `crop`;
 * `RowCache`: a preallocated cache whose rows each hold one sequence of its own length (a batch with ragged
-  acceptance), written at the slots the engine gives every forward; `move_kv` commits there.
+  acceptance), written at the slots the engine gives every forward; `move_kv` commits there. Every layer's keys
+  and values are views of one tensor (`LayerStack`), so that a commit is one gather and one scatter for the whole
+  model rather than four per layer: at batch 1 a step is launch-bound, and those were 120 kernels of a 30-layer
+  model's tree step (docs/benchmarks.md, "One commit for every layer").
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import torch
 from transformers import Cache
 from transformers.cache_utils import StaticLayer
+from transformers.utils import is_torchdynamo_compiling
 
 
 def commit_path_kv(cache: Cache, step_size: int, path_rows: torch.Tensor) -> None:
@@ -29,16 +33,56 @@ def commit_path_kv(cache: Cache, step_size: int, path_rows: torch.Tensor) -> Non
     cache.crop(-(step_size - 1 - accepted))
 
 
+class LayerStack:
+    """The storage of a model's keys and values: tensors [entries, batch, heads, slots, dim], each entry one layer's
+    keys or values. The first shape asked for gets room for all `layers` layers' keys and values (every layer of
+    the models served has the same); another shape gets a tensor of its own."""
+
+    def __init__(self, layers: int) -> None:
+        self.layers = layers
+        self.tensors: list[torch.Tensor] = []
+        self._taken: list[int] = []  # entries of each tensor handed out
+
+    def place(self, blank: torch.Tensor) -> torch.Tensor:
+        """An entry shaped and typed as `blank` (zeros), a view of one of the stack's tensors."""
+        for index, tensor in enumerate(self.tensors):
+            if (tensor.shape[1:], tensor.dtype, tensor.device) == (blank.shape, blank.dtype, blank.device) \
+                    and self._taken[index] < tensor.shape[0]:
+                break
+        else:
+            entries = 1 if self.tensors else 2 * self.layers
+            self.tensors.append(blank.new_zeros(entries, *blank.shape))
+            self._taken.append(0)
+            index = len(self.tensors) - 1
+        self._taken[index] += 1
+        return self.tensors[index][self._taken[index] - 1]
+
+    def move(self, sources: torch.Tensor, targets: torch.Tensor) -> None:
+        """Copy each row's entries at slots `sources` [batch, n] to slots `targets` [batch, n], in every entry."""
+        for states in self.tensors:
+            shape = (*states.shape[:3], sources.shape[1], states.shape[4])
+            moved = states.gather(3, sources[None, :, None, :, None].expand(shape))
+            states.scatter_(3, targets[None, :, None, :, None].expand(shape), moved)
+
+
 class RowLayer(StaticLayer):
     """A static layer of `batch_size` rows that writes each row's new keys and values at that row's own slots. A
-    forward may also run on some of the rows only (`rows`): it then attends over those rows' keys and values."""
+    forward may also run on some of the rows only (`rows`): it then attends over those rows' keys and values. Its
+    keys and values live in `stack`."""
 
     slots: torch.Tensor  # [inputs, new tokens]: where the next forward's tokens go, per input row
     rows: torch.Tensor | None = None  # [inputs]: the cache row of each input row (None: input row i is row i)
 
-    def __init__(self, max_cache_len: int, batch_size: int) -> None:
+    def __init__(self, max_cache_len: int, batch_size: int, stack: LayerStack) -> None:
         super().__init__(max_cache_len)
-        self.batch_size = batch_size
+        self.batch_size, self.stack = batch_size, stack
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)  # sizes, device, and blank keys and values
+        self.keys, self.values = self.stack.place(self.keys), self.stack.place(self.values)
+        if not is_torchdynamo_compiling():  # as transformers marks its own: fixed addresses for compiled steps
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:  # every row, whichever rows the first forward runs on
@@ -65,8 +109,9 @@ class RowCache(Cache):
     """
 
     def __init__(self, config, max_cache_len: int, batch_size: int) -> None:
-        text_config = config.get_text_config(decoder=True)
-        super().__init__(layers=[RowLayer(max_cache_len, batch_size) for _ in range(text_config.num_hidden_layers)])
+        layers = config.get_text_config(decoder=True).num_hidden_layers
+        self.stack = LayerStack(layers)
+        super().__init__(layers=[RowLayer(max_cache_len, batch_size, self.stack) for _ in range(layers)])
 
     def write_at(self, slots: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """slots: [inputs, tokens] cache slots of the next forward's tokens, per input row (a device tensor); rows:
@@ -75,9 +120,5 @@ class RowCache(Cache):
             layer.slots, layer.rows = slots, rows
 
     def move_kv(self, sources: torch.Tensor, targets: torch.Tensor) -> None:
-        """Copy each row's KV at slots `sources` [batch, n] to slots `targets` [batch, n]."""
-        for layer in self.layers:
-            for states in (layer.keys, layer.values):
-                shape = (*states.shape[:2], sources.shape[1], states.shape[3])
-                moved = states.gather(2, sources[:, None, :, None].expand(shape))
-                states.scatter_(2, targets[:, None, :, None].expand(shape), moved)
+        """Copy each row's KV at slots `sources` [batch, n] to slots `targets` [batch, n], in every layer."""
+        self.stack.move(sources, targets)
