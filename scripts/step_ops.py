@@ -30,7 +30,7 @@ SHAPES = {
 # Ops that launch no kernel: they only make views or allocate.
 NO_KERNEL = {"view", "_unsafe_view", "reshape", "as_strided", "slice", "select", "unsqueeze", "squeeze", "expand",
              "transpose", "t", "permute", "alias", "detach", "empty", "empty_strided", "_reshape_alias", "unbind",
-             "split", "narrow", "lift_fresh", "unflatten", "view_as"}
+             "split", "narrow", "lift_fresh", "unflatten", "view_as", "expand_as", "squeeze_", "unsqueeze_"}
 
 
 class OpCounter(TorchDispatchMode):
