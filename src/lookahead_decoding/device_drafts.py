@@ -159,13 +159,11 @@ def template_tree(shape: TemplateShape) -> TokenTree:
 def matched_lengths(text: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
     """For each row's suffix (suffix[:, j]: its j-th token from the end) and each position i of `text` ([rows or 1,
     L]): how many of the suffix's last tokens stand, in order, in the text right up to position i ([rows, L])."""
-    match = running = None
-    for back in range(suffix.shape[1]):
-        earlier = torch.nn.functional.pad(text[:, : text.shape[1] - back], (back, 0), value=SEPARATOR - 2)
-        hit = earlier == suffix[:, back : back + 1]  # text[i - back] is the suffix's token `back` from the end
-        running = hit if running is None else running & hit
-        match = running.long() if match is None else match + running
-    return match
+    length = suffix.shape[1]
+    # windows[:, i, j]: the text's token j places before position i (before its start, a value that matches nothing)
+    windows = torch.nn.functional.pad(text, (length - 1, 0), value=SEPARATOR - 2).unfold(1, length, 1).flip(2)
+    # All at once rather than one token back at a time: a handful of ops, where a step is launch-bound.
+    return (windows == suffix[:, None, :]).cumprod(dim=2).sum(dim=2)
 
 
 class DeviceDrafter:
