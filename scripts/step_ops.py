@@ -2,7 +2,7 @@
 
 At batch 1 a step is launch-bound on a GPU: a captured step replays one kernel per op (uncompiled), so the op count
 of a step is most of its cost. This counts the ops of one step of the embedded model's engine, eagerly on the CPU
-(the same ops a CUDA graph records, view ops left out), for a plain step and the device-drafting steps `auto` runs,
+(the same ops a CUDA graph records, views and allocations left out), for a plain step and the device-drafting steps `auto` runs,
 and lists the source lines that dispatch the most.
 
     python scripts/step_ops.py [--top 20]
@@ -27,10 +27,17 @@ SHAPES = {
     "device tree (B=63 K=12)": ld.LookaheadConfig(device_drafts=True),
     "device tree + window (W=8 N=4 G=4)": ld.LookaheadConfig(window=8, ngram=4, guesses=4, device_drafts=True),
 }
-# Ops that launch no kernel: they only make views or allocate.
-NO_KERNEL = {"view", "_unsafe_view", "reshape", "as_strided", "slice", "select", "unsqueeze", "squeeze", "expand",
-             "transpose", "t", "permute", "alias", "detach", "empty", "empty_strided", "_reshape_alias", "unbind",
-             "split", "narrow", "lift_fresh", "unflatten", "view_as", "expand_as", "squeeze_", "unsqueeze_"}
+# Ops that launch no kernel where their output is a view of their input (reshape copies where it cannot view), and
+# allocations.
+VIEWS = {"view", "_unsafe_view", "reshape", "as_strided", "slice", "select", "unsqueeze", "squeeze", "expand",
+         "expand_as", "transpose", "t", "permute", "alias", "detach", "_reshape_alias", "unbind", "split", "narrow",
+         "lift_fresh", "unflatten", "view_as", "squeeze_", "unsqueeze_"}
+ALLOCATIONS = {"empty", "empty_strided"}
+
+
+def storages(value) -> set[int]:
+    tensors = value if isinstance(value, (list, tuple)) else [value]
+    return {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
 
 
 class OpCounter(TorchDispatchMode):
@@ -41,11 +48,14 @@ class OpCounter(TorchDispatchMode):
         self.lines: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ not in NO_KERNEL:
+        output = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        inputs = set().union(*(storages(arg) for arg in args))
+        if name not in ALLOCATIONS and not (name in VIEWS and storages(output) <= inputs):
             frame = next((f for f in reversed(traceback.extract_stack())
                           if "lookahead_decoding" in f.filename or "transformers" in f.filename), None)
             self.lines["?" if frame is None else f"{frame.filename.split('/')[-1]}:{frame.lineno} {frame.name}"] += 1
-        return func(*args, **(kwargs or {}))
+        return output
 
 
 def main() -> None:

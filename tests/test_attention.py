@@ -10,7 +10,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 
 import lookahead_decoding as ld
 from lookahead_decoding import attention
-from lookahead_decoding.attention import NAME, folded_gqa_attention
+from lookahead_decoding.attention import NAME, fold_mask, folded_gqa_attention
 
 from conftest import greedy_reference, tiny_model
 
@@ -31,6 +31,9 @@ def test_folded_attention_equals_sdpa_over_expanded_heads(batch, kv_heads, group
     expected = torch.nn.functional.scaled_dot_product_attention(
         query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=mask, scale=0.3).transpose(1, 2)
     torch.testing.assert_close(folded_gqa_attention(query, key, value, mask, 0.3), expected)
+    # The mask folded already (as model_adapter folds the masks it builds, once per forward), or for other heads.
+    for fold in (groups, groups + 1):
+        torch.testing.assert_close(folded_gqa_attention(query, key, value, fold_mask(mask, fold), 0.3), expected)
 
 
 def test_an_sdpa_model_runs_the_folded_attention_and_still_matches_greedy(monkeypatch):

@@ -23,16 +23,26 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "lookahead_sdpa"
 
 
+def fold_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """A mask [B or 1, 1, Q, L] for the folded queries: [B or 1, 1, groups · Q, L], the Q rows once per group.
+    `model_adapter` folds the masks it builds once per forward, so that the layers need not copy them each."""
+    return mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * mask.shape[2], -1)
+
+
 def folded_gqa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                          scaling: float | None) -> torch.Tensor:
     """SDPA of query [B, H, Q, D] over key/value [B, H_kv, L, D] under an additive or boolean mask
-    [B or 1, 1, Q, L]; returns [B, Q, H, D] (the layout attention functions hand back)."""
+    [B or 1, 1, Q, L], or one already folded for these heads (`fold_mask`); returns [B, Q, H, D] (the layout
+    attention functions hand back)."""
     batch, heads, length, dim = query.shape
     groups = heads // key.shape[1]
+    folded = length > 1 and mask.shape[2] == groups * length
+    if mask.shape[2] != length and not folded:  # folded for other heads: its first Q rows are the mask
+        mask = mask[:, :, :length]
     if groups > 1:
         query = query.reshape(batch, key.shape[1], groups * length, dim)
-        if length > 1:  # one query row's mask broadcasts over its group as it is
-            mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * length, -1)
+        if length > 1 and not folded:  # (one query row's mask broadcasts over its group as it is)
+            mask = fold_mask(mask, groups)
     output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     return output.reshape(batch, heads, length, value.shape[-1]).transpose(1, 2).contiguous()
 
@@ -44,6 +54,8 @@ def lookahead_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     special = any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "s_aux", "sinks"))
     plain_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
     if special or dropout != 0.0 or not plain_mask or query.shape[1] % key.shape[1]:
+        if plain_mask:  # a folded mask's first Q rows are the mask
+            attention_mask = attention_mask[:, :, : query.shape[2]]
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     return folded_gqa_attention(query, key, value, attention_mask, scaling), None

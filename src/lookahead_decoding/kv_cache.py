@@ -9,7 +9,7 @@ current token and everything after it is dropped.
   acceptance), written at the slots the engine gives every forward; `move_kv` commits there. Every layer's keys
   and values are views of one tensor (`LayerStack`), so that a commit is one gather and one scatter for the whole
   model rather than four per layer: at batch 1 a step is launch-bound, and those were 120 kernels of a 30-layer
-  model's tree step (docs/benchmarks.md, "One commit for every layer").
+  model's tree step (docs/benchmarks.md, "Fewer ops in a tree step").
 """
 
 from __future__ import annotations

@@ -52,12 +52,18 @@ class ModelAdapter:
             )
         if attention == "sdpa":  # the same attention, without copying K and V per query head (attention.py)
             model.set_attn_implementation(lookahead_attention.NAME)
+            attention = lookahead_attention.NAME
+        text_config = config.get_text_config(decoder=True)
+        # Query heads per KV head where our attention folds them into the query rows: its masks are folded here,
+        # once per forward, not in every layer (1: masks as they are).
+        kv_heads = getattr(text_config, "num_key_value_heads", None)
+        heads = getattr(text_config, "num_attention_heads", None)
+        self.query_groups = heads // kv_heads if attention == lookahead_attention.NAME and kv_heads and heads else 1
         # Weak, so that engines cached per model (runners.py) do not keep their model alive.
         self._model = weakref.ref(model)
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.keeps_logits = "logits_to_keep" in params
         self.context_length = context_length(config)
-        text_config = config.get_text_config(decoder=True)
         layer_types = getattr(text_config, "layer_types", None)
         window = getattr(text_config, "sliding_window", None)
         if layer_types is not None:
@@ -97,17 +103,19 @@ class ModelAdapter:
 
     def attention_mask(self, allowed: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor):
         """Additive [batch, 1, Q, K] mask(s) from a boolean `allowed` [Q, K] (one sequence) or [batch, Q, K] over
-        absolute query/key positions."""
+        absolute query/key positions; folded for the query heads that share a KV head (`attention.fold_mask`)
+        where the model's attention takes them so."""
         minimum = torch.finfo(self.dtype).min
         full = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, minimum)
         full = full.view(-1, 1, *allowed.shape[-2:])
-        if self.sliding_window is None:
-            return full
-        in_window = (query_pos[..., :, None] - key_pos[..., None, :]) < self.sliding_window
-        sliding = full.masked_fill(~in_window.view(-1, 1, *in_window.shape[-2:]), minimum)
-        if self.mask_per_layer_type:
-            return {"full_attention": full, "sliding_attention": sliding}
-        return sliding
+        if self.sliding_window is not None:
+            in_window = (query_pos[..., :, None] - key_pos[..., None, :]) < self.sliding_window
+            sliding = full.masked_fill(~in_window.view(-1, 1, *in_window.shape[-2:]), minimum)
+        masks = {"full_attention": full, "sliding_attention": sliding} if self.mask_per_layer_type else \
+            {"mask": full if self.sliding_window is None else sliding}
+        if self.query_groups > 1 and allowed.shape[-2] > 1:
+            masks = {kind: lookahead_attention.fold_mask(mask, self.query_groups) for kind, mask in masks.items()}
+        return masks if self.mask_per_layer_type else masks["mask"]
 
     def forward(self, input_ids, position_ids, attention_mask, cache, logit_rows=None) -> torch.Tensor:
         """Logits [rows, vocab] for `logit_rows` of one sequence's input [S], or [batch, rows, vocab] of a batch's
