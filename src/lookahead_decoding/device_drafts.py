@@ -162,8 +162,10 @@ def matched_lengths(text: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
     length = suffix.shape[1]
     # windows[:, i, j]: the text's token j places before position i (before its start, a value that matches nothing)
     windows = torch.nn.functional.pad(text, (length - 1, 0), value=SEPARATOR - 2).unfold(1, length, 1).flip(2)
-    # All at once rather than one token back at a time: a handful of ops, where a step is launch-bound.
-    return (windows == suffix[:, None, :]).cumprod(dim=2).sum(dim=2)
+    hits = windows == suffix[:, None, :]
+    # All at once rather than one token back at a time (a handful of ops, where a step is launch-bound): the first
+    # miss, or all of them. (A running product over so short a last dimension is a slow scan kernel on CUDA.)
+    return torch.where(hits.all(dim=2), length, (~hits).to(torch.uint8).argmax(dim=2))
 
 
 class DeviceDrafter:
