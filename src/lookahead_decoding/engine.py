@@ -515,7 +515,7 @@ class StaticStep:
             nodes_then_current = torch.cat([tree_ids, step_ids[:, :1]], dim=1)  # the root is column `nodes`
             befores = torch.cat([before[:, None], nodes_then_current.gather(1, parents)], dim=1)
             self.drafter.learn(torch.cat([step_ids[:, :1], tree_ids], dim=1), befores,
-                               torch.cat([logits[:, :1], logits[:, layout.tree_logits]], dim=1))
+                               layout.current_and_tree(logits))
             if config.has_window:  # after the tree's: where both wrote, the window's predictions stay
                 self.drafter.iterate_window(config.window, config.levels, step_ids[:, : layout.lookahead_size],
                                             before, logits[:, : layout.lookahead_size])
@@ -563,7 +563,7 @@ class StaticStep:
         layout = self.layouts[shape]
         depth = layout.config.candidate_length
         logits, tree, start, step_ids = self._device_forward(shape)
-        verified = torch.cat([logits[:, :1], logits[:, layout.tree_logits]], dim=1)
+        verified = layout.current_and_tree(logits)
         choices = choose_tokens(self.sampler, verified, tree, start, layout.config)
         verify = torch.vmap(functools.partial(verify_greedy, max_depth=depth))
         result = verify(choices[:, 0], choices[:, 1:], tree)

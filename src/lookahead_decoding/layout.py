@@ -88,6 +88,14 @@ class StepLayout:
     def tree_logits(self) -> slice:
         return slice(self.new_level_logits.stop, None)
 
+    def current_and_tree(self, logits: torch.Tensor) -> torch.Tensor:
+        """The rows [..., 1 + B, V] of a step's logits [..., logit rows, V] after the current token and after each
+        tree node: a view where the tree's rows follow the current token's (no window; a batch's logits are
+        large), else a copy."""
+        if self.tree_logits.start == 1:
+            return logits[..., : 1 + self.config.tree_nodes, :]
+        return torch.cat([logits[..., :1, :], logits[..., self.tree_logits, :]], dim=-2)
+
     def positions(self, tree: TreeTensors) -> torch.Tensor:
         """[S] position of every row relative to the current token."""
         return torch.cat([self.lookahead_offsets, tree.depths])

@@ -232,7 +232,7 @@ class EagerStep:
         if self.verifier is not None:
             result = self.verifier(logits[0], nodes, tree_logits, depth, history)
         else:
-            verified = torch.cat([logits[:1], tree_logits])[None]
+            verified = layout.current_and_tree(logits)[None]
             batched = TreeTensors(*(part[None] for part in nodes))
             (choices,) = choose_tokens(self.sampler, verified, batched, torch.tensor([t], device=device), config)
             result = verify_greedy(choices[0], choices[1:], nodes, depth)
