@@ -108,14 +108,20 @@ class ModelAdapter:
         minimum = torch.finfo(self.dtype).min
         full = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(~allowed, minimum)
         full = full.view(-1, 1, *allowed.shape[-2:])
-        if self.sliding_window is not None:
-            in_window = (query_pos[..., :, None] - key_pos[..., None, :]) < self.sliding_window
-            sliding = full.masked_fill(~in_window.view(-1, 1, *in_window.shape[-2:]), minimum)
-        masks = {"full_attention": full, "sliding_attention": sliding} if self.mask_per_layer_type else \
-            {"mask": full if self.sliding_window is None else sliding}
-        if self.query_groups > 1 and allowed.shape[-2] > 1:
-            masks = {kind: lookahead_attention.fold_mask(mask, self.query_groups) for kind, mask in masks.items()}
-        return masks if self.mask_per_layer_type else masks["mask"]
+        if self.sliding_window is None:
+            return self._folded(full)
+        in_window = (query_pos[..., :, None] - key_pos[..., None, :]) < self.sliding_window
+        sliding = full.masked_fill(~in_window.view(-1, 1, *in_window.shape[-2:]), minimum)
+        if self.mask_per_layer_type:
+            return {"full_attention": self._folded(full), "sliding_attention": self._folded(sliding)}
+        return self._folded(sliding)
+
+    def _folded(self, mask: torch.Tensor) -> torch.Tensor:
+        """`mask` [batch, 1, Q, K] as the model's attention takes it: folded where it folds query heads (one query
+        row broadcasts as it is)."""
+        if self.query_groups > 1 and mask.shape[-2] > 1:
+            return lookahead_attention.fold_mask(mask, self.query_groups)
+        return mask
 
     def forward(self, input_ids, position_ids, attention_mask, cache, logit_rows=None) -> torch.Tensor:
         """Logits [rows, vocab] for `logit_rows` of one sequence's input [S], or [batch, rows, vocab] of a batch's
