@@ -36,9 +36,10 @@ import lookahead_decoding as ld
 from lookahead_decoding import row_sampler
 from lookahead_decoding.draws import race_noise, stream_keys
 from lookahead_decoding.config import AUTOREGRESSIVE
-from lookahead_decoding.decoding import decode
+from lookahead_decoding.decoding import decode, open_scheduler
 from lookahead_decoding.sampling import SamplingVerifier, same_device, sampling_processors
 from lookahead_decoding.sampling_params import SamplingParams
+from lookahead_decoding.tuning import shape_name
 
 torch.set_num_threads(1)
 
@@ -598,6 +599,24 @@ def test_a_greedy_engine_refuses_sampled_requests():
     with pytest.raises(ValueError, match="request 'x' samples or has penalties, but this scheduler's step runner is "
                                          "greedy; build it with sampling=True"):
         scheduler.submit(ld.Request([1, 2], 4, tag="x", sampling=SamplingParams(temperature=0.5)))
+
+
+def test_an_engine_built_to_sample_judges_greedy_steps_by_their_own_cost():
+    """A plan that costs its sampled steps apart (`StepPlan.greedy_costs_ms`): a lookahead step that pays only
+    when no row samples is taken for a greedy request, and never while the row samples."""
+    model = tiny_model("llama")
+    shape = ld.LookaheadConfig(3, 4, 3)
+    plan = ld.StepPlan((AUTOREGRESSIVE, shape), costs_ms=(1.0, 1000.0), greedy_costs_ms=(1.0, 1.0))
+    scheduler = open_scheduler(model, 1, 96, plan)
+    prompt = [5, 9, 2, 7, 5, 9]
+    scheduler.submit(ld.Request(prompt, 40))
+    (greedy,) = scheduler.run()
+    assert greedy.tokens == greedy_reference(model, torch.tensor([prompt]), 40)[0].tolist()
+    lookahead_steps = scheduler.steps_by_shape.get(shape_name(shape), 0)
+    assert lookahead_steps > 0, scheduler.steps_by_shape
+    scheduler.submit(ld.Request(prompt, 40, sampling=SamplingParams(temperature=0.8, seed=3)))
+    scheduler.run()
+    assert scheduler.steps_by_shape.get(shape_name(shape), 0) == lookahead_steps
 
 
 def test_cuda_names_the_current_device():

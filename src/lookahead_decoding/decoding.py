@@ -259,7 +259,7 @@ def fitting_plan(adapter: ModelAdapter, plan: StepPlan, prompt_len: int, max_new
         smallest = min(range(len(plan.shapes)), key=lambda index: plan.shapes[index].tokens_per_step)
         raise ValueError(f"no step of the calibrated plan fits: its smallest, {shape_name(plan.shapes[smallest])}, "
                          f"{misfits[smallest]}")
-    return StepPlan(tuple(plan.shapes[i] for i in kept), tuple(plan.costs_ms[i] for i in kept))
+    return plan.keeping(kept)
 
 
 def step_memory_bytes(adapter: ModelAdapter, rows: int, keys: int) -> int:

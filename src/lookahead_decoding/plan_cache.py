@@ -24,7 +24,7 @@ import torch
 
 from .tuning import StepPlan, shape_name
 
-CALIBRATION_VERSION = 4
+CALIBRATION_VERSION = 5
 CACHE_FILE = "calibration.json"
 # After a generation, a shape that took at least DRIFT_MIN_STEPS steps whose recent median wall time is below its
 # calibrated cost / DRIFT_FACTOR was calibrated on a busy machine. Only this direction: host work and a machine
@@ -120,14 +120,15 @@ def store_plan(key: str, plan: StepPlan, path: Path | None = None) -> None:
         _drift_checked[plan] = (key, path)
 
 
-def check_drift(plan: StepPlan, steps: Sequence[int], recent_ms: Sequence[Sequence[float]]) -> None:
-    """After a generation with `plan` that took `steps` steps of each shape, the recent ones taking `recent_ms`:
-    if the plan came from the cache and a shape ran far faster than calibrated, mark its entry stale, so its next
-    use measures again."""
+def check_drift(plan: StepPlan, costs_ms: Sequence[float], steps: Sequence[int],
+                recent_ms: Sequence[Sequence[float]]) -> None:
+    """After a generation with `plan` that took `steps` steps of each shape calibrated at `costs_ms` (the plan's
+    costs, or its greedy ones), the recent ones taking `recent_ms`: if the plan came from the cache and a shape ran
+    far faster than calibrated, mark its entry stale, so its next use measures again."""
     where = _drift_checked.get(plan)
     if where is None:
         return
-    for shape, cost, count, times in zip(plan.shapes, plan.costs_ms, steps, recent_ms):
+    for shape, cost, count, times in zip(plan.shapes, costs_ms, steps, recent_ms):
         # A shape that ran early in a batch and not since has no recent times (they expire): it tells nothing.
         if count >= DRIFT_MIN_STEPS and times and statistics.median(times) * DRIFT_FACTOR < cost:
             key, path = where

@@ -138,7 +138,9 @@ class BatchScheduler:
         self.stats = GenerationStats()  # steps: batched forwards; new_tokens: over all rows
         # One sequence: the calibrated costs and its chooser's estimates. A batch: costs measured as it runs, host
         # work per row included, and the rows' summed estimates corrected by what the batch's steps delivered.
-        self.costs = StepCosts(plan.costs_ms, measured=runner.batch_size > 1)
+        # Steps where some row samples (or penalises) and steps where none does, apart: they cost apart.
+        self.step_costs = {sampling: StepCosts(plan.costs_for(sampling), measured=runner.batch_size > 1)
+                           for sampling in (False, True)}
         self.batch_yield = BatchYield(len(plan.shapes)) if runner.batch_size > 1 else None
         self._steps_by_shape = [0] * len(plan.shapes)
         # The shapes whose steps can follow unread ones, if the runner pipelines; then the step launched and not
@@ -175,6 +177,12 @@ class BatchScheduler:
             raise ValueError(f"request {request.tag!r}: prompt ({len(request.prompt)} tokens) + max_new_tokens "
                              f"({request.max_new_tokens}) = {total} tokens does not fit this engine's max_length {room}")
         self.waiting.append(request)
+
+    @property
+    def costs(self) -> StepCosts:
+        """The step costs that apply now: those of steps where some row samples, or of steps where none does."""
+        sampler = getattr(self.runner, "sampler", None)
+        return self.step_costs[sampler is None or bool(sampler.stages)]
 
     @property
     def steps_by_shape(self) -> dict[str, int]:
@@ -457,7 +465,8 @@ class BatchScheduler:
     def finish(self, seconds: float) -> GenerationStats:
         """The statistics of the whole run: batched forwards, new tokens over all rows, wall time."""
         self.stats.seconds = seconds
-        check_drift(self.plan, self._steps_by_shape, self.costs.recent_ms)
+        for costs in self.step_costs.values():
+            check_drift(self.plan, costs.calibrated_ms, costs.runs, costs.recent_ms)
         self.stats.shape_steps.update(self.steps_by_shape)
         return self.stats
 

@@ -360,6 +360,7 @@ class StepCosts:
         self.costs_ms = list(calibrated_ms)
         self.measured, self.min_samples, self.max_age = measured, min_samples, max_age
         self.steps = 0
+        self.runs = [0] * len(self.costs_ms)  # steps of each shape
         # Per shape: (step, ms) of its recent steps. Kept without `measured` too: `plan_cache.check_drift`
         # compares them with the calibrated costs.
         self.samples = [deque(maxlen=recent) for _ in self.costs_ms]
@@ -371,6 +372,7 @@ class StepCosts:
 
     def observe(self, shape: int, wall_ms: float) -> None:
         self.steps += 1
+        self.runs[shape] += 1
         self.samples[shape].append((self.steps, wall_ms))
         for other, samples in enumerate(self.samples):
             expired = False

@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -66,10 +66,17 @@ MIN_TIMED_STEPS = 3
 
 @dataclass(frozen=True)
 class StepPlan:
-    """The step shapes a generation may use, cheapest first, and what one step of each costs here (ms)."""
+    """The step shapes a generation may use, cheapest first, and what one step of each costs here (ms).
+
+    A plan for an engine built to sample was timed with sampling rows (`costs_ms`); `greedy_costs_ms` then holds
+    what the same shapes cost when no row samples, penalises or filters. A sampled step draws and sorts the
+    vocabulary at every position it computes, which a tree multiplies: at batch 64 the H100 timed a 16-position
+    tree at 19.7 ms sampled, where a greedy one costs 7-8 ms (docs/benchmarks.md, "The server with the device's
+    drafts"). Judged by the sampled cost, greedy requests on a server never drafted."""
 
     shapes: tuple[LookaheadConfig, ...]
     costs_ms: tuple[float, ...]
+    greedy_costs_ms: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         # Frozen; tuples, so that plans given as lists compare equal to the same plan given as tuples.
@@ -81,22 +88,44 @@ class StepPlan:
         for shape in self.shapes:
             if not isinstance(shape, LookaheadConfig):
                 raise TypeError(f"a plan's shapes are LookaheadConfigs, got {shape!r}")
-        if not all(isinstance(cost, (int, float)) and not isinstance(cost, bool) and math.isfinite(cost) and cost > 0
-                   for cost in self.costs_ms):
-            raise ValueError(f"step costs must be positive and finite (ms), got {list(self.costs_ms)}")
+        check_costs(self.costs_ms)
+        if self.greedy_costs_ms is not None:
+            object.__setattr__(self, "greedy_costs_ms", tuple(self.greedy_costs_ms))
+            if len(self.greedy_costs_ms) != len(self.shapes):
+                raise ValueError(f"a plan needs one greedy cost per shape, got {len(self.shapes)} shapes and "
+                                 f"{len(self.greedy_costs_ms)} greedy costs")
+            check_costs(self.greedy_costs_ms)
+
+    def costs_for(self, sampling: bool) -> tuple[float, ...]:
+        """What each shape costs in steps where some row samples (`sampling`), or where none does."""
+        return self.costs_ms if sampling or self.greedy_costs_ms is None else self.greedy_costs_ms
+
+    def keeping(self, indices: Sequence[int]) -> "StepPlan":
+        """The plan of the shapes at `indices` alone, with their costs."""
+        greedy = self.greedy_costs_ms
+        return StepPlan(tuple(self.shapes[i] for i in indices), tuple(self.costs_ms[i] for i in indices),
+                        None if greedy is None else tuple(greedy[i] for i in indices))
 
     def describe(self) -> str:
-        return ", ".join(f"{shape_name(s)} {c:.2f} ms" for s, c in zip(self.shapes, self.costs_ms))
+        described = ", ".join(f"{shape_name(s)} {c:.2f} ms" for s, c in zip(self.shapes, self.costs_ms))
+        if self.greedy_costs_ms is None:
+            return described
+        return f"{described} (greedy rows only: {', '.join(f'{c:.2f}' for c in self.greedy_costs_ms)} ms)"
 
     def as_dict(self) -> dict:
-        return {"shapes": [asdict(s) for s in self.shapes], "costs_ms": list(self.costs_ms)}
+        data = {"shapes": [asdict(s) for s in self.shapes], "costs_ms": list(self.costs_ms)}
+        if self.greedy_costs_ms is not None:
+            data["greedy_costs_ms"] = list(self.greedy_costs_ms)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "StepPlan":
         """The plan `as_dict` wrote; ValueError or TypeError saying what is wrong with anything else."""
         if not isinstance(data, dict) or not {"shapes", "costs_ms"} <= data.keys():
             raise ValueError("the entry is not an object with shapes and costs_ms")
-        return cls(tuple(LookaheadConfig(**shape) for shape in data["shapes"]), tuple(float(c) for c in data["costs_ms"]))
+        greedy = data.get("greedy_costs_ms")
+        return cls(tuple(LookaheadConfig(**shape) for shape in data["shapes"]), tuple(float(c) for c in data["costs_ms"]),
+                   None if greedy is None else tuple(float(c) for c in greedy))
 
     def check_calibrated(self, context_length: int | None) -> None:
         """ValueError unless calibration could have chosen this plan for a model of `context_length` tokens: the
@@ -112,6 +141,12 @@ class StepPlan:
                 raise ValueError(f"{shape_name(shape)} has {rows} tokens, wider than calibration measures "
                                  f"({WIDEST_ROWS})")
 
+
+
+def check_costs(costs_ms: Sequence[float]) -> None:
+    if not all(isinstance(cost, (int, float)) and not isinstance(cost, bool) and math.isfinite(cost) and cost > 0
+               for cost in costs_ms):
+        raise ValueError(f"step costs must be positive and finite (ms), got {list(costs_ms)}")
 
 
 def shape_name(config: LookaheadConfig) -> str:
@@ -188,7 +223,18 @@ def calibrate(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_
               exhaustive: bool = False, sampling: SamplingParams | None = None) -> Calibration:
     """Measure the candidate shapes on runners from `make_runner(shapes)` and choose the plan, with a progress bar
     on stderr. Unless `exhaustive`, shapes that clearly lose are timed in fewer steps or not at all, and a batch
-    on a CPU tries a shorter ladder. `sampling`: the parameters the timed steps decode with (None: greedy)."""
+    on a CPU tries a shorter ladder. `sampling`: the parameters the timed steps decode with (None: greedy); the
+    plan's shapes are then timed with greedy rows too (`StepPlan.greedy_costs_ms`)."""
+    calibration = choose_plan(make_runner, vocab_size, exhaustive, sampling)
+    if sampling is None:
+        return calibration
+    greedy_costs = time_steps(make_runner(calibration.plan.shapes), vocab_size)
+    return replace(calibration, plan=replace(calibration.plan, greedy_costs_ms=greedy_costs))
+
+
+def choose_plan(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_size: int, exhaustive: bool,
+                sampling: SamplingParams | None) -> Calibration:
+    """`calibrate`'s measuring and choosing, with the rows decoding with `sampling` (None: greedy)."""
     plain_runner = make_runner([AUTOREGRESSIVE])
     if getattr(plain_runner, "pipelined", False):
         return calibrate_device_drafts(make_runner, plain_runner, vocab_size, sampling)
