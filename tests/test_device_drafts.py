@@ -439,6 +439,21 @@ def test_a_request_without_lookahead_takes_one_token_per_step_of_a_device_drafti
     assert results["on"].stats.steps < 19
 
 
+def test_a_batch_without_lookahead_takes_plain_steps_whatever_the_costs_measured_so_far():
+    """The costs of a batch's steps are measured as it runs; a tree step measured with few rows can look cheaper
+    than a plain one measured with many. Rows that do not decode with lookahead still take plain steps."""
+    model = tiny_model("llama")
+    runner = StaticStep(model, [AUTOREGRESSIVE, DEVICE_SHAPE], 96, batch_size=2, pipeline=True)
+    scheduler = BatchScheduler(runner, StepPlan((AUTOREGRESSIVE, DEVICE_SHAPE), (2.0, 1.0)),
+                               lambda memory=None: NoDrafts())
+    prompt = [5, 6, 7] * 4
+    for tag in ("a", "b"):
+        scheduler.submit(Request(list(prompt), 20, tag=tag, lookahead=False))
+    expected = greedy_reference(model, torch.tensor([prompt]), 20)[0].tolist()
+    assert [finished.tokens for finished in scheduler.run()] == [expected, expected]
+    assert scheduler.steps_by_shape == {"plain": 19}
+
+
 def test_a_device_drafting_config_left_to_its_defaults_is_the_step_auto_drafts_with_at_batch_1():
     def shape(config):
         return config.window, config.ngram, config.candidate_length, config.tree_nodes

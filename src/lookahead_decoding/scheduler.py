@@ -282,7 +282,11 @@ class BatchScheduler:
         return finished + self._record_planned(shape, live, steps, outcomes, extra[shape], began)
 
     def _best(self, live: numpy.ndarray, extra) -> int:
-        """The shape for the rows `live`, who expect `extra` of each shape now."""
+        """The shape for the rows `live`, who expect `extra` of each shape now; the cheapest when none of them
+        decodes with lookahead. (The costs measured so far cannot decide that: a shape's recent steps may have run
+        with fewer rows than now, which made a wider shape look cheaper than the plain one.)"""
+        if not self.choosers.lookahead[live].any():
+            return 0
         yields = None if self.batch_yield is None else self.batch_yield.ratios
         return best_shape(len(live), extra, self.choosers.later(live).sum(axis=0), self.costs.costs_ms, yields)
 
