@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import lookahead_decoding as ld
+from lookahead_decoding import engine
 from lookahead_decoding.drafting import CandidateSource, Draft
 
 torch.set_num_threads(1)  # tiny models on 2 cores: intra-op threads only add contention
@@ -42,6 +43,15 @@ def calibration_cache(tmp_path_factory):
     """Calibrations of test models go to a throwaway cache, not the user's."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LOOKAHEAD_CACHE_DIR", str(tmp_path_factory.mktemp("calibration")))
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def narrow_attention_widths():
+    """Engines read the cache through widths from 16 slots (256 by default), so that the tiny sequences of these
+    tests cross several of them and every exactness test covers the switch from one width to the next."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "NARROWEST_WIDTH", 16)
         yield
 
 

@@ -31,6 +31,35 @@ def test_static_engine_equals_greedy(arch, config):
         assert out.sequences.tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("config", [AUTOREGRESSIVE, CONFIGS[2], CONFIGS[-1]], ids=str)
+def test_a_step_reads_the_narrowest_width_of_the_cache_that_holds_its_rows(llama, config, monkeypatch):
+    """Attention reads the cache's first slots only, as many as the step's width (16, 32, 64, ... here; see
+    conftest): the narrowest that holds every row's tokens and the step's. Too narrow a width changes tokens."""
+    engine = StaticStep(llama, config, max_length=64, batch_size=2)
+    size = engine.layouts[0].size
+    assert engine.widths == (16, 32, 64, 64 + size)
+    chosen, width_of = [], engine._width
+    monkeypatch.setattr(engine, "_width", lambda shape: chosen.append((engine.length_bound.copy(), width_of(shape)))
+                        or chosen[-1][1])
+    prompts = [[5, 9, 2, 7, 5, 9], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]]
+    expected = [greedy_reference(llama, torch.tensor([prompt]), 40)[0].tolist() for prompt in prompts]
+    assert [row.tokens for row in ld.generate(llama, prompts, 40, config, runner=engine).rows] == expected
+    for bound, width in chosen:
+        assert width == min(w for w in engine.widths if w >= bound.max() + size)
+    assert len({width for _, width in chosen}) >= 2  # the rows grew through widths
+    monkeypatch.setattr(engine, "_width", lambda shape: engine.widths[0])
+    assert [row.tokens for row in ld.generate(llama, prompts, 40, config, runner=engine).rows] != expected
+
+
+def test_the_length_bound_holds_what_each_row_holds(llama):
+    """The host's bound on each row's length, which picks the width: never below the row's length on the device,
+    exact after a step is read."""
+    engine = StaticStep(llama, CONFIGS[2], max_length=64, batch_size=2)
+    out = ld.generate(llama, [[5, 9, 2, 7, 5, 9], [3, 1, 4]], [30, 12], CONFIGS[2], runner=engine)
+    assert engine.length_bound.tolist() == engine.lengths.tolist()
+    assert [len(row.tokens) for row in out.rows][0] <= engine.length_bound[0] + 1
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("prefill_chunk", [1, 4, 5])
 def test_prompts_longer_than_a_prefill_chunk(arch, prefill_chunk):

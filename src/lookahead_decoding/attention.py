@@ -7,7 +7,9 @@ on every step. A batched step spent most of its device time in that copy (docs/b
 Here the query heads that share a KV head are folded into the query length instead: queries
 [batch, H_kv · groups, Q, D] become [batch, H_kv, groups · Q, D], attending to the cache's own [batch, H_kv, L, D],
 and the mask [batch, 1, Q, L] is repeated per group (Q rows, not L · D values, are copied). The arithmetic is the
-same attention. It is registered in transformers' `AttentionInterface` as `lookahead_sdpa`, and `model_adapter`
+same attention. A mask narrower than the cache reads only the cache's first slots, as many as the mask has columns:
+the engine's steps attend to what their rows hold, not to every slot (`engine.attention_widths`).
+It is registered in transformers' `AttentionInterface` as `lookahead_sdpa`, and `model_adapter`
 selects it (`set_attn_implementation`) for a model loaded with `sdpa`. Whatever it does not cover (no mask,
 per-head masks, soft-capping, attention sinks, dropout) goes to transformers' own SDPA function unchanged, so the
 model computes what it computed before, in every forward, ours or not.
@@ -53,6 +55,8 @@ def lookahead_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     """An `AttentionInterface` function: the folded attention where it applies, transformers' SDPA elsewhere."""
     special = any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "s_aux", "sinks"))
     plain_mask = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
+    if attention_mask is not None and attention_mask.shape[-1] < key.shape[2]:  # the cache's first slots only
+        key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
     if special or dropout != 0.0 or not plain_mask or query.shape[1] % key.shape[1]:
         if plain_mask:  # a folded mask's first Q rows are the mask
             attention_mask = attention_mask[:, :, : query.shape[2]]

@@ -13,6 +13,10 @@ runs the same step shape on its own tokens and token tree, sees only its own cac
 of tokens. A row that is not decoding (finished, or waiting for a prompt) rides along without changing its
 length, so rows can be refilled between steps without recapturing anything.
 
+A step's attention reads the cache from its first slot up to a width that holds what every row may hold by then
+(`attention_widths`), not every slot the cache has: one graph per width, the narrowest that fits chosen per step
+from the host's bound on the rows' lengths. A server sized for long prompts then pays for the prompts it gets.
+
 With window=1, ngram=2, guesses=0 the step is plain autoregressive decoding on the same engine (`ar-graph` in
 the benchmarks), so lookahead can be compared against an equally optimised baseline.
 
@@ -47,6 +51,17 @@ from .verification import Verifier, verify_greedy
 # Prompt tokens per prefill chunk. The prefill runs as fixed-shape chunks so that it, too, is one captured graph
 # (an eager forward of each new prompt length pays launches and kernel selection; docs/benchmarks.md).
 PREFILL_CHUNK = 128
+# The narrowest width a step's attention reads (cache slots from the first); each wider one doubles it, up to what
+# the longest sequence's step needs. Every width is a graph of each step shape, recorded up front.
+NARROWEST_WIDTH = 256
+
+
+def attention_widths(widest: int) -> tuple[int, ...]:
+    """The widths a step's attention may read, narrowest first, up to `widest` slots."""
+    widths = []
+    while (NARROWEST_WIDTH << len(widths)) < widest:
+        widths.append(NARROWEST_WIDTH << len(widths))
+    return (*widths, widest)
 
 
 class Replayable:
@@ -98,6 +113,7 @@ class LaunchedStep(NamedTuple):
     scores: torch.Tensor | None  # the logits along the accepted paths, None once a later step has replaced them
     top: tuple | None  # the top predictions, when the shape reports them
     done: torch.cuda.Event | None  # recorded behind the copy; None where steps run synchronously
+    admissions: numpy.ndarray  # by row: prompts the row had been given when the step was launched
 
     def busy(self) -> bool:
         """Whether the device still computes the step (a `DeviceBusy`)."""
@@ -191,6 +207,15 @@ class StaticStep:
                                      cache_length + max(s.candidate_length for s in shapes)) if drafting else None
         self.key_index = torch.arange(cache_length, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached, per row
+        # What each step's attention may read: widths of the cache from its first slot, each its own graph (compiled,
+        # its own compilation: a compiled engine reads the whole cache). Only our attention takes a mask narrower
+        # than the cache. The host's bound on each row's length picks the width: exact after a prefill or a read
+        # step, plus the most that each launched and unread step may add.
+        # (The widest a step needs: its rows after the longest sequence.)
+        narrow = adapter.takes_narrow_masks and not compile
+        self.widths = attention_widths(max_length + largest) if narrow else (cache_length,)
+        self.length_bound = numpy.zeros(batch_size, dtype=numpy.int64)
+        self.admissions = numpy.zeros(batch_size, dtype=numpy.int64)  # prompts each row has been given
         # Per shape, one line per row: step ids, the tree's parents, its number of real nodes, 1 if the row decodes.
         sizes = [layout.size + layout.config.tree_nodes + 2 for layout in self.layouts]
         self.inputs = [torch.zeros(batch_size, size, dtype=torch.long, device=device) for size in sizes]
@@ -204,11 +229,10 @@ class StaticStep:
         self.last_position = (adapter.context_length or 2**62) - 1
         self.use_graph = device.type == "cuda" and verifier is None if cuda_graph is None else cuda_graph
         self.pipelined = device.type == "cuda" and verifier is None if pipeline is None else pipeline
-        steps = [functools.partial(self._device_step, shape) for shape in range(len(self.layouts))]
-        self._step_functions = [torch.compile(fn, dynamic=False) if compile else fn for fn in steps]
-        # (shape, or None for the prefill; its entries; the sampler's stages) -> the step or prefill chunk as run
-        # for that: a sampling engine records one graph per set of stages its rows use, so that a step does only what
-        # its rows ask for.
+        self.compile = compile
+        # (shape, or None for the prefill; its entries; the sampler's stages; the attention's width) -> the step or
+        # prefill chunk as run for that: a sampling engine records one graph per set of stages its rows use, so that
+        # a step does only what its rows ask for.
         self._replayables: dict[tuple, Replayable] = {}
         # Where steps run asynchronously (CUDA), each shape's outcomes are copied to one of two pinned host buffers
         # in turn, an event recorded behind the copy: a step can be launched while the one before is still unread.
@@ -224,12 +248,14 @@ class StaticStep:
     def captured(self) -> bool:
         return any(replayable.graph is not None for replayable in self._replayables.values())
 
-    def replayable(self, shape: int | None, entries: int | None = None) -> Replayable:
-        """The step of `shape` (None: the prefill chunk, of `entries` rows, all by default) for the rows' current
-        sampling stages; recorded as a CUDA graph on first use once the engine captures."""
+    def replayable(self, shape: int | None, entries: int | None = None, width: int | None = None) -> Replayable:
+        """The step of `shape` whose attention reads `width` cache slots (one of `widths`; default: all), or the
+        prefill chunk (shape None) of `entries` rows (default: all), for the rows' current sampling stages;
+        recorded as a CUDA graph on first use once the engine captures."""
         stages = () if self.sampler is None else self.sampler.stages
         entries = self.batch_size if shape is None and entries is None else entries
-        key = (shape, entries, stages)
+        width = None if shape is None else self.widths[-1] if width is None else width
+        key = (shape, entries, stages, width)
         if key not in self._replayables:
             if shape is None:
                 if entries not in self.chunk_inputs:  # one buffer per size, whatever the stages
@@ -237,7 +263,8 @@ class StaticStep:
                                                              device=self.lengths.device)
                 function = functools.partial(self._device_prefill_chunk, entries)
             else:
-                function = self._step_functions[shape]
+                function = functools.partial(self._device_step, shape, width)
+                function = torch.compile(function, dynamic=False) if self.compile else function
             self._replayables[key] = Replayable(function)
             if self.use_graph and self.captured:
                 self._capture([self._replayables[key]])
@@ -289,6 +316,9 @@ class StaticStep:
                                  f"{self.max_length}")
         chunk = self.prefill_chunk
         self.lengths.index_fill_(0, torch.tensor(list(prompts), device=self.lengths.device), 0)
+        for row, prompt in prompts.items():
+            self.length_bound[row] = len(prompt)
+            self.admissions[row] += 1
         if self.sampler is not None:
             self.sampler.start_rows({row: sampling.get(row) for row in prompts})
         entries = self.prefill_entries(len(prompts))
@@ -316,7 +346,8 @@ class StaticStep:
             # Every prefill size now too: a capture while rows decode would stall them.
             sizes = {self.prefill_entries(count) for count in range(1, self.batch_size + 1)}
             self._capture([*(self.replayable(None, size) for size in sorted(sizes)),
-                           *(self.replayable(shape) for shape in range(len(self.layouts)))])
+                           *(self.replayable(shape, width=width) for shape in range(len(self.layouts))
+                             for width in self.widths)])
         return outcomes
 
     def step_rows(self, shape: int, steps: Sequence[PlannedStep | None] | TokenRows,
@@ -347,11 +378,18 @@ class StaticStep:
         else:
             decoding = self._write_planned(shape, steps, histories)
         self.inputs[shape].copy_(self.host_inputs[shape], non_blocking=True)
+        width = self._width(shape)
         if self.verifier is None:
-            packed, scores, top = self.replayable(shape)()
+            packed, scores, top = self.replayable(shape, width=width)()
         else:
-            packed, scores, top = self._verified_step(shape, steps, histories)
+            packed, scores, top = self._verified_step(shape, width, steps, histories)
         return self._launched(shape, decoding, packed, scores, top)
+
+    def _width(self, shape: int) -> int:
+        """The narrowest of `widths` that holds every row's tokens, as far as the host knows, and a step of
+        `shape`'s rows after them."""
+        needed = int(self.length_bound.max()) + self.layouts[shape].size
+        return next((width for width in self.widths if width >= needed), self.widths[-1])
 
     def _write_planned(self, shape: int, steps: Sequence[PlannedStep | None],
                        histories: Sequence[Sequence[int] | None]) -> list[bool]:
@@ -420,13 +458,17 @@ class StaticStep:
             if shape in self._template_lines:
                 size = self.layouts[shape].size
                 inputs[update[:, 0], size : size + config.tree_nodes + 1] = self._template_lines[shape]
-        packed, scores, top = self.replayable(shape)()
+        packed, scores, top = self.replayable(shape, width=self._width(shape))()
         return self._launched(shape, decoding, packed, scores, top)
 
     def _launched(self, shape: int, decoding: Sequence[bool], packed, scores, top) -> LaunchedStep:
-        """The launched step, its outcomes on their way to the host."""
+        """The launched step, its outcomes on their way to the host; each decoding row's length bound raised by
+        the most the step may commit."""
+        config = self.layouts[shape].config
+        self.length_bound[numpy.asarray(decoding, dtype=bool)] += 1 + (config.candidate_length if config.tree_nodes else 0)
+        admissions = self.admissions.copy()
         if packed.device.type != "cuda":  # the step has run
-            return LaunchedStep(shape, decoding, packed, packed, scores, top, None)
+            return LaunchedStep(shape, decoding, packed, packed, scores, top, None, admissions)
         buffers, turn = self._host_outputs[shape], self._turn[shape]
         if len(buffers) <= turn:
             buffers.append((torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True), torch.cuda.Event()))
@@ -434,15 +476,21 @@ class StaticStep:
         host, done = buffers[turn]
         host.copy_(packed, non_blocking=True)
         done.record()
-        return LaunchedStep(shape, decoding, packed, host, scores, top, done)
+        return LaunchedStep(shape, decoding, packed, host, scores, top, done, admissions)
 
     def finish_rows(self, launched: LaunchedStep) -> RowOutcomes:
         """Read a launched step's outcomes (waiting for the device): by row, None where the row did not decode."""
         if launched.done is not None:
             launched.done.synchronize()
         predictions = None if launched.top is None else host_predictions(*launched.top)
-        return RowOutcomes(launched.host_outputs.numpy().copy(), launched.decoding, self.layouts[launched.shape].config,
-                           launched.scores, predictions)
+        outputs = launched.host_outputs.numpy().copy()
+        config = self.layouts[launched.shape].config
+        # The bound took the most the step could commit; a row that still holds the same prompt committed its own.
+        # (A row given a new prompt since has an exact bound already.)
+        same = numpy.asarray(launched.decoding, dtype=bool) & (self.admissions == launched.admissions)
+        if config.tree_nodes:
+            self.length_bound[same] -= config.candidate_length - outputs[same, 0]
+        return RowOutcomes(outputs, launched.decoding, config, launched.scores, predictions)
 
     # ------------------------------------------------------------------------------------------ on the device
 
@@ -475,9 +523,10 @@ class StaticStep:
         self.sampler.observe_output(first, ends_prompt, some_rows)
         return first[:, 0], logits
 
-    def _device_forward(self, shape: int):
-        """Every row's step rows through the model: (logits [batch, R, V] of the layout's logit rows, the rows'
-        trees, the rows' lengths before the step, the step's input ids)."""
+    def _device_forward(self, shape: int, width: int):
+        """Every row's step rows through the model, attending to the first `width` cache slots: (logits
+        [batch, R, V] of the layout's logit rows, the rows' trees, the rows' lengths before the step, the step's
+        input ids)."""
         layout = self.layouts[shape]
         config = layout.config
         size, nodes, depth = layout.size, config.tree_nodes, config.candidate_length  # depth: K
@@ -502,7 +551,7 @@ class StaticStep:
         positions = (torch.vmap(layout.positions)(tree) + start[:, None]).clamp(max=self.last_position)
         slots = start[:, None] + torch.arange(size, device=start.device)
         # A row sees its cache before `start` and, among its step rows, what the layout allows.
-        relative = self.key_index - start[:, None]  # [batch, cache]
+        relative = self.key_index[:width] - start[:, None]  # [batch, width]
         in_step = (relative >= 0) & (relative < size)
         step_allowed = torch.vmap(layout.allowed)(tree)  # [batch, S, S]
         index = relative.clamp(0, size - 1)[:, None, :].expand(-1, size, -1)
@@ -557,12 +606,13 @@ class StaticStep:
             top = (step_ids[:, layout.logit_rows], *top_predictions(logits, self.predictions))
         return torch.cat([result, new_level], dim=1), committed_logits, top
 
-    def _device_step(self, shape: int):
-        """The step of every row: forward, tree verification against the tokens the rows choose (the argmax, or
-        each row's draw: `row_sampler.choose_tokens`), KV commit. See `_outputs`."""
+    def _device_step(self, shape: int, width: int):
+        """The step of every row (its attention reading `width` cache slots): forward, tree verification against
+        the tokens the rows choose (the argmax, or each row's draw: `row_sampler.choose_tokens`), KV commit. See
+        `_outputs`."""
         layout = self.layouts[shape]
         depth = layout.config.candidate_length
-        logits, tree, start, step_ids = self._device_forward(shape)
+        logits, tree, start, step_ids = self._device_forward(shape, width)
         verified = layout.current_and_tree(logits)
         choices = choose_tokens(self.sampler, verified, tree, start, layout.config)
         verify = torch.vmap(functools.partial(verify_greedy, max_depth=depth))
@@ -571,11 +621,11 @@ class StaticStep:
         new_level = logits[:, layout.new_level_logits].argmax(dim=-1)  # the window refines by argmax
         return self._outputs(shape, logits, step_ids, result, result[:, 2 + depth :], new_level)
 
-    def _verified_step(self, shape: int, steps, histories):
+    def _verified_step(self, shape: int, width: int, steps, histories):
         """The step of every row with the verifier deciding, row by row on the host, what each row accepts."""
         layout = self.layouts[shape]
         depth = layout.config.candidate_length
-        logits, tree, start, step_ids = self._device_forward(shape)
+        logits, tree, start, step_ids = self._device_forward(shape, width)
         tree_logits = logits[:, layout.tree_logits]
         idle = torch.zeros(2 + 2 * depth, dtype=torch.long, device=logits.device)  # accepts nothing
         result = torch.stack([

@@ -59,6 +59,9 @@ class ModelAdapter:
         kv_heads = getattr(text_config, "num_key_value_heads", None)
         heads = getattr(text_config, "num_attention_heads", None)
         self.query_groups = heads // kv_heads if attention == lookahead_attention.NAME and kv_heads and heads else 1
+        # Our attention reads only as many cache slots as the mask has columns (`attention.py`); the others need a
+        # mask as wide as the cache.
+        self.takes_narrow_masks = attention == lookahead_attention.NAME
         # Weak, so that engines cached per model (runners.py) do not keep their model alive.
         self._model = weakref.ref(model)
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
