@@ -51,6 +51,17 @@ def test_a_step_reads_the_narrowest_width_of_the_cache_that_holds_its_rows(llama
     assert [row.tokens for row in ld.generate(llama, prompts, 40, config, runner=engine).rows] != expected
 
 
+def test_a_compiled_engine_equals_greedy(llama):
+    """Compiled, the cache is written through `index_put_` (which Inductor writes in place) and the commit moves
+    each layer's keys and values apart (kv_cache.py): the same tokens as the eager writes."""
+    config = CONFIGS[-2]  # drafts on the device: the step writes the cache and moves the accepted path's KV
+    engine = StaticStep(llama, config, max_length=48, batch_size=2, compile=True)
+    prompts = [[1, 2, 3, 4, 1, 2, 3, 4], [5, 6, 7, 5, 6, 7]]
+    out = ld.generate(llama, prompts, 20, config, runner=engine)
+    assert [row.tokens for row in out.rows] == [greedy_reference(llama, torch.tensor([prompt]), 20)[0].tolist()
+                                                for prompt in prompts]
+
+
 def test_the_length_bound_holds_what_each_row_holds(llama):
     """The host's bound on each row's length, which picks the width: never below the row's length on the device,
     exact after a step is read."""
