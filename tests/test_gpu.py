@@ -6,7 +6,7 @@ import torch
 from conftest import VOCAB, greedy_reference, tiny_model
 
 import lookahead_decoding as ld
-from lookahead_decoding import runners
+from lookahead_decoding import engine, runners
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.tuning import StepPlan, verify_only
@@ -17,6 +17,14 @@ DEVICE_DRAFTS = ld.LookaheadConfig(1, 2, 1, candidate_length=3, tree_nodes=8, de
 DEVICE_WINDOW = ld.LookaheadConfig(3, 3, 2, candidate_length=3, tree_nodes=10, device_drafts=True)
 SHAPES = (AUTOREGRESSIVE, verify_only(6, 3), ld.LookaheadConfig(4, 4, 4), DEVICE_DRAFTS, DEVICE_WINDOW)
 COSTS = (1.0, 1.2, 1.5, 1.1, 1.2)
+
+
+@pytest.fixture(autouse=True)
+def two_attention_widths(monkeypatch):
+    """Engines of max_length 96 read the cache through two widths here, 48 slots and the widest, not the suite's
+    four: every width of every shape is a graph recorded up front, and captures are what these tests spend their
+    time on. The sequences here cross from one width to the other."""
+    monkeypatch.setattr(engine, "NARROWEST_WIDTH", 48)
 
 
 def cuda_model(arch):

@@ -207,11 +207,10 @@ class StaticStep:
                                      cache_length + max(s.candidate_length for s in shapes)) if drafting else None
         self.key_index = torch.arange(cache_length, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached, per row
-        # What each step's attention may read: widths of the cache from its first slot, each its own graph (compiled,
-        # its own compilation: a compiled engine reads the whole cache). Only our attention takes a mask narrower
-        # than the cache. The host's bound on each row's length picks the width: exact after a prefill or a read
-        # step, plus the most that each launched and unread step may add.
-        # (The widest a step needs: its rows after the longest sequence.)
+        # What each step's attention may read: widths of the cache from its first slot, up to a step's rows after
+        # the longest sequence, each its own graph (compiled, its own compilation: a compiled engine reads the whole
+        # cache). Only our attention takes a mask narrower than the cache. The host's bound on each row's length
+        # picks the width: exact after a prefill or a read step, plus the most each launched, unread step may add.
         narrow = adapter.takes_narrow_masks and not compile
         self.widths = attention_widths(max_length + largest) if narrow else (cache_length,)
         self.length_bound = numpy.zeros(batch_size, dtype=numpy.int64)
