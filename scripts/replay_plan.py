@@ -68,7 +68,8 @@ def main() -> None:
     longest = max(p.input_ids.shape[1] for p in prompts) + args.max_new_tokens
     memory = ld.DraftMemory(args.draft_memory) if args.draft_memory else None
     scheduler = open_scheduler(model, args.batch_size, longest, plan, memory=memory)
-    scheduler.costs.measured = False  # the given costs stand for the other device's
+    for costs in scheduler.step_costs.values():  # the given costs stand for the other device's
+        costs.measured = False
     for index, prompt in enumerate(prompts):
         scheduler.submit(Request(prompt.input_ids[0].tolist(), args.max_new_tokens, eos_set(model), tag=index))
     finished = list(scheduler.run())
