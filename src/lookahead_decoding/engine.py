@@ -463,8 +463,7 @@ class StaticStep:
     def _launched(self, shape: int, decoding: Sequence[bool], packed, scores, top) -> LaunchedStep:
         """The launched step, its outcomes on their way to the host; each decoding row's length bound raised by
         the most the step may commit."""
-        config = self.layouts[shape].config
-        self.length_bound[numpy.asarray(decoding, dtype=bool)] += 1 + (config.candidate_length if config.tree_nodes else 0)
+        self.length_bound[numpy.asarray(decoding, dtype=bool)] += 1 + self._deepest_path(shape)
         admissions = self.admissions.copy()
         if packed.device.type != "cuda":  # the step has run
             return LaunchedStep(shape, decoding, packed, packed, scores, top, None, admissions)
@@ -483,13 +482,17 @@ class StaticStep:
             launched.done.synchronize()
         predictions = None if launched.top is None else host_predictions(*launched.top)
         outputs = launched.host_outputs.numpy().copy()
-        config = self.layouts[launched.shape].config
-        # The bound took the most the step could commit; a row that still holds the same prompt committed its own.
-        # (A row given a new prompt since has an exact bound already.)
+        # The bound took the most the step could commit; a row that still holds the same prompt committed its own
+        # (its accepted path, first in its outcome). A row given a new prompt since has an exact bound already.
         same = numpy.asarray(launched.decoding, dtype=bool) & (self.admissions == launched.admissions)
-        if config.tree_nodes:
-            self.length_bound[same] -= config.candidate_length - outputs[same, 0]
-        return RowOutcomes(outputs, launched.decoding, config, launched.scores, predictions)
+        self.length_bound[same] -= self._deepest_path(launched.shape) - outputs[same, 0]
+        return RowOutcomes(outputs, launched.decoding, self.layouts[launched.shape].config, launched.scores,
+                           predictions)
+
+    def _deepest_path(self, shape: int) -> int:
+        """The most tokens a step of `shape` may commit beyond its current token: its tree's depth, if it has one."""
+        config = self.layouts[shape].config
+        return config.candidate_length if config.tree_nodes else 0
 
     # ------------------------------------------------------------------------------------------ on the device
 

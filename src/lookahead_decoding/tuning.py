@@ -124,7 +124,8 @@ class StepPlan:
         if not isinstance(data, dict) or not {"shapes", "costs_ms"} <= data.keys():
             raise ValueError("the entry is not an object with shapes and costs_ms")
         greedy = data.get("greedy_costs_ms")
-        return cls(tuple(LookaheadConfig(**shape) for shape in data["shapes"]), tuple(float(c) for c in data["costs_ms"]),
+        return cls(tuple(LookaheadConfig(**shape) for shape in data["shapes"]),
+                   tuple(float(c) for c in data["costs_ms"]),
                    None if greedy is None else tuple(float(c) for c in greedy))
 
     def check_calibrated(self, context_length: int | None) -> None:
