@@ -31,6 +31,7 @@ from lookahead_decoding.attention import NAME
 from lookahead_decoding.cli.tune import RANDOM_SHAPES, random_model
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.engine import StaticStep
+from lookahead_decoding.sampling_params import SamplingParams
 
 SHAPES = {"plain": AUTOREGRESSIVE,
           "W5 N4 G5 B15 K12": LookaheadConfig(5, 4, 5, candidate_length=12, tree_nodes=15),
@@ -59,13 +60,14 @@ def top_kernels(step, device: torch.device, steps: int, count: int) -> dict[str,
 
 
 def step_costs(model, attention: str, batch_size: int, prompt_tokens: int, replays: int, kernels: int,
-               shapes: dict[str, LookaheadConfig], compile: bool) -> dict:
+               shapes: dict[str, LookaheadConfig], compile: bool, temperature: float = 0.0) -> dict:
     engine = StaticStep(model, list(shapes.values()), max_length=prompt_tokens + 64, batch_size=batch_size,
-                        compile=compile)
+                        compile=compile, sampling=temperature > 0)
     model.set_attn_implementation(attention)  # after the engine chose ours: the A/B switch
     prompt = [(7 * i) % 1000 + 10 for i in range(prompt_tokens)]
+    sampling = {row: SamplingParams(temperature=temperature, seed=row) for row in range(batch_size)}
     with torch.inference_mode():
-        engine.prefill_rows({row: prompt for row in range(batch_size)})
+        engine.prefill_rows({row: prompt for row in range(batch_size)}, sampling if temperature > 0 else None)
         result = {}
         for index, name in enumerate(shapes):
             engine.inputs[index].zero_()  # idle rows: the same work, lengths unchanged
@@ -108,6 +110,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="plain,W5 N4 G5 B15 K12,W20 N7 G20 B120 K12", metavar="NAME[,NAME...]",
                         help=f"step shapes to time, of: {', '.join(SHAPES)}")
     parser.add_argument("--compile", action="store_true", help="torch.compile each step before capturing it")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="every row samples at this temperature (default: 0, greedy)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     names = args.shapes.split(",")
@@ -125,11 +129,11 @@ def main() -> None:
             for backend in args.sdpa_backends.split(","):
                 with contextlib.nullcontext() if backend == "default" else sdpa_kernel(getattr(SDPBackend, backend.upper())):
                     costs = step_costs(model, attention, batch_size, args.prompt_tokens, args.replays, args.kernels,
-                                       shapes, args.compile)
+                                       shapes, args.compile, args.temperature)
                 rows.append({"batch_size": batch_size, "attention": attention, "sdpa_backend": backend, **costs})
             print(json.dumps(rows[-1]), flush=True)
     record = {"model": args.random_shape or args.model, "dtype": args.dtype, "prompt_tokens": args.prompt_tokens,
-              "compiled": args.compile,
+              "compiled": args.compile, "temperature": args.temperature,
               "torch": torch.__version__, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "rows": rows}
     with open(args.out, "w") as file:

@@ -21,6 +21,7 @@ import lookahead_decoding as ld
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.models import load_default_model
+from lookahead_decoding.sampling_params import SamplingParams
 
 SHAPES = {
     "plain": AUTOREGRESSIVE,
@@ -61,13 +62,16 @@ class OpCounter(TorchDispatchMode):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--top", type=int, default=20, help="source lines listed per shape (default: 20)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="the row samples at this temperature (default: 0, greedy)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load_default_model()
-    engine = StaticStep(model, list(SHAPES.values()), 1024)
+    sampled = args.temperature > 0
+    engine = StaticStep(model, list(SHAPES.values()), 1024, sampling=sampled)
     prompt = tokenizer("def fibonacci(n):\n    ", return_tensors="pt").input_ids[0].tolist()
     with torch.inference_mode():
-        engine.prefill_rows({0: prompt})
+        engine.prefill_rows({0: prompt}, {0: SamplingParams(temperature=args.temperature, seed=0)} if sampled else None)
         for shape, name in enumerate(SHAPES):
             engine.replayable(shape)()  # once first: a layer's first forward allocates
             with OpCounter() as counter:

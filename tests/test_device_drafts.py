@@ -20,6 +20,8 @@ from lookahead_decoding.drafting.base import NoDrafts
 from lookahead_decoding.drafting.tree import EMPTY_TREE
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.model_adapter import ModelAdapter
+from lookahead_decoding.row_sampler import RowSampler
+from lookahead_decoding.sampling_params import SamplingParams
 from lookahead_decoding.scheduler import BatchScheduler, Request
 from lookahead_decoding.step import EagerStep
 from lookahead_decoding.tuning import StepPlan, device_drafting
@@ -147,7 +149,7 @@ def test_a_draft_follows_the_pairs_seen_the_single_tokens_elsewhere_and_copies_o
     shape = ld.LookaheadConfig(1, 2, 1, candidate_length=4, tree_nodes=12, device_drafts=True)
     drafter = DeviceDrafter(50, torch.device("cpu"), [shape], rows=3, length=16)
     generator = torch.Generator().manual_seed(0)
-    drafter.table = torch.randint(0, 50, (50, TOP_K), generator=generator)
+    drafter.table.copy_(torch.randint(0, 50, (50, TOP_K), generator=generator))
     # Teach it the pairs after a few (token before, token): their own rows, unlike the one-token table's.
     befores, tokens = torch.tensor([[3, 9, 17]]), torch.tensor([[17, 42, 5]])
     drafter.learn(tokens, befores, torch.randn(1, 3, 50, generator=generator))
@@ -173,6 +175,58 @@ def test_a_draft_follows_the_pairs_seen_the_single_tokens_elsewhere_and_copies_o
             assert drafted[row][node] == row_of[rank]
     assert drafted[0][0] == pairs[3, 17][0] and drafted[1][0] == pairs[9, 42][0]  # the pairs were used
     assert [drafted[0][node] for node in chain] == [1, 2, 3, 17]  # the copy of what followed 3 17
+
+
+def test_a_sampled_rows_drafts_follow_its_draws_as_the_tables_scores_would_make_them():
+    """A sampled row draws argmax(scores / T + noise); its drafts rank the tables' next tokens by score + T * noise
+    of the node's position, so that rank 0 is the row's draw there were the tables' scores the model's. A greedy
+    row keeps the tables' order."""
+    vocab, shape = 50, ld.LookaheadConfig(1, 2, 1, candidate_length=4, tree_nodes=12, device_drafts=True)
+    drafter = DeviceDrafter(vocab, torch.device("cpu"), [shape], rows=2, length=16)
+    generator = torch.Generator().manual_seed(3)
+    every = torch.arange(vocab)[None]
+    drafter.learn(every, every, 2 * torch.randn(1, vocab, vocab, generator=generator))  # pairs (t, t) only
+    sampler = RowSampler(2, vocab, torch.device("cpu"))
+    sampler.start_rows({0: SamplingParams(), 1: SamplingParams(temperature=0.8, seed=11)})
+    current, before, ends = torch.tensor([7, 7]), torch.tensor([1, 1]), torch.tensor([5, 5])
+    noise = sampler.tree_noise(ends, 4)[:, :4] * sampler.temperature[:, None, None]
+    drafted = drafter.draft(current, before, ends, shape, noise)
+    greedy = drafter.draft(current, before, ends, shape)
+    assert drafted[0].tolist() == greedy[0].tolist()
+    template = draft_template(12, 4)
+    for node, (parent, rank, depth) in enumerate(zip(template.parents, template.ranks, template.depths)):
+        if rank == COPY:
+            continue
+        parent_token = 7 if parent < 0 else drafted[1, parent].item()
+        grandparent_token = 1 if parent < 0 else 7 if template.parents[parent] < 0 else \
+            drafted[1, template.parents[parent]].item()
+        key, slot = drafter._pair(torch.tensor(grandparent_token), torch.tensor(parent_token))
+        seen = drafter.pair_keys[slot] == key
+        followers = drafter.pair_table[slot] if seen else drafter.table[parent_token]
+        scores = drafter.pair_scores[slot] if seen else drafter.table_scores[parent_token]
+        order = (scores + noise[1, depth - 1, followers]).argsort(descending=True)
+        assert drafted[1, node] == followers[order[rank]]
+    # Rank 0 at depth 1 is the sampler's own draw at the position after the current token, from the table's scores.
+    first = template.ranks.index(0)
+    logits = torch.full((2, 1, vocab), -float("inf"))
+    logits[:, 0, drafter.table[7]] = drafter.table_scores[7]
+    assert drafted[1, first] == sampler.choose(logits, ends[:, None] + 1)[1, 0]
+    assert drafted[1].tolist() != greedy[1].tolist()  # the draws moved some drafts
+
+
+def test_sampled_rows_accept_more_of_drafts_that_follow_their_draws(monkeypatch):
+    model = tiny_model("llama")
+    generator = torch.Generator().manual_seed(0)
+    prompts = [(torch.randint(0, VOCAB, (4,), generator=generator).tolist() * 10)[:30] for _ in range(4)]
+    shape = ld.LookaheadConfig(1, 2, 1, candidate_length=4, tree_nodes=16, device_drafts=True)
+    run = functools.partial(ld.generate, model, prompts, 48, shape, do_sample=True, temperature=0.9, seed=[1, 2, 3, 4],
+                            isolated=True)
+    following = run()
+    by_score = DeviceDrafter.draft
+    monkeypatch.setattr(DeviceDrafter, "draft", lambda self, *args, noise=None: by_score(self, *args[:4]))
+    ranked_by_score = run()
+    assert [row.tokens for row in following.rows] == [row.tokens for row in ranked_by_score.rows]
+    assert following.stats.tokens_per_step > ranked_by_score.stats.tokens_per_step
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
@@ -263,10 +317,12 @@ def test_the_tables_keep_the_latest_top_k_after_each_token_and_pair():
     tokens, befores = torch.tensor([[4, 5, 6], [7, 8, 9]]), torch.tensor([[1, 4, 5], [2, 7, 8]])
     drafter.learn(tokens, befores, logits)
     for row, column in itertools.product(range(2), range(3)):
-        top = logits[row, column].topk(TOP_K).indices.tolist()
-        assert drafter.table[tokens[row, column]].tolist() == top
+        scores, top = logits[row, column].topk(TOP_K)
+        assert drafter.table[tokens[row, column]].tolist() == top.tolist()
+        assert drafter.table_scores[tokens[row, column]].tolist() == scores.tolist()
         key, slot = drafter._pair(befores[row, column], tokens[row, column])
-        assert drafter.pair_keys[slot] == key and drafter.pair_table[slot].tolist() == top
+        assert drafter.pair_keys[slot] == key and drafter.pair_table[slot].tolist() == top.tolist()
+        assert drafter.pair_scores[slot].tolist() == scores.tolist()
     assert not drafter.table[10].any()  # untouched tokens keep their (empty) drafts
     assert (drafter.pair_keys >= 0).sum() == 6
 

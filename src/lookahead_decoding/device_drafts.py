@@ -168,6 +168,17 @@ def matched_lengths(text: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
     return torch.where(hits.all(dim=2), length, (~hits).to(torch.uint8).argmax(dim=2))
 
 
+def noisy_ranks(followers: torch.Tensor, scores: torch.Tensor, ranks: torch.Tensor, noise: torch.Tensor
+                ) -> torch.Tensor:
+    """Of each node's parent's next tokens `followers` [batch, n, k], with the model's `scores` for them (best
+    first), the one of rank `ranks` [n] ([batch, n]) in the order of scores + `noise` [batch, V] of the node's
+    position (a row's race noise times its temperature: a sampled row's draw there prefers its tokens in that order
+    were the scores the model's; 0 for a greedy row, whose order stays the scores')."""
+    drawn = scores + noise.gather(1, followers.flatten(1)).view_as(followers)
+    order = drawn.argsort(dim=-1, descending=True, stable=True)
+    return followers.gather(2, order.gather(2, ranks[None, :, None].expand(followers.shape[0], -1, 1)))[..., 0]
+
+
 class DeviceDrafter:
     """The tables of latest top-k next tokens, every row's text, the ring of `memory_tokens` tokens of earlier
     requests' text, the Jacobi windows and n-gram pools of the shapes with a window, and the templates of `shapes`
@@ -177,9 +188,14 @@ class DeviceDrafter:
     def __init__(self, vocab: int, device: torch.device, shapes: Iterable, rows: int = 1, length: int = 1,
                  memory_tokens: int = MEMORY_TOKENS) -> None:
         self.vocab, self.device = vocab, device
-        self.table = torch.zeros(vocab, TOP_K, dtype=torch.long, device=device)  # token -> its top-k next tokens
-        # slot -> the top-k next tokens after the pair that wrote it last, and that pair (-1: none yet)
-        self.pair_table = torch.zeros(PAIR_SLOTS, TOP_K, dtype=torch.long, device=device)
+        # Both tables in one tensor, so that a node reads either with one gather: rows 0..V-1 are the tokens' (token
+        # -> its top-k next tokens), the rest the pair slots' (slot -> the top-k next tokens after the pair that
+        # wrote it last; `pair_keys`: that pair, -1: none yet). With the model's scores (logits) of those next
+        # tokens, from which sampled rows' drafts guess their draws.
+        self.followers = torch.zeros(vocab + PAIR_SLOTS, TOP_K, dtype=torch.long, device=device)
+        self.follower_scores = torch.zeros(vocab + PAIR_SLOTS, TOP_K, device=device)
+        self.table, self.pair_table = self.followers[:vocab], self.followers[vocab:]
+        self.table_scores, self.pair_scores = self.follower_scores[:vocab], self.follower_scores[vocab:]
         self.pair_keys = torch.full((PAIR_SLOTS,), -1, dtype=torch.long, device=device)
         # Each row's tokens by position, as its cache holds their keys and values (past a row's length: stale).
         self.text = torch.zeros(rows, length, dtype=torch.long, device=device)
@@ -301,7 +317,8 @@ class DeviceDrafter:
 
     def _learned(self) -> dict[str, tuple[torch.Tensor, int]]:
         """What the drafter learns from the requests it serves, by name, with each tensor's blank value."""
-        return {"table": (self.table, 0), "pair_table": (self.pair_table, 0), "pair_keys": (self.pair_keys, -1),
+        return {"followers": (self.followers, 0), "follower_scores": (self.follower_scores, 0),
+                "pair_keys": (self.pair_keys, -1),
                 **{f"pool{levels}": (pool, SEPARATOR) for levels, pool in self.pools.items()},
                 **{f"pool_next{levels}": (where, 0) for levels, where in self.pool_next.items()}}
 
@@ -395,20 +412,31 @@ class DeviceDrafter:
         next_slot.index_add_(0, keys, new.long())
         self.windows[window, levels].copy_(grid[:, 1:].reshape(rows, -1)[:, 1:])
 
-    def draft(self, current: torch.Tensor, before: torch.Tensor, ends: torch.Tensor, shape) -> torch.Tensor:
+    def draft(self, current: torch.Tensor, before: torch.Tensor, ends: torch.Tensor, shape,
+              noise: torch.Tensor | None = None) -> torch.Tensor:
         """Every row's tree tokens [batch, nodes] for a step of `shape` (a `LookaheadConfig` that drafts on the
         device) after its last committed token (`current`, [batch], which stands at position `ends` [batch] of its
-        text), the token `before` it ([batch]) giving the first node's pair."""
+        text), the token `before` it ([batch]) giving the first node's pair.
+
+        `noise`: where rows sample, the race noise [batch, >= K, V] of the positions after the current token, one
+        per depth (`row_sampler.RowSampler.tree_noise`), times each row's temperature (0 for greedy rows). A
+        sampled row draws the argmax of its scores / temperature + noise, so the tables' next tokens are ranked by
+        score + temperature * noise instead of by score alone: a node of rank r drafts what would be the row's r-th
+        likeliest draw there if the tables' scores were the model's (`noisy_ranks`)."""
         template = TemplateShape.of(shape)
         nodes = template.nodes
         # Column `nodes` stands for the current token, the template's root, and column `nodes + 1` for the token
         # before it, the root's parent.
         tokens = torch.cat([current[:, None].expand(-1, nodes + 1), before[:, None]], dim=1)
-        for where, parents, grandparents, ranks in self._levels[template]:
+        for depth, where, parents, grandparents, ranks in self._levels[template]:
             parent_tokens = tokens[:, parents]
             key, slot = self._pair(tokens[:, grandparents], parent_tokens)
-            seen = self.pair_keys[slot] == key
-            tokens[:, where] = torch.where(seen, self.pair_table[slot, ranks], self.table[parent_tokens, ranks])
+            table_row = torch.where(self.pair_keys[slot] == key, self.vocab + slot, parent_tokens)  # of `followers`
+            if noise is None:
+                tokens[:, where] = self.followers[table_row, ranks]
+            else:
+                tokens[:, where] = noisy_ranks(self.followers[table_row], self.follower_scores[table_row], ranks,
+                                               noise[:, depth - 1])
         chain = self._chains[template]
         if chain.numel():
             tokens[:, chain] = self.copy_drafts(ends, chain.numel())
@@ -428,15 +456,17 @@ class DeviceDrafter:
     def learn(self, tokens: torch.Tensor, befores: torch.Tensor, logits: torch.Tensor) -> None:
         """Keep the top-k next tokens after each of `tokens` [batch, R], and after each pair (`befores`, `tokens`),
         as `logits` [batch, R, V] rank them (a token or slot written twice keeps one of its rows)."""
-        top = logits.topk(TOP_K, dim=-1).indices
+        scores, top = logits.topk(TOP_K, dim=-1)
         self.table[tokens] = top
+        self.table_scores[tokens] = scores.float()
         key, slot = self._pair(befores, tokens)
         self.pair_table[slot] = top
+        self.pair_scores[slot] = scores.float()
         self.pair_keys[slot] = key
 
     def _by_depth(self, template: DraftTemplate) -> list[tuple[torch.Tensor, ...]]:
-        """Per depth, the template's nodes there that follow the tables, their parents and their parents' parents
-        (the root as `nodes`, its parent as `nodes + 1`) and their ranks, as tensors."""
+        """Per depth, the depth and, as tensors, the template's nodes there that follow the tables, their parents
+        and their parents' parents (the root as `nodes`, its parent as `nodes + 1`) and their ranks."""
         nodes = len(template.parents)
 
         def parent(node: int) -> int:
@@ -447,6 +477,6 @@ class DeviceDrafter:
             at = [node for node in range(nodes) if template.depths[node] == depth and template.ranks[node] >= 0]
             if not at:
                 continue
-            levels.append(tuple(torch.tensor(values, device=self.device) for values in (
-                at, [parent(n) for n in at], [parent(parent(n)) for n in at], [template.ranks[n] for n in at])))
+            levels.append((depth, *(torch.tensor(values, device=self.device) for values in (
+                at, [parent(n) for n in at], [parent(parent(n)) for n in at], [template.ranks[n] for n in at]))))
         return levels

@@ -528,7 +528,7 @@ class StaticStep:
     def _device_forward(self, shape: int, width: int):
         """Every row's step rows through the model, attending to the first `width` cache slots: (logits
         [batch, R, V] of the layout's logit rows, the rows' trees, the rows' lengths before the step, the step's
-        input ids)."""
+        input ids, the race noise of the positions the tree draws at or None: `RowSampler.tree_noise`)."""
         layout = self.layouts[shape]
         config = layout.config
         size, nodes, depth = layout.size, config.tree_nodes, config.candidate_length  # depth: K
@@ -538,8 +538,12 @@ class StaticStep:
         if self.drafter is not None:
             self.drafter.write_text(start[:, None], step_ids[:, :1])
             before = self.drafter.text.gather(1, (start[:, None] - 1).clamp(min=0))[:, 0]  # the current's pair
+        noise = None
+        if self.sampler is not None and config.tree_nodes:
+            noise = self.sampler.tree_noise(start, depth)
         if config.device_drafts:  # the host sent the template's tree (or none); its tokens are drafted here
-            drafts = self.drafter.draft(step_ids[:, 0], before, start, config)
+            scaled = None if noise is None else noise[:, :depth] * self.sampler.temperature[:, None, None]
+            drafts = self.drafter.draft(step_ids[:, 0], before, start, config, scaled)
             window = [self.drafter.window_tokens(config.window, config.levels)] if config.has_window else []
             step_ids = torch.cat([step_ids[:, :1], *window, drafts], dim=1)
         if config.device_drafts:
@@ -572,7 +576,7 @@ class StaticStep:
                                             before, logits[:, : layout.lookahead_size])
         elif self.drafter is not None and layout.size == 1:  # a plain step keeps the tables fresh too
             self.drafter.learn(step_ids[:, :1], before[:, None], logits[:, :1])
-        return logits, tree, start, step_ids
+        return logits, tree, start, step_ids, noise
 
     def _device_commit(self, shape: int, start: torch.Tensor, result: torch.Tensor) -> None:
         """Keep each decoding row's current token and accepted path (`result`: the packed outcomes): move the
@@ -614,9 +618,9 @@ class StaticStep:
         `_outputs`."""
         layout = self.layouts[shape]
         depth = layout.config.candidate_length
-        logits, tree, start, step_ids = self._device_forward(shape, width)
+        logits, tree, start, step_ids, noise = self._device_forward(shape, width)
         verified = layout.current_and_tree(logits)
-        choices = choose_tokens(self.sampler, verified, tree, start, layout.config)
+        choices = choose_tokens(self.sampler, verified, tree, start, layout.config, noise)
         verify = torch.vmap(functools.partial(verify_greedy, max_depth=depth))
         result = verify(choices[:, 0], choices[:, 1:], tree)
         self._device_commit(shape, start, result)
@@ -627,7 +631,7 @@ class StaticStep:
         """The step of every row with the verifier deciding, row by row on the host, what each row accepts."""
         layout = self.layouts[shape]
         depth = layout.config.candidate_length
-        logits, tree, start, step_ids = self._device_forward(shape, width)
+        logits, tree, start, step_ids, _ = self._device_forward(shape, width)
         tree_logits = logits[:, layout.tree_logits]
         idle = torch.zeros(2 + 2 * depth, dtype=torch.long, device=logits.device)  # accepts nothing
         result = torch.stack([

@@ -30,13 +30,14 @@ STAGES = ("penalties", "sampling", "top_k_top_p", "min_p")
 
 
 def choose_tokens(sampler: "RowSampler | None", logits: torch.Tensor, tree: TreeTensors, current: torch.Tensor,
-                  config) -> torch.Tensor:
+                  config, noise: torch.Tensor | None = None) -> torch.Tensor:
     """The token each row chooses [rows, 1 + B] after its current token (at position `current` [rows]) and after
     each node of its token tree (batched): logits [rows, 1 + B, V] in that order, for a step of `config`. The
-    argmax without a sampler (greedy), else each row's draw (`RowSampler.choose_in_tree`)."""
+    argmax without a sampler (greedy), else each row's draw (`RowSampler.choose_in_tree`; `noise`: its
+    `tree_noise`, when the step has it already)."""
     if sampler is None:
         return logits.argmax(dim=-1)
-    return sampler.choose_in_tree(logits, tree, current, config.candidate_length if config.tree_nodes else 0)
+    return sampler.choose_in_tree(logits, tree, current, config.candidate_length if config.tree_nodes else 0, noise)
 
 
 class RowSampler:
@@ -132,14 +133,15 @@ class RowSampler:
         self.observe_output(committed, real & decoding[:, None])
 
     def choose(self, logits: torch.Tensor, positions: torch.Tensor, path_tokens: torch.Tensor | None = None,
-               on_path: torch.Tensor | None = None, position_index: torch.Tensor | None = None) -> torch.Tensor:
+               on_path: torch.Tensor | None = None, position_index: torch.Tensor | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
         """The token each row chooses [rows, R] at R computed positions, from their logits [rows, R, V].
 
         positions [rows, P]: the sequence positions drawn at (a position's index in the sequence); the r-th
         computed position is positions[:, r], or positions[:, position_index[:, r]] when several computed
         positions share one (tree nodes of one depth). Where the output before a position also holds tokens not
         yet committed (a draft's path), path_tokens [rows, T] and on_path [rows, R, T] (bool) say which of the T
-        drafted tokens precede each computed position."""
+        drafted tokens precede each computed position. `noise`: `noise(positions)`, where the caller has it."""
         scores = logits.float()
         if self._uses("penalties"):
             scores = self._penalised(scores, path_tokens, on_path)
@@ -152,22 +154,36 @@ class RowSampler:
         if self._uses("min_p"):  # p >= min_p * max p; top-k and top-p keep the most likely token, so order is moot
             floor = scores.amax(dim=-1, keepdim=True) + self.min_p.log()[:, None, None]
             scores = scores.masked_fill(scores < floor, -math.inf)
-        noise = race_noise(stream_keys(self.seed_keys[:, None].expand_as(positions), positions), self.token_keys)
+        if noise is None:
+            noise = self.noise(positions)
         if position_index is not None:
             noise = noise.gather(1, position_index[:, :, None].expand(-1, -1, self.vocab))
         return torch.where(self.temperature[:, None] > 0, (scores + noise).argmax(dim=-1), greedy)
 
-    def choose_in_tree(self, logits: torch.Tensor, tree: TreeTensors, current: torch.Tensor, max_depth: int
-                       ) -> torch.Tensor:
+    def noise(self, positions: torch.Tensor) -> torch.Tensor:
+        """Each row's race noise [rows, P, V] at the sequence positions `positions` [rows, P]: the draw there is
+        the argmax of the warped scores plus this."""
+        return race_noise(stream_keys(self.seed_keys[:, None].expand_as(positions), positions), self.token_keys)
+
+    def tree_noise(self, current: torch.Tensor, max_depth: int) -> torch.Tensor | None:
+        """The noise [rows, max_depth + 1, V] of the positions a tree step after the current tokens (at positions
+        `current` [rows]) draws at, one per depth (`choose_in_tree`); None when no row samples. Computed before
+        the forward, it lets the drafts follow the same draws (`device_drafts.DeviceDrafter.draft`)."""
+        if not self._uses("sampling"):
+            return None
+        return self.noise(current[:, None] + 1 + torch.arange(max_depth + 1, device=current.device))
+
+    def choose_in_tree(self, logits: torch.Tensor, tree: TreeTensors, current: torch.Tensor, max_depth: int,
+                       noise: torch.Tensor | None = None) -> torch.Tensor:
         """The token each row chooses [rows, 1 + B] after its current token (at position `current` [rows]) and
         after each node of its token tree (batched, B nodes, at most `max_depth` deep): logits [rows, 1 + B, V] in
         that order. A node at depth d chooses the token at position current + 1 + d (one draw per depth), with its
-        own path counted for the penalties."""
+        own path counted for the penalties. `noise`: `tree_noise(current, max_depth)`, where the caller has it."""
         rows, nodes = tree.tokens.shape
         depths = torch.cat([tree.depths.new_zeros(rows, 1), tree.depths], dim=1)
         on_path = torch.cat([tree.ancestors.new_zeros(rows, 1, nodes), tree.ancestors], dim=1)
         levels = torch.arange(max_depth + 1, device=current.device)
-        return self.choose(logits, current[:, None] + 1 + levels, tree.tokens, on_path, depths)
+        return self.choose(logits, current[:, None] + 1 + levels, tree.tokens, on_path, depths, noise)
 
     def _penalised(self, scores, path_tokens, on_path) -> torch.Tensor:
         """The repetition penalty over prompt and output, then the presence and frequency penalties over the
