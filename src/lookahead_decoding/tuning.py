@@ -107,6 +107,8 @@ class StepPlan:
                         None if greedy is None else tuple(greedy[i] for i in indices))
 
     def describe(self) -> str:
+        if len(self.shapes) == 1:  # nothing to choose between: its cost is a placeholder, not a measure
+            return f"{shape_name(self.shapes[0])} (one shape)"
         described = ", ".join(f"{shape_name(s)} {c:.2f} ms" for s, c in zip(self.shapes, self.costs_ms))
         if self.greedy_costs_ms is None:
             return described
