@@ -419,7 +419,7 @@ class DeviceDrafter:
         text), the token `before` it ([batch]) giving the first node's pair.
 
         `noise`: where rows sample, the race noise [batch, >= K, V] of the positions after the current token, one
-        per depth (`row_sampler.RowSampler.tree_noise`), times each row's temperature (0 for greedy rows). A
+        per depth, times each row's temperature (0 for greedy rows: `row_sampler.RowSampler.tree_noise`). A
         sampled row draws the argmax of its scores / temperature + noise, so the tables' next tokens are ranked by
         score + temperature * noise instead of by score alone: a node of rank r drafts what would be the row's r-th
         likeliest draw there if the tables' scores were the model's (`noisy_ranks`)."""

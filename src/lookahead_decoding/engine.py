@@ -528,7 +528,7 @@ class StaticStep:
     def _device_forward(self, shape: int, width: int):
         """Every row's step rows through the model, attending to the first `width` cache slots: (logits
         [batch, R, V] of the layout's logit rows, the rows' trees, the rows' lengths before the step, the step's
-        input ids, the race noise of the positions the tree draws at or None: `RowSampler.tree_noise`)."""
+        input ids, the draw noise of the positions the tree draws at or None: `RowSampler.tree_noise`)."""
         layout = self.layouts[shape]
         config = layout.config
         size, nodes, depth = layout.size, config.tree_nodes, config.candidate_length  # depth: K
@@ -542,8 +542,8 @@ class StaticStep:
         if self.sampler is not None and config.tree_nodes:
             noise = self.sampler.tree_noise(start, depth)
         if config.device_drafts:  # the host sent the template's tree (or none); its tokens are drafted here
-            scaled = None if noise is None else noise[:, :depth] * self.sampler.temperature[:, None, None]
-            drafts = self.drafter.draft(step_ids[:, 0], before, start, config, scaled)
+            drafts = self.drafter.draft(step_ids[:, 0], before, start, config,
+                                        None if noise is None else noise[:, :depth])
             window = [self.drafter.window_tokens(config.window, config.levels)] if config.has_window else []
             step_ids = torch.cat([step_ids[:, :1], *window, drafts], dim=1)
         if config.device_drafts:

@@ -141,37 +141,46 @@ class RowSampler:
         computed position is positions[:, r], or positions[:, position_index[:, r]] when several computed
         positions share one (tree nodes of one depth). Where the output before a position also holds tokens not
         yet committed (a draft's path), path_tokens [rows, T] and on_path [rows, R, T] (bool) say which of the T
-        drafted tokens precede each computed position. `noise`: `noise(positions)`, where the caller has it."""
-        scores = logits.float()
+        drafted tokens precede each computed position. `noise`: `draw_noise(positions)`, where the caller has it.
+
+        A sampled row draws argmax(scores / T + race noise), computed as argmax(scores + T * race noise): the same
+        token, with the temperature applied to the noise of the P positions instead of to every computed row's
+        scores (docs/algorithm.md, "Sampling as a seeded argmax")."""
+        scores = logits
         if self._uses("penalties"):
-            scores = self._penalised(scores, path_tokens, on_path)
+            scores = self._penalised(scores.float(), path_tokens, on_path)
         greedy = scores.argmax(dim=-1)
         if not self._uses("sampling"):
             return greedy
-        scores = scores / torch.where(self.temperature > 0, self.temperature, 1.0)[:, None, None]
-        if self._uses("top_k_top_p"):
-            scores = self._top_k_top_p(scores)
-        if self._uses("min_p"):  # p >= min_p * max p; top-k and top-p keep the most likely token, so order is moot
-            floor = scores.amax(dim=-1, keepdim=True) + self.min_p.log()[:, None, None]
-            scores = scores.masked_fill(scores < floor, -math.inf)
+        if self._uses("top_k_top_p") or self._uses("min_p"):  # they judge the tempered distribution
+            warped = scores.float() / torch.where(self.temperature > 0, self.temperature, 1.0)[:, None, None]
+            if self._uses("top_k_top_p"):
+                warped = self._top_k_top_p(warped)
+            if self._uses("min_p"):  # p >= min_p * max p; top-k and top-p keep the most likely token: order is moot
+                floor = warped.amax(dim=-1, keepdim=True) + self.min_p.log()[:, None, None]
+                warped = warped.masked_fill(warped < floor, -math.inf)
+            scores = scores.float().masked_fill(warped == -math.inf, -math.inf)
         if noise is None:
-            noise = self.noise(positions)
+            noise = self.draw_noise(positions)
         if position_index is not None:
             noise = noise.gather(1, position_index[:, :, None].expand(-1, -1, self.vocab))
         return torch.where(self.temperature[:, None] > 0, (scores + noise).argmax(dim=-1), greedy)
 
-    def noise(self, positions: torch.Tensor) -> torch.Tensor:
-        """Each row's race noise [rows, P, V] at the sequence positions `positions` [rows, P]: the draw there is
-        the argmax of the warped scores plus this."""
-        return race_noise(stream_keys(self.seed_keys[:, None].expand_as(positions), positions), self.token_keys)
+    def draw_noise(self, positions: torch.Tensor) -> torch.Tensor:
+        """Each row's race noise times its temperature [rows, P, V] (float32; 0 for a greedy row) at the sequence
+        positions `positions` [rows, P]: a sampled row's draw there is the argmax of its filtered scores plus
+        this."""
+        keys = stream_keys(self.seed_keys[:, None].expand_as(positions), positions)
+        return race_noise(keys, self.token_keys) * self.temperature[:, None, None]
 
     def tree_noise(self, current: torch.Tensor, max_depth: int) -> torch.Tensor | None:
-        """The noise [rows, max_depth + 1, V] of the positions a tree step after the current tokens (at positions
-        `current` [rows]) draws at, one per depth (`choose_in_tree`); None when no row samples. Computed before
-        the forward, it lets the drafts follow the same draws (`device_drafts.DeviceDrafter.draft`)."""
+        """The draw noise [rows, max_depth + 1, V] (`draw_noise`) of the positions a tree step after the current
+        tokens (at positions `current` [rows]) draws at, one per depth (`choose_in_tree`); None when no row
+        samples. Computed before the forward, it lets the drafts follow the same draws
+        (`device_drafts.DeviceDrafter.draft`)."""
         if not self._uses("sampling"):
             return None
-        return self.noise(current[:, None] + 1 + torch.arange(max_depth + 1, device=current.device))
+        return self.draw_noise(current[:, None] + 1 + torch.arange(max_depth + 1, device=current.device))
 
     def choose_in_tree(self, logits: torch.Tensor, tree: TreeTensors, current: torch.Tensor, max_depth: int,
                        noise: torch.Tensor | None = None) -> torch.Tensor:
