@@ -9,26 +9,13 @@ with room for `--max-prompt-tokens` + `--max-new-tokens`), fed one request after
 from __future__ import annotations
 
 import argparse
-import time
-
-import torch
 
 import lookahead_decoding as ld
 from lookahead_decoding.bench.data import DATASETS, load_prompts
-from lookahead_decoding.bench.runner import encode_all
+from lookahead_decoding.bench.runner import encode_all, stopwatch
 from lookahead_decoding.decoding import eos_set, open_scheduler
 from lookahead_decoding.models import load_default_model, resolve_device, resolve_dtype
 from lookahead_decoding.scheduler import Request
-
-
-def timed(device: torch.device, run) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -57,18 +44,13 @@ def main() -> None:
 
     for label in ("warm-up", "timed"):  # the first pass records each step shape's graphs
         tokens, steps = scheduler.stats.new_tokens, scheduler.stats.steps
-        seconds = timed(device, serve_one_by_one)
+        _, seconds = stopwatch(device, serve_one_by_one)
         tokens, steps = scheduler.stats.new_tokens - tokens, scheduler.stats.steps - steps
         print(f"server's engine, {label}: {tokens} tokens in {steps} steps, {seconds:.3f} s, "
               f"{tokens / seconds:.1f} tokens/s, {1e3 * seconds / steps:.3f} ms per step")
     for label in ("warm-up", "timed"):
-        out = None
-
-        def generate() -> None:
-            nonlocal out
-            out = ld.generate(model, prompts, args.max_new_tokens, isolated=True, batch_size=1)
-
-        seconds = timed(device, generate)
+        out, seconds = stopwatch(device, lambda: ld.generate(model, prompts, args.max_new_tokens, isolated=True,
+                                                             batch_size=1))
         print(f"ld.generate(isolated=True, batch_size=1), {label}: {out.stats.new_tokens} tokens in "
               f"{out.stats.steps} steps, {seconds:.3f} s, {out.stats.new_tokens / seconds:.1f} tokens/s, "
               f"{1e3 * seconds / out.stats.steps:.3f} ms per step")

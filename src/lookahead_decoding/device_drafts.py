@@ -457,11 +457,12 @@ class DeviceDrafter:
         """Keep the top-k next tokens after each of `tokens` [batch, R], and after each pair (`befores`, `tokens`),
         as `logits` [batch, R, V] rank them (a token or slot written twice keeps one of its rows)."""
         scores, top = logits.topk(TOP_K, dim=-1)
+        scores = scores.float()
         self.table[tokens] = top
-        self.table_scores[tokens] = scores.float()
+        self.table_scores[tokens] = scores
         key, slot = self._pair(befores, tokens)
         self.pair_table[slot] = top
-        self.pair_scores[slot] = scores.float()
+        self.pair_scores[slot] = scores
         self.pair_keys[slot] = key
 
     def _by_depth(self, template: DraftTemplate) -> list[tuple[torch.Tensor, ...]]:

@@ -542,8 +542,7 @@ class StaticStep:
         if self.sampler is not None and config.tree_nodes:
             noise = self.sampler.tree_noise(start, depth)
         if config.device_drafts:  # the host sent the template's tree (or none); its tokens are drafted here
-            drafts = self.drafter.draft(step_ids[:, 0], before, start, config,
-                                        None if noise is None else noise[:, :depth])
+            drafts = self.drafter.draft(step_ids[:, 0], before, start, config, noise)
             window = [self.drafter.window_tokens(config.window, config.levels)] if config.has_window else []
             step_ids = torch.cat([step_ids[:, :1], *window, drafts], dim=1)
         if config.device_drafts:

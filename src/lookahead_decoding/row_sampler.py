@@ -40,6 +40,12 @@ def choose_tokens(sampler: "RowSampler | None", logits: torch.Tensor, tree: Tree
     return sampler.choose_in_tree(logits, tree, current, config.candidate_length if config.tree_nodes else 0, noise)
 
 
+def tree_positions(current: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """The sequence positions [rows, max_depth + 1] a tree step draws at after the current tokens (at positions
+    `current` [rows]): one per depth, the current token's choice first."""
+    return current[:, None] + 1 + torch.arange(max_depth + 1, device=current.device)
+
+
 class RowSampler:
     """The sampling parameters of `rows` rows as device tensors, and the token counts the penalties read: how often
     each token occurs in a row's output so far, and whether it occurs in its prompt.
@@ -180,7 +186,7 @@ class RowSampler:
         (`device_drafts.DeviceDrafter.draft`)."""
         if not self._uses("sampling"):
             return None
-        return self.draw_noise(current[:, None] + 1 + torch.arange(max_depth + 1, device=current.device))
+        return self.draw_noise(tree_positions(current, max_depth))
 
     def choose_in_tree(self, logits: torch.Tensor, tree: TreeTensors, current: torch.Tensor, max_depth: int,
                        noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,8 +197,7 @@ class RowSampler:
         rows, nodes = tree.tokens.shape
         depths = torch.cat([tree.depths.new_zeros(rows, 1), tree.depths], dim=1)
         on_path = torch.cat([tree.ancestors.new_zeros(rows, 1, nodes), tree.ancestors], dim=1)
-        levels = torch.arange(max_depth + 1, device=current.device)
-        return self.choose(logits, current[:, None] + 1 + levels, tree.tokens, on_path, depths, noise)
+        return self.choose(logits, tree_positions(current, max_depth), tree.tokens, on_path, depths, noise)
 
     def _penalised(self, scores, path_tokens, on_path) -> torch.Tensor:
         """The repetition penalty over prompt and output, then the presence and frequency penalties over the
