@@ -8,8 +8,10 @@ must fail the same test. Two paths are tested:
 - on the device (`row_sampler.py`): thousands of rows with their own seeds decode as one batch, rows with
   different parameters (greedy ones too) side by side; and lookahead commits exactly the tokens of plain sampling
   with the same seed, alone or in any batch;
-- on the host, under logits processors (`SamplingVerifier`): HF's sampler is compared too. Its 145 000 short
-  generations run in two worker processes (about 4 minutes on two cores).
+- on the host, under logits processors (`SamplingVerifier`): HF's sampler is compared too. A quarter of the cases
+  decode one sequence at a time, the others as batches of rows (the batch engine's host path, whose prefill once
+  took the argmax instead of a draw). Their 72 500 short generations run in two worker processes (about 1.5
+  minutes on two cores).
 """
 
 from __future__ import annotations
@@ -133,6 +135,8 @@ CASES = [
 ]
 # Cases also run through `model.generate(custom_generate=lookahead_generate)`, which builds its own processors.
 THROUGH_HF = [15]
+# The host path's cases run one sequence at a time (every fourth) or as batches of this many rows, four times faster.
+BATCH_ROWS = 250
 # Every case is tested twice (ours and HF's against the exact distribution), THROUGH_HF ones three times.
 THRESHOLD = ALPHA / (2 * len(CASES) + len(THROUGH_HF))
 
@@ -197,12 +201,15 @@ def goodness_of_fit(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(chisquare(observed, expected).pvalue)
 
 
-def lookahead_counts(index: int, verifier_cls=None, through_hf: bool = False) -> tuple[torch.Tensor, Counter, Counter]:
+def lookahead_counts(index: int, verifier_cls=None, through_hf: bool = False, rows: int = 1
+                     ) -> tuple[torch.Tensor, Counter, Counter]:
     """For CASES[index]: first-three-token counts over SAMPLES generations drawing from one generator, the
     histogram of tokens per step, and how often a draft was accepted or rejected.
 
-    The loop runs on the host path, with `verifier_cls` (SamplingVerifier, or a biased one); with
-    `through_hf` it runs as `model.generate(custom_generate=lookahead_generate)` (no step histogram then).
+    The loop runs on the host path, with `verifier_cls` (SamplingVerifier, or a biased one), one sequence at a
+    time or, with `rows` > 1, as batches of that many copies of the prompt (the batch engine's rows, each drawn
+    in turn from the same generator); with `through_hf` it runs as `model.generate(custom_generate=
+    lookahead_generate)` (no step histogram then).
     """
     verifier_cls = verifier_cls or SamplingVerifier
     case = CASES[index]
@@ -223,7 +230,7 @@ def lookahead_counts(index: int, verifier_cls=None, through_hf: bool = False) ->
 
     SamplingVerifier.choose = counting_choose
     try:
-        for _ in range(SAMPLES):
+        for _ in range(SAMPLES // rows):
             if through_hf:
                 sequences = model.generate(
                     prompt, do_sample=True, max_new_tokens=NEW_TOKENS, temperature=case.temperature,
@@ -232,10 +239,10 @@ def lookahead_counts(index: int, verifier_cls=None, through_hf: bool = False) ->
                 )
                 counts[cell(sequences[0, prompt.shape[1]:])] += 1
                 continue
-            (result,), stats, _ = decode(model, prompt.tolist(), NEW_TOKENS, case.config(), source=case.source,
-                                         verifier=verifier_cls(generator, **case.sampling_kwargs()))
-            new_tokens = torch.tensor(result.tokens[prompt.shape[1]:])
-            counts[cell(new_tokens)] += 1
+            results, stats, _ = decode(model, prompt.tolist() * rows, NEW_TOKENS, case.config(), source=case.source,
+                                       verifier=verifier_cls(generator, **case.sampling_kwargs()))
+            for result in results:
+                counts[cell(result.tokens[prompt.shape[1]:])] += 1
             steps.update(stats.accepted_histogram)
     finally:
         SamplingVerifier.choose = choose
@@ -270,10 +277,11 @@ def hf_counts(case: Case, seed: int) -> torch.Tensor:
 
 def test_host_sampling_matches_the_exact_distribution():
     start = time.perf_counter()
-    tasks = [(index, None, False) for index in range(len(CASES))] + [(index, None, True) for index in THROUGH_HF]
+    tasks = [(index, None, False, 1 if index % 4 == 0 else BATCH_ROWS) for index in range(len(CASES))]
+    tasks += [(index, None, True, 1) for index in THROUGH_HF]
     results = in_parallel(lookahead_counts, tasks)
     p_ours, p_hf, steps, outcomes = [], [], Counter(), Counter()
-    for (index, _, _), (counts, case_steps, case_outcomes) in zip(tasks, results):
+    for (index, *_), (counts, case_steps, case_outcomes) in zip(tasks, results):
         exact = exact_distribution(CASES[index])
         p_ours.append(goodness_of_fit(counts, exact))
         steps.update(case_steps)

@@ -46,7 +46,7 @@ from .row_sampler import RowSampler, choose_tokens
 from .sampling_params import SamplingParams
 from .step import (DeviceBusy, PlannedStep, RowOutcomes, StepOutcome, TokenRows, build_layouts, host_predictions,
                    top_predictions, tree_parents)
-from .verification import Verifier, verify_greedy
+from .verification import Verifier, verified_first_token, verify_greedy
 
 # Prompt tokens per prefill chunk. The prefill runs as fixed-shape chunks so that it, too, is one captured graph
 # (an eager forward of each new prompt length pays launches and kernel selection; docs/benchmarks.md).
@@ -340,7 +340,9 @@ class StaticStep:
             firsts = first.tolist()
             for entry, (line, row) in enumerate(zip(lines, rows)):
                 if line[chunk + 1]:  # the prompt's last chunk
-                    outcomes[row] = StepOutcome(0, [], [firsts[entry]], [], scores[entry : entry + 1].clone())
+                    first_token = firsts[entry] if self.verifier is None else \
+                        verified_first_token(self.verifier, scores[entry], prompts[row])
+                    outcomes[row] = StepOutcome(0, [], [first_token], [], scores[entry : entry + 1].clone())
         if self.use_graph and not self.captured:  # only now: the cache allocates its buffers on first use
             # Every prefill size now too: a capture while rows decode would stall them.
             sizes = {self.prefill_entries(count) for count in range(1, self.batch_size + 1)}

@@ -22,7 +22,7 @@ from .layout import StepLayout, TreeTensors, tree_tensors
 from .model_adapter import ModelAdapter
 from .row_sampler import RowSampler, choose_tokens
 from .sampling_params import SamplingParams
-from .verification import Verifier, verify_greedy
+from .verification import Verifier, verified_first_token, verify_greedy
 
 
 class StepOutcome(NamedTuple):
@@ -197,10 +197,8 @@ class EagerStep:
         self.cache = self.adapter.new_cache()
         positions = torch.arange(prompt.numel(), device=prompt.device)
         logits = self.adapter.forward(prompt, positions, None, self.cache, logit_rows=1)
-        if self.verifier is not None:  # the prefill's token is verified with an empty tree
-            none = torch.empty(0, dtype=torch.long, device=prompt.device)
-            empty = TreeTensors(none, none, none.view(0, 0).bool(), none, none.bool())
-            first = int(self.verifier(logits[-1], empty, logits.new_empty(0, logits.shape[-1]), 1, history)[1])
+        if self.verifier is not None:
+            first = verified_first_token(self.verifier, logits[-1], history)
         elif self.sampler is not None:
             self.sampler.observe_prompt(prompt[None], torch.ones_like(prompt[None], dtype=torch.bool))
             chosen = self.sampler.choose(logits[-1:][None], positions.new_full((1, 1), prompt.numel()))

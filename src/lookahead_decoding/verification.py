@@ -28,6 +28,14 @@ class Verifier(Protocol):
     ) -> torch.Tensor: ...
 
 
+def verified_first_token(verifier: Verifier, logits: torch.Tensor, history: Sequence[int]) -> int:
+    """The token a prefill commits under `verifier`: its choice from the logits [V] after the prompt (`history`),
+    with an empty tree (a verifier that samples draws it, as the steps after do)."""
+    none = torch.empty(0, dtype=torch.long, device=logits.device)
+    empty = TreeTensors(none, none, none.view(0, 0).bool(), none, none.bool())
+    return int(verifier(logits, empty, logits.new_empty(0, logits.shape[-1]), 1, history)[1])
+
+
 def pack(accepted: torch.Tensor, committed: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
     """[1 + (K+1) + K]: accepted m, committed tokens (m+1 real), the accepted path's nodes (m real)."""
     return torch.cat([accepted.view(1), committed, path])
