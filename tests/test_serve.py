@@ -24,6 +24,7 @@ import uvicorn
 import lookahead_decoding as ld
 from lookahead_decoding.cli.common import encode_prompt
 from lookahead_decoding.cli.serve import build_app
+from conftest import tiny_model
 from serving import free_port, stream_across_sigterm, wait_until_serving
 
 pytestmark = pytest.mark.slow
@@ -39,7 +40,7 @@ def served():
     model, tokenizer = ld.load_default_model()
     args = argparse.Namespace(model=None, model_name=None, max_tokens=32, max_prompt_tokens=120, batch_size=4,
                               max_queue=64, api_key=KEY, source=None, window=3, ngram=3, guesses=3,
-                              candidate_length=None, tree_nodes=None, draft_memory=64)
+                              candidate_length=None, tree_nodes=None, draft_memory=64, compile=False)
     app, engine = build_app(model, tokenizer, args)
     engine.start()
     port = free_port()
@@ -342,6 +343,19 @@ def test_ray_address_needs_replicas(capsys):
     assert capsys.readouterr().err == "lookahead: error: --ray-address needs --replicas\n"
 
 
+def test_compile_needs_cuda(capsys):
+    """Refused before the model loads by the command, and by the scheduler for a model off CUDA."""
+    from lookahead_decoding.cli import main
+    from lookahead_decoding.decoding import open_scheduler
+
+    assert main(["serve", "--compile", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == ("lookahead: error: --compile needs a CUDA device: it compiles the engine's "
+                                       "CUDA-graph steps\n")
+    with pytest.raises(ValueError, match=r"^compile needs a CUDA device \(it compiles the engine's captured steps\); "
+                                         r"the model is on cpu$"):
+        open_scheduler(tiny_model("llama"), 2, 64, compile=True)
+
+
 def test_a_port_out_of_range_or_taken_is_refused_before_the_model_loads(capsys, monkeypatch):
     from lookahead_decoding.cli import main, serve as serve_command
 
@@ -387,7 +401,8 @@ def test_a_server_without_a_draft_memory_isolates_every_request():
     model, tokenizer = ld.load_default_model()
     args = argparse.Namespace(model=None, model_name=None, max_tokens=24, max_prompt_tokens=64, batch_size=1,
                               max_queue=4, api_key=None, source=None, window=1, ngram=2, guesses=1,
-                              candidate_length=6, tree_nodes=15, device_drafts=True, draft_memory=0)
+                              candidate_length=6, tree_nodes=15, device_drafts=True, draft_memory=0,
+                              compile=False)
     app, engine = build_app(model, tokenizer, args)
     engine.start()
     try:

@@ -394,21 +394,26 @@ def schedule(
 
 
 def open_scheduler(model, batch_size: int, max_length: int, config=AUTO, source=None,
-                   memory: DraftMemory | None = None) -> BatchScheduler:
+                   memory: DraftMemory | None = None, compile: bool = False) -> BatchScheduler:
     """A scheduler for requests that arrive over time (a server's): `batch_size` rows of an engine for sequences of
     up to `max_length` tokens (prompt + new), which samples with each request's `SamplingParams` (greedy where it
     has none), with the step plan for `config` ("auto": calibrated for this batch size). Submit
     `scheduler.Request`s and call `step()`. With a `memory` (a DraftMemory of this model), requests draft from
-    the text of earlier ones and add their own when they finish, except those with `use_memory=False`."""
+    the text of earlier ones and add their own when they finish, except those with `use_memory=False`. `compile`:
+    the engine's steps are compiled with torch.compile (CUDA only; each step shape compiles when first captured)."""
     check_batch_size(batch_size)
     adapter = ModelAdapter(model)
     check_memory(memory, model)
     if adapter.context_length is not None and max_length > adapter.context_length:
         raise ValueError(f"max_length {max_length} exceeds the model's context length of {adapter.context_length}")
+    if compile and adapter.device.type != "cuda":
+        raise ValueError(f"compile needs a CUDA device (it compiles the engine's captured steps); the model is on "
+                         f"{adapter.device}")
     plan = resolve_plan(model, config, None, None, batch_size, sampling=True)
     make_row_source = make_sources(source, plan.shapes, None, batch_size)
     wanted = make_row_source().predictions_wanted
-    runner = runner_for(model, plan.shapes, max_length, predictions=wanted, batch_size=batch_size, sampling=True)
+    runner = runner_for(model, plan.shapes, max_length, compile=compile, predictions=wanted, batch_size=batch_size,
+                        sampling=True)
     return BatchScheduler(runner, plan, make_row_source, memory)
 
 
