@@ -321,6 +321,36 @@ def test_pipelined_rows_start_and_stop_through_the_chained_steps():
     assert len(chains) > out.stats.steps / 2
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_switch_between_shapes_that_draft_on_the_device_is_chained(sampled, monkeypatch):
+    """The batch alternates between the plain step and two trees drafted on the device (one with a window), every
+    step launched behind the unread one before it: a chained step of another shape lays every row out afresh,
+    taking a row's current token from the step before on the device. Refills, EOS and budgets as above; each row
+    gets its own tokens, greedy or sampled."""
+    model = tiny_model("llama")
+    shapes = (AUTOREGRESSIVE, FIXED["device"], FIXED["device window"])
+    generator = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, VOCAB, (int(n),), generator=generator).tolist()
+               for n in torch.randint(2, 10, (7,), generator=generator)]
+    prompts[3] = (prompts[3][:2] * 6)[:11]  # repetitive: the trees accept several tokens
+    budgets = [20, 7, 14, 20, 3, 11, 16]
+    sampling = dict(do_sample=True, temperature=0.8, seed=list(range(7))) if sampled else {}
+    plain = ld.generate(model, prompts, budgets, AUTOREGRESSIVE, **sampling)
+    eos = plain.rows[0].tokens[len(prompts[0]) + 9]
+    expected = [row.tokens for row in ld.generate(model, prompts, budgets, AUTOREGRESSIVE, eos_token_id=eos,
+                                                  **sampling).rows]
+    order = iter(range(10**6))
+    monkeypatch.setattr(scheduler_module, "best_shape", lambda *args, **kwargs: next(order) % len(shapes))
+    runner = StaticStep(model, shapes, 64, batch_size=3, pipeline=True, sampling=sampled)
+    kinds, chain = [], runner.chain
+    runner.chain = lambda previous, changes, *rest: kinds.append(bool(rest) and rest[0] != previous.shape) or \
+        chain(previous, changes, *rest)
+    out = ld.generate(model, prompts, budgets, StepPlan(shapes, (1.0, 1.0, 1.0)), runner=runner, eos_token_id=eos,
+                      **sampling)
+    assert [row.tokens for row in out.rows] == expected
+    assert sum(kinds) > out.stats.steps / 2  # most steps were chained behind one of another shape
+
+
 @pytest.mark.parametrize("pipelined", [False, True])
 def test_a_cancelled_request_frees_its_row_for_the_next(pipelined):
     """A server cancels the request of a client that went away: a waiting one leaves the queue at once with no new

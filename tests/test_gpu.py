@@ -7,7 +7,9 @@ from conftest import VOCAB, greedy_reference, tiny_model
 
 import lookahead_decoding as ld
 from lookahead_decoding import engine, runners
+from lookahead_decoding import scheduler as scheduler_module
 from lookahead_decoding.config import AUTOREGRESSIVE
+from lookahead_decoding.decoding import open_scheduler
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.tuning import StepPlan, verify_only
 
@@ -95,6 +97,30 @@ def test_pipelined_steps_on_captured_graphs_equal_each_rows_decode(sampled, conf
     assert captured.captured and captured.pipelined and len(chained) > outs[0].stats.steps / 2
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_chained_switches_between_captured_shapes_equal_each_rows_decode(sampled, monkeypatch):
+    """The batch alternates between the plain step and the two device-drafting shapes, each step a captured graph
+    launched behind the unread one before it (a chained step of another shape lays its rows out from pinned
+    memory)."""
+    model = cuda_model("llama")
+    shapes = (AUTOREGRESSIVE, DEVICE_DRAFTS, DEVICE_WINDOW)
+    generator = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, VOCAB, (int(length),), generator=generator).tolist()
+               for length in torch.randint(2, 20, (8,), generator=generator)]
+    budgets = [30, 6, 18, 3, 25, 9, 14, 30]
+    sampling = dict(seed=list(range(8)), **SAMPLING) if sampled else {}
+    expected = [row.tokens for row in ld.generate(model, prompts, budgets, AUTOREGRESSIVE, **sampling).rows]
+    order = iter(range(10**6))
+    monkeypatch.setattr(scheduler_module, "best_shape", lambda *args, **kwargs: next(order) % len(shapes))
+    captured = StaticStep(model, shapes, 96, batch_size=3, sampling=sampled)
+    switches, chain = [], captured.chain
+    captured.chain = lambda previous, changes, *rest: switches.append(bool(rest) and rest[0] != previous.shape) or \
+        chain(previous, changes, *rest)
+    out = ld.generate(model, prompts, budgets, StepPlan(shapes, (1.0, 1.0, 1.0)), runner=captured, **sampling)
+    assert [row.tokens for row in out.rows] == expected
+    assert captured.captured and sum(switches) > out.stats.steps / 2
+
+
 def test_default_path_runs_on_the_engine():
     model = cuda_model("llama")
     runners._engines.pop(model, None)  # engines other tests built for this model
@@ -152,6 +178,26 @@ def test_captured_sampling_equals_eager_and_plain_sampling(arch):
     alone = ld.generate(model, [prompts[4]], 40, plan, seed=[seeds[4]], **SAMPLING)
     assert alone.rows[0].tokens == plain.rows[4].tokens
     assert captured.captured and not eager.captured
+
+
+def test_a_compiled_sampling_scheduler_commits_the_tokens_of_plain_sampling():
+    """What `lookahead serve --compile` runs: a scheduler on a compiled engine that samples, drafting on the device,
+    with greedy and sampled rows side by side."""
+    model = cuda_model("llama")
+    generator = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, VOCAB, (int(length),), generator=generator).tolist()
+               for length in torch.randint(3, 20, (3,), generator=generator)]
+    params = [None, ld.SamplingParams(temperature=0.9, top_p=0.95, seed=7), ld.SamplingParams(temperature=0.7, seed=8)]
+    scheduler = open_scheduler(model, 2, 96, StepPlan((DEVICE_DRAFTS,), (1.0,)), compile=True)
+    for tag, (prompt, sampling) in enumerate(zip(prompts, params)):
+        scheduler.submit(ld.Request(prompt, 24, tag=tag, sampling=sampling))
+    done = {finished.tag: finished.tokens for finished in scheduler.run()}
+    assert scheduler.runner.compile and scheduler.runner.captured
+    for tag, (prompt, sampling) in enumerate(zip(prompts, params)):
+        kwargs = {} if sampling is None else dict(do_sample=True, temperature=sampling.temperature,
+                                                 top_p=sampling.top_p, seed=[sampling.seed])
+        plain = ld.generate(model, [prompt], 24, AUTOREGRESSIVE, **kwargs)
+        assert done[tag] == plain.rows[0].tokens
 
 
 def test_a_generator_on_cuda_is_accepted_on_cuda_0():

@@ -411,10 +411,10 @@ class StaticStep:
         self.host_inputs[shape].numpy()[:] = lines  # straight into the (pinned) buffer: no tensor from lists
         return [step is not None for step in steps]
 
-    def _write_token_rows(self, shape: int, rows: TokenRows) -> numpy.ndarray:
-        """Write a `TokenRows` step into the shape's host input buffer, as `_write_planned` would write each row's
-        planned step (every id the current token; the template's parents where the row drafts on the device, no
-        nodes elsewhere); returns which rows decode."""
+    def _write_token_rows(self, shape: int, rows: TokenRows, lines: numpy.ndarray | None = None) -> numpy.ndarray:
+        """Write a `TokenRows` step into `lines` (default: the shape's host input buffer), as `_write_planned` would
+        write each row's planned step (every id the current token; the template's parents where the row drafts on
+        the device, no nodes elsewhere); returns which rows decode."""
         layout = self.layouts[shape]
         config = layout.config
         if config.host_drafts:
@@ -423,7 +423,7 @@ class StaticStep:
             raise ValueError(f"a step of this engine takes {self.batch_size} rows, got {len(rows.current)}")
         if (rows.lengths[rows.decoding] > self.max_length).any():  # the cache has no room for the step's rows
             raise ValueError(f"generation ran past this engine's max_length {self.max_length}")
-        lines = self.host_inputs[shape].numpy()
+        lines = self.host_inputs[shape].numpy() if lines is None else lines
         lines[:, : layout.size] = rows.current[:, None]
         lines[:, layout.size : layout.size + config.tree_nodes] = config.tree_nodes  # no parent: no node
         lines[:, -2] = 0
@@ -433,26 +433,43 @@ class StaticStep:
         lines[~rows.decoding] = 0
         return rows.decoding.copy()
 
-    def chain(self, previous: LaunchedStep, changes: dict[int, int | None]) -> LaunchedStep:
-        """Launch a step of `previous`'s shape behind it, `previous` being a step whose outcome the host has not
-        read: each row that decoded in it goes on from the last token it commits, taken on the device. `changes`
-        by row: the current token of a row that starts decoding (its prefill has committed it; where the shape
-        drafts on the device, the row drafts), or None for a row that stops. Only a shape that needs nothing else
-        from the host: plain, or drafting on the device."""
-        shape = previous.shape
+    def chain(self, previous: LaunchedStep, changes: dict[int, int | None], shape: int | None = None,
+              rows: TokenRows | None = None) -> LaunchedStep:
+        """Launch a step behind `previous`, a step whose outcome the host has not read: each row that decoded in it
+        goes on from the last token it commits, taken on the device. `changes` by row: the current token of a row
+        that starts decoding (its prefill has committed it; where the shape drafts on the device, the row drafts),
+        or None for a row that stops. The step is of `previous`'s shape, or of `shape` with the rows laid out by
+        `rows` (a `TokenRows` of the rows after `changes`; the current token of a row that goes on is taken on the
+        device). Only a shape that needs nothing else from the host: plain, or drafting on the device."""
+        shape = previous.shape if shape is None else shape
         config = self.layouts[shape].config
         if not config.follows_on_device:
             raise ValueError(f"only a plain step or one that drafts on the device can be chained, not {config}")
         inputs = self.inputs[shape]  # [the current token, (tree ids, parents, nodes: the device's), 1 if decoding]
         accepted, committed = previous.outputs[:, :1], previous.outputs[:, 1:]
-        inputs[:, 0].copy_(committed.gather(1, accepted)[:, 0])  # the last token each row committed
+        last = committed.gather(1, accepted)[:, 0]  # the last token each row committed
+        # From pinned memory: a pageable copy would wait for the steps in flight.
+        pinned = self.host_inputs[shape].is_pinned()
+        if shape != previous.shape:
+            if rows is None:
+                raise ValueError("a step chained behind one of another shape needs its rows' TokenRows")
+            # The whole input, in a buffer of its own: the shape's host buffer may still be on its way to a step.
+            lines = torch.empty(self.host_inputs[shape].shape, dtype=torch.long, pin_memory=pinned)
+            decoding = self._write_token_rows(shape, rows, lines.numpy())
+            goes_on = numpy.asarray(previous.decoding, dtype=bool) & decoding
+            goes_on[list(changes)] = False
+            lines[:, 0].masked_fill_(torch.from_numpy(goes_on), -1)  # taken on the device, below
+            inputs.copy_(lines.to(inputs.device, non_blocking=pinned))
+            inputs[:, 0].copy_(torch.where(inputs[:, 0] < 0, last, inputs[:, 0]))
+            packed, scores, top = self.replayable(shape, width=self._width(shape))()
+            return self._launched(shape, decoding, packed, scores, top)
+        inputs[:, 0].copy_(last)
         decoding = list(previous.decoding)
         if changes:
             for row, token in changes.items():
                 decoding[row] = token is not None
-            # From pinned memory: a pageable copy would wait for the steps in flight.
             host = torch.tensor([[row, token or 0, token is not None] for row, token in changes.items()],
-                                pin_memory=self.host_inputs[shape].is_pinned())
+                                pin_memory=pinned)
             update = host.to(inputs.device, non_blocking=True)
             inputs[update[:, 0], 0] = update[:, 1]
             inputs[update[:, 0], -1] = update[:, 2]

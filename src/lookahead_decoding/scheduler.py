@@ -15,8 +15,9 @@ whose shape drafts nothing on the host is chosen, laid out (`step.TokenRows`) an
 except for rows with a streamer or stopping criteria.
 
 Plain steps, and steps that draft on the device, are pipelined where the runner can (`engine.StaticStep.chain`):
-while the batch would choose the same such shape again, the next step is launched before the host reads the last
-one's outcome, so that reading, recording and the shape choice run while the device computes. That choice is made
+while the batch chooses such a shape next (the same one, or another, whose rows are then laid out afresh), the next
+step is launched before the host reads the last one's outcome, so that reading, recording and the shape choice run
+while the device computes. That choice is made
 a step late, and a row that stops on an end-of-sequence token (or a cancel, or its max_new_tokens inside a step
 that commits several tokens) has decoded one step more, which is thrown away; a row that reaches its
 max_new_tokens with the step's one token is known to stop and is left out in time. (A step that verifies the
@@ -234,7 +235,8 @@ class BatchScheduler:
     @torch.inference_mode()
     def step(self) -> list[Finished]:
         """Admit what fits, run one batched step (if any row decodes), retire what stopped. With a step pending,
-        launch the next behind it if the batch goes on with the same shape, then read and record it."""
+        launch the next behind it if the batch goes on with a shape that drafts nothing on the host, then read and
+        record it."""
         finished = self._admit()
         if self._pending is not None:
             return finished + self._step_behind()
@@ -303,9 +305,12 @@ class BatchScheduler:
         shape = pending.launched.shape
         live = numpy.flatnonzero(self.occupied)
         if len(live) and self._may_chain(live):
-            extra = self._same_next(live, shape)
-            if extra is not None:
-                self._chain(pending, extra)
+            # The shape the batch chooses by the rows' statistics so far (those of the pending step are not in
+            # them yet), launched behind the pending step where it needs nothing from the host.
+            extra = self.choosers.batch_extra(live, self.largest_tree[live])
+            following = self._best(live, extra)
+            if following in self._chainable:
+                self._chain(pending, following, extra[following])
         self._catch_up([self.rows[index].sequence for index in live[self.largest_tree[live] > 0]],
                        pending.launched.busy)
         outcomes = self.runner.finish_rows(pending.launched)
@@ -318,16 +323,10 @@ class BatchScheduler:
         """By row: whether it holds the same request as when `pending` was launched (and still decodes it)."""
         return (self.admissions == pending.admissions) & (self.occupied == pending.occupied) & self.occupied
 
-    def _same_next(self, live: numpy.ndarray, shape: int) -> float | None:
-        """If the batch would choose `shape` again before drafting, by the rows' statistics so far (those of the
-        pending step are not in them yet): the tokens beyond one per row they expect of it; else None."""
-        extra = self.choosers.batch_extra(live, self.largest_tree[live])
-        return extra[shape] if self._best(live, extra) == shape else None
-
-    def _chain(self, pending: _Pending, expected_extra: float) -> None:
-        """Launch a step of `pending`'s shape behind it for the rows that go on decoding after it (a row that
-        stops in it on EOS, or on its budget within several tokens, decodes for nothing)."""
-        shape, launched = pending.launched.shape, pending.launched
+    def _chain(self, pending: _Pending, shape: int, expected_extra: float) -> None:
+        """Launch a step of `shape` behind `pending` for the rows that go on decoding after it (a row that stops in
+        it on EOS, or on its budget within several tokens, decodes for nothing)."""
+        launched = pending.launched
         unchanged = self._unchanged(pending)
         changes = {int(index): int(self.arrays.last[index]) if self.occupied[index] else None  # started or freed since
                    for index in numpy.flatnonzero(~unchanged & (self.occupied | pending.occupied))}
@@ -339,12 +338,18 @@ class BatchScheduler:
             decoding[index] = token is not None
         if not decoding.any():
             return
-        if self.plan.shapes[shape].device_drafts and any(
+        if shape != launched.shape:  # every row laid out afresh, as `step` lays them out
+            if not self._token_rows:
+                return
+            rows = TokenRows(self.arrays.last, decoding, decoding & self.choosers.lookahead, self.arrays.length)
+            chained = self.runner.chain(launched, changes, shape, rows)
+        elif self.plan.shapes[shape].device_drafts and any(
                 token is not None and not self.choosers.lookahead[index] for index, token in changes.items()):
             return  # a row that starts without lookahead: launched from the host, with no tree
-        self._pending = _Pending(self.runner.chain(launched, changes), self.admissions.copy(), self.occupied.copy(),
-                                 expected_extra)
-        pending.launched = launched._replace(scores=None)  # the chained step writes its logits where these were
+        else:
+            chained = self.runner.chain(launched, changes)
+            pending.launched = launched._replace(scores=None)  # the chained step writes its logits where these were
+        self._pending = _Pending(chained, self.admissions.copy(), self.occupied.copy(), expected_extra)
 
     @staticmethod
     def _catch_up(sequences: list[SequenceState], device_busy: DeviceBusy) -> None:

@@ -201,8 +201,8 @@ class TimedRunner:
     def launch_rows(self, shape, steps, histories):
         return self._timed(self.runner.launch_rows, shape, steps, histories)
 
-    def chain(self, launched, changes):
-        return self._timed(self.runner.chain, launched, changes)
+    def chain(self, launched, changes, shape=None, rows=None):
+        return self._timed(self.runner.chain, launched, changes, shape, rows)
 
     def finish_rows(self, launched):
         return self._timed(self.runner.finish_rows, launched)
