@@ -3,6 +3,7 @@ the cache passed under whichever name this transformers version uses, logits onl
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 
@@ -29,6 +30,13 @@ def context_length(config) -> int | None:
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def forward_parameters(forward) -> frozenset[str]:
+    """The names `forward` takes (a model class's forward function, or a model's own forward where it replaced it):
+    inspected once per function, not on every call that looks at a model."""
+    return frozenset(inspect.signature(forward).parameters)
+
+
 class ModelAdapter:
     """Everything the decoding loop needs to know about one model."""
 
@@ -41,7 +49,7 @@ class ModelAdapter:
             raise UnsupportedModelError(f"{name} is an encoder-decoder model; lookahead decoding needs a decoder-only causal LM")
         if model.get_output_embeddings() is None:
             raise UnsupportedModelError(f"{name} has no language-modeling head; load it with AutoModelForCausalLM")
-        params = inspect.signature(model.forward).parameters
+        params = forward_parameters(getattr(model.forward, "__func__", model.forward))
         if "position_ids" not in params or "attention_mask" not in params:
             raise UnsupportedModelError(f"{name}.forward takes no explicit position_ids/attention_mask, which lookahead decoding needs")
         attention = getattr(config, "_attn_implementation", None) or "eager"
