@@ -277,6 +277,17 @@ def test_model_without_lm_head_is_rejected(llama):
         ld.generate(llama.model, torch.tensor([[1, 2]]), 5)
 
 
+def test_a_forward_without_explicit_positions_is_rejected(llama):
+    """Checked per forward function (the signature is inspected once per function): a model whose own forward
+    drops position_ids is refused, while the class's forward still serves."""
+    model = tiny_model("llama", seed=2)
+    model.forward = lambda input_ids, attention_mask=None, **kwargs: None
+    with pytest.raises(ld.UnsupportedModelError, match=r"^LlamaForCausalLM\.forward takes no explicit "
+                                                       r"position_ids/attention_mask, which lookahead decoding needs$"):
+        ld.generate(model, torch.tensor([[1, 2]]), 5)
+    assert ld.generate(llama, torch.tensor([[1, 2]]), 3).sequences.shape == (1, 5)
+
+
 def test_attention_without_custom_masks_is_rejected():
     model = tiny_model("llama", seed=1)
     model.config._attn_implementation_internal = "flash_attention_2"
