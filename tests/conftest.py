@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,6 +48,15 @@ def calibration_cache(tmp_path_factory):
         yield
 
 
+def cache_sharing_models(folder: Path) -> str:
+    """A LOOKAHEAD_CACHE_DIR of a test's own (its calibrations kept apart) that shares the session's converted GGUF
+    models (`models.converted_folder`), which would take a process 25 s to convert again."""
+    shared = Path(os.environ["LOOKAHEAD_CACHE_DIR"]) / "gguf"
+    shared.mkdir(parents=True, exist_ok=True)
+    (folder / "gguf").symlink_to(shared, target_is_directory=True)
+    return str(folder)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def narrow_attention_widths():
     """Engines read the cache through widths from 16 slots (256 by default), so that the tiny sequences of these
@@ -81,8 +92,7 @@ def llama():
 @pytest.fixture(scope="session")
 def cli_model(tmp_path_factory) -> str:
     """A model folder for the command line: the SmolLM2 tokenizer and a 2-layer random Llama of context 512."""
-    gguf = ld.default_model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    _, tokenizer = ld.load_default_model()  # converted once for the session (its later loads take a second)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer),

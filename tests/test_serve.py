@@ -24,7 +24,7 @@ import uvicorn
 import lookahead_decoding as ld
 from lookahead_decoding.cli.common import encode_prompt
 from lookahead_decoding.cli.serve import build_app
-from conftest import tiny_model
+from conftest import cache_sharing_models, tiny_model
 from serving import free_port, stream_across_sigterm, wait_until_serving
 
 pytestmark = pytest.mark.slow
@@ -287,7 +287,7 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0(served, tmp_path):
     server = subprocess.Popen(
         [sys.executable, "-m", "lookahead_decoding.cli", "serve", "--port", str(port), "--batch-size", "2",
          "--max-tokens", "48", "--max-prompt-tokens", "64", "--window", "3", "--ngram", "3", "--guesses", "3"],
-        env={**os.environ, "LOOKAHEAD_CACHE_DIR": str(tmp_path)}, stderr=subprocess.PIPE, text=True)
+        env={**os.environ, "LOOKAHEAD_CACHE_DIR": cache_sharing_models(tmp_path)}, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     body = {"model": MODEL, "prompt": "Write a poem about the sea.", "max_tokens": 48, "temperature": 0}
     try:

