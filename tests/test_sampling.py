@@ -28,11 +28,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 import transformers
+from conftest import VOCAB as VOCAB_TINY
 from conftest import greedy_reference, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
-from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+                          SuppressTokensLogitsProcessor)
 
 import lookahead_decoding as ld
 from lookahead_decoding import row_sampler
@@ -367,6 +369,23 @@ def test_greedy_with_logits_processors_equals_hf(arch, ngram, candidate_length, 
     out = ld.generate(model, prompt, 40, config, logits_processor=LogitsProcessorList(processors))
     assert out.sequences.tolist() == expected.tolist()
     assert expected.tolist() != greedy_reference(model, prompt, 40).tolist()  # the processors mattered
+
+
+def test_a_batch_under_logits_processors_equals_hf_row_by_row():
+    """Each row of a batch decoded greedily under logits processors gets what HF gives it alone, its first new
+    token included (the batch engine's prefill chooses it through the processors too)."""
+    model = tiny_model("llama")
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, VOCAB_TINY, (int(n),), generator=generator).tolist()
+               for n in torch.randint(4, 12, (6,), generator=generator)]
+    plain_first = {greedy_reference(model, torch.tensor([prompt]), 1)[0, -1].item() for prompt in prompts}
+    # Every row's unprocessed first token is suppressed: the processors decide each first token.
+    processors = LogitsProcessorList([SuppressTokensLogitsProcessor(sorted(plain_first)),
+                                      RepetitionPenaltyLogitsProcessor(1.5)])
+    expected = [greedy_reference(model, torch.tensor([prompt]), 20, logits_processor=processors)[0].tolist()
+                for prompt in prompts]
+    out = ld.generate(model, prompts, 20, ld.LookaheadConfig(3, 3, 3), logits_processor=processors, batch_size=3)
+    assert [row.tokens for row in out.rows] == expected
 
 
 def test_sampling_stops_at_eos_and_max_new_tokens():
