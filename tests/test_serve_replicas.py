@@ -76,3 +76,12 @@ def test_serve_run_builds_the_replicas_from_key_value_options():
     assert deployment.ray_actor_options["num_cpus"] == 1
     args = app._bound_deployment.init_args[0]
     assert (args.batch_size, args.drain_seconds, args.replicas) == (4, 7, 3)
+    assert not args.compile and args.device_drafts is None
+    flags = application({"device": "cuda", "compile": "True", "device_drafts": "yes"})._bound_deployment.init_args[0]
+    assert flags.compile and flags.device_drafts
+    off = application({"device": "cpu", "compile": "false"})._bound_deployment.init_args[0]
+    assert not off.compile
+    with pytest.raises(ValueError, match=r"^serve run option compile is a flag: give it true or false, got 'maybe'$"):
+        application({"compile": "maybe"})
+    with pytest.raises(ValueError, match=r"^serve run option compile needs a CUDA device"):
+        application({"device": "cpu", "compile": "true"})

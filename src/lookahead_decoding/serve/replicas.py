@@ -4,7 +4,8 @@ the routing, restarts a replica whose engine failed (its health check), and drai
 
 `lookahead serve --replicas N` runs this on a local Ray instance (or joins `--ray-address`);
 `serve run lookahead_decoding.serve.replicas:application model=PATH replicas=2` does the same from Ray's CLI, with
-any `lookahead serve` option given as key=value (dashes or underscores). Needs the ray extra.
+any `lookahead serve` option given as key=value (dashes or underscores; a flag as true or false). Needs the ray
+extra.
 """
 
 from __future__ import annotations
@@ -54,15 +55,31 @@ def replica_application(args: argparse.Namespace, cuda: bool) -> serve.Applicati
     return deployment.bind(args)
 
 
+FLAG_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def application(options: dict[str, str]) -> serve.Application:
-    """`serve run` entry point: `lookahead serve`'s options as key=value strings."""
+    """`serve run` entry point: `lookahead serve`'s options as key=value strings (a flag such as compile or
+    device_drafts as true or false)."""
     from ..cli import build_parser
     from ..cli.serve import wants_cuda
 
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    flags = {option for action in commands.choices["serve"]._actions if action.nargs == 0
+             for option in action.option_strings}
     argv = ["serve"]
     for key, value in options.items():
-        argv += [f"--{key.replace('_', '-')}", value]
-    args = build_parser().parse_args(argv)
+        option = f"--{key.replace('_', '-')}"
+        if option not in flags:
+            argv += [option, value]
+        elif str(value).lower() not in FLAG_VALUES:
+            raise ValueError(f"serve run option {key} is a flag: give it true or false, got {value!r}")
+        elif FLAG_VALUES[str(value).lower()]:
+            argv.append(option)
+    args = parser.parse_args(argv)
+    if args.compile and not wants_cuda(args):
+        raise ValueError("serve run option compile needs a CUDA device: it compiles the engine's CUDA-graph steps")
     if args.replicas is None:
         args.replicas = 1
     return replica_application(args, wants_cuda(args))
