@@ -448,12 +448,12 @@ class StaticStep:
         inputs = self.inputs[shape]  # [the current token, (tree ids, parents, nodes: the device's), 1 if decoding]
         accepted, committed = previous.outputs[:, :1], previous.outputs[:, 1:]
         last = committed.gather(1, accepted)[:, 0]  # the last token each row committed
-        # From pinned memory: a pageable copy would wait for the steps in flight.
-        pinned = self.host_inputs[shape].is_pinned()
+        # Host inputs go from pinned memory: a pageable copy would wait for the steps in flight.
         if shape != previous.shape:
             if rows is None:
                 raise ValueError("a step chained behind one of another shape needs its rows' TokenRows")
             # The whole input, in a buffer of its own: the shape's host buffer may still be on its way to a step.
+            pinned = self.host_inputs[shape].is_pinned()
             lines = torch.empty(self.host_inputs[shape].shape, dtype=torch.long, pin_memory=pinned)
             decoding = self._write_token_rows(shape, rows, lines.numpy())
             goes_on = numpy.asarray(previous.decoding, dtype=bool) & decoding
@@ -461,21 +461,20 @@ class StaticStep:
             lines[:, 0].masked_fill_(torch.from_numpy(goes_on), -1)  # taken on the device, below
             inputs.copy_(lines.to(inputs.device, non_blocking=pinned))
             inputs[:, 0].copy_(torch.where(inputs[:, 0] < 0, last, inputs[:, 0]))
-            packed, scores, top = self.replayable(shape, width=self._width(shape))()
-            return self._launched(shape, decoding, packed, scores, top)
-        inputs[:, 0].copy_(last)
-        decoding = list(previous.decoding)
-        if changes:
-            for row, token in changes.items():
-                decoding[row] = token is not None
-            host = torch.tensor([[row, token or 0, token is not None] for row, token in changes.items()],
-                                pin_memory=pinned)
-            update = host.to(inputs.device, non_blocking=True)
-            inputs[update[:, 0], 0] = update[:, 1]
-            inputs[update[:, 0], -1] = update[:, 2]
-            if shape in self._template_lines:
-                size = self.layouts[shape].size
-                inputs[update[:, 0], size : size + config.tree_nodes + 1] = self._template_lines[shape]
+        else:
+            inputs[:, 0].copy_(last)
+            decoding = list(previous.decoding)
+            if changes:
+                for row, token in changes.items():
+                    decoding[row] = token is not None
+                host = torch.tensor([[row, token or 0, token is not None] for row, token in changes.items()],
+                                    pin_memory=self.host_inputs[shape].is_pinned())
+                update = host.to(inputs.device, non_blocking=True)
+                inputs[update[:, 0], 0] = update[:, 1]
+                inputs[update[:, 0], -1] = update[:, 2]
+                if shape in self._template_lines:
+                    size = self.layouts[shape].size
+                    inputs[update[:, 0], size : size + config.tree_nodes + 1] = self._template_lines[shape]
         packed, scores, top = self.replayable(shape, width=self._width(shape))()
         return self._launched(shape, decoding, packed, scores, top)
 

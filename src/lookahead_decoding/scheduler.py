@@ -245,8 +245,7 @@ class BatchScheduler:
             return finished
         began = time.perf_counter()
         # Drafting costs host time per row: skip it when the plain step wins even against full trees.
-        extra = self.choosers.batch_extra(live, self.largest_tree[live])
-        shape = self._best(live, extra)
+        shape, extra = self._choice_before_drafting(live)
         row_trees = None
         if self.plan.shapes[shape].host_drafts:
             row_trees = [self.rows[index].sequence.draft(begin=not self._asynchronous) for index in live]
@@ -283,6 +282,12 @@ class BatchScheduler:
         outcomes = self.runner.step_rows(shape, steps, histories, overlap=overlap)
         return finished + self._record_planned(shape, live, steps, outcomes, extra[shape], began)
 
+    def _choice_before_drafting(self, live: numpy.ndarray) -> tuple[int, numpy.ndarray]:
+        """The shape for the rows `live` by what each expects of the fullest tree it may draft, and the tokens
+        beyond one per row they expect of each shape."""
+        extra = self.choosers.batch_extra(live, self.largest_tree[live])
+        return self._best(live, extra), extra
+
     def _best(self, live: numpy.ndarray, extra) -> int:
         """The shape for the rows `live`, who expect `extra` of each shape now; the cheapest when none of them
         decodes with lookahead. (The costs measured so far cannot decide that: a shape's recent steps may have run
@@ -307,8 +312,7 @@ class BatchScheduler:
         if len(live) and self._may_chain(live):
             # The shape the batch chooses by the rows' statistics so far (those of the pending step are not in
             # them yet), launched behind the pending step where it needs nothing from the host.
-            extra = self.choosers.batch_extra(live, self.largest_tree[live])
-            following = self._best(live, extra)
+            following, extra = self._choice_before_drafting(live)
             if following in self._chainable:
                 self._chain(pending, following, extra[following])
         self._catch_up([self.rows[index].sequence for index in live[self.largest_tree[live] > 0]],
