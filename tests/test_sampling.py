@@ -683,3 +683,18 @@ def test_skipping_unused_stages_chooses_the_same_tokens(rows, head, sharpness, d
             patch.setattr(row_sampler, "HEAD_TOKENS", head_tokens)
             choices.append(sampler.choose(logits, torch.arange(positions).expand(len(rows), -1) + 6))
     assert choices[0].tolist() == choices[1].tolist()
+
+
+def test_a_compiled_sampled_step_chooses_in_one_graph_what_eager_chooses():
+    """Compiled (`serve --compile`), every stage traces into one graph: the head-of-vocabulary shortcut syncs with
+    the host, and a step split there could not be captured as a CUDA graph (it failed so on the H100 for top-p
+    requests). The full sort chooses the same tokens."""
+    vocab, positions = 2 * row_sampler.HEAD_TOKENS, 3
+    rows = [SamplingParams(temperature=0.7, top_p=0.9, seed=1), SamplingParams(temperature=1.2, top_k=20, min_p=0.01,
+                                                                               repetition_penalty=1.3, seed=2), None]
+    sampler = row_sampler.RowSampler(len(rows), vocab, "cpu")
+    sampler.start_rows(dict(enumerate(rows)))
+    logits = torch.randn(len(rows), positions, vocab, generator=torch.Generator().manual_seed(3)) * 4
+    at = torch.arange(positions).expand(len(rows), -1) + 6
+    compiled = torch.compile(sampler.choose, backend="eager", fullgraph=True)  # fullgraph: a split step raises
+    assert compiled(logits, at).tolist() == sampler.choose(logits, at).tolist()

@@ -216,8 +216,10 @@ class RowSampler:
         among the most likely, so where the HEAD_TOKENS most likely are known to hold every kept token, only those
         are sorted."""
         filters = ((self.top_k > 0) | (self.top_p < 1))[:, None, None]
-        capturing = scores.is_cuda and torch.cuda.is_current_stream_capturing()
-        if HEAD_TOKENS < scores.shape[-1] and not capturing:  # it syncs with the host
+        # The shortcut syncs with the host, which neither a CUDA graph nor a compiled step may do (compiling splits
+        # the step at the sync, and capturing the split step failed on the H100: `serve --compile`, top-p requests).
+        fixed = torch.compiler.is_compiling() or (scores.is_cuda and torch.cuda.is_current_stream_capturing())
+        if HEAD_TOKENS < scores.shape[-1] and not fixed:
             head, order = scores.topk(HEAD_TOKENS, dim=-1)
             keep, decided = self._kept(head, scores.logsumexp(dim=-1, keepdim=True))
             if bool((decided | ~filters[..., 0]).all()):
