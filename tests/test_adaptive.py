@@ -4,6 +4,7 @@ calibrated plan is cached without ever crashing on a bad cache file."""
 import gc
 import json
 import random
+import time
 import weakref
 
 import numpy
@@ -402,6 +403,39 @@ def test_auto_says_so_when_not_even_a_plain_step_fits(monkeypatch):
     with pytest.raises(ValueError, match=r"^no step of the calibrated plan fits: its smallest, plain, \(1 tokens\) "
                        r"needs about 0.0 GiB, more than the 0.0 GiB free on cpu$"):
         ld.generate(tiny_model("llama"), torch.tensor([[1, 2, 3]]), 5)
+
+
+class CompiledStandIn:
+    """A runner that says it is compiled and whose step of shape `slow` takes `seconds` longer than the engine's."""
+
+    compile = True
+
+    def __init__(self, engine: StaticStep, slow: int, seconds: float) -> None:
+        self.engine, self.slow, self.seconds = engine, slow, seconds
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def step(self, shape, *args):
+        if shape == self.slow:
+            time.sleep(self.seconds)
+        return self.engine.step(shape, *args)
+
+
+def test_a_compiled_runner_times_autos_plan_on_itself():
+    shapes = (AUTOREGRESSIVE, ld.LookaheadConfig(2, 3, 2))
+    engine = StaticStep(tiny_model("llama"), shapes, 64, cuda_graph=False, sampling=True)
+    calibrated = StepPlan(shapes, (1.0, 1.0), (1.0, 1.0))
+    assert runners.compiled_plan(calibrated, engine, sampling=True) is calibrated  # not compiled: as calibrated
+    compiled = CompiledStandIn(engine, slow=1, seconds=0.02)
+    sampled = runners.compiled_plan(calibrated, compiled, sampling=True)
+    assert sampled.shapes == shapes
+    assert sampled.costs_ms[1] - sampled.costs_ms[0] > 15 and sampled.greedy_costs_ms[1] - sampled.greedy_costs_ms[0] > 15
+    assert runners.compiled_plan(calibrated, compiled, sampling=True) is sampled  # timed once per runner
+    greedy = runners.compiled_plan(StepPlan(shapes, (1.0, 1.0)), compiled)
+    assert greedy.greedy_costs_ms is None and greedy.costs_ms[1] - greedy.costs_ms[0] > 15
+    one_shape = StepPlan(shapes[1:], (1.0,))
+    assert runners.compiled_plan(one_shape, CompiledStandIn(engine, slow=0, seconds=0.0)) is one_shape
 
 
 def test_batch_step_costs_survive_one_slow_first_step():

@@ -6,7 +6,7 @@ import torch
 from conftest import VOCAB, greedy_reference, tiny_model
 
 import lookahead_decoding as ld
-from lookahead_decoding import engine, runners
+from lookahead_decoding import engine, row_sampler, runners
 from lookahead_decoding import scheduler as scheduler_module
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.decoding import open_scheduler
@@ -180,9 +180,11 @@ def test_captured_sampling_equals_eager_and_plain_sampling(arch):
     assert captured.captured and not eager.captured
 
 
-def test_a_compiled_sampling_scheduler_commits_the_tokens_of_plain_sampling():
+def test_a_compiled_sampling_scheduler_commits_the_tokens_of_plain_sampling(monkeypatch):
     """What `lookahead serve --compile` runs: a scheduler on a compiled engine that samples, drafting on the device,
-    with greedy and sampled rows side by side."""
+    with greedy and sampled rows side by side; top-p takes the path it takes for a real vocabulary (larger than
+    HEAD_TOKENS), where a host sync once split the compiled step and its capture failed."""
+    monkeypatch.setattr(row_sampler, "HEAD_TOKENS", 16)
     model = cuda_model("llama")
     generator = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, VOCAB, (int(length),), generator=generator).tolist()
@@ -198,6 +200,23 @@ def test_a_compiled_sampling_scheduler_commits_the_tokens_of_plain_sampling():
                                                  top_p=sampling.top_p, seed=[sampling.seed])
         plain = ld.generate(model, [prompt], 24, AUTOREGRESSIVE, **kwargs)
         assert done[tag] == plain.rows[0].tokens
+
+
+def test_a_compiled_scheduler_times_autos_plan_on_its_compiled_engine(tmp_path, monkeypatch):
+    """`auto`'s plan is calibrated uncompiled; a compiled engine's steps cost otherwise, so the scheduler's plan
+    holds the same shapes timed on that engine, sampled (with top-p, over a real vocabulary's path) and greedy."""
+    monkeypatch.setenv("LOOKAHEAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(row_sampler, "HEAD_TOKENS", 16)
+    model = cuda_model("llama")
+    scheduler = open_scheduler(model, 1, 96, compile=True)
+    calibrated = runners.auto_plan(model, batch_size=1, sampling=True)
+    assert len(calibrated.shapes) > 1 and scheduler.plan.shapes == calibrated.shapes
+    assert scheduler.plan is runners.runner_plan(scheduler.runner, sampling=True)
+    assert scheduler.plan.greedy_costs_ms is not None and scheduler.plan.costs_ms != calibrated.costs_ms
+    prompt = [5, 6, 7, 5, 6, 7, 5]
+    scheduler.submit(ld.Request(prompt, 20, tag=0))
+    (finished,) = scheduler.run()
+    assert finished.tokens == greedy_reference(model, torch.tensor([prompt], device="cuda"), 20)[0].tolist()
 
 
 def test_a_generator_on_cuda_is_accepted_on_cuda_0():

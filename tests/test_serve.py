@@ -287,7 +287,8 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0(served, tmp_path):
     server = subprocess.Popen(
         [sys.executable, "-m", "lookahead_decoding.cli", "serve", "--port", str(port), "--batch-size", "2",
          "--max-tokens", "48", "--max-prompt-tokens", "64", "--window", "3", "--ngram", "3", "--guesses", "3"],
-        env={**os.environ, "LOOKAHEAD_CACHE_DIR": cache_sharing_models(tmp_path)}, stderr=subprocess.PIPE, text=True)
+        env={**os.environ, "LOOKAHEAD_CACHE_DIR": cache_sharing_models(tmp_path)}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     body = {"model": MODEL, "prompt": "Write a poem about the sea.", "max_tokens": 48, "temperature": 0}
     try:
@@ -296,6 +297,8 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0(served, tmp_path):
     finally:
         server.kill()
     assert text == expected_text(served, body["prompt"], 48)  # the whole answer: not cut short
+    assert server.stdout.read() == (f"lookahead: serving {MODEL} on {url}; step plan: lookahead W=3 N=3 G=3 K=2 B=6 "
+                                    "(one shape)\n")
 
 
 def draft_memory_requests(url: str) -> float:

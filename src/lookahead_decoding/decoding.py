@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,17 +25,16 @@ from .drafting import CandidateSource, DraftMemory
 from .drafting.sources import SOURCE_NAMES, make_source
 from .engine import check_batch_size
 from .model_adapter import ModelAdapter
-from .runners import auto_plan, runner_for
+from .runners import auto_plan, compiled_plan, runner_for, runner_plan
 from .sampling import check_sampling_args, make_verifier, row_sampling
 from .sampling_params import SamplingParams
 from .scheduler import BatchScheduler, Finished, requests_from
 from .state import GenerationStats
 from .step import StepRunner
-from .tuning import StepPlan, shape_name, time_steps
+from .tuning import StepPlan, shape_name
 from .verification import Verifier
 
 AUTO = "auto"
-_runner_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # prebuilt runner -> its measured StepPlan
 
 
 @dataclass
@@ -201,7 +199,7 @@ def resolve_plan(model, config, verifier: Verifier | None = None, runner: StepRu
                  batch_size: int = 1, sampling: bool = False) -> StepPlan:
     """The step shapes for `config`: "auto" (or None) calibrates them for this device and batch size (see
     tuning.py), a LookaheadConfig is the one fixed shape, a StepPlan is used as it is. With a prebuilt `runner`,
-    "auto" means the runner's own shapes."""
+    "auto" means the runner's own shapes, timed on it (`runners.runner_plan`)."""
     if isinstance(config, StepPlan):
         return config
     if isinstance(config, LookaheadConfig):
@@ -210,13 +208,7 @@ def resolve_plan(model, config, verifier: Verifier | None = None, runner: StepRu
         raise TypeError(f'config must be a LookaheadConfig, a StepPlan, "auto" or None, got {config!r}')
     if runner is None:
         return auto_plan(model, verifier, batch_size, sampling)
-    shapes = tuple(layout.config for layout in runner.layouts)
-    if len(shapes) == 1:
-        return StepPlan(shapes, (1.0,))
-    if runner not in _runner_plans:  # measured once per runner
-        vocab = runner.adapter.vocab
-        _runner_plans[runner] = StepPlan(shapes, tuple(time_steps(runner, vocab)))
-    return _runner_plans[runner]
+    return runner_plan(runner, sampling)
 
 
 def step_misfit(adapter: ModelAdapter, shape: LookaheadConfig, prompt_len: int, max_new_tokens: int,
@@ -414,6 +406,8 @@ def open_scheduler(model, batch_size: int, max_length: int, config=AUTO, source=
     wanted = make_row_source().predictions_wanted
     runner = runner_for(model, plan.shapes, max_length, compile=compile, predictions=wanted, batch_size=batch_size,
                         sampling=True)
+    if config is None or config == AUTO:
+        plan = compiled_plan(plan, runner, sampling=True)
     return BatchScheduler(runner, plan, make_row_source, memory)
 
 

@@ -18,7 +18,7 @@ from .model_adapter import ModelAdapter
 from .step import EagerStep, StepRunner
 from .plan_cache import cached_plan, calibration_key, is_stale, store_plan
 from .sampling_params import SamplingParams
-from .tuning import Calibration, StepPlan, calibrate
+from .tuning import Calibration, StepPlan, calibrate, time_steps
 from .verification import Verifier
 
 STATIC_ENGINE_DEVICES = ("cuda",)
@@ -34,6 +34,7 @@ CALIBRATION_SAMPLING = SamplingParams(temperature=0.7, top_p=0.9)
 
 _engines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(shapes, length, compile): engine}
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {calibration key: StepPlan}
+_runner_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # runner -> {sampled: its shapes timed on it}
 
 
 def uses_static_engine(model, verifier: Verifier | None = None) -> bool:
@@ -121,3 +122,32 @@ def calibrate_model(model, static: bool, batch_size: int = 1, exhaustive: bool =
     else:
         make_runner = lambda shapes: EagerStep(adapter, shapes, sampling=sampling)  # noqa: E731
     return calibrate(make_runner, adapter.vocab, exhaustive, CALIBRATION_SAMPLING if sampling else None)
+
+
+def runner_plan(runner: StepRunner, sampling: bool = False) -> StepPlan:
+    """A plan of `runner`'s own shapes, each with what one step costs on that very runner, measured once per runner:
+    greedy, or, when `sampling` and the runner is built to sample, with sampling rows (`CALIBRATION_SAMPLING`) and
+    with greedy rows (`StepPlan.greedy_costs_ms`)."""
+    shapes = tuple(layout.config for layout in runner.layouts)
+    if len(shapes) == 1:  # nothing to choose between
+        return StepPlan(shapes, (1.0,))
+    sampled = sampling and getattr(runner, "sampler", None) is not None
+    plans = _runner_plans.setdefault(runner, {})
+    if sampled not in plans:
+        vocab = runner.adapter.vocab
+        greedy = time_steps(runner, vocab)
+        plans[sampled] = (StepPlan(shapes, time_steps(runner, vocab, sampling=CALIBRATION_SAMPLING), greedy)
+                          if sampled else StepPlan(shapes, greedy))
+    return plans[sampled]
+
+
+def compiled_plan(plan: StepPlan, runner: StepRunner, sampling: bool = False) -> StepPlan:
+    """`auto`'s calibrated `plan` as `runner`, built for its shapes, runs it: where the runner is compiled, its
+    shapes timed again on it (`runner_plan`), else `plan` itself. Calibration times uncompiled engines (and caches
+    the plan across runs), but compiling does not cheapen every shape alike: a compiled engine fuses each step's
+    kernels and attends over its whole cache rather than the narrowest width that holds the rows (H100, the
+    embedded model, batch 1: the plain step went from 3.55 to about 2.3 ms, the device tree from 5.21 to about
+    3.2; docs/benchmarks.md, "A compiled server")."""
+    if not getattr(runner, "compile", False) or len(plan.shapes) == 1:
+        return plan
+    return runner_plan(runner, sampling)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..decoding import decode, resolve_plan
 from ..drafting.sources import make_source
-from ..runners import runner_for
+from ..runners import compiled_plan, runner_for
 from ..sampling_params import SamplingParams
 from ..scheduler import Finished
 from ..state import GenerationStats
@@ -78,6 +78,7 @@ def batched_decode(model, method: str, args, prompts: list[list[int]], batch_siz
     length = max(len(prompt) for prompt in prompts) + args.max_new_tokens
     runner = runner_for(model, plan.shapes, length, compile=bool(args.compile), predictions=predictions,
                         batch_size=rows, sampling=samples)
+    plan = compiled_plan(plan, runner, samples)
     return lambda count, max_new_tokens: decode(model, prompts[:count], max_new_tokens, plan, source=source,
                                                 runner=runner, sampling=sampling[:count] if samples else None,
                                                 isolated=bool(getattr(args, "isolated", False)))

@@ -40,7 +40,7 @@ from ..config import AUTOREGRESSIVE, LookaheadConfig
 from ..decoding import AUTO, decode, resolve_plan
 from ..drafting.sources import make_source
 from ..model_adapter import ModelAdapter
-from ..runners import runner_for
+from ..runners import compiled_plan, runner_for
 from ..sampling_params import SamplingParams
 from ..step import EagerStep
 
@@ -235,8 +235,10 @@ def lookahead_with(config: LookaheadConfig | str, source=None) -> Method:
         drafts = make_source(source, plan.shapes)  # a fresh source per prompt, as ld.generate makes
         # Sized for the run's --max-new-tokens, so that the short warm-up builds the engine the run uses.
         length = input_ids.shape[1] + max(max_new_tokens, getattr(args, "max_new_tokens", 0))
-        runner = TimedRunner(runner_for(model, plan.shapes, length, compile=bool(getattr(args, "compile", False)),
-                                        predictions=drafts.predictions_wanted, sampling=samples))
+        engine = runner_for(model, plan.shapes, length, compile=bool(getattr(args, "compile", False)),
+                            predictions=drafts.predictions_wanted, sampling=samples)
+        plan = compiled_plan(plan, engine, samples)
+        runner = TimedRunner(engine)
         (result,), stats, _ = decode(model, input_ids.tolist(), max_new_tokens, plan, source=drafts, runner=runner,
                                      sampling=one_row(sampling), isolated=bool(getattr(args, "isolated", False)))
         sequences = torch.tensor([result.tokens], device=input_ids.device)

@@ -137,6 +137,8 @@ def run_serve(args: argparse.Namespace) -> int:
     # server exits 0 instead of dying of the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
     engine.start()
+    print(f"lookahead: serving {model_name(args)} on http://{args.host}:{args.port}; step plan: "
+          f"{engine.scheduler.plan.describe()}", flush=True)
     try:
         # SIGTERM / Ctrl-C: uvicorn stops accepting, lets the requests in flight finish (up to the timeout), then
         # returns; the engine thread stops after them.
