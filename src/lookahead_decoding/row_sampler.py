@@ -23,6 +23,18 @@ from .sampling_params import SamplingParams
 _GREEDY = SamplingParams()
 
 
+@torch.library.custom_op("lookahead_decoding::cumulative_sum", mutates_args=())
+def cumulative_sum(values: torch.Tensor) -> torch.Tensor:
+    """The cumulative sum over the last dimension, opaque to torch.compile: inductor (torch 2.11) failed to generate
+    its own scan kernel over a sorted vocabulary ([1, 64, 49152] float32, H100), so a compiled step calls torch's."""
+    return values.cumsum(dim=-1)
+
+
+@cumulative_sum.register_fake
+def _(values: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(values)
+
+
 # Outside a CUDA graph, top-k / top-p first look at this many of the most likely tokens: a full sort of the
 # vocabulary costs a CPU about as much as a forward of a small model's token.
 HEAD_TOKENS = 256
@@ -216,8 +228,8 @@ class RowSampler:
         among the most likely, so where the HEAD_TOKENS most likely are known to hold every kept token, only those
         are sorted."""
         filters = ((self.top_k > 0) | (self.top_p < 1))[:, None, None]
-        # The shortcut syncs with the host, which neither a CUDA graph nor a compiled step may do (compiling splits
-        # the step at the sync, and capturing the split step failed on the H100: `serve --compile`, top-p requests).
+        # The shortcut syncs with the host, which neither a CUDA graph nor a compiled step may do (compiling split
+        # the step there, and capturing it failed on the H100: `serve --compile` and top-p requests).
         fixed = torch.compiler.is_compiling() or (scores.is_cuda and torch.cuda.is_current_stream_capturing())
         if HEAD_TOKENS < scores.shape[-1] and not fixed:
             head, order = scores.topk(HEAD_TOKENS, dim=-1)
@@ -245,7 +257,8 @@ class RowSampler:
         cut_inside = (k <= size)[:, None] & (ordered[..., -1] < kth[..., 0])
         total = torch.where(top_k_on[..., None], masked.logsumexp(dim=-1, keepdim=True), vocab_total)
         probs = (masked - total).exp()
-        before = probs.cumsum(dim=-1) - probs  # the mass of the more likely tokens
+        running = cumulative_sum(probs) if torch.compiler.is_compiling() else probs.cumsum(dim=-1)
+        before = running - probs  # the mass of the more likely tokens
         keep &= (before < self.top_p[:, None, None]) | ~top_p_on[..., None]
         reaches_top_p = before[..., -1] + probs[..., -1] >= self.top_p[:, None]
         decided = (~top_k_on | cut_inside) & (~top_p_on | reaches_top_p) & (top_k_on | top_p_on)
