@@ -35,6 +35,7 @@ from lookahead_decoding.bench import (
 )
 from lookahead_decoding.bench.cli import config_list, int_list
 from lookahead_decoding.bench.profile import StepClock
+from lookahead_decoding.cli.common import CommandError
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.decoding import decode
 from lookahead_decoding.engine import StaticStep
@@ -481,8 +482,13 @@ def test_profile_errors(tiny, capsys):
     assert "--profile cannot be combined with --sweep or --plot" in capsys.readouterr().err
     with pytest.raises(ValueError, match="the generation ended after 2 steps, before the profiled steps"):
         main([*base, "--max-new-tokens", "3"], model=model, tokenizer=tokenizer)
-    with pytest.raises(ValueError, match="--profile --compile needs a CUDA device"):
-        main([*base, "--compile"], model=model, tokenizer=tokenizer)
+    with pytest.raises(CommandError, match=r"^--compile needs a CUDA device: it compiles the engine's CUDA-graph "
+                       r"steps$"):
+        main([*base, "--compile"], model=model, tokenizer=tokenizer)  # a loaded model's device decides
+    capsys.readouterr()
+    assert main([*base, "--compile", "--device", "cpu"]) == 2  # before the model loads
+    assert capsys.readouterr().err == ("lookahead: error: --compile needs a CUDA device: it compiles the engine's "
+                                       "CUDA-graph steps\n")
 
 
 # ------------------------------------------------------------------------------------------------ sampling

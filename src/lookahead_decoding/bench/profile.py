@@ -196,9 +196,6 @@ def run_profile(args, model=None, tokenizer=None) -> dict:
     config = lookahead_config(args)
     if not isinstance(config, LookaheadConfig):  # auto: the widest shape of the calibrated plan
         config = resolve_plan(model, config, batch_size=batch_size).shapes[-1]
-    if args.compile and model.device.type != "cuda":
-        # Compiled CPU code runs outside aten ops, so the breakdown by op would miss most of the time.
-        raise ValueError("--profile --compile needs a CUDA device (it lists the compiled step's GPU kernels)")
     encoded = encode_all(tokenizer, prompts[:batch_size], model.device)
     token_lists = [item.input_ids[0].tolist() for item in encoded]
     length = engine_length(model, max(map(len, token_lists)) + args.max_new_tokens)

@@ -64,6 +64,13 @@ def add_model_arguments(parser) -> None:
     )
 
 
+def wants_cuda(args: argparse.Namespace) -> bool:
+    """Whether the model will load on CUDA: --device cuda, or auto on a machine that has it."""
+    import torch
+
+    return args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+
+
 def add_lookahead_arguments(parser) -> None:
     """--window/--ngram/--guesses/--candidate-length/--tree-nodes/--device-drafts and --source. Each defaults to
     None: the library decides."""

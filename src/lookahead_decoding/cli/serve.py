@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from .common import (CommandError, add_lookahead_arguments, add_model_arguments, config_from_args, load_from_args,
-                     non_negative_int, positive_int)
+                     non_negative_int, positive_int, wants_cuda)
 from .generate import DEFAULT_DRAFT_MEMORY
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -110,12 +110,6 @@ def build_app(model, tokenizer, args: argparse.Namespace):
     app = create_app(engine, tokenizer, model_name(args), limits, eos_set(model), args.api_key)
     app.state.model = model  # the engine refers to its model weakly: the app keeps it alive as long as it serves
     return app, engine
-
-
-def wants_cuda(args: argparse.Namespace) -> bool:
-    import torch
-
-    return args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -62,7 +62,7 @@ def application(options: dict[str, str]) -> serve.Application:
     """`serve run` entry point: `lookahead serve`'s options as key=value strings (a flag such as compile or
     device_drafts as true or false)."""
     from ..cli import build_parser
-    from ..cli.serve import wants_cuda
+    from ..cli.common import wants_cuda
 
     parser = build_parser()
     commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
