@@ -80,6 +80,19 @@ def tiny_model(arch: str, seed: int = 0, attn_implementation: str | None = None)
     return model
 
 
+@functools.lru_cache(maxsize=None)
+def real_vocabulary_model():
+    """A tiny Llama with a real model's vocabulary (SmolLM2's 49,152 tokens), on which top-k and top-p take the
+    paths they take for real models: compiled, a scan over the sorted vocabulary once failed to generate on CUDA,
+    and a host sync once split the step (`row_sampler.cumulative_sum`, `RowSampler._top_k_top_p`)."""
+    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": 49152}, bos_token_id=None, eos_token_id=None,
+                                      pad_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = None
+    return model
+
+
 def greedy_reference(model, input_ids, max_new_tokens, **kwargs):
     return model.generate(input_ids, do_sample=False, max_new_tokens=max_new_tokens, **kwargs)
 

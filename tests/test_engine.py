@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import VOCAB, greedy_reference, tiny_model
+from conftest import VOCAB, greedy_reference, real_vocabulary_model, tiny_model
 
 import lookahead_decoding as ld
 from lookahead_decoding.config import AUTOREGRESSIVE
+from lookahead_decoding.decoding import decode
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.kv_cache import LayerStack
 
@@ -60,6 +61,22 @@ def test_a_compiled_engine_equals_greedy(llama):
     out = ld.generate(llama, prompts, 20, config, runner=engine)
     assert [row.tokens for row in out.rows] == [greedy_reference(llama, torch.tensor([prompt]), 20)[0].tolist()
                                                 for prompt in prompts]
+
+
+def test_a_compiled_engine_that_samples_commits_the_tokens_of_plain_sampling():
+    """Compiled, top-k and top-p over a real model's vocabulary sort it whole and take the cumulative sum from torch's
+    kernel (row_sampler.py): the same draws as eager plain sampling, a greedy row beside them included."""
+    model = real_vocabulary_model()
+    config = CONFIGS[-2]
+    prompts = [[5, 6, 7, 5, 6, 7, 5], [9, 3, 9, 3, 9], [1, 2, 3, 4, 5, 6]]
+    params = [None, ld.SamplingParams(temperature=0.9, top_p=0.95, seed=7),
+              ld.SamplingParams(temperature=0.7, top_k=40, top_p=0.9, seed=8)]
+    engine = StaticStep(model, config, max_length=48, batch_size=2, compile=True, sampling=True)
+    results, _, _ = decode(model, prompts, 16, config, runner=engine, sampling=params)
+    for finished, prompt, sampling in zip(sorted(results, key=lambda f: f.tag), prompts, params):
+        kwargs = {} if sampling is None else dict(do_sample=True, temperature=sampling.temperature,
+                                                 top_k=sampling.top_k, top_p=sampling.top_p, seed=[sampling.seed])
+        assert finished.tokens == ld.generate(model, [prompt], 16, AUTOREGRESSIVE, **kwargs).rows[0].tokens
 
 
 def test_the_length_bound_holds_what_each_row_holds(llama):

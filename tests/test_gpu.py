@@ -3,8 +3,7 @@ default path runs on it. Run on a GPU machine with `python -m pytest -q -m gpu t
 
 import pytest
 import torch
-import transformers
-from conftest import COMMON, VOCAB, greedy_reference, tiny_model
+from conftest import VOCAB, greedy_reference, real_vocabulary_model, tiny_model
 
 import lookahead_decoding as ld
 from lookahead_decoding import engine, runners
@@ -32,18 +31,6 @@ def two_attention_widths(monkeypatch):
 
 def cuda_model(arch):
     return tiny_model(arch).to("cuda")
-
-
-def real_vocabulary_model():
-    """A tiny Llama with a real model's vocabulary (SmolLM2's 49,152 tokens), on which top-k and top-p take the
-    paths they take for real models: compiled, a scan over the sorted vocabulary once failed to generate, and a host
-    sync once split the step (`row_sampler.cumulative_sum`, `RowSampler._top_k_top_p`)."""
-    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": 49152}, bos_token_id=None, eos_token_id=None,
-                                      pad_token_id=None)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval().to("cuda")
-    model.generation_config.eos_token_id = model.generation_config.pad_token_id = None
-    return model
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
@@ -196,7 +183,7 @@ def test_captured_sampling_equals_eager_and_plain_sampling(arch):
 def test_a_compiled_sampling_scheduler_commits_the_tokens_of_plain_sampling():
     """What `lookahead serve --compile` runs: a scheduler on a compiled engine that samples, drafting on the device,
     with greedy and sampled rows side by side, over a real model's vocabulary."""
-    model = real_vocabulary_model()
+    model = real_vocabulary_model().to("cuda")
     generator = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, VOCAB, (int(length),), generator=generator).tolist()
                for length in torch.randint(3, 20, (3,), generator=generator)]
@@ -217,7 +204,7 @@ def test_a_compiled_scheduler_times_autos_plan_on_its_compiled_engine(tmp_path, 
     """`auto`'s plan is calibrated uncompiled; a compiled engine's steps cost otherwise, so the scheduler's plan
     holds the same shapes timed on that engine, sampled (with top-p, over a real model's vocabulary) and greedy."""
     monkeypatch.setenv("LOOKAHEAD_CACHE_DIR", str(tmp_path))
-    model = real_vocabulary_model()
+    model = real_vocabulary_model().to("cuda")
     scheduler = open_scheduler(model, 1, 96, compile=True)
     calibrated = runners.auto_plan(model, batch_size=1, sampling=True)
     assert len(calibrated.shapes) > 1 and scheduler.plan.shapes == calibrated.shapes
