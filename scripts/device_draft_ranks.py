@@ -2,8 +2,8 @@
 (`device_drafts.RANK_ACCEPTANCE`), measured on steps that draft on the device; and the same for the copying
 chain and, with a window, the pool's chains.
 
-The embedded model decodes a few prompts of each dataset (greedy, one at a time, on one static engine per dataset,
-which keeps its tables across prompts) with one device-drafting shape; after every step, each template node whose
+The embedded model decodes a few prompts of each dataset (greedy, or sampled with --temperature; one at a time, on
+one static engine per dataset, which keeps its tables across prompts) with one device-drafting shape; after every step, each template node whose
 parent was accepted (or that hangs from the current token) counts as tested, and as accepted if it is on the
 accepted path. Printed: tokens per step per dataset, then per rank over all depths, then rank 0 per depth.
 
@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--ngram", type=int, default=2)
     parser.add_argument("--guesses", type=int, default=1, help="the pool's n-grams verified per step")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sample at this temperature, prompt i with seed i (0: greedy)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model, tokenizer = ld.load_default_model()
@@ -47,7 +49,7 @@ def main() -> None:
     accepted: collections.Counter = collections.Counter()
     for dataset, name in FILES.items():
         prompts = load_prompts(dataset, f"{args.data_dir}/{name}", args.offset + args.prompts)[args.offset:]
-        runner = StaticStep(model, shape, 1024)
+        runner = StaticStep(model, shape, 1024, sampling=args.temperature > 0)
         finish = runner.finish_rows
 
         def counting(launched):
@@ -63,8 +65,9 @@ def main() -> None:
 
         runner.finish_rows = counting
         steps = tokens = 0
-        for encoded in encode_all(tokenizer, prompts, "cpu"):
-            stats = ld.generate(model, encoded.input_ids, args.max_new_tokens, shape, runner=runner).stats
+        for index, encoded in enumerate(encode_all(tokenizer, prompts, "cpu")):
+            sampling = dict(do_sample=True, temperature=args.temperature, seed=index) if args.temperature else {}
+            stats = ld.generate(model, encoded.input_ids, args.max_new_tokens, shape, runner=runner, **sampling).stats
             steps, tokens = steps + stats.steps, tokens + stats.new_tokens
         print(f"{dataset}: {tokens / steps:.3f} tokens per step", flush=True)
     print("rank: tested, accepted, accepted share (all depths)")
