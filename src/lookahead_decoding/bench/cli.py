@@ -14,11 +14,11 @@ from ..cli.common import (
     add_lookahead_arguments,
     add_model_arguments,
     add_sampling_arguments,
+    check_compile,
     check_writable,
     non_negative_int,
     positive_int,
     sampling_from_args,
-    wants_cuda,
 )
 from .data import DATASETS
 
@@ -179,8 +179,7 @@ def run_command(args: argparse.Namespace, model=None, tokenizer=None) -> int:
         raise CommandError("--profile profiles greedy decoding steps: it cannot be combined with --temperature")
     if args.batch_size and args.sweep:
         raise CommandError("--batch-size cannot be combined with --sweep")
-    if args.compile and not (model.device.type == "cuda" if model is not None else wants_cuda(args)):
-        raise CommandError("--compile needs a CUDA device: it compiles the engine's CUDA-graph steps")
+    check_compile(args, None if model is None else model.device.type == "cuda")
     if args.batch_size and args.profile and len(args.batch_size) > 1:
         raise CommandError("--profile takes one --batch-size, got " + ",".join(map(str, args.batch_size)))
     # Output paths are checked before any work: a run can take hours.

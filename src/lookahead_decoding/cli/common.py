@@ -71,6 +71,12 @@ def wants_cuda(args: argparse.Namespace) -> bool:
     return args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
 
 
+def check_compile(args: argparse.Namespace, on_cuda: bool | None = None) -> None:
+    """Refuse --compile off CUDA. `on_cuda`: whether a loaded model is there (None: what --device asks for)."""
+    if args.compile and not (wants_cuda(args) if on_cuda is None else on_cuda):
+        raise CommandError("--compile needs a CUDA device: it compiles the engine's CUDA-graph steps")
+
+
 def add_lookahead_arguments(parser) -> None:
     """--window/--ngram/--guesses/--candidate-length/--tree-nodes/--device-drafts and --source. Each defaults to
     None: the library decides."""

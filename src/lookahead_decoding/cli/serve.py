@@ -9,8 +9,8 @@ import socket
 import threading
 from pathlib import Path
 
-from .common import (CommandError, add_lookahead_arguments, add_model_arguments, config_from_args, load_from_args,
-                     non_negative_int, positive_int, wants_cuda)
+from .common import (CommandError, add_lookahead_arguments, add_model_arguments, check_compile, config_from_args,
+                     load_from_args, non_negative_int, positive_int, wants_cuda)
 from .generate import DEFAULT_DRAFT_MEMORY
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -45,8 +45,8 @@ def add_serve_command(commands) -> None:
                         "isolates every request (default: %(default)s)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the engine's steps (CUDA only): fused kernels make every step cheaper, "
-                        "at the cost of a slower start (the greedy steps compile before the server listens; a "
-                        "request's first sampled steps compile when it arrives)")
+                        "at the cost of a slower start (greedy steps and those sampling with temperature and top-p "
+                        "compile before the server listens; other sampling stages when a request first uses them)")
     parser.add_argument("--replicas", type=positive_int, metavar="N",
                         help="run N servers behind Ray Serve's router, each with its own model, engine and device "
                         "(one GPU each on CUDA, else one CPU); needs the ray extra (default: one server, no Ray)")
@@ -119,8 +119,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CommandError("lookahead serve needs the serve extra: pip install 'lookahead-decoding[serve]'") from None
     if args.ray_address is not None and args.replicas is None:
         raise CommandError("--ray-address needs --replicas")
-    if args.compile and not wants_cuda(args):
-        raise CommandError("--compile needs a CUDA device: it compiles the engine's CUDA-graph steps")
+    check_compile(args)
     if args.ray_address is None:  # the server listens on this machine
         check_listening(args.host, args.port)
     if args.replicas is not None:
