@@ -43,7 +43,7 @@ from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.decoding import decode, open_scheduler
 from lookahead_decoding.sampling import SamplingVerifier, same_device, sampling_processors
 from lookahead_decoding.sampling_params import SamplingParams
-from lookahead_decoding.tuning import shape_name
+from lookahead_decoding.tuning import shape_name, time_steps
 
 torch.set_num_threads(1)
 
@@ -644,6 +644,32 @@ def test_an_engine_built_to_sample_judges_greedy_steps_by_their_own_cost():
     scheduler.submit(ld.Request(prompt, 40, sampling=SamplingParams(temperature=0.8, seed=3)))
     scheduler.run()
     assert scheduler.steps_by_shape.get(shape_name(shape), 0) == lookahead_steps
+
+
+def test_a_finished_sampled_request_leaves_the_greedy_rows_greedy_steps():
+    """Once a sampled request's row is free, the batch's steps stop running its sampling stages: the greedy row
+    beside it is judged by greedy steps' costs again and takes the lookahead step that pays only when no row
+    samples."""
+    model = tiny_model("llama")
+    shape = ld.LookaheadConfig(3, 4, 3)
+    plan = ld.StepPlan((AUTOREGRESSIVE, shape), costs_ms=(1.0, 1000.0), greedy_costs_ms=(1.0, 1.0))
+    scheduler = open_scheduler(model, 2, 96, plan)
+    prompt = [5, 9, 2, 7, 5, 9]
+    scheduler.submit(ld.Request(prompt, 3, tag="sampled", sampling=SamplingParams(temperature=0.8, seed=3)))
+    scheduler.submit(ld.Request(prompt, 40, tag="greedy"))
+    finished = {result.tag: result for result in scheduler.run()}
+    assert scheduler.runner.sampler.stages == ()
+    assert scheduler.steps_by_shape.get(shape_name(shape), 0) > 0, scheduler.steps_by_shape
+    assert finished["greedy"].tokens == greedy_reference(model, torch.tensor([prompt]), 40)[0].tolist()
+
+
+def test_timing_a_sampling_engine_leaves_its_rows_greedy():
+    """Timing a shape decodes a sampled sequence in row 0 (`time_steps`, as `auto` on a compiled engine does when a
+    server starts); once timed, the engine's steps run no sampling stage until a request samples."""
+    engine = ld.StaticStep(tiny_model("llama"), (AUTOREGRESSIVE, ld.LookaheadConfig(3, 4, 3)), 96, cuda_graph=False,
+                           sampling=True)
+    costs = time_steps(engine, VOCAB_TINY, sampling=SamplingParams(temperature=0.7, top_p=0.9))
+    assert len(costs) == 2 and engine.sampler.stages == ()
 
 
 def test_cuda_names_the_current_device():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -97,9 +98,19 @@ class RowSampler:
             tensor.index_copy_(0, rows, torch.tensor(values, dtype=tensor.dtype).to(tensor.device))
         seeds = torch.tensor([p.seed for p in given], dtype=torch.long).to(rows.device)
         self.seed_keys.index_copy_(0, rows, seed_keys(seeds))
-        self.stages = tuple(stage for stage in STAGES if self._needs(stage))
+        self._choose_stages()
         self.output_counts.index_fill_(0, rows, 0)
         self.in_prompt.index_fill_(0, rows, False)
+
+    def end_rows(self, rows: Sequence[int]) -> None:
+        """Rows whose sequences have ended: greedy until a new sequence starts in them, so that the stages only
+        their parameters needed stop running (an idle row's tokens are discarded)."""
+        for row in rows:
+            self.params[row] = _GREEDY
+        self._choose_stages()
+
+    def _choose_stages(self) -> None:
+        self.stages = tuple(stage for stage in STAGES if self._needs(stage))
 
     def _needs(self, stage: str) -> bool:
         """Whether some row uses a stage of `STAGES`."""

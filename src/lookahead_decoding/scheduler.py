@@ -467,10 +467,14 @@ class BatchScheduler:
 
     def _retire(self) -> list[Finished]:
         finished = []
-        for index in numpy.flatnonzero(self.occupied & self.arrays.done):
+        retired = numpy.flatnonzero(self.occupied & self.arrays.done).tolist()
+        for index in retired:
             finished.append(self._result(self.rows[index]))
             self.rows[index] = None
             self.occupied[index] = False
+        sampler = getattr(self.runner, "sampler", None)
+        if retired and sampler is not None:  # steps stop paying for stages only the retired rows used
+            sampler.end_rows(retired)
         if self._pending is not None and not self.occupied.any():
             self._pending = None  # it decodes for rows that have all stopped
         return finished

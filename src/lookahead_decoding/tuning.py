@@ -206,6 +206,9 @@ def time_steps(runner, vocab_size: int, clearly_loses: Callable[[int, list[float
             costs.append(statistics.median(times))  # the median: robust to a busy machine
             if progress is not None:
                 progress.update()
+    sampler = getattr(runner, "sampler", None)
+    if sampler is not None:  # the timed sequence has ended: later steps need not run its stages
+        sampler.end_rows([0])
     return costs
 
 
