@@ -182,17 +182,23 @@ def test_captured_sampling_equals_eager_and_plain_sampling(arch):
 
 def test_a_compiled_sampling_scheduler_commits_the_tokens_of_plain_sampling():
     """What `lookahead serve --compile` runs: a scheduler on a compiled engine that samples, drafting on the device,
-    with greedy and sampled rows side by side, over a real model's vocabulary."""
+    with greedy and sampled rows side by side, over a real model's vocabulary. Its steps for a temperature alone
+    and with top-p compile at start (`capture_sampling`), so those requests compile nothing while rows wait."""
     model = real_vocabulary_model().to("cuda")
     generator = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, VOCAB, (int(length),), generator=generator).tolist()
                for length in torch.randint(3, 20, (3,), generator=generator)]
     params = [None, ld.SamplingParams(temperature=0.9, top_p=0.95, seed=7), ld.SamplingParams(temperature=0.7, seed=8)]
     scheduler = open_scheduler(model, 2, 96, StepPlan((DEVICE_DRAFTS,), (1.0,)), compile=True)
+    scheduler.runner.capture()
+    for sampling in params[1:]:
+        scheduler.runner.capture_sampling(sampling)
+    compiled = dict(scheduler.runner._replayables)
+    assert {stages for _, _, stages, _ in compiled} == {(), ("sampling",), ("sampling", "top_k_top_p")}
     for tag, (prompt, sampling) in enumerate(zip(prompts, params)):
         scheduler.submit(ld.Request(prompt, 24, tag=tag, sampling=sampling))
     done = {finished.tag: finished.tokens for finished in scheduler.run()}
-    assert scheduler.runner.compile and scheduler.runner.captured
+    assert scheduler.runner.compile and scheduler.runner._replayables == compiled
     for tag, (prompt, sampling) in enumerate(zip(prompts, params)):
         kwargs = {} if sampling is None else dict(do_sample=True, temperature=sampling.temperature,
                                                  top_p=sampling.top_p, seed=[sampling.seed])

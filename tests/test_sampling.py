@@ -672,6 +672,14 @@ def test_timing_a_sampling_engine_leaves_its_rows_greedy():
     assert len(costs) == 2 and engine.sampler.stages == ()
 
 
+def test_capturing_sampled_steps_needs_an_engine_that_samples_on_cuda():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="this engine is greedy: build it with sampling=True to capture sampled steps"):
+        ld.StaticStep(model, AUTOREGRESSIVE, 32).capture_sampling(SamplingParams(temperature=0.7))
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device; this engine's model is on cpu"):
+        ld.StaticStep(model, AUTOREGRESSIVE, 32, sampling=True).capture_sampling(SamplingParams(temperature=0.7))
+
+
 def test_cuda_names_the_current_device():
     assert same_device("cuda", "cuda:0") and same_device(torch.device("cuda:0"), "cuda")
     assert not same_device("cuda", "cpu") and not same_device("cuda:1", "cuda:0")

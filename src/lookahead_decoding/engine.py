@@ -280,6 +280,19 @@ class StaticStep:
             with torch.inference_mode():
                 self.prefill_rows({0: [0]})
 
+    def capture_sampling(self, sampling: SamplingParams) -> None:
+        """Capture (and, compiled, compile) every step and prefill for rows that sample with `sampling` now, rather
+        than under the first request that does: each set of sampling stages has graphs of its own."""
+        if self.sampler is None:
+            raise ValueError("this engine is greedy: build it with sampling=True to capture sampled steps")
+        self.capture()
+        self.sampler.start_rows({0: sampling})
+        try:
+            with torch.inference_mode():
+                self._every_replayable()  # the engine has captured: each new step or prefill is captured as made
+        finally:
+            self.sampler.end_rows([0])
+
     # ------------------------------------------------------------------------------------------ one sequence
 
     def prefill(self, prompt: torch.Tensor, history: Sequence[int]) -> StepOutcome:
@@ -344,12 +357,15 @@ class StaticStep:
                         verified_first_token(self.verifier, scores[entry], prompts[row])
                     outcomes[row] = StepOutcome(0, [], [first_token], [], scores[entry : entry + 1].clone())
         if self.use_graph and not self.captured:  # only now: the cache allocates its buffers on first use
-            # Every prefill size now too: a capture while rows decode would stall them.
-            sizes = {self.prefill_entries(count) for count in range(1, self.batch_size + 1)}
-            self._capture([*(self.replayable(None, size) for size in sorted(sizes)),
-                           *(self.replayable(shape, width=width) for shape in range(len(self.layouts))
-                             for width in self.widths)])
+            self._capture(self._every_replayable())
         return outcomes
+
+    def _every_replayable(self) -> list[Replayable]:
+        """Every step shape at every width, and the prefill at every size (a capture while rows decode would stall
+        them), for the rows' current sampling stages."""
+        sizes = {self.prefill_entries(count) for count in range(1, self.batch_size + 1)}
+        return [*(self.replayable(None, size) for size in sorted(sizes)),
+                *(self.replayable(shape, width=width) for shape in range(len(self.layouts)) for width in self.widths)]
 
     def step_rows(self, shape: int, steps: Sequence[PlannedStep | None] | TokenRows,
                   histories: Sequence[Sequence[int] | None] | None,

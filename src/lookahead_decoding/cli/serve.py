@@ -9,11 +9,15 @@ import socket
 import threading
 from pathlib import Path
 
+from ..sampling_params import SamplingParams
 from .common import (CommandError, add_lookahead_arguments, add_model_arguments, check_compile, config_from_args,
                      load_from_args, non_negative_int, positive_int, wants_cuda)
 from .generate import DEFAULT_DRAFT_MEMORY
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# What a compiled server compiles before it listens, besides greedy steps: the sampling OpenAI clients ask for
+# most, a temperature alone or with top-p (one set of graphs per set of sampling stages; the values do not matter).
+STARTUP_SAMPLING = (SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, top_p=0.9))
 
 
 def add_serve_command(commands) -> None:
@@ -45,8 +49,9 @@ def add_serve_command(commands) -> None:
                         "isolates every request (default: %(default)s)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the engine's steps (CUDA only): fused kernels make every step cheaper, "
-                        "at the cost of a slower start (greedy steps and those sampling with temperature and top-p "
-                        "compile before the server listens; other sampling stages when a request first uses them)")
+                        "at the cost of a slower start (greedy steps and those sampling with a temperature, alone "
+                        "or with top-p, compile before the server listens; other sampling stages, such as top-k, "
+                        "min-p or penalties, when a request first uses them)")
     parser.add_argument("--replicas", type=positive_int, metavar="N",
                         help="run N servers behind Ray Serve's router, each with its own model, engine and device "
                         "(one GPU each on CUDA, else one CPU); needs the ray extra (default: one server, no Ray)")
@@ -105,6 +110,8 @@ def build_app(model, tokenizer, args: argparse.Namespace):
                                args.source, memory, compile=args.compile)
     if args.compile:  # compiled now rather than under the first request
         scheduler.runner.capture()
+        for sampling in STARTUP_SAMPLING:
+            scheduler.runner.capture_sampling(sampling)
     engine = EngineLoop(scheduler, args.max_queue)
     limits = Limits(max_prompt, args.max_tokens, ModelAdapter(model).vocab)
     app = create_app(engine, tokenizer, model_name(args), limits, eos_set(model), args.api_key)
