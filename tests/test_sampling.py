@@ -646,7 +646,7 @@ def test_an_engine_built_to_sample_judges_greedy_steps_by_their_own_cost():
     assert scheduler.steps_by_shape.get(shape_name(shape), 0) == lookahead_steps
 
 
-def test_a_finished_sampled_request_leaves_the_greedy_rows_greedy_steps():
+def test_a_finished_sampled_request_stops_the_batchs_sampling_stages():
     """Once a sampled request's row is free, the batch's steps stop running its sampling stages: the greedy row
     beside it is judged by greedy steps' costs again and takes the lookahead step that pays only when no row
     samples."""

@@ -282,7 +282,8 @@ class StaticStep:
 
     def capture_sampling(self, sampling: SamplingParams) -> None:
         """Capture (and, compiled, compile) every step and prefill for rows that sample with `sampling` now, rather
-        than under the first request that does: each set of sampling stages has graphs of its own."""
+        than under the first request that does: each set of sampling stages has graphs of its own. Only while no
+        row decodes (a server's start): it starts and ends a sequence in row 0."""
         if self.sampler is None:
             raise ValueError("this engine is greedy: build it with sampling=True to capture sampled steps")
         self.capture()
