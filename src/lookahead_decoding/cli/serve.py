@@ -108,8 +108,7 @@ def build_app(model, tokenizer, args: argparse.Namespace):
     memory = DraftMemory(args.draft_memory) if args.draft_memory else None
     scheduler = open_scheduler(model, args.batch_size, max_prompt + args.max_tokens, config_from_args(args) or AUTO,
                                args.source, memory, compile=args.compile)
-    if args.compile:  # compiled now rather than under the first request
-        scheduler.runner.capture()
+    if args.compile:  # compiled now rather than under the first request (greedy steps first, then these)
         for sampling in STARTUP_SAMPLING:
             scheduler.runner.capture_sampling(sampling)
     engine = EngineLoop(scheduler, args.max_queue)
