@@ -5,6 +5,7 @@ import functools
 import gc
 import random
 import sys
+from collections import Counter
 
 import numpy
 import pytest
@@ -227,6 +228,31 @@ def test_sampling_a_batch_is_reproducible_from_one_seed():
     assert sample(8) != first
 
 
+@pytest.mark.parametrize("patience, steps_free", [(0, 0), (1.0, 3), (2.0, 7)])
+def test_free_rows_wait_for_company_until_they_have_lost_a_refills_cost(patience, steps_free):
+    """A row freed while more requests wait than rows are free stays free until the free rows have lost
+    `refill_patience` steps of the whole batch (4 rows here: 4 row-steps per step, counting the step it is refilled
+    at); a request that fits in the free rows is admitted at once. Every request's tokens stay its own."""
+    model = tiny_model("llama")
+    runner = StaticStep(model, AUTOREGRESSIVE, 64, batch_size=4)
+    scheduler = BatchScheduler(runner, StepPlan((AUTOREGRESSIVE,), (1.0,)),
+                               lambda: make_source(None, (AUTOREGRESSIVE,)), refill_patience=patience)
+    # Row 0 frees after its first step while two requests wait; the second of them then fits the next free row.
+    budgets = [2, 30, 30, 30, 3, 3]
+    prompts = [[tag + 1, tag + 2, tag + 3] for tag in range(len(budgets))]
+    for tag, (prompt, budget) in enumerate(zip(prompts, budgets)):
+        scheduler.submit(Request(prompt, budget, tag=tag))
+    free_steps, results = Counter(), {}  # waiting requests -> steps run with a free row while they waited
+    while not scheduler.idle:
+        waiting, free = len(scheduler.waiting), not scheduler.occupied.all()
+        results.update((result.tag, result.tokens) for result in scheduler.step())
+        if free and waiting and len(scheduler.waiting) == waiting:
+            free_steps[waiting] += 1
+    assert free_steps == Counter({2: steps_free} if steps_free else {})
+    for tag, prompt in enumerate(prompts):
+        assert results[tag] == ld.generate(model, [prompt], budgets[tag], AUTOREGRESSIVE).rows[0].tokens
+
+
 @pytest.mark.parametrize("sampled, pipelined", [(False, False), (True, False), (False, True), (True, True)])
 def test_a_refill_runs_its_prefill_on_the_new_rows_alone(sampled, pipelined):
     """Rows admitted mid-batch are prefilled by forwards on them (their number rounded up to a power of two: the
@@ -236,7 +262,8 @@ def test_a_refill_runs_its_prefill_on_the_new_rows_alone(sampled, pipelined):
     config = AUTOREGRESSIVE  # one token per step: the rows finish when their budgets say
     runner = StaticStep(model, config, 64, batch_size=5, prefill_chunk=4, sampling=sampled, pipeline=pipelined)
     batches = counted_forwards(runner)
-    scheduler = BatchScheduler(runner, StepPlan((config,), (1.0,)), lambda: make_source(None, (config,)))
+    scheduler = BatchScheduler(runner, StepPlan((config,), (1.0,)), lambda: make_source(None, (config,)),
+                               refill_patience=0)  # each free row refilled at once
     generator = torch.Generator().manual_seed(3)
     # Budgets that free one row, then two, then three at once; prompts of one to three prefill chunks.
     budgets = [2, 40, 6, 6, 40, 9, 5, 5, 12, 12, 12]

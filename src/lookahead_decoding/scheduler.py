@@ -51,6 +51,14 @@ from .step import DeviceBusy, PlannedStep, RowOutcomes, StepRunner, TokenRows
 from .plan_cache import check_drift
 from .tuning import StepPlan, shape_name
 
+# How long free rows wait for company before the requests waiting for rows are prefilled into them, in batch steps:
+# a refill's prefill costs about one step however many rows it starts (on a GPU a small forward is bound by its
+# launches; `engine.StaticStep.prefill_rows`), while a free row loses one row's share of every step it waits. So
+# the free rows wait until the row-steps they have lost add up to one refill's cost, taken as one step of every
+# row (as in ski rental, this never costs more than twice the best waiting time); never when every waiting request
+# fits now, or no row decodes. 0: each free row is refilled at once.
+REFILL_PATIENCE = 1.0
+
 
 @dataclass
 class Request:
@@ -114,7 +122,7 @@ class BatchScheduler:
     """
 
     def __init__(self, runner: StepRunner, plan: StepPlan, make_source: Callable[..., CandidateSource],
-                 memory: DraftMemory | None = None) -> None:
+                 memory: DraftMemory | None = None, refill_patience: float = REFILL_PATIENCE) -> None:
         if tuple(layout.config for layout in runner.layouts) != plan.shapes:
             raise ValueError("the plan's shapes are not the runner's")
         if memory is not None:
@@ -136,6 +144,7 @@ class BatchScheduler:
         # Whether the runner takes a step of a shape that drafts nothing on the host as `TokenRows`.
         self._token_rows = getattr(runner, "takes_token_rows", False)
         self.waiting: deque[Request] = deque()
+        self.refill_patience, self._idle_row_steps = refill_patience, 0  # (see REFILL_PATIENCE)
         self.stats = GenerationStats()  # steps: batched forwards; new_tokens: over all rows
         # One sequence: the calibrated costs and its chooser's estimates. A batch: costs measured as it runs, host
         # work per row included, and the rows' summed estimates corrected by what the batch's steps delivered.
@@ -411,8 +420,18 @@ class BatchScheduler:
                 self.batch_yield.observe(shape, expected_extra, extra_now)  # what the rows expected before the step
         return self._retire()
 
+    def _refills_now(self, free: int) -> bool:
+        """Whether `free` rows take the waiting requests now, or wait for more rows to free (REFILL_PATIENCE)."""
+        if free == len(self.rows) or free >= len(self.waiting):
+            return True
+        self._idle_row_steps += free
+        return self._idle_row_steps >= self.refill_patience * len(self.rows)
+
     def _admit(self) -> list[Finished]:
         free = numpy.flatnonzero(~self.occupied).tolist()
+        if not (free and self.waiting) or not self._refills_now(len(free)):
+            return self._retire()
+        self._idle_row_steps = 0
         idle = len(free) == len(self.rows)  # no row in flight: the first admitted decides what the tables hold
         admitted, finished = {}, []
         while free and self.waiting:
