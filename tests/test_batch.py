@@ -228,27 +228,34 @@ def test_sampling_a_batch_is_reproducible_from_one_seed():
     assert sample(8) != first
 
 
-@pytest.mark.parametrize("patience, steps_free", [(0, 0), (1.0, 3), (2.0, 7)])
-def test_free_rows_wait_for_company_until_they_have_lost_a_refills_cost(patience, steps_free):
-    """A row freed while more requests wait than rows are free stays free until the free rows have lost
-    `refill_patience` steps of the whole batch (4 rows here: 4 row-steps per step, counting the step it is refilled
-    at); a request that fits in the free rows is admitted at once. Every request's tokens stay its own."""
+# Budgets whose rows free often (one to two rows a step): waiting groups the refills, in as many steps.
+OFTEN = [6, 5, 4, 3] + [3] * 10
+# Budgets whose first row frees after ten steps, the next one two steps later: the first refill does not wait.
+SELDOM = [12, 30, 30, 30, 3, 3]
+
+
+@pytest.mark.parametrize("budgets, patience, prefills, steps", [
+    (OFTEN, 0, [4, 1, 1, 2, 2, 2, 2], 9), (OFTEN, 1.0, [4, 2, 4, 4], 9), (OFTEN, 2.0, [4, 3, 4, 3], 10),
+    (SELDOM, 1.0, [4, 1, 1], 29)])
+def test_free_rows_wait_for_company_while_rows_free_often_enough(budgets, patience, prefills, steps):
+    """While more requests wait than rows are free, free rows wait for the next row to free (at the rate rows have
+    freed so far) as long as the row-steps they lose stay within `refill_patience` steps of the whole batch (4 rows
+    here); refilled together, several rows pay for one prefill. A request that fits in the free rows, or free rows
+    that rows join too seldom, are admitted at once. Every request's tokens stay its own."""
     model = tiny_model("llama")
     runner = StaticStep(model, AUTOREGRESSIVE, 64, batch_size=4)
     scheduler = BatchScheduler(runner, StepPlan((AUTOREGRESSIVE,), (1.0,)),
                                lambda: make_source(None, (AUTOREGRESSIVE,)), refill_patience=patience)
-    # Row 0 frees after its first step while two requests wait; the second of them then fits the next free row.
-    budgets = [2, 30, 30, 30, 3, 3]
     prompts = [[tag + 1, tag + 2, tag + 3] for tag in range(len(budgets))]
     for tag, (prompt, budget) in enumerate(zip(prompts, budgets)):
         scheduler.submit(Request(prompt, budget, tag=tag))
-    free_steps, results = Counter(), {}  # waiting requests -> steps run with a free row while they waited
+    admitted, results = [], {}  # the requests each prefill admitted
     while not scheduler.idle:
-        waiting, free = len(scheduler.waiting), not scheduler.occupied.all()
+        waiting = len(scheduler.waiting)
         results.update((result.tag, result.tokens) for result in scheduler.step())
-        if free and waiting and len(scheduler.waiting) == waiting:
-            free_steps[waiting] += 1
-    assert free_steps == Counter({2: steps_free} if steps_free else {})
+        if len(scheduler.waiting) < waiting:
+            admitted.append(waiting - len(scheduler.waiting))
+    assert (admitted, scheduler.stats.steps) == (prefills, steps)
     for tag, prompt in enumerate(prompts):
         assert results[tag] == ld.generate(model, [prompt], budgets[tag], AUTOREGRESSIVE).rows[0].tokens
 

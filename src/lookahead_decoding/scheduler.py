@@ -54,9 +54,10 @@ from .tuning import StepPlan, shape_name
 # How long free rows wait for company before the requests waiting for rows are prefilled into them, in batch steps:
 # a refill's prefill costs about one step however many rows it starts (on a GPU a small forward is bound by its
 # launches; `engine.StaticStep.prefill_rows`), while a free row loses one row's share of every step it waits. So
-# the free rows wait until the row-steps they have lost add up to one refill's cost, taken as one step of every
-# row (as in ski rental, this never costs more than twice the best waiting time); never when every waiting request
-# fits now, or no row decodes. 0: each free row is refilled at once.
+# free rows wait for the next row to free, at the rate rows have freed so far, while the row-steps they will have
+# lost by then stay within one refill's cost, taken as one step of every row (the waiting cost of ski rental, which
+# never pays more than twice the best wait). They never wait when every waiting request fits now, when no row
+# decodes, or when rows free too seldom to come within that cost (a few rows, long answers). 0: no wait.
 REFILL_PATIENCE = 1.0
 
 
@@ -144,7 +145,8 @@ class BatchScheduler:
         # Whether the runner takes a step of a shape that drafts nothing on the host as `TokenRows`.
         self._token_rows = getattr(runner, "takes_token_rows", False)
         self.waiting: deque[Request] = deque()
-        self.refill_patience, self._idle_row_steps = refill_patience, 0  # (see REFILL_PATIENCE)
+        # (See REFILL_PATIENCE.) The row-steps lost by free rows since the last admission; the rows freed so far.
+        self.refill_patience, self._idle_row_steps, self._rows_freed = refill_patience, 0, 0
         self.stats = GenerationStats()  # steps: batched forwards; new_tokens: over all rows
         # One sequence: the calibrated costs and its chooser's estimates. A batch: costs measured as it runs, host
         # work per row included, and the rows' summed estimates corrected by what the batch's steps delivered.
@@ -422,10 +424,11 @@ class BatchScheduler:
 
     def _refills_now(self, free: int) -> bool:
         """Whether `free` rows take the waiting requests now, or wait for more rows to free (REFILL_PATIENCE)."""
-        if free == len(self.rows) or free >= len(self.waiting):
+        if free == len(self.rows) or free >= len(self.waiting) or not self._rows_freed:
             return True
         self._idle_row_steps += free
-        return self._idle_row_steps >= self.refill_patience * len(self.rows)
+        steps_to_next = self.stats.steps / self._rows_freed
+        return self._idle_row_steps + free * steps_to_next >= self.refill_patience * len(self.rows)
 
     def _admit(self) -> list[Finished]:
         free = numpy.flatnonzero(~self.occupied).tolist()
@@ -487,6 +490,7 @@ class BatchScheduler:
     def _retire(self) -> list[Finished]:
         finished = []
         retired = numpy.flatnonzero(self.occupied & self.arrays.done).tolist()
+        self._rows_freed += len(retired)
         for index in retired:
             finished.append(self._result(self.rows[index]))
             self.rows[index] = None
