@@ -6,8 +6,9 @@
              one fused forward for all rows | each row commits its own accepted tokens |
              retire the rows that stopped (their results are handed back; the rows are free again)
 
-A row that stops mid-batch is refilled by the next request at the next step, without recapturing anything (the
-runner's shapes do not depend on which rows decode). One sequence is a batch of one: `decoding.decode` runs
+A row that stops mid-batch is refilled by the next request, without recapturing anything (the runner's shapes do
+not depend on which rows decode): at the next step, or a few steps later together with rows that free meanwhile,
+which then share one prefill (`REFILL_PATIENCE`). One sequence is a batch of one: `decoding.decode` runs
 here too.
 
 Per-row state lives in arrays over the rows (`shape_choice.ChooserTable`, `row_arrays.RowArrays`), so that a step
@@ -55,9 +56,10 @@ from .tuning import StepPlan, shape_name
 # a refill's prefill costs about one step however many rows it starts (on a GPU a small forward is bound by its
 # launches; `engine.StaticStep.prefill_rows`), while a free row loses one row's share of every step it waits. So
 # free rows wait for the next row to free, at the rate rows have freed so far, while the row-steps they will have
-# lost by then stay within one refill's cost, taken as one step of every row (the waiting cost of ski rental, which
-# never pays more than twice the best wait). They never wait when every waiting request fits now, when no row
-# decodes, or when rows free too seldom to come within that cost (a few rows, long answers). 0: no wait.
+# lost by then stay within one refill's cost, taken as one step of every row (as in ski rental, waiting never costs
+# more than what it may save). They never wait when every waiting request fits now, when no row decodes, or when
+# rows free too seldom to come within that cost (a few rows, long answers). 0: no wait. docs/benchmarks.md,
+# "Refills that wait for company", has what it gains.
 REFILL_PATIENCE = 1.0
 
 
