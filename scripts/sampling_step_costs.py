@@ -1,10 +1,10 @@
 """What a step costs by the sampling stages its rows use: greedy, a temperature alone, with top-p, with top-k.
 
-`auto` times an engine built to sample twice: with greedy rows and with rows sampling at temperature 0.7 and top-p
-0.9 (`runners.CALIBRATION_SAMPLING`), and judges every step where some row samples by the second. This times the
-same engine's shapes for each set of stages, on a randomly initialised model of a named shape (the cost of a step
-does not depend on the weights), so that one can see how far a request with a temperature alone is from the costs
-it is judged by.
+`auto` times an engine built to sample three times: with greedy rows, with rows sampling at temperature 0.7 and
+top-p 0.9 (`runners.CALIBRATION_SAMPLING`), and at the temperature alone (`StepPlan.unsorted_costs_ms`, since
+2026-12-06: before, every step where some row sampled was judged by the top-p costs). This times the same engine's
+shapes for each set of stages, top-k's among them, on a randomly initialised model of a named shape (the cost of a
+step does not depend on the weights).
 
     python scripts/sampling_step_costs.py [--shape smollm2-135m] [--device cuda] [--dtype bfloat16] [--compile]
 """

@@ -216,29 +216,32 @@ def test_an_unwritable_cache_prints_one_line_on_stderr(tmp_path):
 
 class FakeRunner:
     """A runner whose steps take no time but advance `clock` by `cost_ms(rows of the batched step)`, times
-    `clock.sampled_factor` while its rows sample."""
+    `clock.sampled_factor` while its rows sample with top-k or top-p, `clock.unsorted_factor` while they sample
+    without."""
 
     def __init__(self, shapes, clock, cost_ms, batch_size, device, context_length, pipelined=False):
         self.layouts = tuple(SimpleNamespace(config=shape, size=shape.tokens_per_step) for shape in shapes)
         self.adapter = SimpleNamespace(device=torch.device(device), context_length=context_length)
         self.batch_size, self.clock, self.cost_ms, self.pipelined = batch_size, clock, cost_ms, pipelined
-        self.samples = False
+        self.factor = 1.0
 
     def prefill_rows(self, prompts, sampling=None):
-        self.samples = any(params is not None and params.samples for params in (sampling or {}).values())
+        sampled = [params for params in (sampling or {}).values() if params is not None and params.samples]
+        sorts = any(params.top_k or params.top_p < 1 for params in sampled)
+        self.factor = self.clock.sampled_factor if sorts else self.clock.unsorted_factor if sampled else 1.0
         return {row: SimpleNamespace(committed=[0]) for row in prompts}
 
     def step(self, shape, ids, tree, history):
         self.clock.steps += 1
-        factor = self.clock.sampled_factor if self.samples else 1.0
-        self.clock.now += factor * self.cost_ms(self.layouts[shape].size * self.batch_size) / 1e3
+        self.clock.now += self.factor * self.cost_ms(self.layouts[shape].size * self.batch_size) / 1e3
         return SimpleNamespace(committed=[0])
 
 
 def fake_calibration(monkeypatch, cost_ms, batch_size=1, device="cpu", context_length=None, pipelined=False,
-                     sampled_factor=1.0, **kwargs):
+                     sampled_factor=1.0, unsorted_factor=1.0, **kwargs):
     """Calibrate on fake runners with a fake clock; (the calibration, steps it ran, shapes it measured)."""
-    clock = SimpleNamespace(now=0.0, steps=0, shapes=[], sampled_factor=sampled_factor)
+    clock = SimpleNamespace(now=0.0, steps=0, shapes=[], sampled_factor=sampled_factor,
+                            unsorted_factor=unsorted_factor)
     monkeypatch.setattr(tuning, "time", SimpleNamespace(perf_counter=lambda: clock.now))
 
     def make_runner(shapes):
@@ -308,26 +311,31 @@ def test_a_short_context_keeps_the_device_drafting_trees_it_has_room_for(monkeyp
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
-def test_a_runner_built_to_sample_chooses_by_sampled_steps_and_times_its_shapes_with_greedy_rows_too(
+def test_a_runner_built_to_sample_chooses_by_sampled_steps_and_times_its_shapes_greedy_and_unsorted_too(
         monkeypatch, pipelined):
     sampling = ld.SamplingParams(temperature=0.7, top_p=0.9)
     greedy, _, _ = fake_calibration(monkeypatch, cpu_like, batch_size=4, pipelined=pipelined)
     sampled, _, shapes = fake_calibration(monkeypatch, cpu_like, batch_size=4, pipelined=pipelined,
-                                          sampled_factor=3.0, sampling=sampling)
+                                          sampled_factor=3.0, unsorted_factor=2.0, sampling=sampling)
     assert greedy.plan.greedy_costs_ms is None
     assert sampled.plan.shapes == greedy.plan.shapes  # every shape costs 3x: the same choice
     assert sampled.plan.costs_ms == pytest.approx([3 * cost for cost in greedy.plan.costs_ms])
     assert sampled.plan.greedy_costs_ms == pytest.approx(greedy.plan.costs_ms)
     assert shapes[-len(sampled.plan.shapes):] == list(sampled.plan.shapes)  # timed again, greedily
-    assert sampled.plan.costs_for(sampling=True) == sampled.plan.costs_ms
-    assert sampled.plan.costs_for(sampling=False) == sampled.plan.greedy_costs_ms
+    assert sampled.plan.unsorted_costs_ms == pytest.approx([2 * cost for cost in greedy.plan.costs_ms])
+    assert sampled.plan.costs_for(("sampling", "top_k_top_p")) == sampled.plan.costs_ms
+    assert sampled.plan.costs_for(("penalties", "sampling", "min_p")) == sampled.plan.unsorted_costs_ms
+    assert sampled.plan.costs_for(()) == sampled.plan.greedy_costs_ms
     assert StepPlan.from_dict(json.loads(json.dumps(sampled.plan.as_dict()))) == sampled.plan
     kept = sampled.plan.keeping([0])
-    assert (kept.costs_ms, kept.greedy_costs_ms) == (sampled.plan.costs_ms[:1], sampled.plan.greedy_costs_ms[:1])
+    assert (kept.costs_ms, kept.greedy_costs_ms, kept.unsorted_costs_ms) == (
+        sampled.plan.costs_ms[:1], sampled.plan.greedy_costs_ms[:1], sampled.plan.unsorted_costs_ms[:1])
 
 
-def test_a_plan_needs_one_greedy_cost_per_shape():
+def test_a_plan_needs_one_greedy_and_one_unsorted_cost_per_shape():
     with pytest.raises(ValueError, match="a plan needs one greedy cost per shape, got 3 shapes and 2 greedy costs"):
         StepPlan(PLAN.shapes, PLAN.costs_ms, (1.0, 1.0))
+    with pytest.raises(ValueError, match="a plan needs one unsorted cost per shape, got 3 shapes and 4 unsorted costs"):
+        StepPlan(PLAN.shapes, PLAN.costs_ms, None, (1.0, 1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="step costs must be positive and finite"):
         StepPlan(PLAN.shapes, PLAN.costs_ms, (1.0, 1.0, -1.0))

@@ -642,8 +642,24 @@ def test_an_engine_built_to_sample_judges_greedy_steps_by_their_own_cost():
     lookahead_steps = scheduler.steps_by_shape.get(shape_name(shape), 0)
     assert lookahead_steps > 0, scheduler.steps_by_shape
     scheduler.submit(ld.Request(prompt, 40, sampling=SamplingParams(temperature=0.8, seed=3)))
-    scheduler.run()
+    (sampled,) = scheduler.run()
     assert scheduler.steps_by_shape.get(shape_name(shape), 0) == lookahead_steps
+
+
+@pytest.mark.parametrize("sampling, takes_lookahead", [
+    (SamplingParams(temperature=0.8, seed=3), True), (SamplingParams(temperature=0.8, top_p=0.9, seed=3), False)])
+def test_a_row_sampling_without_a_sort_is_judged_by_unsorted_steps_costs(sampling, takes_lookahead):
+    """A plan that costs steps whose rows draw without sorting the vocabulary apart (`StepPlan.unsorted_costs_ms`):
+    a lookahead step that pays only at those costs is taken for a request with a temperature alone, never for one
+    that filters by top-p."""
+    model = tiny_model("llama")
+    shape = ld.LookaheadConfig(3, 4, 3)
+    plan = ld.StepPlan((AUTOREGRESSIVE, shape), costs_ms=(1.0, 1000.0), greedy_costs_ms=(1.0, 1000.0),
+                       unsorted_costs_ms=(1.0, 1.0))
+    scheduler = open_scheduler(model, 1, 96, plan)
+    scheduler.submit(ld.Request([5, 9, 2, 7, 5, 9], 40, sampling=sampling))
+    (sampled,) = scheduler.run()
+    assert (scheduler.steps_by_shape.get(shape_name(shape), 0) > 0) == takes_lookahead, scheduler.steps_by_shape
 
 
 def test_a_finished_sampled_request_stops_the_batchs_sampling_stages():

@@ -24,7 +24,7 @@ import torch
 
 from .tuning import StepPlan, shape_name
 
-CALIBRATION_VERSION = 5
+CALIBRATION_VERSION = 6
 CACHE_FILE = "calibration.json"
 # After a generation, a shape that took at least DRIFT_MIN_STEPS steps whose recent median wall time is below its
 # calibrated cost / DRIFT_FACTOR was calibrated on a busy machine. Only this direction: host work and a machine

@@ -18,7 +18,7 @@ from .model_adapter import ModelAdapter
 from .step import EagerStep, StepRunner
 from .plan_cache import cached_plan, calibration_key, is_stale, store_plan
 from .sampling_params import SamplingParams
-from .tuning import Calibration, StepPlan, calibrate, time_steps
+from .tuning import Calibration, StepPlan, calibrate, time_steps, unsorted
 from .verification import Verifier
 
 STATIC_ENGINE_DEVICES = ("cuda",)
@@ -126,8 +126,8 @@ def calibrate_model(model, static: bool, batch_size: int = 1, exhaustive: bool =
 
 def runner_plan(runner: StepRunner, sampling: bool = False) -> StepPlan:
     """A plan of `runner`'s own shapes, each with what one step costs on that very runner, measured once per runner:
-    greedy, or, when `sampling` and the runner is built to sample, with sampling rows (`CALIBRATION_SAMPLING`) and
-    with greedy rows (`StepPlan.greedy_costs_ms`)."""
+    greedy, or, when `sampling` and the runner is built to sample, with sampling rows (`CALIBRATION_SAMPLING`), with
+    greedy rows and with rows at its temperature alone (`StepPlan.greedy_costs_ms`, `unsorted_costs_ms`)."""
     shapes = tuple(layout.config for layout in runner.layouts)
     if len(shapes) == 1:  # nothing to choose between
         return StepPlan(shapes, (1.0,))
@@ -136,8 +136,9 @@ def runner_plan(runner: StepRunner, sampling: bool = False) -> StepPlan:
     if sampled not in plans:
         vocab = runner.adapter.vocab
         greedy = time_steps(runner, vocab)
-        plans[sampled] = (StepPlan(shapes, time_steps(runner, vocab, sampling=CALIBRATION_SAMPLING), greedy)
-                          if sampled else StepPlan(shapes, greedy))
+        plans[sampled] = StepPlan(shapes, time_steps(runner, vocab, sampling=CALIBRATION_SAMPLING), greedy,
+                                  time_steps(runner, vocab, sampling=unsorted(CALIBRATION_SAMPLING))) \
+            if sampled else StepPlan(shapes, greedy)
     return plans[sampled]
 
 

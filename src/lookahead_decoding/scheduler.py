@@ -50,7 +50,7 @@ from .shape_choice import BatchYield, ChooserTable, ShapeChooser, StepCosts, bes
 from .state import Emitter, GenerationStats, SequenceState
 from .step import DeviceBusy, PlannedStep, RowOutcomes, StepRunner, TokenRows
 from .plan_cache import check_drift
-from .tuning import StepPlan, shape_name
+from .tuning import COST_TIERS, StepPlan, cost_tier, shape_name
 
 # How long free rows wait for company before the requests waiting for rows are prefilled into them, in batch steps:
 # a refill's prefill costs about one step however many rows it starts (on a GPU a small forward is bound by its
@@ -152,9 +152,10 @@ class BatchScheduler:
         self.stats = GenerationStats()  # steps: batched forwards; new_tokens: over all rows
         # One sequence: the calibrated costs and its chooser's estimates. A batch: costs measured as it runs, host
         # work per row included, and the rows' summed estimates corrected by what the batch's steps delivered.
-        # Steps where some row samples (or penalises) and steps where none does, apart: they cost apart.
-        self.step_costs = {sampling: StepCosts(plan.costs_for(sampling), measured=runner.batch_size > 1)
-                           for sampling in (False, True)}
+        # Steps where no row samples, where rows sample without a sort of the vocabulary, and where some row sorts
+        # it (top-k, top-p), apart: they cost apart (`StepPlan.costs_for`).
+        self.step_costs = {stages: StepCosts(plan.costs_for(stages), measured=runner.batch_size > 1)
+                           for stages in COST_TIERS}
         self.batch_yield = BatchYield(len(plan.shapes)) if runner.batch_size > 1 else None
         self._steps_by_shape = [0] * len(plan.shapes)
         # The shapes whose steps can follow unread ones, if the runner pipelines; then the step launched and not
@@ -194,9 +195,9 @@ class BatchScheduler:
 
     @property
     def costs(self) -> StepCosts:
-        """The step costs that apply now: those of steps where some row samples, or of steps where none does."""
+        """The step costs that apply now, by the sampling stages the rows use (`tuning.cost_tier`)."""
         sampler = getattr(self.runner, "sampler", None)
-        return self.step_costs[sampler is None or bool(sampler.stages)]
+        return self.step_costs[cost_tier(() if sampler is None else sampler.stages)]
 
     @property
     def steps_by_shape(self) -> dict[str, int]:

@@ -64,19 +64,35 @@ WARMUP_STEPS, TIMED_STEPS = 2, 7
 MIN_TIMED_STEPS = 3
 
 
+# The sets of sampling stages (`row_sampler.STAGES`) whose steps a plan may cost apart: no row samples; rows draw
+# without sorting the vocabulary; some row sorts it for top-k or top-p (`StepPlan.costs_for`).
+COST_TIERS = ((), ("sampling",), ("sampling", "top_k_top_p"))
+
+
+def cost_tier(stages: Sequence[str]) -> tuple[str, ...]:
+    """The tier of COST_TIERS whose costs a step pays whose rows use these sampling stages."""
+    if not stages:
+        return COST_TIERS[0]
+    return COST_TIERS[2] if "top_k_top_p" in stages else COST_TIERS[1]
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """The step shapes a generation may use, cheapest first, and what one step of each costs here (ms).
 
-    A plan for an engine built to sample was timed with sampling rows (`costs_ms`); `greedy_costs_ms` then holds
-    what the same shapes cost when no row samples, penalises or filters. A sampled step draws and sorts the
-    vocabulary at every position it computes, which a tree multiplies: at batch 64 the H100 timed a 16-position
-    tree at 19.7 ms sampled, where a greedy one costs 7-8 ms (docs/benchmarks.md, "The server with the device's
-    drafts"). Judged by the sampled cost, greedy requests on a server never drafted."""
+    A plan for an engine built to sample was timed with sampling rows that filter by top-p (`costs_ms`);
+    `greedy_costs_ms` then holds what the same shapes cost when no row samples, penalises or filters, and
+    `unsorted_costs_ms` what they cost when rows sample without top-k or top-p (a temperature alone, as most
+    clients send). A sampled step draws at every position it computes, and top-k and top-p sort the vocabulary
+    there too, which a tree multiplies: at batch 64 the H100 timed a 16-position tree at 19.7 ms sampled, where a
+    greedy one costs 7-8 ms (docs/benchmarks.md, "The server with the device's drafts"); at batch 1 a 64-position
+    tree costs 4.32 ms greedy, 4.53 at a temperature alone and 5.22 with top-p ("Refills that wait for company").
+    Judged by the sampled cost, greedy requests on a server never drafted."""
 
     shapes: tuple[LookaheadConfig, ...]
     costs_ms: tuple[float, ...]
     greedy_costs_ms: tuple[float, ...] | None = None
+    unsorted_costs_ms: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         # Frozen; tuples, so that plans given as lists compare equal to the same plan given as tuples.
@@ -89,35 +105,44 @@ class StepPlan:
             if not isinstance(shape, LookaheadConfig):
                 raise TypeError(f"a plan's shapes are LookaheadConfigs, got {shape!r}")
         check_costs(self.costs_ms)
-        if self.greedy_costs_ms is not None:
-            object.__setattr__(self, "greedy_costs_ms", tuple(self.greedy_costs_ms))
-            if len(self.greedy_costs_ms) != len(self.shapes):
-                raise ValueError(f"a plan needs one greedy cost per shape, got {len(self.shapes)} shapes and "
-                                 f"{len(self.greedy_costs_ms)} greedy costs")
-            check_costs(self.greedy_costs_ms)
+        for field, kind in (("greedy_costs_ms", "greedy"), ("unsorted_costs_ms", "unsorted")):
+            costs = getattr(self, field)
+            if costs is not None:
+                object.__setattr__(self, field, tuple(costs))
+                if len(costs) != len(self.shapes):
+                    raise ValueError(f"a plan needs one {kind} cost per shape, got {len(self.shapes)} shapes and "
+                                     f"{len(costs)} {kind} costs")
+                check_costs(costs)
 
-    def costs_for(self, sampling: bool) -> tuple[float, ...]:
-        """What each shape costs in steps where some row samples (`sampling`), or where none does."""
-        return self.costs_ms if sampling or self.greedy_costs_ms is None else self.greedy_costs_ms
+    def costs_for(self, stages: Sequence[str]) -> tuple[float, ...]:
+        """What each shape costs in steps whose rows use these sampling stages (`row_sampler.STAGES`; none: every
+        row greedy), as far as the plan was timed apart for them."""
+        tier = cost_tier(stages)
+        timed = {COST_TIERS[0]: self.greedy_costs_ms, COST_TIERS[1]: self.unsorted_costs_ms}.get(tier)
+        return timed or self.costs_ms
 
     def keeping(self, indices: Sequence[int]) -> "StepPlan":
         """The plan of the shapes at `indices` alone, with their costs."""
-        greedy = self.greedy_costs_ms
+        greedy, unsorted = self.greedy_costs_ms, self.unsorted_costs_ms
         return StepPlan(tuple(self.shapes[i] for i in indices), tuple(self.costs_ms[i] for i in indices),
-                        None if greedy is None else tuple(greedy[i] for i in indices))
+                        None if greedy is None else tuple(greedy[i] for i in indices),
+                        None if unsorted is None else tuple(unsorted[i] for i in indices))
 
     def describe(self) -> str:
         if len(self.shapes) == 1:  # nothing to choose between: its cost is a placeholder, not a measure
             return f"{shape_name(self.shapes[0])} (one shape)"
         described = ", ".join(f"{shape_name(s)} {c:.2f} ms" for s, c in zip(self.shapes, self.costs_ms))
-        if self.greedy_costs_ms is None:
-            return described
-        return f"{described} (greedy rows only: {', '.join(f'{c:.2f}' for c in self.greedy_costs_ms)} ms)"
+        for costs, rows in ((self.greedy_costs_ms, "greedy rows only"),
+                            (self.unsorted_costs_ms, "rows sampling without top-k or top-p")):
+            if costs is not None:
+                described += f" ({rows}: {', '.join(f'{c:.2f}' for c in costs)} ms)"
+        return described
 
     def as_dict(self) -> dict:
         data = {"shapes": [asdict(s) for s in self.shapes], "costs_ms": list(self.costs_ms)}
-        if self.greedy_costs_ms is not None:
-            data["greedy_costs_ms"] = list(self.greedy_costs_ms)
+        for field in ("greedy_costs_ms", "unsorted_costs_ms"):
+            if getattr(self, field) is not None:
+                data[field] = list(getattr(self, field))
         return data
 
     @classmethod
@@ -125,10 +150,11 @@ class StepPlan:
         """The plan `as_dict` wrote; ValueError or TypeError saying what is wrong with anything else."""
         if not isinstance(data, dict) or not {"shapes", "costs_ms"} <= data.keys():
             raise ValueError("the entry is not an object with shapes and costs_ms")
-        greedy = data.get("greedy_costs_ms")
+        greedy, unsorted = data.get("greedy_costs_ms"), data.get("unsorted_costs_ms")
         return cls(tuple(LookaheadConfig(**shape) for shape in data["shapes"]),
                    tuple(float(c) for c in data["costs_ms"]),
-                   None if greedy is None else tuple(float(c) for c in greedy))
+                   None if greedy is None else tuple(float(c) for c in greedy),
+                   None if unsorted is None else tuple(float(c) for c in unsorted))
 
     def check_calibrated(self, context_length: int | None) -> None:
         """ValueError unless calibration could have chosen this plan for a model of `context_length` tokens: the
@@ -230,12 +256,21 @@ def calibrate(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_
     """Measure the candidate shapes on runners from `make_runner(shapes)` and choose the plan, with a progress bar
     on stderr. Unless `exhaustive`, shapes that clearly lose are timed in fewer steps or not at all, and a batch
     on a CPU tries a shorter ladder. `sampling`: the parameters the timed steps decode with (None: greedy); the
-    plan's shapes are then timed with greedy rows too (`StepPlan.greedy_costs_ms`)."""
+    plan's shapes are then timed with greedy rows, and with rows sampling at the same temperature alone, too
+    (`StepPlan.greedy_costs_ms`, `unsorted_costs_ms`)."""
     calibration = choose_plan(make_runner, vocab_size, exhaustive, sampling)
     if sampling is None:
         return calibration
-    greedy_costs = time_steps(make_runner(calibration.plan.shapes), vocab_size)
-    return replace(calibration, plan=replace(calibration.plan, greedy_costs_ms=greedy_costs))
+    runner = make_runner(calibration.plan.shapes)
+    greedy_costs = time_steps(runner, vocab_size)
+    unsorted_costs = time_steps(runner, vocab_size, sampling=unsorted(sampling))
+    return replace(calibration, plan=replace(calibration.plan, greedy_costs_ms=greedy_costs,
+                                             unsorted_costs_ms=unsorted_costs))
+
+
+def unsorted(sampling: SamplingParams) -> SamplingParams:
+    """`sampling` without top-k or top-p: what a step costs when its rows need no sort of the vocabulary."""
+    return replace(sampling, top_k=0, top_p=1.0)
 
 
 def choose_plan(make_runner: Callable[[Sequence[LookaheadConfig]], object], vocab_size: int, exhaustive: bool,
