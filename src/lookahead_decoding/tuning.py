@@ -106,9 +106,9 @@ class StepPlan:
                 raise TypeError(f"a plan's shapes are LookaheadConfigs, got {shape!r}")
         check_costs(self.costs_ms)
         for field, kind in (("greedy_costs_ms", "greedy"), ("unsorted_costs_ms", "unsorted")):
-            costs = getattr(self, field)
-            if costs is not None:
-                object.__setattr__(self, field, tuple(costs))
+            if getattr(self, field) is not None:
+                costs = tuple(getattr(self, field))
+                object.__setattr__(self, field, costs)
                 if len(costs) != len(self.shapes):
                     raise ValueError(f"a plan needs one {kind} cost per shape, got {len(self.shapes)} shapes and "
                                      f"{len(costs)} {kind} costs")
