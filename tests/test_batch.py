@@ -260,6 +260,15 @@ def test_free_rows_wait_for_company_while_rows_free_often_enough(budgets, patien
         assert results[tag] == ld.generate(model, [prompt], budgets[tag], AUTOREGRESSIVE).rows[0].tokens
 
 
+@pytest.mark.parametrize("patience", [-1, float("nan"), float("inf"), True, "1"])
+def test_a_bad_refill_patience_is_refused(patience):
+    runner = StaticStep(tiny_model("llama"), AUTOREGRESSIVE, 64, batch_size=2)
+    with pytest.raises(ValueError, match=f"refill_patience must be a finite number >= 0 \\(0: refill at once\\), "
+                                         f"got {patience!r}"):
+        BatchScheduler(runner, StepPlan((AUTOREGRESSIVE,), (1.0,)), lambda: make_source(None, (AUTOREGRESSIVE,)),
+                       refill_patience=patience)
+
+
 @pytest.mark.parametrize("sampled, pipelined", [(False, False), (True, False), (False, True), (True, True)])
 def test_a_refill_runs_its_prefill_on_the_new_rows_alone(sampled, pipelined):
     """Rows admitted mid-batch are prefilled by forwards on them (their number rounded up to a power of two: the

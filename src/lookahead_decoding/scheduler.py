@@ -128,6 +128,10 @@ class BatchScheduler:
                  memory: DraftMemory | None = None, refill_patience: float = REFILL_PATIENCE) -> None:
         if tuple(layout.config for layout in runner.layouts) != plan.shapes:
             raise ValueError("the plan's shapes are not the runner's")
+        if isinstance(refill_patience, bool) or not isinstance(refill_patience, (int, float)) or \
+                not 0 <= refill_patience < float("inf"):
+            raise ValueError(f"refill_patience must be a finite number >= 0 (0: refill at once), got "
+                             f"{refill_patience!r}")
         if memory is not None:
             memory.bind(runner.adapter.model)
         self.runner, self.plan, self.make_source, self.memory = runner, plan, make_source, memory
