@@ -5,7 +5,6 @@ import functools
 import gc
 import random
 import sys
-from collections import Counter
 
 import numpy
 import pytest
