@@ -136,9 +136,11 @@ def runner_plan(runner: StepRunner, sampling: bool = False) -> StepPlan:
     if sampled not in plans:
         vocab = runner.adapter.vocab
         greedy = time_steps(runner, vocab)
-        plans[sampled] = StepPlan(shapes, time_steps(runner, vocab, sampling=CALIBRATION_SAMPLING), greedy,
-                                  time_steps(runner, vocab, sampling=unsorted(CALIBRATION_SAMPLING))) \
-            if sampled else StepPlan(shapes, greedy)
+        if sampled:
+            plans[sampled] = StepPlan(shapes, time_steps(runner, vocab, sampling=CALIBRATION_SAMPLING), greedy,
+                                      time_steps(runner, vocab, sampling=unsorted(CALIBRATION_SAMPLING)))
+        else:
+            plans[sampled] = StepPlan(shapes, greedy)
     return plans[sampled]
 
 

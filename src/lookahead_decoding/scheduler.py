@@ -430,7 +430,8 @@ class BatchScheduler:
         return self._retire()
 
     def _refills_now(self, free: int) -> bool:
-        """Whether `free` rows take the waiting requests now, or wait for more rows to free (REFILL_PATIENCE)."""
+        """Whether `free` rows take the waiting requests now, or wait for more rows to free (REFILL_PATIENCE); a wait
+        adds this step's lost row-steps to the count since the last admission."""
         if free == len(self.rows) or free >= len(self.waiting) or not self._rows_freed:
             return True
         self._idle_row_steps += free
