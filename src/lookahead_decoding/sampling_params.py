@@ -15,7 +15,8 @@ from dataclasses import dataclass
 SEED_LIMIT = 2**63  # seeds are int64 on the device
 
 
-def _real(value) -> bool:
+def finite_real(value) -> bool:
+    """Whether `value` is a finite real number (not a bool)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -36,20 +37,20 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not _real(self.temperature) or self.temperature < 0:
+        if not finite_real(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if not _real(self.top_p) or not 0 < self.top_p <= 1:
+        if not finite_real(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be a number in (0, 1] (1 disables it), got {self.top_p!r}")
-        if not _real(self.min_p) or not 0 <= self.min_p <= 1:
+        if not finite_real(self.min_p) or not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be a number in [0, 1] (0 disables it), got {self.min_p!r}")
-        if not _real(self.repetition_penalty) or self.repetition_penalty <= 0:
+        if not finite_real(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1 disables it), got "
                              f"{self.repetition_penalty!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            if not _real(value):
+            if not finite_real(value):
                 raise ValueError(f"{name} must be a finite number (0 disables it), got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")

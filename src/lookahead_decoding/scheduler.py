@@ -44,7 +44,7 @@ from .drafting.base import CandidateSource
 from .drafting.confidence import Confidences
 from .drafting.memory import DraftMemory
 from .drafting.tree import EMPTY_TREE
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, finite_real
 from .row_arrays import RowArrays
 from .shape_choice import BatchYield, ChooserTable, ShapeChooser, StepCosts, best_shape
 from .state import Emitter, GenerationStats, SequenceState
@@ -128,8 +128,7 @@ class BatchScheduler:
                  memory: DraftMemory | None = None, refill_patience: float = REFILL_PATIENCE) -> None:
         if tuple(layout.config for layout in runner.layouts) != plan.shapes:
             raise ValueError("the plan's shapes are not the runner's")
-        if isinstance(refill_patience, bool) or not isinstance(refill_patience, (int, float)) or \
-                not 0 <= refill_patience < float("inf"):
+        if not finite_real(refill_patience) or refill_patience < 0:
             raise ValueError(f"refill_patience must be a finite number >= 0 (0: refill at once), got "
                              f"{refill_patience!r}")
         if memory is not None:
