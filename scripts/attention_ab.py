@@ -36,7 +36,9 @@ from lookahead_decoding.sampling_params import SamplingParams
 SHAPES = {"plain": AUTOREGRESSIVE,
           "W5 N4 G5 B15 K12": LookaheadConfig(5, 4, 5, candidate_length=12, tree_nodes=15),
           "W20 N7 G20 B120 K12": LookaheadConfig(20, 7, 20, candidate_length=12, tree_nodes=120),
-          "device": LookaheadConfig(device_drafts=True)}  # auto's drafting step on CUDA at batch 1
+          "device": LookaheadConfig(device_drafts=True),  # auto's drafting step on CUDA at batch 1
+          "device B31": LookaheadConfig(device_drafts=True, tree_nodes=31),
+          "device B15": LookaheadConfig(device_drafts=True, tree_nodes=15)}  # auto's at 32 rows
 
 
 def synchronize(device: torch.device) -> None:

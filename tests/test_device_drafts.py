@@ -327,6 +327,30 @@ def test_the_tables_keep_the_latest_top_k_after_each_token_and_pair():
     assert (drafter.pair_keys >= 0).sum() == 6
 
 
+def test_a_token_or_pair_slot_written_twice_in_one_step_keeps_its_last_write():
+    """The last row's, and in it the last column's: in order, as a Python dict would keep them. Pairs (b, t) and
+    (b + 256, t) share a slot here (their keys are 2**18 apart); the slot keeps the key and the top-k of one write."""
+    vocab = 1024
+    drafter = DeviceDrafter(vocab, torch.device("cpu"), [])
+    logits = torch.randn(3, 4, vocab, generator=torch.Generator().manual_seed(2))
+    tokens = torch.tensor([[5, 6, 5, 9], [5, 7, 6, 5], [8, 5, 6, 9]])
+    befores = torch.tensor([[1, 5, 257, 3], [257, 5, 7, 1], [2, 8, 513, 769]])
+    table, pairs = {}, {}
+    for row, column in itertools.product(range(3), range(4)):
+        scores, top = logits[row, column].topk(TOP_K)
+        table[tokens[row, column].item()] = top.tolist(), scores.tolist()
+        key, slot = drafter._pair(befores[row, column], tokens[row, column])
+        pairs[slot.item()] = key.item(), top.tolist(), scores.tolist()
+    assert len(pairs) < tokens.numel() - 1  # collisions as well as repeats
+    drafter.learn(tokens, befores, logits)
+    for token, (top, scores) in table.items():
+        assert drafter.table[token].tolist() == top and drafter.table_scores[token].tolist() == scores
+    for slot, (key, top, scores) in pairs.items():
+        assert drafter.pair_keys[slot] == key
+        assert drafter.pair_table[slot].tolist() == top and drafter.pair_scores[slot].tolist() == scores
+    assert (drafter.pair_keys >= 0).sum() == len(pairs) and drafter.pair_table.shape[0] == drafter.pair_keys.shape[0]
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "gpt_neox"])
 @pytest.mark.parametrize("shape", [DEVICE_SHAPE, WINDOW_SHAPE], ids=["tree", "window"])
 def test_steps_that_draft_on_the_device_give_greedy_tokens_and_accept_drafts(arch, shape):

@@ -10,6 +10,7 @@ from lookahead_decoding import engine, runners
 from lookahead_decoding import scheduler as scheduler_module
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.decoding import open_scheduler
+from lookahead_decoding.device_drafts import DeviceDrafter
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.tuning import StepPlan, verify_only
 
@@ -228,3 +229,19 @@ def test_a_generator_on_cuda_is_accepted_on_cuda_0():
     runs = [ld.generate(model, prompt, 20, do_sample=True, generator=torch.Generator(device=device).manual_seed(5))
             for device in ("cuda", "cuda:0")]
     assert runs[0].sequences.tolist() == runs[1].sequences.tolist()
+
+
+def test_the_device_tables_keep_the_same_write_of_a_token_written_many_times_as_the_cpus():
+    """CUDA keeps an arbitrary one of an index_put's duplicate writes; the drafter keeps the last, as the CPU does,
+    so that two runs of one batch draft alike."""
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 40, (32, 64), generator=generator)  # each token about 50 times
+    befores = torch.randint(0, 3, (32, 64), generator=generator)
+    logits = torch.randn(32, 64, 1000, generator=generator)
+    drafters = [DeviceDrafter(1000, torch.device(device), []) for device in ("cpu", "cuda")]
+    for drafter in drafters:
+        device = drafter.device
+        drafter.learn(tokens.to(device), befores.to(device), logits.to(device))
+    cpu, cuda = drafters
+    assert torch.equal(cpu.followers, cuda.followers.cpu()) and torch.equal(cpu.pair_keys, cuda.pair_keys.cpu())
+

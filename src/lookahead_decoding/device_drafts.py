@@ -192,11 +192,14 @@ class DeviceDrafter:
         # -> its top-k next tokens), the rest the pair slots' (slot -> the top-k next tokens after the pair that
         # wrote it last; `pair_keys`: that pair, -1: none yet). With the model's scores (logits) of those next
         # tokens, from which sampled rows' drafts guess their draws.
-        self.followers = torch.zeros(vocab + PAIR_SLOTS, TOP_K, dtype=torch.long, device=device)
-        self.follower_scores = torch.zeros(vocab + PAIR_SLOTS, TOP_K, device=device)
-        self.table, self.pair_table = self.followers[:vocab], self.followers[vocab:]
-        self.table_scores, self.pair_scores = self.follower_scores[:vocab], self.follower_scores[vocab:]
-        self.pair_keys = torch.full((PAIR_SLOTS,), -1, dtype=torch.long, device=device)
+        # A last, spare row of each (never read) takes the writes that lose to a later one of the same step (`learn`).
+        self.followers = torch.zeros(vocab + PAIR_SLOTS + 1, TOP_K, dtype=torch.long, device=device)
+        self.follower_scores = torch.zeros(vocab + PAIR_SLOTS + 1, TOP_K, device=device)
+        self.table, self.pair_table = self.followers[:vocab], self.followers[vocab:-1]
+        self.table_scores, self.pair_scores = self.follower_scores[:vocab], self.follower_scores[vocab:-1]
+        self._pair_keys = torch.full((PAIR_SLOTS + 1,), -1, dtype=torch.long, device=device)
+        self.pair_keys = self._pair_keys[:-1]
+        self._last_writer = torch.zeros(vocab + PAIR_SLOTS + 1, dtype=torch.long, device=device)
         # Each row's tokens by position, as its cache holds their keys and values (past a row's length: stale).
         self.text = torch.zeros(rows, length, dtype=torch.long, device=device)
         self._positions = torch.arange(length, device=device)
@@ -318,7 +321,7 @@ class DeviceDrafter:
     def _learned(self) -> dict[str, tuple[torch.Tensor, int]]:
         """What the drafter learns from the requests it serves, by name, with each tensor's blank value."""
         return {"followers": (self.followers, 0), "follower_scores": (self.follower_scores, 0),
-                "pair_keys": (self.pair_keys, -1),
+                "pair_keys": (self._pair_keys, -1),
                 **{f"pool{levels}": (pool, SEPARATOR) for levels, pool in self.pools.items()},
                 **{f"pool_next{levels}": (where, 0) for levels, where in self.pool_next.items()}}
 
@@ -455,15 +458,21 @@ class DeviceDrafter:
 
     def learn(self, tokens: torch.Tensor, befores: torch.Tensor, logits: torch.Tensor) -> None:
         """Keep the top-k next tokens after each of `tokens` [batch, R], and after each pair (`befores`, `tokens`),
-        as `logits` [batch, R, V] rank them (a token or slot written twice keeps one of its rows)."""
+        as `logits` [batch, R, V] rank them. A token or pair slot written more than once keeps its last write (the
+        last row's, and in it the last column's), whatever the device: CUDA keeps an arbitrary one of duplicate
+        writes, and so two runs of one batch would draft differently."""
         scores, top = logits.topk(TOP_K, dim=-1)
-        scores = scores.float()
-        self.table[tokens] = top
-        self.table_scores[tokens] = scores
         key, slot = self._pair(befores, tokens)
-        self.pair_table[slot] = top
-        self.pair_scores[slot] = scores
-        self.pair_keys[slot] = key
+        rows = self._last_writes(torch.cat([tokens.flatten(), self.vocab + slot.flatten()]))  # of `followers`
+        self.followers[rows] = top.reshape(-1, TOP_K).repeat(2, 1)
+        self.follower_scores[rows] = scores.float().reshape(-1, TOP_K).repeat(2, 1)
+        self._pair_keys[rows[tokens.numel():] - self.vocab] = key.flatten()
+
+    def _last_writes(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` [n] of `followers`, each kept where it is last in `rows` and sent to the spare row elsewhere."""
+        order = torch.arange(rows.numel(), device=rows.device)
+        self._last_writer.scatter_reduce_(0, rows, order, "amax", include_self=False)
+        return torch.where(self._last_writer[rows] == order, rows, self._last_writer.numel() - 1)
 
     def _by_depth(self, template: DraftTemplate) -> list[tuple[torch.Tensor, ...]]:
         """Per depth, the depth and, as tensors, the template's nodes there that follow the tables, their parents
