@@ -520,8 +520,9 @@ def test_a_request_without_lookahead_takes_one_token_per_step_of_a_device_drafti
 
 
 def test_a_batch_without_lookahead_takes_plain_steps_whatever_the_costs_measured_so_far():
-    """The costs of a batch's steps are measured as it runs; a tree step measured with few rows can look cheaper
-    than a plain one measured with many. Rows that do not decode with lookahead still take plain steps."""
+    """Whatever the costs say (here the plan's own: a tree step cheaper than a plain one; in a batch with shapes
+    that draft on the host, wall times measured as it runs, where a tree step measured with few rows can look
+    cheaper than a plain one measured with many), rows that do not decode with lookahead take plain steps."""
     model = tiny_model("llama")
     runner = StaticStep(model, [AUTOREGRESSIVE, DEVICE_SHAPE], 96, batch_size=2, pipeline=True)
     scheduler = BatchScheduler(runner, StepPlan((AUTOREGRESSIVE, DEVICE_SHAPE), (2.0, 1.0)),
@@ -532,6 +533,25 @@ def test_a_batch_without_lookahead_takes_plain_steps_whatever_the_costs_measured
     expected = greedy_reference(model, torch.tensor([prompt]), 20)[0].tolist()
     assert [finished.tokens for finished in scheduler.run()] == [expected, expected]
     assert scheduler.steps_by_shape == {"plain": 19}
+
+
+@pytest.mark.parametrize("host_shape", [False, True])
+def test_a_batch_measures_its_step_costs_only_where_a_shape_drafts_on_the_host(host_shape):
+    """A plan of plain and device-drafting steps keeps its calibrated costs (its choices then follow the rows'
+    tokens, not timings); one with a host-drafted shape takes each shape's median wall time once measured."""
+    model = tiny_model("llama")
+    host = ld.LookaheadConfig(2, 3, 2, candidate_length=DEVICE_SHAPE.candidate_length)
+    shapes = (AUTOREGRESSIVE, DEVICE_SHAPE, *((host,) if host_shape else ()))
+    runner = StaticStep(model, list(shapes), 96, batch_size=2)
+    plan = StepPlan(shapes, (1000.0, 1001.0, 1002.0)[: len(shapes)])  # no step of a tiny model takes a second
+    scheduler = BatchScheduler(runner, plan, lambda memory=None: NoDrafts())
+    for tag in ("a", "b"):
+        scheduler.submit(Request([5, 6, 7] * 4, 30, tag=tag))
+    list(scheduler.run())
+    runs = scheduler.costs.runs
+    assert sum(len(recent) for recent in scheduler.costs.recent_ms) == sum(runs) > 3  # every step was timed
+    for shape, cost in enumerate(scheduler.costs.costs_ms):
+        assert (cost < 1000) == (host_shape and runs[shape] >= 3)
 
 
 def test_a_device_drafting_config_left_to_its_defaults_is_the_step_auto_drafts_with_at_batch_1():

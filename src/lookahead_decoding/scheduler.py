@@ -153,12 +153,16 @@ class BatchScheduler:
         # (See REFILL_PATIENCE.) The row-steps lost by free rows since the last admission; the rows freed so far.
         self.refill_patience, self._idle_row_steps, self._rows_freed = refill_patience, 0, 0
         self.stats = GenerationStats()  # steps: batched forwards; new_tokens: over all rows
-        # One sequence: the calibrated costs and its chooser's estimates. A batch: costs measured as it runs, host
-        # work per row included, and the rows' summed estimates corrected by what the batch's steps delivered.
-        # Steps where no row samples, where rows sample without a sort of the vocabulary, and where some row sorts
-        # it (top-k, top-p), apart: they cost apart (`StepPlan.costs_for`).
-        self.step_costs = {stages: StepCosts(plan.costs_for(stages), measured=runner.batch_size > 1)
-                           for stages in COST_TIERS}
+        # One sequence: the calibrated costs and its chooser's estimates. A batch: the rows' summed estimates
+        # corrected by what the batch's steps delivered, and, where a shape drafts on the host, costs measured as it
+        # runs, host work per row included. A plan whose shapes draft nothing on the host (`auto` on CUDA: plain
+        # steps and the device's trees) has no such work to measure and keeps its calibrated costs: its choices then
+        # follow the rows' tokens alone, and two runs of one batch choose the same shapes (with measured wall times
+        # they did not: docs/benchmarks.md, "Two runs of one batch alike"). Steps where no row samples, where rows
+        # sample without a sort of the vocabulary, and where some row sorts it (top-k, top-p), apart: they cost apart
+        # (`StepPlan.costs_for`).
+        measured = runner.batch_size > 1 and any(shape.host_drafts for shape in plan.shapes)
+        self.step_costs = {stages: StepCosts(plan.costs_for(stages), measured) for stages in COST_TIERS}
         self.batch_yield = BatchYield(len(plan.shapes)) if runner.batch_size > 1 else None
         self._steps_by_shape = [0] * len(plan.shapes)
         # The shapes whose steps can follow unread ones, if the runner pipelines; then the step launched and not
