@@ -519,7 +519,7 @@ def test_a_request_without_lookahead_takes_one_token_per_step_of_a_device_drafti
     assert results["on"].stats.steps < 19
 
 
-def test_a_batch_without_lookahead_takes_plain_steps_whatever_the_costs_measured_so_far():
+def test_a_batch_without_lookahead_takes_plain_steps_whatever_the_costs_say():
     """Whatever the costs say (here the plan's own: a tree step cheaper than a plain one; in a batch with shapes
     that draft on the host, wall times measured as it runs, where a tree step measured with few rows can look
     cheaper than a plain one measured with many), rows that do not decode with lookahead take plain steps."""
