@@ -254,7 +254,7 @@ def test_free_rows_wait_for_company_while_rows_free_often_enough(budgets, patien
         results.update((result.tag, result.tokens) for result in scheduler.step())
         if len(scheduler.waiting) < waiting:
             admitted.append(waiting - len(scheduler.waiting))
-    assert (admitted, scheduler.stats.steps) == (prefills, steps)
+    assert (admitted, scheduler.stats.steps, scheduler.stats.prefills) == (prefills, steps, len(prefills))
     for tag, prompt in enumerate(prompts):
         assert results[tag] == ld.generate(model, [prompt], budgets[tag], AUTOREGRESSIVE).rows[0].tokens
 

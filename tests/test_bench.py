@@ -582,8 +582,8 @@ def test_sampling_input_errors_exit_2_before_any_work(tmp_path, capsys, extra, m
 
 
 BATCHED_KEYS = {"dataset", "batch_size", "batch_rows", "method", "reference", "prompts", "new_tokens", "seconds",
-                "throughput_tokens_per_s", "speedup", "tokens_per_step_per_row", "forwards", "steps_by_shape", "identical",
-                "different_prompts", "plan"}
+                "throughput_tokens_per_s", "speedup", "tokens_per_step_per_row", "forwards", "steps_by_shape", "prefills",
+                "identical", "different_prompts", "plan"}
 BATCHED_ARGS = ["--dataset", "humaneval", "--data-file", str(FIXTURES / FILES["humaneval"]), "--limit", "4",
                 "--max-new-tokens", "12", "--batch-size", "1,3", "--window", "3", "--ngram", "3", "--guesses", "3"]
 
@@ -622,6 +622,8 @@ def test_batched_records(batched_run):
         assert record["speedup"] == pytest.approx(speedup)
     plain_one, lookahead_one, plain_three, _ = records
     assert plain_one["forwards"] == 4 * 11  # one row: a forward per token after each prompt's prefill
+    # Prefills apart: one row starts each prompt alone; three rows start three together, then the fourth.
+    assert [record["prefills"] for record in records] == [4, 4, 2, 2]
     assert plain_three["forwards"] < plain_one["forwards"]  # three rows share each forward
     assert plain_one["plan"] == "plain (one shape)" and lookahead_one["plan"].startswith("lookahead W=3 N=3 G=3")
     assert plain_three["steps_by_shape"] == {"plain": plain_three["forwards"]}

@@ -35,7 +35,8 @@ def test_json_compare_reports_identical_outputs_and_consistent_stats(cli_model, 
     assert set(stats["shape_steps"]) <= set(shapes) and sum(stats["shape_steps"].values()) == stats["steps"]
     assert 1 <= stats["new_tokens"] <= 20
     assert result["greedy"]["new_tokens"] == result["lookahead"]["new_tokens"] == stats["new_tokens"]
-    # The prefill commits the first token; every later token comes from a step counted in the histogram.
+    # The prefill (one) commits the first token; every later token comes from a step counted in the histogram.
+    assert stats["prefills"] == 1
     histogram = {int(k): v for k, v in stats["accepted_histogram"].items()}
     assert sum(histogram.values()) == stats["steps"]
     assert sum(k * v for k, v in histogram.items()) + 1 == stats["new_tokens"]

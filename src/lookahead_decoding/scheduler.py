@@ -482,6 +482,7 @@ class BatchScheduler:
                     self._drafter.learn_for(self.memory if uses_memory else None if request.use_memory else ISOLATED)
                 self._drafter.share_memory(index, uses_memory)
         if admitted:
+            self.stats.prefills += 1
             sampling = {index: self.rows[index].request.sampling for index in admitted}
             for index, outcome in self.runner.prefill_rows(admitted, sampling).items():
                 self.rows[index].sequence.record_prefill(outcome)

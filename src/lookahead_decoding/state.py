@@ -32,9 +32,11 @@ from .window import JacobiWindow
 @dataclass
 class GenerationStats:
     """steps: forward passes after the prefill; accepted_histogram: {tokens committed in a step: steps};
-    shape_steps: {step shape: steps of that shape}."""
+    shape_steps: {step shape: steps of that shape}; prefills: the prefills that started sequences (a sequence's own:
+    1; a batch's: the admissions that started rows together, each a forward per prompt chunk, apart from `steps`)."""
 
     steps: int = 0
+    prefills: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
     accepted_histogram: Counter = field(default_factory=Counter)
@@ -58,6 +60,7 @@ class GenerationStats:
             "seconds": self.seconds,
             "accepted_histogram": {str(k): v for k, v in sorted(self.accepted_histogram.items())},
             "shape_steps": dict(self.shape_steps),
+            "prefills": self.prefills,
         }
 
 
@@ -207,6 +210,7 @@ class SequenceState:
             self.observed = self.prompt_length
 
     def record_prefill(self, outcome: StepOutcome) -> None:
+        self.stats.prefills += 1
         self.emitter.emit(outcome.committed, outcome.scores)
 
     def draft(self, begin: bool = True) -> TokenTree:

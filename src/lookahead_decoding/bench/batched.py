@@ -117,6 +117,7 @@ def batch_record(dataset: str, batch_size: int, method: str, run: TimedRun, refe
         "tokens_per_step_per_row": statistics.fmean(row.stats.tokens_per_step for row in rows),
         "forwards": stats.steps,
         "steps_by_shape": dict(stats.shape_steps),
+        "prefills": stats.prefills,
         "identical": sum(identical),
         "different_prompts": [index for index, same in zip(prompt_indices, identical) if not same],
         "plan": run.plan.describe(),
