@@ -36,11 +36,11 @@ class GenerationStats:
     1; a batch's: the admissions that started rows together, each a forward per prompt chunk, apart from `steps`)."""
 
     steps: int = 0
-    prefills: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
     accepted_histogram: Counter = field(default_factory=Counter)
     shape_steps: Counter = field(default_factory=Counter)
+    prefills: int = 0
 
     @property
     def tokens_per_step(self) -> float:
