@@ -4,7 +4,8 @@ Which shapes the loop chooses depends on the plan's costs and on what the drafts
 machine runs the steps. This script decodes the embedded model (float32) with a given plan whose costs are taken
 as measured, never re-measured (in batches the scheduler would otherwise time the steps on this machine), and
 reports the steps of each shape, tokens per step, and the time those steps would take at the given costs
-(device steps only: a projection, not a measurement of the other device). E.g. the H200's batch-1 plan:
+(device steps only, and with --prefill-ms the prefills that started rows: a projection, not a measurement of the
+other device). E.g. the H200's batch-1 plan:
 
     python scripts/replay_plan.py --data-file HumanEval.jsonl.gz --limit 6 --max-new-tokens 160 \\
         --shapes plain:3.35,20:7:20:12:120:5.40
@@ -59,8 +60,12 @@ def main() -> None:
                         help="plain:MS,W:N:G:K:B:MS,device:B:K:MS,... (a step's cost in ms)")
     parser.add_argument("--model", help="a local model folder or .gguf file (default: the embedded model)")
     parser.add_argument("--draft-memory", type=int, default=0, help="requests a DraftMemory holds (0: none)")
+    parser.add_argument("--prefill-ms", type=float, default=0.0,
+                        help="what one prefill that starts rows costs there, added to the projection (default 0)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if not 0 <= args.prefill_ms < float("inf"):
+        parser.error(f"--prefill-ms must be a finite number >= 0, got {args.prefill_ms}")
     torch.set_num_threads(args.threads)
     plan = args.shapes
     model, tokenizer = ld.load_default_model(path=args.model)
@@ -79,7 +84,9 @@ def main() -> None:
     print(json.dumps({"plan": plan.describe(), "batched_steps_by_shape": dict(steps),
                       "tokens": scheduler.stats.new_tokens,
                       "tokens_per_step_per_row": scheduler.stats.new_tokens / max(row_steps, 1),
-                      "projected_device_ms": sum(n * cost[shape] for shape, n in steps.items())}, indent=1))
+                      "prefills": scheduler.stats.prefills,
+                      "projected_device_ms": sum(n * cost[shape] for shape, n in steps.items())
+                      + scheduler.stats.prefills * args.prefill_ms}, indent=1))
 
 
 if __name__ == "__main__":

@@ -814,12 +814,19 @@ def test_replay_script_counts_the_steps_of_a_fixed_plan(cli_model):
     data = Path(__file__).parent / "fixtures" / "HumanEval.jsonl.gz"
     run = [sys.executable, str(script), "--model", cli_model, "--data-file", str(data), "--limit", "3",
            "--max-new-tokens", "12", "--batch-size", "2", "--threads", "1"]
-    done = subprocess.run([*run, "--shapes", "plain:1,3:4:3:4:6:1.5"], capture_output=True, text=True)
+    done = subprocess.run([*run, "--shapes", "plain:1,3:4:3:4:6:1.5", "--prefill-ms", "2"], capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     steps = result["batched_steps_by_shape"]
     assert result["plan"] == "plain 1.00 ms, lookahead W=3 N=4 G=3 K=4 B=6 1.50 ms"
-    assert result["projected_device_ms"] == steps.get("plain", 0) * 1.0 + steps.get("lookahead W=3 N=4 G=3 K=4 B=6", 0) * 1.5
+    assert result["prefills"] == 2  # two rows start together, the third prompt later
+    assert result["projected_device_ms"] == steps.get("plain", 0) * 1.0 \
+        + steps.get("lookahead W=3 N=4 G=3 K=4 B=6", 0) * 1.5 + 2 * 2.0
+    for bad in ("-1", "nan", "inf"):
+        done = subprocess.run([*run, "--shapes", "plain:1", "--prefill-ms", bad], capture_output=True, text=True)
+        assert done.returncode == 2
+        assert done.stderr.endswith(f"--prefill-ms must be a finite number >= 0, got {float(bad)}\n")
     assert 0 < result["tokens"] <= 36 and result["tokens_per_step_per_row"] >= 1
     done = subprocess.run([*run, "--shapes", "plain:1,3:4:3:1.5"], capture_output=True, text=True)
     assert done.returncode == 2
