@@ -24,6 +24,7 @@ from lookahead_decoding.bench.data import DATASETS, load_prompts
 from lookahead_decoding.bench.runner import encode_all
 from lookahead_decoding.config import AUTOREGRESSIVE, LookaheadConfig
 from lookahead_decoding.decoding import eos_set, open_scheduler
+from lookahead_decoding.sampling_params import finite_real
 from lookahead_decoding.scheduler import Request
 from lookahead_decoding.tuning import StepPlan, shape_name
 
@@ -64,7 +65,7 @@ def main() -> None:
                         help="what one prefill that starts rows costs there, added to the projection (default 0)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    if not 0 <= args.prefill_ms < float("inf"):
+    if not finite_real(args.prefill_ms) or args.prefill_ms < 0:
         parser.error(f"--prefill-ms must be a finite number >= 0, got {args.prefill_ms}")
     torch.set_num_threads(args.threads)
     plan = args.shapes
