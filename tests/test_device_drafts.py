@@ -150,9 +150,10 @@ def test_a_draft_follows_the_pairs_seen_the_single_tokens_elsewhere_and_copies_o
     drafter = DeviceDrafter(50, torch.device("cpu"), [shape], rows=3, length=16)
     generator = torch.Generator().manual_seed(0)
     drafter.table.copy_(torch.randint(0, 50, (50, TOP_K), generator=generator))
-    # Teach it the pairs after a few (token before, token): their own rows, unlike the one-token table's.
-    befores, tokens = torch.tensor([[3, 9, 17]]), torch.tensor([[17, 42, 5]])
-    drafter.learn(tokens, befores, torch.randn(1, 3, 50, generator=generator))
+    # Teach it the pairs after a few (token before, token): their own rows, unlike the one-token table's. Every
+    # row learns the same, so its own tables hold what the shared ones do.
+    befores, tokens = torch.tensor([[3, 9, 17]]).expand(3, -1), torch.tensor([[17, 42, 5]]).expand(3, -1)
+    drafter.learn(tokens, befores, torch.randn(1, 3, 50, generator=generator).expand(3, -1, -1))
     pairs = {(b, t): drafter.pair_table[drafter._pair(torch.tensor(b), torch.tensor(t))[1]].tolist()
              for b, t in zip(befores[0].tolist(), tokens[0].tolist())}
     current, before = torch.tensor([17, 42, 8]), torch.tensor([3, 9, 8])
@@ -177,6 +178,28 @@ def test_a_draft_follows_the_pairs_seen_the_single_tokens_elsewhere_and_copies_o
     assert [drafted[0][node] for node in chain] == [1, 2, 3, 17]  # the copy of what followed 3 17
 
 
+def test_a_row_drafts_first_from_what_its_own_request_taught():
+    """Every row of a batch writes the shared tables, where the last row's write of a token wins; a row's own
+    tables hold its current request's writes alone, and its drafts follow them first. A new request in the row
+    starts from the shared tables again."""
+    vocab, shape = 50, ld.LookaheadConfig(1, 2, 1, candidate_length=3, tree_nodes=8, device_drafts=True)
+    drafter = DeviceDrafter(vocab, torch.device("cpu"), [shape], rows=2, length=16)
+    logits = torch.randn(2, 1, vocab, generator=torch.Generator().manual_seed(4))
+    drafter.learn(torch.tensor([[7], [7]]), torch.tensor([[1], [2]]), logits)  # token 7 in both rows' texts
+    tops = [logits[row, 0].topk(TOP_K).indices.tolist() for row in range(2)]
+    assert drafter.table[7].tolist() == tops[1] != tops[0]  # the shared table kept the last row's write
+    template = draft_template(8, 3)
+    firsts = [(node, rank) for node, (rank, depth) in enumerate(zip(template.ranks, template.depths))
+              if depth == 1 and rank >= 0]
+    current, before, ends = torch.tensor([7, 7]), torch.tensor([3, 3]), torch.tensor([0, 0])  # pair (3, 7): unseen
+    drafted = drafter.draft(current, before, ends, shape)
+    assert [[drafted[row, node].item() for node, _ in firsts] for row in range(2)] == \
+        [[tops[row][rank] for _, rank in firsts] for row in range(2)]
+    drafter.start_requests(torch.tensor([0]))
+    drafted = drafter.draft(current, before, ends, shape)
+    assert [drafted[0, node].item() for node, _ in firsts] == [tops[1][rank] for _, rank in firsts]
+
+
 def test_a_sampled_rows_drafts_follow_its_draws_as_the_tables_scores_would_make_them():
     """A sampled row draws argmax(scores / T + noise); its drafts rank the tables' next tokens by score + T * noise
     of the node's position, so that rank 0 is the row's draw there were the tables' scores the model's. A greedy
@@ -185,7 +208,8 @@ def test_a_sampled_rows_drafts_follow_its_draws_as_the_tables_scores_would_make_
     drafter = DeviceDrafter(vocab, torch.device("cpu"), [shape], rows=2, length=16)
     generator = torch.Generator().manual_seed(3)
     every = torch.arange(vocab)[None]
-    drafter.learn(every, every, 2 * torch.randn(1, vocab, vocab, generator=generator))  # pairs (t, t) only
+    drafter.learn(every.expand(2, -1), every.expand(2, -1),  # pairs (t, t) only, the same in both rows
+                  2 * torch.randn(1, vocab, vocab, generator=generator).expand(2, -1, -1))
     sampler = RowSampler(2, vocab, torch.device("cpu"))
     sampler.start_rows({0: SamplingParams(), 1: SamplingParams(temperature=0.8, seed=11)})
     current, before, ends = torch.tensor([7, 7]), torch.tensor([1, 1]), torch.tensor([5, 5])

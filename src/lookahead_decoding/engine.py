@@ -328,7 +328,10 @@ class StaticStep:
                 raise ValueError(f"the prompt ({len(prompt)} tokens) does not fit this engine's max_length "
                                  f"{self.max_length}")
         chunk = self.prefill_chunk
-        self.lengths.index_fill_(0, torch.tensor(list(prompts), device=self.lengths.device), 0)
+        starting = torch.tensor(list(prompts), device=self.lengths.device)
+        self.lengths.index_fill_(0, starting, 0)
+        if self.drafter is not None:
+            self.drafter.start_requests(starting)
         for row, prompt in prompts.items():
             self.length_bound[row] = len(prompt)
             self.admissions[row] += 1
