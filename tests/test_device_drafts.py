@@ -195,6 +195,8 @@ def test_a_row_drafts_first_from_what_its_own_request_taught():
     drafted = drafter.draft(current, before, ends, shape)
     assert [[drafted[row, node].item() for node, _ in firsts] for row in range(2)] == \
         [[tops[row][rank] for _, rank in firsts] for row in range(2)]
+    # A sampled row's drafts read the same tables (with no noise, its order is the scores': the same drafts).
+    assert drafter.draft(current, before, ends, shape, torch.zeros(2, 3, vocab)).tolist() == drafted.tolist()
     drafter.start_requests(torch.tensor([0]))
     drafted = drafter.draft(current, before, ends, shape)
     assert [drafted[0, node].item() for node, _ in firsts] == [tops[1][rank] for _, rank in firsts]
