@@ -181,6 +181,11 @@ def noisy_ranks(followers: torch.Tensor, scores: torch.Tensor, ranks: torch.Tens
     return followers.gather(2, order.gather(2, ranks[None, :, None].expand(followers.shape[0], -1, 1)))[..., 0]
 
 
+def pair_slot(key: torch.Tensor, slots: int) -> torch.Tensor:
+    """A pair's slot in a pair table of `slots` slots: a multiplicative hash of its key."""
+    return key * PAIR_HASH % slots
+
+
 def last_writes(writer: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
     """`entries` [n] of a table, each kept where it is last in `entries` and sent to the table's spare last entry
     elsewhere (`writer`: the table's scratch, one per entry): a token or pair written more than once in a step keeps
@@ -195,18 +200,18 @@ class RowTables:
     alone: the shared tables take every row's writes, and a row's drafts after a common token then follow another
     row's text (2-core CPU replay, 8 rows, B=63 K=12, these tables read first: 16% / 19% fewer steps on MT-Bench /
     GSM8K; docs/benchmarks.md, "Each row's own tables"). An entry counts only for the request that wrote it
-    (`stamps` against `requests`), so a new request starts from blank tables without a fill. About 76 bytes a row
-    per token of the vocabulary and per pair slot: 9 MB a row with SmolLM2's vocabulary, 15 MB with Llama 3's."""
+    (`stamps` against `requests`), so a new request starts from blank tables without a fill. About 84 bytes a row
+    per token of the vocabulary and per pair slot: 10 MB a row with SmolLM2's vocabulary, 16 MB with Llama 3's."""
 
     def __init__(self, vocab: int, rows: int, device: torch.device) -> None:
         self.vocab, stride = vocab, vocab + ROW_PAIR_SLOTS
         self.bases = (torch.arange(rows, device=device) * stride)[:, None]  # row r's tokens, then its pair slots
-        self.pair_bases = (torch.arange(rows, device=device) * ROW_PAIR_SLOTS)[:, None]
-        # A last, spare entry of each takes the writes that lose to a later one of the same step.
+        # By entry (a last, spare one takes the writes that lose to a later one of the same step); `keys`: the pair
+        # that wrote a pair slot (-1 where none; a token's entry keeps -1).
         self.followers = torch.zeros(rows * stride + 1, TOP_K, dtype=torch.int32, device=device)
         self.scores = torch.zeros(rows * stride + 1, TOP_K, device=device)
         self.stamps = torch.zeros(rows * stride + 1, dtype=torch.int32, device=device)
-        self.keys = torch.full((rows * ROW_PAIR_SLOTS + 1,), -1, dtype=torch.long, device=device)
+        self.keys = torch.full((rows * stride + 1,), -1, dtype=torch.long, device=device)
         self._writer = torch.zeros(rows * stride + 1, dtype=torch.long, device=device)
         self.requests = torch.ones(rows, dtype=torch.int32, device=device)  # each row's current request
 
@@ -217,23 +222,19 @@ class RowTables:
     def find(self, key: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For nodes whose parent is `tokens` [batch, n] and pair `key`: whether the row's own tables know what
         follows (its pair, else its token), and the entry that does."""
-        slot = key * PAIR_HASH % ROW_PAIR_SLOTS
-        pair, current = self.bases + self.vocab + slot, self.requests[:, None]
-        pair_known = (self.keys[self.pair_bases + slot] == key) & (self.stamps[pair] == current)
+        pair, current = self.bases + self.vocab + pair_slot(key, ROW_PAIR_SLOTS), self.requests[:, None]
+        pair_known = (self.keys[pair] == key) & (self.stamps[pair] == current)
         token = self.bases + tokens
         return pair_known | (self.stamps[token] == current), torch.where(pair_known, pair, token)
 
     def learn(self, tokens: torch.Tensor, key: torch.Tensor, top: torch.Tensor, scores: torch.Tensor) -> None:
         """Keep each row's top-k next tokens `top` (with `scores`) after its `tokens` [rows, R] and their pairs."""
-        slot = key * PAIR_HASH % ROW_PAIR_SLOTS
-        entries = last_writes(self._writer, torch.cat([(self.bases + tokens).flatten(),
-                                                       (self.bases + self.vocab + slot).flatten()]))
+        pairs = self.bases + self.vocab + pair_slot(key, ROW_PAIR_SLOTS)
+        entries = last_writes(self._writer, torch.cat([(self.bases + tokens).flatten(), pairs.flatten()]))
         self.followers[entries] = top.reshape(-1, TOP_K).repeat(2, 1).int()
         self.scores[entries] = scores.float().reshape(-1, TOP_K).repeat(2, 1)
         self.stamps[entries] = self.requests[:, None].expand_as(tokens).flatten().repeat(2)
-        pairs = entries[tokens.numel():]
-        self.keys[torch.where(pairs == self._writer.numel() - 1, self.keys.numel() - 1,
-                              (self.pair_bases + slot).flatten())] = key.flatten()
+        self.keys[entries[tokens.numel():]] = key.flatten()
 
 
 class DeviceDrafter:
@@ -301,7 +302,7 @@ class DeviceDrafter:
     def _pair(self, before: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pair's key and its slot in the pair table."""
         key = before * self.vocab + token
-        return key, key * PAIR_HASH % PAIR_SLOTS
+        return key, pair_slot(key, PAIR_SLOTS)
 
     def write_text(self, positions: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Put `tokens` [entries, n] at `positions` [entries, n] of the rows' texts (rows: [entries], the text row
