@@ -34,7 +34,8 @@ from lookahead_decoding.bench import (
     summarize,
 )
 from lookahead_decoding.bench.cli import config_list, int_list
-from lookahead_decoding.bench.profile import StepClock
+from lookahead_decoding.bench import profile as bench_profile
+from lookahead_decoding.bench.profile import StepClock, time_captured_step, time_decoding
 from lookahead_decoding.cli.common import CommandError
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.decoding import decode
@@ -400,7 +401,9 @@ def test_tiny_profile(tiny, tmp_path, capsys):
         assert entry["host_share"] == pytest.approx(1 - entry["captured_step_ms"] / entry["wall_step_ms"])
     assert result["profile"]["batch_size"] == 1
     table = capsys.readouterr().out
-    assert "| captured step, back to back (ms) |" in table and "| decoding step, wall (ms) |" in table
+    assert "| captured step at those widths, back to back (ms) |" in table
+    assert "| decoding step, wall (ms) |" in table
+    assert "| attention widths decoding read: steps | 64: 23 | 64: " in table
     assert "| host share of the wall time |" in table and "batch 1)" in table
     assert "| tokens in the step | 1 | 10 |" in table and "| total cpu time (µs) |" in table
 
@@ -473,6 +476,30 @@ def test_the_step_clock_times_every_step_pipelined_or_not(tiny, pipelined):
     clock = StepClock(StaticStep(model, AUTOREGRESSIVE, 32, pipeline=pipelined))
     _, stats, _ = decode(model, [[3, 1, 4, 1, 5]], 12, AUTOREGRESSIVE, runner=clock)
     assert clock.steps == stats.steps == 11 and clock.ms_per_step > 0
+
+
+def test_the_captured_step_is_timed_at_the_widths_decoding_read(tiny, monkeypatch):
+    """--profile's device-only step: while its rows are short, decoding reads a narrower width of the cache than
+    the whole; the replays time each width decoding read and weight it by its steps (replaying the whole cache's
+    width alone overstated the step, and the host's share came out negative)."""
+    model, _ = tiny
+    engine = StaticStep(model, AUTOREGRESSIVE, 40)
+    prompt = list(range(3, 15))  # 12 tokens: 4 steps read 16 slots (the tests' narrowest width), 7 read 32
+    _, widths = time_decoding(model, [prompt], 12, AUTOREGRESSIVE, engine)
+    assert engine.widths == (16, 32, 41) and widths == {16: 4, 32: 7}
+    clock, replayed, replayable = [0.0], [], engine.replayable
+
+    def replay_taking_a_millisecond_a_slot(shape, entries=None, width=None):
+        if shape is None:  # the prefill runs as it is
+            return replayable(shape, entries, width)
+        replayed.append(width)
+        return lambda: clock.__setitem__(0, clock[0] + width / 1e3)
+
+    monkeypatch.setattr(engine, "replayable", replay_taking_a_millisecond_a_slot)
+    monkeypatch.setattr(bench_profile.time, "perf_counter", lambda: clock[0])
+    milliseconds = time_captured_step(engine, [prompt], widths)
+    assert sorted(set(replayed)) == [16, 32]
+    assert milliseconds == pytest.approx((16 * 4 + 32 * 7) / 11)
 
 
 def test_profile_errors(tiny, capsys):

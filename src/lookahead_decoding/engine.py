@@ -107,6 +107,7 @@ class LaunchedStep(NamedTuple):
     """A step launched on the device whose outcome the host has not read yet (`StaticStep.finish_rows`)."""
 
     shape: int
+    width: int  # the cache slots its attention reads (one of the engine's `widths`)
     decoding: Sequence[bool]  # by row: whether the row decodes in this step
     outputs: torch.Tensor  # the packed outcomes on the device, as the step wrote them
     host_outputs: torch.Tensor  # their copy on the host, complete once `done` has fired
@@ -404,7 +405,7 @@ class StaticStep:
             packed, scores, top = self.replayable(shape, width=width)()
         else:
             packed, scores, top = self._verified_step(shape, width, steps, histories)
-        return self._launched(shape, decoding, packed, scores, top)
+        return self._launched(shape, width, decoding, packed, scores, top)
 
     def _width(self, shape: int) -> int:
         """The narrowest of `widths` that holds every row's tokens, as far as the host knows, and a step of
@@ -495,16 +496,17 @@ class StaticStep:
                 if shape in self._template_lines:
                     size = self.layouts[shape].size
                     inputs[update[:, 0], size : size + config.tree_nodes + 1] = self._template_lines[shape]
-        packed, scores, top = self.replayable(shape, width=self._width(shape))()
-        return self._launched(shape, decoding, packed, scores, top)
+        width = self._width(shape)
+        packed, scores, top = self.replayable(shape, width=width)()
+        return self._launched(shape, width, decoding, packed, scores, top)
 
-    def _launched(self, shape: int, decoding: Sequence[bool], packed, scores, top) -> LaunchedStep:
+    def _launched(self, shape: int, width: int, decoding: Sequence[bool], packed, scores, top) -> LaunchedStep:
         """The launched step, its outcomes on their way to the host; each decoding row's length bound raised by
         the most the step may commit."""
         self.length_bound[numpy.asarray(decoding, dtype=bool)] += 1 + self._deepest_path(shape)
         admissions = self.admissions.copy()
         if packed.device.type != "cuda":  # the step has run
-            return LaunchedStep(shape, decoding, packed, packed, scores, top, None, admissions)
+            return LaunchedStep(shape, width, decoding, packed, packed, scores, top, None, admissions)
         buffers, turn = self._host_outputs[shape], self._turn[shape]
         if len(buffers) <= turn:
             buffers.append((torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True), torch.cuda.Event()))
@@ -512,7 +514,7 @@ class StaticStep:
         host, done = buffers[turn]
         host.copy_(packed, non_blocking=True)
         done.record()
-        return LaunchedStep(shape, decoding, packed, host, scores, top, done, admissions)
+        return LaunchedStep(shape, width, decoding, packed, host, scores, top, done, admissions)
 
     def finish_rows(self, launched: LaunchedStep) -> RowOutcomes:
         """Read a launched step's outcomes (waiting for the device): by row, None where the row did not decode."""

@@ -4,13 +4,14 @@ The step runs un-captured under torch.profiler (a CUDA graph replays the same ke
 is attributed to the aten op that launched it; with --compile most work runs in fused kernels that no aten op
 launches, so the kernels themselves are listed too (on CUDA). The profile covers `active` decode steps after the
 prefill and a few warm-up steps. Each entry also gives what the step costs as the engine runs it: the captured
-step (a CUDA graph on GPU, compiled with --compile; eager elsewhere) replayed back to back, host sync excluded.
+step (a CUDA graph on GPU, compiled with --compile; eager elsewhere) replayed back to back, host sync excluded,
+at each attention width that decoding read, weighted by its steps.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 from torch.autograd import DeviceType
@@ -69,12 +70,13 @@ class ProfiledRunner:
 
 
 class StepClock:
-    """A StepRunner wrapper that times decoding from its first step to its last, host work between steps
-    included and the prefill not; pipelined steps too (each launch is a step; the clock stops when the last
-    outcome has been read)."""
+    """A StepRunner wrapper (of a `StaticStep`) that times decoding from its first step to its last, host work
+    between steps included and the prefill not; pipelined steps too (each launch is a step; the clock stops when
+    the last outcome has been read). `widths` counts the steps by attention width, as the device ran them."""
 
     def __init__(self, runner) -> None:
         self.runner, self.steps, self.began, self.ended = runner, 0, 0.0, 0.0
+        self.widths: Counter[int] = Counter()
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
@@ -84,19 +86,23 @@ class StepClock:
             self.began = time.perf_counter()
         self.steps += 1
 
-    def step_rows(self, *args, **kwargs):
-        self._launching()
-        outcomes = self.runner.step_rows(*args, **kwargs)
-        self.ended = time.perf_counter()
-        return outcomes
+    def _launched(self, launched):
+        self.widths[launched.width] += 1
+        return launched
+
+    def step_rows(self, shape, steps, histories, overlap=None):
+        launched = self.launch_rows(shape, steps, histories)  # (as StaticStep.step_rows, seen by the clock)
+        if overlap is not None:
+            overlap(launched.busy)
+        return self.finish_rows(launched)
 
     def launch_rows(self, *args):
         self._launching()
-        return self.runner.launch_rows(*args)
+        return self._launched(self.runner.launch_rows(*args))
 
     def chain(self, *args):
         self._launching()
-        return self.runner.chain(*args)
+        return self._launched(self.runner.chain(*args))
 
     def finish_rows(self, launched):
         outcomes = self.runner.finish_rows(launched)
@@ -108,12 +114,13 @@ class StepClock:
         return (self.ended - self.began) / max(self.steps, 1) * 1e3
 
 
-def time_decoding(model, prompts: list[list[int]], max_new_tokens: int, config, engine: StaticStep) -> float:
+def time_decoding(model, prompts: list[list[int]], max_new_tokens: int, config, engine: StaticStep
+                  ) -> tuple[float, Counter[int]]:
     """Wall milliseconds per step of greedy decoding of `prompts` on `engine` as the library runs it (captured on
-    CUDA), drafting and bookkeeping included."""
+    CUDA), drafting and bookkeeping included; and its steps by attention width."""
     clock = StepClock(engine)
     decode(model, prompts, max_new_tokens, config, runner=clock)
-    return clock.ms_per_step
+    return clock.ms_per_step, clock.widths
 
 
 def profile_config(model, prompts: list[list[int]], max_new_tokens: int, engine: StaticStep, active: int,
@@ -164,25 +171,28 @@ def profile_config(model, prompts: list[list[int]], max_new_tokens: int, engine:
     }
 
 
-def time_captured_step(engine: StaticStep, prompts: list[list[int]]) -> float:
-    """Milliseconds per step of `engine`'s step as decoding runs it (captured on CUDA), replayed back to back
-    after the prompts' prefill, host sync excluded: the device-only cost. The step's inputs are zeros, which
-    decode no row, so no replay moves a row on (a step that drafts on the device would otherwise accept its own
-    drafts and run past the cache): the cost is the same for any inputs (fixed shapes)."""
+def time_captured_step(engine: StaticStep, prompts: list[list[int]], widths: Counter[int]) -> float:
+    """Milliseconds per step of `engine`'s step as decoding ran it (captured on CUDA), replayed back to back
+    after the prompts' prefill, host sync excluded: the device-only cost. Each attention width decoding read
+    (`widths`: steps by width) is timed apart and weighted by its steps: a step over the whole cache costs more
+    than one over the slots its rows fill. The step's inputs are zeros, which decode no row, so no replay moves a
+    row on (a step that drafts on the device would otherwise accept its own drafts and run past the cache): the
+    cost is the same for any inputs (fixed shapes)."""
     device = engine.adapter.device
-    if device.type == "cuda":
-        engine.capture()  # already compiled, if asked
-    replays = TIMED_REPLAYS
+    milliseconds = {}
     with torch.inference_mode():
         engine.prefill_rows(dict(enumerate(prompts)))
         engine.inputs[0].zero_()  # what the decoding before left there decodes its rows
-        engine.replayable(0)()  # a first run outside the timing
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(replays):
-            engine.replayable(0)()
-        synchronize(device)
-    return (time.perf_counter() - start) / replays * 1e3
+        for width in widths:
+            step = engine.replayable(0, width=width)
+            step()  # a first run outside the timing
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(TIMED_REPLAYS):
+                step()
+            synchronize(device)
+            milliseconds[width] = (time.perf_counter() - start) / TIMED_REPLAYS * 1e3
+    return sum(milliseconds[width] * steps for width, steps in widths.items()) / widths.total()
 
 
 def run_profile(args, model=None, tokenizer=None) -> dict:
@@ -206,8 +216,11 @@ def run_profile(args, model=None, tokenizer=None) -> dict:
                             predictions=8 if cfg.verifies else 0)
         entry = profile_config(model, token_lists, args.max_new_tokens, engine, args.profile_steps,
                                compile=bool(args.compile))
-        entry["captured_step_ms"] = time_captured_step(engine, token_lists)
-        entry["wall_step_ms"] = time_decoding(model, token_lists, args.max_new_tokens, cfg, engine)
+        if model.device.type == "cuda":
+            engine.capture()  # (already compiled, if asked) decoding and the replays run the captured steps
+        entry["wall_step_ms"], widths = time_decoding(model, token_lists, args.max_new_tokens, cfg, engine)
+        entry["steps_by_width"] = dict(sorted(widths.items()))
+        entry["captured_step_ms"] = time_captured_step(engine, token_lists, widths)
         # What the device-only step does not explain: drafting, bookkeeping, launches and syncs.
         entry["host_share"] = 1.0 - entry["captured_step_ms"] / entry["wall_step_ms"]
         entries[label] = entry

@@ -133,7 +133,10 @@ def profile_table(result: dict) -> str:
     timer = entries[labels[0]]["timer"]
     lines += [[f"{kind} (µs)", *(f"{entries[m]['by_kind'].get(kind, 0.0):.0f}" for m in labels)] for kind in kinds]
     lines.append([f"total {timer} time (µs)", *(f"{entries[m]['microseconds_per_step']:.0f}" for m in labels)])
-    lines.append(["captured step, back to back (ms)", *(f"{entries[m]['captured_step_ms']:.3f}" for m in labels)])
+    lines.append(["attention widths decoding read: steps", *(", ".join(
+        f"{width}: {steps}" for width, steps in entries[m]["steps_by_width"].items()) for m in labels)])
+    lines.append(["captured step at those widths, back to back (ms)",
+                  *(f"{entries[m]['captured_step_ms']:.3f}" for m in labels)])
     lines.append(["decoding step, wall (ms)", *(f"{entries[m]['wall_step_ms']:.3f}" for m in labels)])
     lines.append(["host share of the wall time", *(f"{entries[m]['host_share']:.0%}" for m in labels)])
     mode = "compiled" if entries[labels[0]].get("compiled") else "eager"
