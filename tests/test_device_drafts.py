@@ -322,6 +322,26 @@ def test_a_row_starts_its_device_window_from_its_own_prompt(llama):
     assert window[0].tolist() == left.tolist() and set(window[2].tolist()) <= {20, 21, 22}
 
 
+def test_a_prompt_teaches_the_tables_what_follows_each_of_its_tokens(llama):
+    """A prefill learns as a step does: after each prompt token, and each pair, the model's top-k next tokens, in
+    the shared tables and in the row's own. A row that rides along in the prefill learns nothing, nor does a chunk's
+    padding."""
+    runner = StaticStep(llama, DEVICE_SHAPE, 64, batch_size=4, prefill_chunk=4)
+    prompts = {0: [5, 6, 7, 8, 9, 10], 1: [20, 21, 22], 2: [30, 31]}  # distinct tokens: no write replaces another
+    runner.prefill_rows(prompts)  # 4 entries (row 3 rides along); the second chunk of row 0 is padded with 0s
+    drafter, own = runner.drafter, runner.drafter.row_tables
+    for row, prompt in prompts.items():
+        tops = llama(torch.tensor([prompt])).logits[0].topk(TOP_K).indices.tolist()
+        for position, token in enumerate(prompt):
+            assert drafter.table[token].tolist() == own.followers[own.bases[row, 0] + token].tolist() == tops[position]
+            if position:
+                key, slot = drafter._pair(torch.tensor(prompt[position - 1]), torch.tensor(token))
+                assert drafter.pair_keys[slot] == key and drafter.pair_table[slot].tolist() == tops[position]
+    assert drafter.table[0].tolist() == [0] * TOP_K  # the padding's token
+    stride = own.bases[1, 0]
+    assert own.stamps[own.bases[3, 0] : own.bases[3, 0] + stride].eq(0).all()  # the row riding along
+
+
 def test_the_tables_learn_what_follows_every_token_of_the_device_window(llama):
     runner = StaticStep(llama, WINDOW_SHAPE, 64)
     history = [1, 2, 3, 4]

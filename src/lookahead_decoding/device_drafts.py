@@ -227,13 +227,20 @@ class RowTables:
         token = self.bases + tokens
         return pair_known | (self.stamps[token] == current), torch.where(pair_known, pair, token)
 
-    def learn(self, tokens: torch.Tensor, key: torch.Tensor, top: torch.Tensor, scores: torch.Tensor) -> None:
-        """Keep each row's top-k next tokens `top` (with `scores`) after its `tokens` [rows, R] and their pairs."""
-        pairs = self.bases + self.vocab + pair_slot(key, ROW_PAIR_SLOTS)
-        entries = last_writes(self._writer, torch.cat([(self.bases + tokens).flatten(), pairs.flatten()]))
+    def learn(self, tokens: torch.Tensor, key: torch.Tensor, top: torch.Tensor, scores: torch.Tensor,
+              rows: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> None:
+        """Keep each row's top-k next tokens `top` (with `scores`) after its `tokens` [rows, R] and their pairs
+        (`rows`: the row of each line, default every row in order; `keep`: the columns to learn, default all)."""
+        bases = self.bases if rows is None else self.bases[rows]
+        requests = self.requests if rows is None else self.requests[rows]
+        pairs = bases + self.vocab + pair_slot(key, ROW_PAIR_SLOTS)
+        entries = torch.cat([(bases + tokens).flatten(), pairs.flatten()])
+        if keep is not None:
+            entries = torch.where(keep.flatten().repeat(2), entries, self.stamps.numel() - 1)
+        entries = last_writes(self._writer, entries)
         self.followers[entries] = top.reshape(-1, TOP_K).repeat(2, 1).int()
         self.scores[entries] = scores.float().reshape(-1, TOP_K).repeat(2, 1)
-        self.stamps[entries] = self.requests[:, None].expand_as(tokens).flatten().repeat(2)
+        self.stamps[entries] = requests[:, None].expand_as(tokens).flatten().repeat(2)
         self.keys[entries[tokens.numel():]] = key.flatten()
 
 
@@ -527,19 +534,24 @@ class DeviceDrafter:
         drafted = pool[current[:, None], newest % pool.shape[1], :length]  # [batch, count, length]
         return torch.where(drafted == SEPARATOR, current[:, None, None], drafted).reshape(current.shape[0], -1)
 
-    def learn(self, tokens: torch.Tensor, befores: torch.Tensor, logits: torch.Tensor) -> None:
+    def learn(self, tokens: torch.Tensor, befores: torch.Tensor, logits: torch.Tensor,
+              rows: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> None:
         """Keep the top-k next tokens after each of `tokens` [batch, R], and after each pair (`befores`, `tokens`),
-        as `logits` [batch, R, V] rank them. A token or pair slot written more than once keeps its last write (the
-        last row's, and in it the last column's), whatever the device: CUDA keeps an arbitrary one of duplicate
-        writes, and so two runs of one batch would draft differently."""
+        as `logits` [batch, R, V] rank them (`rows`: the batch row of each line, default every row in order;
+        `keep`: the columns to learn, default all). A token or pair slot written more than once keeps its last
+        write (the last row's, and in it the last column's), whatever the device: CUDA keeps an arbitrary one of
+        duplicate writes, and so two runs of one batch would draft differently."""
         scores, top = logits.topk(TOP_K, dim=-1)
         key, slot = self._pair(befores, tokens)
-        rows = last_writes(self._last_writer, torch.cat([tokens.flatten(), self.vocab + slot.flatten()]))
-        self.followers[rows] = top.reshape(-1, TOP_K).repeat(2, 1)
-        self.follower_scores[rows] = scores.float().reshape(-1, TOP_K).repeat(2, 1)
-        self._pair_keys[rows[tokens.numel():] - self.vocab] = key.flatten()
+        entries = torch.cat([tokens.flatten(), self.vocab + slot.flatten()])
+        if keep is not None:
+            entries = torch.where(keep.flatten().repeat(2), entries, self.followers.shape[0] - 1)
+        entries = last_writes(self._last_writer, entries)
+        self.followers[entries] = top.reshape(-1, TOP_K).repeat(2, 1)
+        self.follower_scores[entries] = scores.float().reshape(-1, TOP_K).repeat(2, 1)
+        self._pair_keys[entries[tokens.numel():] - self.vocab] = key.flatten()
         if self.row_tables is not None:
-            self.row_tables.learn(tokens, key, top, scores)
+            self.row_tables.learn(tokens, key, top, scores, rows, keep)
 
     def _by_depth(self, template: DraftTemplate) -> list[tuple[torch.Tensor, ...]]:
         """Per depth, the depth and, as tensors, the template's nodes there that follow the tables, their parents

@@ -537,8 +537,9 @@ class StaticStep:
     # ------------------------------------------------------------------------------------------ on the device
 
     def _device_prefill_chunk(self, entries: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append each entry's chunk of prompt tokens to its row's cache; the token chosen after every entry's last
-        token (the argmax, or the row's draw), and the logits [entries, V] that chose it. An entry's real ids go to
+        """Append each entry's chunk of prompt tokens to its row's cache (and teach the device tables the model's
+        top-k next tokens after each of them); the token chosen after every entry's last token (the argmax, or the
+        row's draw), and the logits [entries, V] that chose it. An entry's real ids go to
         its row's next slots, its padding (the chunk's first columns) to slots past them, which later writes
         replace; every column sees the slots up to its own, so real tokens see exactly their row's prompt so far."""
         chunk, inputs = self.prefill_chunk, self.chunk_inputs[entries]
@@ -552,10 +553,14 @@ class StaticStep:
         some_rows = None if entries == self.batch_size else rows  # (the whole batch comes in row order)
         self.cache.write_at(slots, some_rows)
         mask = self.adapter.attention_mask(allowed, positions, None)
-        logits = self.adapter.forward(ids, positions, mask, self.cache, 1)[:, 0]
+        # Every position's logits where the tables learn from them, else the last one's alone.
+        every_logit = self.adapter.forward(ids, positions, mask, self.cache, 1 if self.drafter is None else chunk)
+        logits = every_logit[:, -1]
         self.lengths.index_add_(0, rows, count[:, 0])
         if self.drafter is not None:
             self.drafter.write_text(slots, ids, rows)
+            befores = self.drafter.text[rows[:, None], (slots - 1).clamp(min=0)]
+            self.drafter.learn(ids, befores, every_logit, rows, offset >= 0)
             self.drafter.start_windows(rows, self.lengths[rows], ends_prompt[:, 0])
         if self.sampler is None:
             return logits.argmax(dim=-1), logits
