@@ -186,10 +186,13 @@ def pair_slot(key: torch.Tensor, slots: int) -> torch.Tensor:
     return key * PAIR_HASH % slots
 
 
-def last_writes(writer: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+def last_writes(writer: torch.Tensor, entries: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """`entries` [n] of a table, each kept where it is last in `entries` and sent to the table's spare last entry
     elsewhere (`writer`: the table's scratch, one per entry): a token or pair written more than once in a step keeps
-    its last write on every device (CUDA keeps an arbitrary one of duplicate writes)."""
+    its last write on every device (CUDA keeps an arbitrary one of duplicate writes). Entries where `keep` [n] is
+    False are not written at all: they go to the spare entry too."""
+    if keep is not None:
+        entries = torch.where(keep, entries, writer.numel() - 1)
     order = torch.arange(entries.numel(), device=entries.device)
     writer.scatter_reduce_(0, entries, order, "amax", include_self=False)
     return torch.where(writer[entries] == order, entries, writer.numel() - 1)
@@ -234,10 +237,8 @@ class RowTables:
         bases = self.bases if rows is None else self.bases[rows]
         requests = self.requests if rows is None else self.requests[rows]
         pairs = bases + self.vocab + pair_slot(key, ROW_PAIR_SLOTS)
-        entries = torch.cat([(bases + tokens).flatten(), pairs.flatten()])
-        if keep is not None:
-            entries = torch.where(keep.flatten().repeat(2), entries, self.stamps.numel() - 1)
-        entries = last_writes(self._writer, entries)
+        entries = last_writes(self._writer, torch.cat([(bases + tokens).flatten(), pairs.flatten()]),
+                              None if keep is None else keep.flatten().repeat(2))
         self.followers[entries] = top.reshape(-1, TOP_K).repeat(2, 1).int()
         self.scores[entries] = scores.float().reshape(-1, TOP_K).repeat(2, 1)
         self.stamps[entries] = requests[:, None].expand_as(tokens).flatten().repeat(2)
@@ -543,10 +544,8 @@ class DeviceDrafter:
         duplicate writes, and so two runs of one batch would draft differently."""
         scores, top = logits.topk(TOP_K, dim=-1)
         key, slot = self._pair(befores, tokens)
-        entries = torch.cat([tokens.flatten(), self.vocab + slot.flatten()])
-        if keep is not None:
-            entries = torch.where(keep.flatten().repeat(2), entries, self.followers.shape[0] - 1)
-        entries = last_writes(self._last_writer, entries)
+        entries = last_writes(self._last_writer, torch.cat([tokens.flatten(), self.vocab + slot.flatten()]),
+                              None if keep is None else keep.flatten().repeat(2))
         self.followers[entries] = top.reshape(-1, TOP_K).repeat(2, 1)
         self.follower_scores[entries] = scores.float().reshape(-1, TOP_K).repeat(2, 1)
         self._pair_keys[entries[tokens.numel():] - self.vocab] = key.flatten()
