@@ -4,7 +4,10 @@ Everything a greedy step does — building the mask, the forward, verification a
 place — is a device op on fixed-shape buffers, with the cache lengths kept as a device tensor. On CUDA the step
 is therefore captured once as a CUDA graph and replayed: one host-to-device copy of the step's ids, one replay,
 one device-to-host copy of the outcome. Prompts go in as fixed-size chunks through further graphs, one per number
-of rows a prefill runs on: rows refilled mid-batch are prefilled without the rest of the batch.
+of rows a prefill runs on: rows refilled mid-batch are prefilled without the rest of the batch. Or, while other
+rows decode, a new sequence's prompt rides in the batch's steps (`carry_prompts`): in a step that drafts on the
+device, its row takes the next prompt ids in place of a tree, each at its own position and seeing those before it,
+and the step commits them as a prefill would. No forward of its own then stalls the decoding rows.
 Elsewhere the same functions run eagerly, with identical results.
 
 A batch is B rows of the cache, each holding one sequence at its own length (`kv_cache.RowCache`): every row
@@ -115,6 +118,7 @@ class LaunchedStep(NamedTuple):
     top: tuple | None  # the top predictions, when the shape reports them
     done: torch.cuda.Event | None  # recorded behind the copy; None where steps run synchronously
     admissions: numpy.ndarray  # by row: prompts the row had been given when the step was launched
+    carried: numpy.ndarray  # by row: the prompt ids it carried instead of decoding (`StaticStep.carry_prompts`)
 
     def busy(self) -> bool:
         """Whether the device still computes the step (a `DeviceBusy`)."""
@@ -216,8 +220,9 @@ class StaticStep:
         self.widths = attention_widths(max_length + largest) if narrow else (cache_length,)
         self.length_bound = numpy.zeros(batch_size, dtype=numpy.int64)
         self.admissions = numpy.zeros(batch_size, dtype=numpy.int64)  # prompts each row has been given
-        # Per shape, one line per row: step ids, the tree's parents, its number of real nodes, 1 if the row decodes.
-        sizes = [layout.size + layout.config.tree_nodes + 2 for layout in self.layouts]
+        # Per shape, one line per row: step ids, the tree's parents, its number of real nodes, the prompt ids the row
+        # carries instead (0: it decodes; then its step ids are those ids), 1 if the row takes part.
+        sizes = [layout.size + layout.config.tree_nodes + 3 for layout in self.layouts]
         self.inputs = [torch.zeros(batch_size, size, dtype=torch.long, device=device) for size in sizes]
         self.host_inputs = [torch.zeros(batch_size, size, dtype=torch.long, pin_memory=device.type == "cuda")
                             for size in sizes]
@@ -230,6 +235,11 @@ class StaticStep:
         self.use_graph = device.type == "cuda" and verifier is None if cuda_graph is None else cuda_graph
         self.pipelined = device.type == "cuda" and verifier is None if pipeline is None else pipeline
         self.compile = compile
+        # The shapes whose steps can carry prompts: greedy engines (a prompt's first token is its argmax there), and
+        # only where no shape runs a device window (a prefill starts a row's window from its prompt).
+        windows = any(shape.device_drafts and shape.has_window for shape in shapes)
+        self.prompt_carriers = () if self.sampler is not None or verifier is not None or windows else tuple(
+            index for index, layout in enumerate(self.layouts) if layout.carries_prompts)
         # (shape, or None for the prefill; its entries; the sampler's stages; the attention's width) -> the step or
         # prefill chunk as run for that: a sampling engine records one graph per set of stages its rows use, so that
         # a step does only what its rows ask for.
@@ -365,6 +375,23 @@ class StaticStep:
             self._capture(self._every_replayable())
         return outcomes
 
+    def carry_prompts(self, rows: Sequence[int]) -> None:
+        """Start a new sequence in each of `rows`, in place of what the row held, whose prompt the next steps carry
+        instead of a prefill: steps of a shape in `prompt_carriers`, laid out by a `TokenRows` whose `prompts` give
+        the row its next ids (a prompt, at most a step's rows at a time). The step that carries the prompt's last
+        ids commits the sequence's first token, as `prefill_rows` would; the ones before commit nothing."""
+        if not self.prompt_carriers:
+            raise ValueError("this engine's steps cannot carry prompts (it samples, has a verifier, a device window, "
+                             "or no shape that drafts on the device): prefill them with prefill_rows")
+        for row in rows:
+            if not 0 <= row < self.batch_size:
+                raise ValueError(f"row {row} does not exist in a batch of {self.batch_size}")
+        starting = torch.tensor(list(rows), device=self.lengths.device)
+        self.lengths.index_fill_(0, starting, 0)
+        self.drafter.start_requests(starting)
+        self.length_bound[list(rows)] = 0
+        self.admissions[list(rows)] += 1
+
     def _every_replayable(self) -> list[Replayable]:
         """Every step shape at every width, and the prefill at every size (a capture while rows decode would stall
         them), for the rows' current sampling stages."""
@@ -395,8 +422,10 @@ class StaticStep:
                     histories: Sequence[Sequence[int] | None] | None) -> LaunchedStep:
         """Launch `step_rows`'s step without reading its outcome. `steps` may be a `TokenRows` (and `histories`
         None) for a shape that drafts nothing on the host."""
+        carried = numpy.zeros(self.batch_size, dtype=numpy.int64)
         if isinstance(steps, TokenRows):
             decoding = self._write_token_rows(shape, steps)
+            carried = self.host_inputs[shape].numpy()[:, -2].copy()
         else:
             decoding = self._write_planned(shape, steps, histories)
         self.inputs[shape].copy_(self.host_inputs[shape], non_blocking=True)
@@ -405,7 +434,7 @@ class StaticStep:
             packed, scores, top = self.replayable(shape, width=width)()
         else:
             packed, scores, top = self._verified_step(shape, width, steps, histories)
-        return self._launched(shape, width, decoding, packed, scores, top)
+        return self._launched(shape, width, decoding, packed, scores, top, carried)
 
     def _width(self, shape: int) -> int:
         """The narrowest of `widths` that holds every row's tokens, as far as the host knows, and a step of
@@ -420,7 +449,7 @@ class StaticStep:
             raise ValueError(f"a step of this engine takes {self.batch_size} rows, got {len(steps)}")
         layout = self.layouts[shape]
         config = layout.config
-        idle = [0] * (layout.size + config.tree_nodes + 2)
+        idle = [0] * (layout.size + config.tree_nodes + 3)
         lines = []
         for step, history in zip(steps, histories):
             if step is None:
@@ -428,14 +457,14 @@ class StaticStep:
                 continue
             if len(history) > self.max_length:  # the cache has no room for the step's rows
                 raise ValueError(f"generation ran past this engine's max_length {self.max_length}")
-            lines.append([*step.ids, *tree_parents(step.tree, config.tree_nodes), len(step.tree), 1])
+            lines.append([*step.ids, *tree_parents(step.tree, config.tree_nodes), len(step.tree), 0, 1])
         self.host_inputs[shape].numpy()[:] = lines  # straight into the (pinned) buffer: no tensor from lists
         return [step is not None for step in steps]
 
     def _write_token_rows(self, shape: int, rows: TokenRows, lines: numpy.ndarray | None = None) -> numpy.ndarray:
         """Write a `TokenRows` step into `lines` (default: the shape's host input buffer), as `_write_planned` would
         write each row's planned step (every id the current token; the template's parents where the row drafts on
-        the device, no nodes elsewhere); returns which rows decode."""
+        the device, no nodes elsewhere), and the prompt ids rows carry; returns which rows take part."""
         layout = self.layouts[shape]
         config = layout.config
         if config.host_drafts:
@@ -444,15 +473,29 @@ class StaticStep:
             raise ValueError(f"a step of this engine takes {self.batch_size} rows, got {len(rows.current)}")
         if (rows.lengths[rows.decoding] > self.max_length).any():  # the cache has no room for the step's rows
             raise ValueError(f"generation ran past this engine's max_length {self.max_length}")
+        prompts = rows.prompts or {}
+        if prompts and shape not in self.prompt_carriers:
+            raise ValueError(f"a step of {config} cannot carry prompts; this engine's carriers are shapes "
+                             f"{list(self.prompt_carriers)}")
+        for row, ids in prompts.items():
+            if not 0 < len(ids) <= layout.size:
+                raise ValueError(f"row {row} carries {len(ids)} prompt ids; a step of {config} carries 1 to "
+                                 f"{layout.size}")
         lines = self.host_inputs[shape].numpy() if lines is None else lines
         lines[:, : layout.size] = rows.current[:, None]
         lines[:, layout.size : layout.size + config.tree_nodes] = config.tree_nodes  # no parent: no node
-        lines[:, -2] = 0
+        lines[:, layout.size + config.tree_nodes :] = (0, 0, 1)  # no nodes, no prompt ids; the row takes part
         if shape in self._template_host_lines:
-            lines[rows.drafting, layout.size : -1] = self._template_host_lines[shape]
-        lines[:, -1] = 1
+            lines[rows.drafting, layout.size : layout.size + config.tree_nodes + 1] = self._template_host_lines[shape]
         lines[~rows.decoding] = 0
-        return rows.decoding.copy()
+        decoding = rows.decoding.copy()
+        for row, ids in prompts.items():  # the ids, then padding, each its own row of the step; no tree
+            lines[row, : layout.size] = 0
+            lines[row, : len(ids)] = ids
+            lines[row, layout.size : layout.size + config.tree_nodes] = config.tree_nodes
+            lines[row, layout.size + config.tree_nodes :] = (0, len(ids), 1)
+            decoding[row] = True
+        return decoding
 
     def chain(self, previous: LaunchedStep, changes: dict[int, int | None], shape: int | None = None,
               rows: TokenRows | None = None) -> LaunchedStep:
@@ -462,6 +505,9 @@ class StaticStep:
         or None for a row that stops. The step is of `previous`'s shape, or of `shape` with the rows laid out by
         `rows` (a `TokenRows` of the rows after `changes`; the current token of a row that goes on is taken on the
         device). Only a shape that needs nothing else from the host: plain, or drafting on the device."""
+        if previous.carried.any():
+            raise ValueError("a step that carried prompt ids cannot be followed on the device: the rows that "
+                             "carried them have no step of their own to go on from")
         shape = previous.shape if shape is None else shape
         config = self.layouts[shape].config
         if not config.follows_on_device:
@@ -498,15 +544,17 @@ class StaticStep:
                     inputs[update[:, 0], size : size + config.tree_nodes + 1] = self._template_lines[shape]
         width = self._width(shape)
         packed, scores, top = self.replayable(shape, width=width)()
-        return self._launched(shape, width, decoding, packed, scores, top)
+        return self._launched(shape, width, decoding, packed, scores, top, numpy.zeros_like(self.length_bound))
 
-    def _launched(self, shape: int, width: int, decoding: Sequence[bool], packed, scores, top) -> LaunchedStep:
+    def _launched(self, shape: int, width: int, decoding: Sequence[bool], packed, scores, top,
+                  carried: numpy.ndarray) -> LaunchedStep:
         """The launched step, its outcomes on their way to the host; each decoding row's length bound raised by
-        the most the step may commit."""
-        self.length_bound[numpy.asarray(decoding, dtype=bool)] += 1 + self._deepest_path(shape)
+        the most the step may commit, or by the prompt ids it carried."""
+        self.length_bound[numpy.asarray(decoding, dtype=bool) & (carried == 0)] += 1 + self._deepest_path(shape)
+        self.length_bound += carried
         admissions = self.admissions.copy()
         if packed.device.type != "cuda":  # the step has run
-            return LaunchedStep(shape, width, decoding, packed, packed, scores, top, None, admissions)
+            return LaunchedStep(shape, width, decoding, packed, packed, scores, top, None, admissions, carried)
         buffers, turn = self._host_outputs[shape], self._turn[shape]
         if len(buffers) <= turn:
             buffers.append((torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True), torch.cuda.Event()))
@@ -514,7 +562,7 @@ class StaticStep:
         host, done = buffers[turn]
         host.copy_(packed, non_blocking=True)
         done.record()
-        return LaunchedStep(shape, width, decoding, packed, host, scores, top, done, admissions)
+        return LaunchedStep(shape, width, decoding, packed, host, scores, top, done, admissions, carried)
 
     def finish_rows(self, launched: LaunchedStep) -> RowOutcomes:
         """Read a launched step's outcomes (waiting for the device): by row, None where the row did not decode."""
@@ -524,7 +572,8 @@ class StaticStep:
         outputs = launched.host_outputs.numpy().copy()
         # The bound took the most the step could commit; a row that still holds the same prompt committed its own
         # (its accepted path, first in its outcome). A row given a new prompt since has an exact bound already.
-        same = numpy.asarray(launched.decoding, dtype=bool) & (self.admissions == launched.admissions)
+        same = numpy.asarray(launched.decoding, dtype=bool) & (self.admissions == launched.admissions) \
+            & (launched.carried == 0)
         self.length_bound[same] -= self._deepest_path(launched.shape) - outputs[same, 0]
         return RowOutcomes(outputs, launched.decoding, self.layouts[launched.shape].config, launched.scores,
                            predictions)
@@ -579,6 +628,8 @@ class StaticStep:
         size, nodes, depth = layout.size, config.tree_nodes, config.candidate_length  # depth: K
         inputs = self.inputs[shape]
         step_ids, parents, num_nodes = inputs[:, :size], inputs[:, size : size + nodes], inputs[:, size + nodes]
+        carried = inputs[:, -2] > 0  # rows that carry prompt ids (`carry_prompts`)
+        order = torch.arange(size, device=inputs.device)
         start = self.lengths.clone()  # tokens cached before this step; the current token goes there
         if self.drafter is not None:
             self.drafter.write_text(start[:, None], step_ids[:, :1])
@@ -590,6 +641,10 @@ class StaticStep:
             drafts = self.drafter.draft(step_ids[:, 0], before, start, config, noise)
             window = [self.drafter.window_tokens(config.window, config.levels)] if config.has_window else []
             step_ids = torch.cat([step_ids[:, :1], *window, drafts], dim=1)
+        if layout.carries_prompts:  # a carrying row keeps its ids, which its text holds from its first on
+            step_ids = torch.where(carried[:, None], inputs[:, :size], step_ids)
+            self.drafter.write_text(start[:, None] + order * carried[:, None],
+                                    torch.where(carried[:, None], step_ids, step_ids[:, :1]))
         if config.device_drafts:
             template, rows = self._template_trees[shape], step_ids.shape[0]
             tree = TreeTensors(step_ids[:, layout.tree_rows], template.parents.expand(rows, -1),
@@ -598,12 +653,16 @@ class StaticStep:
         else:
             tree = torch.vmap(functools.partial(tree_tensors, max_depth=depth))(step_ids[:, layout.tree_rows],
                                                                                 parents, num_nodes)
-        positions = (torch.vmap(layout.positions)(tree) + start[:, None]).clamp(max=self.last_position)
-        slots = start[:, None] + torch.arange(size, device=start.device)
+        offsets = torch.vmap(layout.positions)(tree)
+        step_allowed = torch.vmap(layout.allowed)(tree)  # [batch, S, S]
+        if layout.carries_prompts:  # a carried id stands at its own position and sees the ids before it
+            offsets = torch.where(carried[:, None], order, offsets)
+            step_allowed = torch.where(carried[:, None, None], order[:, None] >= order[None, :], step_allowed)
+        positions = (offsets + start[:, None]).clamp(max=self.last_position)
+        slots = start[:, None] + order
         # A row sees its cache before `start` and, among its step rows, what the layout allows.
         relative = self.key_index[:width] - start[:, None]  # [batch, width]
         in_step = (relative >= 0) & (relative < size)
-        step_allowed = torch.vmap(layout.allowed)(tree)  # [batch, S, S]
         index = relative.clamp(0, size - 1)[:, None, :].expand(-1, size, -1)
         allowed = (relative < 0)[:, None, :] | (in_step[:, None, :] & step_allowed.gather(2, index))
         self.cache.write_at(slots)
@@ -613,8 +672,12 @@ class StaticStep:
             tree_ids = step_ids[:, layout.tree_rows]
             nodes_then_current = torch.cat([tree_ids, step_ids[:, :1]], dim=1)  # the root is column `nodes`
             befores = torch.cat([before[:, None], nodes_then_current.gather(1, parents)], dim=1)
+            keep = None
+            if layout.carries_prompts:  # a carried id follows the one before it; its padding teaches nothing
+                befores = torch.where(carried[:, None], torch.cat([before[:, None], step_ids[:, :-1]], dim=1), befores)
+                keep = ~carried[:, None] | (order < inputs[:, -2:-1])
             self.drafter.learn(torch.cat([step_ids[:, :1], tree_ids], dim=1), befores,
-                               layout.current_and_tree(logits))
+                               layout.current_and_tree(logits), keep=keep)
             if config.has_window:  # after the tree's: where both wrote, the window's predictions stay
                 self.drafter.iterate_window(config.window, config.levels, step_ids[:, : layout.lookahead_size],
                                             before, logits[:, : layout.lookahead_size])
@@ -629,13 +692,19 @@ class StaticStep:
         layout = self.layouts[shape]
         depth = layout.config.candidate_length
         accepted, committed, path = result[:, 0], result[:, 1 : 2 + depth], result[:, 2 + depth :]
-        active = self.inputs[shape][:, -1]
+        active, carried = self.inputs[shape][:, -1], self.inputs[shape][:, -2]
+        # Cached: the current token and the accepted path, or the prompt ids a row carried (whose KV stays put).
+        cached = torch.where(carried > 0, carried, 1 + accepted) if layout.carries_prompts else 1 + accepted
         if layout.config.tree_nodes > 0:
             behind = start[:, None] + 1 + torch.arange(depth, device=start.device)
-            self.cache.move_kv(start[:, None] + layout.lookahead_size + path, behind)
-        self.lengths.copy_(start + (1 + accepted) * active)
+            sources = start[:, None] + layout.lookahead_size + path
+            if layout.carries_prompts:
+                sources = torch.where(carried[:, None] > 0, behind, sources)
+            self.cache.move_kv(sources, behind)
+        self.lengths.copy_(start + cached * active)
         if self.drafter is not None:  # (past what a row committed, stale tokens that later steps replace)
-            self.drafter.write_text(start[:, None] + 1 + torch.arange(depth + 1, device=start.device), committed)
+            first = start + torch.where(carried > 0, carried, 1)  # where the first committed token stands
+            self.drafter.write_text(first[:, None] + torch.arange(depth + 1, device=start.device), committed)
         if self.sampler is not None:
             self.sampler.observe_step(committed, accepted, active > 0)
 
@@ -645,6 +714,9 @@ class StaticStep:
         argmax [batch, W] of the window's last level."""
         layout = self.layouts[shape]
         committed_logits = logits[:, :1]
+        if layout.carries_prompts:  # a carrying row's first token follows its last carried id
+            last = (self.inputs[shape][:, -2] - 1).clamp(min=0)
+            committed_logits = logits.gather(1, last[:, None, None].expand(-1, 1, logits.shape[-1]))
         if layout.config.tree_nodes > 0:
             tree_logits = logits[:, layout.tree_logits]
             along_path = tree_logits.gather(1, path[:, :, None].expand(-1, -1, tree_logits.shape[-1]))
@@ -665,6 +737,10 @@ class StaticStep:
         logits, tree, start, step_ids, noise = self._device_forward(shape, width)
         verified = layout.current_and_tree(logits)
         choices = choose_tokens(self.sampler, verified, tree, start, layout.config, noise)
+        if layout.carries_prompts:  # a carrying row's first token: the choice after its last id (it has no tree)
+            carried = self.inputs[shape][:, -2:-1]
+            after_prompt = choices.gather(1, (carried - 1).clamp(min=0))
+            choices = torch.cat([torch.where(carried > 0, after_prompt, choices[:, :1]), choices[:, 1:]], dim=1)
         verify = torch.vmap(functools.partial(verify_greedy, max_depth=depth))
         result = verify(choices[:, 0], choices[:, 1:], tree)
         self._device_commit(shape, start, result)

@@ -71,6 +71,12 @@ class StepLayout:
         return self.config.levels * self.config.window
 
     @property
+    def carries_prompts(self) -> bool:
+        """Whether a row of this shape's step can carry a new sequence's prompt ids in place of its own step: the
+        shape drafts on the device and has no window, so every row's logits are computed, in order."""
+        return self.config.device_drafts and not self.config.has_window
+
+    @property
     def tree_rows(self) -> slice:
         return slice(self.lookahead_size, self.size)
 

@@ -8,8 +8,10 @@
 
 A row that stops mid-batch is refilled by the next request, without recapturing anything (the runner's shapes do
 not depend on which rows decode): at the next step, or a few steps later together with rows that free meanwhile,
-which then share one prefill (`REFILL_PATIENCE`). One sequence is a batch of one: `decoding.decode` runs
-here too.
+which then share one prefill (`REFILL_PATIENCE`). Where the runner's steps can carry prompts
+(`engine.StaticStep.carry_prompts`), a short prompt admitted while other rows decode rides in the batch's next
+steps instead, in place of its row's step, and nobody waits for a prefill (`MAX_CARRIED_STEPS`). One sequence is a
+batch of one: `decoding.decode` runs here too.
 
 Per-row state lives in arrays over the rows (`shape_choice.ChooserTable`, `row_arrays.RowArrays`), so that a step
 whose shape drafts nothing on the host is chosen, laid out (`step.TokenRows`) and recorded without Python per row,
@@ -61,6 +63,11 @@ from .tuning import COST_TIERS, StepPlan, cost_tier, shape_name
 # rows free too seldom to come within that cost (a few rows, long answers). 0: no wait. docs/benchmarks.md,
 # "Refills that wait for company", has what it gains.
 REFILL_PATIENCE = 1.0
+# The most steps a prompt admitted while other rows decode may ride in (the batch's steps then take the runner's
+# widest shape that carries prompts): a prefill's chunk stalls every decoding row for about one and a half steps
+# (docs/benchmarks.md, "What a refill costs"), a carried prompt costs only its own row one step per step's rows of
+# prompt (a 100-token prompt at 8 rows and 64 rows a step: 2 row-steps, against 12 for its prefill).
+MAX_CARRIED_STEPS = 4
 
 
 @dataclass
@@ -170,6 +177,11 @@ class BatchScheduler:
         self._chainable = {index for index, shape in enumerate(plan.shapes) if shape.follows_on_device} \
             if getattr(runner, "pipelined", False) else set()
         self._pending: _Pending | None = None
+        # The runner's widest shape whose steps carry prompts (None: it has none), and by row, the prompt ids its
+        # next steps carry.
+        carriers = getattr(runner, "prompt_carriers", ())
+        self._carrier = max(carriers, key=lambda index: runner.layouts[index].size, default=None)
+        self.carrying: dict[int, list[int]] = {}
         # Where the device computes while the host goes on, sources begin (index their prompts) only then.
         self._asynchronous = getattr(runner, "asynchronous", False)
         # A runner that drafts on the device: with a memory, it keeps a copy of the memory's text there.
@@ -265,6 +277,8 @@ class BatchScheduler:
         if not len(live):
             return finished
         began = time.perf_counter()
+        if self.carrying:  # the prompts ride in the widest carrier's rows; the other rows decode with it
+            return finished + self._carry_step(live, began)
         # Drafting costs host time per row: skip it when the plain step wins even against full trees.
         shape, extra = self._choice_before_drafting(live)
         row_trees = None
@@ -303,6 +317,27 @@ class BatchScheduler:
         outcomes = self.runner.step_rows(shape, steps, histories, overlap=overlap)
         return finished + self._record_planned(shape, live, steps, outcomes, extra[shape], began)
 
+    def _carry_step(self, live: numpy.ndarray, began: float) -> list[Finished]:
+        """A step of the carrier shape in which the carrying rows take their prompts' next ids and the others
+        decode; a prompt's last ids commit its sequence's first token, as its prefill would."""
+        shape, size = self._carrier, self.runner.layouts[self._carrier].size
+        carrying = numpy.isin(live, list(self.carrying))
+        decoding = live[~carrying]
+        extra = self._choice_before_drafting(decoding)[1] if len(decoding) else numpy.zeros(len(self.plan.shapes))
+        chunks = {index: prompt[:size] for index, prompt in self.carrying.items()}
+        rows = TokenRows(self.arrays.last, self.occupied, self.occupied & self.choosers.lookahead, self.arrays.length,
+                         chunks)
+        outcomes = self.runner.step_rows(shape, rows, None)
+        for index, chunk in chunks.items():
+            prompt = self.carrying[index]
+            del prompt[: len(chunk)]
+            if not prompt:  # its last ids: the step committed the first token
+                del self.carrying[index]
+                outcome = outcomes[index]
+                self.rows[index].sequence.record_prefill(outcome._replace(scores=outcome.scores[:1]))
+                self.stats.new_tokens += 1
+        return self._record_rows(shape, decoding, outcomes, extra[shape], began)
+
     def _choice_before_drafting(self, live: numpy.ndarray) -> tuple[int, numpy.ndarray]:
         """The shape for the rows `live` by what each expects of the fullest tree it may draft, and the tokens
         beyond one per row they expect of each shape."""
@@ -321,7 +356,7 @@ class BatchScheduler:
     def _may_chain(self, live: numpy.ndarray) -> bool:
         """Whether the next step may be launched before this one is read: no row's stopping criteria need its
         logits (a later step replaces them on the device)."""
-        return not self.criteria[live].any()
+        return not self.criteria[live].any() and not self.carrying
 
     def _step_behind(self) -> list[Finished]:
         """Launch the next step behind the pending one if the batch would choose its shape again, then read and
@@ -437,9 +472,16 @@ class BatchScheduler:
         adds this step's lost row-steps to the count since the last admission."""
         if free == len(self.rows) or free >= len(self.waiting) or not self._rows_freed:
             return True
+        if all(self._carries(request.prompt) for request in list(self.waiting)[:free]):
+            return True  # no prefill to share
         self._idle_row_steps += free
         steps_to_next = self.stats.steps / self._rows_freed
         return self._idle_row_steps + free * steps_to_next >= self.refill_patience * len(self.rows)
+
+    def _carries(self, prompt: Sequence[int]) -> bool:
+        """Whether a prompt admitted while rows decode rides in the batch's steps (MAX_CARRIED_STEPS)."""
+        return self._carrier is not None and \
+            len(prompt) <= MAX_CARRIED_STEPS * self.runner.layouts[self._carrier].size
 
     def _admit(self) -> list[Finished]:
         free = numpy.flatnonzero(~self.occupied).tolist()
@@ -481,10 +523,16 @@ class BatchScheduler:
                 if idle and len(admitted) == 1:
                     self._drafter.learn_for(self.memory if uses_memory else None if request.use_memory else ISOLATED)
                 self._drafter.share_memory(index, uses_memory)
-        if admitted:
+        carried = {} if idle else {index: prompt for index, prompt in admitted.items() if self._carries(prompt)}
+        if carried:
+            self.runner.carry_prompts(list(carried))
+            self.carrying.update((index, list(prompt)) for index, prompt in carried.items())
+            self.stats.carried_prompts += len(carried)
+        prefilled = {index: prompt for index, prompt in admitted.items() if index not in carried}
+        if prefilled:
             self.stats.prefills += 1
-            sampling = {index: self.rows[index].request.sampling for index in admitted}
-            for index, outcome in self.runner.prefill_rows(admitted, sampling).items():
+            sampling = {index: self.rows[index].request.sampling for index in prefilled}
+            for index, outcome in self.runner.prefill_rows(prefilled, sampling).items():
                 self.rows[index].sequence.record_prefill(outcome)
                 self.stats.new_tokens += 1
         return finished + self._retire()
@@ -504,6 +552,7 @@ class BatchScheduler:
         retired = numpy.flatnonzero(self.occupied & self.arrays.done).tolist()
         self._rows_freed += len(retired)
         for index in retired:
+            self.carrying.pop(index, None)  # (cancelled while its prompt rode in the steps)
             finished.append(self._result(self.rows[index]))
             self.rows[index] = None
             self.occupied[index] = False

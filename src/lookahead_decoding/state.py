@@ -33,7 +33,8 @@ from .window import JacobiWindow
 class GenerationStats:
     """steps: forward passes after the prefill; accepted_histogram: {tokens committed in a step: steps};
     shape_steps: {step shape: steps of that shape}; prefills: the prefills that started sequences (a sequence's own:
-    1; a batch's: the admissions that started rows together, each a forward per prompt chunk, apart from `steps`)."""
+    1; a batch's: the admissions that started rows together, each a forward per prompt chunk, apart from `steps`);
+    carried_prompts: a batch's prompts that rode in its steps instead (`scheduler.MAX_CARRIED_STEPS`)."""
 
     steps: int = 0
     new_tokens: int = 0
@@ -41,6 +42,7 @@ class GenerationStats:
     accepted_histogram: Counter = field(default_factory=Counter)
     shape_steps: Counter = field(default_factory=Counter)
     prefills: int = 0
+    carried_prompts: int = 0
 
     @property
     def tokens_per_step(self) -> float:
@@ -61,6 +63,7 @@ class GenerationStats:
             "accepted_histogram": {str(k): v for k, v in sorted(self.accepted_histogram.items())},
             "shape_steps": dict(self.shape_steps),
             "prefills": self.prefills,
+            "carried_prompts": self.carried_prompts,
         }
 
 

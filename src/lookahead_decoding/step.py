@@ -8,7 +8,7 @@ preallocated cache, so they can be replayed as CUDA graphs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
 import numpy
@@ -78,6 +78,9 @@ class TokenRows(NamedTuple):
     decoding: numpy.ndarray  # [rows] bool: whether the row decodes
     drafting: numpy.ndarray  # [rows] bool: whether it verifies the shape's device-drafted tree (else one token)
     lengths: numpy.ndarray  # [rows] its tokens so far (prompt and committed)
+    # By row: the next ids of a new sequence's prompt that the row carries in this step instead of decoding
+    # (`engine.StaticStep.carry_prompts`), as many as the step has rows at most.
+    prompts: Mapping[int, Sequence[int]] | None = None
 
 
 class PlannedStep(NamedTuple):

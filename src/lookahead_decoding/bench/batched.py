@@ -118,6 +118,7 @@ def batch_record(dataset: str, batch_size: int, method: str, run: TimedRun, refe
         "forwards": stats.steps,
         "steps_by_shape": dict(stats.shape_steps),
         "prefills": stats.prefills,
+        "carried_prompts": stats.carried_prompts,
         "identical": sum(identical),
         "different_prompts": [index for index, same in zip(prompt_indices, identical) if not same],
         "plan": run.plan.describe(),

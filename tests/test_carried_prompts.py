@@ -1,0 +1,125 @@
+"""Prompts that ride in a batch's steps instead of a prefill (`StaticStep.carry_prompts`,
+`scheduler.MAX_CARRIED_STEPS`): the row ends up as its prefill would leave it, and every sequence keeps exactly its
+greedy tokens."""
+
+import numpy
+import pytest
+import torch
+from conftest import VOCAB, greedy_reference, tiny_model
+
+import lookahead_decoding as ld
+from lookahead_decoding.config import AUTOREGRESSIVE
+from lookahead_decoding.device_drafts import TOP_K
+from lookahead_decoding.drafting.base import NoDrafts
+from lookahead_decoding.engine import StaticStep
+from lookahead_decoding.scheduler import MAX_CARRIED_STEPS, BatchScheduler, Request
+from lookahead_decoding.step import TokenRows
+from lookahead_decoding.tuning import StepPlan
+
+DEVICE_SHAPE = ld.LookaheadConfig(1, 2, 1, candidate_length=4, tree_nodes=10, device_drafts=True)  # 11 rows a step
+STEP_ROWS = 1 + DEVICE_SHAPE.tree_nodes
+
+
+def token_rows(runner: StaticStep, current: dict[int, int], prompts: dict[int, list[int]]) -> TokenRows:
+    """Rows in `current` decode from their current token, drafting on the device; rows in `prompts` carry ids."""
+    rows = runner.batch_size
+    tokens, decoding = numpy.zeros(rows, dtype=numpy.int64), numpy.zeros(rows, dtype=bool)
+    for row, token in current.items():
+        tokens[row], decoding[row] = token, True
+    return TokenRows(tokens, decoding, decoding.copy(), numpy.zeros(rows, dtype=numpy.int64), prompts)
+
+
+def test_a_carried_prompt_leaves_its_row_as_its_prefill_would(llama):
+    """Row 1's prompt rides in three steps (11, 11 and 3 ids) while row 0 decodes: its cache, its length, its text,
+    its own tables and its first token are what a prefill of the prompt gives; row 0 decodes its greedy tokens."""
+    generator = torch.Generator().manual_seed(3)
+    first_prompt, prompt = ([int(t) for t in torch.randint(0, VOCAB, (n,), generator=generator)] for n in (6, 25))
+    prefilled = StaticStep(llama, DEVICE_SHAPE, 96, batch_size=2)
+    prefilled.prefill_rows({0: first_prompt})
+    expected_first = prefilled.prefill_rows({1: prompt})[1].committed
+    carrying = StaticStep(llama, DEVICE_SHAPE, 96, batch_size=2)
+    history = first_prompt + carrying.prefill_rows({0: first_prompt})[0].committed
+    carrying.carry_prompts([1])
+    outcomes = []
+    for begin in range(0, len(prompt), STEP_ROWS):
+        chunk = prompt[begin : begin + STEP_ROWS]
+        outcomes.append(carrying.step_rows(0, token_rows(carrying, {0: history[-1]}, {1: chunk}), None))
+        history += outcomes[-1][0].committed
+    assert outcomes[-1][1].committed == expected_first and outcomes[-1][1].accepted == 0
+    assert history == greedy_reference(llama, torch.tensor([first_prompt]), len(history) - 6)[0].tolist()
+    assert carrying.lengths[1] == len(prompt) and carrying.length_bound[1] == len(prompt)
+    assert carrying.drafter.text[1, : len(prompt) + 1].tolist() == prompt + expected_first
+    for layer, reference in zip(carrying.cache.layers, prefilled.cache.layers):
+        for states, expected in ((layer.keys, reference.keys), (layer.values, reference.values)):
+            torch.testing.assert_close(states[1, :, : len(prompt)], expected[1, :, : len(prompt)])
+    own = carrying.drafter.row_tables
+    tops = llama(torch.tensor([prompt])).logits[0].topk(TOP_K).indices.tolist()
+    for position, token in enumerate(prompt):  # the latest write of a token that recurs: its last position
+        last = max(p for p, t in enumerate(prompt) if t == token)
+        assert own.followers[own.bases[1, 0] + token].tolist() == tops[last]
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_short_prompts_admitted_while_rows_decode_ride_in_their_steps(pipelined):
+    """Nine requests through three rows: the first three are prefilled together, the others, admitted while rows
+    decode, ride in the steps, except the two whose prompts take more than MAX_CARRIED_STEPS steps."""
+    model = tiny_model("llama")
+    generator = torch.Generator().manual_seed(5)
+    longest = MAX_CARRIED_STEPS * STEP_ROWS
+    lengths = (3, 9, 5, 12, 4, 30, longest + 1, 2, longest)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+    budgets = [30, 6, 25, 3, 17, 20, 9, 14, 11]
+    eos = greedy_reference(model, torch.tensor([prompts[0]]), 30)[0, len(prompts[0]) + 12].item()
+    runner = StaticStep(model, DEVICE_SHAPE, 128, batch_size=3, pipeline=pipelined)
+    out = ld.generate(model, prompts, budgets, DEVICE_SHAPE, runner=runner, eos_token_id=eos)
+    for prompt, budget, row in zip(prompts, budgets, out.rows):
+        assert row.tokens == greedy_reference(model, torch.tensor([prompt]), budget, eos_token_id=eos)[0].tolist()
+    assert (out.stats.prefills, out.stats.carried_prompts) == (2, 5)
+
+
+def test_a_request_cancelled_while_its_prompt_rides_frees_its_row():
+    model = tiny_model("llama")
+    runner = StaticStep(model, DEVICE_SHAPE, 128, batch_size=2)
+    scheduler = BatchScheduler(runner, StepPlan((DEVICE_SHAPE,), (1.0,)), lambda memory=None: NoDrafts())
+    generator = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (3, 8, 25, 4)]
+    for tag, (prompt, budget) in enumerate(zip(prompts, (2, 40, 12, 9))):
+        scheduler.submit(Request(prompt, budget, tag=tag))
+    finished = {}
+    while not scheduler.carrying:  # request 0 ends in a step or two, and request 2 takes its row
+        finished.update((result.tag, result) for result in scheduler.step())
+    assert list(finished) == [0] and scheduler.carrying == {0: prompts[2][STEP_ROWS:]}
+    assert scheduler.cancel(2) is None
+    while not scheduler.idle:
+        finished.update((result.tag, result) for result in scheduler.step())
+    assert finished[2].tokens == prompts[2] and not scheduler.carrying
+    for tag in (1, 3):
+        budget = (2, 40, 12, 9)[tag]
+        assert finished[tag].tokens == greedy_reference(model, torch.tensor([prompts[tag]]), budget)[0].tolist()
+    assert scheduler.stats.carried_prompts == 2
+
+
+def test_an_engine_that_cannot_carry_prompts_says_so(llama):
+    sampling = StaticStep(llama, DEVICE_SHAPE, 64, batch_size=2, sampling=True)
+    assert sampling.prompt_carriers == ()
+    with pytest.raises(ValueError, match=r"^this engine's steps cannot carry prompts \(it samples, has a verifier, "
+                                         r"a device window, or no shape that drafts on the device\): prefill them "
+                                         r"with prefill_rows$"):
+        sampling.carry_prompts([1])
+    runner = StaticStep(llama, [AUTOREGRESSIVE, DEVICE_SHAPE], 64, batch_size=2)
+    assert runner.prompt_carriers == (1,)
+    with pytest.raises(ValueError, match="^row 2 does not exist in a batch of 2$"):
+        runner.carry_prompts([2])
+    runner.prefill_rows({0: [1, 2, 3]})
+    runner.carry_prompts([1])
+    with pytest.raises(ValueError, match=r"^a step of LookaheadConfig\(window=1, ngram=2, guesses=0.*\) cannot carry "
+                                         r"prompts; this engine's carriers are shapes \[1\]$"):
+        runner.step_rows(0, token_rows(runner, {0: 4}, {1: [5]}), None)
+    with pytest.raises(ValueError, match=r"^row 1 carries 12 prompt ids; a step of .* carries 1 to 11$"):
+        runner.step_rows(1, token_rows(runner, {0: 4}, {1: list(range(12))}), None)
+    with pytest.raises(ValueError, match=r"^row 1 carries 0 prompt ids"):
+        runner.step_rows(1, token_rows(runner, {0: 4}, {1: []}), None)
+    launched = runner.launch_rows(1, token_rows(runner, {0: 4}, {1: [5, 6]}), None)
+    with pytest.raises(ValueError, match="^a step that carried prompt ids cannot be followed on the device: the rows "
+                                         "that carried them have no step of their own to go on from$"):
+        runner.chain(launched, {})
