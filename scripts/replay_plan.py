@@ -5,7 +5,8 @@ machine runs the steps. This script decodes the embedded model (float32) with a 
 as measured, never re-measured (in batches the scheduler would otherwise time the steps on this machine), and
 reports the steps of each shape, tokens per step, and the time those steps would take at the given costs
 (device steps only, and with --prefill-ms the prefills that started rows: a projection, not a measurement of the
-other device). E.g. the H200's batch-1 plan:
+other device). It decodes greedily, on the engine `ld.generate` would use, so a batch's refills may ride in its
+steps (`carried_prompts`). E.g. the H200's batch-1 plan:
 
     python scripts/replay_plan.py --data-file HumanEval.jsonl.gz --limit 6 --max-new-tokens 160 \\
         --shapes plain:3.35,20:7:20:12:120:5.40
@@ -23,9 +24,10 @@ import lookahead_decoding as ld
 from lookahead_decoding.bench.data import DATASETS, load_prompts
 from lookahead_decoding.bench.runner import encode_all
 from lookahead_decoding.config import AUTOREGRESSIVE, LookaheadConfig
-from lookahead_decoding.decoding import eos_set, open_scheduler
+from lookahead_decoding.decoding import eos_set, make_sources
+from lookahead_decoding.runners import runner_for
 from lookahead_decoding.sampling_params import finite_real
-from lookahead_decoding.scheduler import Request
+from lookahead_decoding.scheduler import BatchScheduler, Request
 from lookahead_decoding.tuning import StepPlan, shape_name
 
 
@@ -73,7 +75,9 @@ def main() -> None:
     prompts = encode_all(tokenizer, load_prompts(args.dataset, args.data_file, args.limit), "cpu")
     longest = max(p.input_ids.shape[1] for p in prompts) + args.max_new_tokens
     memory = ld.DraftMemory(args.draft_memory) if args.draft_memory else None
-    scheduler = open_scheduler(model, args.batch_size, longest, plan, memory=memory)
+    # A greedy engine, as `ld.generate` decodes a batch (a server's samples; its steps carry no prompts).
+    runner = runner_for(model, plan.shapes, longest, batch_size=args.batch_size)
+    scheduler = BatchScheduler(runner, plan, make_sources(None, plan.shapes, None, args.batch_size), memory)
     for costs in scheduler.step_costs.values():  # the given costs stand for the other device's
         costs.measured = False
     for index, prompt in enumerate(prompts):
@@ -86,6 +90,7 @@ def main() -> None:
                       "tokens": scheduler.stats.new_tokens,
                       "tokens_per_step_per_row": scheduler.stats.new_tokens / max(row_steps, 1),
                       "prefills": scheduler.stats.prefills,
+                      "carried_prompts": scheduler.stats.carried_prompts,
                       "projected_device_ms": sum(n * cost[shape] for shape, n in steps.items())
                       + scheduler.stats.prefills * args.prefill_ms}, indent=1))
 

@@ -610,7 +610,7 @@ def test_sampling_input_errors_exit_2_before_any_work(tmp_path, capsys, extra, m
 
 BATCHED_KEYS = {"dataset", "batch_size", "batch_rows", "method", "reference", "prompts", "new_tokens", "seconds",
                 "throughput_tokens_per_s", "speedup", "tokens_per_step_per_row", "forwards", "steps_by_shape", "prefills",
-                "identical", "different_prompts", "plan"}
+                "carried_prompts", "identical", "different_prompts", "plan"}
 BATCHED_ARGS = ["--dataset", "humaneval", "--data-file", str(FIXTURES / FILES["humaneval"]), "--limit", "4",
                 "--max-new-tokens", "12", "--batch-size", "1,3", "--window", "3", "--ngram", "3", "--guesses", "3"]
 
@@ -848,6 +848,7 @@ def test_replay_script_counts_the_steps_of_a_fixed_plan(cli_model):
     steps = result["batched_steps_by_shape"]
     assert result["plan"] == "plain 1.00 ms, lookahead W=3 N=4 G=3 K=4 B=6 1.50 ms"
     assert result["prefills"] == 2  # two rows start together, the third prompt later
+    assert result["carried_prompts"] == 0  # (only steps that draft on the device carry prompts)
     assert result["projected_device_ms"] == steps.get("plain", 0) * 1.0 \
         + steps.get("lookahead W=3 N=4 G=3 K=4 B=6", 0) * 1.5 + 2 * 2.0
     for bad in ("-1", "nan", "inf"):

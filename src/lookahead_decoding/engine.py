@@ -641,7 +641,7 @@ class StaticStep:
             drafts = self.drafter.draft(step_ids[:, 0], before, start, config, noise)
             window = [self.drafter.window_tokens(config.window, config.levels)] if config.has_window else []
             step_ids = torch.cat([step_ids[:, :1], *window, drafts], dim=1)
-        if layout.carries_prompts:  # a carrying row keeps its ids, which its text holds from its first on
+        if shape in self.prompt_carriers:  # a carrying row keeps its ids, which its text holds from its first on
             step_ids = torch.where(carried[:, None], inputs[:, :size], step_ids)
             self.drafter.write_text(start[:, None] + order * carried[:, None],
                                     torch.where(carried[:, None], step_ids, step_ids[:, :1]))
@@ -655,7 +655,7 @@ class StaticStep:
                                                                                 parents, num_nodes)
         offsets = torch.vmap(layout.positions)(tree)
         step_allowed = torch.vmap(layout.allowed)(tree)  # [batch, S, S]
-        if layout.carries_prompts:  # a carried id stands at its own position and sees the ids before it
+        if shape in self.prompt_carriers:  # a carried id stands at its own position and sees the ids before it
             offsets = torch.where(carried[:, None], order, offsets)
             step_allowed = torch.where(carried[:, None, None], order[:, None] >= order[None, :], step_allowed)
         positions = (offsets + start[:, None]).clamp(max=self.last_position)
@@ -673,7 +673,7 @@ class StaticStep:
             nodes_then_current = torch.cat([tree_ids, step_ids[:, :1]], dim=1)  # the root is column `nodes`
             befores = torch.cat([before[:, None], nodes_then_current.gather(1, parents)], dim=1)
             keep = None
-            if layout.carries_prompts:  # a carried id follows the one before it; its padding teaches nothing
+            if shape in self.prompt_carriers:  # a carried id follows the one before it; its padding teaches nothing
                 befores = torch.where(carried[:, None], torch.cat([before[:, None], step_ids[:, :-1]], dim=1), befores)
                 keep = ~carried[:, None] | (order < inputs[:, -2:-1])
             self.drafter.learn(torch.cat([step_ids[:, :1], tree_ids], dim=1), befores,
@@ -693,17 +693,16 @@ class StaticStep:
         depth = layout.config.candidate_length
         accepted, committed, path = result[:, 0], result[:, 1 : 2 + depth], result[:, 2 + depth :]
         active, carried = self.inputs[shape][:, -1], self.inputs[shape][:, -2]
+        carries = shape in self.prompt_carriers
         # Cached: the current token and the accepted path, or the prompt ids a row carried (whose KV stays put).
-        cached = torch.where(carried > 0, carried, 1 + accepted) if layout.carries_prompts else 1 + accepted
+        cached = torch.where(carried > 0, carried, 1 + accepted) if carries else 1 + accepted
         if layout.config.tree_nodes > 0:
             behind = start[:, None] + 1 + torch.arange(depth, device=start.device)
             sources = start[:, None] + layout.lookahead_size + path
-            if layout.carries_prompts:
-                sources = torch.where(carried[:, None] > 0, behind, sources)
-            self.cache.move_kv(sources, behind)
+            self.cache.move_kv(torch.where(carried[:, None] > 0, behind, sources) if carries else sources, behind)
         self.lengths.copy_(start + cached * active)
         if self.drafter is not None:  # (past what a row committed, stale tokens that later steps replace)
-            first = start + torch.where(carried > 0, carried, 1)  # where the first committed token stands
+            first = start + (cached - accepted if carries else 1)  # where the first committed token stands
             self.drafter.write_text(first[:, None] + torch.arange(depth + 1, device=start.device), committed)
         if self.sampler is not None:
             self.sampler.observe_step(committed, accepted, active > 0)
@@ -714,7 +713,7 @@ class StaticStep:
         argmax [batch, W] of the window's last level."""
         layout = self.layouts[shape]
         committed_logits = logits[:, :1]
-        if layout.carries_prompts:  # a carrying row's first token follows its last carried id
+        if shape in self.prompt_carriers:  # a carrying row's first token follows its last carried id
             last = (self.inputs[shape][:, -2] - 1).clamp(min=0)
             committed_logits = logits.gather(1, last[:, None, None].expand(-1, 1, logits.shape[-1]))
         if layout.config.tree_nodes > 0:
@@ -737,7 +736,7 @@ class StaticStep:
         logits, tree, start, step_ids, noise = self._device_forward(shape, width)
         verified = layout.current_and_tree(logits)
         choices = choose_tokens(self.sampler, verified, tree, start, layout.config, noise)
-        if layout.carries_prompts:  # a carrying row's first token: the choice after its last id (it has no tree)
+        if shape in self.prompt_carriers:  # a carrying row's first token: the choice after its last id (no tree)
             carried = self.inputs[shape][:, -2:-1]
             after_prompt = choices.gather(1, (carried - 1).clamp(min=0))
             choices = torch.cat([torch.where(carried > 0, after_prompt, choices[:, :1]), choices[:, 1:]], dim=1)

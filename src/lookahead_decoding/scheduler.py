@@ -65,8 +65,9 @@ from .tuning import COST_TIERS, StepPlan, cost_tier, shape_name
 REFILL_PATIENCE = 1.0
 # The most steps a prompt admitted while other rows decode may ride in (the batch's steps then take the runner's
 # widest shape that carries prompts): a prefill's chunk stalls every decoding row for about one and a half steps
-# (docs/benchmarks.md, "What a refill costs"), a carried prompt costs only its own row one step per step's rows of
-# prompt (a 100-token prompt at 8 rows and 64 rows a step: 2 row-steps, against 12 for its prefill).
+# (docs/benchmarks.md, "The row tables on an H100, what a refill costs"), a carried prompt costs only its own row
+# one step per step's rows of prompt (a 100-token prompt at 8 rows and 64 rows a step: 2 row-steps, against 12 for
+# its prefill). docs/algorithm.md, "Refilling free rows".
 MAX_CARRIED_STEPS = 4
 
 
