@@ -13,20 +13,23 @@ from lookahead_decoding.device_drafts import TOP_K
 from lookahead_decoding.drafting.base import NoDrafts
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.scheduler import MAX_CARRIED_STEPS, BatchScheduler, Request
-from lookahead_decoding.step import TokenRows
+from lookahead_decoding.step import PromptPart, TokenRows
 from lookahead_decoding.tuning import StepPlan
 
 DEVICE_SHAPE = ld.LookaheadConfig(1, 2, 1, candidate_length=4, tree_nodes=10, device_drafts=True)  # 11 rows a step
 STEP_ROWS = 1 + DEVICE_SHAPE.tree_nodes
 
 
-def token_rows(runner: StaticStep, current: dict[int, int], prompts: dict[int, list[int]]) -> TokenRows:
-    """Rows in `current` decode from their current token, drafting on the device; rows in `prompts` carry ids."""
+def token_rows(runner: StaticStep, current: dict[int, int], prompts: dict[int, list[int]], ends: bool = False
+               ) -> TokenRows:
+    """Rows in `current` decode from their current token, drafting on the device; rows in `prompts` carry ids (the
+    prompt's last if `ends`)."""
     rows = runner.batch_size
     tokens, decoding = numpy.zeros(rows, dtype=numpy.int64), numpy.zeros(rows, dtype=bool)
     for row, token in current.items():
         tokens[row], decoding[row] = token, True
-    return TokenRows(tokens, decoding, decoding.copy(), numpy.zeros(rows, dtype=numpy.int64), prompts)
+    parts = {row: PromptPart(ids, ends) for row, ids in prompts.items()}
+    return TokenRows(tokens, decoding, decoding.copy(), numpy.zeros(rows, dtype=numpy.int64), parts)
 
 
 def test_a_carried_prompt_leaves_its_row_as_its_prefill_would(llama):
@@ -43,7 +46,8 @@ def test_a_carried_prompt_leaves_its_row_as_its_prefill_would(llama):
     outcomes = []
     for begin in range(0, len(prompt), STEP_ROWS):
         chunk = prompt[begin : begin + STEP_ROWS]
-        outcomes.append(carrying.step_rows(0, token_rows(carrying, {0: history[-1]}, {1: chunk}), None))
+        ends = begin + STEP_ROWS >= len(prompt)
+        outcomes.append(carrying.step_rows(0, token_rows(carrying, {0: history[-1]}, {1: chunk}, ends), None))
         history += outcomes[-1][0].committed
     assert outcomes[-1][1].committed == expected_first and outcomes[-1][1].accepted == 0
     assert history == greedy_reference(llama, torch.tensor([first_prompt]), len(history) - 6)[0].tolist()
@@ -99,17 +103,38 @@ def test_a_request_cancelled_while_its_prompt_rides_frees_its_row():
     assert scheduler.stats.carried_prompts == 2
 
 
+@pytest.mark.parametrize("penalties", [False, True])
+def test_sampled_prompts_that_ride_draw_what_plain_sampling_draws(penalties):
+    """A sampled row whose prompt rode in the steps draws its first token where a prefill would (its position, the
+    penalties knowing its prompt) and every later one as plain sampling with its seed does."""
+    model = tiny_model("llama")
+    generator = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, VOCAB, (int(n),), generator=generator).tolist() for n in (4, 9, 30, 6, 13, 25, 3)]
+    budgets = [6, 20, 9, 14, 11, 8, 16]
+    kwargs = dict(do_sample=True, temperature=0.9, top_p=0.95, seed=list(range(7)),
+                  **(dict(repetition_penalty=3.0, presence_penalty=2.0) if penalties else {}))
+    runner = StaticStep(model, DEVICE_SHAPE, 128, batch_size=3, sampling=True)
+    out = ld.generate(model, prompts, budgets, DEVICE_SHAPE, runner=runner, **kwargs)
+    plain = ld.generate(model, prompts, budgets, AUTOREGRESSIVE, **kwargs)
+    assert [row.tokens for row in out.rows] == [row.tokens for row in plain.rows]
+    assert out.stats.carried_prompts == 4
+
+
 def test_an_engine_that_cannot_carry_prompts_says_so(llama):
-    sampling = StaticStep(llama, DEVICE_SHAPE, 64, batch_size=2, sampling=True)
-    assert sampling.prompt_carriers == ()
-    with pytest.raises(ValueError, match=r"^this engine's steps cannot carry prompts \(it samples, has a verifier, "
-                                         r"a device window, or no shape that drafts on the device\): prefill them "
-                                         r"with prefill_rows$"):
-        sampling.carry_prompts([1])
+    window = ld.LookaheadConfig(3, 3, 2, candidate_length=4, tree_nodes=14, device_drafts=True)
+    with_window = StaticStep(llama, [DEVICE_SHAPE, window], 64, batch_size=2)
+    assert with_window.prompt_carriers == ()
+    with pytest.raises(ValueError, match=r"^this engine's steps cannot carry prompts \(it has a verifier, a device "
+                                         r"window, or no shape that drafts on the device\): prefill them with "
+                                         r"prefill_rows$"):
+        with_window.carry_prompts([1])
     runner = StaticStep(llama, [AUTOREGRESSIVE, DEVICE_SHAPE], 64, batch_size=2)
     assert runner.prompt_carriers == (1,)
     with pytest.raises(ValueError, match="^row 2 does not exist in a batch of 2$"):
         runner.carry_prompts([2])
+    with pytest.raises(ValueError, match="^this engine decodes greedily; build it with sampling=True to sample or "
+                                         "apply penalties$"):
+        runner.carry_prompts([1], {1: ld.SamplingParams(temperature=0.5)})
     runner.prefill_rows({0: [1, 2, 3]})
     runner.carry_prompts([1])
     with pytest.raises(ValueError, match=r"^a step of LookaheadConfig\(window=1, ngram=2, guesses=0.*\) cannot carry "
@@ -123,3 +148,24 @@ def test_an_engine_that_cannot_carry_prompts_says_so(llama):
     with pytest.raises(ValueError, match="^a step that carried prompt ids cannot be followed on the device: the rows "
                                          "that carried them have no step of their own to go on from$"):
         runner.chain(launched, {})
+
+
+def test_free_rows_do_not_wait_for_company_when_their_prompts_ride():
+    """Waiting for company shares a prefill; prompts that ride in the steps have none to share, so free rows take
+    them at once, however patient the scheduler (on a plain engine these budgets wait: tests/test_batch.py)."""
+    model = tiny_model("llama")
+    runner = StaticStep(model, DEVICE_SHAPE, 64, batch_size=4)
+    scheduler = BatchScheduler(runner, StepPlan((DEVICE_SHAPE,), (1.0,)), lambda memory=None: NoDrafts(),
+                               refill_patience=2.0)
+    budgets = [6, 5, 4, 3] + [3] * 10
+    prompts = [[tag + 1, tag + 2, tag + 3] for tag in range(len(budgets))]
+    for tag, (prompt, budget) in enumerate(zip(prompts, budgets)):
+        scheduler.submit(Request(prompt, budget, tag=tag))
+    results = {}
+    while not scheduler.idle:
+        free, waiting = int((~scheduler.occupied).sum()), len(scheduler.waiting)
+        results.update((result.tag, result.tokens) for result in scheduler.step())
+        assert waiting - len(scheduler.waiting) == min(free, waiting)  # every free row took a request
+    assert scheduler.stats.carried_prompts > 0  # (rows that all free at once are prefilled together)
+    for tag, prompt in enumerate(prompts):
+        assert results[tag] == greedy_reference(model, torch.tensor([prompt]), budgets[tag])[0].tolist()

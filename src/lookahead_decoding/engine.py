@@ -54,6 +54,9 @@ from .verification import Verifier, verified_first_token, verify_greedy
 # Prompt tokens per prefill chunk. The prefill runs as fixed-shape chunks so that it, too, is one captured graph
 # (an eager forward of each new prompt length pays launches and kernel selection; docs/benchmarks.md).
 PREFILL_CHUNK = 128
+# Columns of a step's input line, from its end (`StaticStep.inputs`): the prompt ids a row carries (0: it decodes),
+# 1 if they end its prompt, 1 if the row takes part in the step.
+CARRIED, ENDS_PROMPT, TAKES_PART = -3, -2, -1
 # The narrowest width a step's attention reads (cache slots from the first); each wider one doubles it, up to what
 # the longest sequence's step needs. Every width is a graph of each step shape, recorded up front.
 NARROWEST_WIDTH = 256
@@ -221,8 +224,9 @@ class StaticStep:
         self.length_bound = numpy.zeros(batch_size, dtype=numpy.int64)
         self.admissions = numpy.zeros(batch_size, dtype=numpy.int64)  # prompts each row has been given
         # Per shape, one line per row: step ids, the tree's parents, its number of real nodes, the prompt ids the row
-        # carries instead (0: it decodes; then its step ids are those ids), 1 if the row takes part.
-        sizes = [layout.size + layout.config.tree_nodes + 3 for layout in self.layouts]
+        # carries instead (0: it decodes; else its step ids are those ids), 1 if they end its prompt, 1 if the row
+        # takes part (CARRIED, ENDS_PROMPT, TAKES_PART).
+        sizes = [layout.size + layout.config.tree_nodes + 4 for layout in self.layouts]
         self.inputs = [torch.zeros(batch_size, size, dtype=torch.long, device=device) for size in sizes]
         self.host_inputs = [torch.zeros(batch_size, size, dtype=torch.long, pin_memory=device.type == "cuda")
                             for size in sizes]
@@ -235,10 +239,10 @@ class StaticStep:
         self.use_graph = device.type == "cuda" and verifier is None if cuda_graph is None else cuda_graph
         self.pipelined = device.type == "cuda" and verifier is None if pipeline is None else pipeline
         self.compile = compile
-        # The shapes whose steps can carry prompts: greedy engines (a prompt's first token is its argmax there), and
-        # only where no shape runs a device window (a prefill starts a row's window from its prompt).
+        # The shapes whose steps can carry prompts: not with a verifier (it chooses on the host), nor where a shape
+        # runs a device window (a prefill starts a row's window from its prompt).
         windows = any(shape.device_drafts and shape.has_window for shape in shapes)
-        self.prompt_carriers = () if self.sampler is not None or verifier is not None or windows else tuple(
+        self.prompt_carriers = () if verifier is not None or windows else tuple(
             index for index, layout in enumerate(self.layouts) if layout.carries_prompts)
         # (shape, or None for the prefill; its entries; the sampler's stages; the attention's width) -> the step or
         # prefill chunk as run for that: a sampling engine records one graph per set of stages its rows use, so that
@@ -375,14 +379,18 @@ class StaticStep:
             self._capture(self._every_replayable())
         return outcomes
 
-    def carry_prompts(self, rows: Sequence[int]) -> None:
-        """Start a new sequence in each of `rows`, in place of what the row held, whose prompt the next steps carry
-        instead of a prefill: steps of a shape in `prompt_carriers`, laid out by a `TokenRows` whose `prompts` give
-        the row its next ids (a prompt, at most a step's rows at a time). The step that carries the prompt's last
-        ids commits the sequence's first token, as `prefill_rows` would; the ones before commit nothing."""
+    def carry_prompts(self, rows: Sequence[int], sampling: dict[int, SamplingParams | None] | None = None) -> None:
+        """Start a new sequence in each of `rows`, in place of what the row held, with its `sampling` parameters
+        (missing or None: greedy), whose prompt the next steps carry instead of a prefill: steps of a shape in
+        `prompt_carriers`, laid out by a `TokenRows` whose `prompts` give the row its next ids (a prompt, at most
+        a step's rows at a time). The step that carries the prompt's last ids commits the sequence's first token,
+        as `prefill_rows` would; the ones before commit nothing."""
         if not self.prompt_carriers:
-            raise ValueError("this engine's steps cannot carry prompts (it samples, has a verifier, a device window, "
-                             "or no shape that drafts on the device): prefill them with prefill_rows")
+            raise ValueError("this engine's steps cannot carry prompts (it has a verifier, a device window, or no "
+                             "shape that drafts on the device): prefill them with prefill_rows")
+        sampling = sampling or {}
+        if self.sampler is None and any(p is not None and not p.is_plain_greedy for p in sampling.values()):
+            raise ValueError("this engine decodes greedily; build it with sampling=True to sample or apply penalties")
         for row in rows:
             if not 0 <= row < self.batch_size:
                 raise ValueError(f"row {row} does not exist in a batch of {self.batch_size}")
@@ -391,6 +399,8 @@ class StaticStep:
         self.drafter.start_requests(starting)
         self.length_bound[list(rows)] = 0
         self.admissions[list(rows)] += 1
+        if self.sampler is not None:
+            self.sampler.start_rows({row: sampling.get(row) for row in rows})
 
     def _every_replayable(self) -> list[Replayable]:
         """Every step shape at every width, and the prefill at every size (a capture while rows decode would stall
@@ -425,7 +435,7 @@ class StaticStep:
         carried = numpy.zeros(self.batch_size, dtype=numpy.int64)
         if isinstance(steps, TokenRows):
             decoding = self._write_token_rows(shape, steps)
-            carried = self.host_inputs[shape].numpy()[:, -2].copy()
+            carried = self.host_inputs[shape].numpy()[:, CARRIED].copy()
         else:
             decoding = self._write_planned(shape, steps, histories)
         self.inputs[shape].copy_(self.host_inputs[shape], non_blocking=True)
@@ -449,7 +459,7 @@ class StaticStep:
             raise ValueError(f"a step of this engine takes {self.batch_size} rows, got {len(steps)}")
         layout = self.layouts[shape]
         config = layout.config
-        idle = [0] * (layout.size + config.tree_nodes + 3)
+        idle = [0] * (layout.size + config.tree_nodes + 4)
         lines = []
         for step, history in zip(steps, histories):
             if step is None:
@@ -457,7 +467,7 @@ class StaticStep:
                 continue
             if len(history) > self.max_length:  # the cache has no room for the step's rows
                 raise ValueError(f"generation ran past this engine's max_length {self.max_length}")
-            lines.append([*step.ids, *tree_parents(step.tree, config.tree_nodes), len(step.tree), 0, 1])
+            lines.append([*step.ids, *tree_parents(step.tree, config.tree_nodes), len(step.tree), 0, 0, 1])
         self.host_inputs[shape].numpy()[:] = lines  # straight into the (pinned) buffer: no tensor from lists
         return [step is not None for step in steps]
 
@@ -477,23 +487,23 @@ class StaticStep:
         if prompts and shape not in self.prompt_carriers:
             raise ValueError(f"a step of {config} cannot carry prompts; this engine's carriers are shapes "
                              f"{list(self.prompt_carriers)}")
-        for row, ids in prompts.items():
-            if not 0 < len(ids) <= layout.size:
-                raise ValueError(f"row {row} carries {len(ids)} prompt ids; a step of {config} carries 1 to "
+        for row, part in prompts.items():
+            if not 0 < len(part.ids) <= layout.size:
+                raise ValueError(f"row {row} carries {len(part.ids)} prompt ids; a step of {config} carries 1 to "
                                  f"{layout.size}")
         lines = self.host_inputs[shape].numpy() if lines is None else lines
         lines[:, : layout.size] = rows.current[:, None]
         lines[:, layout.size : layout.size + config.tree_nodes] = config.tree_nodes  # no parent: no node
-        lines[:, layout.size + config.tree_nodes :] = (0, 0, 1)  # no nodes, no prompt ids; the row takes part
+        lines[:, layout.size + config.tree_nodes :] = (0, 0, 0, 1)  # no nodes, no prompt ids; the row takes part
         if shape in self._template_host_lines:
             lines[rows.drafting, layout.size : layout.size + config.tree_nodes + 1] = self._template_host_lines[shape]
         lines[~rows.decoding] = 0
         decoding = rows.decoding.copy()
-        for row, ids in prompts.items():  # the ids, then padding, each its own row of the step; no tree
+        for row, part in prompts.items():  # the ids, then padding, each its own row of the step; no tree
             lines[row, : layout.size] = 0
-            lines[row, : len(ids)] = ids
+            lines[row, : len(part.ids)] = part.ids
             lines[row, layout.size : layout.size + config.tree_nodes] = config.tree_nodes
-            lines[row, layout.size + config.tree_nodes :] = (0, len(ids), 1)
+            lines[row, layout.size + config.tree_nodes :] = (0, len(part.ids), part.ends_prompt, 1)
             decoding[row] = True
         return decoding
 
@@ -628,7 +638,8 @@ class StaticStep:
         size, nodes, depth = layout.size, config.tree_nodes, config.candidate_length  # depth: K
         inputs = self.inputs[shape]
         step_ids, parents, num_nodes = inputs[:, :size], inputs[:, size : size + nodes], inputs[:, size + nodes]
-        carried = inputs[:, -2] > 0  # rows that carry prompt ids (`carry_prompts`)
+        carries = shape in self.prompt_carriers
+        carried = inputs[:, CARRIED] > 0 if carries else None  # rows that carry prompt ids (`carry_prompts`)
         order = torch.arange(size, device=inputs.device)
         start = self.lengths.clone()  # tokens cached before this step; the current token goes there
         if self.drafter is not None:
@@ -641,7 +652,7 @@ class StaticStep:
             drafts = self.drafter.draft(step_ids[:, 0], before, start, config, noise)
             window = [self.drafter.window_tokens(config.window, config.levels)] if config.has_window else []
             step_ids = torch.cat([step_ids[:, :1], *window, drafts], dim=1)
-        if shape in self.prompt_carriers:  # a carrying row keeps its ids, which its text holds from its first on
+        if carries:  # a carrying row keeps its ids, which its text holds from its first on
             step_ids = torch.where(carried[:, None], inputs[:, :size], step_ids)
             self.drafter.write_text(start[:, None] + order * carried[:, None],
                                     torch.where(carried[:, None], step_ids, step_ids[:, :1]))
@@ -655,7 +666,7 @@ class StaticStep:
                                                                                 parents, num_nodes)
         offsets = torch.vmap(layout.positions)(tree)
         step_allowed = torch.vmap(layout.allowed)(tree)  # [batch, S, S]
-        if shape in self.prompt_carriers:  # a carried id stands at its own position and sees the ids before it
+        if carries:  # a carried id stands at its own position and sees the ids before it
             offsets = torch.where(carried[:, None], order, offsets)
             step_allowed = torch.where(carried[:, None, None], order[:, None] >= order[None, :], step_allowed)
         positions = (offsets + start[:, None]).clamp(max=self.last_position)
@@ -673,9 +684,9 @@ class StaticStep:
             nodes_then_current = torch.cat([tree_ids, step_ids[:, :1]], dim=1)  # the root is column `nodes`
             befores = torch.cat([before[:, None], nodes_then_current.gather(1, parents)], dim=1)
             keep = None
-            if shape in self.prompt_carriers:  # a carried id follows the one before it; its padding teaches nothing
+            if carries:  # a carried id follows the one before it; its padding teaches nothing
                 befores = torch.where(carried[:, None], torch.cat([before[:, None], step_ids[:, :-1]], dim=1), befores)
-                keep = ~carried[:, None] | (order < inputs[:, -2:-1])
+                keep = ~carried[:, None] | (order < inputs[:, CARRIED, None])
             self.drafter.learn(torch.cat([step_ids[:, :1], tree_ids], dim=1), befores,
                                layout.current_and_tree(logits), keep=keep)
             if config.has_window:  # after the tree's: where both wrote, the window's predictions stay
@@ -692,7 +703,7 @@ class StaticStep:
         layout = self.layouts[shape]
         depth = layout.config.candidate_length
         accepted, committed, path = result[:, 0], result[:, 1 : 2 + depth], result[:, 2 + depth :]
-        active, carried = self.inputs[shape][:, -1], self.inputs[shape][:, -2]
+        active, carried = self.inputs[shape][:, TAKES_PART], self.inputs[shape][:, CARRIED]
         carries = shape in self.prompt_carriers
         # Cached: the current token and the accepted path, or the prompt ids a row carried (whose KV stays put).
         cached = torch.where(carried > 0, carried, 1 + accepted) if carries else 1 + accepted
@@ -704,8 +715,11 @@ class StaticStep:
         if self.drafter is not None:  # (past what a row committed, stale tokens that later steps replace)
             first = start + (cached - accepted if carries else 1)  # where the first committed token stands
             self.drafter.write_text(first[:, None] + torch.arange(depth + 1, device=start.device), committed)
-        if self.sampler is not None:
-            self.sampler.observe_step(committed, accepted, active > 0)
+        if self.sampler is not None:  # (a carried prompt's first token counts once its last ids are in)
+            counts = active > 0
+            if carries:
+                counts &= (carried == 0) | (self.inputs[shape][:, ENDS_PROMPT] > 0)
+            self.sampler.observe_step(committed, accepted, counts)
 
     def _outputs(self, shape: int, logits, step_ids, result, path, new_level):
         """(the packed outcome per row as `StepOutcome.from_host` reads it, the logits [batch, K+1, V] along the
@@ -714,7 +728,7 @@ class StaticStep:
         layout = self.layouts[shape]
         committed_logits = logits[:, :1]
         if shape in self.prompt_carriers:  # a carrying row's first token follows its last carried id
-            last = (self.inputs[shape][:, -2] - 1).clamp(min=0)
+            last = (self.inputs[shape][:, CARRIED] - 1).clamp(min=0)
             committed_logits = logits.gather(1, last[:, None, None].expand(-1, 1, logits.shape[-1]))
         if layout.config.tree_nodes > 0:
             tree_logits = logits[:, layout.tree_logits]
@@ -736,9 +750,16 @@ class StaticStep:
         logits, tree, start, step_ids, noise = self._device_forward(shape, width)
         verified = layout.current_and_tree(logits)
         choices = choose_tokens(self.sampler, verified, tree, start, layout.config, noise)
-        if shape in self.prompt_carriers:  # a carrying row's first token: the choice after its last id (no tree)
-            carried = self.inputs[shape][:, -2:-1]
-            after_prompt = choices.gather(1, (carried - 1).clamp(min=0))
+        if shape in self.prompt_carriers:  # a carrying row's first token: its choice after its last id (no tree)
+            carried = self.inputs[shape][:, CARRIED, None]
+            last = (carried - 1).clamp(min=0)
+            if self.sampler is None:
+                after_prompt = choices.gather(1, last)
+            else:  # drawn as a prefill draws it: at its position, the penalties knowing the ids just carried
+                self.sampler.observe_prompt(step_ids, (carried > 0) & (torch.arange(step_ids.shape[1],
+                                                                                    device=carried.device) < carried))
+                after_prompt = self.sampler.choose(logits.gather(1, last[..., None].expand(-1, 1, logits.shape[-1])),
+                                                   start[:, None] + carried)
             choices = torch.cat([torch.where(carried > 0, after_prompt, choices[:, :1]), choices[:, 1:]], dim=1)
         verify = torch.vmap(functools.partial(verify_greedy, max_depth=depth))
         result = verify(choices[:, 0], choices[:, 1:], tree)

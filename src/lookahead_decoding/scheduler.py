@@ -50,7 +50,7 @@ from .sampling_params import SamplingParams, finite_real
 from .row_arrays import RowArrays
 from .shape_choice import BatchYield, ChooserTable, ShapeChooser, StepCosts, best_shape
 from .state import Emitter, GenerationStats, SequenceState
-from .step import DeviceBusy, PlannedStep, RowOutcomes, StepRunner, TokenRows
+from .step import DeviceBusy, PlannedStep, PromptPart, RowOutcomes, StepRunner, TokenRows
 from .plan_cache import check_drift
 from .tuning import COST_TIERS, StepPlan, cost_tier, shape_name
 
@@ -325,13 +325,13 @@ class BatchScheduler:
         carrying = numpy.isin(live, list(self.carrying))
         decoding = live[~carrying]
         extra = self._choice_before_drafting(decoding)[1] if len(decoding) else numpy.zeros(len(self.plan.shapes))
-        chunks = {index: prompt[:size] for index, prompt in self.carrying.items()}
+        chunks = {index: PromptPart(prompt[:size], len(prompt) <= size) for index, prompt in self.carrying.items()}
         rows = TokenRows(self.arrays.last, self.occupied, self.occupied & self.choosers.lookahead, self.arrays.length,
                          chunks)
         outcomes = self.runner.step_rows(shape, rows, None)
         for index, chunk in chunks.items():
             prompt = self.carrying[index]
-            del prompt[: len(chunk)]
+            del prompt[: len(chunk.ids)]
             if not prompt:  # its last ids: the step committed the first token
                 del self.carrying[index]
                 outcome = outcomes[index]
@@ -526,7 +526,7 @@ class BatchScheduler:
                 self._drafter.share_memory(index, uses_memory)
         carried = {} if idle else {index: prompt for index, prompt in admitted.items() if self._carries(prompt)}
         if carried:
-            self.runner.carry_prompts(list(carried))
+            self.runner.carry_prompts(list(carried), {index: self.rows[index].request.sampling for index in carried})
             self.carrying.update((index, list(prompt)) for index, prompt in carried.items())
             self.stats.carried_prompts += len(carried)
         prefilled = {index: prompt for index, prompt in admitted.items() if index not in carried}

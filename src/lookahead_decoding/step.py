@@ -70,6 +70,13 @@ class RowOutcomes(Sequence):
                                      None if self.predictions is None else self.predictions[row])
 
 
+class PromptPart(NamedTuple):
+    """Ids of a prompt that a row carries in one step: as many as the step has rows at most."""
+
+    ids: Sequence[int]
+    ends_prompt: bool  # whether they are its last: the step then commits the sequence's first token
+
+
 class TokenRows(NamedTuple):
     """A step of every row at once, of a shape that drafts nothing on the host (plain, or drafting on the device):
     all it needs of a row is its current token, so it is laid out with array operations, not Python per row."""
@@ -79,8 +86,8 @@ class TokenRows(NamedTuple):
     drafting: numpy.ndarray  # [rows] bool: whether it verifies the shape's device-drafted tree (else one token)
     lengths: numpy.ndarray  # [rows] its tokens so far (prompt and committed)
     # By row: the next ids of a new sequence's prompt that the row carries in this step instead of decoding
-    # (`engine.StaticStep.carry_prompts`), as many as the step has rows at most.
-    prompts: Mapping[int, Sequence[int]] | None = None
+    # (`engine.StaticStep.carry_prompts`).
+    prompts: Mapping[int, PromptPart] | None = None
 
 
 class PlannedStep(NamedTuple):
