@@ -75,10 +75,16 @@ def test_short_prompts_admitted_while_rows_decode_ride_in_their_steps(pipelined)
     budgets = [30, 6, 25, 3, 17, 20, 9, 14, 11]
     eos = greedy_reference(model, torch.tensor([prompts[0]]), 30)[0, len(prompts[0]) + 12].item()
     runner = StaticStep(model, DEVICE_SHAPE, 128, batch_size=3, pipeline=pipelined)
+    chained, chain = [], runner.chain
+    runner.chain = lambda previous, changes, shape=None, rows=None: chained.append((previous, rows)) or \
+        chain(previous, changes, shape, rows)
     out = ld.generate(model, prompts, budgets, DEVICE_SHAPE, runner=runner, eos_token_id=eos)
     for prompt, budget, row in zip(prompts, budgets, out.rows):
         assert row.tokens == greedy_reference(model, torch.tensor([prompt]), budget, eos_token_id=eos)[0].tolist()
     assert (out.stats.prefills, out.stats.carried_prompts) == (2, 5)
+    # Pipelined, steps that carry ids are launched behind unread ones, and steps behind them go on from the device.
+    assert any(rows is not None and rows.prompts for _, rows in chained) == pipelined
+    assert any(previous.carried.any() for previous, _ in chained) == pipelined
 
 
 def test_a_request_cancelled_while_its_prompt_rides_frees_its_row():
@@ -145,8 +151,8 @@ def test_an_engine_that_cannot_carry_prompts_says_so(llama):
     with pytest.raises(ValueError, match=r"^row 1 carries 0 prompt ids"):
         runner.step_rows(1, token_rows(runner, {0: 4}, {1: []}), None)
     launched = runner.launch_rows(1, token_rows(runner, {0: 4}, {1: [5, 6]}), None)
-    with pytest.raises(ValueError, match="^a step that carried prompt ids cannot be followed on the device: the rows "
-                                         "that carried them have no step of their own to go on from$"):
+    with pytest.raises(ValueError, match="^a step chained behind one of another shape, or where prompt ids ride, "
+                                         "needs its rows' TokenRows$"):
         runner.chain(launched, {})
 
 

@@ -514,10 +514,9 @@ class StaticStep:
         that starts decoding (its prefill has committed it; where the shape drafts on the device, the row drafts),
         or None for a row that stops. The step is of `previous`'s shape, or of `shape` with the rows laid out by
         `rows` (a `TokenRows` of the rows after `changes`; the current token of a row that goes on is taken on the
-        device). Only a shape that needs nothing else from the host: plain, or drafting on the device."""
-        if previous.carried.any():
-            raise ValueError("a step that carried prompt ids cannot be followed on the device: the rows that "
-                             "carried them have no step of their own to go on from")
+        device), which it needs where either step carries prompt ids: a row that carries ids takes them from the
+        host, and one whose prompt's last ids `previous` carried goes on from the first token it committed. Only a
+        shape that needs nothing else from the host: plain, or drafting on the device."""
         shape = previous.shape if shape is None else shape
         config = self.layouts[shape].config
         if not config.follows_on_device:
@@ -525,15 +524,18 @@ class StaticStep:
         inputs = self.inputs[shape]  # [the current token, (tree ids, parents, nodes: the device's), 1 if decoding]
         accepted, committed = previous.outputs[:, :1], previous.outputs[:, 1:]
         last = committed.gather(1, accepted)[:, 0]  # the last token each row committed
+        carried = numpy.zeros_like(self.length_bound)
         # Host inputs go from pinned memory: a pageable copy would wait for the steps in flight.
-        if shape != previous.shape:
+        if shape != previous.shape or previous.carried.any() or rows is not None and rows.prompts:
             if rows is None:
-                raise ValueError("a step chained behind one of another shape needs its rows' TokenRows")
+                raise ValueError("a step chained behind one of another shape, or where prompt ids ride, needs its "
+                                 "rows' TokenRows")
             # The whole input, in a buffer of its own: the shape's host buffer may still be on its way to a step.
             pinned = self.host_inputs[shape].is_pinned()
             lines = torch.empty(self.host_inputs[shape].shape, dtype=torch.long, pin_memory=pinned)
             decoding = self._write_token_rows(shape, rows, lines.numpy())
-            goes_on = numpy.asarray(previous.decoding, dtype=bool) & decoding
+            carried = lines.numpy()[:, CARRIED].copy()
+            goes_on = numpy.asarray(previous.decoding, dtype=bool) & decoding & (carried == 0)
             goes_on[list(changes)] = False
             lines[:, 0].masked_fill_(torch.from_numpy(goes_on), -1)  # taken on the device, below
             inputs.copy_(lines.to(inputs.device, non_blocking=pinned))
@@ -554,7 +556,7 @@ class StaticStep:
                     inputs[update[:, 0], size : size + config.tree_nodes + 1] = self._template_lines[shape]
         width = self._width(shape)
         packed, scores, top = self.replayable(shape, width=width)()
-        return self._launched(shape, width, decoding, packed, scores, top, numpy.zeros_like(self.length_bound))
+        return self._launched(shape, width, decoding, packed, scores, top, carried)
 
     def _launched(self, shape: int, width: int, decoding: Sequence[bool], packed, scores, top,
                   carried: numpy.ndarray) -> LaunchedStep:

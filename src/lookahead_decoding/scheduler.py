@@ -115,6 +115,7 @@ class _Pending:
     admissions: numpy.ndarray  # the scheduler's `admissions` and `occupied` when it was launched: who held each row
     occupied: numpy.ndarray
     expected_extra: float  # the tokens beyond one per row that the rows expected of it when it was chosen
+    prompts_ending: tuple[int, ...] = ()  # rows whose prompts' last ids it carries: it commits their first tokens
 
 
 class BatchScheduler:
@@ -320,24 +321,44 @@ class BatchScheduler:
 
     def _carry_step(self, live: numpy.ndarray, began: float) -> list[Finished]:
         """A step of the carrier shape in which the carrying rows take their prompts' next ids and the others
-        decode; a prompt's last ids commit its sequence's first token, as its prefill would."""
-        shape, size = self._carrier, self.runner.layouts[self._carrier].size
-        carrying = numpy.isin(live, list(self.carrying))
-        decoding = live[~carrying]
+        decode; a prompt's last ids commit its sequence's first token, as its prefill would. Launched to be read
+        at the next step where the runner pipelines."""
+        shape = self._carrier
+        decoding = live[~numpy.isin(live, list(self.carrying))]
         extra = self._choice_before_drafting(decoding)[1] if len(decoding) else numpy.zeros(len(self.plan.shapes))
-        chunks = {index: PromptPart(prompt[:size], len(prompt) <= size) for index, prompt in self.carrying.items()}
+        parts = self._prompt_parts()
         rows = TokenRows(self.arrays.last, self.occupied, self.occupied & self.choosers.lookahead, self.arrays.length,
-                         chunks)
+                         parts)
+        ending = tuple(index for index, part in parts.items() if part.ends_prompt)
+        if shape in self._chainable and self._may_chain(live):  # read at the next step, behind the one launched then
+            self._pending = _Pending(self.runner.launch_rows(shape, rows, None), self.admissions.copy(),
+                                     self.occupied.copy(), extra[shape], ending)
+            return []
         outcomes = self.runner.step_rows(shape, rows, None)
-        for index, chunk in chunks.items():
-            prompt = self.carrying[index]
-            del prompt[: len(chunk.ids)]
-            if not prompt:  # its last ids: the step committed the first token
-                del self.carrying[index]
-                outcome = outcomes[index]
-                self.rows[index].sequence.record_prefill(outcome._replace(scores=outcome.scores[:1]))
-                self.stats.new_tokens += 1
+        self._record_prompt_ends(ending, outcomes, self.occupied)
         return self._record_rows(shape, decoding, outcomes, extra[shape], began)
+
+    def _prompt_parts(self) -> dict[int, PromptPart]:
+        """The ids each carrying row carries in the step about to be launched, taken off what it still carries (a
+        row whose prompt's last ids go stops carrying)."""
+        size = self.runner.layouts[self._carrier].size
+        parts = {}
+        for index, prompt in list(self.carrying.items()):
+            parts[index] = PromptPart(prompt[:size], len(prompt) <= size)
+            del prompt[:size]
+            if not prompt:
+                del self.carrying[index]
+        return parts
+
+    def _record_prompt_ends(self, rows: Sequence[int], outcomes: RowOutcomes, unchanged: numpy.ndarray) -> None:
+        """The first token of each of `rows`, whose prompts' last ids the step carried, as their prefills would
+        hand it over (`unchanged`: by row, whether it still holds the request it carried)."""
+        for index in rows:
+            if unchanged[index]:
+                outcome = outcomes[index]
+                scores = None if outcome.scores is None else outcome.scores[:1]
+                self.rows[index].sequence.record_prefill(outcome._replace(scores=scores))
+                self.stats.new_tokens += 1
 
     def _choice_before_drafting(self, live: numpy.ndarray) -> tuple[int, numpy.ndarray]:
         """The shape for the rows `live` by what each expects of the fullest tree it may draft, and the tokens
@@ -357,7 +378,7 @@ class BatchScheduler:
     def _may_chain(self, live: numpy.ndarray) -> bool:
         """Whether the next step may be launched before this one is read: no row's stopping criteria need its
         logits (a later step replaces them on the device)."""
-        return not self.criteria[live].any() and not self.carrying
+        return not self.criteria[live].any()
 
     def _step_behind(self) -> list[Finished]:
         """Launch the next step behind the pending one if the batch would choose its shape again, then read and
@@ -370,14 +391,18 @@ class BatchScheduler:
             # The shape the batch chooses by the rows' statistics so far (those of the pending step are not in
             # them yet), launched behind the pending step where it needs nothing from the host.
             following, extra = self._choice_before_drafting(live)
+            if self.carrying:  # prompts ride in the carrier's steps
+                following = self._carrier
             if following in self._chainable:
                 self._chain(pending, following, extra[following])
         self._catch_up([self.rows[index].sequence for index in live[self.largest_tree[live] > 0]],
                        pending.launched.busy)
         outcomes = self.runner.finish_rows(pending.launched)
         # Rows whose request changed since the launch decoded for the one before: their outcomes are not theirs.
-        decoded = numpy.flatnonzero(numpy.asarray(pending.launched.decoding, dtype=bool) & self._unchanged(pending)
-                                    & ~self.arrays.done)
+        unchanged = self._unchanged(pending)
+        self._record_prompt_ends(pending.prompts_ending, outcomes, unchanged)
+        decoded = numpy.flatnonzero(numpy.asarray(pending.launched.decoding, dtype=bool) & unchanged
+                                    & ~self.arrays.done & (pending.launched.carried == 0))
         return self._record_rows(shape, decoded, outcomes, pending.expected_extra, began)
 
     def _unchanged(self, pending: _Pending) -> numpy.ndarray:
@@ -391,26 +416,34 @@ class BatchScheduler:
         unchanged = self._unchanged(pending)
         changes = {int(index): int(self.arrays.last[index]) if self.occupied[index] else None  # started or freed since
                    for index in numpy.flatnonzero(~unchanged & (self.occupied | pending.occupied))}
-        # The pending step commits its last token, or it was cancelled.
+        # The pending step commits its last token, or it was cancelled (a row that still carries ids commits none).
         ending = unchanged & (self.arrays.done | (self.arrays.remaining == 1))
+        ending[list(self.carrying)] = False
         changes.update((int(index), None) for index in numpy.flatnonzero(ending))
         decoding = numpy.array(launched.decoding, dtype=bool)
         for index, token in changes.items():
             decoding[index] = token is not None
         if not decoding.any():
             return
-        if shape != launched.shape:  # every row laid out afresh, as `step` lays them out
+        parts, ending_prompts = None, ()
+        # Every row laid out afresh, as `step` lays them out, for another shape or where prompt ids ride.
+        if shape != launched.shape or self.carrying or launched.carried.any():
             if not self._token_rows:
                 return
-            rows = TokenRows(self.arrays.last, decoding, decoding & self.choosers.lookahead, self.arrays.length)
+            if self.carrying:
+                parts = self._prompt_parts()
+                ending_prompts = tuple(index for index, part in parts.items() if part.ends_prompt)
+            rows = TokenRows(self.arrays.last, decoding, decoding & self.choosers.lookahead, self.arrays.length, parts)
             chained = self.runner.chain(launched, changes, shape, rows)
+            if shape == launched.shape:
+                pending.launched = launched._replace(scores=None)  # the chained step writes its logits there
         elif self.plan.shapes[shape].device_drafts and any(
                 token is not None and not self.choosers.lookahead[index] for index, token in changes.items()):
             return  # a row that starts without lookahead: launched from the host, with no tree
         else:
             chained = self.runner.chain(launched, changes)
             pending.launched = launched._replace(scores=None)  # the chained step writes its logits where these were
-        self._pending = _Pending(chained, self.admissions.copy(), self.occupied.copy(), expected_extra)
+        self._pending = _Pending(chained, self.admissions.copy(), self.occupied.copy(), expected_extra, ending_prompts)
 
     @staticmethod
     def _catch_up(sequences: list[SequenceState], device_busy: DeviceBusy) -> None:
