@@ -715,7 +715,7 @@ class StaticStep:
             self.cache.move_kv(torch.where(carried[:, None] > 0, behind, sources) if carries else sources, behind)
         self.lengths.copy_(start + cached * active)
         if self.drafter is not None:  # (past what a row committed, stale tokens that later steps replace)
-            first = start + (cached - accepted if carries else 1)  # where the first committed token stands
+            first = start + (torch.where(carried > 0, carried, 1) if carries else 1)  # the first committed's place
             self.drafter.write_text(first[:, None] + torch.arange(depth + 1, device=start.device), committed)
         if self.sampler is not None:  # (a carried prompt's first token counts once its last ids are in)
             counts = active > 0
@@ -723,15 +723,13 @@ class StaticStep:
                 counts &= (carried == 0) | (self.inputs[shape][:, ENDS_PROMPT] > 0)
             self.sampler.observe_step(committed, accepted, counts)
 
-    def _outputs(self, shape: int, logits, step_ids, result, path, new_level):
+    def _outputs(self, shape: int, logits, step_ids, result, path, new_level, first_logits=None):
         """(the packed outcome per row as `StepOutcome.from_host` reads it, the logits [batch, K+1, V] along the
         accepted paths, the top predictions (row tokens, top tokens, probabilities) or None); `new_level`: the
-        argmax [batch, W] of the window's last level."""
+        argmax [batch, W] of the window's last level; `first_logits` [batch, 1, V]: those that chose each row's
+        first committed token, where not the current token's (a carrier's step)."""
         layout = self.layouts[shape]
-        committed_logits = logits[:, :1]
-        if shape in self.prompt_carriers:  # a carrying row's first token follows its last carried id
-            last = (self.inputs[shape][:, CARRIED] - 1).clamp(min=0)
-            committed_logits = logits.gather(1, last[:, None, None].expand(-1, 1, logits.shape[-1]))
+        committed_logits = logits[:, :1] if first_logits is None else first_logits
         if layout.config.tree_nodes > 0:
             tree_logits = logits[:, layout.tree_logits]
             along_path = tree_logits.gather(1, path[:, :, None].expand(-1, -1, tree_logits.shape[-1]))
@@ -752,22 +750,24 @@ class StaticStep:
         logits, tree, start, step_ids, noise = self._device_forward(shape, width)
         verified = layout.current_and_tree(logits)
         choices = choose_tokens(self.sampler, verified, tree, start, layout.config, noise)
+        first_logits = None
         if shape in self.prompt_carriers:  # a carrying row's first token: its choice after its last id (no tree)
             carried = self.inputs[shape][:, CARRIED, None]
             last = (carried - 1).clamp(min=0)
+            # The logits after each row's first committed position: the current token's, or its last carried id's.
+            first_logits = logits.gather(1, last[..., None].expand(-1, 1, logits.shape[-1]))
             if self.sampler is None:
                 after_prompt = choices.gather(1, last)
             else:  # drawn as a prefill draws it: at its position, the penalties knowing the ids just carried
                 self.sampler.observe_prompt(step_ids, (carried > 0) & (torch.arange(step_ids.shape[1],
                                                                                     device=carried.device) < carried))
-                after_prompt = self.sampler.choose(logits.gather(1, last[..., None].expand(-1, 1, logits.shape[-1])),
-                                                   start[:, None] + carried)
+                after_prompt = self.sampler.choose(first_logits, start[:, None] + carried)
             choices = torch.cat([torch.where(carried > 0, after_prompt, choices[:, :1]), choices[:, 1:]], dim=1)
         verify = torch.vmap(functools.partial(verify_greedy, max_depth=depth))
         result = verify(choices[:, 0], choices[:, 1:], tree)
         self._device_commit(shape, start, result)
         new_level = logits[:, layout.new_level_logits].argmax(dim=-1)  # the window refines by argmax
-        return self._outputs(shape, logits, step_ids, result, result[:, 2 + depth :], new_level)
+        return self._outputs(shape, logits, step_ids, result, result[:, 2 + depth :], new_level, first_logits)
 
     def _verified_step(self, shape: int, width: int, steps, histories):
         """The step of every row with the verifier deciding, row by row on the host, what each row accepts."""

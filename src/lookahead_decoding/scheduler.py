@@ -31,6 +31,7 @@ until its outcome is read.)
 from __future__ import annotations
 
 import gc
+import itertools
 import random
 import time
 from collections import Counter, deque
@@ -115,7 +116,7 @@ class _Pending:
     admissions: numpy.ndarray  # the scheduler's `admissions` and `occupied` when it was launched: who held each row
     occupied: numpy.ndarray
     expected_extra: float  # the tokens beyond one per row that the rows expected of it when it was chosen
-    prompts_ending: tuple[int, ...] = ()  # rows whose prompts' last ids it carries: it commits their first tokens
+    prompts: dict[int, PromptPart] = field(default_factory=dict)  # by row, the prompt ids it carries
 
 
 class BatchScheduler:
@@ -329,13 +330,12 @@ class BatchScheduler:
         parts = self._prompt_parts()
         rows = TokenRows(self.arrays.last, self.occupied, self.occupied & self.choosers.lookahead, self.arrays.length,
                          parts)
-        ending = tuple(index for index, part in parts.items() if part.ends_prompt)
         if shape in self._chainable and self._may_chain(live):  # read at the next step, behind the one launched then
             self._pending = _Pending(self.runner.launch_rows(shape, rows, None), self.admissions.copy(),
-                                     self.occupied.copy(), extra[shape], ending)
+                                     self.occupied.copy(), extra[shape], parts)
             return []
         outcomes = self.runner.step_rows(shape, rows, None)
-        self._record_prompt_ends(ending, outcomes, self.occupied)
+        self._record_prompt_ends(parts, outcomes, self.occupied)
         return self._record_rows(shape, decoding, outcomes, extra[shape], began)
 
     def _prompt_parts(self) -> dict[int, PromptPart]:
@@ -350,11 +350,12 @@ class BatchScheduler:
                 del self.carrying[index]
         return parts
 
-    def _record_prompt_ends(self, rows: Sequence[int], outcomes: RowOutcomes, unchanged: numpy.ndarray) -> None:
-        """The first token of each of `rows`, whose prompts' last ids the step carried, as their prefills would
-        hand it over (`unchanged`: by row, whether it still holds the request it carried)."""
-        for index in rows:
-            if unchanged[index]:
+    def _record_prompt_ends(self, parts: Mapping[int, PromptPart], outcomes: RowOutcomes,
+                            unchanged: numpy.ndarray) -> None:
+        """The first token of each row whose prompt's last ids the step carried (`parts`: the ids it carried, by
+        row), as its prefill would hand it over (`unchanged`: by row, whether it still holds that request)."""
+        for index, part in parts.items():
+            if part.ends_prompt and unchanged[index]:
                 outcome = outcomes[index]
                 scores = None if outcome.scores is None else outcome.scores[:1]
                 self.rows[index].sequence.record_prefill(outcome._replace(scores=scores))
@@ -400,7 +401,7 @@ class BatchScheduler:
         outcomes = self.runner.finish_rows(pending.launched)
         # Rows whose request changed since the launch decoded for the one before: their outcomes are not theirs.
         unchanged = self._unchanged(pending)
-        self._record_prompt_ends(pending.prompts_ending, outcomes, unchanged)
+        self._record_prompt_ends(pending.prompts, outcomes, unchanged)
         decoded = numpy.flatnonzero(numpy.asarray(pending.launched.decoding, dtype=bool) & unchanged
                                     & ~self.arrays.done & (pending.launched.carried == 0))
         return self._record_rows(shape, decoded, outcomes, pending.expected_extra, began)
@@ -425,14 +426,12 @@ class BatchScheduler:
             decoding[index] = token is not None
         if not decoding.any():
             return
-        parts, ending_prompts = None, ()
+        parts = {}
         # Every row laid out afresh, as `step` lays them out, for another shape or where prompt ids ride.
         if shape != launched.shape or self.carrying or launched.carried.any():
             if not self._token_rows:
                 return
-            if self.carrying:
-                parts = self._prompt_parts()
-                ending_prompts = tuple(index for index, part in parts.items() if part.ends_prompt)
+            parts = self._prompt_parts()
             rows = TokenRows(self.arrays.last, decoding, decoding & self.choosers.lookahead, self.arrays.length, parts)
             chained = self.runner.chain(launched, changes, shape, rows)
             if shape == launched.shape:
@@ -443,7 +442,7 @@ class BatchScheduler:
         else:
             chained = self.runner.chain(launched, changes)
             pending.launched = launched._replace(scores=None)  # the chained step writes its logits where these were
-        self._pending = _Pending(chained, self.admissions.copy(), self.occupied.copy(), expected_extra, ending_prompts)
+        self._pending = _Pending(chained, self.admissions.copy(), self.occupied.copy(), expected_extra, parts)
 
     @staticmethod
     def _catch_up(sequences: list[SequenceState], device_busy: DeviceBusy) -> None:
@@ -506,7 +505,7 @@ class BatchScheduler:
         adds this step's lost row-steps to the count since the last admission."""
         if free == len(self.rows) or free >= len(self.waiting) or not self._rows_freed:
             return True
-        if all(self._carries(request.prompt) for request in list(self.waiting)[:free]):
+        if all(self._carries(request.prompt) for request in itertools.islice(self.waiting, free)):
             return True  # no prefill to share
         self._idle_row_steps += free
         steps_to_next = self.stats.steps / self._rows_freed
