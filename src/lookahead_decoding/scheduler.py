@@ -431,7 +431,7 @@ class BatchScheduler:
         if shape != launched.shape or self.carrying or launched.carried.any():
             if not self._token_rows:
                 return
-            parts = self._prompt_parts()
+            parts = self._prompt_parts() if self.carrying else {}
             rows = TokenRows(self.arrays.last, decoding, decoding & self.choosers.lookahead, self.arrays.length, parts)
             chained = self.runner.chain(launched, changes, shape, rows)
             if shape == launched.shape:
