@@ -63,3 +63,42 @@ def test_other_attention_implementations_are_left_as_chosen(implementation):
     model = tiny_model("llama", seed=3, attn_implementation=implementation)
     ld.generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=4)
     assert model.config._attn_implementation == implementation
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), kv_heads=st.integers(1, 3), groups=st.integers(1, 4), queries=st.integers(1, 9),
+       keys=st.integers(1, 40), mask_batch=st.booleans(), folded=st.booleans(), seed=st.integers(0, 2**16))
+def test_flex_decoding_attention_equals_the_folded_sdpa(batch, kv_heads, groups, queries, keys, mask_batch, folded,
+                                                         seed):
+    generator = torch.Generator().manual_seed(seed)
+    heads, dim = kv_heads * groups, 8
+    query = torch.randn(batch, heads, queries, dim, generator=generator)
+    key = torch.randn(batch, kv_heads, keys, dim, generator=generator)
+    value = torch.randn(batch, kv_heads, keys, dim, generator=generator)
+    allowed = torch.rand(batch if mask_batch else 1, 1, queries, keys, generator=generator) < 0.7
+    allowed[..., 0] = True
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    expected = folded_gqa_attention(query, key, value, mask, 0.3)
+    given_mask = fold_mask(mask, groups) if folded else mask
+    torch.testing.assert_close(attention.flex_decoding_attention(query, key, value, given_mask, 0.3), expected)
+
+
+def test_a_model_on_the_flex_attention_decodes_its_steps_there_and_still_matches_greedy(monkeypatch):
+    model = tiny_model("qwen2", seed=5)  # 4 query heads per KV head
+    prompt = torch.tensor([[5, 9, 2, 11, 5, 9, 2]])
+    expected = greedy_reference(model, prompt, 24)
+    model.set_attn_implementation(attention.FLEX_NAME)
+    flex_rows, sdpa_rows = [], []
+    flex_decoding = attention.flex_decoding_attention
+    monkeypatch.setattr(attention, "flex_decoding_attention",
+                        lambda *args: flex_rows.append(args[0].shape[2]) or flex_decoding(*args))
+    monkeypatch.setattr(attention, "folded_gqa_attention",
+                        lambda *args: sdpa_rows.append(args[0].shape[2]) or folded_gqa_attention(*args))
+    for config in (ld.LookaheadConfig(window=4, ngram=3, guesses=3), ld.LookaheadConfig(window=40, ngram=4)):
+        out = ld.generate(model, prompt, max_new_tokens=24, config=config)
+        assert out.sequences.tolist() == expected.tolist()
+    assert model.config._attn_implementation == attention.FLEX_NAME
+    # Steps of fewer than 32 query rows (x 4 heads) went to flex attention, the wide window's to SDPA.
+    assert flex_rows and max(flex_rows) * 4 < attention.FLEX_DECODING_ROWS
+    assert sdpa_rows and min(sdpa_rows) * 4 >= attention.FLEX_DECODING_ROWS
+
