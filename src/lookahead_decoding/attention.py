@@ -59,7 +59,7 @@ def folded_gqa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 @functools.cache
 def flex_kernels(device_type: str):
     """flex_attention as it runs fast on `device_type`: compiled to Triton kernels on CUDA (one compilation per
-    shape), as it is elsewhere (PyTorch's reference implementation: the same arithmetic, for tests on the CPU)."""
+    shape but the cache's width), as it is elsewhere (PyTorch's reference implementation: the same arithmetic, for tests on the CPU)."""
     return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
@@ -77,6 +77,9 @@ def flex_decoding_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     def add_mask(score, row, head, query_row, slot):
         return score + rows[row, query_row % length, slot]
 
+    if not torch.compiler.is_compiling():  # one compilation for every width the engine's steps read
+        for tensor, dimension in ((key, 2), (value, 2), (rows, 2)):
+            torch._dynamo.mark_dynamic(tensor, dimension)
     folded = query.reshape(batch, kv_heads, heads // kv_heads * length, dim)
     output = flex_kernels(query.device.type)(folded, key, value, score_mod=add_mask, scale=scaling)
     return output.reshape(batch, heads, length, value.shape[-1]).transpose(1, 2).contiguous()
