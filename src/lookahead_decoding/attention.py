@@ -107,7 +107,8 @@ def lookahead_flex_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     """An `AttentionInterface` function: `flex_decoding_attention` for a step of few query rows under our additive
     masks, `lookahead_sdpa_forward` for everything else (prefill chunks, wide trees, the model's own masks)."""
     few_rows = query.shape[1] // key.shape[1] * query.shape[2] < FLEX_DECODING_ROWS
-    plain = (dropout == 0.0 and not query.shape[1] % key.shape[1]
+    dim = query.shape[-1]
+    plain = (dropout == 0.0 and not query.shape[1] % key.shape[1] and dim >= 16 and not dim & (dim - 1)  # (its tiles)
              and not any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "s_aux", "sinks")))
     if few_rows and plain and attention_mask is not None and attention_mask.dim() == 4 \
             and attention_mask.shape[1] == 1 and attention_mask.is_floating_point():
