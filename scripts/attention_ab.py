@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from lookahead_decoding import LookaheadConfig, load_model
-from lookahead_decoding.attention import FLEX_NAME, NAME
+from lookahead_decoding.attention import NAME
 from lookahead_decoding.cli.tune import RANDOM_SHAPES, random_model
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.engine import StaticStep
@@ -102,9 +102,8 @@ def main() -> None:
     parser.add_argument("--batch-size", default="1,8,64")
     parser.add_argument("--prompt-tokens", type=int, default=600)
     parser.add_argument("--replays", type=int, default=50)
-    parser.add_argument("--attention", choices=("both", "sdpa", "ours", "flex", "ours,flex"), default="both",
-                        help="transformers' SDPA, ours (attention.py), ours with flex attention's decoding kernel for "
-                        "steps of few query rows, or two side by side (both: SDPA and ours; default)")
+    parser.add_argument("--attention", choices=("both", "sdpa", "ours"), default="both",
+                        help="transformers' SDPA, ours (attention.py), or both side by side (default)")
     parser.add_argument("--sdpa-backends", default="default", metavar="NAME[,NAME...]",
                         help="time each step under each of these SDPA backends (default: PyTorch's choice; others: "
                         "cudnn_attention, efficient_attention, math)")
@@ -128,8 +127,7 @@ def main() -> None:
         model, _ = load_model(args.model, device=args.device, dtype=args.dtype)
     rows = []
     for batch_size in (int(b) for b in args.batch_size.split(",")):
-        for attention in {"both": ("sdpa", NAME), "sdpa": ("sdpa",), "ours": (NAME,), "flex": (FLEX_NAME,),
-                          "ours,flex": (NAME, FLEX_NAME)}[args.attention]:
+        for attention in {"both": ("sdpa", NAME), "sdpa": ("sdpa",), "ours": (NAME,)}[args.attention]:
             for backend in args.sdpa_backends.split(","):
                 with contextlib.nullcontext() if backend == "default" else sdpa_kernel(getattr(SDPBackend, backend.upper())):
                     costs = step_costs(model, attention, batch_size, args.prompt_tokens, args.replays, args.kernels,

@@ -17,19 +17,12 @@ model computes what it computed before, in every forward, ours or not.
 
 from __future__ import annotations
 
-import functools
-
 import torch
-from torch.nn.attention.flex_attention import flex_attention
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "lookahead_sdpa"
-# The same attention, but a step of few query rows runs flex attention's decoding kernel (`flex_decoding_attention`).
-FLEX_NAME = "lookahead_flex"
-# Query rows per KV head (its query heads' rows together) below which flex attention picks its decoding kernel.
-FLEX_DECODING_ROWS = 128
 
 
 def fold_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
@@ -56,35 +49,6 @@ def folded_gqa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     return output.reshape(batch, heads, length, value.shape[-1]).transpose(1, 2).contiguous()
 
 
-@functools.cache
-def flex_kernels(device_type: str):
-    """flex_attention as it runs fast on `device_type`: compiled to Triton kernels on CUDA (one compilation per
-    shape but the cache's width), as it is elsewhere (PyTorch's reference implementation: the same arithmetic, for tests on the CPU)."""
-    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
-
-
-def flex_decoding_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                            scaling: float | None) -> torch.Tensor:
-    """The attention of `folded_gqa_attention` for a step of few query rows, under an additive mask, by flex
-    attention's decoding kernel: SDPA's kernels give each KV head's query rows one block of threads for the whole
-    cache (a handful of blocks at batch 1), where the decoding kernel splits the cache over the device and
-    reduces the parts. The query heads that share a KV head are folded into the query rows as there; each folded
-    row reads its query's mask row."""
-    batch, heads, length, dim = query.shape
-    kv_heads = key.shape[1]
-    rows = mask[:, 0, :length].expand(batch, -1, -1)  # a folded mask's first Q rows are the mask
-
-    def add_mask(score, row, head, query_row, slot):
-        return score + rows[row, query_row % length, slot]
-
-    if not torch.compiler.is_compiling():  # one compilation for every width the engine's steps read
-        for tensor, dimension in ((key, 2), (value, 2), (rows, 2)):
-            torch._dynamo.mark_dynamic(tensor, dimension)
-    folded = query.reshape(batch, kv_heads, heads // kv_heads * length, dim)
-    output = flex_kernels(query.device.type)(folded, key, value, score_mod=add_mask, scale=scaling)
-    return output.reshape(batch, heads, length, value.shape[-1]).transpose(1, 2).contiguous()
-
-
 def lookahead_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                            **kwargs) -> tuple[torch.Tensor, None]:
@@ -101,23 +65,6 @@ def lookahead_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     return folded_gqa_attention(query, key, value, attention_mask, scaling), None
 
 
-def lookahead_flex_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                           **kwargs) -> tuple[torch.Tensor, None]:
-    """An `AttentionInterface` function: `flex_decoding_attention` for a step of few query rows under our additive
-    masks, `lookahead_sdpa_forward` for everything else (prefill chunks, wide trees, the model's own masks)."""
-    few_rows = query.shape[1] // key.shape[1] * query.shape[2] < FLEX_DECODING_ROWS
-    dim = query.shape[-1]
-    plain = (dropout == 0.0 and not query.shape[1] % key.shape[1] and dim >= 16 and not dim & (dim - 1)  # (its tiles)
-             and not any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "s_aux", "sinks")))
-    if few_rows and plain and attention_mask is not None and attention_mask.dim() == 4 \
-            and attention_mask.shape[1] == 1 and attention_mask.is_floating_point():
-        width = attention_mask.shape[-1]
-        return flex_decoding_attention(query, key[:, :, :width], value[:, :, :width], attention_mask, scaling), None
-    return lookahead_sdpa_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-
-
-for name, function in ((NAME, lookahead_sdpa_forward), (FLEX_NAME, lookahead_flex_forward)):
-    AttentionInterface.register(name, function)
-    # The model's own forwards (e.g. model.generate after ours) build the masks SDPA takes.
-    AttentionMaskInterface.register(name, sdpa_mask)
+AttentionInterface.register(NAME, lookahead_sdpa_forward)
+# The model's own forwards (e.g. model.generate after ours) build the masks SDPA takes.
+AttentionMaskInterface.register(NAME, sdpa_mask)

@@ -13,9 +13,7 @@ from transformers import DynamicCache
 from . import attention as lookahead_attention
 
 # Attention backends that honour an arbitrary 4D mask; flash-attention kernels only know causal/padding masks.
-MASKABLE_ATTENTION = ("eager", "sdpa", "flex_attention", lookahead_attention.NAME, lookahead_attention.FLEX_NAME)
-# Ours (attention.py): masks folded for the query heads that share a KV head, and as narrow as the step reads.
-FOLDING_ATTENTION = (lookahead_attention.NAME, lookahead_attention.FLEX_NAME)
+MASKABLE_ATTENTION = ("eager", "sdpa", "flex_attention", lookahead_attention.NAME)
 
 
 class UnsupportedModelError(ValueError):
@@ -68,10 +66,10 @@ class ModelAdapter:
         # once per forward, not in every layer (1: masks as they are).
         kv_heads = getattr(text_config, "num_key_value_heads", None)
         heads = getattr(text_config, "num_attention_heads", None)
-        self.query_groups = heads // kv_heads if attention in FOLDING_ATTENTION and kv_heads and heads else 1
+        self.query_groups = heads // kv_heads if attention == lookahead_attention.NAME and kv_heads and heads else 1
         # Our attention reads only as many cache slots as the mask has columns (`attention.py`); the others need a
         # mask as wide as the cache.
-        self.takes_narrow_masks = attention in FOLDING_ATTENTION
+        self.takes_narrow_masks = attention == lookahead_attention.NAME
         # Weak, so that engines cached per model (runners.py) do not keep their model alive.
         self._model = weakref.ref(model)
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
