@@ -1,5 +1,5 @@
 """Prompts that ride in a batch's steps instead of a prefill (`StaticStep.carry_prompts`,
-`scheduler.MAX_CARRIED_STEPS`): the row ends up as its prefill would leave it, and every sequence keeps exactly its
+`scheduler.PREFILL_STALL_STEPS`): the row ends up as its prefill would leave it, and every sequence keeps exactly its
 greedy tokens."""
 
 import numpy
@@ -12,7 +12,7 @@ from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.device_drafts import TOP_K
 from lookahead_decoding.drafting.base import NoDrafts
 from lookahead_decoding.engine import StaticStep
-from lookahead_decoding.scheduler import MAX_CARRIED_STEPS, BatchScheduler, Request
+from lookahead_decoding.scheduler import PREFILL_STALL_STEPS, BatchScheduler, Request
 from lookahead_decoding.step import PromptPart, TokenRows
 from lookahead_decoding.tuning import StepPlan
 
@@ -66,11 +66,12 @@ def test_a_carried_prompt_leaves_its_row_as_its_prefill_would(llama):
 @pytest.mark.parametrize("pipelined", [False, True])
 def test_short_prompts_admitted_while_rows_decode_ride_in_their_steps(pipelined):
     """Nine requests through three rows: the first three are prefilled together, the others, admitted while rows
-    decode, ride in the steps, except the two whose prompts take more than MAX_CARRIED_STEPS steps."""
+    decode, ride in the steps, except the two whose prompts take more steps than their prefill would stall the
+    rows that decode, 1.5 steps each: 34 ids (4 steps of 11) with two rows decoding, 33 (3 steps) with one."""
     model = tiny_model("llama")
     generator = torch.Generator().manual_seed(5)
-    longest = MAX_CARRIED_STEPS * STEP_ROWS
-    lengths = (3, 9, 5, 12, 4, 30, longest + 1, 2, longest)
+    two_rows_stall = int(PREFILL_STALL_STEPS * 2) * STEP_ROWS  # the longest prompt that rides beside two rows
+    lengths = (3, 9, 5, 12, 4, 30, two_rows_stall + 1, 2, two_rows_stall)
     prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]
     budgets = [30, 6, 25, 3, 17, 20, 9, 14, 11]
     eos = greedy_reference(model, torch.tensor([prompts[0]]), 30)[0, len(prompts[0]) + 12].item()
@@ -81,7 +82,7 @@ def test_short_prompts_admitted_while_rows_decode_ride_in_their_steps(pipelined)
     out = ld.generate(model, prompts, budgets, DEVICE_SHAPE, runner=runner, eos_token_id=eos)
     for prompt, budget, row in zip(prompts, budgets, out.rows):
         assert row.tokens == greedy_reference(model, torch.tensor([prompt]), budget, eos_token_id=eos)[0].tolist()
-    assert (out.stats.prefills, out.stats.carried_prompts) == (2, 5)
+    assert (out.stats.prefills, out.stats.carried_prompts) == (3, 4)
     # Pipelined, steps that carry ids are launched behind unread ones, and steps behind them go on from the device.
     assert any(rows is not None and rows.prompts for _, rows in chained) == pipelined
     assert any(previous.carried.any() for previous, _ in chained) == pipelined
@@ -89,23 +90,25 @@ def test_short_prompts_admitted_while_rows_decode_ride_in_their_steps(pipelined)
 
 def test_a_request_cancelled_while_its_prompt_rides_frees_its_row():
     model = tiny_model("llama")
-    runner = StaticStep(model, DEVICE_SHAPE, 128, batch_size=2)
+    runner = StaticStep(model, DEVICE_SHAPE, 128, batch_size=3)
     scheduler = BatchScheduler(runner, StepPlan((DEVICE_SHAPE,), (1.0,)), lambda memory=None: NoDrafts())
     generator = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (3, 8, 25, 4)]
-    for tag, (prompt, budget) in enumerate(zip(prompts, (2, 40, 12, 9))):
+    budgets = (2, 40, 40, 12, 9)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (3, 8, 6, 25, 4)]
+    for tag, (prompt, budget) in enumerate(zip(prompts, budgets)):
         scheduler.submit(Request(prompt, budget, tag=tag))
     finished = {}
-    while not scheduler.carrying:  # request 0 ends in a step or two, and request 2 takes its row
+    while not scheduler.carrying:  # request 0 ends in a step or two, and request 3 takes its row (3 steps)
+        assert not scheduler.idle
         finished.update((result.tag, result) for result in scheduler.step())
-    assert list(finished) == [0] and scheduler.carrying == {0: prompts[2][STEP_ROWS:]}
-    assert scheduler.cancel(2) is None
+    assert list(finished) == [0] and scheduler.carrying == {0: prompts[3][STEP_ROWS:]}
+    assert scheduler.cancel(3) is None
     while not scheduler.idle:
         finished.update((result.tag, result) for result in scheduler.step())
-    assert finished[2].tokens == prompts[2] and not scheduler.carrying
-    for tag in (1, 3):
-        budget = (2, 40, 12, 9)[tag]
-        assert finished[tag].tokens == greedy_reference(model, torch.tensor([prompts[tag]]), budget)[0].tolist()
+    assert finished[3].tokens == prompts[3] and not scheduler.carrying
+    for tag in (1, 2, 4):
+        expected = greedy_reference(model, torch.tensor([prompts[tag]]), budgets[tag])[0].tolist()
+        assert finished[tag].tokens == expected
     assert scheduler.stats.carried_prompts == 2
 
 
@@ -123,7 +126,7 @@ def test_sampled_prompts_that_ride_draw_what_plain_sampling_draws(penalties):
     out = ld.generate(model, prompts, budgets, DEVICE_SHAPE, runner=runner, **kwargs)
     plain = ld.generate(model, prompts, budgets, AUTOREGRESSIVE, **kwargs)
     assert [row.tokens for row in out.rows] == [row.tokens for row in plain.rows]
-    assert out.stats.carried_prompts == 4
+    assert out.stats.carried_prompts == 3
 
 
 def test_an_engine_that_cannot_carry_prompts_says_so(llama):

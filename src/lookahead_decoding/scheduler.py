@@ -10,7 +10,7 @@ A row that stops mid-batch is refilled by the next request, without recapturing 
 not depend on which rows decode): at the next step, or a few steps later together with rows that free meanwhile,
 which then share one prefill (`REFILL_PATIENCE`). Where the runner's steps can carry prompts
 (`engine.StaticStep.carry_prompts`), a short prompt admitted while other rows decode rides in the batch's next
-steps instead, in place of its row's step, and nobody waits for a prefill (`MAX_CARRIED_STEPS`). One sequence is a
+steps instead, in place of its row's step, and nobody waits for a prefill (`PREFILL_STALL_STEPS`). One sequence is a
 batch of one: `decoding.decode` runs here too.
 
 Per-row state lives in arrays over the rows (`shape_choice.ChooserTable`, `row_arrays.RowArrays`), so that a step
@@ -64,12 +64,14 @@ from .tuning import COST_TIERS, StepPlan, cost_tier, shape_name
 # rows free too seldom to come within that cost (a few rows, long answers). 0: no wait. docs/benchmarks.md,
 # "Refills that wait for company", has what it gains.
 REFILL_PATIENCE = 1.0
-# The most steps a prompt admitted while other rows decode may ride in (the batch's steps then take the runner's
-# widest shape that carries prompts): a prefill's chunk stalls every decoding row for about one and a half steps
-# (docs/benchmarks.md, "The row tables on an H100, what a refill costs"), a carried prompt costs only its own row
-# one step per step's rows of prompt (a 100-token prompt at 8 rows and 64 rows a step: 2 row-steps, against 12 for
-# its prefill). docs/algorithm.md, "Refilling free rows".
-MAX_CARRIED_STEPS = 4
+# A prompt admitted while other rows decode rides in the batch's steps (which then take the runner's widest shape
+# that carries prompts) where that costs less than its prefill: a prefill's chunk stalls every decoding row for about
+# one and a half steps (docs/benchmarks.md, "The row tables on an H100, what a refill costs"), a carried prompt
+# costs only its own row a step per step's rows of prompt (a 100-token prompt at 8 rows and 64 rows a step: 2
+# row-steps, against 10 for its prefill). At most MAX_CARRIED_STEPS steps, for the request's first token waits for
+# them. docs/algorithm.md, "Refilling free rows".
+PREFILL_STALL_STEPS = 1.5
+MAX_CARRIED_STEPS = 16
 
 
 @dataclass
@@ -505,16 +507,20 @@ class BatchScheduler:
         adds this step's lost row-steps to the count since the last admission."""
         if free == len(self.rows) or free >= len(self.waiting) or not self._rows_freed:
             return True
-        if all(self._carries(request.prompt) for request in itertools.islice(self.waiting, free)):
+        decoding = len(self.rows) - free - len(self.carrying)
+        if all(self._carries(request.prompt, decoding) for request in itertools.islice(self.waiting, free)):
             return True  # no prefill to share
         self._idle_row_steps += free
         steps_to_next = self.stats.steps / self._rows_freed
         return self._idle_row_steps + free * steps_to_next >= self.refill_patience * len(self.rows)
 
-    def _carries(self, prompt: Sequence[int]) -> bool:
-        """Whether a prompt admitted while rows decode rides in the batch's steps (MAX_CARRIED_STEPS)."""
-        return self._carrier is not None and \
-            len(prompt) <= MAX_CARRIED_STEPS * self.runner.layouts[self._carrier].size
+    def _carries(self, prompt: Sequence[int], decoding: int) -> bool:
+        """Whether a prompt admitted while `decoding` rows decode rides in the batch's steps (PREFILL_STALL_STEPS)."""
+        if self._carrier is None:
+            return False
+        steps = -(-len(prompt) // self.runner.layouts[self._carrier].size)
+        chunks = -(-len(prompt) // self.runner.prefill_chunk)
+        return steps <= min(MAX_CARRIED_STEPS, PREFILL_STALL_STEPS * chunks * decoding)
 
     def _admit(self) -> list[Finished]:
         free = numpy.flatnonzero(~self.occupied).tolist()
@@ -556,7 +562,8 @@ class BatchScheduler:
                 if idle and len(admitted) == 1:
                     self._drafter.learn_for(self.memory if uses_memory else None if request.use_memory else ISOLATED)
                 self._drafter.share_memory(index, uses_memory)
-        carried = {} if idle else {index: prompt for index, prompt in admitted.items() if self._carries(prompt)}
+        decoding = int(self.occupied.sum()) - len(admitted) - len(self.carrying)
+        carried = {index: prompt for index, prompt in admitted.items() if self._carries(prompt, decoding)}
         if carried:
             self.runner.carry_prompts(list(carried), {index: self.rows[index].request.sampling for index in carried})
             self.carrying.update((index, list(prompt)) for index, prompt in carried.items())

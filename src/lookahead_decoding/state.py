@@ -34,7 +34,7 @@ class GenerationStats:
     """steps: forward passes after the prefill; accepted_histogram: {tokens committed in a step: steps};
     shape_steps: {step shape: steps of that shape}; prefills: the prefills that started sequences (a sequence's own:
     1; a batch's: the admissions that started rows together, each a forward per prompt chunk, apart from `steps`);
-    carried_prompts: a batch's prompts that rode in its steps instead (`scheduler.MAX_CARRIED_STEPS`)."""
+    carried_prompts: a batch's prompts that rode in its steps instead (`scheduler.PREFILL_STALL_STEPS`)."""
 
     steps: int = 0
     new_tokens: int = 0
