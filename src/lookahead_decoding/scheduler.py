@@ -436,13 +436,12 @@ class BatchScheduler:
             parts = self._prompt_parts() if self.carrying else {}
             rows = TokenRows(self.arrays.last, decoding, decoding & self.choosers.lookahead, self.arrays.length, parts)
             chained = self.runner.chain(launched, changes, shape, rows)
-            if shape == launched.shape:
-                pending.launched = launched._replace(scores=None)  # the chained step writes its logits there
         elif self.plan.shapes[shape].device_drafts and any(
                 token is not None and not self.choosers.lookahead[index] for index, token in changes.items()):
             return  # a row that starts without lookahead: launched from the host, with no tree
         else:
             chained = self.runner.chain(launched, changes)
+        if shape == launched.shape:
             pending.launched = launched._replace(scores=None)  # the chained step writes its logits where these were
         self._pending = _Pending(chained, self.admissions.copy(), self.occupied.copy(), expected_extra, parts)
 
