@@ -1,5 +1,8 @@
 """Step cost of the static engine under transformers' SDPA attention and under ours (attention.py), side by side.
 
+`--attention` names what to compare: `sdpa` (transformers' own), `folded` (ours, every step on SDPA with the query
+heads folded) and `ours` (ours as the engine runs it: steps of few rows on the split-KV kernel, split_attention.py).
+
 For each batch size, one engine per attention is built over the same model, every row is prefilled with a prompt
 of --prompt-tokens tokens, and each step shape is replayed back to back (device time; a CUDA graph on CUDA) and
 then run as decoding runs it, one host sync per step. Rows ride along idle during the timed replays, so the cache
@@ -8,7 +11,8 @@ time in an uncaptured step of each shape are listed too (torch.profiler).
 
     python scripts/attention_ab.py --model SmolLM2-135M-Instruct.Q4_1.gguf --batch-size 1,8,64 --out ab.json
     python scripts/attention_ab.py --random-shape llama-3-8b --batch-size 1,8 --out ab8b.json
-    python scripts/attention_ab.py --random-shape llama-3-8b --batch-size 1 --attention ours --kernels 12 --out k.json
+    python scripts/attention_ab.py --random-shape llama-3-8b --batch-size 1 --attention folded,ours --kernels 12 \
+        --out k.json
     python scripts/attention_ab.py --random-shape llama-3-8b --batch-size 1 --attention ours --shapes plain,device \
         --compile --out c.json
 """
@@ -26,13 +30,14 @@ from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
-from lookahead_decoding import LookaheadConfig, load_model
+from lookahead_decoding import LookaheadConfig, load_model, split_attention
 from lookahead_decoding.attention import NAME
 from lookahead_decoding.cli.tune import RANDOM_SHAPES, random_model
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.sampling_params import SamplingParams
 
+ATTENTIONS = ("sdpa", "folded", "ours")
 SHAPES = {"plain": AUTOREGRESSIVE,
           "W5 N4 G5 B15 K12": LookaheadConfig(5, 4, 5, candidate_length=12, tree_nodes=15),
           "W20 N7 G20 B120 K12": LookaheadConfig(20, 7, 20, candidate_length=12, tree_nodes=120),
@@ -65,7 +70,8 @@ def step_costs(model, attention: str, batch_size: int, prompt_tokens: int, repla
                shapes: dict[str, LookaheadConfig], compile: bool, temperature: float = 0.0) -> dict:
     engine = StaticStep(model, list(shapes.values()), max_length=prompt_tokens + 64, batch_size=batch_size,
                         compile=compile, sampling=temperature > 0)
-    model.set_attn_implementation(attention)  # after the engine chose ours: the A/B switch
+    model.set_attn_implementation("sdpa" if attention == "sdpa" else NAME)  # after the engine chose ours: the A/B
+    split_attention.DEVICES = () if attention == "folded" else ("cuda",)
     prompt = [(7 * i) % 1000 + 10 for i in range(prompt_tokens)]
     sampling = {row: SamplingParams(temperature=temperature, seed=row) for row in range(batch_size)}
     with torch.inference_mode():
@@ -90,6 +96,7 @@ def step_costs(model, attention: str, batch_size: int, prompt_tokens: int, repla
             if kernels and engine.adapter.device.type == "cuda":
                 result[name].update(top_kernels(step.fn, engine.adapter.device, 5, kernels))
     model.set_attn_implementation(NAME)
+    split_attention.DEVICES = ("cuda",)
     return result
 
 
@@ -102,8 +109,8 @@ def main() -> None:
     parser.add_argument("--batch-size", default="1,8,64")
     parser.add_argument("--prompt-tokens", type=int, default=600)
     parser.add_argument("--replays", type=int, default=50)
-    parser.add_argument("--attention", choices=("both", "sdpa", "ours"), default="both",
-                        help="transformers' SDPA, ours (attention.py), or both side by side (default)")
+    parser.add_argument("--attention", default="sdpa,ours", metavar="NAME[,NAME...]",
+                        help=f"attentions to time side by side, of: {', '.join(ATTENTIONS)} (default: sdpa,ours)")
     parser.add_argument("--sdpa-backends", default="default", metavar="NAME[,NAME...]",
                         help="time each step under each of these SDPA backends (default: PyTorch's choice; others: "
                         "cudnn_attention, efficient_attention, math)")
@@ -121,13 +128,16 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
     shapes = {name: SHAPES[name] for name in names}
+    attentions = args.attention.split(",")
+    if not set(attentions) <= set(ATTENTIONS):
+        parser.error(f"unknown attentions {sorted(set(attentions) - set(ATTENTIONS))}; choose from {ATTENTIONS}")
     if args.random_shape:
         model = random_model(args.random_shape, args.device, args.dtype)
     else:
         model, _ = load_model(args.model, device=args.device, dtype=args.dtype)
     rows = []
     for batch_size in (int(b) for b in args.batch_size.split(",")):
-        for attention in {"both": ("sdpa", NAME), "sdpa": ("sdpa",), "ours": (NAME,)}[args.attention]:
+        for attention in attentions:
             for backend in args.sdpa_backends.split(","):
                 with contextlib.nullcontext() if backend == "default" else sdpa_kernel(getattr(SDPBackend, backend.upper())):
                     costs = step_costs(model, attention, batch_size, args.prompt_tokens, args.replays, args.kernels,

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
-import lookahead_decoding as ld
-from lookahead_decoding import engine
-from lookahead_decoding.drafting import CandidateSource, Draft
+if not torch.cuda.is_available():  # Triton's kernels (split_attention.py) run in its interpreter on the CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import transformers  # noqa: E402
+
+import lookahead_decoding as ld  # noqa: E402
+from lookahead_decoding import engine  # noqa: E402
+from lookahead_decoding.drafting import CandidateSource, Draft  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models on 2 cores: intra-op threads only add contention
 

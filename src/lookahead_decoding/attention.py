@@ -9,6 +9,8 @@ Here the query heads that share a KV head are folded into the query length inste
 and the mask [batch, 1, Q, L] is repeated per group (Q rows, not L · D values, are copied). The arithmetic is the
 same attention. A mask narrower than the cache reads only the cache's first slots, as many as the mask has columns:
 the engine's steps attend to what their rows hold, not to every slot (`engine.attention_widths`).
+Steps of few query rows on CUDA go to a split-KV kernel instead (`split_attention.py`), which spreads
+the cache's read over the device rather than one tile per KV head.
 It is registered in transformers' `AttentionInterface` as `lookahead_sdpa`, and `model_adapter`
 selects it (`set_attn_implementation`) for a model loaded with `sdpa`. Whatever it does not cover (no mask,
 per-head masks, soft-capping, attention sinks, dropout) goes to transformers' own SDPA function unchanged, so the
@@ -21,6 +23,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from . import split_attention
 
 NAME = "lookahead_sdpa"
 
@@ -62,6 +66,11 @@ def lookahead_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: to
             attention_mask = attention_mask[:, :, : query.shape[2]]
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if split_attention.applies(query, key, attention_mask):
+        groups = query.shape[1] // key.shape[1]
+        if attention_mask.shape[2] not in (1, query.shape[2], groups * query.shape[2]):  # folded for other heads
+            attention_mask = attention_mask[:, :, : query.shape[2]]
+        return split_attention.split_kv_attention(query, key, value, attention_mask, scaling), None
     return folded_gqa_attention(query, key, value, attention_mask, scaling), None
 
 

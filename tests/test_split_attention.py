@@ -1,0 +1,89 @@
+"""The split-KV kernel (split_attention.py) against SDPA, run in Triton's interpreter on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lookahead_decoding as ld
+from lookahead_decoding import split_attention
+from lookahead_decoding.attention import fold_mask, folded_gqa_attention
+
+from conftest import greedy_reference, tiny_model
+
+pytestmark = pytest.mark.skipif(split_attention.triton is None, reason="needs Triton")
+
+
+def reference(query, key, value, mask, scaling):
+    """transformers' attention: K and V repeated per query head, SDPA under the unfolded mask."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    if mask.dtype != torch.bool:
+        mask = mask.to(query.dtype)
+    output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return output.transpose(1, 2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), kv_heads=st.integers(1, 3), groups=st.sampled_from([1, 3, 4]),
+       length=st.integers(1, 5), dim=st.sampled_from([8, 16, 24, 64]), slots=st.integers(1, 200),
+       mask_kind=st.sampled_from(["additive", "folded", "boolean", "shared"]), seed=st.integers(0, 2**16))
+def test_matches_sdpa(batch, kv_heads, groups, length, dim, slots, mask_kind, seed):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, kv_heads * groups, length, dim, generator=generator)
+    key = torch.randn(batch, kv_heads, slots, dim, generator=generator)
+    value = torch.randn(batch, kv_heads, slots, dim, generator=generator)
+    allowed = torch.rand(1 if mask_kind == "shared" else batch, 1, length, slots, generator=generator) < 0.7
+    allowed[..., 0] = True
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    mask = {"boolean": allowed, "folded": fold_mask(additive, groups)}.get(mask_kind, additive)
+    expected = reference(query, key, value, additive.expand(batch, -1, -1, -1), 0.3)
+    torch.testing.assert_close(split_attention.split_kv_attention(query, key, value, mask, 0.3), expected)
+
+
+def test_rows_with_nothing_allowed_average_the_cache_like_sdpa():
+    """The engine's additive mask uses the dtype's minimum, not -inf: a row allowed nothing (an idle batch row)
+    weighs every slot alike, as SDPA does, rather than turning into NaN."""
+    query, key, value = torch.randn(1, 2, 2, 16), torch.randn(1, 1, 130, 16), torch.randn(1, 1, 130, 16)
+    mask = torch.full((1, 1, 2, 130), torch.finfo(torch.float32).min)
+    mask[0, 0, 0, :5] = 0.0
+    expected = reference(query, key, value, mask, None)
+    torch.testing.assert_close(split_attention.split_kv_attention(query, key, value, mask, None), expected)
+    torch.testing.assert_close(expected[0, 1], value[0, 0].mean(0).expand(2, 16))
+
+
+def test_the_folded_sdpa_agrees():
+    """Both of `attention.py`'s paths compute one attention."""
+    query, key, value = torch.randn(2, 6, 3, 32), torch.randn(2, 2, 70, 32), torch.randn(2, 2, 70, 32)
+    mask = torch.zeros(2, 1, 3, 70).masked_fill(torch.rand(2, 1, 3, 70) < 0.3, torch.finfo(torch.float32).min)
+    torch.testing.assert_close(split_attention.split_kv_attention(query, key, value, mask, None),
+                               folded_gqa_attention(query, key, value, mask, None))
+
+
+def test_applies_only_to_few_rows_on_its_devices(monkeypatch):
+    query, key = torch.randn(1, 4, 16, 8), torch.randn(1, 1, 40, 8)
+    mask = torch.zeros(1, 1, 16, 40)
+    assert not split_attention.applies(query, key, mask)  # the CPU is not among its devices
+    monkeypatch.setattr(split_attention, "DEVICES", ("cpu",))
+    assert split_attention.applies(query, key, mask)  # 4 · 16 = 64 folded rows
+    assert not split_attention.applies(torch.randn(1, 4, 17, 8), key, torch.zeros(1, 1, 17, 40))
+    assert not split_attention.applies(query, key, torch.zeros(1, 1, 16, 41))
+    assert not split_attention.applies(query, key, torch.zeros(1, 1, 16, 40, dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])
+def test_lookahead_through_the_kernel_matches_greedy(arch, monkeypatch):
+    """The engine's steps, lookahead and plain, batch of two, on the kernel wherever it applies: the same tokens
+    as greedy decoding on SDPA."""
+    model = tiny_model(arch, seed=5)
+    prompts = [[5, 9, 2, 11, 5, 9, 2], [7, 7, 3, 1]]
+    expected = [greedy_reference(model, torch.tensor([prompt]), 20)[0].tolist() for prompt in prompts]
+    monkeypatch.setattr(split_attention, "DEVICES", ("cpu",))
+    kernel_calls = []
+    kernel = split_attention.split_kv_attention
+    monkeypatch.setattr(split_attention, "split_kv_attention", lambda *args: kernel_calls.append(1) or kernel(*args))
+    out = ld.generate(model, prompts, max_new_tokens=20, config=ld.LookaheadConfig(window=4, ngram=3, guesses=3))
+    assert kernel_calls
+    assert [sequence[-len(row):].tolist() for sequence, row in zip(out.sequences, expected)] == expected  # left-padded
