@@ -6,8 +6,9 @@ import torch
 from conftest import VOCAB, greedy_reference, real_vocabulary_model, tiny_model
 
 import lookahead_decoding as ld
-from lookahead_decoding import engine, runners
+from lookahead_decoding import engine, runners, split_attention
 from lookahead_decoding import scheduler as scheduler_module
+from lookahead_decoding.attention import fold_mask, folded_gqa_attention
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.decoding import open_scheduler
 from lookahead_decoding.device_drafts import DeviceDrafter
@@ -249,3 +250,26 @@ def test_the_device_tables_keep_the_same_write_of_a_token_written_many_times_as_
     for table in ("table", "pair_table", "table_scores", "pair_scores", "pair_keys"):  # (not the spare row)
         assert torch.equal(getattr(cpu, table), getattr(cuda, table).cpu()), table
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("queries", [1, 4, 16])
+def test_the_split_kv_kernel_matches_sdpa_in_a_compiled_graph(dtype, queries):
+    """Llama-3-8B's heads (32 query, 8 KV, 128 dims) over 1,100 slots, the engine's additive mask folded; the
+    kernel compiled (torch.compile) and captured, as the compiled engine runs it."""
+    generator = torch.Generator().manual_seed(queries)
+    query = torch.randn(2, 32, queries, 128, generator=generator).to("cuda", dtype)
+    key, value = (torch.randn(2, 8, 1100, 128, generator=generator).to("cuda", dtype) for _ in range(2))
+    allowed = torch.rand(2, 1, queries, 1100, generator=generator).cuda() < 0.8
+    mask = torch.zeros(allowed.shape, dtype=dtype, device="cuda").masked_fill(~allowed, torch.finfo(dtype).min)
+    folded = fold_mask(mask, 4) if queries > 1 else mask
+    assert split_attention.applies(query, key, folded)
+    expected = folded_gqa_attention(query, key, value, mask, None)
+    compiled = torch.compile(split_attention.split_kv_attention, dynamic=False)
+    compiled(query, key, value, folded, None)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = compiled(query, key, value, folded, None)
+    graph.replay()
+    tolerance = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(output, expected, **tolerance)
