@@ -73,9 +73,9 @@ def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         DIM=max(16, triton.next_power_of_2(dim)), BLOCK=SLOTS_PER_BLOCK, BOOLEAN_MASK=mask.dtype == torch.bool,
         FP32=query.dtype == torch.float32, SINGLE=splits == 1, **blocks_shape)
     if splits > 1:
-        _combine_kernel[(units,)](
+        _combine_kernel[(units, folded_rows)](
             partial_max, partial_sum, partial_values, output, *output.stride()[:3],
-            kv_heads, groups, length, folded_rows, value.shape[-1], splits, **blocks_shape)
+            kv_heads, groups, length, value.shape[-1], splits, SPLITS=triton.next_power_of_2(splits), **blocks_shape)
     return output
 
 
@@ -144,32 +144,25 @@ if triton is not None:
 
     @triton.jit
     def _combine_kernel(max_ptr, sum_ptr, values_ptr, out_ptr, o_sb, o_sq, o_sh,
-                        kv_heads, groups, length, folded_rows, value_dim, splits,
-                        ROWS: tl.constexpr, VALUE_DIM: tl.constexpr):
-        """The softmax over every span of one (row, KV head): each span's sums rescaled to the largest maximum."""
+                        kv_heads, groups, length, value_dim, splits,
+                        ROWS: tl.constexpr, VALUE_DIM: tl.constexpr, SPLITS: tl.constexpr):
+        """The softmax of one folded query row of one (row, KV head) over every span, all spans read at once: each
+        span's sums rescaled to the largest maximum."""
         unit = tl.program_id(0)
+        row = tl.program_id(1)
         b = unit // kv_heads
         h = unit % kv_heads
-        rows = tl.arange(0, ROWS)
+        spans = tl.arange(0, SPLITS)
+        live_spans = spans < splits
         value_dims = tl.arange(0, VALUE_DIM)
-        overall_max = tl.full([ROWS], float("-inf"), tl.float32)
-        total = tl.zeros([ROWS], tl.float32)
-        weighted = tl.zeros([ROWS, VALUE_DIM], tl.float32)
-        for split in range(0, splits):
-            partial = (unit * splits + split) * ROWS + rows
-            span_max = tl.load(max_ptr + partial)
-            new_max = tl.maximum(overall_max, span_max)
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            decay = tl.exp(overall_max - shift)
-            span_decay = tl.exp(span_max - shift)
-            total = total * decay + tl.load(sum_ptr + partial) * span_decay
-            span_values = tl.load(values_ptr + partial[:, None] * VALUE_DIM + value_dims[None, :])
-            weighted = weighted * decay[:, None] + span_values * span_decay[:, None]
-            overall_max = new_max
+        partial = (unit * splits + spans) * ROWS + row
+        span_max = tl.load(max_ptr + partial, mask=live_spans, other=float("-inf"))
+        overall_max = tl.max(span_max, 0)
+        span_weight = tl.exp(span_max - tl.where(overall_max == float("-inf"), 0.0, overall_max))
+        total = tl.sum(tl.load(sum_ptr + partial, mask=live_spans, other=0.0) * span_weight, 0)
+        span_values = tl.load(values_ptr + partial[:, None] * VALUE_DIM + value_dims[None, :],
+                              mask=live_spans[:, None], other=0.0)
+        weighted = tl.sum(span_values * span_weight[:, None], 0)
         total = tl.where(total == 0.0, 1.0, total)
-        group = rows // length
-        position = rows % length
-        out = (out_ptr + b * o_sb + position[:, None] * o_sq + (h * groups + group)[:, None] * o_sh
-               + value_dims[None, :])
-        tl.store(out, (weighted / total[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=(rows < folded_rows)[:, None] & (value_dims[None, :] < value_dim))
+        out = out_ptr + b * o_sb + (row % length) * o_sq + (h * groups + row // length) * o_sh + value_dims
+        tl.store(out, (weighted / total).to(out_ptr.dtype.element_ty), mask=value_dims < value_dim)
