@@ -2,10 +2,10 @@
 
 A decoding step has one query per row (a lookahead step a few dozen), so a flash-attention kernel that tiles the
 queries gets one tile per KV head: at batch 1 a handful of the device's 132 multiprocessors read the whole cache
-while the rest idle (cuDNN's flash kernel spent 22 us a layer on one query over 1,152 slots in Llama-3-8B's shape,
-docs/benchmarks.md). Here each (row, KV head, block of folded query rows) reads only one span of the cache; every
-span yields its rows' running maximum, sum of exponentials and weighted values, and a second kernel combines the
-spans into the softmax over the whole cache (the flash-decoding scheme). The query heads that share a KV head
+while the rest idle (cuDNN's flash kernel spent 22 µs a layer on one query over 1,152 slots in Llama-3-8B's shape,
+docs/benchmarks.md). Here each (row, KV head) has one program per span of the cache, for all its folded query
+rows; every span yields its rows' running maximum, sum of exponentials and weighted values, and a second kernel
+combines the spans into the softmax over the whole cache (the flash-decoding scheme). The query heads that share a KV head
 are folded into the query rows as in `attention.py`, so K and V are read once per KV head.
 
 The step's mask is an additive one (the engine's, `model_adapter.attention_mask`) or a boolean one, with one row
@@ -42,8 +42,9 @@ def applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor) -> bool:
 
 def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                        scaling: float | None) -> torch.Tensor:
-    """Attention of query [B, H, Q, D] over key/value [B, H_kv, L, D] under `mask` [B or 1, 1, Q, groups · Q or
-    1 rows, L] (additive, or boolean: True attends); returns [B, Q, H, D], the layout attention functions return."""
+    """Attention of query [B, H, Q, D] over key/value [B, H_kv, L, D] under `mask` [B or 1, 1, R, L] with R one of
+    Q, groups · Q (folded) or 1 (additive, or boolean: True attends); returns [B, Q, H, D], the layout attention
+    functions return."""
     batch, heads, length, dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     groups = heads // kv_heads
