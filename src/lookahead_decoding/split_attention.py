@@ -5,8 +5,8 @@ queries gets one tile per KV head: at batch 1 a handful of the device's 132 mult
 while the rest idle (cuDNN's flash kernel spent 22 µs a layer on one query over 1,152 slots in Llama-3-8B's shape,
 docs/benchmarks.md). Here each (row, KV head) has one program per span of the cache, for all its folded query
 rows; every span yields its rows' running maximum, sum of exponentials and weighted values, and a second kernel
-combines the spans into the softmax over the whole cache (the flash-decoding scheme). The query heads that share a KV head
-are folded into the query rows as in `attention.py`, so K and V are read once per KV head.
+combines the spans into the softmax over the whole cache (the flash-decoding scheme). The query heads that share a
+KV head are folded into the query rows as in `attention.py`, so K and V are read once per KV head.
 
 The step's mask is an additive one (the engine's, `model_adapter.attention_mask`) or a boolean one, with one row
 per query, one per folded query row, or one for all, read in place: nothing is expanded or copied. The kernels are
