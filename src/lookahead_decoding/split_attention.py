@@ -3,10 +3,11 @@
 A decoding step has one query per row (a lookahead step a few dozen), so a flash-attention kernel that tiles the
 queries gets one tile per KV head: at batch 1 a handful of the device's 132 multiprocessors read the whole cache
 while the rest idle (cuDNN's flash kernel spent 22 µs a layer on one query over 1,152 slots in Llama-3-8B's shape,
-docs/benchmarks.md). Here each (row, KV head) has one program per span of the cache, for all its folded query
-rows; every span yields its rows' running maximum, sum of exponentials and weighted values, and a second kernel
-combines the spans into the softmax over the whole cache (the flash-decoding scheme). The query heads that share a
-KV head are folded into the query rows as in `attention.py`, so K and V are read once per KV head.
+docs/benchmarks.md). Here each (row, KV head) has one program per span of the cache and per block of up to 64 of
+its folded query rows; every span yields its rows' running maximum, sum of exponentials and weighted values, and
+a second kernel combines the spans into the softmax over the whole cache (the flash-decoding scheme). The query
+heads that share a KV head are folded into the query rows as in `attention.py`, so K and V are read once per KV
+head.
 
 The step's mask is an additive one (the engine's, `model_adapter.attention_mask`) or a boolean one, with one row
 per query, one per folded query row, or one for all, read in place: nothing is expanded or copied. The kernels are
@@ -26,6 +27,7 @@ except ImportError:  # no Triton (CPU-only torch): attention.py uses SDPA
     triton = None
 
 SLOTS_PER_BLOCK = 64  # cache slots one loop iteration reads
+ROWS_PER_PROGRAM = 64  # folded query rows one program attends for (more rows: more programs per span)
 MAX_FOLDED_ROWS = 64  # beyond this many query rows per KV head a flash kernel's tiles fill the device anyway
 PROGRAMS_WANTED = 256  # about two waves over an H100's or H200's 132 multiprocessors; spans are split to reach it
 DEVICES = ("cuda",)  # where `applies` sends calls here; the tests add "cpu" under TRITON_INTERPRET=1
@@ -49,14 +51,15 @@ def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     kv_heads, slots = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     folded_rows = groups * length
-    row_block = max(16, triton.next_power_of_2(folded_rows))  # tl.dot takes at least 16 rows
+    row_block = min(ROWS_PER_PROGRAM, max(16, triton.next_power_of_2(folded_rows)))  # tl.dot takes 16 at least
+    row_blocks = triton.cdiv(folded_rows, row_block)
     units = batch * kv_heads
     blocks = triton.cdiv(slots, SLOTS_PER_BLOCK)
-    splits = max(1, min(blocks, PROGRAMS_WANTED // units))
+    splits = max(1, min(blocks, PROGRAMS_WANTED // (units * row_blocks)))
     blocks_per_split = triton.cdiv(blocks, splits)
     splits = triton.cdiv(blocks, blocks_per_split)
     output = torch.empty(batch, length, heads, value.shape[-1], dtype=query.dtype, device=query.device)
-    partial_shape = (units, splits, row_block)
+    partial_shape = (units, splits, row_blocks * row_block)
     partial_max = torch.empty(partial_shape, dtype=torch.float32, device=query.device)
     partial_sum = torch.empty(partial_shape, dtype=torch.float32, device=query.device)
     value_block = max(16, triton.next_power_of_2(value.shape[-1]))  # tl.dot's least size, too
@@ -64,19 +67,19 @@ def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     scale = 1.0 / math.sqrt(dim) if scaling is None else scaling
     mask_batch_stride = 0 if mask.shape[0] == 1 else mask.stride(0)
     mask_row_stride = 0 if mask.shape[2] == 1 else mask.stride(2)
-    blocks_shape = dict(ROWS=row_block, VALUE_DIM=value_block)
-    _span_kernel[(units, splits)](
+    _span_kernel[(units, splits, row_blocks)](
         query, key, value, mask, output, partial_max, partial_sum, partial_values,
         *query.stride(), *key.stride(), *value.stride(), mask_batch_stride, mask_row_stride, mask.stride(3),
         *output.stride()[:3],
         kv_heads, groups, length, folded_rows, mask.shape[2], slots, dim, value.shape[-1], scale,
         blocks_per_split * SLOTS_PER_BLOCK,
         DIM=max(16, triton.next_power_of_2(dim)), BLOCK=SLOTS_PER_BLOCK, BOOLEAN_MASK=mask.dtype == torch.bool,
-        FP32=query.dtype == torch.float32, SINGLE=splits == 1, **blocks_shape)
+        FP32=query.dtype == torch.float32, SINGLE=splits == 1, ROWS=row_block, VALUE_DIM=value_block)
     if splits > 1:
         _combine_kernel[(units, folded_rows)](
             partial_max, partial_sum, partial_values, output, *output.stride()[:3],
-            kv_heads, groups, length, value.shape[-1], splits, SPLITS=triton.next_power_of_2(splits), **blocks_shape)
+            kv_heads, groups, length, value.shape[-1], splits, row_blocks * row_block,
+            SPLITS=triton.next_power_of_2(splits), VALUE_DIM=value_block)
     return output
 
 
@@ -88,13 +91,13 @@ if triton is not None:
                      kv_heads, groups, length, folded_rows, mask_rows, slots, dim, value_dim, scale, span,
                      ROWS: tl.constexpr, DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK: tl.constexpr,
                      BOOLEAN_MASK: tl.constexpr, FP32: tl.constexpr, SINGLE: tl.constexpr):
-        """One (row, KV head) and one span of the cache: the running max, sum and weighted values of its folded
-        query rows (folded row r is query head h_kv · groups + r // length at position r % length)."""
+        """One (row, KV head), one span of the cache and one block of ROWS folded query rows: their running max,
+        sum and weighted values (folded row r is query head h_kv · groups + r // length at position r % length)."""
         unit = tl.program_id(0)
         split = tl.program_id(1)
         b = unit // kv_heads
         h = unit % kv_heads
-        rows = tl.arange(0, ROWS)
+        rows = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
         live_rows = rows < folded_rows
         group = rows // length
         position = rows % length
@@ -138,15 +141,15 @@ if triton is not None:
             tl.store(out, (weighted / total[:, None]).to(out_ptr.dtype.element_ty),
                      mask=live_rows[:, None] & (value_dims[None, :] < value_dim))
         else:
-            partial = (unit * tl.num_programs(1) + split) * ROWS + rows
+            partial = (unit * tl.num_programs(1) + split) * tl.num_programs(2) * ROWS + rows
             tl.store(max_ptr + partial, running_max)
             tl.store(sum_ptr + partial, running_sum)
             tl.store(values_ptr + partial[:, None] * VALUE_DIM + value_dims[None, :], weighted)
 
     @triton.jit
     def _combine_kernel(max_ptr, sum_ptr, values_ptr, out_ptr, o_sb, o_sq, o_sh,
-                        kv_heads, groups, length, value_dim, splits,
-                        ROWS: tl.constexpr, VALUE_DIM: tl.constexpr, SPLITS: tl.constexpr):
+                        kv_heads, groups, length, value_dim, splits, padded_rows,
+                        VALUE_DIM: tl.constexpr, SPLITS: tl.constexpr):
         """The softmax of one folded query row of one (row, KV head) over every span, all spans read at once: each
         span's sums rescaled to the largest maximum."""
         unit = tl.program_id(0)
@@ -156,7 +159,7 @@ if triton is not None:
         spans = tl.arange(0, SPLITS)
         live_spans = spans < splits
         value_dims = tl.arange(0, VALUE_DIM)
-        partial = (unit * splits + spans) * ROWS + row
+        partial = (unit * splits + spans) * padded_rows + row
         span_max = tl.load(max_ptr + partial, mask=live_spans, other=float("-inf"))
         overall_max = tl.max(span_max, 0)
         span_weight = tl.exp(span_max - tl.where(overall_max == float("-inf"), 0.0, overall_max))
