@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import lookahead_decoding as ld
 from lookahead_decoding import split_attention
 from lookahead_decoding.attention import fold_mask, folded_gqa_attention
+from lookahead_decoding.engine import StaticStep
 
 from conftest import greedy_reference, tiny_model
 
@@ -75,9 +76,10 @@ def test_applies_only_to_few_rows_on_its_devices(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])
-def test_lookahead_through_the_kernel_matches_greedy(arch, monkeypatch):
-    """The engine's steps, lookahead and plain, batch of two, on the kernel wherever it applies: the same tokens
-    as greedy decoding on SDPA."""
+@pytest.mark.parametrize("static", [False, True])
+def test_lookahead_through_the_kernel_matches_greedy(arch, static, monkeypatch):
+    """Lookahead's steps and plain ones, a batch of two, on the kernel wherever it applies, on the CPU's runner and
+    on the static engine (whose steps read only the cache's first slots): the same tokens as greedy on SDPA."""
     model = tiny_model(arch, seed=5)
     prompts = [[5, 9, 2, 11, 5, 9, 2], [7, 7, 3, 1]]
     expected = [greedy_reference(model, torch.tensor([prompt]), 20)[0].tolist() for prompt in prompts]
@@ -85,6 +87,8 @@ def test_lookahead_through_the_kernel_matches_greedy(arch, monkeypatch):
     kernel_calls = []
     kernel = split_attention.split_kv_attention
     monkeypatch.setattr(split_attention, "split_kv_attention", lambda *args: kernel_calls.append(1) or kernel(*args))
-    out = ld.generate(model, prompts, max_new_tokens=20, config=ld.LookaheadConfig(window=4, ngram=3, guesses=3))
+    config = ld.LookaheadConfig(window=4, ngram=3, guesses=3)
+    runner = StaticStep(model, config, 64, batch_size=2) if static else None
+    out = ld.generate(model, prompts, max_new_tokens=20, config=config, runner=runner)
     assert kernel_calls
     assert [sequence[-len(row):].tolist() for sequence, row in zip(out.sequences, expected)] == expected  # left-padded
