@@ -84,7 +84,9 @@ def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 if triton is not None:
-    @triton.jit
+    # Triton compiles a kernel apart for each integer argument equal to 1 or divisible by 16 unless told not to:
+    # these vary with the step's shape and width, and knowing them gains nothing, so one compilation serves all.
+    @triton.jit(do_not_specialize=["length", "folded_rows", "mask_rows", "slots", "span"])
     def _span_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, max_ptr, sum_ptr, values_ptr,
                      q_sb, q_sh, q_sq, q_sd, k_sb, k_sh, k_sl, k_sd, v_sb, v_sh, v_sl, v_sd,
                      m_sb, m_sr, m_sl, o_sb, o_sq, o_sh,
@@ -146,7 +148,7 @@ if triton is not None:
             tl.store(sum_ptr + partial, running_sum)
             tl.store(values_ptr + partial[:, None] * VALUE_DIM + value_dims[None, :], weighted)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["length", "splits", "padded_rows"])
     def _combine_kernel(max_ptr, sum_ptr, values_ptr, out_ptr, o_sb, o_sq, o_sh,
                         kv_heads, groups, length, value_dim, splits, padded_rows,
                         VALUE_DIM: tl.constexpr, SPLITS: tl.constexpr):
