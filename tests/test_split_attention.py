@@ -1,4 +1,5 @@
-"""The split-KV kernel (split_attention.py) against SDPA, run in Triton's interpreter on the CPU."""
+"""The split-KV kernel (split_attention.py) against SDPA, run in Triton's interpreter on the CPU, in float32: the
+interpreter's bf16 dot products are wrong (its numpy has no bf16), so bf16 is tested on CUDA (tests/test_gpu.py)."""
 
 from __future__ import annotations
 
