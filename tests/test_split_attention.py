@@ -3,6 +3,8 @@ interpreter's bf16 dot products are wrong (its numpy has no bf16), so bf16 is te
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -74,6 +76,15 @@ def test_applies_only_to_few_rows_on_its_devices(monkeypatch):
     assert not split_attention.applies(torch.randn(1, 4, 17, 8), key, torch.zeros(1, 1, 17, 40))
     assert not split_attention.applies(query, key, torch.zeros(1, 1, 16, 41))
     assert not split_attention.applies(query, key, torch.zeros(1, 1, 16, 40, dtype=torch.long))
+
+
+def test_cuda_devices_before_ampere_keep_sdpa(monkeypatch):
+    """Triton's bf16 dot products need compute capability 8.0 (a T4 or V100 would fail deep inside Triton)."""
+    capabilities = {0: 7, 1: 8, 2: 9}
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(major=capabilities[device.index]))
+    assert [split_attention.capable(torch.device("cuda", index)) for index in range(3)] == [False, True, True]
+    assert split_attention.capable(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])

@@ -33,11 +33,18 @@ PROGRAMS_WANTED = 256  # about two waves over an H100's or H200's 132 multiproce
 DEVICES = ("cuda",)  # where `applies` sends calls here; the tests add "cpu" under TRITON_INTERPRET=1
 
 
+def capable(device: torch.device) -> bool:
+    """A CUDA device of compute capability 8.0 or more (Ampere on: Triton's bf16 dot products need it, and the kernel
+    was measured on Hopper only); any other device the tests send here."""
+    return device.type != "cuda" or torch.cuda.get_device_properties(device).major >= 8
+
+
 def applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor) -> bool:
-    """Whether `split_kv_attention` serves this call: Triton present, the tensors on CUDA, few folded query rows,
-    and a mask of [B or 1, 1, rows, L] that is additive or boolean."""
+    """Whether `split_kv_attention` serves this call: Triton present, the tensors on a capable CUDA device, few
+    folded query rows, and a mask of [B or 1, 1, rows, L] that is additive or boolean."""
     folded_rows = query.shape[2] * (query.shape[1] // key.shape[1])
-    return (triton is not None and query.device.type in DEVICES and folded_rows <= MAX_FOLDED_ROWS
+    return (triton is not None and query.device.type in DEVICES and capable(query.device)
+            and folded_rows <= MAX_FOLDED_ROWS
             and query.shape[1] % key.shape[1] == 0 and mask.dim() == 4 and mask.shape[1] == 1
             and mask.shape[-1] == key.shape[2] and (mask.dtype == torch.bool or mask.is_floating_point()))
 
