@@ -67,6 +67,14 @@ def test_the_folded_sdpa_agrees():
                                folded_gqa_attention(query, key, value, mask, None))
 
 
+def test_a_mask_folded_for_other_heads_reads_its_first_rows():
+    """A model whose layers fold differently hands every layer one mask: its first Q rows are the mask."""
+    query, key, value = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 70, 16), torch.randn(1, 2, 70, 16)
+    mask = torch.zeros(1, 1, 3, 70).masked_fill(torch.rand(1, 1, 3, 70) < 0.3, torch.finfo(torch.float32).min)
+    torch.testing.assert_close(split_attention.split_kv_attention(query, key, value, fold_mask(mask, 5), None),
+                               reference(query, key, value, mask, None))
+
+
 def test_applies_only_to_few_rows_on_its_devices(monkeypatch):
     query, key = torch.randn(1, 4, 16, 8), torch.randn(1, 1, 40, 8)
     mask = torch.zeros(1, 1, 16, 40)

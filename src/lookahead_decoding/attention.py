@@ -67,9 +67,6 @@ def lookahead_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if split_attention.applies(query, key, attention_mask):
-        groups = query.shape[1] // key.shape[1]
-        if attention_mask.shape[2] not in (1, query.shape[2], groups * query.shape[2]):  # folded for other heads
-            attention_mask = attention_mask[:, :, : query.shape[2]]
         return split_attention.split_kv_attention(query, key, value, attention_mask, scaling), None
     return folded_gqa_attention(query, key, value, attention_mask, scaling), None
 

@@ -52,12 +52,14 @@ def applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor) -> bool:
 def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                        scaling: float | None) -> torch.Tensor:
     """Attention of query [B, H, Q, D] over key/value [B, H_kv, L, D] under `mask` [B or 1, 1, R, L] with R one of
-    Q, groups · Q (folded) or 1 (additive, or boolean: True attends); returns [B, Q, H, D], the layout attention
-    functions return."""
+    Q, groups · Q (folded) or 1, or folded for other heads (its first Q rows are the mask); additive, or boolean:
+    True attends. Returns [B, Q, H, D], the layout attention functions return."""
     batch, heads, length, dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     folded_rows = groups * length
+    if mask.shape[2] not in (1, length, folded_rows):
+        mask = mask[:, :, :length]
     row_block = min(ROWS_PER_PROGRAM, max(16, triton.next_power_of_2(folded_rows)))  # tl.dot takes 16 at least
     row_blocks = triton.cdiv(folded_rows, row_block)
     units = batch * kv_heads
