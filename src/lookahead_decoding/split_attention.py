@@ -28,7 +28,10 @@ except ImportError:  # no Triton (CPU-only torch): attention.py uses SDPA
 
 SLOTS_PER_BLOCK = 64  # cache slots one loop iteration reads
 ROWS_PER_PROGRAM = 64  # folded query rows one program attends for (more rows: more programs per span)
-MAX_FOLDED_ROWS = 64  # beyond this many query rows per KV head a flash kernel's tiles fill the device anyway
+# Folded query rows × head dims per KV head up to which the kernel beat cuDNN's flash kernel (H100, bf16,
+# docs/benchmarks.md): SmolLM2's 64 dims won at every row count to 252, Llama-3-8B's 128 dims to 128 rows and lost
+# from 192 on, where cuDNN's query tiles fill the device themselves.
+MAX_QUERY_ELEMENTS = 16_384
 PROGRAMS_WANTED = 256  # about two waves over an H100's or H200's 132 multiprocessors; spans are split to reach it
 DEVICES = ("cuda",)  # where `applies` sends calls here; the tests add "cpu" under TRITON_INTERPRET=1
 
@@ -41,10 +44,11 @@ def capable(device: torch.device) -> bool:
 
 def applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor) -> bool:
     """Whether `split_kv_attention` serves this call: Triton present, the tensors on a capable CUDA device, few
-    folded query rows, and a mask of [B or 1, 1, rows, L] that is additive or boolean."""
+    folded query rows (at most `MAX_QUERY_ELEMENTS` with their head dims), and a mask of [B or 1, 1, rows, L] that is
+    additive or boolean."""
     folded_rows = query.shape[2] * (query.shape[1] // key.shape[1])
     return (triton is not None and query.device.type in DEVICES and capable(query.device)
-            and folded_rows <= MAX_FOLDED_ROWS
+            and folded_rows * query.shape[-1] <= MAX_QUERY_ELEMENTS
             and query.shape[1] % key.shape[1] == 0 and mask.dim() == 4 and mask.shape[1] == 1
             and mask.shape[-1] == key.shape[2] and (mask.dtype == torch.bool or mask.is_floating_point()))
 
