@@ -7,7 +7,7 @@ from conftest import VOCAB, greedy_reference, real_vocabulary_model, tiny_model
 import lookahead_decoding as ld
 from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.decoding import decode
-from lookahead_decoding.engine import StaticStep
+from lookahead_decoding.engine import ONE_TOKEN_COMPILE_OPTIONS, StaticStep
 from lookahead_decoding.kv_cache import LayerStack
 
 CONFIGS = [AUTOREGRESSIVE, ld.LookaheadConfig(1, 3, 2), ld.LookaheadConfig(3, 3, 3), ld.LookaheadConfig(5, 5, 5),
@@ -61,6 +61,23 @@ def test_a_compiled_engine_equals_greedy(llama):
     out = ld.generate(llama, prompts, 20, config, runner=engine)
     assert [row.tokens for row in out.rows] == [greedy_reference(llama, torch.tensor([prompt]), 20)[0].tolist()
                                                 for prompt in prompts]
+
+
+def test_a_compiled_batch_1_engine_tunes_only_its_one_token_step(llama, monkeypatch):
+    """Compiled, a batch-1 engine's plain step (one token: matrix-vector products) compiles under coordinate-descent
+    tuning, a wider step or a batch's plain step under inductor's defaults; the tuned step equals greedy."""
+    options = []
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: options.append(kwargs["options"])
+                        or compile(function, **kwargs))
+    for config, batch_size in ((CONFIGS[-2], 1), (AUTOREGRESSIVE, 2)):
+        StaticStep(llama, config, max_length=48, batch_size=batch_size, compile=True).replayable(0)
+    assert options == [None, None]
+    prompt = [1, 2, 3, 4, 1, 2, 3, 4]
+    out = ld.generate(llama, [prompt], 12, AUTOREGRESSIVE,
+                      runner=StaticStep(llama, AUTOREGRESSIVE, max_length=48, compile=True))
+    assert options[2:] == [ONE_TOKEN_COMPILE_OPTIONS]
+    assert out.rows[0].tokens == greedy_reference(llama, torch.tensor([prompt]), 12)[0].tolist()
 
 
 def test_a_compiled_engine_that_samples_commits_the_tokens_of_plain_sampling():

@@ -60,6 +60,11 @@ CARRIED, ENDS_PROMPT, TAKES_PART = -3, -2, -1
 # The narrowest width a step's attention reads (cache slots from the first); each wider one doubles it, up to what
 # the longest sequence's step needs. Every width is a graph of each step shape, recorded up front.
 NARROWEST_WIDTH = 256
+# Inductor compiles a one-token forward's matrix-vector products as Triton reductions, fused with the norms and
+# activations beside them, only under coordinate-descent tuning; cuBLAS's kernels left the Llama-3-8B shape's
+# weights read at 76% of the bandwidth (docs/benchmarks.md: its plain step 6.81 -> 5.76 ms on an H100). Steps of
+# more tokens keep cuBLAS, and their compilation the default options.
+ONE_TOKEN_COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
 def attention_widths(widest: int) -> tuple[int, ...]:
@@ -278,7 +283,10 @@ class StaticStep:
                 function = functools.partial(self._device_prefill_chunk, entries)
             else:
                 function = functools.partial(self._device_step, shape, width)
-                function = torch.compile(function, dynamic=False) if self.compile else function
+                if self.compile:
+                    one_token = self.batch_size == 1 and self.layouts[shape].size == 1
+                    function = torch.compile(function, dynamic=False,
+                                             options=ONE_TOKEN_COMPILE_OPTIONS if one_token else None)
             self._replayables[key] = Replayable(function)
             if self.use_graph and self.captured:
                 self._capture([self._replayables[key]])
