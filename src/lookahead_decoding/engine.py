@@ -61,9 +61,9 @@ CARRIED, ENDS_PROMPT, TAKES_PART = -3, -2, -1
 # the longest sequence's step needs. Every width is a graph of each step shape, recorded up front.
 NARROWEST_WIDTH = 256
 # Inductor compiles a one-token forward's matrix-vector products as Triton reductions, fused with the norms and
-# activations beside them, only under coordinate-descent tuning; cuBLAS's kernels left the Llama-3-8B shape's
-# weights read at 76% of the bandwidth (docs/benchmarks.md: its plain step 6.81 -> 5.76 ms on an H100). Steps of
-# more tokens keep cuBLAS, and their compilation the default options.
+# activations beside them, only under coordinate-descent tuning; cuBLAS's kernels read the Llama-3-8B shape's
+# weights at 76% of an H200's bandwidth (docs/benchmarks.md; tuned, its plain step 6.81 -> 5.76 ms on an H100).
+# Steps of more tokens keep cuBLAS, and their compilation the default options.
 ONE_TOKEN_COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
