@@ -71,7 +71,9 @@ def step_costs(model, attention: str, batch_size: int, prompt_tokens: int, repla
     engine = StaticStep(model, list(shapes.values()), max_length=prompt_tokens + 64, batch_size=batch_size,
                         compile=compile, sampling=temperature > 0)
     model.set_attn_implementation("sdpa" if attention == "sdpa" else NAME)  # after the engine chose ours: the A/B
-    split_attention.DEVICES = () if attention == "folded" else ("cuda",)
+    kernel_devices = split_attention.DEVICES
+    if attention == "folded":  # ours with the split-KV kernel off
+        split_attention.DEVICES = ()
     prompt = [(7 * i) % 1000 + 10 for i in range(prompt_tokens)]
     sampling = {row: SamplingParams(temperature=temperature, seed=row) for row in range(batch_size)}
     with torch.inference_mode():
@@ -96,7 +98,7 @@ def step_costs(model, attention: str, batch_size: int, prompt_tokens: int, repla
             if kernels and engine.adapter.device.type == "cuda":
                 result[name].update(top_kernels(step.fn, engine.adapter.device, 5, kernels))
     model.set_attn_implementation(NAME)
-    split_attention.DEVICES = ("cuda",)
+    split_attention.DEVICES = kernel_devices
     return result
 
 

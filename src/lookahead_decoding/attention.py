@@ -42,9 +42,8 @@ def folded_gqa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     attention functions hand back)."""
     batch, heads, length, dim = query.shape
     groups = heads // key.shape[1]
+    mask = split_attention.mask_for_heads(mask, length, groups)
     folded = length > 1 and mask.shape[2] == groups * length
-    if mask.shape[2] != length and not folded:  # folded for other heads: its first Q rows are the mask
-        mask = mask[:, :, :length]
     if groups > 1:
         query = query.reshape(batch, key.shape[1], groups * length, dim)
         if length > 1 and not folded:  # (one query row's mask broadcasts over its group as it is)

@@ -53,6 +53,18 @@ def applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor) -> bool:
             and mask.shape[-1] == key.shape[2] and (mask.dtype == torch.bool or mask.is_floating_point()))
 
 
+def mask_for_heads(mask: torch.Tensor, length: int, groups: int) -> torch.Tensor:
+    """The rows of a step's mask [B or 1, 1, R, L] for `length` queries of heads with `groups` query heads per KV
+    head: as it is with one row, one per query or one per folded row; a mask folded for other heads (another group
+    count, `model_adapter` folds once per forward) is cut to its first `length` rows, which are the mask."""
+    return mask if mask.shape[2] in (1, length, groups * length) else mask[:, :, :length]
+
+
+def dot_size(size: int) -> int:
+    """A block dimension for `size` elements: a power of two, at least the 16 that tl.dot takes."""
+    return max(16, triton.next_power_of_2(size))
+
+
 def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                        scaling: float | None) -> torch.Tensor:
     """Attention of query [B, H, Q, D] over key/value [B, H_kv, L, D] under `mask` [B or 1, 1, R, L] with R one of
@@ -62,9 +74,8 @@ def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     kv_heads, slots = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     folded_rows = groups * length
-    if mask.shape[2] not in (1, length, folded_rows):
-        mask = mask[:, :, :length]
-    row_block = min(ROWS_PER_PROGRAM, max(16, triton.next_power_of_2(folded_rows)))  # tl.dot takes 16 at least
+    mask = mask_for_heads(mask, length, groups)
+    row_block = min(ROWS_PER_PROGRAM, dot_size(folded_rows))
     row_blocks = triton.cdiv(folded_rows, row_block)
     units = batch * kv_heads
     blocks = triton.cdiv(slots, SLOTS_PER_BLOCK)
@@ -75,7 +86,7 @@ def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     partial_shape = (units, splits, row_blocks * row_block)
     partial_max = torch.empty(partial_shape, dtype=torch.float32, device=query.device)
     partial_sum = torch.empty(partial_shape, dtype=torch.float32, device=query.device)
-    value_block = max(16, triton.next_power_of_2(value.shape[-1]))  # tl.dot's least size, too
+    value_block = dot_size(value.shape[-1])
     partial_values = torch.empty(*partial_shape, value_block, dtype=torch.float32, device=query.device)
     scale = 1.0 / math.sqrt(dim) if scaling is None else scaling
     mask_batch_stride = 0 if mask.shape[0] == 1 else mask.stride(0)
@@ -86,7 +97,7 @@ def split_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         *output.stride()[:3],
         kv_heads, groups, length, folded_rows, mask.shape[2], slots, dim, value.shape[-1], scale,
         blocks_per_split * SLOTS_PER_BLOCK,
-        DIM=max(16, triton.next_power_of_2(dim)), BLOCK=SLOTS_PER_BLOCK, BOOLEAN_MASK=mask.dtype == torch.bool,
+        DIM=dot_size(dim), BLOCK=SLOTS_PER_BLOCK, BOOLEAN_MASK=mask.dtype == torch.bool,
         FP32=query.dtype == torch.float32, SINGLE=splits == 1, ROWS=row_block, VALUE_DIM=value_block)
     if splits > 1:
         _combine_kernel[(units, folded_rows)](
