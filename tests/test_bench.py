@@ -9,6 +9,7 @@ import gzip
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -41,6 +42,7 @@ from lookahead_decoding.config import AUTOREGRESSIVE
 from lookahead_decoding.decoding import decode
 from lookahead_decoding.engine import StaticStep
 from lookahead_decoding.bench.methods import parse_methods
+from lookahead_decoding.cli.prompts_file import read_prompts
 from lookahead_decoding.jsonl import JsonLinesError
 from lookahead_decoding.sampling_params import SamplingParams
 from lookahead_decoding.tuning import shape_name
@@ -150,6 +152,36 @@ def test_truncated_gzip_names_the_file(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(JsonLinesError, match=rf"^{path}:\d+: cannot decompress it as gzip \(Compressed file ended"):
         load_file("humaneval", path)
+
+
+def test_own_prompts_come_from_a_file_of_prompt_lines(tmp_path, capsys):
+    """The `prompts` dataset: a JSON Lines file of "prompt" strings (other fields ignored), each one user turn;
+    it has no Hub source, and a line without a prompt names its file and line."""
+    path = write_jsonl(tmp_path / "mine.jsonl", [json.dumps({"id": "a", "prompt": "Say hi."}),
+                                                 json.dumps({"prompt": "Translate: chat"})])
+    prompts = load_prompts("prompts", path)
+    assert [(p.text, p.chat, p.index) for p in prompts] == [("Say hi.", True, 0), ("Translate: chat", True, 1)]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [json.dumps({"prompt": "ok"}), json.dumps({"question": "q"})])
+    with pytest.raises(JsonLinesError, match=rf"^{bad}:2: missing field 'prompt'$"):
+        load_file("prompts", bad)
+    message = ("the 'prompts' dataset is a local file of your own: pass --data-file PATH (JSON Lines, a \"prompt\" "
+               "string on each line)")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        load_prompts("prompts")
+    assert main(["--dataset", "prompts"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_the_prompts_of_other_kinds_serve_bench_and_generate():
+    """The repository's prompts of other kinds load as the `prompts` dataset and as a `lookahead generate
+    --prompts-file` file, kinds taking turns so that any six in a row are one of each."""
+    path = Path(__file__).resolve().parent.parent / "prompts" / "other_kinds.jsonl"
+    prompts = load_file("prompts", path)
+    lines = read_prompts(str(path), 256, chat=True)
+    assert [p.text for p in prompts] == [line.prompt for line in lines] and len(prompts) == 24
+    kinds = [str(line.id).rsplit("-", 1)[0] for line in lines]
+    assert len(set(kinds)) == 6 and all(len(set(kinds[i : i + 6])) == 6 for i in range(len(kinds) - 5))
 
 
 def test_hub_without_datasets_says_so(monkeypatch):

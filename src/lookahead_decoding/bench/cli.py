@@ -92,8 +92,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--data-file",
         metavar="PATH",
-        help="local file in the upstream format (question.jsonl, HumanEval.jsonl.gz, test.jsonl); "
-        "default: download through the `datasets` library",
+        help="local file in the upstream format (question.jsonl, HumanEval.jsonl.gz, test.jsonl), or for `prompts` "
+        "JSON Lines with a \"prompt\" string on each line (needed); default: download through the `datasets` "
+        "library",
     )
     data.add_argument("--limit", type=positive_int, metavar="K", help="first K prompts only (default: all)")
 

@@ -1,8 +1,11 @@
-"""Benchmark prompts: MT-Bench, HumanEval and GSM8K, from a local file or from the Hugging Face Hub.
+"""Benchmark prompts: MT-Bench, HumanEval and GSM8K, from a local file or from the Hugging Face Hub, and a user's
+own prompts from a local file.
 
 Local files are the upstream formats: MT-Bench `question.jsonl` (question_id, category, turns), HumanEval
 `HumanEval.jsonl.gz` (gzip'd JSONL, prompt) and GSM8K `test.jsonl` (question), read by the package's JSON Lines
-reader (gzip or not, whatever the name): every problem is reported with the file and the line it is on.
+reader (gzip or not, whatever the name): every problem is reported with the file and the line it is on. The
+`prompts` dataset is any JSON Lines file with a `prompt` string on each line (a `lookahead generate
+--prompts-file` file, or the repository's `prompts/other_kinds.jsonl`), each sent as one user turn.
 """
 
 from __future__ import annotations
@@ -60,9 +63,9 @@ def _first_turn(field: str) -> Callable[[dict], str]:
 class DatasetSpec:
     chat: bool  # prompts go through the chat template
     from_file: Callable[[dict], str]  # record of the upstream file -> prompt text
-    hub_name: str
-    hub_split: str
-    from_hub: Callable[[dict], str]  # record of the Hub dataset -> prompt text
+    hub_name: str | None = None  # None: local files only
+    hub_split: str = ""
+    from_hub: Callable[[dict], str] | None = None  # record of the Hub dataset -> prompt text
     hub_config: str | None = None
 
 
@@ -79,6 +82,7 @@ DATASETS: dict[str, DatasetSpec] = {
         chat=True, from_file=_text_field("question"),
         hub_name="openai/gsm8k", hub_split="test", from_hub=_text_field("question"), hub_config="main",
     ),
+    "prompts": DatasetSpec(chat=True, from_file=_text_field("prompt")),
 }
 
 
@@ -122,6 +126,9 @@ def load_hub(dataset: str, limit: int | None = None) -> list[Prompt]:
     """The first `limit` prompts of `dataset` downloaded through the `datasets` library (imported only here)."""
     spec = _spec(dataset)
     _check_limit(limit)
+    if spec.hub_name is None:
+        raise ValueError(f"the {dataset!r} dataset is a local file of your own: pass --data-file PATH (JSON Lines, "
+                         'a "prompt" string on each line)')
     try:
         import datasets
     except ImportError as err:
