@@ -45,7 +45,8 @@ def main() -> None:
     torch.set_num_threads(1)
     gguf = ld.default_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    prompts = [tokenizer(prompt.text).input_ids for prompt in load_prompts("humaneval", args.data_file, args.batch_size)]
+    texts = [prompt.text for prompt in load_prompts("humaneval", args.data_file, args.batch_size)]
+    prompts = [tokenizer(text).input_ids for text in texts]
     shape = SHAPES[args.shape]
     short = profiled_run(len(tokenizer), prompts, shape, args.max_new_tokens // 2)
     whole = profiled_run(len(tokenizer), prompts, shape, args.max_new_tokens)
@@ -53,8 +54,9 @@ def main() -> None:
                                                         ("its second half", whole, short)):
         row_steps = (steps - before_steps) * len(prompts)
         spent = {name: seconds - before.get(name, 0.0) for name, seconds in own.items()}
-        print(f"{label}, {steps - before_steps} steps of {len(prompts)} rows: "
-              f"{sum(spent.values()) / row_steps * 1e6:.1f} us of project host Python per row and step (under cProfile)")
+        per_row_step = sum(spent.values()) / row_steps * 1e6
+        print(f"{label}, {steps - before_steps} steps of {len(prompts)} rows: {per_row_step:.1f} us of project host "
+              "Python per row and step (under cProfile)")
         for name, seconds in sorted(spent.items(), key=lambda item: -item[1])[:args.top]:
             print(f"  {seconds / row_steps * 1e6:7.1f} us  {name}")
 
@@ -79,6 +81,7 @@ def profiled_run(vocab_size: int, prompts: list[list[int]], shape, max_new_token
             label = f"{path.split('lookahead_decoding/')[-1]}:{name}"
             own[label] = own.get(label, 0.0) + stats[2]
     return out.stats.steps, own
+
 
 if __name__ == "__main__":
     main()
