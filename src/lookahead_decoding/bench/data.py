@@ -63,8 +63,8 @@ def _first_turn(field: str) -> Callable[[dict], str]:
 class DatasetSpec:
     chat: bool  # prompts go through the chat template
     from_file: Callable[[dict], str]  # record of the upstream file -> prompt text
-    hub_name: str | None = None  # None: local files only
-    hub_split: str = ""
+    hub_name: str | None = None  # None: local files only (and no split or reader either)
+    hub_split: str | None = None
     from_hub: Callable[[dict], str] | None = None  # record of the Hub dataset -> prompt text
     hub_config: str | None = None
 
