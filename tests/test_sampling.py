@@ -234,12 +234,15 @@ def lookahead_counts(index: int, verifier_cls=None, through_hf: bool = False, ro
     try:
         for _ in range(SAMPLES // rows):
             if through_hf:
+                batch = prompt.expand(rows, -1)
                 sequences = model.generate(
-                    prompt, do_sample=True, max_new_tokens=NEW_TOKENS, temperature=case.temperature,
-                    top_k=case.top_k or 0, top_p=case.top_p, logits_processor=case.processors(),
-                    custom_generate=ld.lookahead_generate, lookahead_config=case.config(),
+                    batch, attention_mask=torch.ones_like(batch), do_sample=True, max_new_tokens=NEW_TOKENS,
+                    temperature=case.temperature, top_k=case.top_k or 0, top_p=case.top_p,
+                    logits_processor=case.processors(), custom_generate=ld.lookahead_generate,
+                    lookahead_config=case.config(),
                 )
-                counts[cell(sequences[0, prompt.shape[1]:])] += 1
+                for row in sequences[:, prompt.shape[1]:]:
+                    counts[cell(row)] += 1
                 continue
             results, stats, _ = decode(model, prompt.tolist() * rows, NEW_TOKENS, case.config(), source=case.source,
                                        verifier=verifier_cls(generator, **case.sampling_kwargs()))
@@ -280,7 +283,7 @@ def hf_counts(case: Case, seed: int) -> torch.Tensor:
 def test_host_sampling_matches_the_exact_distribution():
     start = time.perf_counter()
     tasks = [(index, None, False, 1 if index % 4 == 0 else BATCH_ROWS) for index in range(len(CASES))]
-    tasks += [(index, None, True, 1) for index in THROUGH_HF]
+    tasks += [(index, None, True, BATCH_ROWS) for index in THROUGH_HF]
     results = in_parallel(lookahead_counts, tasks)
     p_ours, p_hf, steps, outcomes = [], [], Counter(), Counter()
     for (index, *_), (counts, case_steps, case_outcomes) in zip(tasks, results):
