@@ -277,11 +277,11 @@ def test_model_without_lm_head_is_rejected(llama):
         ld.generate(llama.model, torch.tensor([[1, 2]]), 5)
 
 
-def test_a_forward_without_explicit_positions_is_rejected(llama):
+def test_a_forward_without_explicit_positions_is_rejected(llama, monkeypatch):
     """Checked per forward function (the signature is inspected once per function): a model whose own forward
     drops position_ids is refused, while the class's forward still serves."""
-    model = tiny_model("llama", seed=2)
-    model.forward = lambda input_ids, attention_mask=None, **kwargs: None
+    model = tiny_model("llama", seed=2)  # shared with later tests (cached): its own forward goes back afterwards
+    monkeypatch.setattr(model, "forward", lambda input_ids, attention_mask=None, **kwargs: None, raising=False)
     with pytest.raises(ld.UnsupportedModelError, match=r"^LlamaForCausalLM\.forward takes no explicit "
                                                        r"position_ids/attention_mask, which lookahead decoding needs$"):
         ld.generate(model, torch.tensor([[1, 2]]), 5)
